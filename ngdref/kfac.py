@@ -1,0 +1,418 @@
+r"""Kronecker-factored curvature: KFAC, eKFAC and ieKFAC (Wu et al. 2024, App. D.2.2).
+
+For one linear layer (``nn.Linear``, a LoRA factor, a convolution seen through
+its patches) with weight W (d_out, d_in), sample n has inputs a_n (T, d_in)
+and output gradients b_n (T, d_out) (sum convention: b_n = dl_n/d(outputs),
+T positions; T = 1 for an MLP), and its weight gradient is b_n^T a_n. The
+block of the curvature for vec(W) (row-major, torch's flattening) is
+approximated by one Kronecker product
+
+.. math::
+    F_W \approx B \otimes A, \qquad
+    A = \text{norm} \sum_{n} a_n^\top a_n, \qquad
+    B = \sum_n w_n\, b_n^\top b_n
+
+and the three methods differ only in the rows b_n and weights w_n that go into B
+(:data:`KFAC_METHODS`, one code path):
+
+=========  ==================================================  ==========
+method     rows b_n                                            w_n
+=========  ==================================================  ==========
+kfac       output gradients of a label drawn from the model    1
+ekfac      output gradients of the true label (empirical)      1
+iekfac     output gradients of the true label                  1 / s_n (Eq. 43)
+=========  ==================================================  ==========
+
+with s_n = ||dl_n/dz_n||^2 over all logits of sample n. (The paper's "eKFAC" is
+the *empirical* KFAC; curvlinops' ``EKFACLinearOperator`` is the unrelated
+*eigenvalue-corrected* KFAC of George et al. 2018.)
+
+Positions (Eschenhagen et al. 2023, curvlinops' ``kfac_approx``)
+    ``"expand"``: every (n, t) is its own term, A sums a_nt a_nt^T and B sums
+    b_nt b_nt^T over n and t. ``"reduce"``: positions are first reduced,
+    a_n -> mean_t a_nt and b_n -> sum_t b_nt, then one term per sample.
+
+The two choices the paper leaves open, as named options
+    ``normalisation`` (the expectation in Eq. 42-43): ``"mean"`` (default, as
+    Martens & Grosse 2015 and curvlinops with a sum loss) averages A over its
+    N T (expand) or N (reduce) terms and sums B, so that B (x) A approximates
+    the sum-convention curvature sum_n g_n g_n^T; ``"sum"`` sums both, which
+    is the same matrix times c = N T (expand) or N (reduce). The two are one
+    scalar apart, so they differ only in what a damping value means:
+    (c K + lambda I)^-1 = (K + (lambda/c) I)^-1 / c.
+
+    ``damped_inverse`` (how (B (x) A + lambda I)^-1 is formed): ``"exact"``
+    (default, the reference) from the factors' eigendecompositions
+    B = U diag(beta) U^T, A = V diag(alpha) V^T:
+    (B (x) A + lambda I)^-1 vec(G) = vec(U [(U^T G V) / (beta alpha^T + lambda)] V^T);
+    ``"pi"``, the factored damping of Martens & Grosse 2015 (Sec. 6.3):
+    (B + lambda^(1/2)/pi I)^-1 G (A + pi lambda^(1/2) I)^-1 with
+    pi = sqrt((tr A / d_in) / (tr B / d_out)) (curvlinops'
+    ``use_heuristic_damping``; when a trace is 0 both factors get lambda, as
+    there). A block without input factor (a bias treated separately: A = [1])
+    is damped as B + lambda I in both forms.
+
+Every factor is accumulated and decomposed in float64; an applied inverse is
+returned in the dtype of the gradient it was applied to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ngdref._checks import (
+    check_damping,
+    check_finite,
+    check_floating,
+    check_ndim,
+    check_vector,
+    namespace,
+)
+from ngdref.linalg import SingularMatrixError
+
+__all__ = [
+    "CONVENTIONS",
+    "DAMPED_INVERSES",
+    "KFAC_METHODS",
+    "NORMALISATIONS",
+    "KroneckerFactors",
+    "diagonal_factor",
+    "diagonal_inverse_apply",
+    "grad_factor",
+    "input_factor",
+    "kfac_block_matrix",
+    "kfac_factors",
+    "kfac_inverse_apply",
+    "kfac_sample_weights",
+]
+
+KFAC_METHODS = ("kfac", "ekfac", "iekfac")
+CONVENTIONS = ("expand", "reduce")
+NORMALISATIONS = ("mean", "sum")
+DAMPED_INVERSES = ("exact", "pi")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KroneckerFactors:
+    """The factors of one layer's block B (x) A (row-major vec of W (d_out, d_in)).
+
+    Attributes
+    ----------
+    input_factor : array, shape (d_in, d_in), float64, or None
+        A; None for a block without inputs (a bias treated on its own), i.e. A = [1].
+    grad_factor : array, shape (d_out, d_out), float64
+        B.
+    """
+
+    input_factor: Any
+    grad_factor: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the gradient this block acts on: (d_out, d_in), or (d_out,)."""
+        d_out = self.grad_factor.shape[0]
+        return (d_out,) if self.input_factor is None else (d_out, self.input_factor.shape[0])
+
+
+def _positions(x: Any, name: str) -> tuple[Any, Any]:
+    """Namespace and a float64 (N, T, d) view of a (N, d) or (N, T, d) array."""
+    xp = namespace(**{name: x})
+    if x.ndim == 2:
+        x = x[:, None, :]
+    check_ndim(x, name, 3, "(N, T, d) or (N, d)")
+    check_floating(xp, x, name)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (N = 0): at least one sample is needed")
+    check_finite(xp, x, name)
+    return xp, xp.astype(x, xp.float64)
+
+
+def input_factor(
+    layer_inputs: Any, *, convention: str = "expand", normalisation: str = "mean"
+) -> Any:
+    r"""The input factor A of one layer.
+
+    .. math::
+        A_{\text{expand}} = c^{-1} \sum_{n,t} a_{nt} a_{nt}^\top, \qquad
+        A_{\text{reduce}} = c^{-1} \sum_n \bar a_n \bar a_n^\top, \quad
+        \bar a_n = \tfrac1T \sum_t a_{nt}
+
+    with c = N T (expand) or N (reduce) under ``normalisation="mean"``, c = 1
+    under ``"sum"``.
+
+    Parameters
+    ----------
+    layer_inputs : array, shape (N, T, d_in) or (N, d_in)
+    convention : {"expand", "reduce"}
+    normalisation : {"mean", "sum"}
+
+    Returns
+    -------
+    array, shape (d_in, d_in), float64
+    """
+    _choice("convention", convention, CONVENTIONS)
+    _choice("normalisation", normalisation, NORMALISATIONS)
+    xp, a = _positions(layer_inputs, "layer_inputs")
+    n, t, d = a.shape
+    if convention == "reduce":
+        a, t = xp.mean(a, axis=1), 1
+    else:
+        a = xp.reshape(a, (n * t, d))
+    factor = xp.matmul(xp.matrix_transpose(a), a)
+    return factor / (n * t) if normalisation == "mean" else factor
+
+
+def grad_factor(output_grads: Any, *, weights: Any = None, convention: str = "expand") -> Any:
+    r"""The output-gradient factor B of one layer (always a sum over samples).
+
+    .. math::
+        B_{\text{expand}} = \sum_n w_n \sum_t b_{nt} b_{nt}^\top, \qquad
+        B_{\text{reduce}} = \sum_n w_n \bar b_n \bar b_n^\top, \quad
+        \bar b_n = \sum_t b_{nt}
+
+    Parameters
+    ----------
+    output_grads : array, shape (N, T, d_out) or (N, d_out)
+        b_n, sum convention (the gradient of l_n, not of a mean loss).
+    weights : array, shape (N,), optional
+        w_n (default 1); see :func:`kfac_sample_weights`.
+    convention : {"expand", "reduce"}
+
+    Returns
+    -------
+    array, shape (d_out, d_out), float64
+    """
+    _choice("convention", convention, CONVENTIONS)
+    xp, b = _positions(output_grads, "output_grads")
+    n, t, d = b.shape
+    if convention == "reduce":
+        b, t = xp.sum(b, axis=1)[:, None, :], 1
+    if weights is not None:
+        check_vector(xp, weights, "weights", n, "output_grads", weights.dtype)
+        if bool(xp.any(weights < 0)):
+            raise ValueError("weights must be >= 0 (B must be positive semi-definite)")
+        b = b * xp.sqrt(xp.astype(weights, xp.float64))[:, None, None]
+    b = xp.reshape(b, (n * t, d))
+    return xp.matmul(xp.matrix_transpose(b), b)
+
+
+def kfac_sample_weights(method: str, logit_grad_sq_norms: Any = None) -> Any:
+    """w_n of B: None (all 1) for "kfac" and "ekfac", 1 / s_n for "iekfac" (Eq. 43).
+
+    Parameters
+    ----------
+    method : {"kfac", "ekfac", "iekfac"}
+    logit_grad_sq_norms : array, shape (N,), optional
+        s_n = ||dl_n/dz_n||^2 of the true labels; required (and > 0) for "iekfac".
+    """
+    _choice("method", method, KFAC_METHODS)
+    if method != "iekfac":
+        return None
+    if logit_grad_sq_norms is None:
+        raise ValueError('logit_grad_sq_norms (s_n) is required for method="iekfac"')
+    xp = namespace(logit_grad_sq_norms=logit_grad_sq_norms)
+    check_ndim(logit_grad_sq_norms, "logit_grad_sq_norms", 1, "(N,)")
+    check_floating(xp, logit_grad_sq_norms, "logit_grad_sq_norms")
+    check_finite(xp, logit_grad_sq_norms, "logit_grad_sq_norms")
+    if not bool(xp.all(logit_grad_sq_norms > 0)):
+        raise ValueError(
+            "logit_grad_sq_norms must be > 0 for ieKFAC's weights 1/s_n: a sample with a zero "
+            "logit gradient contributes nothing (drop it)"
+        )
+    return 1.0 / xp.astype(logit_grad_sq_norms, xp.float64)
+
+
+def kfac_factors(
+    layer_inputs: Any,
+    output_grads: Any,
+    *,
+    method: str,
+    logit_grad_sq_norms: Any = None,
+    convention: str = "expand",
+    normalisation: str = "mean",
+) -> KroneckerFactors:
+    r"""The factors of KFAC, eKFAC or ieKFAC for one layer (one code path).
+
+    .. math:: A = \text{norm}\sum_n a_n^\top a_n, \qquad B = \sum_n w_n b_n^\top b_n
+
+    Parameters
+    ----------
+    layer_inputs : array, shape (N, T, d_in) or (N, d_in)
+        a_n; append a column of ones to treat a bias jointly with its weight.
+    output_grads : array, shape (N, T, d_out) or (N, d_out)
+        b_n: of a sampled label for "kfac", of the true label for "ekfac" and
+        "iekfac" (sum convention).
+    method : {"kfac", "ekfac", "iekfac"}
+        Selects w_n (:func:`kfac_sample_weights`).
+    logit_grad_sq_norms : array, shape (N,), optional
+        s_n, for "iekfac".
+    convention : {"expand", "reduce"}
+    normalisation : {"mean", "sum"}
+        Of A (see the module docstring).
+    """
+    if layer_inputs.shape[0] != output_grads.shape[0]:
+        raise ValueError(
+            f"output_grads has {output_grads.shape[0]} samples but layer_inputs has "
+            f"{layer_inputs.shape[0]}"
+        )
+    if layer_inputs.ndim != output_grads.ndim or (
+        layer_inputs.ndim == 3 and layer_inputs.shape[1] != output_grads.shape[1]
+    ):
+        raise ValueError(
+            f"output_grads has shape {tuple(output_grads.shape)} but layer_inputs has "
+            f"{tuple(layer_inputs.shape)}: they need the same (N, T) leading axes"
+        )
+    weights = kfac_sample_weights(method, logit_grad_sq_norms)
+    return KroneckerFactors(
+        input_factor(layer_inputs, convention=convention, normalisation=normalisation),
+        grad_factor(output_grads, weights=weights, convention=convention),
+    )
+
+
+def _checked_factors(factors: KroneckerFactors) -> tuple[Any, Any, Any]:
+    """Namespace, B and A (A = [[1]] when absent) after the shape and finiteness checks."""
+    if not isinstance(factors, KroneckerFactors):
+        raise TypeError(f"factors must be KroneckerFactors, got {type(factors).__name__}")
+    b, a = factors.grad_factor, factors.input_factor
+    xp = namespace(**{"factors.grad_factor": b, "factors.input_factor": a})
+    for name, m in (("factors.grad_factor", b), ("factors.input_factor", a)):
+        if m is None:
+            continue
+        check_ndim(m, name, 2, "(d, d)")
+        if m.shape[0] != m.shape[1]:
+            raise ValueError(f"{name} must be square, got shape {tuple(m.shape)}")
+        check_floating(xp, m, name)
+        check_finite(xp, m, name)
+    b = xp.astype(b, xp.float64)
+    a = xp.ones((1, 1), dtype=xp.float64) if a is None else xp.astype(a, xp.float64)
+    return xp, b, a
+
+
+def kfac_block_matrix(factors: KroneckerFactors) -> Any:
+    r"""The dense block B (x) A, (d_out d_in, d_out d_in) float64, for row-major vec(W).
+
+    Entry [i d_in + k, j d_in + l] = B[i, j] A[k, l]. The reference for small layers.
+    """
+    xp, b, a = _checked_factors(factors)
+    do, di = b.shape[0], a.shape[0]
+    return xp.reshape(b[:, None, :, None] * a[None, :, None, :], (do * di, do * di))
+
+
+def _pi_shifts(xp: Any, b: Any, a: Any, damping: float, has_input: bool) -> tuple[float, float]:
+    """(shift of B, shift of A) of the pi-damped factored inverse."""
+    if not has_input:
+        return damping, 0.0
+    mean_a = float(xp.sum(xp.linalg.diagonal(a))) / a.shape[0]
+    mean_b = float(xp.sum(xp.linalg.diagonal(b))) / b.shape[0]
+    if mean_a <= 0 or mean_b <= 0:
+        return damping, damping  # curvlinops' fallback for a zero factor
+    pi = math.sqrt(mean_a / mean_b)
+    root = math.sqrt(damping)
+    return root / pi, root * pi
+
+
+def kfac_inverse_apply(
+    factors: KroneckerFactors, grad: Any, *, damping: float, damped_inverse: str = "exact"
+) -> Any:
+    r"""Apply the damped inverse of one Kronecker block to a gradient.
+
+    .. math::
+        \text{exact:}\ (B \otimes A + \lambda I)^{-1}\,\mathrm{vec}(G), \qquad
+        \text{pi:}\ (B + \tfrac{\sqrt\lambda}{\pi} I)^{-1} G (A + \pi\sqrt\lambda I)^{-1}
+
+    Parameters
+    ----------
+    factors : KroneckerFactors
+    grad : array, shape (d_out, d_in), or (d_out,) when ``factors`` has no input factor
+        G (any reduction: the map is linear).
+    damping : float >= 0
+        lambda, absolute.
+    damped_inverse : {"exact", "pi"}
+
+    Returns
+    -------
+    array, the shape and dtype of ``grad``
+
+    Raises
+    ------
+    ngdref.SingularMatrixError
+        If the damped block is singular to float64 working precision.
+    ngdref.NonFiniteError
+        If a factor or ``grad`` holds NaN or infinity.
+    """
+    _choice("damped_inverse", damped_inverse, DAMPED_INVERSES)
+    damping = check_damping(damping)
+    xp, b, a = _checked_factors(factors)
+    namespace(grad=grad, **{"factors.grad_factor": factors.grad_factor})
+    if tuple(grad.shape) != factors.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but factors expect {factors.shape}")
+    check_floating(xp, grad, "grad")
+    check_finite(xp, grad, "grad")
+    beta, u = xp.linalg.eigh(b)
+    alpha, v = xp.linalg.eigh(a)
+    if damped_inverse == "exact":
+        denominator = beta[:, None] * alpha[None, :] + damping
+    else:
+        shift_b, shift_a = _pi_shifts(xp, b, a, damping, factors.input_factor is not None)
+        denominator = (beta[:, None] + shift_b) * (alpha[None, :] + shift_a)
+    _check_nonsingular(xp, denominator, b, a, damping)
+    g = xp.reshape(xp.astype(grad, xp.float64), (b.shape[0], a.shape[0]))
+    rotated = xp.matmul(xp.matrix_transpose(u), xp.matmul(g, v)) / denominator
+    result = xp.matmul(u, xp.matmul(rotated, xp.matrix_transpose(v)))
+    return xp.astype(xp.reshape(result, grad.shape), grad.dtype)
+
+
+def _check_nonsingular(xp: Any, denominator: Any, b: Any, a: Any, damping: float) -> None:
+    """Refuse eigenvalues of the damped block at or below float64 rounding of the factors."""
+    scale = float(xp.max(xp.abs(xp.linalg.diagonal(b)))) * float(
+        xp.max(xp.abs(xp.linalg.diagonal(a)))
+    )
+    # eigh's eigenvalue errors are ~ d eps ||factor||; below that a zero cannot be told apart
+    tol = 2.0**-52 * max(b.shape[0], a.shape[0]) * (scale + damping)
+    smallest = float(xp.min(denominator))
+    if not smallest > tol:
+        raise SingularMatrixError(
+            f"the damped Kronecker block is singular: smallest eigenvalue {smallest:.3g} <= "
+            f"{tol:.3g} (damping={damping}); increase damping"
+        )
+
+
+def diagonal_factor(per_sample_grads: Any, *, weights: Any = None) -> Any:
+    r"""Fallback diagonal block for parameters outside supported layers, float64 (P,).
+
+    .. math:: D = \sum_n w_n\, g_n \odot g_n
+
+    ``per_sample_grads`` (N, P) holds the rows of the method (sampled-label
+    gradients for "kfac"); ``weights`` (N,) are :func:`kfac_sample_weights`.
+    """
+    xp = namespace(per_sample_grads=per_sample_grads)
+    check_ndim(per_sample_grads, "per_sample_grads", 2, "(N, P)")
+    _, g = _positions(per_sample_grads, "per_sample_grads")
+    g = g[:, 0, :]
+    if weights is not None:
+        check_vector(xp, weights, "weights", g.shape[0], "per_sample_grads", weights.dtype)
+        g = g * xp.sqrt(xp.astype(weights, xp.float64))[:, None]
+    return xp.sum(g * g, axis=0)
+
+
+def diagonal_inverse_apply(diagonal: Any, grad: Any, *, damping: float) -> Any:
+    r"""(diag(D) + lambda I)^-1 g, in the dtype of ``grad`` (P,); singular D + lambda is refused."""
+    damping = check_damping(damping)
+    xp = namespace(diagonal=diagonal, grad=grad)
+    check_ndim(diagonal, "diagonal", 1, "(P,)")
+    check_finite(xp, diagonal, "diagonal")
+    check_vector(xp, grad, "grad", diagonal.shape[0], "diagonal", grad.dtype)
+    denominator = xp.astype(diagonal, xp.float64) + damping
+    tol = 2.0**-52 * (float(xp.max(xp.abs(diagonal))) + damping)
+    if not float(xp.min(denominator)) > tol:
+        raise SingularMatrixError(
+            "the damped diagonal block is singular (a zero entry with damping=0); increase damping"
+        )
+    return xp.astype(xp.astype(grad, xp.float64) / denominator, grad.dtype)
