@@ -1,0 +1,445 @@
+r"""Per-layer Kronecker factors of a torch model for KFAC, eKFAC and ieKFAC (:mod:`ngdref.kfac`).
+
+:func:`kfac_curvature` runs one forward pass with hooks on every supported layer
+and one backward pass of the true-label logit gradients e_n = dl_n/dz_n (sum
+convention); "kfac" adds one backward pass of sampled-label gradients (or C
+passes of the columns of the logit Hessian's square root, ``kfac_fisher="type-2"``).
+A forward hook keeps each layer's inputs a_n (T, d_in), a hook on its output
+its output gradients b_n (T, d_out); the factors are then
+:func:`ngdref.kfac.input_factor` and :func:`ngdref.kfac.grad_factor` with the
+weights :func:`ngdref.kfac.kfac_sample_weights` (one code path for the three).
+
+Supported layers
+    ``nn.Linear`` (any input shape (N, ..., d_in): the middle axes are the
+    positions T; peft LoRA's ``lora_A`` / ``lora_B`` are plain ``nn.Linear``)
+    and ``nn.Conv2d`` with ``groups=1``, zero padding given as numbers (the
+    positions are the output pixels, a_n the unfolded patches, d_in = C_in kh kw,
+    matching ``weight.reshape(C_out, -1)``). A layer called k times in one forward
+    pass concatenates its k calls along T.
+Biases
+    ``bias="separate"`` (default, curvlinops' ``separate_weight_and_bias=True``):
+    a bias has its own block B (no input factor); ``"joint"``: a column of ones
+    is appended to a_n and [W, b] (d_out, d_in + 1) is one block.
+Fallback
+    Trainable parameters outside supported layers (embeddings, layer norms,
+    prompt-tuning tokens, layers of unsupported configuration or never called)
+    get a diagonal block D = sum_n w_n g_n^2 from their per-sample gradients g_n
+    (the method's rows and weights; :func:`ngdref.kfac.diagonal_factor`), taken
+    with :meth:`backends.TorchProvider.vjp` (vmap) for all trainable parameters
+    (cost of a per-sample gradient pass). They are listed with the reason in
+    :attr:`KFACCurvature.fallback`; ``strict=True`` refuses them instead.
+
+Vectors are flat (P,) over the model's trainable parameters in
+``named_parameters()`` order, as :class:`backends.TorchProvider`'s; everything is
+in the paper's sum convention (the curvature approximates sum_n g_n g_n^T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import ngdref
+from backends.torch_provider import TorchProvider
+from ngdref import kfac as K
+
+__all__ = ["KFACBlock", "KFACCurvature", "kfac_curvature", "kfac_directions"]
+
+BIAS_MODES = ("separate", "joint")
+KFAC_FISHERS = ("mc", "type-2")
+
+
+@dataclass(frozen=True)
+class KFACBlock:
+    """One block of the block-diagonal curvature.
+
+    Attributes
+    ----------
+    name : str
+        The module's name, or the parameter's name for a fallback block.
+    index : torch.Tensor (int64)
+        Positions in theta of the block's vector in its row-major layout ``shape``.
+    shape : tuple of int
+        (d_out, d_in) of a weight (d_in + 1 for a joint bias), (d_out,) of a bias,
+        (p,) of a fallback diagonal block.
+    factors : dict of str to ngdref.kfac.KroneckerFactors, or None
+        Per method; None for a fallback block.
+    diagonal : dict of str to torch.Tensor (p,), or None
+        Per method, for a fallback block.
+    """
+
+    name: str
+    index: torch.Tensor
+    shape: tuple[int, ...]
+    factors: dict[str, K.KroneckerFactors] | None = None
+    diagonal: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class KFACCurvature:
+    """Block-diagonal K-FAC curvature of one batch (sum convention), per method.
+
+    Attributes
+    ----------
+    blocks : list of KFACBlock
+    grad : torch.Tensor, shape (P,)
+        g = sum_n grad l_n of the batch.
+    loss : float
+        sum_n l_n.
+    fallback : dict of str to str
+        Trainable parameter name -> why it got the diagonal fallback block.
+    num_params : int
+    """
+
+    blocks: list[KFACBlock]
+    grad: torch.Tensor
+    loss: float
+    fallback: dict[str, str] = field(default_factory=dict)
+    num_params: int = 0
+
+    def inverse_apply(
+        self, method: str, vector: torch.Tensor, *, damping: float, damped_inverse: str = "exact"
+    ) -> torch.Tensor:
+        r"""(K_method + lambda I)^-1 v block by block, (P,) -> (P,) (see :mod:`ngdref.kfac`)."""
+        if tuple(vector.shape) != (self.num_params,):
+            raise ValueError(
+                f"vector must have shape ({self.num_params},), got {tuple(vector.shape)}"
+            )
+        out = torch.empty_like(vector)
+        for block in self.blocks:
+            piece = vector[block.index].reshape(block.shape)
+            if block.factors is not None:
+                result = K.kfac_inverse_apply(
+                    _method(block.factors, method), piece, damping=damping,
+                    damped_inverse=damped_inverse,
+                )
+            else:
+                diagonal = _method(block.diagonal, method)
+                result = K.diagonal_inverse_apply(diagonal, piece, damping=damping)
+            out[block.index] = result.reshape(-1)
+        return out
+
+    def dense(self, method: str) -> torch.Tensor:
+        """The block-diagonal matrix K_method (P, P) float64, for small models (tests)."""
+        m = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
+        for block in self.blocks:
+            i = block.index
+            if block.factors is not None:
+                m[i[:, None], i[None, :]] = K.kfac_block_matrix(_method(block.factors, method))
+            else:
+                m[i, i] = _method(block.diagonal, method)
+        return m
+
+
+def _method(per_method: Mapping[str, Any] | None, method: str) -> Any:
+    if per_method is None or method not in per_method:
+        raise ValueError(
+            f"method {method!r} was not computed; pass it in methods=... of kfac_curvature"
+        )
+    return per_method[method]
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """None if the module's parameters get Kronecker factors, else why not."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return None
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
+        if module.groups != 1:
+            return f"nn.Conv2d with groups={module.groups} (only groups=1)"
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            return "nn.Conv2d with string padding or a non-zero padding_mode"
+        return None
+    return f"{type(module).__name__} is not a supported layer (nn.Linear, nn.Conv2d)"
+
+
+class _Recorder:
+    """Forward and output-gradient hooks on the supported layers; the phase names the backward."""
+
+    def __init__(self, modules: dict[str, nn.Module], n: int) -> None:
+        self.modules = modules
+        self.n = n
+        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.grads: dict[str, dict[int, torch.Tensor]] = {name: {} for name in modules}
+        self.phase = ""
+
+    def _positions_in(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Conv2d):
+            patches = nn.functional.unfold(
+                x, module.kernel_size, module.dilation, module.padding, module.stride
+            )
+            return patches.transpose(1, 2)
+        return x.reshape(self.n, -1, x.shape[-1])
+
+    def _positions_out(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(self.n, -1, g.shape[-1])
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            if x.shape[0] != self.n:
+                raise ValueError(
+                    f"layer {name!r} got an input of shape {tuple(x.shape)}: K-FAC needs the "
+                    f"batch of {self.n} samples as its first axis"
+                )
+            call = len(self.inputs[name])
+            self.inputs[name].append(self._positions_in(module, x.detach()))
+
+            def grad_hook(g: torch.Tensor) -> None:
+                self.grads[name][call] = self._positions_out(module, g.detach())
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    def layer_inputs(self, name: str) -> torch.Tensor:
+        return torch.cat(self.inputs[name], dim=1)
+
+    def output_grads(self, name: str) -> torch.Tensor:
+        grads = self.grads[name]
+        out = torch.cat([grads[c] for c in range(len(self.inputs[name]))], dim=1)
+        self.grads[name] = {}
+        return out
+
+
+def _layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Supported modules with a trainable weight or bias, and the reasons for the others."""
+    layers, reasons = {}, {}
+    for module_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        reason = _unsupported_reason(module)
+        for pname, _ in own:
+            full = f"{module_name}.{pname}" if module_name else pname
+            if reason is not None:
+                reasons[full] = reason
+            elif pname not in ("weight", "bias"):
+                reasons[full] = f"{pname!r} of a supported layer is neither weight nor bias"
+        if reason is None:
+            layers[module_name] = module
+    return layers, reasons
+
+
+def _check_options(methods: tuple[str, ...], kfac_fisher: str, bias: str) -> None:
+    if not methods or any(m not in K.KFAC_METHODS for m in methods):
+        raise ValueError(f"methods must be a non-empty subset of {K.KFAC_METHODS}, got {methods!r}")
+    if kfac_fisher not in KFAC_FISHERS:
+        raise ValueError(f"kfac_fisher must be one of {KFAC_FISHERS}, got {kfac_fisher!r}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+
+
+def _param_index(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameter name -> its positions in theta (shaped like the parameter)."""
+    index, offset = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            index[name] = torch.arange(offset, offset + p.numel()).reshape(p.shape)
+            offset += p.numel()
+    return index
+
+
+def _sampled_cotangents(
+    loss: ngdref.LogitLoss, logits: torch.Tensor, targets: Any, key: int, kfac_fisher: str
+) -> list[torch.Tensor]:
+    """The logit-space rows of KFAC's backward passes: one draw, or the C columns of Q_n."""
+    if kfac_fisher == "mc":
+        drawn = loss.sample(logits, key, 1, targets=targets)[0]
+        return [loss.grad(logits, drawn)]
+    try:
+        root = loss.hessian_sqrt(logits, targets)
+    except NotImplementedError:
+        root = torch.linalg.cholesky(loss.hessian(logits, targets))
+    return [root[:, :, c] for c in range(root.shape[-1])]
+
+
+def _layer_blocks(
+    name: str,
+    index: dict[str, torch.Tensor],
+    a: torch.Tensor,
+    b_factors: dict[str, torch.Tensor],
+    options: dict[str, str],
+) -> list[KFACBlock]:
+    """The blocks of one supported layer from its inputs a (N, T, d_in) and B per method."""
+    prefix = f"{name}." if name else ""
+    w_index = index.get(prefix + "weight")
+    b_index = index.get(prefix + "bias")
+    conv = {"convention": options["convention"], "normalisation": options["normalisation"]}
+    blocks = []
+    if w_index is not None:
+        w_index = w_index.reshape(w_index.shape[0], -1)
+        if b_index is not None and options["bias"] == "joint":
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            w_index, b_index = torch.cat([w_index, b_index[:, None]], dim=1), None
+        factor_a = K.input_factor(a, **conv)
+        blocks.append(KFACBlock(
+            name, w_index.reshape(-1), tuple(w_index.shape),
+            factors={m: K.KroneckerFactors(factor_a, bf) for m, bf in b_factors.items()},
+        ))
+    if b_index is not None:
+        blocks.append(KFACBlock(
+            prefix + "bias", b_index, tuple(b_index.shape),
+            factors={m: K.KroneckerFactors(None, bf) for m, bf in b_factors.items()},
+        ))
+    return blocks
+
+
+def kfac_curvature(
+    model: nn.Module,
+    loss: ngdref.LogitLoss,
+    inputs: torch.Tensor | Mapping[str, Any],
+    targets: Any = None,
+    *,
+    methods: tuple[str, ...] = K.KFAC_METHODS,
+    key: int = 0,
+    kfac_fisher: str = "mc",
+    convention: str = "expand",
+    normalisation: str = "mean",
+    bias: str = "separate",
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    strict: bool = False,
+) -> KFACCurvature:
+    r"""Kronecker factors of every supported layer for the given K-FAC methods, one batch.
+
+    Parameters
+    ----------
+    model, inputs, output_fn
+        As for :class:`backends.TorchProvider` (eval mode during the passes).
+    loss : ngdref.LogitLoss
+    targets : optional
+        Default: the ``"labels"`` of dict inputs.
+    methods : subset of {"kfac", "ekfac", "iekfac"}
+    key : int
+        Seed of KFAC's label draw (``loss.sample``).
+    kfac_fisher : {"mc", "type-2"}
+        KFAC's B from one sampled label per sample, or from the C columns of
+        the logit Hessian's square root (its expectation; curvlinops "type-2").
+    convention, normalisation
+        See :mod:`ngdref.kfac`.
+    bias : {"separate", "joint"}
+    strict : bool
+        Raise ``ValueError`` instead of using the diagonal fallback.
+
+    Returns
+    -------
+    KFACCurvature
+    """
+    _check_options(tuple(methods), kfac_fisher, bias)
+    provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample_method="vmap")
+    targets = provider.targets if targets is None else targets
+    if targets is None:
+        raise ValueError("targets is required (or a 'labels' entry in dict inputs)")
+    layers, reasons = _layers(model)
+    recorder = _Recorder(layers, provider.num_samples)
+    handles = [m.register_forward_hook(recorder.hook(name)) for name, m in layers.items()]
+    try:
+        with provider._eval_mode(), torch.enable_grad():
+            theta = provider.params_vector().requires_grad_(True)
+            z = provider._batch_logits(theta, provider._batch(slice(None)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in [name for name in layers if not recorder.inputs[name]]:
+        del layers[name]
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            if p.requires_grad:
+                reasons[f"{name}.{pname}" if name else pname] = "layer not called in the forward"
+    if strict and reasons:
+        raise ValueError(f"model has trainable parameters outside supported layers: {reasons}")
+    logits = z.detach()
+    e = loss.grad(logits, targets)
+    value = float(torch.sum(loss.value(logits, targets)))
+    (grad,) = torch.autograd.grad(z, theta, grad_outputs=e, retain_graph=True)
+    if not bool(torch.isfinite(grad).all()):
+        raise ngdref.NonFiniteError("grad: the batch gradient contains NaN or infinite values")
+    rows = {"true": [e]}
+    if "kfac" in methods:
+        rows["sampled"] = _sampled_cotangents(loss, logits, targets, key, kfac_fisher)
+    output_grads = {"true": {n: [recorder.output_grads(n)] for n in layers}}
+    if "sampled" in rows:
+        output_grads["sampled"] = {n: [] for n in layers}
+        for u in rows["sampled"]:
+            torch.autograd.grad(z, theta, grad_outputs=u, retain_graph=True)
+            for n in layers:
+                output_grads["sampled"][n].append(recorder.output_grads(n))
+    s = torch.sum(e * e, dim=1)
+    weights = {m: K.kfac_sample_weights(m, s) for m in methods}
+    source = {m: "sampled" if m == "kfac" else "true" for m in methods}
+    options = {"convention": convention, "normalisation": normalisation, "bias": bias}
+    index = _param_index(model)
+    blocks = []
+    for name in layers:
+        b_factors = {
+            m: sum(
+                K.grad_factor(b, weights=weights[m], convention=convention)
+                for b in output_grads[source[m]][name]
+            )
+            for m in methods
+        }
+        a = recorder.layer_inputs(name)
+        blocks += _layer_blocks(name, index, a, b_factors, options)
+    blocks += _fallback_blocks(provider, index, reasons, rows, weights, source)
+    return KFACCurvature(blocks, grad, value, dict(reasons), provider.num_params)
+
+
+def _fallback_blocks(
+    provider: TorchProvider,
+    index: dict[str, torch.Tensor],
+    reasons: dict[str, str],
+    rows: dict[str, list[torch.Tensor]],
+    weights: dict[str, torch.Tensor | None],
+    source: dict[str, str],
+) -> list[KFACBlock]:
+    """Diagonal blocks D = sum_n w_n g_n^2 of the parameters in ``reasons``."""
+    if not reasons:
+        return []
+    columns = torch.cat([index[name].reshape(-1) for name in reasons])
+    grads = {
+        kind: [provider.vjp(u)[:, columns] for u in cotangents]
+        for kind, cotangents in rows.items()
+    }
+    diagonal = {
+        m: sum(K.diagonal_factor(g, weights=weights[m]) for g in grads[source[m]])
+        for m in weights
+    }
+    blocks, start = [], 0
+    for name in reasons:
+        size = index[name].numel()
+        blocks.append(KFACBlock(
+            name, index[name].reshape(-1), (size,),
+            diagonal={m: d[start:start + size] for m, d in diagonal.items()},
+        ))
+        start += size
+    return blocks
+
+
+def kfac_directions(
+    model: nn.Module,
+    loss: ngdref.LogitLoss,
+    inputs: torch.Tensor | Mapping[str, Any],
+    targets: Any = None,
+    *,
+    damping: float,
+    methods: tuple[str, ...] = K.KFAC_METHODS,
+    damped_inverse: str = "exact",
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    r"""The K-FAC family's updates d_m = (K_m + lambda I)^-1 g of one batch, (P,) each.
+
+    g = sum_n grad l_n (sum convention); the keyword ``options`` go to
+    :func:`kfac_curvature`. The result has the layout of
+    :func:`ngdref.directions`'s, so gamma and the other diagnostics apply as they are.
+    """
+    curvature = kfac_curvature(model, loss, inputs, targets, methods=methods, **options)
+    return {
+        m: curvature.inverse_apply(
+            m, curvature.grad, damping=damping, damped_inverse=damped_inverse
+        )
+        for m in methods
+    }
