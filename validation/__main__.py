@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     core = problems()
     extra = torch_problems()
-    names = [p.name for p in core] + [p.name for p in extra]
+    names = [p.name for p in core] + [p.name for p in extra] + ["kfac"]
     if args.problem:
         unknown = sorted(set(args.problem) - set(names))
         if unknown:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [p for p in extra if p.name in args.problem]
     threads = _single_threaded_torch()
     try:
-        return _validate(core, extra, args.report)
+        return _validate(core, extra, args.report, not args.problem or "kfac" in args.problem)
     finally:
         _restore_torch_threads(threads)
 
@@ -263,7 +263,9 @@ def _restore_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _validate(core: list[Problem], extra: list[TorchProblem], report_path: str) -> int:
+def _validate(
+    core: list[Problem], extra: list[TorchProblem], report_path: str, with_kfac: bool = False
+) -> int:
     all_runs = runs()
     print(
         "ngdref cross-backend validation: relative difference ||a - ref|| / ||ref|| to "
@@ -290,6 +292,10 @@ def _validate(core: list[Problem], extra: list[TorchProblem], report_path: str) 
         entry["seconds"] = time.perf_counter() - case_start
         print(f"  ({entry['seconds']:.1f} s)", flush=True)
         report.append(entry)
+    if with_kfac:  # K-FAC family vs curvlinops and exact iEF (issue 11)
+        from validation.kfac_oracles import kfac_entry
+
+        report.append(kfac_entry(_format_oracles))
     failures = sum(_failures(e) for e in report)
     seconds = time.perf_counter() - start
     with open(report_path, "w") as f:
