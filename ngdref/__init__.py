@@ -18,6 +18,12 @@ from ngdref.curvature import (
     sf_matrix,
 )
 from ngdref.directions import METHODS, BatchQuantities, batch_quantities, directions, sampled_grads
+from ngdref.kfac import (
+    KroneckerFactors,
+    kfac_block_matrix,
+    kfac_factors,
+    kfac_inverse_apply,
+)
 from ngdref.linalg import (
     CGResult,
     GramSolve,
@@ -66,6 +72,7 @@ __all__ = [
     "CGResult",
     "GramSolve",
     "JacobianProvider",
+    "KroneckerFactors",
     "LogitLoss",
     "NonFiniteError",
     "NotConvergedError",
@@ -93,6 +100,9 @@ __all__ = [
     "ief_matrix",
     "ief_matrix_logit",
     "ief_update",
+    "kfac_block_matrix",
+    "kfac_factors",
+    "kfac_inverse_apply",
     "loss_reductions",
     "near_duplicate_mask",
     "ngd_update",
