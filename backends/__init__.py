@@ -8,7 +8,8 @@ Always available (array-API generic; stdlib and array_api_compat only):
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider`
 (``backends.torch_provider``) and the optimisers :class:`IEF`, :class:`EF`,
-:class:`SF`, :class:`NGD` (``backends.optim``). ``import backends`` never
+:class:`SF`, :class:`NGD` (``backends.optim``), and :class:`KFAC`, :class:`EKFAC`,
+:class:`IEKFAC` (``backends.kfac_optim``). ``import backends`` never
 imports torch.
 """
 
@@ -36,6 +37,9 @@ _LAZY = {
     "EF": "backends.optim",
     "SF": "backends.optim",
     "NGD": "backends.optim",
+    "KFAC": "backends.kfac_optim",
+    "EKFAC": "backends.kfac_optim",
+    "IEKFAC": "backends.kfac_optim",
 }
 
 __all__ = [
