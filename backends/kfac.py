@@ -157,14 +157,13 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 
 
 class _Recorder:
-    """Forward and output-gradient hooks on the supported layers; the phase names the backward."""
+    """Forward and output-gradient hooks on the supported layers (inputs and grads per call)."""
 
     def __init__(self, modules: dict[str, nn.Module], n: int) -> None:
         self.modules = modules
         self.n = n
         self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self.grads: dict[str, dict[int, torch.Tensor]] = {name: {} for name in modules}
-        self.phase = ""
 
     def _positions_in(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, nn.Conv2d):
@@ -335,6 +334,55 @@ def kfac_curvature(
     targets = provider.targets if targets is None else targets
     if targets is None:
         raise ValueError("targets is required (or a 'labels' entry in dict inputs)")
+    passes = _run_passes(provider, loss, targets, tuple(methods), key, kfac_fisher, strict)
+    weights = {m: K.kfac_sample_weights(m, passes.logit_grad_sq_norms) for m in methods}
+    source = {m: "sampled" if m == "kfac" else "true" for m in methods}
+    options = {"convention": convention, "normalisation": normalisation, "bias": bias}
+    index = _param_index(model)
+    blocks = []
+    for name in passes.layers:
+        b_factors = {
+            m: sum(
+                K.grad_factor(b, weights=weights[m], convention=convention)
+                for b in passes.output_grads[source[m]][name]
+            )
+            for m in methods
+        }
+        a = passes.recorder.layer_inputs(name)
+        blocks += _layer_blocks(name, index, a, b_factors, options)
+    blocks += _fallback_blocks(provider, index, passes.reasons, passes.rows, weights, source)
+    return KFACCurvature(
+        blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params
+    )
+
+
+@dataclass
+class _Passes:
+    """What the forward and backward passes of :func:`kfac_curvature` recorded."""
+
+    recorder: _Recorder
+    layers: dict[str, nn.Module]
+    reasons: dict[str, str]
+    grad: torch.Tensor
+    loss: float
+    logit_grad_sq_norms: torch.Tensor
+    #: "true" / "sampled" -> the logit-space cotangents of those backward passes
+    rows: dict[str, list[torch.Tensor]]
+    #: "true" / "sampled" -> layer name -> output gradients (N, T, d_out), one per pass
+    output_grads: dict[str, dict[str, list[torch.Tensor]]]
+
+
+def _run_passes(
+    provider: TorchProvider,
+    loss: ngdref.LogitLoss,
+    targets: Any,
+    methods: tuple[str, ...],
+    key: int,
+    kfac_fisher: str,
+    strict: bool,
+) -> _Passes:
+    """One hooked forward, the true-label backward and (for "kfac") the sampled ones."""
+    model = provider.model
     layers, reasons = _layers(model)
     recorder = _Recorder(layers, provider.num_samples)
     handles = [m.register_forward_hook(recorder.hook(name)) for name, m in layers.items()]
@@ -355,37 +403,23 @@ def kfac_curvature(
     logits = z.detach()
     e = loss.grad(logits, targets)
     value = float(torch.sum(loss.value(logits, targets)))
-    (grad,) = torch.autograd.grad(z, theta, grad_outputs=e, retain_graph=True)
-    if not bool(torch.isfinite(grad).all()):
-        raise ngdref.NonFiniteError("grad: the batch gradient contains NaN or infinite values")
     rows = {"true": [e]}
     if "kfac" in methods:
         rows["sampled"] = _sampled_cotangents(loss, logits, targets, key, kfac_fisher)
-    output_grads = {"true": {n: [recorder.output_grads(n)] for n in layers}}
-    if "sampled" in rows:
-        output_grads["sampled"] = {n: [] for n in layers}
-        for u in rows["sampled"]:
-            torch.autograd.grad(z, theta, grad_outputs=u, retain_graph=True)
+    grad = None
+    output_grads: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for kind, cotangents in rows.items():
+        output_grads[kind] = {n: [] for n in layers}
+        for u in cotangents:
+            (g,) = torch.autograd.grad(z, theta, grad_outputs=u, retain_graph=True)
+            grad = g if grad is None else grad
             for n in layers:
-                output_grads["sampled"][n].append(recorder.output_grads(n))
-    s = torch.sum(e * e, dim=1)
-    weights = {m: K.kfac_sample_weights(m, s) for m in methods}
-    source = {m: "sampled" if m == "kfac" else "true" for m in methods}
-    options = {"convention": convention, "normalisation": normalisation, "bias": bias}
-    index = _param_index(model)
-    blocks = []
-    for name in layers:
-        b_factors = {
-            m: sum(
-                K.grad_factor(b, weights=weights[m], convention=convention)
-                for b in output_grads[source[m]][name]
-            )
-            for m in methods
-        }
-        a = recorder.layer_inputs(name)
-        blocks += _layer_blocks(name, index, a, b_factors, options)
-    blocks += _fallback_blocks(provider, index, reasons, rows, weights, source)
-    return KFACCurvature(blocks, grad, value, dict(reasons), provider.num_params)
+                output_grads[kind][n].append(recorder.output_grads(n))
+    if not bool(torch.isfinite(grad).all()):
+        raise ngdref.NonFiniteError("grad: the batch gradient contains NaN or infinite values")
+    return _Passes(
+        recorder, layers, reasons, grad, value, torch.sum(e * e, dim=1), rows, output_grads
+    )
 
 
 def _fallback_blocks(
