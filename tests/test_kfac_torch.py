@@ -191,3 +191,34 @@ def test_state_dict_round_trip_and_bad_hyperparameters() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             KFAC(model, CE, **({"lr": 0.1, "damping": 0.1} | kwargs))
+
+
+# ---- every validation setup: LoRA, prompt tuning (fallback), CNN, ViT ------------------------
+def _setups() -> list:
+    from validation.torch_cases import torch_problems
+
+    return torch_problems()
+
+
+@pytest.mark.parametrize("problem", _setups(), ids=lambda p: p.name)
+@pytest.mark.parametrize("cls", OPTIMISERS, ids=lambda c: c.__name__)
+def test_optimisers_descend_on_every_setup(problem, cls) -> None:
+    """(K + lambda I)^-1 g is a descent direction, so a short enough step lowers the loss."""
+    reason = problem.unavailable()
+    if reason:
+        pytest.skip(reason)
+    batch = problem.builder()
+    model, inputs, targets = batch.model, batch.inputs, batch.targets
+    curvature = kfac_curvature(model, batch.loss, inputs, targets, methods=(cls.method,))
+    direction = curvature.inverse_apply(cls.method, curvature.grad, damping=1e-3)
+    assert float(direction @ curvature.grad) > 0
+    # only prompt tuning's virtual-token embedding is outside nn.Linear / nn.Conv2d
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    expected_fallback = names if problem.name == "t5-prompt" else []
+    assert sorted(curvature.fallback) == sorted(expected_fallback)
+    opt = cls(model, batch.loss, lr=1e-3 / float(torch.linalg.norm(direction)), damping=1e-3)
+    step_batch = inputs if isinstance(inputs, dict) and "labels" in inputs else (inputs, targets)
+    before = opt.step(lambda: step_batch)
+    after = kfac_curvature(model, batch.loss, inputs, targets, methods=("ekfac",)).loss
+    assert after < before
+    assert set(opt.diagnostics["fallback"]) == set(expected_fallback)
