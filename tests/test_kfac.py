@@ -236,3 +236,20 @@ BAD_INPUT = [
 def test_bad_input(backend, call, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         call(backend)
+
+
+def test_float32_in_float64_factors_float32_out(backend) -> None:
+    """Factors are accumulated in float64; an applied inverse comes back in the grad's dtype."""
+    layer = LAYERS[0]
+    a, b, _ = layer.arrays()
+    factors = K.kfac_factors(
+        backend.asarray(a, "float32"), backend.asarray(b, "float32"), method="ekfac"
+    )
+    xp = backend.xp
+    assert factors.input_factor.dtype == xp.float64 and factors.grad_factor.dtype == xp.float64
+    g = np.random.default_rng(12).standard_normal((layer.d_out, layer.d_in))
+    result = K.kfac_inverse_apply(factors, backend.asarray(g, "float32"), damping=0.1)
+    assert result.dtype == xp.float32
+    expected, kappa = _damped_solve(backend.to_numpy(K.kfac_block_matrix(factors)), g, 0.1)
+    # float32 rounding of g and of the result: 2 eps_32 kappa
+    assert _relative(backend.to_numpy(result), expected) <= 4 * 2.0**-23 * kappa
