@@ -36,6 +36,7 @@ in the paper's sum convention (the curvature approximates sum_n g_n g_n^T).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,13 @@ import ngdref
 from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
 
-__all__ = ["KFACBlock", "KFACCurvature", "kfac_curvature", "kfac_directions"]
+__all__ = [
+    "KFACBlock",
+    "KFACCurvature",
+    "kfac_curvature",
+    "kfac_directions",
+    "merge_curvatures",
+]
 
 BIAS_MODES = ("separate", "joint")
 KFAC_FISHERS = ("mc", "type-2")
@@ -70,6 +77,9 @@ class KFACBlock:
         Per method; None for a fallback block.
     diagonal : dict of str to torch.Tensor (p,), or None
         Per method, for a fallback block.
+    input_terms : int
+        The number of terms A averages over (N T under "expand", N under "reduce"), for
+        :func:`merge_curvatures`.
     """
 
     name: str
@@ -77,6 +87,7 @@ class KFACBlock:
     shape: tuple[int, ...]
     factors: dict[str, K.KroneckerFactors] | None = None
     diagonal: dict[str, torch.Tensor] | None = None
+    input_terms: int = 0
 
 
 @dataclass
@@ -93,6 +104,8 @@ class KFACCurvature:
     fallback : dict of str to str
         Trainable parameter name -> why it got the diagonal fallback block.
     num_params : int
+    normalisation : {"mean", "sum"}
+        Of the input factors A.
     """
 
     blocks: list[KFACBlock]
@@ -100,6 +113,7 @@ class KFACCurvature:
     loss: float
     fallback: dict[str, str] = field(default_factory=dict)
     num_params: int = 0
+    normalisation: str = "mean"
 
     def inverse_apply(
         self, method: str, vector: torch.Tensor, *, damping: float, damped_inverse: str = "exact"
@@ -277,9 +291,11 @@ def _layer_blocks(
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             w_index, b_index = torch.cat([w_index, b_index[:, None]], dim=1), None
         factor_a = K.input_factor(a, **conv)
+        terms = a.shape[0] * (a.shape[1] if options["convention"] == "expand" else 1)
         blocks.append(KFACBlock(
             name, w_index.reshape(-1), tuple(w_index.shape),
             factors={m: K.KroneckerFactors(factor_a, bf) for m, bf in b_factors.items()},
+            input_terms=terms,
         ))
     if b_index is not None:
         blocks.append(KFACBlock(
@@ -352,7 +368,8 @@ def kfac_curvature(
         blocks += _layer_blocks(name, index, a, b_factors, options)
     blocks += _fallback_blocks(provider, index, passes.reasons, passes.rows, weights, source)
     return KFACCurvature(
-        blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params
+        blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params,
+        normalisation,
     )
 
 
@@ -477,3 +494,49 @@ def kfac_directions(
         )
         for m in methods
     }
+
+
+def merge_curvatures(curvatures: list[KFACCurvature]) -> KFACCurvature:
+    r"""The curvature of the union of disjoint micro-batches from each one's curvature.
+
+    Exact for every factor: B, the diagonal blocks, g and the loss add up; A adds up under
+    ``normalisation="sum"`` and is the term-weighted mean sum_i c_i A_i / sum_i c_i under
+    "mean" (c_i = :attr:`KFACBlock.input_terms`). The curvatures must come from one model
+    with the same options (KFAC's draws are the micro-batches' own).
+    """
+    if not curvatures:
+        raise ValueError("curvatures must hold at least one KFACCurvature")
+    first = curvatures[0]
+    if any(
+        c.num_params != first.num_params or c.normalisation != first.normalisation
+        or [b.name for b in c.blocks] != [b.name for b in first.blocks]
+        for c in curvatures
+    ):
+        raise ValueError("curvatures must come from one model with the same options")
+    blocks = [_merge_blocks([c.blocks[i] for c in curvatures], first.normalisation)
+              for i in range(len(first.blocks))]
+    return dataclasses.replace(
+        first,
+        blocks=blocks,
+        grad=sum(c.grad for c in curvatures),
+        loss=sum(c.loss for c in curvatures),
+    )
+
+
+def _merge_blocks(blocks: list[KFACBlock], normalisation: str) -> KFACBlock:
+    first = blocks[0]
+    if first.factors is None:
+        diagonal = {m: sum(b.diagonal[m] for b in blocks) for m in first.diagonal}
+        return dataclasses.replace(first, diagonal=diagonal)
+    terms = sum(b.input_terms for b in blocks)
+    factors = {}
+    for m, f in first.factors.items():
+        a = None
+        if f.input_factor is not None:
+            parts = [b.factors[m].input_factor for b in blocks]
+            a = (
+                sum(parts) if normalisation == "sum"
+                else sum(b.input_terms * p for b, p in zip(blocks, parts, strict=True)) / terms
+            )
+        factors[m] = K.KroneckerFactors(a, sum(b.factors[m].grad_factor for b in blocks))
+    return dataclasses.replace(first, factors=factors, input_terms=terms)

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.kfac import kfac_curvature, kfac_directions  # noqa: E402
+from backends.kfac import kfac_curvature, kfac_directions, merge_curvatures  # noqa: E402
 from backends.kfac_optim import EKFAC, IEKFAC, KFAC  # noqa: E402
 from validation.kfac_oracles import KFAC_PROBLEMS, iekfac_ief_check, kfac_checks  # noqa: E402
 from validation.oracles import unavailable  # noqa: E402
@@ -222,3 +222,28 @@ def test_optimisers_descend_on_every_setup(problem, cls) -> None:
     after = kfac_curvature(model, batch.loss, inputs, targets, methods=("ekfac",)).loss
     assert after < before
     assert set(opt.diagnostics["fallback"]) == set(expected_fallback)
+
+
+@pytest.mark.parametrize("convention", ["expand", "reduce"])
+@pytest.mark.parametrize("normalisation", ["mean", "sum"])
+def test_merged_micro_batches_equal_the_full_batch(convention: str, normalisation: str) -> None:
+    """Factors are sums (B, diagonal) and term-weighted means (A): merging is exact."""
+    from validation.kfac_oracles import SequenceNet
+
+    torch.manual_seed(6)
+    model = nn.Sequential(SequenceNet(), nn.LayerNorm(3)).double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    options = {"methods": ("ekfac", "iekfac", "kfac"), "kfac_fisher": "type-2",
+               "convention": convention, "normalisation": normalisation}
+    full = kfac_curvature(model, CE, x, y, **options)
+    parts = [kfac_curvature(model, CE, x[i:j], y[i:j], **options) for i, j in [(0, 2), (2, 6)]]
+    merged = merge_curvatures(parts)
+    for method in options["methods"]:
+        expected = full.dense(method)
+        # sums of 6 (N) or 24 (N T) rounded terms, in another order: 16 * 24 eps relative
+        difference = torch.linalg.norm(merged.dense(method) - expected)
+        assert float(difference / torch.linalg.norm(expected)) <= 16 * 24 * EPS
+    assert float(torch.linalg.norm(merged.grad - full.grad)) <= 16 * 6 * EPS * float(
+        torch.linalg.norm(full.grad)
+    )
+    assert merged.loss == pytest.approx(full.loss, rel=16 * 6 * EPS)

@@ -51,6 +51,7 @@ from validation.oracles import OracleCheck, unavailable
 __all__ = [
     "KFAC_PROBLEMS",
     "KFACProblem",
+    "SequenceNet",
     "all_checks",
     "iekfac_ief_check",
     "kfac_checks",
@@ -77,7 +78,7 @@ def _mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
 
 
-class _SequenceNet(nn.Module):
+class SequenceNet(nn.Module):
     """Linear on (N, T, d) tokens, tanh, mean over T, linear head: weight sharing over T."""
 
     def __init__(self) -> None:
@@ -92,7 +93,7 @@ class _SequenceNet(nn.Module):
 def _sequence() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     return (
-        _SequenceNet().double(), torch.randn(6, 4, 3, dtype=torch.float64),
+        SequenceNet().double(), torch.randn(6, 4, 3, dtype=torch.float64),
         torch.randint(0, 3, (6,)),
     )
 
