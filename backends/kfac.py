@@ -22,7 +22,8 @@ Biases
     is appended to a_n and [W, b] (d_out, d_in + 1) is one block.
 Fallback
     Trainable parameters outside supported layers (embeddings, layer norms,
-    prompt-tuning tokens, layers of unsupported configuration or never called)
+    prompt-tuning tokens, layers of unsupported configuration, never called, or called on
+    inputs without the batch axis first)
     get a diagonal block D = sum_n w_n g_n^2 from their per-sample gradients g_n
     (the method's rows and weights; :func:`ngdref.kfac.diagonal_factor`), taken
     with :meth:`backends.TorchProvider.vjp` (vmap) for all trainable parameters
@@ -178,6 +179,8 @@ class _Recorder:
         self.n = n
         self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self.grads: dict[str, dict[int, torch.Tensor]] = {name: {} for name in modules}
+        #: layer name -> why its calls cannot be attributed to samples (it falls back)
+        self.failures: dict[str, str] = {}
 
     def _positions_in(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, nn.Conv2d):
@@ -195,11 +198,12 @@ class _Recorder:
     def hook(self, name: str) -> Callable[..., None]:
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0]
-            if x.shape[0] != self.n:
-                raise ValueError(
-                    f"layer {name!r} got an input of shape {tuple(x.shape)}: K-FAC needs the "
-                    f"batch of {self.n} samples as its first axis"
+            if x.ndim < 2 or x.shape[0] != self.n:
+                self.failures[name] = (
+                    f"called on an input of shape {tuple(x.shape)}, not a batch of {self.n} "
+                    "samples along its first axis"
                 )
+                return
             call = len(self.inputs[name])
             self.inputs[name].append(self._positions_in(module, x.detach()))
 
@@ -410,11 +414,16 @@ def _run_passes(
     finally:
         for handle in handles:
             handle.remove()
-    for name in [name for name in layers if not recorder.inputs[name]]:
+    for name in list(layers):
+        reason = recorder.failures.get(name) or (
+            "" if recorder.inputs[name] else "layer not called in the forward"
+        )
+        if not reason:
+            continue
         del layers[name]
         for pname, p in model.get_submodule(name).named_parameters(recurse=False):
             if p.requires_grad:
-                reasons[f"{name}.{pname}" if name else pname] = "layer not called in the forward"
+                reasons[f"{name}.{pname}" if name else pname] = reason
     if strict and reasons:
         raise ValueError(f"model has trainable parameters outside supported layers: {reasons}")
     logits = z.detach()

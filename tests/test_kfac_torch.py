@@ -77,6 +77,26 @@ def test_unsupported_layers_are_reported_or_refused() -> None:
         kfac_curvature(model, CE, x, y, methods=("ekfac",), strict=True)
 
 
+class _FoldedTokens(nn.Module):
+    """A Linear applied to (N T, d): its calls cannot be split into samples by the hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.reshape(-1, 3)).reshape(x.shape).mean(dim=1)
+
+
+def test_layers_called_without_the_batch_axis_fall_back() -> None:
+    torch.manual_seed(7)
+    model = _FoldedTokens().double()
+    x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    curvature = kfac_curvature(model, CE, x, y, methods=("ekfac",))
+    assert set(curvature.fallback) == {"inner.weight", "inner.bias"}
+    assert "not a batch of 4 samples" in curvature.fallback["inner.weight"]
+
+
 def test_zero_output_gradients_need_damping() -> None:
     """LoRA's default B = 0 gives lora_A zero output gradients: B factor 0, singular at 0."""
     torch.manual_seed(2)
