@@ -178,35 +178,56 @@ def _param_index(model: nn.Module) -> dict[str, torch.Tensor]:
     return index
 
 
+def _method_factors(
+    a: torch.Tensor | None,
+    rows: dict[str, list[torch.Tensor]],
+    weights: dict[str, torch.Tensor | None],
+    options: dict[str, Any],
+) -> dict[str, K.KroneckerFactors]:
+    """Per method: A (shared, None for a bias block), B from its rows, E if asked."""
+    factor_a = None if a is None else K.input_factor(
+        a, convention=options["convention"], normalisation=options["normalisation"]
+    )
+    out = {}
+    for m, bs in rows.items():
+        factor_b = sum(K.grad_factor(b, weights=weights[m], convention=options["convention"])
+                       for b in bs)
+        factors = K.KroneckerFactors(factor_a, factor_b)
+        if options["eigenvalue_correction"]:
+            e = sum(K.eigenvalue_correction(factors, a, b, weights=weights[m]).corrected_eigenvalues
+                    for b in bs)
+            factors = K.KroneckerFactors(factor_a, factor_b, e)
+        out[m] = factors
+    return out
+
+
 def _layer_blocks(
     name: str,
     index: dict[str, torch.Tensor],
     a: torch.Tensor,
-    b_factors: dict[str, torch.Tensor],
-    options: dict[str, str],
+    rows: dict[str, list[torch.Tensor]],
+    weights: dict[str, torch.Tensor | None],
+    options: dict[str, Any],
 ) -> list[KFACBlock]:
-    """The blocks of one supported layer from its inputs a (N, T, d_in) and B per method."""
+    """The blocks of one supported layer from its inputs a (N, T, d_in) and each method's rows."""
     prefix = f"{name}." if name else ""
     w_index = index.get(prefix + "weight")
     b_index = index.get(prefix + "bias")
-    conv = {"convention": options["convention"], "normalisation": options["normalisation"]}
     blocks = []
     if w_index is not None:
         w_index = w_index.reshape(w_index.shape[0], -1)
         if b_index is not None and options["bias"] == "joint":
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             w_index, b_index = torch.cat([w_index, b_index[:, None]], dim=1), None
-        factor_a = K.input_factor(a, **conv)
         terms = a.shape[0] * (a.shape[1] if options["convention"] == "expand" else 1)
         blocks.append(KFACBlock(
             name, w_index.reshape(-1), tuple(w_index.shape),
-            factors={m: K.KroneckerFactors(factor_a, bf) for m, bf in b_factors.items()},
-            input_terms=terms,
+            factors=_method_factors(a, rows, weights, options), input_terms=terms,
         ))
     if b_index is not None:
         blocks.append(KFACBlock(
             prefix + "bias", b_index, tuple(b_index.shape),
-            factors={m: K.KroneckerFactors(None, bf) for m, bf in b_factors.items()},
+            factors=_method_factors(None, rows, weights, options),
         ))
     return blocks
 
@@ -225,6 +246,7 @@ def kfac_curvature(
     bias: str = "separate",
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     strict: bool = False,
+    eigenvalue_correction: bool = False,
 ) -> KFACCurvature:
     r"""Kronecker factors of every supported layer for the given K-FAC methods, one batch.
 
@@ -246,6 +268,10 @@ def kfac_curvature(
     bias : {"separate", "joint"}
     strict : bool
         Raise ``ValueError`` instead of using the diagonal fallback.
+    eigenvalue_correction : bool
+        Replace each block's Kronecker eigenvalues by the per-sample gradients' second
+        moments in its eigenbasis (:func:`ngdref.kfac.eigenvalue_correction`; curvlinops'
+        ``EKFACLinearOperator``). Only ``damped_inverse="exact"`` applies to such blocks.
 
     Returns
     -------
@@ -259,19 +285,14 @@ def kfac_curvature(
     passes = run_passes(provider, loss, targets, tuple(methods), key, kfac_fisher, strict)
     weights = {m: K.kfac_sample_weights(m, passes.logit_grad_sq_norms) for m in methods}
     source = {m: "sampled" if m == "kfac" else "true" for m in methods}
-    options = {"convention": convention, "normalisation": normalisation, "bias": bias}
+    options = {"convention": convention, "normalisation": normalisation, "bias": bias,
+               "eigenvalue_correction": eigenvalue_correction}
     index = _param_index(model)
     blocks = []
     for name in passes.layers:
-        b_factors = {
-            m: sum(
-                K.grad_factor(b, weights=weights[m], convention=convention)
-                for b in passes.output_grads[source[m]][name]
-            )
-            for m in methods
-        }
+        rows = {m: passes.output_grads[source[m]][name] for m in methods}
         a = passes.recorder.layer_inputs(name)
-        blocks += _layer_blocks(name, index, a, b_factors, options)
+        blocks += _layer_blocks(name, index, a, rows, weights, options)
     blocks += _fallback_blocks(provider, index, passes.reasons, passes.rows, weights, source)
     return KFACCurvature(
         blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params,
@@ -353,6 +374,12 @@ def merge_curvatures(curvatures: list[KFACCurvature]) -> KFACCurvature:
         for c in curvatures
     ):
         raise ValueError("curvatures must come from one model with the same options")
+    if any(f.corrected_eigenvalues is not None
+           for c in curvatures for b in c.blocks for f in (b.factors or {}).values()):
+        raise ValueError(
+            "curvatures with corrected eigenvalues cannot be merged (each E belongs to its "
+            "own factors' eigenbasis): compute the correction on the whole batch"
+        )
     blocks = [_merge_blocks([c.blocks[i] for c in curvatures], first.normalisation)
               for i in range(len(first.blocks))]
     return dataclasses.replace(

@@ -80,6 +80,7 @@ __all__ = [
     "KroneckerFactors",
     "diagonal_factor",
     "diagonal_inverse_apply",
+    "eigenvalue_correction",
     "grad_factor",
     "input_factor",
     "kfac_block_matrix",
@@ -109,10 +110,14 @@ class KroneckerFactors:
         A; None for a block without inputs (a bias treated on its own), i.e. A = [1].
     grad_factor : array, shape (d_out, d_out), float64
         B.
+    corrected_eigenvalues : array, shape (d_out, d_in) or (d_out,), float64, or None
+        E of the eigenvalue-corrected block (George et al. 2018), set by
+        :func:`eigenvalue_correction`; None for the plain Kronecker product.
     """
 
     input_factor: Any
     grad_factor: Any
+    corrected_eigenvalues: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -295,14 +300,91 @@ def _checked_factors(factors: KroneckerFactors) -> tuple[Any, Any, Any]:
     return xp, b, a
 
 
-def kfac_block_matrix(factors: KroneckerFactors) -> Any:
-    r"""The dense block B (x) A, (d_out d_in, d_out d_in) float64, for row-major vec(W).
+def _kron(xp: Any, b: Any, a: Any) -> Any:
+    """b (x) a for the row-major vec: entry [i d_a + k, j d_a + l] = b[i, j] a[k, l]."""
+    (bo, bi), (ao, ai) = b.shape, a.shape
+    return xp.reshape(b[:, None, :, None] * a[None, :, None, :], (bo * ao, bi * ai))
 
-    Entry [i d_in + k, j d_in + l] = B[i, j] A[k, l]. The reference for small layers.
+
+def kfac_block_matrix(factors: KroneckerFactors) -> Any:
+    r"""The dense block, (d_out d_in, d_out d_in) float64, for row-major vec(W).
+
+    B (x) A (entry [i d_in + k, j d_in + l] = B[i, j] A[k, l]), or with corrected
+    eigenvalues (U (x) V) diag(vec E) (U (x) V)^T, B = U diag(beta) U^T, A = V diag(alpha) V^T.
+    The reference for small layers.
     """
     xp, b, a = _checked_factors(factors)
-    do, di = b.shape[0], a.shape[0]
-    return xp.reshape(b[:, None, :, None] * a[None, :, None, :], (do * di, do * di))
+    if factors.corrected_eigenvalues is None:
+        return _kron(xp, b, a)
+    q = _kron(xp, xp.linalg.eigh(b)[1], xp.linalg.eigh(a)[1])
+    e = xp.reshape(_checked_eigenvalues(xp, factors), (-1,))
+    return xp.matmul(q * e[None, :], xp.matrix_transpose(q))
+
+
+def _checked_eigenvalues(xp: Any, factors: KroneckerFactors) -> Any:
+    """E as float64 (d_out, d_in) ((d_out, 1) for a block without input factor)."""
+    e = factors.corrected_eigenvalues
+    name = "factors.corrected_eigenvalues"
+    namespace(**{name: e, "factors.grad_factor": factors.grad_factor})
+    if tuple(e.shape) != factors.shape:
+        raise ValueError(f"{name} has shape {tuple(e.shape)}, expected {factors.shape}")
+    check_floating(xp, e, name)
+    check_finite(xp, e, name)
+    e = xp.astype(e, xp.float64)
+    return e[:, None] if e.ndim == 1 else e
+
+
+def eigenvalue_correction(
+    factors: KroneckerFactors, layer_inputs: Any, output_grads: Any, *, weights: Any = None
+) -> KroneckerFactors:
+    r"""The eigenvalue-corrected block (EK-FAC, George et al. 2018; curvlinops' EKFAC).
+
+    .. math::
+        E = \sum_n w_n ig(U^	op G_n Vig)^{\odot 2}, \qquad
+        G_n = \sum_t b_{nt}^	op a_{nt} \ 	ext{(the per-sample gradient)}
+
+    with U, V the eigenvectors of B and A: the block keeps the Kronecker
+    eigenbasis and replaces its eigenvalues beta_i alpha_j by E_ij, the exact
+    second moments of the per-sample gradients in that basis (sum convention;
+    independent of A's normalisation). The weights and rows are the method's,
+    as for :func:`grad_factor`; with 1/s_n this is an eigenvalue-corrected ieKFAC.
+    E belongs to the eigenvectors ``eigh`` returns for these factors (recomputed
+    deterministically by :func:`kfac_inverse_apply`); do not average E across
+    different factors.
+
+    Parameters
+    ----------
+    factors : KroneckerFactors
+    layer_inputs : array, shape (N, T, d_in) or (N, d_in); ignored without input factor
+    output_grads : array, shape (N, T, d_out) or (N, d_out)
+    weights : array, shape (N,), optional
+
+    Returns
+    -------
+    KroneckerFactors with ``corrected_eigenvalues`` set.
+    """
+    xp, b_factor, a_factor = _checked_factors(factors)
+    _, b = _positions(output_grads, "output_grads")
+    y = xp.matmul(b, xp.linalg.eigh(b_factor)[1])
+    if factors.input_factor is None:
+        rotated = xp.sum(y, axis=1)
+    else:
+        _, a = _positions(layer_inputs, "layer_inputs")
+        if a.shape[:2] != b.shape[:2] or a.shape[2] != factors.shape[1]:
+            raise ValueError(
+                f"layer_inputs has shape {tuple(layer_inputs.shape)}, output_grads "
+                f"{tuple(output_grads.shape)} and the factors {factors.shape}: they disagree"
+            )
+        x = xp.matmul(a, xp.linalg.eigh(a_factor)[1])
+        rotated = xp.matmul(xp.matrix_transpose(y), x)
+    if weights is not None:
+        check_vector(xp, weights, "weights", b.shape[0], "output_grads", weights.dtype)
+        rotated = rotated * xp.reshape(
+            xp.sqrt(xp.astype(weights, xp.float64)), (-1,) + (1,) * (rotated.ndim - 1)
+        )
+    return KroneckerFactors(
+        factors.input_factor, factors.grad_factor, xp.sum(rotated * rotated, axis=0)
+    )
 
 
 def _pi_shifts(xp: Any, b: Any, a: Any, damping: float, has_input: bool) -> tuple[float, float]:
@@ -357,25 +439,28 @@ def kfac_inverse_apply(
     check_finite(xp, grad, "grad")
     beta, u = xp.linalg.eigh(b)
     alpha, v = xp.linalg.eigh(a)
-    if damped_inverse == "exact":
+    if factors.corrected_eigenvalues is not None:
+        if damped_inverse != "exact":
+            raise ValueError(
+                'damped_inverse must be "exact" for eigenvalue-corrected factors (E + lambda)'
+            )
+        denominator = _checked_eigenvalues(xp, factors) + damping
+    elif damped_inverse == "exact":
         denominator = beta[:, None] * alpha[None, :] + damping
     else:
         shift_b, shift_a = _pi_shifts(xp, b, a, damping, factors.input_factor is not None)
         denominator = (beta[:, None] + shift_b) * (alpha[None, :] + shift_a)
-    _check_nonsingular(xp, denominator, b, a, damping)
+    _check_nonsingular(xp, denominator, max(b.shape[0], a.shape[0]), damping)
     g = xp.reshape(xp.astype(grad, xp.float64), (b.shape[0], a.shape[0]))
     rotated = xp.matmul(xp.matrix_transpose(u), xp.matmul(g, v)) / denominator
     result = xp.matmul(u, xp.matmul(rotated, xp.matrix_transpose(v)))
     return xp.astype(xp.reshape(result, grad.shape), grad.dtype)
 
 
-def _check_nonsingular(xp: Any, denominator: Any, b: Any, a: Any, damping: float) -> None:
-    """Refuse eigenvalues of the damped block at or below float64 rounding of the factors."""
-    scale = float(xp.max(xp.abs(xp.linalg.diagonal(b)))) * float(
-        xp.max(xp.abs(xp.linalg.diagonal(a)))
-    )
+def _check_nonsingular(xp: Any, denominator: Any, size: int, damping: float) -> None:
+    """Refuse eigenvalues of the damped block at or below float64 rounding of the largest."""
     # eigh's eigenvalue errors are ~ d eps ||factor||; below that a zero cannot be told apart
-    tol = 2.0**-52 * max(b.shape[0], a.shape[0]) * (scale + damping)
+    tol = 2.0**-52 * size * float(xp.max(xp.abs(denominator)))
     smallest = float(xp.min(denominator))
     if not smallest > tol:
         raise SingularMatrixError(

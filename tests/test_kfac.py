@@ -181,6 +181,43 @@ def test_diagonal_fallback(backend) -> None:
     assert _relative(backend.to_numpy(result), v / (expected + 0.1)) <= 16 * EPS
 
 
+@pytest.mark.parametrize("layer", LAYERS[:2], ids=lambda c: c.name)
+@pytest.mark.parametrize("convention", K.CONVENTIONS)
+def test_eigenvalue_correction_is_the_kfe_diagonal(backend, layer: Layer, convention) -> None:
+    """E_ij = sum_n w_n (u_i^T G_n v_j)^2: the diagonal of Q^T F Q, F = sum_n w_n g_n g_n^T.
+
+    F from per-sample gradients G_n = sum_t outer(b_nt, a_nt) built by loops, Q = U (x) V from
+    NumPy's eigh (eigenvalues are distinct here, so Q is the backend's up to signs). The
+    corrected block then acts as Q diag(E) Q^T, and its damped inverse is a dense solve.
+    """
+    a, b, s = layer.arrays()
+    factors = _factors(backend, layer, convention, "iekfac")
+    corrected = K.eigenvalue_correction(
+        factors, backend.asarray(a), backend.asarray(b), weights=backend.asarray(1.0 / s)
+    )
+    grads = [sum(np.outer(b[n, t], a[n, t]) for t in range(layer.t)).ravel()
+             for n in range(layer.n)]
+    fisher = sum(g[:, None] * g[None, :] / s_n for g, s_n in zip(grads, s, strict=True))
+    u = np.linalg.eigh(backend.to_numpy(factors.grad_factor))[1]
+    v = np.linalg.eigh(backend.to_numpy(factors.input_factor))[1]
+    q = np.kron(u, v)
+    expected = np.diag(q.T @ fisher @ q).reshape(layer.d_out, layer.d_in)
+    # products of rotations of m = N T terms; the eigenvectors are exact to d eps / rel. gap
+    gaps = [np.diff(np.linalg.eigvalsh(backend.to_numpy(f))) for f in
+            (factors.grad_factor, factors.input_factor)]
+    spread = max(np.max(np.abs(np.linalg.eigvalsh(backend.to_numpy(f)))) / g.min()
+                 for f, g in zip((factors.grad_factor, factors.input_factor), gaps, strict=True))
+    tol = 64 * (layer.n * layer.t + layer.d_in + layer.d_out) * EPS * spread
+    got = backend.to_numpy(corrected.corrected_eigenvalues)
+    assert _relative(got, expected) <= tol
+    block = backend.to_numpy(K.kfac_block_matrix(corrected))
+    assert _relative(block, q @ np.diag(expected.ravel()) @ q.T) <= tol
+    g = np.random.default_rng(13).standard_normal((layer.d_out, layer.d_in))
+    solved, kappa = _damped_solve(block, g, 0.1)
+    result = backend.to_numpy(K.kfac_inverse_apply(corrected, backend.asarray(g), damping=0.1))
+    assert _relative(result, solved) <= 32 * g.size * EPS * kappa
+
+
 # ---- bad input: the exception type and the argument it names -----------------------------
 def _good(backend):
     return _factors(backend, LAYERS[0], "expand", "ekfac")
@@ -226,6 +263,16 @@ BAD_INPUT = [
     ("unknown damped inverse", lambda be: K.kfac_inverse_apply(
         _good(be), be.asarray(np.ones((3, 4))), damping=1.0, damped_inverse="x"),
      ValueError, "damped_inverse must be"),
+    ("pi with corrected eigenvalues", lambda be: K.kfac_inverse_apply(
+        K.KroneckerFactors(_good(be).input_factor, _good(be).grad_factor,
+                           be.asarray(np.ones((3, 4)))),
+        be.asarray(np.ones((3, 4))), damping=1.0, damped_inverse="pi"),
+     ValueError, 'damped_inverse must be "exact" for eigenvalue-corrected'),
+    ("corrected eigenvalues shape", lambda be: K.kfac_inverse_apply(
+        K.KroneckerFactors(_good(be).input_factor, _good(be).grad_factor,
+                           be.asarray(np.ones((4, 3)))),
+        be.asarray(np.ones((3, 4))), damping=1.0),
+     ValueError, "factors.corrected_eigenvalues has shape (4, 3)"),
     ("not factors", lambda be: K.kfac_inverse_apply(
         (1, 2), be.asarray(np.ones((3, 4))), damping=1.0), TypeError, "factors must be"),
 ]

@@ -267,3 +267,11 @@ def test_merged_micro_batches_equal_the_full_batch(convention: str, normalisatio
         torch.linalg.norm(full.grad)
     )
     assert merged.loss == pytest.approx(full.loss, rel=16 * 6 * EPS)
+
+
+def test_corrected_curvatures_are_not_merged() -> None:
+    model, x, y = _mlp()
+    parts = [kfac_curvature(model, CE, x[i:i + 8], y[i:i + 8], methods=("ekfac",),
+                            eigenvalue_correction=True) for i in (0, 8)]
+    with pytest.raises(ValueError, match=re.escape("corrected eigenvalues cannot be merged")):
+        merge_curvatures(parts)

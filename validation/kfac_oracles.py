@@ -19,6 +19,9 @@ Checks, per network x position convention x bias mode:
   with ``use_exact_damping=True``; ``inverse[pi]`` against
   ``use_heuristic_damping=True, min_damping=0`` (joint bias only: for a
   separate bias curvlinops shifts B by its layer's pi-damping, ngdref by lambda).
+- ``corrected``: with ``eigenvalue_correction=True`` (EK-FAC, George et al. 2018;
+  the same rows and weights, so an eigenvalue-corrected ieKFAC too) the block and
+  its exact damped inverse against ``EKFACLinearOperator``.
 - ``iekfac = iEF``: one ``nn.Linear`` without bias, N = 1, T = 1, where
   F_iEF = g g^T / s = (b b^T / s) (x) (a a^T) is itself a Kronecker product:
   ieKFAC with either normalisation (N T = 1) equals F_iEF, and its exact
@@ -30,7 +33,9 @@ back-propagated values, each with relative error <= a few d eps (d the widest
 layer), so factors agree to tol_f = 16 (m + d) eps; an applied inverse
 (K + lambda I)^-1 g amplifies that by the condition number kappa of the damped
 matrix (perturbation bound for linear systems), plus the eigensolver's backward
-error d eps kappa: tol_inv = kappa (tol_f + 16 d eps).
+error d eps kappa: tol_inv = kappa (tol_f + 16 d eps). The eigenvalue-corrected
+blocks depend on the factors' eigenvectors, accurate to eps ||factor|| / gap, so
+their two tolerances are multiplied by max ||factor|| / (smallest eigen-gap).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.kfac import kfac_curvature
+from backends.kfac import KFACCurvature, kfac_curvature
+from ngdref import kfac as K
 from validation.oracles import OracleCheck, unavailable
 
 __all__ = [
@@ -101,9 +107,10 @@ def _sequence() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def _cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(2)
     model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)
+        nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)
     ).double()
-    return model, torch.randn(5, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (5,))
+    # N = 10 >= d_in = 8 and no padding: under "reduce" A has full rank (_corrected_checks)
+    return model, torch.randn(10, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (10,))
 
 
 def _lora() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -220,7 +227,72 @@ def _variant_checks(
         )
         difference = _relative(mine, inverse @ curvature.grad)
         checks.append(OracleCheck(label, f"inverse[{form}] {name}", difference, tol_inv))
+    if fisher_type == "empirical" or rows == "type-2":
+        corrected = kfac_curvature(
+            model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,), kfac_fisher=rows,
+            convention=convention, bias=bias, key=3, eigenvalue_correction=True,
+        )
+        checks += _corrected_checks(
+            label, name, corrected, method,
+            (model, x, loss, targets, fisher_type, convention, bias), num_terms,
+        )
     return checks
+
+
+def _inverse_relative_gap(factors: K.KroneckerFactors) -> float:
+    """max over the two factors of ||factor|| / (smallest gap between its eigenvalues).
+
+    Eigenvalues equal to rounding (a null space: no row of the factor reaches into it,
+    so E is 0 there in every basis) count as one cluster.
+    """
+    worst = 1.0
+    for m in (factors.input_factor, factors.grad_factor):
+        if m is not None and m.shape[0] > 1:
+            eig = torch.linalg.eigvalsh(m)
+            scale = float(eig.abs().max())
+            gaps = torch.diff(eig)
+            gaps = gaps[gaps > 64 * m.shape[0] * EPS * scale]
+            if gaps.numel():
+                worst = max(worst, scale / float(gaps.min()))
+    return worst
+
+
+def _corrected_checks(
+    label: str,
+    name: str,
+    curvature: KFACCurvature,
+    method: str,
+    oracle_options: tuple[Any, ...],
+    num_terms: int,
+) -> list[OracleCheck]:
+    """The eigenvalue-corrected block and its exact inverse against EKFACLinearOperator.
+
+    EK-FAC is unique only where the factors' eigenvalues are: under "reduce" with weight
+    sharing the per-position inputs a_nt need not lie in the range of A (built from the
+    position means), so E in a degenerate null space of A depends on the basis eigh
+    picks. The problems here keep A and B of full rank wherever that matters.
+    """
+    from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator
+
+    model, x, loss, targets, fisher_type, convention, bias = oracle_options
+    operator = EKFACLinearOperator(
+        model, loss, [p for p in model.parameters() if p.requires_grad], [(x, targets)],
+        fisher_type=fisher_type, kfac_approx=convention,
+        separate_weight_and_bias=bias == "separate", check_deterministic=False,
+    )
+    dense = curvature.dense(method)
+    oracle = operator @ torch.eye(dense.shape[0], dtype=torch.float64)
+    # the eigenbasis is only as accurate as eps ||factor|| / (its smallest eigen-gap)
+    spread = max(_inverse_relative_gap(f) for b in curvature.blocks for f in b.factors.values())
+    tol_f, tol_inv = (tol * spread for tol in tolerances(dense, num_terms, DAMPING))
+    inverse = KFACInverseLinearOperator(operator, damping=DAMPING, use_exact_damping=True)
+    mine = curvature.inverse_apply(method, curvature.grad, damping=DAMPING)
+    label = label.replace("curvlinops", "curvlinops EKFAC")
+    return [
+        OracleCheck(label, f"corrected {name}", _relative(oracle, dense), tol_f),
+        OracleCheck(label, f"corrected inverse {name}",
+                    _relative(mine, inverse @ curvature.grad), tol_inv),
+    ]
 
 
 def iekfac_ief_check(damping: float = DAMPING) -> list[OracleCheck]:
