@@ -81,10 +81,11 @@ import pickle
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,22 @@ from torch import nn
 import ngdref
 from validation.experiments import data as data_mod
 from validation.experiments import metrics as metrics_mod
+from validation.experiments.checkpoints import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    CheckpointError,
+    CheckpointInfo,
+    ResumePoint,
+    atomic_write,
+    find_resume_state,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    read_metrics,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from validation.experiments.config import (
     PER_SAMPLE_OPTIMIZERS,
     ConfigError,
@@ -111,7 +128,9 @@ from validation.experiments.models import (
 __all__ = [
     "Batch",
     "Checkpoint",
+    "CheckpointError",
     "CheckpointInfo",
+    "ResumeWarning",
     "Setup",
     "Split",
     "TrainResult",
@@ -128,7 +147,6 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_FORMAT = 1
 IGNORE_INDEX = -100
 
 
@@ -746,146 +764,14 @@ def _augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 # =============================================================================================
-# Checkpoints
+# Run files
 # =============================================================================================
-class Checkpoint(NamedTuple):
-    """A checkpoint's trainable parameters (CPU tensors by name), step and epoch."""
-
-    params: dict[str, torch.Tensor]
-    step: int
-    epoch: int
-
-
-class CheckpointInfo(NamedTuple):
-    """One checkpoint file: ``name`` ("epoch-3", "best", "last"), path, step, epoch, kind."""
-
-    name: str
-    path: Path
-    step: int
-    epoch: int
-    kind: str
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _save(path: Path, obj: Mapping[str, Any]) -> None:
-    _atomic_write(path, lambda fh: torch.save(dict(obj), fh))
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The whole dictionary stored in a checkpoint file (this runner's own files).
-
-    Keys: ``format``, ``kind`` ("epoch", "best", "resume"), ``params``, ``step``, ``epoch``,
-    ``config``; resume checkpoints add the optimiser, RNG and data-order state.
-    """
-    # weights_only=False: the file holds numpy / python RNG states; it is this runner's own.
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of this runner")
-    return state
-
-
-def _checkpoint_path(run_dir: str | os.PathLike[str], which: str | int) -> Path:
-    folder = Path(run_dir) / "checkpoints"
-    if isinstance(which, int) and not isinstance(which, bool):
-        name = f"epoch-{which}"
-    else:
-        name = str(which)
-    path = folder / (name if name.endswith(".pt") else f"{name}.pt")
-    if not path.is_file():
-        known = [info.name for info in list_checkpoints(run_dir)]
-        raise FileNotFoundError(f"which: no checkpoint {name!r} in {str(folder)!r}; has {known}")
-    return path
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str], which: str | int) -> Checkpoint:
-    """Load a run's checkpoint.
-
-    Parameters
-    ----------
-    run_dir : path
-    which : str or int
-        "epoch-k" or k (the end of epoch k; 0 = the initial model), "best" (best validation
-        score) or "last" (the latest resumable state).
-
-    Returns
-    -------
-    Checkpoint
-        ``(params, step, epoch)``: params ``{name: CPU tensor}`` of the trainable parameters
-        (put them into a :func:`build_setup` model with :meth:`Setup.load_params`), the number
-        of steps taken and of completed epochs.
-    """
-    state = read_checkpoint(_checkpoint_path(run_dir, which))
-    return Checkpoint(state["params"], int(state["step"]), int(state["epoch"]))
-
-
-def list_checkpoints(
-    run_dir: str | os.PathLike[str], kind: str | None = None
-) -> list[CheckpointInfo]:
-    """The checkpoints of a run: epoch-0, epoch-1, ... (by epoch), then best, then last.
-
-    Parameters
-    ----------
-    run_dir : path
-    kind : {"epoch", "best", "resume"}, optional
-        Only checkpoints of this kind (``last.pt`` is "resume").
-    """
-    folder = Path(run_dir) / "checkpoints"
-    infos = []
-    for path in folder.glob("*.pt") if folder.is_dir() else []:
-        state = read_checkpoint(path)
-        infos.append(
-            CheckpointInfo(path.stem, path, int(state["step"]), int(state["epoch"]), state["kind"])
-        )
-    order = {"epoch": 0, "best": 1, "resume": 2}
-    infos.sort(key=lambda i: (order.get(i.kind, 3), i.epoch, i.step, i.name))
-    return [i for i in infos if kind is None or i.kind == kind]
-
-
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The resolved configuration a run was started with (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"run_dir: {str(path)!r} does not exist")
     return load_config(path)
-
-
-def read_metrics(run_dir: str | os.PathLike[str], kind: str | None = None) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (only those of ``kind`` if given)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in records if kind is None or r.get("kind") == kind]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        # the legacy global generator is saved because user code may draw from it
-        "numpy": np.random.get_state(),  # noqa: NPY002
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # =============================================================================================
@@ -920,6 +806,10 @@ class TrainResult:
     best: dict[str, Any]
     test: dict[str, Any] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run skipped a damaged checkpoint (the message names it and the one used)."""
 
 
 class _Stop(Exception):
@@ -976,53 +866,75 @@ class _Run:
             "config": self.config,
         }
 
-    def save_resume(self) -> None:
-        state = self._base("resume")
-        state.update(
-            optimizer=self.optimizer.state_dict(),
-            rng=_rng_state(),
-            position=self.position,
-            permutation=self.permutation,
-            best=self.best,
-            best_params=self.best_params,
-            last_eval_step=self.last_eval_step,
-            log_lines=self.log_lines,
-            finished=self.finished,
-            diverged=self.diverged,
-            elapsed=self.elapsed(),
-            total_steps=self.total,
-        )
-        _save(self.ckpt_dir / "last.pt", state)
+    def _resume_state(self) -> dict[str, Any]:
+        """Everything beyond the parameters that continues the run (weights-only types)."""
+        permutation = None if self.permutation is None else torch.from_numpy(self.permutation)
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "position": self.position,
+            "permutation": permutation,
+            "best": self.best,
+            "best_params": self.best_params,
+            "last_eval_step": self.last_eval_step,
+            "log_lines": self.log_lines,
+            "finished": self.finished,
+            "diverged": self.diverged,
+            "elapsed": self.elapsed(),
+            "total_steps": self.total,
+        }
 
-    def restore(self) -> None:
-        state = read_checkpoint(self.ckpt_dir / "last.pt")
-        if state["total_steps"] != self.total:
-            raise ValueError(
-                f"checkpoint: last.pt was written for {state['total_steps']} total steps, this "
-                f"configuration has {self.total}"
+    def save_resume(self, kind: str = "resume") -> None:
+        """``last.pt`` (kind "resume") or, at an epoch end, ``epoch-k.pt`` (kind "epoch")."""
+        state = {**self._base(kind), "resume": self._resume_state()}
+        name = "last.pt" if kind == "resume" else f"epoch-{self.epoch}.pt"
+        save_checkpoint(self.ckpt_dir / name, state)
+
+    def restore(self, point: ResumePoint) -> None:
+        """Continue from ``point``; every check runs before any file is changed."""
+        path, state = point.path, point.state
+        changed = config_diff(state["config"], self.config)
+        if changed:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} was written with a configuration that "
+                f"differs in {changed}; it belongs to another run"
             )
-        self.setup.load_params(state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        resume = state["resume"]
+        if resume["total_steps"] != self.total:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} was written for {resume['total_steps']} total "
+                f"steps, this configuration (and its data) has {self.total}"
+            )
+        try:
+            self.setup.load_params(state["params"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} does not fit the model or optimiser of this "
+                f"configuration: {exc}"
+            ) from exc
+        records = _log_prefix(self.log_path, int(resume["log_lines"]), path)
+        for damaged, reason in point.skipped:
+            aside = _move_aside(damaged)
+            warnings.warn(
+                f"{reason}; moved it to {aside.name!r} and resumed from {path.name!r} "
+                f"(step {int(state['step'])})",
+                ResumeWarning,
+                stacklevel=3,
+            )
+        restore_rng_state(resume["rng"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.position = int(state["position"])
-        self.permutation = state["permutation"]
-        self.best, self.best_params = state["best"], state["best_params"]
-        self.last_eval_step = int(state["last_eval_step"])
-        self.finished, self.diverged = bool(state["finished"]), bool(state["diverged"])
-        self.elapsed_before = float(state["elapsed"])
+        self.position = int(resume["position"])
+        perm = resume["permutation"]
+        self.permutation = None if perm is None else perm.numpy()
+        self.best, self.best_params = resume["best"], resume["best_params"]
+        self.last_eval_step = int(resume["last_eval_step"])
+        self.finished, self.diverged = bool(resume["finished"]), bool(resume["diverged"])
+        self.elapsed_before = float(resume["elapsed"])
         self.started = time.perf_counter()
         # keep the log lines written before the checkpoint: the later ones are written again
-        self.log_lines = int(state["log_lines"])
-        with self.log_path.open(encoding="utf-8") as fh:
-            lines = fh.readlines()
-        if len(lines) < self.log_lines:
-            raise ValueError(
-                f"metrics.jsonl has {len(lines)} lines but last.pt was written after "
-                f"{self.log_lines}: the log does not belong to this checkpoint"
-            )
-        text = "".join(lines[: self.log_lines])
-        _atomic_write(self.log_path, lambda fh: fh.write(text), mode="w")
+        self.log_lines = int(resume["log_lines"])
+        atomic_write(self.log_path, lambda fh: fh.write(records), mode="w")
 
     # ---- one step ---------------------------------------------------------------------------
     def take_step(self, batch: Batch) -> dict[str, Any]:
@@ -1064,7 +976,7 @@ class _Run:
             self.best_params = self.setup.params()
             best = self._base("best")
             best["metrics"] = metrics
-            _save(self.ckpt_dir / "best.pt", best)
+            save_checkpoint(self.ckpt_dir / "best.pt", best)
         self.last_eval_step = self.step
         self.log(
             {
@@ -1126,8 +1038,7 @@ class _Run:
                     self.permutation = None
                     if eval_every == "epoch":
                         self.validate()
-                    lean = self._base("epoch")
-                    _save(self.ckpt_dir / f"epoch-{self.epoch}.pt", lean)
+                    self.save_resume("epoch")
                     self.save_resume()
         finally:
             bar.close()
@@ -1172,7 +1083,7 @@ class _Run:
             "test": results,
         }
         text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
-        _atomic_write(self.run_dir / "results.json", lambda fh: fh.write(text), mode="w")
+        atomic_write(self.run_dir / "results.json", lambda fh: fh.write(text), mode="w")
         return results
 
 
@@ -1186,11 +1097,94 @@ def _progress_bar(total: int, initial: int, enabled: bool, config: Mapping[str, 
     )
 
 
+def _has_run(run: Path) -> bool:
+    """Whether ``run`` holds anything a fresh start would lose."""
+    log = run / "metrics.jsonl"
+    ckpts = run / "checkpoints"
+    return (
+        (run / "config.json").exists()
+        or (log.exists() and log.stat().st_size > 0)
+        or (ckpts.is_dir() and any(ckpts.glob("*.pt")))
+    )
+
+
+def _stored_config(path: Path) -> dict[str, Any]:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"resume: {str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"resume: {str(path)!r} does not hold a configuration object")
+    return stored
+
+
+def _resume_point(
+    run: Path, config: Mapping[str, Any], start_if_missing: bool
+) -> ResumePoint | None:
+    """The checkpoint to resume from, or None to start afresh (only with start_if_missing)."""
+    if not _has_run(run):
+        if start_if_missing:
+            return None
+        what = "does not exist" if not run.exists() else "holds no run"
+        raise FileNotFoundError(
+            f"run_dir {str(run)!r} {what}: nothing to resume (use resume_or_start / "
+            "--resume-or-start to start a new run there if it is empty)"
+        )
+    stored = run / "config.json"
+    if not stored.is_file():
+        raise FileNotFoundError(
+            f"resume: {str(stored)!r} does not exist; run_dir {str(run)!r} is not a complete run"
+        )
+    changed = config_diff(_stored_config(stored), dict(config))
+    if changed:
+        raise ConfigError(
+            f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "
+            "with the stored configuration or start a new run directory"
+        )
+    return find_resume_state(run / "checkpoints")
+
+
+def _log_prefix(log_path: Path, lines: int, checkpoint: Path) -> str:
+    """The first ``lines`` lines of the run's log, each checked to be a JSON object."""
+    if not log_path.is_file():
+        raise CheckpointError(
+            f"resume: {str(log_path)!r} does not exist but {checkpoint.name!r} was written after "
+            f"{lines} log lines"
+        )
+    with log_path.open(encoding="utf-8") as fh:
+        kept = [line for _, line in zip(range(lines), fh, strict=False)]
+    if len(kept) < lines or (kept and not kept[-1].endswith("\n")):
+        raise CheckpointError(
+            f"resume: {str(log_path)!r} has {len(kept)} complete lines but {checkpoint.name!r} "
+            f"was written after {lines}: the log does not belong to this checkpoint"
+        )
+    for lineno, line in enumerate(kept, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(
+                f"resume: {str(log_path)!r}, line {lineno} is not valid JSON ({exc.msg})"
+            ) from None
+    return "".join(kept)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged-2``, ...) instead of losing it."""
+    aside = path.with_name(f"{path.name}.damaged")
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = path.with_name(f"{path.name}.damaged-{k}")
+    os.replace(path, aside)
+    return aside
+
+
 def train(
     config: Mapping[str, Any],
     run_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
+    resume_or_start: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     stop_after: int | None = None,
@@ -1207,8 +1201,14 @@ def train(
         Where the run's files go (module docstring). Without ``resume`` it must not hold a run
         already.
     resume : bool
-        Continue from ``run_dir/checkpoints/last.pt`` (started afresh when there is none). The
-        configuration must equal the stored ``config.json``.
+        Continue the run in ``run_dir`` from its newest intact checkpoint: ``last.pt``, or,
+        when that is damaged, the newest readable ``epoch-k.pt`` (a :class:`ResumeWarning` says
+        so and the damaged file is renamed ``*.damaged``, not overwritten). The configuration
+        must equal the stored ``config.json`` and the checkpoint's own. It never starts from
+        zero: a missing or empty ``run_dir`` is an error.
+    resume_or_start : bool
+        As ``resume``, but start a new run when ``run_dir`` is missing or holds nothing (no
+        ``config.json``, checkpoint or log lines).
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
     progress : bool, optional
@@ -1228,23 +1228,22 @@ def train(
     Raises
     ------
     FileExistsError
-        ``run_dir`` holds a run and ``resume`` is False.
+        ``run_dir`` holds a run and neither ``resume`` nor ``resume_or_start`` is set.
+    FileNotFoundError
+        ``resume`` on a missing or empty ``run_dir``, or one without checkpoints.
     ConfigError
-        ``resume`` with a configuration that differs from the stored one (the keys are named).
+        Resuming with a configuration that differs from the stored one (the keys are named).
+    CheckpointError
+        Resuming when no checkpoint is intact, or the newest intact one belongs to another
+        configuration or model, or the log is shorter than the checkpoint's. No file is
+        changed when resuming fails.
     """
     config = dict(config)
     run = Path(run_dir)
-    stored = run / "config.json"
-    last = run / "checkpoints" / "last.pt"
-    if resume and stored.is_file():
-        previous = json.loads(stored.read_text(encoding="utf-8"))
-        changed = config_diff(previous, config)
-        if changed:
-            raise ConfigError(
-                f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "
-                "with the stored configuration or start a new run directory"
-            )
-    elif not resume and (stored.exists() or (run / "metrics.jsonl").exists()):
+    point = None
+    if resume or resume_or_start:
+        point = _resume_point(run, config, start_if_missing=resume_or_start)
+    elif _has_run(run):
         raise FileExistsError(
             f"run_dir {str(run)!r} already holds a run; pass resume=True (--resume) to "
             "continue it or choose another directory"
@@ -1257,14 +1256,14 @@ def train(
     if setup is None:
         setup = build_setup(config, device)
     state = _Run(setup, run, progress)
-    run.mkdir(parents=True, exist_ok=True)
-    if resume and last.is_file():
-        state.restore()
+    if point is not None:
+        state.restore(point)
     else:
+        run.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, indent=2) + "\n"
-        _atomic_write(stored, lambda fh: fh.write(text), mode="w")
-        _atomic_write(state.log_path, lambda fh: fh.write(""), mode="w")
-        _save(state.ckpt_dir / "epoch-0.pt", state._base("epoch"))
+        atomic_write(run / "config.json", lambda fh: fh.write(text), mode="w")
+        atomic_write(state.log_path, lambda fh: fh.write(""), mode="w")
+        state.save_resume("epoch")
     try:
         if not state.finished:
             state.run(stop_after, callback)
