@@ -6,7 +6,8 @@ Commands
     Train one configuration (SETUP: t5-lora, t5-prompt, vit-lora, mlp, mlp-cifar10, or a JSON
     file such as a run's ``config.json``). ``--task``, ``--optimizer``, ``--seed``,
     ``--epochs``, ``--max-steps`` and repeated ``--set key=value`` override the defaults;
-    ``--out`` is the run directory, ``--resume`` continues it.
+    ``--out`` is the run directory, ``--resume`` continues it (an error when there is nothing
+    to continue), ``--resume-or-start`` continues it or starts it when it is missing or empty.
 ``config SETUP``
     Print the resolved configuration (same options), without running anything.
 ``checkpoints RUN_DIR``
@@ -91,7 +92,10 @@ def _run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run_dir = Path(args.out) if args.out else _default_run_dir(config)
     progress = None if args.progress == "auto" else args.progress == "on"
-    result = train(config, run_dir, resume=args.resume, device=args.device, progress=progress)
+    result = train(
+        config, run_dir, resume=args.resume, resume_or_start=args.resume_or_start,
+        device=args.device, progress=progress,
+    )
     summary = {
         "run_dir": str(result.run_dir),
         "steps": result.step,
@@ -109,7 +113,15 @@ def register_train(subparsers: Any) -> None:
     parser = subparsers.add_parser("train", help="train one configuration")
     _add_config_arguments(parser)
     parser.add_argument("--out", help="run directory (default runs/SETUP/TASK/OPTIMIZER/seedN)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its newest intact checkpoint (error if none)",
+    )
+    resume.add_argument(
+        "--resume-or-start", action="store_true",
+        help="as --resume, but start a new run when --out is missing or empty",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0")
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
@@ -172,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; config, file and model-loading errors exit with 2."""
+    from validation.experiments.checkpoints import CheckpointError
     from validation.experiments.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, OSError) as exc:  # bad config, existing run, missing files or model
+    except (ConfigError, CheckpointError, OSError) as exc:  # config, run files, data, model
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

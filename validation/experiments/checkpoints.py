@@ -335,6 +335,9 @@ def find_resume_state(ckpt_dir: Path) -> ResumePoint:
             f"resume: {str(ckpt_dir)!r} holds no checkpoint (last.pt or epoch-k.pt) to resume"
         )
     skipped: list[tuple[Path, str]] = []
+    last = ckpt_dir / "last.pt"
+    if not last.is_file():
+        skipped.append((last, f"checkpoint {str(last)!r} is missing"))
     for path in candidates:
         try:
             state = read_checkpoint(path)

@@ -33,28 +33,40 @@ Run directory
     config.json             the resolved configuration
     metrics.jsonl           one JSON object per line (see below)
     results.json            best validation and test metrics, written at the end
-    checkpoints/epoch-0.pt  the initial model; epoch-k.pt at the end of epoch k (parameters)
+    checkpoints/epoch-0.pt  the initial model; epoch-k.pt at the end of epoch k (parameters
+                            and the full resume state)
     checkpoints/best.pt     the best-validation parameters so far
     checkpoints/last.pt     the full resumable state (every train.checkpoint_every steps, at
                             each epoch end and at the end)
 
-Every file is written atomically (a temporary file, then ``os.replace``). ``metrics.jsonl``
-lines have ``kind`` "train" (``step`` = steps taken, ``epoch`` = fractional epochs,
-``loss`` = the batch's mean loss before the update, ``lr``, and for the per-sample optimisers
-their diagnostics: ``update_norm``, ``grad_norm_imbalance``, ``residual``, ``kept``,
-``damping``), "validation" (the task's metrics, ``loss``, ``score`` = the selection score,
-``best``), "test" (the best checkpoint's test metrics) or "diverged"; every line has ``time``,
-the wall seconds of the run so far (the only field that differs between identical runs).
+Checkpoints load with ``torch.load(weights_only=True)`` (their format:
+:mod:`validation.experiments.checkpoints`). Every file is written atomically (a temporary file,
+then ``os.replace``). ``metrics.jsonl`` lines have ``kind`` "train" (``step`` = steps taken,
+``epoch`` = fractional epochs, ``loss`` = the batch's mean loss before the update, ``lr``, and
+for the per-sample optimisers their diagnostics: ``update_norm``, ``grad_norm_imbalance``,
+``residual``, ``kept``, ``damping``), "validation" (the task's metrics, ``loss``, ``score`` =
+the selection score, ``best``), "test" (the best checkpoint's test metrics) or "diverged"; every
+line has ``time``, the wall seconds of the run so far (the only field that differs between
+identical runs).
 
 Resuming
 --------
-``train(..., resume=True)`` restores ``last.pt``: the trainable parameters, the optimiser
+``train(..., resume=True)`` (``--resume``) restores the newest intact checkpoint: ``last.pt``,
+or, when it is missing, truncated, damaged or foreign, the newest readable ``epoch-k.pt``; a
+:class:`ResumeWarning` names the file skipped and the one used, and the damaged file is renamed
+``last.pt.damaged`` rather than overwritten. It restores the trainable parameters, the optimiser
 state, the torch / numpy / python RNG states, the data order (the epoch's permutation and the
 position in it), step, epoch, best-so-far and elapsed time, and truncates ``metrics.jsonl`` to
 the lines up to that step. The data order and the CIFAR augmentation draws are functions of
 (seed, epoch, step) and SF's label draws of (seed, step), so a killed and resumed run takes the
 same steps, reaches the same parameters bitwise and writes the same log (``time`` aside) as an
 uninterrupted one.
+
+It never starts from zero: a missing or empty run directory, or one without any checkpoint, is
+an error (``resume_or_start=True`` / ``--resume-or-start`` starts a new run when the directory
+is missing or empty). A configuration different from ``config.json``, a checkpoint of another
+configuration or model, or a log shorter than the checkpoint's is an error too, and a failed
+resume changes no file.
 
 Evaluation framework API
 ------------------------
@@ -915,10 +927,9 @@ class _Run:
             ) from exc
         records = _log_prefix(self.log_path, int(resume["log_lines"]), path)
         for damaged, reason in point.skipped:
-            aside = _move_aside(damaged)
+            moved = f"; moved it to {_move_aside(damaged).name!r}" if damaged.exists() else ""
             warnings.warn(
-                f"{reason}; moved it to {aside.name!r} and resumed from {path.name!r} "
-                f"(step {int(state['step'])})",
+                f"{reason}{moved}; resumed from {path.name!r} (step {int(state['step'])})",
                 ResumeWarning,
                 stacklevel=3,
             )
