@@ -340,6 +340,34 @@ def test_tsv_errors_name_the_argument(glue_dir: Path, tmp_path: Path) -> None:
         load_glue("qnli", "test", source=glue_dir)
 
 
+@pytest.mark.parametrize("header_only", [True, False])
+def test_tsv_without_data_rows_is_an_error_naming_the_file(
+    glue_dir: Path, header_only: bool
+) -> None:
+    """A header-only (or empty) train file must not become an empty split with a confusing
+    error later (the held-out draw used to fail with 'validation_size must be in [1, -1]')."""
+    _write(glue_dir / "RTE" / "train.tsv",
+           ["index\tsentence1\tsentence2\tlabel"] if header_only else [])
+    match = r"data\.source: .*RTE.train\.tsv " + ("has a header but no data rows" if header_only
+                                                  else "is empty")
+    with pytest.raises(ValueError, match=match):
+        load_glue("rte", "train", source=glue_dir)
+
+
+def test_hub_failure_names_data_source_and_the_offline_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def load_dataset(path: str, name: str | None = None, *, split: str) -> Any:
+        raise ConnectionError(f"Couldn't reach {path!r} on the Hub (OfflineModeIsEnabled)")
+
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    with pytest.raises(OSError, match=r"data\.source='hub': cannot load 'nyu-mll/glue' \(rte, "
+                       r"train\).*OfflineModeIsEnabled.*set data\.source to the glue_data/"):
+        load_glue("rte", "train", source="hub")
+
+
 # ------------------------------------------------------------------------------------------
 # GLUE from the hub (a stand-in for the `datasets` module, and the real one on local files)
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ def test_logged_metrics_of_a_constant_predictor_match_hand_computation(tmp_path:
     config = load_config(
         "mlp",
         ["optimizer=sgd", "optim.lr=0.0", "train.max_steps=1", "train.batch_size=16",
-         "model.hidden_sizes=[4]", "seed=3"],
+         "model.hidden_sizes=[4]", "model.dtype=float64", "seed=3"],
     )
     setup = build_setup(config, "cpu")
     bias = torch.tensor([0.0, 0.5, 0.0, 2.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
@@ -607,6 +608,62 @@ def test_cli_resume_errors_name_the_directory(
     assert main(argv(run, "--resume")) == 2
     assert "last.pt" in capsys.readouterr().err
     assert main(argv(missing, "--resume-or-start")) == 0
+
+
+# ---- model and data sources: errors that name the key -------------------------------------
+@pytest.mark.parametrize("setup", ["t5-lora", "t5-prompt", "vit-lora"])
+@pytest.mark.parametrize("name", ["/nonexistent/path", "./no/such/dir", "~/no-such-model-dir"])
+def test_model_name_that_is_a_missing_directory(setup: str, name: str) -> None:
+    config = load_config(setup, [f"model.name={name}"])
+    with pytest.raises(FileNotFoundError, match=rf"model\.name='{re.escape(name)}': no such "
+                       "directory"):
+        build_setup(config, "cpu")
+
+
+def test_offline_tokenizer_failure_names_model_name_and_the_choices() -> None:
+    """Offline, an uncached hub name gives a placeholder vocabulary (transformers 5) or an
+    error; either way the message names the key and what to do instead."""
+    config = load_config("t5-lora", ["task=rte", "model.name=ngdref-test/no-such-t5"])
+    with pytest.raises(OSError, match=r"model\.name='ngdref-test/no-such-t5'.*"
+                       r"local directory.*'tiny'"):
+        build_setup(config, "cpu")
+    config = load_config("t5-lora", ["model.tokenizer=ngdref-test/no-such-t5"])
+    with pytest.raises(OSError, match=r"model\.tokenizer='ngdref-test/no-such-t5'"):
+        build_setup(config, "cpu")
+
+
+@pytest.mark.parametrize("setup", ["t5-lora", "t5-prompt", "vit-lora", "mlp", "mlp-cifar10"])
+def test_the_override_example_of_messages_and_help_is_a_key_of_every_setup(setup: str) -> None:
+    from validation.experiments.__main__ import build_parser
+    from validation.experiments.config import OVERRIDE_EXAMPLE
+
+    with pytest.raises(ConfigError, match=re.escape(OVERRIDE_EXAMPLE)):
+        parse_override("train.batch_size")
+    _, value = parse_override(OVERRIDE_EXAMPLE)
+    assert load_config(setup, [OVERRIDE_EXAMPLE])["train"]["batch_size"] == value
+    assert OVERRIDE_EXAMPLE in build_parser()._subparsers._group_actions[0].choices[
+        "train"].format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_mlp_config_is_the_readme_digits_setup() -> None:
+    """README: MLP 64-128-128-10 on digits, batch 64, 20 epochs, x0.1 step after a quarter."""
+    config = load_config("mlp")
+    assert (config["task"], config["model"]["input_dim"], config["model"]["hidden_sizes"],
+            config["model"]["num_classes"]) == ("digits", 64, [128, 128], 10)
+    assert (config["train"]["batch_size"], config["train"]["epochs"]) == (64, 20)
+    for name in ("adam", "sgd"):
+        opt = config["optimizers"][name]
+        assert (opt["schedule"], opt["milestones"], opt["gamma"]) == ("step", [5], 0.1)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "MLP 64-128-128-10, batch 64, 20 epochs" in readme
+
+
+@pytest.mark.parametrize("setup", ["t5-lora", "t5-prompt", "vit-lora", "mlp", "mlp-cifar10"])
+def test_training_configs_filter_duplicates_at_0_99(setup: str) -> None:
+    """The team convention: 0.99 in the optimisers and training configs (0.95 in evaluation)."""
+    optimizers = default_config(setup)["optimizers"]
+    assert {n: optimizers[n]["dedup_threshold"] for n in ("ief", "ef")} == {"ief": 0.99,
+                                                                           "ef": 0.99}
 
 
 # ---- the paper's models: trainable parameter counts (meta device, no weights) -----------------

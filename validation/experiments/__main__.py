@@ -39,6 +39,8 @@ __all__ = ["COMMANDS", "build_parser", "config_from_args", "main"]
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by every command that builds a configuration."""
+    from validation.experiments.config import OVERRIDE_EXAMPLE
+
     parser.add_argument(
         "setup",
         help="t5-lora, t5-prompt, vit-lora, mlp, mlp-cifar10, or a JSON config file",
@@ -56,8 +58,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. optimizers.ief.lr=50, data.label_set=coarse, "
-        "model.name=tiny; 'optim.KEY' is the selected optimizer's section (repeatable)",
+        help=f"override a config key, e.g. {OVERRIDE_EXAMPLE} or optim.lr=50 ('optim.KEY' is "
+        "the selected optimizer's section); `config SETUP` prints every key (repeatable)",
     )
 
 

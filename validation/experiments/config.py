@@ -33,6 +33,7 @@ from typing import Any
 __all__ = [
     "BASELINE_OPTIMIZERS",
     "CONFIG_DIR",
+    "OVERRIDE_EXAMPLE",
     "PER_SAMPLE_OPTIMIZERS",
     "SETUPS",
     "ConfigError",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: the example override of error messages and ``--help`` (a key of every setup; tested)
+OVERRIDE_EXAMPLE = "train.batch_size=16"
 
 #: setup name -> the task names it accepts
 SETUPS: dict[str, tuple[str, ...]] = {
@@ -122,7 +126,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         If there is no ``=`` or the key is empty.
     """
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"override {text!r} must have the form key=value (e.g. train.seed=1)")
+        raise ConfigError(
+            f"override {text!r} must have the form key=value (e.g. {OVERRIDE_EXAMPLE})"
+        )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):

@@ -399,13 +399,13 @@ def _read_tsv(task: GlueTask, path: Path, part: str) -> list[_Row]:
         try:
             _, header = next(lines)
         except StopIteration:
-            raise ValueError(f"source: {path} is empty") from None
+            raise ValueError(f"data.source: {path} is empty") from None
     text_columns = layout.text_columns if labelled else layout.test_text_columns
     wanted = (*text_columns, layout.label_column) if labelled else text_columns
     missing = [c for c in wanted if c not in header]
     if missing:
         raise ValueError(
-            f"source: {path} has no column(s) {missing} (header {header}); is it GLUE's "
+            f"data.source: {path} has no column(s) {missing} (header {header}); is it GLUE's "
             f"{task.display_name} {part} file?"
         )
     positions = [header.index(c) for c in wanted]
@@ -414,7 +414,7 @@ def _read_tsv(task: GlueTask, path: Path, part: str) -> list[_Row]:
     for lineno, fields in lines:
         if len(fields) < width:
             raise ValueError(
-                f"source: {path}, line {lineno} has {len(fields)} tab-separated fields, "
+                f"data.source: {path}, line {lineno} has {len(fields)} tab-separated fields, "
                 f"expected at least {width}"
             )
         values = [fields[p] for p in positions]
@@ -424,13 +424,18 @@ def _read_tsv(task: GlueTask, path: Path, part: str) -> list[_Row]:
                 continue
             if raw_label not in layout.label_map:
                 raise ValueError(
-                    f"source: {path}, line {lineno} has label {raw_label!r}, expected one of "
+                    f"data.source: {path}, line {lineno} has label {raw_label!r}, expected one of "
                     f"{sorted(layout.label_map)}"
                 )
             label = layout.label_map[raw_label]
         else:
             label = -1
         rows.append((tuple(values), label, len(rows)))
+    if not rows:
+        raise ValueError(
+            f"data.source: {path} has a header but no data rows; is it a complete copy of GLUE's "
+            f"{task.display_name} {part} file?"
+        )
     return rows
 
 
@@ -441,7 +446,7 @@ def _tsv_task_dir(task: GlueTask, source: str | os.PathLike[str]) -> Path:
     if root.is_dir() and root.name.lower() == task.display_name.lower():
         return root
     raise FileNotFoundError(
-        f"source: no folder {task.display_name}/ in {str(root)!r} (expected GLUE's original "
+        f"data.source: no folder {task.display_name}/ in {str(root)!r} (expected GLUE's original "
         f"distribution, e.g. glue_data/ holding CoLA/, SST-2/, ...)"
     )
 
@@ -454,12 +459,21 @@ def _hub_rows(task: GlueTask, part: str, hub_id: str) -> list[_Row]:
             "source='hub' needs the `datasets` package: pip install datasets "
             "(or ngdref[experiments])"
         ) from exc
-    table = datasets.load_dataset(hub_id, task.name, split=_HUB_SPLIT[part])
+    try:
+        table = datasets.load_dataset(hub_id, task.name, split=_HUB_SPLIT[part])
+    except Exception as exc:  # offline, not cached, renamed: datasets raises many types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise OSError(
+            f"data.source='hub': cannot load {hub_id!r} ({task.name}, {part}): "
+            f"{type(exc).__name__}: {first}. Offline (HF_DATASETS_OFFLINE=1) the hub serves only "
+            "its local cache: set data.source to the glue_data/ directory of GLUE's original TSV "
+            "files (--set data.source=/path/to/glue_data), or allow the network once"
+        ) from exc
     rows: list[_Row] = []
     for n, record in enumerate(table):
         label = int(record["label"])
         if not -1 <= label < task.num_labels:
-            raise ValueError(f"source: hub row {n} of {task.name}/{part} has label {label}")
+            raise ValueError(f"data.source: hub row {n} of {task.name}/{part} has label {label}")
         texts = tuple(str(record[c]) for c in task.hub_columns)
         rows.append((texts, label, n))
     return rows
@@ -472,7 +486,7 @@ def _read_part(
         return _hub_rows(task, part, hub_id)
     path = _tsv_task_dir(task, source) / f"{part}.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"source: {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data.source: {str(path)!r} does not exist")
     return _read_tsv(task, path, part)
 
 
@@ -791,7 +805,7 @@ class LabelledSplit:
 
 def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"source: {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data.source: {str(path)!r} does not exist")
     with path.open("rb") as fh:
         # The files were written by Python 2's cPickle: keys are byte strings.
         raw = pickle.load(fh, encoding="bytes")
@@ -804,7 +818,7 @@ def _cifar_dir(source: str | os.PathLike[str]) -> Path:
         return root / "cifar-100-python"
     if root.is_dir():
         return root
-    raise FileNotFoundError(f"source: {str(root)!r} is not a directory")
+    raise FileNotFoundError(f"data.source: {str(root)!r} is not a directory")
 
 
 def _cifar_pickle(
@@ -820,10 +834,10 @@ def _cifar_pickle(
     ):
         missing = [k for k in wanted if k not in table]
         if missing:
-            raise ValueError(f"source: {path} has no key(s) {missing}")
+            raise ValueError(f"data.source: {path} has no key(s) {missing}")
     pixels = np.asarray(data["data"], dtype=np.uint8)
     if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"source: {folder / split_file} data has shape {pixels.shape}, "
+        raise ValueError(f"data.source: {folder / split_file} data has shape {pixels.shape}, "
                          "expected (N, 3072)")
     images = pixels.reshape(-1, 3, 32, 32)  # channel-major rows: 1024 R, then G, then B
     labels = np.asarray(data[key], dtype=np.int64)
@@ -905,7 +919,7 @@ def load_cifar100(
     else:
         images, labels, names = _cifar_pickle(source_split, label_set, source)
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"source: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise ValueError(f"data.source: {images.shape[0]} images but {labels.shape[0]} labels")
     if split != "test":
         n = labels.shape[0]
         n_val = round(validation_fraction * n)

@@ -34,6 +34,7 @@ evaluation runs in eval mode (SPEC §3).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "build_mlp",
     "build_t5",
     "build_vit",
+    "check_model_name",
     "count_trainable",
     "load_t5_tokenizer",
     "torch_dtype",
@@ -80,7 +82,62 @@ def load_t5_tokenizer(model_cfg: Mapping[str, Any]) -> Any:
 
     if model_cfg["name"] == TINY and model_cfg.get("tokenizer") in (None, TINY):
         return tiny_t5_tokenizer()
-    return load_tokenizer(model_cfg.get("tokenizer") or model_cfg["name"])
+    key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name"
+    name = model_cfg.get("tokenizer") or model_cfg["name"]
+    check_model_name(key, name)
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"{key}={name!r}: cannot load its T5 tokenizer: {exc}. {_OFFLINE_CHOICES}"
+        ) from exc
+
+
+#: what to do when a hub model is not available (offline, or not in the cache)
+_OFFLINE_CHOICES = (
+    "Offline (HF_HUB_OFFLINE=1) a hub name loads only from the local cache: set model.name to "
+    "a local directory written by save_pretrained (--set model.name=/path/to/t5-base), to "
+    "'tiny' (a small random model for smoke tests, no download), or allow the network to "
+    "download it once"
+)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else (absolute, ./, ~, a/b/c) is a path."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.exists(name)
+    )
+
+
+def check_model_name(key: str, name: str) -> None:
+    """Refuse a ``model.name`` that is a path to no directory (before the hub is asked).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``name`` looks like a path (absolute, ``./``, ``~``, more than one ``/``) and is not a
+        directory; the message names ``key``.
+    """
+    if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"{key}={name!r}: no such directory (a local model must be a directory written by "
+            "save_pretrained; a hub name has the form 'name' or 'org/name')"
+        )
+
+
+def _from_pretrained(cls: Any, name: str) -> nn.Module:
+    """``cls.from_pretrained(name, attn_implementation="eager")`` with errors naming model.name."""
+    check_model_name("model.name", name)
+    try:
+        return cls.from_pretrained(os.path.expanduser(name), attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"model.name={name!r}: cannot load the model: {exc}. {_OFFLINE_CHOICES}"
+        ) from exc
 
 
 # ---- T5 --------------------------------------------------------------------------------------
@@ -148,9 +205,7 @@ def build_t5(
     if model_cfg["name"] == TINY:
         base = _tiny_t5(model_cfg["tiny"], len(tokenizer))
     else:
-        base = transformers.T5ForConditionalGeneration.from_pretrained(
-            model_cfg["name"], attn_implementation="eager"
-        )
+        base = _from_pretrained(transformers.T5ForConditionalGeneration, model_cfg["name"])
     torch.manual_seed(seed)
     kind = peft_cfg["type"]
     if kind == "lora":
@@ -230,9 +285,7 @@ def build_vit(model_cfg: Mapping[str, Any], peft_cfg: Mapping[str, Any], *, seed
     if model_cfg["name"] == TINY:
         base = _tiny_vit(model_cfg["tiny"])
     else:
-        base = transformers.ViTForImageClassification.from_pretrained(
-            model_cfg["name"], attn_implementation="eager"
-        )
+        base = _from_pretrained(transformers.ViTForImageClassification, model_cfg["name"])
     names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in peft_cfg["target_modules"] if m not in names]
     if missing:
