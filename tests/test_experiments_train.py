@@ -286,7 +286,7 @@ def test_glue_validation_metrics_are_glue_metrics_of_the_predictions(
 @pytest.mark.parametrize("optimizer", ["sgd", "ief"])
 def test_divergence_stops_the_run(optimizer: str, tmp_path: Path) -> None:
     overrides = [f"optimizer={optimizer}", "optim.lr=1e200", "model.hidden_sizes=[4]",
-                 "train.max_steps=5", "train.batch_size=16"]
+                 "model.dtype=float64", "train.max_steps=5", "train.batch_size=16"]
     result = train(load_config("mlp", overrides), tmp_path / "stop", progress=False)
     assert result.diverged and result.finished and result.step < 5
     (record,) = read_metrics(tmp_path / "stop", "diverged")
