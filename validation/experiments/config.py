@@ -371,6 +371,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
             f"config key 'data.protocol' must be 'holdout' or 'paper'; got "
             f"{cfg['data']['protocol']!r}"
         )
+    _check_choices(cfg)
     opt = cfg["optimizers"][optimizer]
     prefix = f"optimizers.{optimizer}"
     if "schedule" in opt and opt["schedule"] not in SCHEDULES:
@@ -390,6 +391,31 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"got {red!r}"
             )
     return cfg
+
+
+#: dotted key -> the values it may take (checked when the setup has the key)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.padding_side": ("left", "right"),
+    "peft.task_type": ("causal_lm", "seq2seq_lm"),
+    "optimizers.sf.sample_positions": ("label_word", "all"),
+    "follow": ("paper", "released"),
+}
+
+
+def _lookup(cfg: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _check_choices(cfg: Mapping[str, Any]) -> None:
+    for key, allowed in CHOICES.items():
+        present, value = _lookup(cfg, key)
+        if present and value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}; got {value!r}")
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -715,9 +715,12 @@ def encode_glue(
         Input length T_in (the paper: 100). Longer inputs are truncated by the tokenizer, which
         keeps the final EOS (the released code cuts the first 100 tokens instead).
     padding_side : {"right", "left"}
-        Where input padding goes. The released code pads on the left; T5's relative position
-        bias depends on key minus query position only, so with the attention mask both give the
-        same encoder outputs.
+        Where input padding goes (the released code pads on the left; the training configs'
+        ``model.padding_side`` default to it). For T5 with LoRA both sides give the same
+        encoder outputs up to rounding: the relative position bias depends on key minus query
+        position only and padded keys are masked. For prompt tuning they differ: the prompt is
+        prepended before the padding, so with left padding the distance between the prompt
+        and the text, hence their relative position bias, depends on the padding length.
 
     Returns
     -------

@@ -11,7 +11,8 @@ setup             model                                                      tra
                   alpha=8, dropout 0.1 on ``q`` and ``v`` of every attention
                   block (encoder self, decoder self and cross attention)
 ``t5-prompt``     "t5-base" + 20 prompt-tuning virtual tokens on the encoder,   15,360
-                  text-initialised
+                  text-initialised; peft task type CAUSAL_LM as the authors
+                  (``peft.task_type``), or SEQ_2_SEQ_LM
 ``vit-lora``      ``ViTForImageClassification`` "google/vit-base-patch16-224"   313,344
                   + LoRA r=8, alpha=8, dropout 0.1 on ``q_proj`` / ``v_proj``
                   (``query`` / ``value`` before transformers 5) and their biases;
@@ -171,6 +172,29 @@ def _prompt_init_ids(tokenizer: Any, text: str, num_tokens: int) -> list[int]:
     return (ids * math.ceil(num_tokens / len(ids)))[:num_tokens]
 
 
+#: peft task types of prompt tuning: the authors' CAUSAL_LM on the seq2seq model, or SEQ_2_SEQ_LM
+_PROMPT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}
+
+
+def _drop_prompt_positions(num_virtual_tokens: int) -> Any:
+    """A forward hook cutting the decoder logits of the prompt positions: (N, n+T, V) -> (N, T, V).
+
+    peft's CAUSAL_LM prompt tuning prefixes the labels with n ignored (-100) positions, so the
+    T5 decoder runs n + T steps and its logits have n extra leading positions (the released
+    code cuts them in its evaluator, ``greedy_pred[:, PE_num:]``). Cutting them here gives the
+    same (N, T, V) layout as every other set-up; the loss, computed inside the model on the
+    prefixed labels, is unchanged (the ignored positions do not count).
+    """
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if logits is not None and logits.ndim == 3:
+            output.logits = logits[:, num_virtual_tokens:]
+        return output
+
+    return hook
+
+
 def build_t5(
     model_cfg: Mapping[str, Any], peft_cfg: Mapping[str, Any], tokenizer: Any, *, seed: int
 ) -> nn.Module:
@@ -221,14 +245,21 @@ def build_t5(
     elif kind == "prompt":
         if peft_cfg["init"] not in ("text", "random"):
             raise ValueError(f"peft.init must be 'text' or 'random'; got {peft_cfg['init']!r}")
+        task_type = peft_cfg.get("task_type", "causal_lm")
+        if task_type not in _PROMPT_TASK_TYPES:
+            raise ValueError(
+                f"peft.task_type must be one of {sorted(_PROMPT_TASK_TYPES)}; got {task_type!r}"
+            )
         n = peft_cfg["num_virtual_tokens"]
         config = peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_2_SEQ_LM,
+            task_type=_PROMPT_TASK_TYPES[task_type],
             num_virtual_tokens=n,
             num_transformer_submodules=1,
             prompt_tuning_init=peft.PromptTuningInit.RANDOM,
         )
         model = peft.get_peft_model(base, config)
+        if task_type == "causal_lm":
+            model.register_forward_hook(_drop_prompt_positions(n))
         if peft_cfg["init"] == "text":
             ids = torch.tensor(_prompt_init_ids(tokenizer, peft_cfg["init_text"], n))
             embedding = model.prompt_encoder["default"].embedding

@@ -142,6 +142,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointInfo",
+    "LabelWordSampledCE",
     "ResumeWarning",
     "Setup",
     "Split",
@@ -226,7 +227,13 @@ class Split:
 
 
 class GlueSplit(Split):
-    """GLUE examples, tokenised per batch by :func:`data.encode_glue` (label word + EOS)."""
+    """GLUE examples, tokenised per batch by :func:`data.encode_glue` (label word + EOS).
+
+    ``padding_side`` ("left", the released code's, or "right") is where input padding goes.
+    ``decoder_prefix`` > 0 (prompt tuning with peft's CAUSAL_LM) adds ``decoder_input_ids`` for
+    labels prefixed with that many -100 (:func:`_prefixed_decoder_inputs`), what peft feeds the
+    decoder; explicit, so that per-sample gradients (which take the labels out) see them too.
+    """
 
     def __init__(
         self,
@@ -235,21 +242,44 @@ class GlueSplit(Split):
         tokenizer: Any,
         max_length: int,
         device: torch.device,
+        padding_side: str = "left",
+        decoder_prefix: int = 0,
     ) -> None:
         self.name = name
+        self.decoder_prefix = decoder_prefix
         self.examples = list(examples)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = device
+        self.padding_side = padding_side
         self.labels = data_mod.glue_label_indices(self.examples)
 
     def make(
         self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
     ) -> Batch:
         rows = [self.examples[int(i)] for i in indices]
-        encoded = data_mod.encode_glue(rows, self.tokenizer, self.max_length)
+        encoded = data_mod.encode_glue(
+            rows, self.tokenizer, self.max_length, padding_side=self.padding_side
+        )
+        if self.decoder_prefix and "labels" in encoded:
+            encoded["decoder_input_ids"] = _prefixed_decoder_inputs(
+                encoded["labels"], self.decoder_prefix, int(self.tokenizer.pad_token_id)
+            )
         inputs = {k: v.to(self.device) for k, v in encoded.items()}
         return Batch(inputs, self.labels[torch.as_tensor(np.asarray(indices), dtype=torch.long)])
+
+
+def _prefixed_decoder_inputs(labels: torch.Tensor, prefix: int, pad: int) -> torch.Tensor:
+    """T5's decoder inputs for ``[-100] * prefix + labels``: shifted right, -100 -> pad.
+
+    T5's ``decoder_start_token_id`` is its pad token (0), so the result is ``prefix + 1`` pad
+    tokens followed by ``labels[:, :-1]`` with -100 replaced by pad, shape (N, prefix + T).
+    """
+    n = labels.shape[0]
+    shifted = torch.cat(
+        [torch.full((n, prefix + 1), pad, dtype=labels.dtype), labels[:, :-1]], dim=1
+    )
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad)
 
 
 class ImageSplit(Split):
@@ -523,6 +553,36 @@ class Setup:
         return result
 
 
+class LabelWordSampledCE(ngdref.SequenceSoftmaxCrossEntropy):
+    r"""T5's sequence cross-entropy whose SF draws replace only the label word (the authors' SF).
+
+    :meth:`sample` draws position 0 of the targets (the label word's first token) from the
+    model's predictive distribution and keeps the observed token at every later position (EOS),
+    as the released code's ``fisher_sampling`` does (``labels[:, 0:1] = sampled``). SF's sampled
+    row of sample n is then the gradient of
+
+    .. math:: -\log p_{n0}(\hat y_{n0}) - \sum_{t \ge 1} \log p_{nt}(y_{nt})
+
+    (reduced like the training loss). Every other method (value, grad, Hessian) is the plain
+    :class:`ngdref.SequenceSoftmaxCrossEntropy`. The all-positions variant, every non-ignored
+    position drawn (the Fisher of the whole sequence loss), is ``sf.sample_positions: "all"``.
+    """
+
+    def sample(
+        self, logits: Any, key_or_uniforms: Any, num_samples: int = 1, *, targets: Any = None
+    ) -> Any:
+        """Draws of shape (K, N, T): position 0 sampled, the observed targets elsewhere."""
+        if targets is None:
+            raise ValueError(
+                "targets: LabelWordSampledCE.sample keeps the observed tokens after the label "
+                "word, so it needs the observed targets"
+            )
+        drawn = super().sample(logits, key_or_uniforms, num_samples, targets=targets)
+        later = torch.zeros_like(targets, dtype=torch.bool)
+        later[:, 1:] = True
+        return torch.where(later[None], targets[None].expand_as(drawn), drawn)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
@@ -567,6 +627,8 @@ def build_setup(config: Mapping[str, Any], device: str | torch.device | None = N
         model = build_t5(cfg["model"], cfg["peft"], tokenizer, seed=seed).to(dev)
         glue = data_mod.get_glue_task(task)
         source = dcfg["source"]
+        causal = cfg["peft"]["type"] == "prompt" and cfg["peft"]["task_type"] == "causal_lm"
+        prefix = cfg["peft"]["num_virtual_tokens"] if causal else 0
 
         def glue_split(name: str, limit: int | None) -> GlueSplit:
             rows = data_mod.load_glue(
@@ -578,7 +640,8 @@ def build_setup(config: Mapping[str, Any], device: str | torch.device | None = N
                 seed=dcfg["split_seed"],
             )
             return GlueSplit(
-                name, _limit(rows, limit), tokenizer, cfg["model"]["max_length"], dev
+                name, _limit(rows, limit), tokenizer, cfg["model"]["max_length"], dev,
+                padding_side=cfg["model"]["padding_side"], decoder_prefix=prefix,
             )
 
         train_split = glue_split("train", dcfg["max_train_samples"])
@@ -743,8 +806,11 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
             damping_mode=o["damping_mode"], dedup_threshold=o["dedup_threshold"], **common,
         )
     if name == "sf":
+        sf_loss = setup.loss
+        if setup.label_words is not None and o["sample_positions"] == "label_word":
+            sf_loss = LabelWordSampledCE(setup.loss.vocab_size, IGNORE_INDEX)
         return ngd_optim.SF(
-            setup.model, setup.loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
+            setup.model, sf_loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
             num_samples=o["num_samples"], seed=int(cfg["seed"]), **common,
         )
     if name == "ngd":
