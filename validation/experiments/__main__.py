@@ -9,7 +9,9 @@ Commands
     ``--out`` is the run directory, ``--resume`` continues it (an error when there is nothing
     to continue), ``--resume-or-start`` continues it or starts it when it is missing or empty.
 ``config SETUP``
-    Print the resolved configuration (same options), without running anything.
+    Print the resolved configuration (same options), each value labelled with its source: the
+    paper, the authors' released code, both, or neither (``--json``: plain JSON). ``--set
+    follow=released`` takes the released code's values where they differ from the paper's.
 ``checkpoints RUN_DIR``
     List a run's checkpoints.
 
@@ -134,14 +136,37 @@ def register_train(subparsers: Any) -> None:
 
 # ---- config ----------------------------------------------------------------------------------
 def _run_config(args: argparse.Namespace) -> int:
-    print(json.dumps(config_from_args(args), indent=2))
+    from validation.experiments.config import SETUPS, load_config
+    from validation.experiments.provenance import provenance
+
+    config = config_from_args(args)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    # what the choices alone give: a value that differs from it was set by hand
+    base = args.setup if args.setup in SETUPS or args.setup == "mlp-cifar10" else config["setup"]
+    choices = [(k, config[k]) for k in ("task", "optimizer", "seed", "follow") if k in config]
+    expected = load_config(base, choices)
+    rows = provenance(config, expected)
+    width = max(len(f"{key} = {json.dumps(value)}") for key, value, _, _ in rows)
+    print(f"# {config['setup']} / {config['task']} / {config['optimizer']}, follow="
+          f"{config.get('follow')!r}: [paper] the paper, [released] the authors' released code, "
+          "[paper+released] both, [ngdref] neither, [set] changed by hand")
+    for key, value, label, note in rows:
+        text = f"{key} = {json.dumps(value)}"
+        print(f"{text:<{width}}  [{label}] {note}".rstrip())
     return 0
 
 
 def register_config(subparsers: Any) -> None:
-    """``config``: print the resolved configuration."""
-    parser = subparsers.add_parser("config", help="print the resolved configuration")
+    """``config``: print the resolved configuration and where each value comes from."""
+    parser = subparsers.add_parser(
+        "config", help="print the resolved configuration, each value with its source"
+    )
     _add_config_arguments(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print the configuration as plain JSON instead"
+    )
     parser.set_defaults(func=_run_config)
 
 

@@ -259,7 +259,9 @@ def load_config(
         of a JSON file (e.g. a run's ``config.json``); a file is checked against the schema of
         its ``"setup"`` and may leave keys out (they take the setup's defaults).
     overrides : iterable
-        See :func:`apply_overrides`.
+        See :func:`apply_overrides`. ``follow=released`` (or ``paper``) is applied first: it
+        sets the setup's released-code values (:data:`provenance.RELEASED`), and every other
+        override then applies on top.
 
     Returns
     -------
@@ -279,7 +281,13 @@ def load_config(
         config = _merge(base, given)
     else:
         config = default_config(text)
-    return resolve_config(apply_overrides(config, overrides))
+    parsed = [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    follow = [value for key, value in parsed if key == "follow"]
+    if follow:  # the paper / released preset first, so that later --set values win
+        from validation.experiments.provenance import apply_follow
+
+        config = apply_follow(apply_overrides(config, [("follow", follow[-1])]), follow[-1])
+    return resolve_config(apply_overrides(config, parsed))
 
 
 def _merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
