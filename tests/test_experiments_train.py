@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import ngdref
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -726,6 +728,135 @@ def test_vit_head_is_frozen_and_fine_labels_index_the_1000_way_head(
     assert int(coarse.train.labels.max()) < 20 <= int(setup.train.labels.max())
 
 
+# ---- fidelity to the authors' code: prompt tuning, padding, SF's sampled positions -------------
+def test_causal_prompt_tuning_is_pefts_own_label_prefixing(dirs: dict[str, Path]) -> None:
+    """peft's CAUSAL_LM on T5 feeds the decoder labels prefixed with 20 x -100. The runner's
+    batches carry those decoder inputs explicitly (per-sample gradients take the labels out);
+    the expected loss comes from peft's own route (no decoder_input_ids given), and the logits
+    left after cutting the 20 prompt positions reproduce it by a hand-written token-mean CE."""
+    config = load_config("t5-prompt", tiny_overrides("t5-prompt", dirs))
+    assert (config["peft"]["task_type"], config["model"]["padding_side"]) == ("causal_lm", "left")
+    setup = build_setup(config, "cpu")
+    batch = setup.train.make(np.arange(8))
+    assert batch.inputs["decoder_input_ids"].shape == (8, 20 + batch.targets.shape[1])
+    assert (batch.inputs["attention_mask"][:, 0] == 0).any()  # left padding
+    with torch.no_grad():
+        ours = setup.model(**batch.inputs)
+        pefts = setup.model(**{k: v for k, v in batch.inputs.items() if k != "decoder_input_ids"})
+    assert torch.equal(ours.loss, pefts.loss)
+    assert ours.logits.shape == (*batch.targets.shape, setup.loss.vocab_size)
+    kept = batch.targets != -100
+    log_p = torch.log_softmax(ours.logits.double(), dim=-1)
+    hand = -log_p[kept, batch.targets[kept]].mean()
+    # float32 logits through log-softmax: |error| <~ a few eps32 * |log p| ~ 1e-6 relative
+    assert float(ours.loss) == pytest.approx(float(hand), rel=1e-5)
+
+
+@pytest.mark.parametrize(("setup", "differ"), [("t5-lora", False), ("t5-prompt", True)])
+def test_left_and_right_padding_agree_for_lora_only(
+    setup: str, differ: bool, dirs: dict[str, Path]
+) -> None:
+    """LoRA: T5's relative position bias depends on key minus query only and padded keys are
+    masked, so the padding side changes the logits only by rounding (float32, norm-wise
+    <= 1e-5). Prompt tuning: the prompt precedes the padding, so its distance to the text and
+    hence the logits change (SEQ_2_SEQ_LM here, to isolate the padding from the task type)."""
+    extra = ["peft.task_type=seq2seq_lm"] if setup == "t5-prompt" else []
+    logits = {}
+    for side in ("left", "right"):
+        config = load_config(
+            setup, [*tiny_overrides(setup, dirs), *extra, f"model.padding_side={side}"]
+        )
+        built = build_setup(config, "cpu")
+        batch = built.train.make(np.arange(8))
+        with torch.no_grad():
+            logits[side] = built.model(**batch.inputs).logits.double()
+    gap = float(torch.linalg.norm(logits["left"] - logits["right"]) /
+                torch.linalg.norm(logits["right"]))
+    # differ: well above the 1e-5 rounding bound (3e-3 on this tiny model)
+    assert (gap > 1e-4) if differ else (gap <= 1e-5), gap
+
+
+def test_sf_draws_only_the_label_word_by_default(dirs: dict[str, Path]) -> None:
+    from validation.experiments.train import LabelWordSampledCE, build_optimizer
+
+    config = load_config("t5-lora", [*tiny_overrides("t5-lora", dirs), "optimizer=sf"])
+    assert config["optimizers"]["sf"]["sample_positions"] == "label_word"
+    setup = build_setup(config, "cpu")
+    assert isinstance(build_optimizer(setup, 4)._loss, LabelWordSampledCE)
+    every = build_setup(load_config("t5-lora", [*tiny_overrides("t5-lora", dirs),
+                                                "optimizer=sf", "optim.sample_positions=all"]))
+    assert type(build_optimizer(every, 4)._loss) is ngdref.SequenceSoftmaxCrossEntropy
+
+    batch = setup.train.make(np.arange(8))
+    targets = torch.cat([batch.targets, torch.full((8, 1), -100)], dim=1)  # an ignored column
+    vocab = setup.loss.vocab_size
+    # logits that put all mass on token 5 at the label position and on token 7 elsewhere
+    logits = torch.full((8, targets.shape[1], vocab), -50.0, dtype=torch.float64)
+    logits[:, 0, 5] = 50.0
+    logits[:, 1:, 7] = 50.0
+    drawn = LabelWordSampledCE(vocab).sample(logits.reshape(8, -1), 3, 4, targets=targets)
+    assert drawn.shape == (4, *targets.shape)
+    assert (drawn[:, :, 0] == 5).all()  # sampled from the model at the label word
+    assert torch.equal(drawn[:, :, 1:], targets[None, :, 1:].expand(4, -1, -1))  # EOS, -100 kept
+    plain = ngdref.SequenceSoftmaxCrossEntropy(vocab).sample(logits.reshape(8, -1), 3, 4,
+                                                             targets=targets)
+    assert (plain[:, :, 1] == 7).all()  # the all-positions variant redraws EOS too
+    with pytest.raises(ValueError, match="targets"):
+        LabelWordSampledCE(vocab).sample(logits.reshape(8, -1), 3)
+
+
+def test_released_code_values_are_a_named_option() -> None:
+    paper = load_config("t5-prompt", ["optimizer=ief"])
+    released = load_config("t5-prompt", ["optimizer=ief", "follow=released"])
+    assert (paper["optimizers"]["ief"]["schedule"], paper["optimizers"]["ief"]["damping"]) == (
+        "constant", 1e-12)
+    assert (released["optimizers"]["ief"]["schedule"],
+            released["optimizers"]["ief"]["damping"]) == ("linear", 1e-7)
+    vit = load_config("vit-lora", ["follow=released", "optimizers.ief.damping=1e-9"])
+    assert (vit["optimizers"]["ief"]["lr"], vit["data"]["label_set"]) == (50.0, "coarse")
+    assert vit["optimizers"]["ief"]["damping"] == 1e-9  # a later --set wins over the preset
+    assert load_config("vit-lora")["optimizers"]["ief"]["lr"] == 100.0
+    with pytest.raises(ConfigError, match=r"'follow' must be one of \('paper', 'released'\)"):
+        load_config("vit-lora", ["follow=authors"])
+
+
+def test_linear_schedule_is_hugging_faces_linear_decay_to_zero(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The released t5-prompt iEF run: get_linear_schedule_with_warmup(0 warmup, T steps)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    steps = 4
+    config = load_config("t5-prompt", [*tiny_overrides("t5-prompt", dirs), "optimizer=ief",
+                                       "follow=released", "optim.lr=1.0",
+                                       f"train.max_steps={steps}"])
+    train(config, tmp_path, progress=False, device="cpu")
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_linear_schedule_with_warmup(reference, 0, steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    assert [r["lr"] for r in train_records(tmp_path)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_cli_config_labels_paper_and_released_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["config", "vit-lora", "--optimizer", "ief"]) == 0
+    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "[paper] released code: 50.0" in lines["optimizers.ief.lr"]
+    assert "[paper+released]" in lines["peft.r"]
+    assert "[ngdref]" in lines["optimizers.ngd.lr"]
+    assert main(["config", "vit-lora", "--optimizer", "ief", "--set", "follow=released",
+                 "--set", "optim.damping=1e-9"]) == 0
+    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "= 50.0" in lines["optimizers.ief.lr"] and "[released]" in lines["optimizers.ief.lr"]
+    assert "[set] changed from 1e-12" in lines["optimizers.ief.damping"]
+    assert '"coarse"' in lines["data.label_set"] and "[released]" in lines["data.label_set"]
+
+
 # ---- configuration --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "expected"),
@@ -791,7 +922,7 @@ def test_config_file_is_checked_against_its_setup(tmp_path: Path) -> None:
 
 def test_cli_config_command_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "mlp", "--optimizer", "ief", "--set", "optim.lr=0.5",
-                 "--epochs", "3", "--seed", "4"]) == 0
+                 "--epochs", "3", "--seed", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["optimizers"]["ief"]["lr"] == 0.5
     assert (printed["train"]["epochs"], printed["seed"], printed["optimizer"]) == (3, 4, "ief")
