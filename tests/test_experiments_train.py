@@ -268,21 +268,38 @@ def test_steps_run_in_eval_mode(optimizer: str, dirs: dict[str, Path], tmp_path:
     assert record["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_glue_validation_metrics_are_glue_metrics_of_the_predictions(
-    dirs: dict[str, Path],
-) -> None:
-    from validation.experiments.metrics import glue_metrics, predict_label_words
-
+def test_glue_validation_metrics_from_the_teacher_forced_argmax(dirs: dict[str, Path]) -> None:
+    """SST-2 validation accuracy and loss of chosen logits, computed here by hand. A forward
+    hook replaces the model's logits by ones whose argmax is, row by row: (true word, EOS)
+    right; (other word, EOS) wrong; (true word, other token) wrong, the released evaluator
+    decodes the whole sequence; (true word, EOS) right. Loss: token mean of -log softmax."""
     config = load_config("t5-lora", tiny_overrides("t5-lora", dirs))
     setup = build_setup(config, "cpu")
     batch = setup.validation.make(np.arange(len(setup.validation)))
-    with torch.no_grad():
-        logits = setup.model(**batch.inputs).logits
-    pred = predict_label_words(logits, setup.tokenizer, ("negative", "positive"))
-    expected = glue_metrics("sst2", pred, batch.class_labels)
+    labels = batch.class_labels.tolist()
+    assert len(labels) == 4 and batch.targets.shape == (4, 2)
+    word_ids = [setup.tokenizer(w, add_special_tokens=False)["input_ids"]
+                for w in ("negative", "positive")]
+    assert all(len(ids) == 1 for ids in word_ids)
+    eos, other = setup.tokenizer.eos_token_id, 5
+    first = [word_ids[labels[0]][0], word_ids[1 - labels[1]][0], word_ids[labels[2]][0],
+             word_ids[labels[3]][0]]
+    second = [eos, eos, other, eos]
+    logits = torch.randn(4, 2, setup.loss.vocab_size, generator=torch.Generator().manual_seed(0))
+    for n in range(4):
+        logits[n, 0, first[n]] = logits[n, 1, second[n]] = 10.0
+
+    def replace(module: Any, args: Any, output: Any) -> Any:
+        output.logits = logits.clone()
+        return output
+
+    setup.model.register_forward_hook(replace)
     got = setup.evaluate(setup.validation)
-    assert got["accuracy"] == expected["accuracy"]
-    assert batch.class_labels.tolist() == [e.label for e in setup.validation.examples]
+    assert got["accuracy"] == pytest.approx(2 / 4, abs=1e-12)
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    loss = -float(sum(log_p[n, t, batch.targets[n, t]] for n in range(4) for t in range(2))) / 8
+    assert got["loss"] == pytest.approx(loss, rel=1e-6)  # float32 log-softmax of |z| <= 10
+    assert labels == [e.label for e in setup.validation.examples]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "ief"])
