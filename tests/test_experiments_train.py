@@ -230,16 +230,22 @@ def test_logged_metrics_of_a_constant_predictor_match_hand_computation(tmp_path:
     assert test["accuracy"] == pytest.approx(float(np.mean(test_y == 3)), rel=1e-12)
 
 
-def test_per_sample_loss_is_hugging_face_token_mean(dirs: dict[str, Path]) -> None:
-    """reduction 'hf' makes IEF's logged loss HF's T5 loss (token mean over label + EOS)."""
+@pytest.mark.parametrize("setup_name", ["t5-lora", "t5-prompt"])
+def test_per_sample_loss_is_hugging_face_token_mean(
+    setup_name: str, dirs: dict[str, Path]
+) -> None:
+    """reduction 'hf' makes IEF's logged loss HF's T5 loss (token mean over label + EOS); for
+    prompt tuning the expected loss is peft's own CAUSAL_LM route (labels only, peft builds
+    the 20 x -100 prefix), the per-sample route gets the runner's explicit decoder inputs."""
     config = load_config(
-        "t5-lora", [*tiny_overrides("t5-lora", dirs), "optimizer=ief", "train.max_steps=1"]
+        setup_name, [*tiny_overrides(setup_name, dirs), "optimizer=ief", "train.max_steps=1"]
     )
     setup = build_setup(config, "cpu")
     rows = epoch_permutation(0, 0, len(setup.train))[:8]
     batch = setup.train.make(rows)
     with torch.no_grad():
-        expected = float(setup.model(**batch.inputs).loss)
+        hf_inputs = {k: v for k, v in batch.inputs.items() if k != "decoder_input_ids"}
+        expected = float(setup.model(**hf_inputs).loss)
     tokens = int((batch.targets != -100).sum())
     assert tokens == 2 * batch.size  # one-token label words + EOS
     assert setup.reduction(batch) == pytest.approx(1.0 / tokens)
