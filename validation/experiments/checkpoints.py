@@ -15,6 +15,11 @@ checkpoint). ``best.pt`` holds ``metrics`` instead.
 
 Every file is written atomically (a temporary file, then ``os.replace``): a killed run leaves
 the old file or the new one, never a partial one.
+
+Resuming (:func:`resume_point`) never starts from zero by accident: it needs a run directory
+that holds a run, a ``config.json`` equal to the configuration, and an intact checkpoint
+(:func:`find_resume_state`); the log is checked against the checkpoint (:func:`log_prefix`)
+and a damaged checkpoint that is skipped is renamed (:func:`move_aside`), never overwritten.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from validation.experiments.config import ConfigError, config_diff
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -40,11 +47,15 @@ __all__ = [
     "atomic_write",
     "checkpoint_path",
     "find_resume_state",
+    "has_run",
     "list_checkpoints",
     "load_checkpoint",
+    "log_prefix",
+    "move_aside",
     "read_checkpoint",
     "read_metrics",
     "restore_rng_state",
+    "resume_point",
     "rng_state",
     "save_checkpoint",
 ]
@@ -350,3 +361,85 @@ def find_resume_state(ckpt_dir: Path) -> ResumePoint:
         return ResumePoint(path, state, skipped)
     reasons = "; ".join(reason for _, reason in skipped)
     raise CheckpointError(f"resume: no intact checkpoint in {str(ckpt_dir)!r} ({reasons})")
+
+
+def has_run(run: Path) -> bool:
+    """Whether ``run`` holds anything a fresh start would lose."""
+    log = run / "metrics.jsonl"
+    ckpts = run / "checkpoints"
+    return (
+        (run / "config.json").exists()
+        or (log.exists() and log.stat().st_size > 0)
+        or (ckpts.is_dir() and any(ckpts.glob("*.pt")))
+    )
+
+
+def _stored_config(path: Path) -> dict[str, Any]:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"resume: {str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"resume: {str(path)!r} does not hold a configuration object")
+    return stored
+
+
+def resume_point(
+    run: Path, config: Mapping[str, Any], start_if_missing: bool
+) -> ResumePoint | None:
+    """The checkpoint to resume from, or None to start afresh (only with start_if_missing)."""
+    if not has_run(run):
+        if start_if_missing:
+            return None
+        what = "does not exist" if not run.exists() else "holds no run"
+        raise FileNotFoundError(
+            f"run_dir {str(run)!r} {what}: nothing to resume (use resume_or_start / "
+            "--resume-or-start to start a new run there if it is empty)"
+        )
+    stored = run / "config.json"
+    if not stored.is_file():
+        raise FileNotFoundError(
+            f"resume: {str(stored)!r} does not exist; run_dir {str(run)!r} is not a complete run"
+        )
+    changed = config_diff(_stored_config(stored), dict(config))
+    if changed:
+        raise ConfigError(
+            f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "
+            "with the stored configuration or start a new run directory"
+        )
+    return find_resume_state(run / "checkpoints")
+
+
+def log_prefix(log_path: Path, lines: int, checkpoint: Path) -> str:
+    """The first ``lines`` lines of the run's log, each checked to be a JSON object."""
+    if not log_path.is_file():
+        raise CheckpointError(
+            f"resume: {str(log_path)!r} does not exist but {checkpoint.name!r} was written after "
+            f"{lines} log lines"
+        )
+    with log_path.open(encoding="utf-8") as fh:
+        kept = [line for _, line in zip(range(lines), fh, strict=False)]
+    if len(kept) < lines or (kept and not kept[-1].endswith("\n")):
+        raise CheckpointError(
+            f"resume: {str(log_path)!r} has {len(kept)} complete lines but {checkpoint.name!r} "
+            f"was written after {lines}: the log does not belong to this checkpoint"
+        )
+    for lineno, line in enumerate(kept, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(
+                f"resume: {str(log_path)!r}, line {lineno} is not valid JSON ({exc.msg})"
+            ) from None
+    return "".join(kept)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged-2``, ...) instead of losing it."""
+    aside = path.with_name(f"{path.name}.damaged")
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = path.with_name(f"{path.name}.damaged-{k}")
+    os.replace(path, aside)
+    return aside
