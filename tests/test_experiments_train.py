@@ -881,6 +881,12 @@ def test_cli_config_labels_paper_and_released_values(
     assert "= 50.0" in lines["optimizers.ief.lr"] and "[released]" in lines["optimizers.ief.lr"]
     assert "[set] changed from 1e-12" in lines["optimizers.ief.damping"]
     assert '"coarse"' in lines["data.label_set"] and "[released]" in lines["data.label_set"]
+    # the scaled digits MLP is this project's set-up; the full-scale one is the paper's
+    for setup, label in (("mlp", "[ngdref]"), ("mlp-cifar10", "[paper]")):
+        assert main(["config", setup]) == 0
+        lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
+        assert label in lines["train.epochs"] and label in lines["model.hidden_sizes"]
+        assert label in lines["optimizers.adam.milestones"]
 
 
 # ---- configuration --------------------------------------------------------------------------

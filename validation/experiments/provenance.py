@@ -92,16 +92,26 @@ _MLP: list[tuple[str, str, str]] = [
     ("model.hidden_sizes", "ngdref", "digits: README's CPU set-up (the paper: 2048, 2048)"),
     ("model.activation", "ngdref", "not stated in the paper"),
     ("optimizers.adam", "paper", "App. H: 1e-4, x0.1 step"),
+    ("optimizers.adam.milestones", "ngdref", "a quarter of the epochs, as the paper's 15 of 60"),
+    ("optimizers.sgd.milestones", "ngdref", "a quarter of the epochs, as the paper's 15 of 60"),
     ("optimizers.ief.damping", "ngdref", "the paper does not state the MLP's damping"),
     ("optimizers.ef.damping", "ngdref", "the paper does not state the MLP's damping"),
     ("optimizers.sf.damping", "ngdref", "the paper does not state the MLP's damping"),
 ]
-#: setup -> (key prefix, label, note) rows, the longest matching prefix wins
+_MLP_CIFAR10: list[tuple[str, str, str]] = [
+    ("train.epochs", "paper", "60 (App. H)"),
+    ("model.hidden_sizes", "paper", "3072-2048-2048-10 (App. H)"),
+    ("optimizers.adam.milestones", "paper", "x0.1 at epoch 15 (App. H)"),
+    ("optimizers.sgd.milestones", "paper", "x0.1 at epoch 15 (App. H)"),
+]
+#: setup (``mlp/cifar10`` for the full-scale MLP) -> (key prefix, label, note) rows, the
+#: longest matching prefix wins, a later row of the same prefix overrides an earlier one
 SOURCES: dict[str, list[tuple[str, str, str]]] = {
     "t5-lora": _COMMON + _T5,
     "t5-prompt": _COMMON + _T5,
     "vit-lora": _COMMON + _VIT,
     "mlp": _COMMON + _MLP,
+    "mlp/cifar10": _COMMON + _MLP + _MLP_CIFAR10,
 }
 
 
@@ -134,7 +144,7 @@ def _source(setup: str, key: str) -> tuple[str, str]:
     length = -1
     for prefix, label, note in SOURCES.get(setup, []):
         matches = key == prefix or key.startswith(prefix + ".")
-        if matches and len(prefix) > length:
+        if matches and len(prefix) >= length:
             best, length = (label, note), len(prefix)
     return best
 
@@ -154,6 +164,8 @@ def provenance(
     """
     setup = str(config["setup"])
     released = RELEASED.get(setup, {})
+    if setup == "mlp" and config.get("task") == "cifar10":
+        setup = "mlp/cifar10"
     follow = config.get("follow", "paper")
     wanted = dict(_leaves(expected))
     rows = []
