@@ -831,6 +831,45 @@ def test_sf_draws_only_the_label_word_by_default(dirs: dict[str, Path]) -> None:
         LabelWordSampledCE(vocab).sample(logits.reshape(8, -1), 3)
 
 
+@pytest.mark.parametrize("positions", ["label_word", "all"])
+def test_sf_rows_are_gradients_of_the_loss_on_the_drawn_labels(
+    positions: str, dirs: dict[str, Path]
+) -> None:
+    """The authors' SF row of sample n: the gradient of the CE of sample n with labels[:, 0]
+    replaced by a draw and the observed EOS kept, on the logits of the observed forward pass
+    (decoder fed the observed labels, shifted right). Computed here per sample by autograd
+    through the model's own loss; ngdref's rows (of any reduction factor: the convention is
+    CORE's) must be parallel to it: cos = 1 within float64 rounding of two gradient routes
+    (1e-10). With 'all' the EOS is redrawn too."""
+    from backends import TorchProvider
+    from validation.experiments.train import LabelWordSampledCE
+
+    config = load_config("t5-lora", [*tiny_overrides("t5-lora", dirs), "model.dtype=float64"])
+    setup = build_setup(config, "cpu")
+    batch = setup.train.make(np.arange(6))
+    vocab = setup.loss.vocab_size
+    loss = LabelWordSampledCE(vocab) if positions == "label_word" else setup.loss
+    provider = TorchProvider(setup.model, batch.inputs)
+    key = 11
+    rows = ngdref.sampled_grads(provider, loss, batch.targets, key, reduction="sum")
+    drawn = loss.sample(provider.logits(), key, 1, targets=batch.targets)[0]
+    # 'all' redraws EOS too: over a ~200-token vocabulary all 6 draws equal EOS by chance ~never
+    kept = bool((drawn[:, 1:] == batch.targets[:, 1:]).all())
+    assert kept == (positions == "label_word")
+    params = [p for _, p in setup.trainable]
+    for n in range(6):
+        one = {k: v[n : n + 1] for k, v in batch.inputs.items()}
+        observed = one["labels"]
+        shifted = torch.cat([torch.zeros_like(observed[:, :1]), observed[:, :-1]], dim=1)
+        one["decoder_input_ids"] = shifted.masked_fill(shifted == -100, 0)  # T5: pad = start = 0
+        one["labels"] = drawn[n : n + 1]
+        grads = torch.autograd.grad(setup.model(**one).loss, params)
+        expected = torch.cat([g.reshape(-1) for g in grads])
+        got = torch.as_tensor(rows[n])
+        cos = float(got @ expected / (torch.linalg.norm(got) * torch.linalg.norm(expected)))
+        assert cos == pytest.approx(1.0, abs=1e-10), (n, cos)
+
+
 def test_released_code_values_are_a_named_option() -> None:
     paper = load_config("t5-prompt", ["optimizer=ief"])
     released = load_config("t5-prompt", ["optimizer=ief", "follow=released"])
