@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation.experiments import data
+from validation.experiments import data, images
 from validation.experiments.data import (
     GLUE_TASKS,
     GlueExample,
@@ -744,13 +744,13 @@ def test_horizontal_flip_is_seeded_and_exact() -> None:
 def test_random_resized_crop_boxes_follow_torchvision() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        top, left, h, w = data._random_resized_crop_box(32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
+        top, left, h, w = images._random_resized_crop_box(32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
         assert 0 <= top <= 32 - h and 0 <= left <= 32 - w
         # Areas between 8% and 100% and aspect ratios in [3/4, 4/3], up to integer rounding.
         assert 0.08 * 1024 * 0.8 <= h * w <= 1024
         assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25
     # Impossible requests fall back to the central crop of allowed aspect.
-    assert data._random_resized_crop_box(10, 40, (2.0, 2.0), (1.0, 1.0), g) == (0, 15, 10, 10)
+    assert images._random_resized_crop_box(10, 40, (2.0, 2.0), (1.0, 1.0), g) == (0, 15, 10, 10)
 
 
 def test_transform_errors_name_the_argument() -> None:
