@@ -302,6 +302,113 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Setup:
+    dcfg, task = cfg["data"], cfg["task"]
+    tokenizer = load_t5_tokenizer(cfg["model"])
+    model = build_t5(cfg["model"], cfg["peft"], tokenizer, seed=int(cfg["seed"])).to(dev)
+    glue = data_mod.get_glue_task(task)
+    causal = cfg["peft"]["type"] == "prompt" and cfg["peft"]["task_type"] == "causal_lm"
+    prefix = cfg["peft"]["num_virtual_tokens"] if causal else 0
+
+    def glue_split(name: str, limit: int | None) -> GlueSplit:
+        rows = data_mod.load_glue(
+            glue,
+            name,
+            dcfg["source"],
+            protocol=dcfg["protocol"],
+            validation_size=dcfg["validation_size"],
+            seed=dcfg["split_seed"],
+        )
+        return GlueSplit(
+            name, _limit(rows, limit), tokenizer, cfg["model"]["max_length"], dev,
+            padding_side=cfg["model"]["padding_side"], decoder_prefix=prefix,
+        )
+
+    test_names = ["test_matched", "test_mismatched"] if task == "mnli" else ["test"]
+    test: dict[str, Split] = {}
+    if dcfg["protocol"] == "holdout":
+        test = {n: glue_split(n, dcfg["max_eval_samples"]) for n in test_names}
+    return Setup(
+        cfg,
+        model,
+        ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), IGNORE_INDEX),
+        glue_split("train", dcfg["max_train_samples"]),
+        glue_split("validation", dcfg["max_eval_samples"]),
+        test,
+        tokenizer,
+        dev,
+        dtype,
+        task,
+        label_words=glue.label_words,
+    )
+
+
+def _build_vit(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Setup:
+    dcfg = cfg["data"]
+    model = build_vit(cfg["model"], cfg["peft"], seed=int(cfg["seed"])).to(dev)
+    image_size = int(model.config.image_size)
+    splits = {}
+    for name in ("train", "validation", "test"):
+        part = data_mod.load_cifar100(
+            name,
+            dcfg["source"],
+            label_set=dcfg["label_set"],
+            validation_fraction=dcfg["validation_fraction"],
+            seed=dcfg["split_seed"],
+        )
+        limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
+        splits[name] = ImageSplit(
+            name,
+            _limit(part.inputs, limit),
+            _limit(part.labels, limit),
+            image_size,
+            augment=name == "train" and bool(dcfg["augment"]),
+            device=dev,
+            dtype=dtype,
+        )
+    num_classes = int(model.config.num_labels)
+    top = int(splits["train"].labels.max())
+    if top >= num_classes:
+        raise ValueError(f"data: CIFAR label {top} does not fit the model's {num_classes}-way head")
+    return Setup(
+        cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
+        {"test": splits["test"]}, None, dev, dtype, cfg["task"],
+    )
+
+
+def _build_mlp(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Setup:
+    dcfg, task = cfg["data"], cfg["task"]
+    model = build_mlp(cfg["model"], seed=int(cfg["seed"])).to(dev)
+    splits = {}
+    for name in ("train", "validation", "test"):
+        if task == "digits":
+            part = data_mod.load_digits(name, seed=dcfg["split_seed"], dtype=dtype)
+            x, y = part.inputs, part.labels
+        else:
+            x, y = _load_cifar10(
+                name,
+                dcfg["source"],
+                validation_fraction=dcfg["validation_fraction"],
+                seed=dcfg["split_seed"],
+            )
+        limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
+        x, y = _limit(x, limit), _limit(y, limit)
+        if x[0].numel() != cfg["model"]["input_dim"]:
+            raise ConfigError(
+                f"config key 'model.input_dim' is {cfg['model']['input_dim']} but task "
+                f"{task!r} has {x[0].numel()} input features"
+            )
+        splits[name] = TensorSplit(name, x.to(dtype), y, dev)
+    return Setup(
+        cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
+        {"test": splits["test"]}, None, dev, dtype, task,
+    )
+
+
+_BUILDERS = {"t5-lora": _build_t5, "t5-prompt": _build_t5, "vit-lora": _build_vit,
+             "mlp": _build_mlp}
+
+
 def build_setup(config: Mapping[str, Any], device: str | torch.device | None = None) -> Setup:
     """Build the model, losses and data splits of a resolved configuration.
 
@@ -319,107 +426,6 @@ def build_setup(config: Mapping[str, Any], device: str | torch.device | None = N
         ``config["seed"]``), in eval mode; load a checkpoint with :meth:`Setup.load_params`.
     """
     cfg = dict(config)
-    dev = resolve_device(device)
-    dtype = torch_dtype(cfg["model"]["dtype"])
-    setup_name, task, seed = cfg["setup"], cfg["task"], int(cfg["seed"])
-    dcfg = cfg["data"]
-    if setup_name in ("t5-lora", "t5-prompt"):
-        tokenizer = load_t5_tokenizer(cfg["model"])
-        model = build_t5(cfg["model"], cfg["peft"], tokenizer, seed=seed).to(dev)
-        glue = data_mod.get_glue_task(task)
-        source = dcfg["source"]
-        causal = cfg["peft"]["type"] == "prompt" and cfg["peft"]["task_type"] == "causal_lm"
-        prefix = cfg["peft"]["num_virtual_tokens"] if causal else 0
-
-        def glue_split(name: str, limit: int | None) -> GlueSplit:
-            rows = data_mod.load_glue(
-                glue,
-                name,
-                source,
-                protocol=dcfg["protocol"],
-                validation_size=dcfg["validation_size"],
-                seed=dcfg["split_seed"],
-            )
-            return GlueSplit(
-                name, _limit(rows, limit), tokenizer, cfg["model"]["max_length"], dev,
-                padding_side=cfg["model"]["padding_side"], decoder_prefix=prefix,
-            )
-
-        train_split = glue_split("train", dcfg["max_train_samples"])
-        val_split = glue_split("validation", dcfg["max_eval_samples"])
-        test_names = ["test_matched", "test_mismatched"] if task == "mnli" else ["test"]
-        test: dict[str, Split] = {}
-        if dcfg["protocol"] == "holdout":
-            test = {n: glue_split(n, dcfg["max_eval_samples"]) for n in test_names}
-        return Setup(
-            cfg,
-            model,
-            ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), IGNORE_INDEX),
-            train_split,
-            val_split,
-            test,
-            tokenizer,
-            dev,
-            dtype,
-            task,
-            label_words=glue.label_words,
-        )
-    if setup_name == "vit-lora":
-        model = build_vit(cfg["model"], cfg["peft"], seed=seed).to(dev)
-        image_size = int(model.config.image_size)
-        splits = {}
-        for name in ("train", "validation", "test"):
-            part = data_mod.load_cifar100(
-                name,
-                dcfg["source"],
-                label_set=dcfg["label_set"],
-                validation_fraction=dcfg["validation_fraction"],
-                seed=dcfg["split_seed"],
-            )
-            limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
-            splits[name] = ImageSplit(
-                name,
-                _limit(part.inputs, limit),
-                _limit(part.labels, limit),
-                image_size,
-                augment=name == "train" and bool(dcfg["augment"]),
-                device=dev,
-                dtype=dtype,
-            )
-        num_classes = int(model.config.num_labels)
-        top = int(splits["train"].labels.max())
-        if top >= num_classes:
-            raise ValueError(
-                f"data: CIFAR label {top} does not fit the model's {num_classes}-way head"
-            )
-        return Setup(
-            cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
-            {"test": splits["test"]}, None, dev, dtype, task,
-        )
-    if setup_name == "mlp":
-        model = build_mlp(cfg["model"], seed=seed).to(dev)
-        splits = {}
-        for name in ("train", "validation", "test"):
-            if task == "digits":
-                part = data_mod.load_digits(name, seed=dcfg["split_seed"], dtype=dtype)
-                x, y = part.inputs, part.labels
-            else:
-                x, y = _load_cifar10(
-                    name,
-                    dcfg["source"],
-                    validation_fraction=dcfg["validation_fraction"],
-                    seed=dcfg["split_seed"],
-                )
-            limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
-            x, y = _limit(x, limit), _limit(y, limit)
-            if x[0].numel() != cfg["model"]["input_dim"]:
-                raise ConfigError(
-                    f"config key 'model.input_dim' is {cfg['model']['input_dim']} but task "
-                    f"{task!r} has {x[0].numel()} input features"
-                )
-            splits[name] = TensorSplit(name, x.to(dtype), y, dev)
-        return Setup(
-            cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
-            {"test": splits["test"]}, None, dev, dtype, task,
-        )
-    raise ConfigError(f"config key 'setup' is not a known setup: {setup_name!r}")
+    if cfg.get("setup") not in _BUILDERS:
+        raise ConfigError(f"config key 'setup' is not a known setup: {cfg.get('setup')!r}")
+    return _BUILDERS[cfg["setup"]](cfg, resolve_device(device), torch_dtype(cfg["model"]["dtype"]))
