@@ -970,7 +970,8 @@ def test_overrides_and_task_defaults() -> None:
         ("data.augment=1", r"config key 'data\.augment' must be a bool"),
         ("optimizer=lbfgs", r"config key 'optimizer' must be one of"),
         ("task=sst2", r"config key 'task' must be one of \('cifar100',\)"),
-        ("data.label_set=medium", r"config key 'data\.label_set' must be 'fine' or 'coarse'"),
+        ("data.label_set=medium",
+         r"config key 'data\.label_set' must be one of \('fine', 'coarse'\)"),
         ("train.batch_size", r"must have the form key=value"),
     ],
 )

@@ -324,8 +324,6 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     ConfigError
         A value that is not allowed; the message names the key.
     """
-    from validation.experiments import data
-
     cfg = copy.deepcopy(config)
     setup = cfg.get("setup")
     if setup not in SETUPS:
@@ -343,7 +341,17 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
             f"config key 'optimizer' must be one of {sorted(cfg['optimizers'])} for setup "
             f"{setup!r}; got {optimizer!r}"
         )
-    train = cfg["train"]
+    _resolve_task_values(cfg)
+    _check_choices(cfg)
+    _check_optimizer(cfg)
+    return cfg
+
+
+def _resolve_task_values(cfg: dict[str, Any]) -> None:
+    """Fill in the "task" defaults (epochs, eval_every, prompt init text) and check train.*."""
+    from validation.experiments import data
+
+    setup, task, train = cfg["setup"], cfg["task"], cfg["train"]
     if setup.startswith("t5"):
         glue = data.GLUE_TASKS[task]
         epochs, every = glue.epochs, glue.eval_every
@@ -364,22 +372,11 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         _positive_int("train.eval_every", train["eval_every"])
     if setup == "t5-prompt" and cfg["peft"]["init_text"] == "task":
         cfg["peft"]["init_text"] = data.GLUE_TASKS[task].prompt_init
-    if cfg["model"]["dtype"] not in ("float32", "float64"):
-        raise ConfigError(
-            "config key 'model.dtype' must be 'float32' or 'float64'; got "
-            f"{cfg['model']['dtype']!r}"
-        )
-    if setup == "vit-lora" and cfg["data"]["label_set"] not in ("fine", "coarse"):
-        raise ConfigError(
-            f"config key 'data.label_set' must be 'fine' or 'coarse'; got "
-            f"{cfg['data']['label_set']!r}"
-        )
-    if setup.startswith("t5") and cfg["data"]["protocol"] not in ("holdout", "paper"):
-        raise ConfigError(
-            f"config key 'data.protocol' must be 'holdout' or 'paper'; got "
-            f"{cfg['data']['protocol']!r}"
-        )
-    _check_choices(cfg)
+
+
+def _check_optimizer(cfg: Mapping[str, Any]) -> None:
+    """The selected optimizer's schedule, lr and reduction."""
+    optimizer = cfg["optimizer"]
     opt = cfg["optimizers"][optimizer]
     prefix = f"optimizers.{optimizer}"
     if "schedule" in opt and opt["schedule"] not in SCHEDULES:
@@ -398,12 +395,14 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"config key '{prefix}.reduction' must be 'hf', 'mean', 'sum' or a float > 0; "
                 f"got {red!r}"
             )
-    return cfg
 
 
 #: dotted key -> the values it may take (checked when the setup has the key)
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "float64"),
     "model.padding_side": ("left", "right"),
+    "data.label_set": ("fine", "coarse"),
+    "data.protocol": ("holdout", "paper"),
     "peft.task_type": ("causal_lm", "seq2seq_lm"),
     "optimizers.sf.sample_positions": ("label_word", "all"),
     "follow": ("paper", "released"),
