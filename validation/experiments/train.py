@@ -20,7 +20,15 @@ mean) by ordinary backpropagation. ``ief``, ``ef``, ``sf`` and ``ngd`` are the
 :class:`ngdref.SoftmaxCrossEntropy` otherwise) with ``reduction="hf"``: R = 1 / (label tokens
 of the batch) for T5 and 1/N for the classifiers, so that their loss and gradient, and hence
 the paper's (mean-convention) learning rates and damping, are those of the baselines' loss.
-Every step runs with the model in eval mode (dropout off), as the paper's code does.
+Every step runs with the model in eval mode (dropout off), as the paper's code does. SF on
+T5 draws only the label word from the model and keeps the observed EOS, as the authors' code
+(:class:`LabelWordSampledCE`; ``optimizers.sf.sample_positions: "all"`` draws every position).
+One damping number damps EF, iEF and SF alike (the paper's and the authors' convention), so
+the configs pass the paper's values unconverted.
+
+:class:`Setup` and :func:`build_setup` live in :mod:`validation.experiments.setup`, the splits
+in :mod:`validation.experiments.splits` and the checkpoint files in
+:mod:`validation.experiments.checkpoints`; this module re-exports them.
 
 Step sizes: ``schedule`` "constant", "linear" (to 0 at the last step) or "step" (times ``gamma``
 at each epoch in ``milestones``), applied to ``lr``; EF and SF decay linearly to 0 by themselves
