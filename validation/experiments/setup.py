@@ -324,6 +324,8 @@ def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Set
             padding_side=cfg["model"]["padding_side"], decoder_prefix=prefix,
         )
 
+    train_split = glue_split("train", dcfg["max_train_samples"])
+    val_split = glue_split("validation", dcfg["max_eval_samples"])
     test_names = ["test_matched", "test_mismatched"] if task == "mnli" else ["test"]
     test: dict[str, Split] = {}
     if dcfg["protocol"] == "holdout":
@@ -332,8 +334,8 @@ def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Set
         cfg,
         model,
         ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), IGNORE_INDEX),
-        glue_split("train", dcfg["max_train_samples"]),
-        glue_split("validation", dcfg["max_eval_samples"]),
+        train_split,
+        val_split,
         test,
         tokenizer,
         dev,
