@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation.experiments import data
+from validation.experiments import data, images
 from validation.experiments.data import (
     GLUE_TASKS,
     GlueExample,
@@ -338,6 +338,34 @@ def test_tsv_errors_name_the_argument(glue_dir: Path, tmp_path: Path) -> None:
     _write(glue_dir / "QNLI" / "dev.tsv", ["index\tquestion\tsentence\tlabel", "0\tonly two"])
     with pytest.raises(ValueError, match=r"source.*line 2"):
         load_glue("qnli", "test", source=glue_dir)
+
+
+@pytest.mark.parametrize("header_only", [True, False])
+def test_tsv_without_data_rows_is_an_error_naming_the_file(
+    glue_dir: Path, header_only: bool
+) -> None:
+    """A header-only (or empty) train file must not become an empty split with a confusing
+    error later (the held-out draw used to fail with 'validation_size must be in [1, -1]')."""
+    _write(glue_dir / "RTE" / "train.tsv",
+           ["index\tsentence1\tsentence2\tlabel"] if header_only else [])
+    match = r"data\.source: .*RTE.train\.tsv " + ("has a header but no data rows" if header_only
+                                                  else "is empty")
+    with pytest.raises(ValueError, match=match):
+        load_glue("rte", "train", source=glue_dir)
+
+
+def test_hub_failure_names_data_source_and_the_offline_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def load_dataset(path: str, name: str | None = None, *, split: str) -> Any:
+        raise ConnectionError(f"Couldn't reach {path!r} on the Hub (OfflineModeIsEnabled)")
+
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    with pytest.raises(OSError, match=r"data\.source='hub': cannot load 'nyu-mll/glue' \(rte, "
+                       r"train\).*OfflineModeIsEnabled.*set data\.source to the glue_data/"):
+        load_glue("rte", "train", source="hub")
 
 
 # ------------------------------------------------------------------------------------------
@@ -716,13 +744,13 @@ def test_horizontal_flip_is_seeded_and_exact() -> None:
 def test_random_resized_crop_boxes_follow_torchvision() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        top, left, h, w = data._random_resized_crop_box(32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
+        top, left, h, w = images._random_resized_crop_box(32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
         assert 0 <= top <= 32 - h and 0 <= left <= 32 - w
         # Areas between 8% and 100% and aspect ratios in [3/4, 4/3], up to integer rounding.
         assert 0.08 * 1024 * 0.8 <= h * w <= 1024
         assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25
     # Impossible requests fall back to the central crop of allowed aspect.
-    assert data._random_resized_crop_box(10, 40, (2.0, 2.0), (1.0, 1.0), g) == (0, 15, 10, 10)
+    assert images._random_resized_crop_box(10, 40, (2.0, 2.0), (1.0, 1.0), g) == (0, 15, 10, 10)
 
 
 def test_transform_errors_name_the_argument() -> None:

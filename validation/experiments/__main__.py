@@ -6,9 +6,12 @@ Commands
     Train one configuration (SETUP: t5-lora, t5-prompt, vit-lora, mlp, mlp-cifar10, or a JSON
     file such as a run's ``config.json``). ``--task``, ``--optimizer``, ``--seed``,
     ``--epochs``, ``--max-steps`` and repeated ``--set key=value`` override the defaults;
-    ``--out`` is the run directory, ``--resume`` continues it.
+    ``--out`` is the run directory, ``--resume`` continues it (an error when there is nothing
+    to continue), ``--resume-or-start`` continues it or starts it when it is missing or empty.
 ``config SETUP``
-    Print the resolved configuration (same options), without running anything.
+    Print the resolved configuration (same options), each value labelled with its source: the
+    paper, the authors' released code, both, or neither (``--json``: plain JSON). ``--set
+    follow=released`` takes the released code's values where they differ from the paper's.
 ``checkpoints RUN_DIR``
     List a run's checkpoints.
 
@@ -38,6 +41,8 @@ __all__ = ["COMMANDS", "build_parser", "config_from_args", "main"]
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by every command that builds a configuration."""
+    from validation.experiments.config import OVERRIDE_EXAMPLE
+
     parser.add_argument(
         "setup",
         help="t5-lora, t5-prompt, vit-lora, mlp, mlp-cifar10, or a JSON config file",
@@ -55,8 +60,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. optimizers.ief.lr=50, data.label_set=coarse, "
-        "model.name=tiny; 'optim.KEY' is the selected optimizer's section (repeatable)",
+        help=f"override a config key, e.g. {OVERRIDE_EXAMPLE} or optim.lr=50 ('optim.KEY' is "
+        "the selected optimizer's section); `config SETUP` prints every key (repeatable)",
     )
 
 
@@ -91,7 +96,10 @@ def _run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run_dir = Path(args.out) if args.out else _default_run_dir(config)
     progress = None if args.progress == "auto" else args.progress == "on"
-    result = train(config, run_dir, resume=args.resume, device=args.device, progress=progress)
+    result = train(
+        config, run_dir, resume=args.resume, resume_or_start=args.resume_or_start,
+        device=args.device, progress=progress,
+    )
     summary = {
         "run_dir": str(result.run_dir),
         "steps": result.step,
@@ -109,7 +117,15 @@ def register_train(subparsers: Any) -> None:
     parser = subparsers.add_parser("train", help="train one configuration")
     _add_config_arguments(parser)
     parser.add_argument("--out", help="run directory (default runs/SETUP/TASK/OPTIMIZER/seedN)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its newest intact checkpoint (error if none)",
+    )
+    resume.add_argument(
+        "--resume-or-start", action="store_true",
+        help="as --resume, but start a new run when --out is missing or empty",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0")
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
@@ -120,14 +136,37 @@ def register_train(subparsers: Any) -> None:
 
 # ---- config ----------------------------------------------------------------------------------
 def _run_config(args: argparse.Namespace) -> int:
-    print(json.dumps(config_from_args(args), indent=2))
+    from validation.experiments.config import SETUPS, load_config
+    from validation.experiments.provenance import provenance
+
+    config = config_from_args(args)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    # what the choices alone give: a value that differs from it was set by hand
+    base = args.setup if args.setup in SETUPS or args.setup == "mlp-cifar10" else config["setup"]
+    choices = [(k, config[k]) for k in ("task", "optimizer", "seed", "follow") if k in config]
+    expected = load_config(base, choices)
+    rows = provenance(config, expected)
+    width = max(len(f"{key} = {json.dumps(value)}") for key, value, _, _ in rows)
+    print(f"# {config['setup']} / {config['task']} / {config['optimizer']}, follow="
+          f"{config.get('follow')!r}: [paper] the paper, [released] the authors' released code, "
+          "[paper+released] both, [ngdref] neither, [set] changed by hand")
+    for key, value, label, note in rows:
+        text = f"{key} = {json.dumps(value)}"
+        print(f"{text:<{width}}  [{label}] {note}".rstrip())
     return 0
 
 
 def register_config(subparsers: Any) -> None:
-    """``config``: print the resolved configuration."""
-    parser = subparsers.add_parser("config", help="print the resolved configuration")
+    """``config``: print the resolved configuration and where each value comes from."""
+    parser = subparsers.add_parser(
+        "config", help="print the resolved configuration, each value with its source"
+    )
     _add_config_arguments(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print the configuration as plain JSON instead"
+    )
     parser.set_defaults(func=_run_config)
 
 
@@ -172,12 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; config, file and model-loading errors exit with 2."""
+    from validation.experiments.checkpoints import CheckpointError
     from validation.experiments.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, OSError) as exc:  # bad config, existing run, missing files or model
+    except (ConfigError, CheckpointError, OSError) as exc:  # config, run files, data, model
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,7 @@ from typing import Any
 __all__ = [
     "BASELINE_OPTIMIZERS",
     "CONFIG_DIR",
+    "OVERRIDE_EXAMPLE",
     "PER_SAMPLE_OPTIMIZERS",
     "SETUPS",
     "ConfigError",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: the example override of error messages and ``--help`` (a key of every setup; tested)
+OVERRIDE_EXAMPLE = "train.batch_size=16"
 
 #: setup name -> the task names it accepts
 SETUPS: dict[str, tuple[str, ...]] = {
@@ -122,7 +126,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         If there is no ``=`` or the key is empty.
     """
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"override {text!r} must have the form key=value (e.g. train.seed=1)")
+        raise ConfigError(
+            f"override {text!r} must have the form key=value (e.g. {OVERRIDE_EXAMPLE})"
+        )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -253,7 +259,9 @@ def load_config(
         of a JSON file (e.g. a run's ``config.json``); a file is checked against the schema of
         its ``"setup"`` and may leave keys out (they take the setup's defaults).
     overrides : iterable
-        See :func:`apply_overrides`.
+        See :func:`apply_overrides`. ``follow=released`` (or ``paper``) is applied first: it
+        sets the setup's released-code values (:data:`provenance.RELEASED`), and every other
+        override then applies on top.
 
     Returns
     -------
@@ -273,7 +281,13 @@ def load_config(
         config = _merge(base, given)
     else:
         config = default_config(text)
-    return resolve_config(apply_overrides(config, overrides))
+    parsed = [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    follow = [value for key, value in parsed if key == "follow"]
+    if follow:  # the paper / released preset first, so that later --set values win
+        from validation.experiments.provenance import apply_follow
+
+        config = apply_follow(apply_overrides(config, [("follow", follow[-1])]), follow[-1])
+    return resolve_config(apply_overrides(config, parsed))
 
 
 def _merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -310,8 +324,6 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     ConfigError
         A value that is not allowed; the message names the key.
     """
-    from validation.experiments import data
-
     cfg = copy.deepcopy(config)
     setup = cfg.get("setup")
     if setup not in SETUPS:
@@ -329,7 +341,17 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
             f"config key 'optimizer' must be one of {sorted(cfg['optimizers'])} for setup "
             f"{setup!r}; got {optimizer!r}"
         )
-    train = cfg["train"]
+    _resolve_task_values(cfg)
+    _check_choices(cfg)
+    _check_optimizer(cfg)
+    return cfg
+
+
+def _resolve_task_values(cfg: dict[str, Any]) -> None:
+    """Fill in the "task" defaults (epochs, eval_every, prompt init text) and check train.*."""
+    from validation.experiments import data
+
+    setup, task, train = cfg["setup"], cfg["task"], cfg["train"]
     if setup.startswith("t5"):
         glue = data.GLUE_TASKS[task]
         epochs, every = glue.epochs, glue.eval_every
@@ -350,21 +372,11 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         _positive_int("train.eval_every", train["eval_every"])
     if setup == "t5-prompt" and cfg["peft"]["init_text"] == "task":
         cfg["peft"]["init_text"] = data.GLUE_TASKS[task].prompt_init
-    if cfg["model"]["dtype"] not in ("float32", "float64"):
-        raise ConfigError(
-            "config key 'model.dtype' must be 'float32' or 'float64'; got "
-            f"{cfg['model']['dtype']!r}"
-        )
-    if setup == "vit-lora" and cfg["data"]["label_set"] not in ("fine", "coarse"):
-        raise ConfigError(
-            f"config key 'data.label_set' must be 'fine' or 'coarse'; got "
-            f"{cfg['data']['label_set']!r}"
-        )
-    if setup.startswith("t5") and cfg["data"]["protocol"] not in ("holdout", "paper"):
-        raise ConfigError(
-            f"config key 'data.protocol' must be 'holdout' or 'paper'; got "
-            f"{cfg['data']['protocol']!r}"
-        )
+
+
+def _check_optimizer(cfg: Mapping[str, Any]) -> None:
+    """The selected optimizer's schedule, lr and reduction."""
+    optimizer = cfg["optimizer"]
     opt = cfg["optimizers"][optimizer]
     prefix = f"optimizers.{optimizer}"
     if "schedule" in opt and opt["schedule"] not in SCHEDULES:
@@ -383,7 +395,34 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"config key '{prefix}.reduction' must be 'hf', 'mean', 'sum' or a float > 0; "
                 f"got {red!r}"
             )
-    return cfg
+
+
+#: dotted key -> the values it may take (checked when the setup has the key)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "float64"),
+    "model.padding_side": ("left", "right"),
+    "data.label_set": ("fine", "coarse"),
+    "data.protocol": ("holdout", "paper"),
+    "peft.task_type": ("causal_lm", "seq2seq_lm"),
+    "optimizers.sf.sample_positions": ("label_word", "all"),
+    "follow": ("paper", "released"),
+}
+
+
+def _lookup(cfg: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _check_choices(cfg: Mapping[str, Any]) -> None:
+    for key, allowed in CHOICES.items():
+        present, value = _lookup(cfg, key)
+        if present and value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}; got {value!r}")
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

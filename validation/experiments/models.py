@@ -11,7 +11,8 @@ setup             model                                                      tra
                   alpha=8, dropout 0.1 on ``q`` and ``v`` of every attention
                   block (encoder self, decoder self and cross attention)
 ``t5-prompt``     "t5-base" + 20 prompt-tuning virtual tokens on the encoder,   15,360
-                  text-initialised
+                  text-initialised; peft task type CAUSAL_LM as the authors
+                  (``peft.task_type``), or SEQ_2_SEQ_LM
 ``vit-lora``      ``ViTForImageClassification`` "google/vit-base-patch16-224"   313,344
                   + LoRA r=8, alpha=8, dropout 0.1 on ``q_proj`` / ``v_proj``
                   (``query`` / ``value`` before transformers 5) and their biases;
@@ -34,6 +35,7 @@ evaluation runs in eval mode (SPEC §3).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "build_mlp",
     "build_t5",
     "build_vit",
+    "check_model_name",
     "count_trainable",
     "load_t5_tokenizer",
     "torch_dtype",
@@ -80,7 +83,62 @@ def load_t5_tokenizer(model_cfg: Mapping[str, Any]) -> Any:
 
     if model_cfg["name"] == TINY and model_cfg.get("tokenizer") in (None, TINY):
         return tiny_t5_tokenizer()
-    return load_tokenizer(model_cfg.get("tokenizer") or model_cfg["name"])
+    key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name"
+    name = model_cfg.get("tokenizer") or model_cfg["name"]
+    check_model_name(key, name)
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"{key}={name!r}: cannot load its T5 tokenizer: {exc}. {_OFFLINE_CHOICES}"
+        ) from exc
+
+
+#: what to do when a hub model is not available (offline, or not in the cache)
+_OFFLINE_CHOICES = (
+    "Offline (HF_HUB_OFFLINE=1) a hub name loads only from the local cache: set model.name to "
+    "a local directory written by save_pretrained (--set model.name=/path/to/t5-base), to "
+    "'tiny' (a small random model for smoke tests, no download), or allow the network to "
+    "download it once"
+)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else (absolute, ./, ~, a/b/c) is a path."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.exists(name)
+    )
+
+
+def check_model_name(key: str, name: str) -> None:
+    """Refuse a ``model.name`` that is a path to no directory (before the hub is asked).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``name`` looks like a path (absolute, ``./``, ``~``, more than one ``/``) and is not a
+        directory; the message names ``key``.
+    """
+    if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"{key}={name!r}: no such directory (a local model must be a directory written by "
+            "save_pretrained; a hub name has the form 'name' or 'org/name')"
+        )
+
+
+def _from_pretrained(cls: Any, name: str) -> nn.Module:
+    """``cls.from_pretrained(name, attn_implementation="eager")`` with errors naming model.name."""
+    check_model_name("model.name", name)
+    try:
+        return cls.from_pretrained(os.path.expanduser(name), attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"model.name={name!r}: cannot load the model: {exc}. {_OFFLINE_CHOICES}"
+        ) from exc
 
 
 # ---- T5 --------------------------------------------------------------------------------------
@@ -112,6 +170,29 @@ def _prompt_init_ids(tokenizer: Any, text: str, num_tokens: int) -> list[int]:
     if not ids:
         raise ValueError(f"peft.init_text {text!r} tokenizes to nothing")
     return (ids * math.ceil(num_tokens / len(ids)))[:num_tokens]
+
+
+#: peft task types of prompt tuning: the authors' CAUSAL_LM on the seq2seq model, or SEQ_2_SEQ_LM
+_PROMPT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}
+
+
+def _drop_prompt_positions(num_virtual_tokens: int) -> Any:
+    """A forward hook cutting the decoder logits of the prompt positions: (N, n+T, V) -> (N, T, V).
+
+    peft's CAUSAL_LM prompt tuning prefixes the labels with n ignored (-100) positions, so the
+    T5 decoder runs n + T steps and its logits have n extra leading positions (the released
+    code cuts them in its evaluator, ``greedy_pred[:, PE_num:]``). Cutting them here gives the
+    same (N, T, V) layout as every other set-up; the loss, computed inside the model on the
+    prefixed labels, is unchanged (the ignored positions do not count).
+    """
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if logits is not None and logits.ndim == 3:
+            output.logits = logits[:, num_virtual_tokens:]
+        return output
+
+    return hook
 
 
 def build_t5(
@@ -148,9 +229,7 @@ def build_t5(
     if model_cfg["name"] == TINY:
         base = _tiny_t5(model_cfg["tiny"], len(tokenizer))
     else:
-        base = transformers.T5ForConditionalGeneration.from_pretrained(
-            model_cfg["name"], attn_implementation="eager"
-        )
+        base = _from_pretrained(transformers.T5ForConditionalGeneration, model_cfg["name"])
     torch.manual_seed(seed)
     kind = peft_cfg["type"]
     if kind == "lora":
@@ -166,14 +245,21 @@ def build_t5(
     elif kind == "prompt":
         if peft_cfg["init"] not in ("text", "random"):
             raise ValueError(f"peft.init must be 'text' or 'random'; got {peft_cfg['init']!r}")
+        task_type = peft_cfg.get("task_type", "causal_lm")
+        if task_type not in _PROMPT_TASK_TYPES:
+            raise ValueError(
+                f"peft.task_type must be one of {sorted(_PROMPT_TASK_TYPES)}; got {task_type!r}"
+            )
         n = peft_cfg["num_virtual_tokens"]
         config = peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_2_SEQ_LM,
+            task_type=_PROMPT_TASK_TYPES[task_type],
             num_virtual_tokens=n,
             num_transformer_submodules=1,
             prompt_tuning_init=peft.PromptTuningInit.RANDOM,
         )
         model = peft.get_peft_model(base, config)
+        if task_type == "causal_lm":
+            model.register_forward_hook(_drop_prompt_positions(n))
         if peft_cfg["init"] == "text":
             ids = torch.tensor(_prompt_init_ids(tokenizer, peft_cfg["init_text"], n))
             embedding = model.prompt_encoder["default"].embedding
@@ -230,9 +316,7 @@ def build_vit(model_cfg: Mapping[str, Any], peft_cfg: Mapping[str, Any], *, seed
     if model_cfg["name"] == TINY:
         base = _tiny_vit(model_cfg["tiny"])
     else:
-        base = transformers.ViTForImageClassification.from_pretrained(
-            model_cfg["name"], attn_implementation="eager"
-        )
+        base = _from_pretrained(transformers.ViTForImageClassification, model_cfg["name"])
     names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in peft_cfg["target_modules"] if m not in names]
     if missing:

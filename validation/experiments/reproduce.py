@@ -231,7 +231,7 @@ def _train_task(config: dict[str, Any], directory: str) -> float:
 
     started = time.perf_counter()
     if not (Path(directory) / "results.json").is_file():
-        train(config, directory, resume=True, progress=False)
+        train(config, directory, resume_or_start=True, progress=False)
     return time.perf_counter() - started
 
 

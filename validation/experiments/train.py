@@ -20,7 +20,15 @@ mean) by ordinary backpropagation. ``ief``, ``ef``, ``sf`` and ``ngd`` are the
 :class:`ngdref.SoftmaxCrossEntropy` otherwise) with ``reduction="hf"``: R = 1 / (label tokens
 of the batch) for T5 and 1/N for the classifiers, so that their loss and gradient, and hence
 the paper's (mean-convention) learning rates and damping, are those of the baselines' loss.
-Every step runs with the model in eval mode (dropout off), as the paper's code does.
+Every step runs with the model in eval mode (dropout off), as the paper's code does. SF on
+T5 draws only the label word from the model and keeps the observed EOS, as the authors' code
+(:class:`LabelWordSampledCE`; ``optimizers.sf.sample_positions: "all"`` draws every position).
+One damping number damps EF, iEF and SF alike (the paper's and the authors' convention), so
+the configs pass the paper's values unconverted.
+
+:class:`Setup` and :func:`build_setup` live in :mod:`validation.experiments.setup`, the splits
+in :mod:`validation.experiments.splits` and the checkpoint files in
+:mod:`validation.experiments.checkpoints`; this module re-exports them.
 
 Step sizes: ``schedule`` "constant", "linear" (to 0 at the last step) or "step" (times ``gamma``
 at each epoch in ``milestones``), applied to ``lr``; EF and SF decay linearly to 0 by themselves
@@ -33,28 +41,40 @@ Run directory
     config.json             the resolved configuration
     metrics.jsonl           one JSON object per line (see below)
     results.json            best validation and test metrics, written at the end
-    checkpoints/epoch-0.pt  the initial model; epoch-k.pt at the end of epoch k (parameters)
+    checkpoints/epoch-0.pt  the initial model; epoch-k.pt at the end of epoch k (parameters
+                            and the full resume state)
     checkpoints/best.pt     the best-validation parameters so far
     checkpoints/last.pt     the full resumable state (every train.checkpoint_every steps, at
                             each epoch end and at the end)
 
-Every file is written atomically (a temporary file, then ``os.replace``). ``metrics.jsonl``
-lines have ``kind`` "train" (``step`` = steps taken, ``epoch`` = fractional epochs,
-``loss`` = the batch's mean loss before the update, ``lr``, and for the per-sample optimisers
-their diagnostics: ``update_norm``, ``grad_norm_imbalance``, ``residual``, ``kept``,
-``damping``), "validation" (the task's metrics, ``loss``, ``score`` = the selection score,
-``best``), "test" (the best checkpoint's test metrics) or "diverged"; every line has ``time``,
-the wall seconds of the run so far (the only field that differs between identical runs).
+Checkpoints load with ``torch.load(weights_only=True)`` (their format:
+:mod:`validation.experiments.checkpoints`). Every file is written atomically (a temporary file,
+then ``os.replace``). ``metrics.jsonl`` lines have ``kind`` "train" (``step`` = steps taken,
+``epoch`` = fractional epochs, ``loss`` = the batch's mean loss before the update, ``lr``, and
+for the per-sample optimisers their diagnostics: ``update_norm``, ``grad_norm_imbalance``,
+``residual``, ``kept``, ``damping``), "validation" (the task's metrics, ``loss``, ``score`` =
+the selection score, ``best``), "test" (the best checkpoint's test metrics) or "diverged"; every
+line has ``time``, the wall seconds of the run so far (the only field that differs between
+identical runs).
 
 Resuming
 --------
-``train(..., resume=True)`` restores ``last.pt``: the trainable parameters, the optimiser
+``train(..., resume=True)`` (``--resume``) restores the newest intact checkpoint: ``last.pt``,
+or, when it is missing, truncated, damaged or foreign, the newest readable ``epoch-k.pt``; a
+:class:`ResumeWarning` names the file skipped and the one used, and the damaged file is renamed
+``last.pt.damaged`` rather than overwritten. It restores the trainable parameters, the optimiser
 state, the torch / numpy / python RNG states, the data order (the epoch's permutation and the
 position in it), step, epoch, best-so-far and elapsed time, and truncates ``metrics.jsonl`` to
 the lines up to that step. The data order and the CIFAR augmentation draws are functions of
 (seed, epoch, step) and SF's label draws of (seed, step), so a killed and resumed run takes the
 same steps, reaches the same parameters bitwise and writes the same log (``time`` aside) as an
 uninterrupted one.
+
+It never starts from zero: a missing or empty run directory, or one without any checkpoint, is
+an error (``resume_or_start=True`` / ``--resume-or-start`` starts a new run when the directory
+is missing or empty). A configuration different from ``config.json``, a checkpoint of another
+configuration or model, or a log shorter than the checkpoint's is an error too, and a failed
+resume changes no file.
 
 Evaluation framework API
 ------------------------
@@ -73,45 +93,64 @@ Evaluation framework API
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 import ngdref
-from validation.experiments import data as data_mod
-from validation.experiments import metrics as metrics_mod
+from validation.experiments.checkpoints import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    CheckpointError,
+    CheckpointInfo,
+    ResumePoint,
+    atomic_write,
+    has_run,
+    list_checkpoints,
+    load_checkpoint,
+    log_prefix,
+    move_aside,
+    read_checkpoint,
+    read_metrics,
+    restore_rng_state,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+)
 from validation.experiments.config import (
     PER_SAMPLE_OPTIMIZERS,
     ConfigError,
     config_diff,
     load_config,
 )
-from validation.experiments.models import (
-    build_mlp,
-    build_t5,
-    build_vit,
-    count_trainable,
-    load_t5_tokenizer,
-    torch_dtype,
+from validation.experiments.setup import (
+    LabelWordSampledCE,
+    Setup,
+    _eval_mode,
+    build_setup,
+    resolve_device,
 )
+from validation.experiments.splits import IGNORE_INDEX, Batch, Split
 
 __all__ = [
+    "IGNORE_INDEX",
     "Batch",
     "Checkpoint",
+    "CheckpointError",
     "CheckpointInfo",
+    "LabelWordSampledCE",
+    "ResumeWarning",
     "Setup",
     "Split",
     "TrainResult",
@@ -127,508 +166,6 @@ __all__ = [
     "steps_per_epoch",
     "train",
 ]
-
-CHECKPOINT_FORMAT = 1
-IGNORE_INDEX = -100
-
-
-# =============================================================================================
-# Data: batches and splits
-# =============================================================================================
-@dataclass
-class Batch:
-    """One batch on the model's device.
-
-    Attributes
-    ----------
-    inputs : dict of str to torch.Tensor
-        The model's keyword inputs including ``"labels"``, the loss targets (T5: label word + EOS
-        token ids, -100 padded, shape (N, T); classifiers: class indices (N,)). This is what
-        the :mod:`backends.optim` closures and :class:`backends.TorchProvider` take.
-    class_labels : torch.Tensor, int64, shape (N,)
-        Class indices for the metrics (T5: the label word's index in the task's label words).
-    """
-
-    inputs: dict[str, torch.Tensor]
-    class_labels: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        """N."""
-        return int(self.class_labels.shape[0])
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """``inputs["labels"]``."""
-        return self.inputs["labels"]
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The inputs without ``labels`` (a plain forward pass)."""
-        return {k: v for k, v in self.inputs.items() if k != "labels"}
-
-
-class Split:
-    """A data split: a length, class labels, and ``make(indices)`` building a :class:`Batch`.
-
-    Subclasses hold host data and build batches on ``device`` in ``dtype``.
-    """
-
-    name: str = ""
-    labels: torch.Tensor  # (len,) int64 class indices
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        """The batch of rows ``indices``; ``generator`` drives train-time augmentation (if any).
-
-        Without a generator, or for a split without augmentation, the batch is deterministic.
-        """
-        raise NotImplementedError
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
-        """Deterministic batches of the first ``limit`` rows (all by default), in order."""
-        n = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, n, batch_size):
-            yield self.make(np.arange(start, min(start + batch_size, n)))
-
-
-class GlueSplit(Split):
-    """GLUE examples, tokenised per batch by :func:`data.encode_glue` (label word + EOS)."""
-
-    def __init__(
-        self,
-        name: str,
-        examples: Sequence[data_mod.GlueExample],
-        tokenizer: Any,
-        max_length: int,
-        device: torch.device,
-    ) -> None:
-        self.name = name
-        self.examples = list(examples)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.device = device
-        self.labels = data_mod.glue_label_indices(self.examples)
-
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        rows = [self.examples[int(i)] for i in indices]
-        encoded = data_mod.encode_glue(rows, self.tokenizer, self.max_length)
-        inputs = {k: v.to(self.device) for k, v in encoded.items()}
-        return Batch(inputs, self.labels[torch.as_tensor(np.asarray(indices), dtype=torch.long)])
-
-
-class ImageSplit(Split):
-    """uint8 CIFAR images, transformed per batch (train: random resized crop + flip)."""
-
-    def __init__(
-        self,
-        name: str,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        image_size: int,
-        *,
-        augment: bool,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.name = name
-        self.images = images
-        self.labels = labels
-        self.image_size = image_size
-        self.augment = augment
-        self.device = device
-        self.dtype = dtype
-
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        images = self.images[idx]
-        if self.augment and generator is not None:
-            pixels = data_mod.cifar_train_transform(
-                images, generator=generator, image_size=self.image_size
-            )
-        else:
-            pixels = data_mod.cifar_eval_transform(images, image_size=self.image_size)
-        labels = self.labels[idx]
-        inputs = {
-            "pixel_values": pixels.to(self.device, self.dtype),
-            "labels": labels.to(self.device),
-        }
-        return Batch(inputs, labels)
-
-
-class TensorSplit(Split):
-    """Feature vectors (digits, CIFAR-10 pixels) and class labels; the model input is ``x``."""
-
-    def __init__(
-        self, name: str, x: torch.Tensor, labels: torch.Tensor, device: torch.device
-    ) -> None:
-        self.name = name
-        self.x = x.to(device)
-        self.labels = labels
-        self.device = device
-
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        labels = self.labels[idx]
-        return Batch({"x": self.x[idx.to(self.device)], "labels": labels.to(self.device)}, labels)
-
-
-def _limit(items: Any, limit: int | None) -> Any:
-    return items if limit is None else items[:limit]
-
-
-def _load_cifar10(
-    split: str, source: str | os.PathLike[str], *, validation_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10's python distribution as normalised flat features (N, 3072) and labels.
-
-    ``source`` is the ``cifar-10-batches-py`` directory (or its parent) with pickles
-    ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` (keys b"data" (N, 3072) uint8,
-    b"labels"). Pixels become ``(pixel / 255 - 0.5) / 0.5``; ``validation_fraction`` of the
-    train images, drawn by ``numpy.random.default_rng(seed).permutation``, are held out.
-    """
-    root = Path(source)
-    if (root / "cifar-10-batches-py").is_dir():
-        root = root / "cifar-10-batches-py"
-    names = ["test_batch"] if split == "test" else [f"data_batch_{k}" for k in range(1, 6)]
-    xs, ys = [], []
-    for name in names:
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"data.source: {str(path)!r} does not exist (CIFAR-10)")
-        with path.open("rb") as fh:
-            raw = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(raw[b"data"], dtype=np.uint8))
-        ys.append(np.asarray(raw[b"labels"], dtype=np.int64))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if split != "test":
-        n = len(y)
-        n_val = round(validation_fraction * n)
-        held = np.zeros(n, dtype=bool)
-        held[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-        rows = held if split == "validation" else ~held
-        x, y = x[rows], y[rows]
-    features = (torch.from_numpy(x).to(torch.float32) / 255.0 - 0.5) / 0.5
-    return features, torch.from_numpy(y)
-
-
-# =============================================================================================
-# The setup
-# =============================================================================================
-@dataclass
-class Setup:
-    """Everything a run (or the evaluation framework) needs for one configuration.
-
-    Attributes
-    ----------
-    config : dict
-        The resolved configuration.
-    model : torch.nn.Module
-        On :attr:`device`, in eval mode, trainable parameters = the adapters (or all, MLP).
-    loss : ngdref.LogitLoss
-        The per-sample loss of the training targets: ``SequenceSoftmaxCrossEntropy(V)`` (T5,
-        V = ``model.config.vocab_size``, label word + EOS positions) or
-        ``SoftmaxCrossEntropy()`` (ViT over all 1000 head logits; MLP).
-    train, validation : Split
-    test : dict of str to Split
-        Labelled test sets ("test"; MNLI "test_matched" and "test_mismatched"); empty when the
-        test labels are private (GLUE under ``data.protocol="paper"``).
-    tokenizer : T5 tokenizer or None
-    device : torch.device
-    dtype : torch.dtype
-    task : str
-    label_words : tuple of str or None
-        T5: the task's label words in label-index order.
-    output_fn : callable or None
-        The :class:`backends.TorchProvider` ``output_fn`` of the training loss (None: the
-        model output's ``.logits`` or the output itself; T5's (N, T, V) logits are flattened
-        to (N, T * V), the layout of :attr:`loss`). The evaluation framework's first-label-token
-        variant is ``lambda out: out.logits[:, 0]`` with targets ``batch.targets[:, 0]``.
-
-    Examples
-    --------
-    One batch of 160 random training rows for the evaluation framework::
-
-        rows = np.random.default_rng(0).choice(len(setup.train), 160, replace=False)
-        batch = setup.train.make(rows)       # no generator: no augmentation
-        provider = TorchProvider(setup.model, batch.inputs, output_fn=setup.output_fn)
-        q = ngdref.batch_quantities(provider, setup.loss, batch.targets,
-                                    reduction=setup.reduction(batch))
-    """
-
-    config: dict[str, Any]
-    model: nn.Module
-    loss: ngdref.LogitLoss
-    train: Split
-    validation: Split
-    test: dict[str, Split]
-    tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    task: str
-    label_words: tuple[str, ...] | None = None
-    output_fn: Callable[[Any], torch.Tensor] | None = None
-
-    # ---- parameters -------------------------------------------------------------------------
-    @property
-    def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the trainable parameters, in ``named_parameters`` order."""
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    @property
-    def num_trainable(self) -> int:
-        """P."""
-        return count_trainable(self.model)
-
-    def params(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trainable parameters, ``{name: tensor}``."""
-        return {n: p.detach().cpu().clone() for n, p in self.trainable}
-
-    def load_params(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``{name: tensor}`` (e.g. from :func:`load_checkpoint`) into the trainable params.
-
-        Raises
-        ------
-        ValueError
-            If the names or shapes differ from the model's trainable parameters.
-        """
-        own = dict(self.trainable)
-        missing, extra = sorted(set(own) - set(params)), sorted(set(params) - set(own))
-        if missing or extra:
-            raise ValueError(
-                f"params do not match the model's trainable parameters: missing {missing[:3]}"
-                f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-                f"{'...' if len(extra) > 3 else ''}"
-            )
-        with torch.no_grad():
-            for name, p in own.items():
-                value = params[name]
-                if tuple(value.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"params[{name!r}] has shape {tuple(value.shape)}, expected "
-                        f"{tuple(p.shape)}"
-                    )
-                p.copy_(value.to(p.device, p.dtype))
-
-    # ---- losses -----------------------------------------------------------------------------
-    def reduction(self, batch: Batch, spec: str | float = "hf") -> str | float:
-        """The reduction R of the per-sample optimisers for ``batch``.
-
-        "hf": the Hugging Face loss's, 1 / (label tokens of the batch) for T5 and "mean"
-        (1/N) for the classifiers; "sum", "mean" and floats are passed through.
-        """
-        if spec != "hf":
-            return spec
-        if self.label_words is not None:
-            return 1.0 / int((batch.targets != IGNORE_INDEX).sum())
-        return "mean"
-
-    def hf_loss(self, batch: Batch) -> torch.Tensor:
-        """The baselines' differentiable mean loss of ``batch`` (the model's own for HF models)."""
-        if isinstance(self.loss, ngdref.SoftmaxCrossEntropy) and "x" in batch.inputs:
-            logits = self.model(batch.inputs["x"])
-            return nn.functional.cross_entropy(logits, batch.targets)
-        return self.model(**batch.inputs).loss
-
-    # ---- evaluation -------------------------------------------------------------------------
-    def predict(self, batch: Batch) -> tuple[torch.Tensor, float, int]:
-        """Predicted class indices (N,) (-1: no label word), the summed loss and its count.
-
-        T5: the teacher-forced logits of all label positions, greedy argmax decoded and
-        compared with the label words (:func:`metrics.predict_label_words`). Classifiers: the
-        argmax over all logits (ViT: all 1000 head classes; an index >= the number of CIFAR
-        classes is simply wrong). The loss is summed over label tokens (T5) or samples.
-        """
-        with torch.no_grad(), _eval_mode(self.model):
-            if "x" in batch.inputs:
-                logits = self.model(batch.inputs["x"])
-            else:
-                logits = self.model(**batch.inputs).logits
-            if self.label_words is not None:
-                flat = logits.reshape(batch.size, -1)
-                total = float(self.loss.value(flat, batch.targets).sum())
-                count = int((batch.targets != IGNORE_INDEX).sum())
-                pred = metrics_mod.predict_label_words(logits, self.tokenizer, self.label_words)
-            else:
-                total = float(
-                    nn.functional.cross_entropy(logits, batch.targets, reduction="sum")
-                )
-                count = batch.size
-                pred = logits.argmax(dim=-1).cpu()
-        return pred, total, count
-
-    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """The task's metrics: GLUE's (:func:`metrics.glue_metrics`) or accuracy."""
-        if self.label_words is not None:
-            return metrics_mod.glue_metrics(self.task, predictions, labels)
-        return {"accuracy": metrics_mod.accuracy(predictions, labels)}
-
-    def score(self, metrics: Mapping[str, float]) -> float:
-        """Best-checkpoint score: accuracy + the task's second metric (GLUE), else accuracy."""
-        if self.label_words is not None:
-            return metrics_mod.selection_score(self.task, metrics)
-        return float(metrics["accuracy"])
-
-    def evaluate(self, split: Split, limit: int | None = None) -> dict[str, float]:
-        """Metrics and mean ``loss`` (HF's reduction) of ``split`` (its first ``limit`` rows)."""
-        preds, labels, total, count = [], [], 0.0, 0
-        batch_size = self.config["train"]["eval_batch_size"]
-        for batch in split.batches(batch_size, limit):
-            pred, batch_total, batch_count = self.predict(batch)
-            preds.append(pred)
-            labels.append(batch.class_labels)
-            total += batch_total
-            count += batch_count
-        result = self.metrics(torch.cat(preds), torch.cat(labels))
-        result["loss"] = total / count
-        return result
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` / "auto": CUDA when available, else CPU; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def build_setup(config: Mapping[str, Any], device: str | torch.device | None = None) -> Setup:
-    """Build the model, losses and data splits of a resolved configuration.
-
-    Parameters
-    ----------
-    config : mapping
-        From :func:`config.load_config` (or a run's ``config.json``, :func:`load_run_config`).
-    device : str or torch.device, optional
-        Default: CUDA when available, else CPU.
-
-    Returns
-    -------
-    Setup
-        The model is freshly initialised (base weights from ``model.name``; adapters from
-        ``config["seed"]``), in eval mode; load a checkpoint with :meth:`Setup.load_params`.
-    """
-    cfg = dict(config)
-    dev = resolve_device(device)
-    dtype = torch_dtype(cfg["model"]["dtype"])
-    setup_name, task, seed = cfg["setup"], cfg["task"], int(cfg["seed"])
-    dcfg = cfg["data"]
-    if setup_name in ("t5-lora", "t5-prompt"):
-        tokenizer = load_t5_tokenizer(cfg["model"])
-        model = build_t5(cfg["model"], cfg["peft"], tokenizer, seed=seed).to(dev)
-        glue = data_mod.get_glue_task(task)
-        source = dcfg["source"]
-
-        def glue_split(name: str, limit: int | None) -> GlueSplit:
-            rows = data_mod.load_glue(
-                glue,
-                name,
-                source,
-                protocol=dcfg["protocol"],
-                validation_size=dcfg["validation_size"],
-                seed=dcfg["split_seed"],
-            )
-            return GlueSplit(
-                name, _limit(rows, limit), tokenizer, cfg["model"]["max_length"], dev
-            )
-
-        train_split = glue_split("train", dcfg["max_train_samples"])
-        val_split = glue_split("validation", dcfg["max_eval_samples"])
-        test_names = ["test_matched", "test_mismatched"] if task == "mnli" else ["test"]
-        test: dict[str, Split] = {}
-        if dcfg["protocol"] == "holdout":
-            test = {n: glue_split(n, dcfg["max_eval_samples"]) for n in test_names}
-        return Setup(
-            cfg,
-            model,
-            ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), IGNORE_INDEX),
-            train_split,
-            val_split,
-            test,
-            tokenizer,
-            dev,
-            dtype,
-            task,
-            label_words=glue.label_words,
-        )
-    if setup_name == "vit-lora":
-        model = build_vit(cfg["model"], cfg["peft"], seed=seed).to(dev)
-        image_size = int(model.config.image_size)
-        splits = {}
-        for name in ("train", "validation", "test"):
-            part = data_mod.load_cifar100(
-                name,
-                dcfg["source"],
-                label_set=dcfg["label_set"],
-                validation_fraction=dcfg["validation_fraction"],
-                seed=dcfg["split_seed"],
-            )
-            limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
-            splits[name] = ImageSplit(
-                name,
-                _limit(part.inputs, limit),
-                _limit(part.labels, limit),
-                image_size,
-                augment=name == "train" and bool(dcfg["augment"]),
-                device=dev,
-                dtype=dtype,
-            )
-        num_classes = int(model.config.num_labels)
-        top = int(splits["train"].labels.max())
-        if top >= num_classes:
-            raise ValueError(
-                f"data: CIFAR label {top} does not fit the model's {num_classes}-way head"
-            )
-        return Setup(
-            cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
-            {"test": splits["test"]}, None, dev, dtype, task,
-        )
-    if setup_name == "mlp":
-        model = build_mlp(cfg["model"], seed=seed).to(dev)
-        splits = {}
-        for name in ("train", "validation", "test"):
-            if task == "digits":
-                part = data_mod.load_digits(name, seed=dcfg["split_seed"], dtype=dtype)
-                x, y = part.inputs, part.labels
-            else:
-                x, y = _load_cifar10(
-                    name,
-                    dcfg["source"],
-                    validation_fraction=dcfg["validation_fraction"],
-                    seed=dcfg["split_seed"],
-                )
-            limit = dcfg["max_train_samples"] if name == "train" else dcfg["max_eval_samples"]
-            x, y = _limit(x, limit), _limit(y, limit)
-            if x[0].numel() != cfg["model"]["input_dim"]:
-                raise ConfigError(
-                    f"config key 'model.input_dim' is {cfg['model']['input_dim']} but task "
-                    f"{task!r} has {x[0].numel()} input features"
-                )
-            splits[name] = TensorSplit(name, x.to(dtype), y, dev)
-        return Setup(
-            cfg, model, ngdref.SoftmaxCrossEntropy(), splits["train"], splits["validation"],
-            {"test": splits["test"]}, None, dev, dtype, task,
-        )
-    raise ConfigError(f"config key 'setup' is not a known setup: {setup_name!r}")
 
 
 # =============================================================================================
@@ -713,8 +250,11 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
             damping_mode=o["damping_mode"], dedup_threshold=o["dedup_threshold"], **common,
         )
     if name == "sf":
+        sf_loss = setup.loss
+        if setup.label_words is not None and o["sample_positions"] == "label_word":
+            sf_loss = LabelWordSampledCE(setup.loss.vocab_size, IGNORE_INDEX)
         return ngd_optim.SF(
-            setup.model, setup.loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
+            setup.model, sf_loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
             num_samples=o["num_samples"], seed=int(cfg["seed"]), **common,
         )
     if name == "ngd":
@@ -746,146 +286,14 @@ def _augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 # =============================================================================================
-# Checkpoints
+# Run files
 # =============================================================================================
-class Checkpoint(NamedTuple):
-    """A checkpoint's trainable parameters (CPU tensors by name), step and epoch."""
-
-    params: dict[str, torch.Tensor]
-    step: int
-    epoch: int
-
-
-class CheckpointInfo(NamedTuple):
-    """One checkpoint file: ``name`` ("epoch-3", "best", "last"), path, step, epoch, kind."""
-
-    name: str
-    path: Path
-    step: int
-    epoch: int
-    kind: str
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _save(path: Path, obj: Mapping[str, Any]) -> None:
-    _atomic_write(path, lambda fh: torch.save(dict(obj), fh))
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The whole dictionary stored in a checkpoint file (this runner's own files).
-
-    Keys: ``format``, ``kind`` ("epoch", "best", "resume"), ``params``, ``step``, ``epoch``,
-    ``config``; resume checkpoints add the optimiser, RNG and data-order state.
-    """
-    # weights_only=False: the file holds numpy / python RNG states; it is this runner's own.
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of this runner")
-    return state
-
-
-def _checkpoint_path(run_dir: str | os.PathLike[str], which: str | int) -> Path:
-    folder = Path(run_dir) / "checkpoints"
-    if isinstance(which, int) and not isinstance(which, bool):
-        name = f"epoch-{which}"
-    else:
-        name = str(which)
-    path = folder / (name if name.endswith(".pt") else f"{name}.pt")
-    if not path.is_file():
-        known = [info.name for info in list_checkpoints(run_dir)]
-        raise FileNotFoundError(f"which: no checkpoint {name!r} in {str(folder)!r}; has {known}")
-    return path
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str], which: str | int) -> Checkpoint:
-    """Load a run's checkpoint.
-
-    Parameters
-    ----------
-    run_dir : path
-    which : str or int
-        "epoch-k" or k (the end of epoch k; 0 = the initial model), "best" (best validation
-        score) or "last" (the latest resumable state).
-
-    Returns
-    -------
-    Checkpoint
-        ``(params, step, epoch)``: params ``{name: CPU tensor}`` of the trainable parameters
-        (put them into a :func:`build_setup` model with :meth:`Setup.load_params`), the number
-        of steps taken and of completed epochs.
-    """
-    state = read_checkpoint(_checkpoint_path(run_dir, which))
-    return Checkpoint(state["params"], int(state["step"]), int(state["epoch"]))
-
-
-def list_checkpoints(
-    run_dir: str | os.PathLike[str], kind: str | None = None
-) -> list[CheckpointInfo]:
-    """The checkpoints of a run: epoch-0, epoch-1, ... (by epoch), then best, then last.
-
-    Parameters
-    ----------
-    run_dir : path
-    kind : {"epoch", "best", "resume"}, optional
-        Only checkpoints of this kind (``last.pt`` is "resume").
-    """
-    folder = Path(run_dir) / "checkpoints"
-    infos = []
-    for path in folder.glob("*.pt") if folder.is_dir() else []:
-        state = read_checkpoint(path)
-        infos.append(
-            CheckpointInfo(path.stem, path, int(state["step"]), int(state["epoch"]), state["kind"])
-        )
-    order = {"epoch": 0, "best": 1, "resume": 2}
-    infos.sort(key=lambda i: (order.get(i.kind, 3), i.epoch, i.step, i.name))
-    return [i for i in infos if kind is None or i.kind == kind]
-
-
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The resolved configuration a run was started with (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"run_dir: {str(path)!r} does not exist")
     return load_config(path)
-
-
-def read_metrics(run_dir: str | os.PathLike[str], kind: str | None = None) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (only those of ``kind`` if given)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in records if kind is None or r.get("kind") == kind]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        # the legacy global generator is saved because user code may draw from it
-        "numpy": np.random.get_state(),  # noqa: NPY002
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # =============================================================================================
@@ -920,6 +328,10 @@ class TrainResult:
     best: dict[str, Any]
     test: dict[str, Any] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run skipped a damaged checkpoint (the message names it and the one used)."""
 
 
 class _Stop(Exception):
@@ -976,53 +388,74 @@ class _Run:
             "config": self.config,
         }
 
-    def save_resume(self) -> None:
-        state = self._base("resume")
-        state.update(
-            optimizer=self.optimizer.state_dict(),
-            rng=_rng_state(),
-            position=self.position,
-            permutation=self.permutation,
-            best=self.best,
-            best_params=self.best_params,
-            last_eval_step=self.last_eval_step,
-            log_lines=self.log_lines,
-            finished=self.finished,
-            diverged=self.diverged,
-            elapsed=self.elapsed(),
-            total_steps=self.total,
-        )
-        _save(self.ckpt_dir / "last.pt", state)
+    def _resume_state(self) -> dict[str, Any]:
+        """Everything beyond the parameters that continues the run (weights-only types)."""
+        permutation = None if self.permutation is None else torch.from_numpy(self.permutation)
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "position": self.position,
+            "permutation": permutation,
+            "best": self.best,
+            "best_params": self.best_params,
+            "last_eval_step": self.last_eval_step,
+            "log_lines": self.log_lines,
+            "finished": self.finished,
+            "diverged": self.diverged,
+            "elapsed": self.elapsed(),
+            "total_steps": self.total,
+        }
 
-    def restore(self) -> None:
-        state = read_checkpoint(self.ckpt_dir / "last.pt")
-        if state["total_steps"] != self.total:
-            raise ValueError(
-                f"checkpoint: last.pt was written for {state['total_steps']} total steps, this "
-                f"configuration has {self.total}"
+    def save_resume(self, kind: str = "resume") -> None:
+        """``last.pt`` (kind "resume") or, at an epoch end, ``epoch-k.pt`` (kind "epoch")."""
+        state = {**self._base(kind), "resume": self._resume_state()}
+        name = "last.pt" if kind == "resume" else f"epoch-{self.epoch}.pt"
+        save_checkpoint(self.ckpt_dir / name, state)
+
+    def restore(self, point: ResumePoint) -> None:
+        """Continue from ``point``; every check runs before any file is changed."""
+        path, state = point.path, point.state
+        changed = config_diff(state["config"], self.config)
+        if changed:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} was written with a configuration that "
+                f"differs in {changed}; it belongs to another run"
             )
-        self.setup.load_params(state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        resume = state["resume"]
+        if resume["total_steps"] != self.total:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} was written for {resume['total_steps']} total "
+                f"steps, this configuration (and its data) has {self.total}"
+            )
+        try:
+            self.setup.load_params(state["params"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"resume: checkpoint {str(path)!r} does not fit the model or optimiser of this "
+                f"configuration: {exc}"
+            ) from exc
+        records = log_prefix(self.log_path, int(resume["log_lines"]), path)
+        for damaged, reason in point.skipped:
+            moved = f"; moved it to {move_aside(damaged).name!r}" if damaged.exists() else ""
+            warnings.warn(
+                f"{reason}{moved}; resumed from {path.name!r} (step {int(state['step'])})",
+                ResumeWarning,
+                stacklevel=3,
+            )
+        restore_rng_state(resume["rng"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.position = int(state["position"])
-        self.permutation = state["permutation"]
-        self.best, self.best_params = state["best"], state["best_params"]
-        self.last_eval_step = int(state["last_eval_step"])
-        self.finished, self.diverged = bool(state["finished"]), bool(state["diverged"])
-        self.elapsed_before = float(state["elapsed"])
+        self.position = int(resume["position"])
+        perm = resume["permutation"]
+        self.permutation = None if perm is None else perm.numpy()
+        self.best, self.best_params = resume["best"], resume["best_params"]
+        self.last_eval_step = int(resume["last_eval_step"])
+        self.finished, self.diverged = bool(resume["finished"]), bool(resume["diverged"])
+        self.elapsed_before = float(resume["elapsed"])
         self.started = time.perf_counter()
         # keep the log lines written before the checkpoint: the later ones are written again
-        self.log_lines = int(state["log_lines"])
-        with self.log_path.open(encoding="utf-8") as fh:
-            lines = fh.readlines()
-        if len(lines) < self.log_lines:
-            raise ValueError(
-                f"metrics.jsonl has {len(lines)} lines but last.pt was written after "
-                f"{self.log_lines}: the log does not belong to this checkpoint"
-            )
-        text = "".join(lines[: self.log_lines])
-        _atomic_write(self.log_path, lambda fh: fh.write(text), mode="w")
+        self.log_lines = int(resume["log_lines"])
+        atomic_write(self.log_path, lambda fh: fh.write(records), mode="w")
 
     # ---- one step ---------------------------------------------------------------------------
     def take_step(self, batch: Batch) -> dict[str, Any]:
@@ -1064,7 +497,7 @@ class _Run:
             self.best_params = self.setup.params()
             best = self._base("best")
             best["metrics"] = metrics
-            _save(self.ckpt_dir / "best.pt", best)
+            save_checkpoint(self.ckpt_dir / "best.pt", best)
         self.last_eval_step = self.step
         self.log(
             {
@@ -1126,8 +559,7 @@ class _Run:
                     self.permutation = None
                     if eval_every == "epoch":
                         self.validate()
-                    lean = self._base("epoch")
-                    _save(self.ckpt_dir / f"epoch-{self.epoch}.pt", lean)
+                    self.save_resume("epoch")
                     self.save_resume()
         finally:
             bar.close()
@@ -1172,7 +604,7 @@ class _Run:
             "test": results,
         }
         text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
-        _atomic_write(self.run_dir / "results.json", lambda fh: fh.write(text), mode="w")
+        atomic_write(self.run_dir / "results.json", lambda fh: fh.write(text), mode="w")
         return results
 
 
@@ -1191,6 +623,7 @@ def train(
     run_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
+    resume_or_start: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     stop_after: int | None = None,
@@ -1207,8 +640,14 @@ def train(
         Where the run's files go (module docstring). Without ``resume`` it must not hold a run
         already.
     resume : bool
-        Continue from ``run_dir/checkpoints/last.pt`` (started afresh when there is none). The
-        configuration must equal the stored ``config.json``.
+        Continue the run in ``run_dir`` from its newest intact checkpoint: ``last.pt``, or,
+        when that is damaged, the newest readable ``epoch-k.pt`` (a :class:`ResumeWarning` says
+        so and the damaged file is renamed ``*.damaged``, not overwritten). The configuration
+        must equal the stored ``config.json`` and the checkpoint's own. It never starts from
+        zero: a missing or empty ``run_dir`` is an error.
+    resume_or_start : bool
+        As ``resume``, but start a new run when ``run_dir`` is missing or holds nothing (no
+        ``config.json``, checkpoint or log lines).
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
     progress : bool, optional
@@ -1228,23 +667,22 @@ def train(
     Raises
     ------
     FileExistsError
-        ``run_dir`` holds a run and ``resume`` is False.
+        ``run_dir`` holds a run and neither ``resume`` nor ``resume_or_start`` is set.
+    FileNotFoundError
+        ``resume`` on a missing or empty ``run_dir``, or one without checkpoints.
     ConfigError
-        ``resume`` with a configuration that differs from the stored one (the keys are named).
+        Resuming with a configuration that differs from the stored one (the keys are named).
+    CheckpointError
+        Resuming when no checkpoint is intact, or the newest intact one belongs to another
+        configuration or model, or the log is shorter than the checkpoint's. No file is
+        changed when resuming fails.
     """
     config = dict(config)
     run = Path(run_dir)
-    stored = run / "config.json"
-    last = run / "checkpoints" / "last.pt"
-    if resume and stored.is_file():
-        previous = json.loads(stored.read_text(encoding="utf-8"))
-        changed = config_diff(previous, config)
-        if changed:
-            raise ConfigError(
-                f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "
-                "with the stored configuration or start a new run directory"
-            )
-    elif not resume and (stored.exists() or (run / "metrics.jsonl").exists()):
+    point = None
+    if resume or resume_or_start:
+        point = resume_point(run, config, start_if_missing=resume_or_start)
+    elif has_run(run):
         raise FileExistsError(
             f"run_dir {str(run)!r} already holds a run; pass resume=True (--resume) to "
             "continue it or choose another directory"
@@ -1257,14 +695,14 @@ def train(
     if setup is None:
         setup = build_setup(config, device)
     state = _Run(setup, run, progress)
-    run.mkdir(parents=True, exist_ok=True)
-    if resume and last.is_file():
-        state.restore()
+    if point is not None:
+        state.restore(point)
     else:
+        run.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, indent=2) + "\n"
-        _atomic_write(stored, lambda fh: fh.write(text), mode="w")
-        _atomic_write(state.log_path, lambda fh: fh.write(""), mode="w")
-        _save(state.ckpt_dir / "epoch-0.pt", state._base("epoch"))
+        atomic_write(run / "config.json", lambda fh: fh.write(text), mode="w")
+        atomic_write(state.log_path, lambda fh: fh.write(""), mode="w")
+        state.save_resume("epoch")
     try:
         if not state.finished:
             state.run(stop_after, callback)
