@@ -478,23 +478,28 @@ def ngd_update_cg(
 
 
 def _not_converged_message(result: Any, tol: float, maxiter: int | None, grad_norm: float) -> str:
-    """Say which of CG's two stops happened, with the numbers."""
+    """Say which of CG's stops happened, with the numbers."""
     relative = result.residual_norm / grad_norm
-    if result.stopped_on_tolerance:
+    if result.stop == "maxiter":
+        limit = "10 * P" if maxiter is None else maxiter
         return (
-            f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
-            f"{result.iterations} iterations, but the true relative residual of the result is "
-            f"{relative:.3g} > 2 tol = {2 * tol:.3g}: fisher_vp is not accurate enough for this "
-            f"tol (float32 model internals, say); raise tol above {relative:.3g}, or pass "
-            "check_convergence=False"
+            f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
+            f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping "
+            "(which improves the conditioning), raise tol, or pass check_convergence=False "
+            "for truncated CG"
         )
-    limit = "10 * P" if maxiter is None else maxiter
-    return (
-        f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
-        f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping (which "
-        "improves the conditioning), raise tol, or pass check_convergence=False for truncated CG"
+    what = (
+        f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
+        f"{result.iterations} iterations, but"
+        if result.stop == "tolerance"
+        else f"conjugate gradient broke down after {result.iterations} iterations (p^T (F + "
+        "lambda I) p <= 0 from rounding) and"
     )
-
+    return (
+        f"{what} the true relative residual of the result is {relative:.3g} > 2 tol = "
+        f"{2 * tol:.3g}: fisher_vp is not accurate enough for this tol (float32 model "
+        f"internals, say); raise tol above {relative:.3g}, or pass check_convergence=False"
+    )
 
 def _norm(xp: Any, v: Any) -> float:
     return float(xp.sqrt(xp.sum(v * v)))

@@ -240,3 +240,41 @@ def test_directions_with_uniforms_equal_directions_with_the_key(backend):
         provider, pr.loss, a.targets, key=backend.asarray(uniforms), **kwargs
     )["sf"]
     np.testing.assert_array_equal(backend.to_numpy(with_uniforms), backend.to_numpy(with_key))
+
+
+def test_readme_torch_cg_example_runs_on_a_float32_tiny_mlp():
+    """README's PyTorch example, directions(..., damping=1e-7, ngd_solver="cg"), on a float32
+    model: the default tolerance follows the dtype (1000 eps32), so it returns. Checked against
+    the float64 Fisher of the same weights: the true relative residual is at most 2 tol (CG's
+    stop) plus the float32 Fisher-vector products' rounding, P eps32 ||F|| ||d|| / ||g||."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    from backends import TorchProvider
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    loss = ngdref.SoftmaxCrossEntropy()
+    with torch.no_grad():
+        provider = TorchProvider(model, x)
+        d = ngdref.directions(provider, loss, y, damping=1e-7, key=0, ngd_solver="cg")["ngd"]
+        assert d.dtype == torch.float32
+        exact = TorchProvider(copy.deepcopy(model).double(), x.double())
+        jac = exact.jacobian().numpy()
+        h = loss.hessian(exact.logits(), y).numpy()
+        g = ngdref.batch_quantities(exact, loss, y).grad.numpy()
+    fisher = np.einsum("ncp,ncd,ndq->pq", jac, h, jac)
+    d64 = d.double().numpy()
+    residual = np.linalg.norm(fisher @ d64 + 1e-7 * d64 - g) / np.linalg.norm(g)
+    eps32 = float(np.finfo(np.float32).eps)
+    tol = ngdref.cg.default_cg_tol(np, np.float32)
+    bound = 2 * tol + SAFETY * g.size * eps32 * np.linalg.norm(fisher, 2) * np.linalg.norm(
+        d64
+    ) / np.linalg.norm(g)
+    assert residual <= bound
+    # a float64 tolerance on the float32 model: refused, saying why and with the numbers
+    with torch.no_grad(), pytest.raises(ngdref.NotConvergedError, match="not accurate enough"):
+        ngdref.directions(
+            provider, loss, y, damping=1e-7, methods=("ngd",), ngd_solver="cg", cg_tol=1e-10
+        )
