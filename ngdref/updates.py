@@ -35,7 +35,12 @@ from ngdref._checks import (
     check_vector,
     namespace,
 )
-from ngdref.cg import NotConvergedError, conjugate_gradient, default_cg_tol
+from ngdref.cg import (
+    NotConvergedError,
+    conjugate_gradient,
+    default_cg_tol,
+    not_converged_message,
+)
 from ngdref.curvature import _check_jacobians, _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
 from ngdref.rows import DenseRows, as_rows, rows_namespace
@@ -473,33 +478,9 @@ def ngd_update_cg(
         fisher_vp, grad, damping=damping, tol=tol, maxiter=maxiter, callback=callback
     )
     if check_convergence and not result.converged:
-        raise NotConvergedError(_not_converged_message(result, tol, maxiter, _norm(xp, grad)))
+        raise NotConvergedError(not_converged_message(result, tol, maxiter, _norm(xp, grad)))
     return result.x
 
-
-def _not_converged_message(result: Any, tol: float, maxiter: int | None, grad_norm: float) -> str:
-    """Say which of CG's stops happened, with the numbers."""
-    relative = result.residual_norm / grad_norm
-    if result.stop == "maxiter":
-        limit = "10 * P" if maxiter is None else maxiter
-        return (
-            f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
-            f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping "
-            "(which improves the conditioning), raise tol, or pass check_convergence=False "
-            "for truncated CG"
-        )
-    what = (
-        f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
-        f"{result.iterations} iterations, but"
-        if result.stop == "tolerance"
-        else f"conjugate gradient broke down after {result.iterations} iterations (p^T (F + "
-        "lambda I) p <= 0 from rounding) and"
-    )
-    return (
-        f"{what} the true relative residual of the result is {relative:.3g} > 2 tol = "
-        f"{2 * tol:.3g}: fisher_vp is not accurate enough for this tol (float32 model "
-        f"internals, say); raise tol above {relative:.3g}, or pass check_convergence=False"
-    )
 
 def _norm(xp: Any, v: Any) -> float:
     return float(xp.sqrt(xp.sum(v * v)))
