@@ -4,7 +4,8 @@ An *update* is a direction d without learning rate or sign: the optimiser
 applies ``theta <- theta - lr * d``. Every function works in the paper's sum
 convention (the per-sample inputs are those of l_n, not of a mean loss); to
 use a mean-reduced loss, scale the per-sample inputs by the reduction factor
-(:func:`ngdref.batch_quantities` does this from ``reduction=``).
+(:func:`ngdref.batch_quantities` and :func:`ngdref.sampled_grads` do this from
+``reduction=``, with the convention stated in :mod:`ngdref.directions`).
 
 Two families of damping (SPEC §3):
 
@@ -17,8 +18,11 @@ Two families of damping (SPEC §3):
 For EF both coincide exactly; for iEF they differ for lambda > 0:
 (F_iEF + lambda I_P)^{-1} g = G^T (G G^T + lambda diag(s))^{-1} s.
 
-The small systems are formed and solved in float64 (the authors' practice),
-and the final combination ``G^T c`` is done in the input dtype.
+The small systems are formed and solved in float64 (the authors' practice) by
+:class:`ngdref.linalg.DampedGram`, and the final combination ``G^T c`` is done in
+the input dtype. Per-sample gradients may be dense (N, P) arrays or
+:class:`~ngdref.rows.PerSampleRows`; ``return_info=True`` returns the solve's
+diagnostics (:class:`~ngdref.linalg.GramSolve`) with the update.
 """
 
 from __future__ import annotations
