@@ -202,3 +202,25 @@ def test_all_pairs_drops_the_later_of_equal_norms(backend):
     rows = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     mask = backend.to_numpy(ngdref.near_duplicate_mask(backend.asarray(rows @ rows.T), 0.99))
     assert mask.tolist() == [True, False, True]
+
+
+def test_lu_fallback_when_cholesky_fails_gives_the_same_solution(monkeypatch):
+    """If Cholesky breaks down on a matrix that passed the condition check (positive
+    definite only in exact arithmetic), the solve falls back to LU; same bound as above."""
+    import array_api_compat.numpy as xp_numpy
+
+    calls = []
+
+    def failing_cholesky(x, /, **kwargs):
+        calls.append(x.shape)
+        raise np.linalg.LinAlgError("Matrix is not positive definite")
+
+    monkeypatch.setattr(xp_numpy.linalg, "cholesky", failing_cholesky)
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal((5, 12))
+    s = rng.uniform(0.5, 2.0, 5)
+    info = ngdref.DampedGram(g).solve(s, damping=1e-3)
+    matrix = g @ g.T + 1e-3 * np.eye(5)
+    c = np.linalg.solve(matrix, s)
+    assert_close_norm(info.coefficients, c, gram_rtol(g, matrix, c))
+    assert calls == [(5, 5)]  # the fallback was taken
