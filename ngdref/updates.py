@@ -457,7 +457,7 @@ def ngd_update_cg(
     tol : float, optional
         Relative residual ||(F + lambda I) d - g|| <= tol ||g||; default
         :func:`ngdref.cg.default_cg_tol` of ``grad``'s dtype (1e-10 for float64,
-        1.2e-4 for float32).
+        3.5e-4 for float32).
     maxiter : int, optional
         Default 10 * P.
     callback : callable, optional
