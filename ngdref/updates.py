@@ -47,7 +47,7 @@ from ngdref.cg import (
 )
 from ngdref.curvature import _check_jacobians, _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
-from ngdref.rows import DenseRows, as_rows, rows_namespace
+from ngdref.rows import DenseRows, as_rows, ones_like_rows, rows_namespace
 
 __all__ = [
     "check_damping_options",
@@ -82,8 +82,7 @@ def sgd_update(per_sample_grads: Any) -> Any:
     if isinstance(rows, DenseRows):
         grad = xp.sum(rows.array, axis=0)
     else:
-        ones = xp.ones(rows.shape[0], dtype=rows.dtype)
-        grad = rows.rmatvec(ones)
+        grad = rows.rmatvec(ones_like_rows(rows))
     check_finite(xp, grad, "per_sample_grads")  # a NaN or inf row reaches the sum
     return grad
 
@@ -222,8 +221,7 @@ def ef_update(
     """
     check_damping_options(damping_space, damping_mode)
     solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
-    xp = solver.rows.array_namespace()
-    ones = xp.ones(solver.rows.shape[0], dtype=solver.rows.dtype)
+    ones = ones_like_rows(solver.rows)
     update, info = solver.update(ones, damping=damping, damping_mode=damping_mode)
     return (update, info) if return_info else update
 
