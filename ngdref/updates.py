@@ -290,27 +290,33 @@ def _damped_inverse_apply(
 
     Uses the P x P system (the Gram matrix of A's columns) when P <= M and A is
     dense, else the Woodbury identity (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g],
-    which needs lambda > 0. A NaN or infinity in ``rows`` is caught in the small
-    matrix, reported as ``rows_name``.
+    which needs lambda > 0. ``rows`` may be a :class:`~ngdref.linalg.DampedGram` of A
+    (always Woodbury; its Gram matrix and factorisations are reused). A NaN or infinity
+    in ``rows`` is caught in the small matrix, reported as ``rows_name``.
     """
-    rows = as_rows(rows, rows_name)
+    solver = rows if isinstance(rows, DampedGram) else None
+    rows = as_rows(rows, rows_name) if solver is None else solver.rows
     xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
     m, p = rows.shape
     g64 = xp.astype(grad, xp.float64, copy=False)
-    dense = isinstance(rows, DenseRows)
+    dense = solver is None and isinstance(rows, DenseRows)
     if dense and p <= m:
         columns = DampedGram(xp.matrix_transpose(rows.array), rows_name=rows_name)
         info = columns.solve(g64, damping=damping)
         return xp.astype(info.coefficients, grad.dtype), info
     if damping == 0:
         raise SingularMatrixError(
-            f"damping=0 but the curvature matrix has rank at most {m} < P = {p}: "
-            "its undamped inverse does not exist; use damping > 0"
+            f"damping=0 but the curvature matrix has rank at most {min(m, p)} < P = {p} "
+            "(or its rows come as a DampedGram, solved by Woodbury): its undamped inverse "
+            "is not available; use damping > 0"
         )
     if dense:  # A g and A^T c in float64: g - A^T c cancels when lambda is small
         rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), rows_name)
-    solver = DampedGram(rows, rows_name=rows_name)
-    info = solver.solve(xp.astype(rows.matvec(g64), xp.float64), damping=damping)
+    if solver is None:
+        solver = DampedGram(rows, rows_name=rows_name)
+    # products in the rows' own dtype (a float32 PerSampleRows need not take float64 input)
+    ag = xp.astype(rows.matvec(xp.astype(grad, rows.dtype)), xp.float64)
+    info = solver.solve(ag, damping=damping)
     back = xp.astype(rows.rmatvec(info.coefficients), xp.float64)
     return xp.astype((g64 - back) / damping, grad.dtype), info
 
@@ -337,8 +343,10 @@ def sf_update(
     ----------
     grad : array, shape (P,)
         g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
-    sampled_grads : array (N*K, P) or PerSampleRows
-        Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model.
+    sampled_grads : array (N*K, P), PerSampleRows or DampedGram
+        Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model. A
+        :class:`~ngdref.linalg.DampedGram` of them is reused across calls (a damping
+        sweep forms their Gram matrix once and factorises once per damping).
     damping : float > 0 (0 only when N*K >= P, the rows are dense and F_SF is invertible)
     num_samples : int
         K.
@@ -351,12 +359,17 @@ def sf_update(
     array, shape (P,), namespace, device and dtype of ``grad``; with ``return_info``,
     ``(update, GramSolve)``.
     """
-    rows = as_rows(sampled_grads, "sampled_grads")
+    rows = (
+        sampled_grads.rows
+        if isinstance(sampled_grads, DampedGram)
+        else as_rows(sampled_grads, "sampled_grads")
+    )
     xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
     check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)
     _check_num_samples(num_samples, rows.shape[0])
     damping = check_damping(damping)
-    update, info = _damped_inverse_apply(rows, grad, num_samples * damping, "sampled_grads")
+    source = sampled_grads if isinstance(sampled_grads, DampedGram) else rows
+    update, info = _damped_inverse_apply(source, grad, num_samples * damping, "sampled_grads")
     update = num_samples * update
     return (update, info) if return_info else update
 
