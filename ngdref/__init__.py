@@ -5,10 +5,15 @@ its array namespace from its inputs (NumPy, CuPy, torch, array_api_strict)
 and returns arrays of that namespace, dtype and device. Conventions: the
 paper's sum-reduced loss unless a ``reduction`` says otherwise; EF and iEF
 damping in sample space (the paper's lambda I_N) unless
-``damping_space="parameter"``. See SPEC §2-4 and the README.
+``damping_space="parameter"``; under a reduction factor R one damping number
+damps EF, iEF and SF alike, as in the paper (stated once in
+:mod:`ngdref.directions`). Per-sample gradients are a dense (N, P) array or any
+:class:`~ngdref.rows.PerSampleRows`; :class:`~ngdref.linalg.DampedGram` is the
+reusable damped Gram solve. See SPEC §2-4, §9 and the README.
 """
 
 from ngdref._checks import NonFiniteError
+from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient
 from ngdref.curvature import (
     ef_matrix,
     fisher_matrix,
@@ -25,12 +30,9 @@ from ngdref.kfac import (
     kfac_inverse_apply,
 )
 from ngdref.linalg import (
-    CGResult,
+    DampedGram,
     GramSolve,
-    NotConvergedError,
     SingularMatrixError,
-    conjugate_gradient,
-    gram_matrix,
     near_duplicate_mask,
     solve_damped_gram,
 )
@@ -53,6 +55,7 @@ from ngdref.quality import (
     loss_reductions,
     projections,
 )
+from ngdref.rows import DenseRows, PerSampleRows, as_rows, gram_matrix
 from ngdref.updates import (
     ef_update,
     gn_update,
@@ -70,18 +73,22 @@ __all__ = [
     "METHODS",
     "BatchQuantities",
     "CGResult",
+    "DampedGram",
+    "DenseRows",
     "GramSolve",
     "JacobianProvider",
     "KroneckerFactors",
     "LogitLoss",
     "NonFiniteError",
     "NotConvergedError",
+    "PerSampleRows",
     "QuadraticForm",
     "SequenceSoftmaxCrossEntropy",
     "SigmoidBinaryCrossEntropy",
     "SingularMatrixError",
     "SoftmaxCrossEntropy",
     "SquaredError",
+    "as_rows",
     "batch_quantities",
     "conjugate_gradient",
     "directions",
