@@ -351,22 +351,35 @@ def _curvlinops_checks(
         checks.append(OracleCheck("curvlinops.EFLinearOperator", "EF v vs ngdref.ef_matrix(G)",
                                   _relative(ef_product, per_sample_ef), tol))
 
-    runs = []
-    for seed in range(1, MC_RUNS + 1):
-        mc = FisherMCLinearOperator(
+    def make_mc(seed: int) -> Any:
+        return FisherMCLinearOperator(
             model, spec.module, params, data, mc_samples=MC_SAMPLES // MC_RUNS, seed=seed,
             check_deterministic=False, **options,
         )
-        runs.append((mc @ v).detach().numpy() / spec.scale)
-    products = np.stack(runs)
+
+    checks.append(_mc_fisher_check(setup, vectors, fisher, make_mc, spec.scale))
+    return checks
+
+
+def _mc_fisher_check(
+    setup: OracleSetup, vectors: np.ndarray, fisher: np.ndarray,
+    make_mc: Callable[[int], Any], scale: float,
+) -> OracleCheck:
+    """The mean of MC_RUNS independent curvlinops MC Fisher products against F V."""
+    import torch
+
+    v = torch.from_numpy(vectors)
+    products = np.stack([
+        (make_mc(seed) @ v).detach().numpy() / scale for seed in range(1, MC_RUNS + 1)
+    ])
     mc_product = products.mean(axis=0)
     quantity = f"F_MC v ({MC_SAMPLES} draws) vs ngdref.fisher_vp"
     note = (f"tolerance = {MC_SIGMAS:g} standard errors from the spread of {MC_RUNS} "
             "independent curvlinops operators")
-    targets = setup.provider_targets
     if setup.sequence:
         # curvlinops draws a label at every token, ignore_index ones included: its
         # expectation is the Fisher of the sequence with every position kept
+        targets = setup.provider_targets
         xp = array_api_compat.array_namespace(targets)
         targets = xp.where(targets == setup.loss.ignore_index, xp.zeros_like(targets), targets)
         masked = fisher
@@ -377,11 +390,10 @@ def _curvlinops_checks(
             "the Fisher of all positions; the masked sequence Fisher differs from it by "
             f"{_relative(mc_product, masked):.2g}"
         )
-    checks.append(OracleCheck(
+    return OracleCheck(
         "curvlinops.FisherMCLinearOperator", quantity, _relative(mc_product, fisher),
         fisher_mc_tolerance(products, fisher), note=note,
-    ))
-    return checks
+    )
 
 
 def _backpack_checks(
