@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+import ngdref
 from backends.arrays import unavailable
 from validation.__main__ import main
 from validation.crosscheck import QUANTITIES, REFERENCE, runs
+from validation.independent import sampled_logit_grads, sf_uniforms
 from validation.independent_checks import toy_closed_forms
 from validation.oracles import MC_SIGMAS, fisher_mc_tolerance
 
@@ -193,6 +195,33 @@ def test_sequence_problem_compares_the_per_token_ef(
     mc = checks["curvlinops.FisherMCLinearOperator"]
     assert mc["ok"] and "ignored tokens kept" in mc["quantity"]
     assert "masked sequence Fisher differs" in mc["note"]
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [ngdref.SoftmaxCrossEntropy(), ngdref.SigmoidBinaryCrossEntropy(), ngdref.SquaredError(),
+     ngdref.SequenceSoftmaxCrossEntropy(vocab_size=3)],
+    ids=lambda loss: type(loss).__name__,
+)
+def test_dense_reference_draws_what_the_documented_sampler_draws(loss: Any) -> None:
+    """Two implementations of SPEC's sampling from the same uniforms (inverse CDF, Bernoulli,
+    Box-Muller) give the same logit gradients: what lets the SF check use its own draws."""
+    rng = np.random.default_rng(3)
+    n, c = 7, 6
+    z = 2 * rng.standard_normal((n, c))
+    targets = {
+        "SoftmaxCrossEntropy": rng.integers(0, c, n),
+        "SigmoidBinaryCrossEntropy": rng.integers(0, 2, (n, c)).astype(float),
+        "SquaredError": rng.standard_normal((n, c)),
+        "SequenceSoftmaxCrossEntropy": np.where(rng.random((n, 2)) < 0.3, -100,
+                                                rng.integers(0, 3, (n, 2))),
+    }[type(loss).__name__]
+    u = sf_uniforms(loss, n, c, k=4)
+    drawn = loss.sample(z, u, 4, targets=targets)
+    expected = np.stack([loss.grad(z, drawn[k]) for k in range(4)])
+    # both compute p - onehot (or sigma - y, or -radius cos) from the same z: a few eps
+    np.testing.assert_allclose(sampled_logit_grads(loss, z, targets, u), expected,
+                               rtol=0, atol=1e-14 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_mc_tolerance_comes_from_the_spread_of_the_estimates() -> None:

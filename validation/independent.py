@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -204,7 +204,6 @@ class Dense:
     hessians: np.ndarray
     sampled: np.ndarray
     eps_model: float = EPS64
-    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

@@ -119,7 +119,7 @@ def update_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
         IndependentCheck("s", "s_n = ||e_n||^2, NumPy e", relative(values["s"], s), d_s),
         IndependentCheck("sgd", "g = G^T 1", relative(values["sgd"], g), d_g),
     ]
-    ef = dense.cache.setdefault("ef_matrix", rows.T @ rows)
+    ef = rows.T @ rows
     solved = damped_solve(ef, g, lam)
     a_norm = solved.kappa * solved.lambda_min
     ef_error = _matrix_error(rows, ones, d_rows, a_norm)
