@@ -86,8 +86,9 @@ def _matrix_error(rows: np.ndarray, weights: np.ndarray, accuracy: float, a_norm
 def _s_accuracy(dense: Dense) -> float:
     """Relative accuracy of s between two routes from the same logits.
 
-    Each e_nc is a difference of O(max(1, |z|, |y|)) numbers computed to a few
-    eps: |de_nc| <= c eps m, so |ds_n| <= 2 ||e_n|| sqrt(C) c eps m.
+    Each e_nc is p - onehot with p <= 1 computed to a few eps (absolute), or
+    z - y rounded once (relative): |de_nc| <= c eps m with m = max(1, max |e|),
+    so |ds_n| <= 2 ||e_n|| sqrt(C) c eps m.
     """
     c = dense.logit_grads.shape[1]
     m = max(1.0, float(np.abs(dense.logit_grads).max()))
