@@ -12,12 +12,21 @@ reference updates to SGD:
   ``torch-autograd[vmap]`` in float64, against the hooks route and central
   differences.
 
-Each problem then gets an "oracles" section (:mod:`validation.oracles`):
+Each problem then gets an "independent references" section
+(:mod:`validation.independent_checks`): every update of the reference run
+(SGD, EF, iEF with both dampings, SF, GN, NGD), its gamma ratios, the
+lambda -> 0 limits G d = 1 and G d = s, the mean-reduction convention and the
+toy problems' closed forms against dense P x P solves in NumPy that share no
+code with ngdref's updates; and an "oracles" section (:mod:`validation.oracles`):
 curvlinops' GGN, EF and MC-Fisher products and BackPACK's per-sample
 gradients and GGN products against ngdref's. The full numbers go to a JSON
-report; the exit code is 1 if any run or oracle is beyond its tolerance.
-Runs whose library (torch, CuPy with a GPU, transformers, curvlinops,
-BackPACK) is missing are reported as skipped; the NumPy core always runs.
+report; the exit code is 1 if any run, independent check or oracle is beyond
+its tolerance, and the failures are listed by problem and quantity at the end.
+
+Runs whose array library (torch, CuPy with a GPU, transformers) is missing are
+reported as skipped; the NumPy core always runs. The oracles are required: a
+missing or broken curvlinops or BackPACK is a failure unless ``--no-oracles``
+is given.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 from backends.arrays import unavailable
 from validation.cases import Problem, problems
 from validation.crosscheck import (
+    CG_TOLERANCES,
     QUANTITIES,
     RATIOS,
     REFERENCE,
@@ -45,7 +55,9 @@ from validation.crosscheck import (
     torch_crosscheck,
     torch_reference_label,
 )
-from validation.oracles import OracleCheck, OracleSetup, oracle_checks
+from validation.independent import IndependentCheck
+from validation.independent_checks import ReferenceRun, independent_checks
+from validation.oracles import OracleCheck, OracleSetup, oracle_checks, oracles_skipped
 from validation.torch_cases import TorchProblem, torch_problems
 
 
@@ -98,6 +110,25 @@ def _format_oracles(checks: list[OracleCheck]) -> str:
     return "\n".join(lines)
 
 
+def _format_independent(checks: list[IndependentCheck]) -> str:
+    lines = [
+        "  independent references: ||ngdref - dense|| / ||dense|| (dense P x P solves in NumPy, "
+        "bounds from kappa, size and eps)"
+    ]
+    qwidth = max(len(c.quantity) for c in checks)
+    rwidth = max(len(c.route) for c in checks)
+    for c in checks:
+        head = f"    {c.quantity:<{qwidth}}  {c.route:<{rwidth}}"
+        if c.skipped:
+            lines.append(f"{head}  skipped: {c.skipped}")
+        elif c.error:
+            lines.append(f"{head}  FAIL, raised {c.error}")
+        else:
+            status = "ok" if c.ok else "FAIL"
+            lines.append(f"{head}  {c.difference:8.1e}  tol {c.tolerance:7.1e}  {status}")
+    return "\n".join(lines)
+
+
 def _jsonable(value: Any) -> Any:
     """NaN -> None (JSON has no NaN), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -113,10 +144,15 @@ def _row_dict(row: Row) -> dict[str, Any]:
     return row.__dict__ | {"ok": row.ok}
 
 
-def _array_api_oracles(problem: Problem, reference: dict[str, Any]) -> list[OracleCheck]:
+def _array_api_oracles(
+    problem: Problem, reference: dict[str, Any], oracles: bool
+) -> list[OracleCheck]:
+    if not oracles:
+        return oracles_skipped()
     reason = problem.torch_unavailable()
-    if reason:
-        return [OracleCheck("all oracles", "all", math.nan, math.nan, skipped=reason)]
+    if reason:  # the oracles are torch libraries: without torch they are missing
+        return [OracleCheck("all oracles", "all", math.nan, math.nan,
+                            error=f"{reason} (pass --no-oracles to run without the oracles)")]
     provider, targets = make_provider(problem, REFERENCE)
     _, inputs, torch_targets = problem.arrays("torch")
     setup = OracleSetup(
@@ -132,13 +168,21 @@ def _array_api_oracles(problem: Problem, reference: dict[str, Any]) -> list[Orac
     return oracle_checks(setup)
 
 
-def _run_array_api(problem: Problem, all_runs: list) -> dict[str, Any]:
+def _run_array_api(problem: Problem, all_runs: list, oracles: bool) -> dict[str, Any]:
+    start = time.perf_counter()
     reference = compute(problem, REFERENCE)
+    print(f"  reference {REFERENCE.label} ({time.perf_counter() - start:.2f} s)")
     ratios = ", ".join(f"{m} {reference['gamma_ratio'][m]:.3g}" for m in RATIOS)
     print(f"  gamma / gamma_SGD of the reference updates: {ratios}", flush=True)
-    rows = [crosscheck(problem, run, reference) for run in all_runs]
+    rows = [crosscheck(problem, run, reference) for run in all_runs if run != REFERENCE]
     print(_format_table(rows), flush=True)
-    checks = _array_api_oracles(problem, reference)
+    provider, targets = make_provider(problem, REFERENCE)
+    independent = independent_checks(ReferenceRun(
+        problem.name, provider, problem.loss, targets, reference, problem.damping,
+        cg_tol=CG_TOLERANCES[(REFERENCE.kind, REFERENCE.dtype)], theta=problem.params,
+    ))
+    print(_format_independent(independent), flush=True)
+    checks = _array_api_oracles(problem, reference, oracles)
     print(_format_oracles(checks), flush=True)
     return {
         "problem": problem.name,
@@ -149,27 +193,47 @@ def _run_array_api(problem: Problem, all_runs: list) -> dict[str, Any]:
         "damping": problem.damping,
         "reference_gamma_ratio": reference["gamma_ratio"],
         "rows": [_row_dict(r) for r in rows],
+        "independent": [c.as_dict() for c in independent],
         "oracles": [c.as_dict() for c in checks],
     }
 
 
-def _run_torch(problem: TorchProblem) -> dict[str, Any]:
+def _torch_oracles(problem: TorchProblem, result: Any, oracles: bool) -> list[OracleCheck]:
+    if not oracles:
+        return oracles_skipped()
+    batch = result.batch
+    setup = OracleSetup(
+        module=batch.model,
+        inputs=batch.forward_inputs,
+        targets=batch.targets,
+        loss=batch.loss,
+        provider=result.reference_provider,
+        provider_targets=batch.targets,
+        per_sample_grads=result.reference["per_sample_grads"],
+        backpack=problem.backpack,
+        float32_internals=problem.float32_internals,
+    )
+    return oracle_checks(setup)
+
+
+def _run_torch(problem: TorchProblem, oracles: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "problem": problem.name,
         "family": "torch",
         "reference": torch_reference_label(),
         "notes": problem.notes,
     }
+    empty: dict[str, list] = {"rows": [], "independent": [], "oracles": []}
     reason = problem.unavailable()
     if reason:
         print(f"  skipped: {reason}", flush=True)
-        return entry | {"skipped": reason, "rows": [], "oracles": []}
+        return entry | empty | {"skipped": reason}
     try:
         result = torch_crosscheck(problem)
     except Exception as err:  # the reference itself failed: report, go on with the others
         message = error_message(err)
         print(f"  FAIL, the reference run raised {message}", flush=True)
-        return entry | {"error": message, "rows": [], "oracles": []}
+        return entry | empty | {"error": message}
     reference = result.reference
     ratios = ", ".join(f"{m} {reference['gamma_ratio'][m]:.3g}" for m in RATIOS)
     provider = result.reference_provider
@@ -178,21 +242,16 @@ def _run_torch(problem: TorchProblem) -> dict[str, Any]:
         f"damping = {problem.damping:g}; {problem.notes}"
         + ("; GN and NGD by CG (large output)" if problem.large_output else "")
     )
+    print(f"  reference {torch_reference_label()} ({result.seconds:.2f} s)")
     print(f"  gamma / gamma_SGD of the reference updates: {ratios}", flush=True)
     print(_format_table(result.rows), flush=True)
-    batch = result.batch
-    setup = OracleSetup(
-        module=batch.model,
-        inputs=batch.forward_inputs,
-        targets=batch.targets,
-        loss=batch.loss,
-        provider=provider,
-        provider_targets=batch.targets,
-        per_sample_grads=reference["per_sample_grads"],
-        backpack=problem.backpack,
+    independent = independent_checks(ReferenceRun(
+        problem.name, provider, result.batch.loss, result.batch.targets, reference,
+        problem.damping, cg_tol=problem.cg_tol, large_output=problem.large_output,
         float32_internals=problem.float32_internals,
-    )
-    checks = oracle_checks(setup)
+    ))
+    print(_format_independent(independent), flush=True)
+    checks = _torch_oracles(problem, result, oracles)
     print(_format_oracles(checks), flush=True)
     return entry | {
         "num_params": provider.num_params,
@@ -202,16 +261,28 @@ def _run_torch(problem: TorchProblem) -> dict[str, Any]:
         "large_output": problem.large_output,
         "reference_gamma_ratio": reference["gamma_ratio"],
         "rows": [_row_dict(r) for r in result.rows],
+        "independent": [c.as_dict() for c in independent],
         "oracles": [c.as_dict() for c in checks],
     }
 
 
-def _failures(entry: dict[str, Any]) -> int:
-    return (
-        bool(entry.get("error"))
-        + sum(not r["ok"] for r in entry["rows"])
-        + sum(not c["ok"] for c in entry["oracles"])
-    )
+def failed_items(entry: dict[str, Any]) -> list[str]:
+    """'problem: section quantity' for every failing run, independent check and oracle."""
+    name = entry["problem"]
+    items = [f"{name}: reference raised {entry['error']}"] if entry.get("error") else []
+    items += [f"{name}: run {r['run']}" for r in entry["rows"] if not r["ok"]]
+    items += [
+        f"{name}: independent {c['quantity']}"
+        + (f" raised {c['error']}" if c["error"] else
+           f" {c['difference']:.2g} > tol {c['tolerance']:.2g}")
+        for c in entry["independent"] if not c["ok"]
+    ]
+    items += [
+        f"{name}: oracle {c['oracle']} {c['quantity']}"
+        + (f" raised {c['error']}" if c["error"] else "")
+        for c in entry["oracles"] if not c["ok"]
+    ]
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation", description=__doc__)
     parser.add_argument("--report", default="validation_report.json", help="JSON report path")
     parser.add_argument("--problem", action="append", help="run only these problems (repeatable)")
+    parser.add_argument(
+        "--no-oracles", action="store_true",
+        help="do not run curvlinops and BackPACK (by default a missing oracle is a failure)",
+    )
     args = parser.parse_args(argv)
     # every model here is built from a config: nothing may try to reach a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = [p for p in extra if p.name in args.problem]
     threads = _single_threaded_torch()
     try:
-        return _validate(core, extra, args.report, not args.problem or "kfac" in args.problem)
+        # the K-FAC checks compare with curvlinops: they are oracle checks
+        with_kfac = not args.no_oracles and (not args.problem or "kfac" in args.problem)
+        return _validate(
+            core, extra, args.report, oracles=not args.no_oracles, with_kfac=with_kfac
+        )
     finally:
         _restore_torch_threads(threads)
 
@@ -264,7 +343,12 @@ def _restore_torch_threads(threads: int | None) -> None:
 
 
 def _validate(
-    core: list[Problem], extra: list[TorchProblem], report_path: str, with_kfac: bool = False
+    core: list[Problem],
+    extra: list[TorchProblem],
+    report_path: str,
+    *,
+    oracles: bool,
+    with_kfac: bool = False,
 ) -> int:
     all_runs = runs()
     print(
@@ -285,10 +369,10 @@ def _validate(
                 f"N = {problem.inputs.shape[0]}, damping = {problem.damping:g})",
                 flush=True,
             )
-            entry = _run_array_api(problem, all_runs)
+            entry = _run_array_api(problem, all_runs, oracles)
         else:
             print(f"\n[{i}/{total}] {problem.name} (torch)", flush=True)
-            entry = _run_torch(problem)
+            entry = _run_torch(problem, oracles)
         entry["seconds"] = time.perf_counter() - case_start
         print(f"  ({entry['seconds']:.1f} s)", flush=True)
         report.append(entry)
@@ -296,26 +380,32 @@ def _validate(
         from validation.kfac_oracles import kfac_entry
 
         report.append(kfac_entry(_format_oracles))
-    failures = sum(_failures(e) for e in report)
+    failed = [item for entry in report for item in failed_items(entry)]
     seconds = time.perf_counter() - start
-    with open(report_path, "w") as f:
-        json.dump(
-            _jsonable(
-                {
-                    "reference": REFERENCE.label,
-                    "torch_reference": torch_reference_label(),
-                    "failures": failures,
-                    "seconds": seconds,
-                    "problems": report,
-                }
-            ),
-            f,
-            indent=2,
-        )
-    verdict = "all runs agree" if not failures else f"{failures} run(s) beyond tolerance"
-    print(f"\n{verdict} ({seconds:.1f} s); report: {report_path}")
-    return 1 if failures else 0
+    _write_report(report_path, report, failed, seconds)
+    if failed:
+        print(f"\n{len(failed)} check(s) beyond tolerance or failed ({seconds:.1f} s):")
+        print("\n".join(f"  FAIL {item}" for item in failed))
+        print(f"report: {report_path}")
+        return 1
+    print(f"\nall runs, independent references and oracles agree ({seconds:.1f} s); "
+          f"report: {report_path}")
+    return 0
 
+
+def _write_report(
+    path: str, report: list[dict[str, Any]], failed: list[str], seconds: float
+) -> None:
+    document = {
+        "reference": REFERENCE.label,
+        "torch_reference": torch_reference_label(),
+        "failures": len(failed),
+        "failed": failed,
+        "seconds": seconds,
+        "problems": report,
+    }
+    with open(path, "w") as f:
+        json.dump(_jsonable(document), f, indent=2)
 
 if __name__ == "__main__":
     sys.exit(main())

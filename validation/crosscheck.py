@@ -2,9 +2,10 @@
 
 For each problem, each applicable run (a provider kind on an array library in
 a dtype, or a torch autograd route) computes the Jacobian, the per-sample
-gradients, s, every update (SGD, EF, iEF, SF with a shared sample, GN, NGD by
-Woodbury and by CG) and the gamma ratio of each update to SGD (through that
-run's own Fisher-vector product). Each is compared with the reference by the
+gradients, s, every update (SGD, EF, iEF with sample- and parameter-space
+damping, SF with shared uniforms, GN, NGD by Woodbury and by CG) and the
+gamma ratio of each update to SGD (through that run's own Fisher-vector
+product). Each is compared with the reference by the
 relative difference ||a - a_ref|| / ||a_ref||.
 
 Two families of problems:
@@ -40,9 +41,9 @@ import numpy as np
 import ngdref
 from backends.arrays import LIBRARIES, to_numpy, unavailable
 from validation.cases import Problem
+from validation.independent import sf_key
 
-SF_KEY = 0
-UPDATES = ("sgd", "ef", "ief", "sf", "gn", "ngd", "ngd-cg")
+UPDATES = ("sgd", "ef", "ief", "ief-param", "sf", "gn", "ngd", "ngd-cg")
 QUANTITIES = ("jacobian", "per_sample_grads", "s", *UPDATES)
 RATIOS = ("ef", "ief", "sf", "gn", "ngd")
 TORCH_ROUTES = ("vmap", "hooks", "flat")
@@ -158,9 +159,13 @@ def quantities(
     """
     methods = ("sgd", "ef", "ief", "sf") if large_output else ngdref.METHODS
     q = ngdref.batch_quantities(provider, loss, targets)
+    # SF's labels come from uniforms drawn here, so the independent reference can draw them too
     updates = ngdref.directions(
-        provider, loss, targets, damping=damping, key=SF_KEY, methods=methods
+        provider, loss, targets, damping=damping, key=sf_key(provider, loss), methods=methods
     )
+    updates["ief-param"] = ngdref.directions(
+        provider, loss, targets, damping=damping, methods=("ief",), damping_space="parameter"
+    )["ief"]
     updates["ngd-cg"] = ngdref.directions(
         provider, loss, targets, damping=damping, methods=("ngd",), ngd_solver="cg",
         cg_tol=cg_tol,
@@ -313,6 +318,7 @@ class TorchRuns:
     batch: Any
     reference_provider: Any
     reference: dict[str, Any]
+    seconds: float
     rows: list[Row] = field(default_factory=list)
 
 
@@ -331,8 +337,9 @@ def torch_crosscheck(problem: Any) -> TorchRuns:
     Returns
     -------
     TorchRuns
-        ``rows`` holds the reference row (all zeros), then the hooks row (or a
-        skipped row when the route does not apply), then the fd row.
+        ``rows`` holds the hooks row (or a skipped row when the route does not
+        apply), then the fd row; the reference itself is checked by
+        :mod:`validation.independent_checks`, not against itself.
     """
     from backends import FiniteDifferenceProvider, TorchProvider
     from validation.torch_cases import flat_logits_function
@@ -349,11 +356,7 @@ def torch_crosscheck(problem: Any) -> TorchRuns:
 
     ref_provider = TorchProvider(batch.model, batch.inputs, per_sample_method="vmap")
     reference, seconds = _timed(lambda: run(ref_provider))
-    label = torch_reference_label()
-    rows = [
-        Row(problem.name, label, 0.0, compare(reference, reference), reference["gamma_ratio"],
-            seconds=seconds)
-    ]
+    rows: list[Row] = []
     hooks_tol = TORCH_TOLERANCES[("hooks", f32)]
     if problem.hooks:
         rows.append(_checked_row(
@@ -374,4 +377,4 @@ def torch_crosscheck(problem: Any) -> TorchRuns:
         ),
         reference,
     ))
-    return TorchRuns(batch, ref_provider, reference, rows)
+    return TorchRuns(batch, ref_provider, reference, seconds, rows)

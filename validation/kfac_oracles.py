@@ -346,6 +346,7 @@ def kfac_entry(format_checks: Callable[[list[OracleCheck]], str]) -> dict[str, A
         "problem": "kfac",
         "family": "kfac",
         "rows": [],
+        "independent": [],
         "oracles": [c.as_dict() for c in checks],
         "seconds": seconds,
     }
