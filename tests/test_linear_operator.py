@@ -263,3 +263,26 @@ BAD_INPUTS = [
 def test_bad_input_names_the_argument(build, error, name):
     with pytest.raises(error, match=name):
         build()
+
+
+def test_readme_example_runs():
+    """The README's two-line block, on a real provider: eigsh's values and minres' solution."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Spectra and solves with SciPy") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    provider, loss, targets = _problem(CASES[1])
+    grad = ngdref.batch_quantities(provider, loss, targets).grad
+    env = {"provider": provider, "loss": loss, "targets": targets, "grad": grad}
+    exec(compile(block, "README.md", "exec"), env)
+    m, scale = _dense("ief", provider, loss, targets)
+    expected = np.linalg.eigvalsh(m)[-10:]
+    assert np.max(np.abs(np.sort(env["top"]) - expected)) <= 2 * _bound(provider, scale)
+    # minres (default rtol 1e-5) stops when its residual estimate is <= rtol (||A|| ||x|| +
+    # ||b||) (scipy's Acond/Anorm test); 10x covers its estimate of ||A|| from the Lanczos steps
+    a = m + 1e-3 * np.eye(provider.num_params)
+    residual = np.linalg.norm(a @ env["x"] - grad)
+    bound = 10 * 1e-5 * (np.linalg.norm(a, 2) * np.linalg.norm(env["x"]) + np.linalg.norm(grad))
+    assert env["info"] == 0 and residual <= bound
