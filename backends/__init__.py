@@ -44,6 +44,7 @@ _LAZY = {
     "CurvatureOperator": "backends.linear_operator",
     "curvature_operator": "backends.linear_operator",
     "kfac_operator": "backends.linear_operator",
+    "kfac_curvature_operator": "backends.linear_operator",
 }
 
 __all__ = [

@@ -61,6 +61,7 @@ __all__ = [
     "fisher_operator",
     "gn_operator",
     "ief_operator",
+    "kfac_curvature_operator",
     "kfac_operator",
     "sf_operator",
 ]
@@ -349,8 +350,7 @@ def kfac_operator(
         :func:`ngdref.kfac_block_matrix`; eigenvalue-corrected ones too) or the (p,)
         diagonal of a fallback block (:func:`ngdref.kfac.diagonal_factor`). Entries of
         theta in no block are zero rows and columns. The blocks must not overlap.
-        For a torch :class:`backends.kfac.KFACCurvature` pass
-        ``[(b.index.numpy(), b.factors[m] or b.diagonal[m]) ...]`` with NumPy factors.
+        (:func:`kfac_curvature_operator` builds them from a torch ``KFACCurvature``.)
     num_params : int
         P.
     """
@@ -368,3 +368,27 @@ def kfac_operator(
         return out
 
     return CurvatureOperator("kfac", product, num_params, np.float64)
+
+
+def kfac_curvature_operator(curvature: Any, method: str) -> CurvatureOperator:
+    """One method's block-diagonal curvature of a :class:`backends.kfac.KFACCurvature`.
+
+    The torch curvature of :func:`backends.kfac.kfac_curvature` (CPU tensors, converted
+    to NumPy once) as a float64 operator over its flat (P,) theta, the same matrix as
+    ``curvature.dense(method)`` without forming it.
+
+    Parameters
+    ----------
+    curvature : KFACCurvature
+    method : {"kfac", "ekfac", "iekfac"}, one of those it was computed for
+    """
+    blocks = []
+    for block in curvature.blocks:
+        per_method = block.factors if block.factors is not None else block.diagonal
+        if method not in per_method:
+            raise ValueError(
+                f"method {method!r} was not computed for this curvature (it has "
+                f"{sorted(per_method)}); pass it in methods=... of kfac_curvature"
+            )
+        blocks.append((np.asarray(block.index), per_method[method]))
+    return kfac_operator(blocks, curvature.num_params)

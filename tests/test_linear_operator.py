@@ -286,3 +286,28 @@ def test_readme_example_runs():
     residual = np.linalg.norm(a @ env["x"] - grad)
     bound = 10 * 1e-5 * (np.linalg.norm(a, 2) * np.linalg.norm(env["x"]) + np.linalg.norm(grad))
     assert env["info"] == 0 and residual <= bound
+
+
+@pytest.mark.parametrize("corrected", [False, True], ids=["kron", "eigen-corrected"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "iekfac"])
+def test_kfac_curvature_operator_matches_torch_dense(method, corrected):
+    """From backends.kfac's torch curvature (Kronecker and LayerNorm fallback diagonal blocks)."""
+    torch = pytest.importorskip("torch")
+    from backends.kfac import kfac_curvature
+    from backends.linear_operator import kfac_curvature_operator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    curvature = kfac_curvature(model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
+                               eigenvalue_correction=corrected)
+    dense = curvature.dense(method).numpy()
+    op = kfac_curvature_operator(curvature, method)
+    v = np.random.default_rng(0).standard_normal(op.shape[0])
+    # as test_kfac_operator_matches_block_diagonal: 8 P u ||K||_F
+    tol = TOL_FACTOR * op.shape[0] * U * np.linalg.norm(dense)
+    assert np.linalg.norm(op @ v - dense @ v) <= tol * np.linalg.norm(v)
+    other = "ekfac" if method != "ekfac" else "kfac"
+    with pytest.raises(ValueError, match="method"):
+        kfac_curvature_operator(curvature, other)
