@@ -1,4 +1,4 @@
-r"""Top eigenvalues of F, EF, iEF and SF on the digits MLP, matrix-free (SciPy eigsh).
+r"""Top eigenvalues of F, EF, iEF, SF, eKFAC, ieKFAC on the digits MLP, matrix-free (eigsh).
 
 ``python -m validation.spectrum [--quick] [--out spectrum.png] [--force]`` trains the NumPy
 tanh MLP of :mod:`backends.mlp` (64-32-32-10, P = 3,466) with SGD on scikit-learn's 8x8
@@ -8,7 +8,8 @@ training takes one batch of N training samples (160, the paper's evaluation batc
 computes, matrix-free with :func:`backends.linear_operator.curvature_operator` and
 ``scipy.sparse.linalg.eigsh``, the top-k eigenpairs of
 
-    F = sum_n J_n^T H_n J_n,  F_EF = G^T G,  F_iEF = G^T diag(s)^-1 G,  F_SF (one draw)
+    F = sum_n J_n^T H_n J_n,  F_EF = G^T G,  F_iEF = G^T diag(s)^-1 G,  F_SF (one draw),
+    eKFAC and ieKFAC (block-diagonal, from backends.kfac on a torch copy of the MLP)
 
 (sum convention), one batch and one operator per method, never a P x P matrix. It
 prints, per method, lambda_1, the decay lambda_k / lambda_1, and the overlap
@@ -29,25 +30,32 @@ The model is the NumPy MLP (the operators are NumPy's), not the torch MLP of the
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import eigsh
 
 import ngdref
 from backends import MLPProvider, mlp_init
-from backends.linear_operator import curvature_operator
+from backends.linear_operator import (
+    CurvatureOperator,
+    curvature_operator,
+    kfac_curvature_operator,
+)
 
-__all__ = ["METHODS", "Spectrum", "main", "spectra", "train"]
+__all__ = ["METHODS", "Spectrum", "main", "operators", "spectra", "torch_mlp", "train"]
 
-METHODS = ("fisher", "ef", "ief", "sf")
-LABELS = {"fisher": "F (exact)", "ef": "EF", "ief": "iEF", "sf": "SF"}
-STYLES = {"fisher": "o-", "ef": "s--", "ief": "^-", "sf": "x:"}
+METHODS = ("fisher", "ef", "ief", "sf", "ekfac", "iekfac")
+LABELS = {"fisher": "F (exact)", "ef": "EF", "ief": "iEF", "sf": "SF", "ekfac": "eKFAC",
+          "iekfac": "ieKFAC"}
+STYLES = {"fisher": "o-", "ef": "s--", "ief": "^-", "sf": "x:", "ekfac": "v--", "iekfac": "d-."}
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,38 @@ def _accuracy(params: np.ndarray, x: np.ndarray, y: np.ndarray, sizes: tuple[int
     return float(np.mean(np.argmax(MLPProvider(params, x, sizes).logits(), axis=1) == y))
 
 
-def spectra(
-    checkpoint: str, provider: MLPProvider, targets: np.ndarray, k: int, seed: int
-) -> list[Spectrum]:
-    """Top-k eigenpairs of every method by eigsh on its matrix-free operator."""
-    loss, pairs = ngdref.SoftmaxCrossEntropy(), {}
-    for method in METHODS:
-        op = curvature_operator(method, provider, loss, targets, key=seed)
+def torch_mlp(params: np.ndarray, sizes: tuple[int, ...]) -> Any:
+    """The same tanh MLP in torch (float64): backends.mlp's theta layout is named_parameters'."""
+    import torch
+
+    layers: list[torch.nn.Module] = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(n_in, n_out), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers[:-1]).double()
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(params.copy()), model.parameters())
+    return model
+
+
+def operators(
+    provider: MLPProvider, inputs: np.ndarray, targets: np.ndarray, seed: int
+) -> dict[str, CurvatureOperator]:
+    """Every method's matrix-free operator on one batch (eKFAC, ieKFAC from the torch twin)."""
+    import torch
+
+    from backends.kfac import kfac_curvature
+
+    loss = ngdref.SoftmaxCrossEntropy()
+    ops = {m: curvature_operator(m, provider, loss, targets, key=seed) for m in METHODS[:4]}
+    model = torch_mlp(provider.params, provider.sizes)
+    curvature = kfac_curvature(model, loss, torch.from_numpy(inputs), torch.from_numpy(targets),
+                               methods=("ekfac", "iekfac"))
+    return ops | {m: kfac_curvature_operator(curvature, m) for m in ("ekfac", "iekfac")}
+
+
+def spectra(checkpoint: str, ops: dict[str, CurvatureOperator], k: int) -> list[Spectrum]:
+    """Top-k eigenpairs of every operator by eigsh, and their overlap with F's."""
+    pairs = {}
+    for method, op in ops.items():
         start = np.full(op.shape[0], 1.0 / np.sqrt(op.shape[0]))  # deterministic ARPACK start
         values, vectors = eigsh(op, k=k, which="LA", v0=start)
         order = np.argsort(values)[::-1]
@@ -185,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> list[Spectrum]:
         provider = MLPProvider(theta, x[batch], sizes)
         q = ngdref.batch_quantities(provider, ngdref.SoftmaxCrossEntropy(), y[batch])
         imbalance[name] = ngdref.grad_norm_imbalance(q.per_sample_grads)
-        results += spectra(name, provider, y[batch], k, args.seed)
+        results += spectra(name, operators(provider, x[batch], y[batch], args.seed), k)
     plot(results, out)
     print(f"digits MLP {sizes}, P = {params.size}, N = {n}, k = {k}; train accuracy "
           f"{_accuracy(params0, x, y, sizes):.3f} -> {_accuracy(params, x, y, sizes):.3f}")
