@@ -114,6 +114,29 @@ def test_products_match_dense_matrix(case, method):
     assert gap <= 2 * tol * np.linalg.norm(u) * np.linalg.norm(v)
 
 
+@pytest.mark.parametrize("method", OPERATOR_METHODS)
+def test_float32_operator_against_float64_dense(method):
+    """A float32 model: the operator stays float32 and is within the float32 bound.
+
+    The float64 reference is the same model exactly (float32 parameters and inputs are
+    representable in float64), so only float32 rounding separates them: the bound of the
+    module docstring with u = 2^-24 (forward-pass errors in J are O(depth * width * u),
+    below K u)."""
+    case = CASES[0]
+    provider64, loss, targets = _problem(case)
+    params = provider64.params.astype(np.float32)
+    inputs = provider64.inputs.astype(np.float32)
+    provider32 = MLPProvider(params, inputs, case.sizes)
+    provider64 = MLPProvider(params.astype(np.float64), inputs.astype(np.float64), case.sizes)
+    op = curvature_operator(method, provider32, loss, targets, key=SF_KEY)
+    m, scale = _dense(method, provider64, loss, targets)
+    v = np.random.default_rng(1).standard_normal(provider32.num_params).astype(np.float32)
+    got = op.matvec(v)
+    assert op.dtype == np.float32 and got.dtype == np.float32
+    tol = _bound(provider64, scale) * 2.0**29  # u32 / u64 = 2^29
+    assert np.linalg.norm(got - m @ v.astype(np.float64)) <= tol * np.linalg.norm(v)
+
+
 #: method -> power of R in its matrix under a reduction factor R (directions' convention)
 REDUCTION_POWER = {"fisher": 1, "gn": 1, "ef": 2, "ief": 0, "sf": 2}
 
