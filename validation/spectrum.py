@@ -69,9 +69,11 @@ class Spectrum:
 
 
 def _digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from validation.experiments.images import load_digits  # torch: only when run
+    import torch  # the digits loader's, and backends.kfac's: only when run
 
-    split = load_digits("train", seed=seed, dtype=__import__("torch").float64)
+    from validation.experiments.images import load_digits
+
+    split = load_digits("train", seed=seed, dtype=torch.float64)
     return split.inputs.numpy(), split.labels.numpy()
 
 
