@@ -10,7 +10,8 @@ Imported lazily, on first access, because they need torch: :class:`TorchProvider
 (``backends.torch_provider``) and the optimisers :class:`IEF`, :class:`EF`,
 :class:`SF`, :class:`NGD` (``backends.optim``), and :class:`KFAC`, :class:`EKFAC`,
 :class:`IEKFAC` (``backends.kfac_optim``). ``import backends`` never
-imports torch.
+imports torch. The SciPy ``LinearOperator`` s :func:`curvature_operator`,
+:func:`kfac_operator` (``backends.linear_operator``) are lazy too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ _LAZY = {
     "KFAC": "backends.kfac_optim",
     "EKFAC": "backends.kfac_optim",
     "IEKFAC": "backends.kfac_optim",
+    "CurvatureOperator": "backends.linear_operator",
+    "curvature_operator": "backends.linear_operator",
+    "kfac_operator": "backends.linear_operator",
+    "kfac_curvature_operator": "backends.linear_operator",
 }
 
 __all__ = [
