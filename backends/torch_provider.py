@@ -554,6 +554,42 @@ class TorchProvider(JacobianProvider):
                 out.append(per_sample(self._theta, self._batch(rows), cotangents[rows]).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    def vjp_ranges(
+        self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        r"""Per-sample ``J_n^T u_n`` restricted to slices of theta: one (N, size) per range.
+
+        ``ranges`` holds (offset, size) pairs; ``vmap`` over samples of a vjp with respect to
+        those slices only (the rest of theta held fixed), so only N x sum(sizes) is formed.
+        """
+        self._check_cotangents(cotangents)
+        cuts = sorted(ranges)
+        fixed, start = [], 0
+        for offset, size in cuts:
+            fixed.append(self._theta[start:offset])
+            start = offset + size
+        tail = self._theta[start:]
+
+        def assemble(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            parts = []
+            for constant, piece in zip(fixed, pieces, strict=True):
+                parts += [constant, piece]
+            return torch.cat([*parts, tail])
+
+        def one(pieces: tuple, sample: dict, u: torch.Tensor) -> tuple:
+            _, pullback = func_vjp(lambda *q: self._sample_logits(assemble(q), sample), *pieces)
+            return pullback(u)
+
+        per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
+        primals = tuple(self._theta[o:o + s] for o, s in cuts)
+        out: list[list[torch.Tensor]] = [[] for _ in cuts]
+        with self._eval_mode(), self._vmap_masks():
+            for rows in self._slices():
+                for i, g in enumerate(per_sample(primals, self._batch(rows), cotangents[rows])):
+                    out[i].append(g.detach())
+        by_range = {cut: torch.cat(parts) for cut, parts in zip(cuts, out, strict=True)}
+        return [by_range[r] for r in ranges]
+
     def _find_linear_slots(self) -> dict[nn.Module, dict[str, tuple[int, int]]] | None:
         """``{linear: {"weight"|"bias": (offset, size)}}``, None if a parameter is elsewhere."""
         slots: dict[nn.Module, dict[str, tuple[int, int]]] = {}

@@ -1,0 +1,367 @@
+r"""One forward and one backward pass with module hooks -> :class:`backends.ghost.GhostRows`.
+
+:class:`LayerPass` runs the model once (eval mode, through the provider's functional call at
+theta) with a forward hook on every module that holds a trainable parameter of its own, and
+then one ordinary backward pass per set of cotangents (e.g. R dl_n/dz_n, or SF's sampled
+labels) that reuses that forward. The hooks keep each call's input and, through a hook on its
+output, the per-sample output gradient. Per parameter:
+
+=====================================  ===================================================
+module (exact type, not subclasses)    per-sample gradient
+=====================================  ===================================================
+``nn.Linear`` (peft LoRA's A and B)    weight: factors (ghost) or b^T a (materialised), by
+``nn.Conv2d`` (groups=1, via unfold)   :func:`backends.ghost.ghost_is_cheaper`; bias:
+                                       sum_t b_nt (materialised)
+``nn.Embedding`` (prompt tuning too)   weight: factors (indices, b) or scattered rows
+``nn.LayerNorm``, ``nn.RMSNorm``       sum_t b_nt * xhat_nt, sum_t b_nt (materialised)
+any other module                       ``torch.func.vmap`` of that module alone on its
+                                       captured inputs (materialised, reported)
+=====================================  ===================================================
+
+A weight used several times (tied) concatenates its uses along t (mixed kinds are
+materialised and summed). A parameter that no hook can account for -- used outside its own
+module's forward, or by a call without the batch axis (T5's relative position bias) -- falls
+back to ``vmap`` over the whole model for that parameter only. Each parameter is checked
+against the ordinary gradient of the same backward pass (sum_n g_n = g; for factors via
+1^T K 1 = ||g||^2): a mismatch also falls back. Every fallback is listed in
+:attr:`GhostRows.fallbacks`. Hooks that a user registered stay in place; ours run first (so
+they see the module's own output) and are removed after the forward pass, also on error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.func import vjp as func_vjp
+
+from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+
+if TYPE_CHECKING:
+    from backends.torch_provider import TorchProvider
+
+__all__ = ["ROUTES", "LayerPass"]
+
+#: per-layer choice: cost model, ghost wherever possible, materialised everywhere
+ROUTES = ("auto", "ghost", "materialise")
+
+
+def _kind(module: nn.Module) -> str:
+    """The hook kind of a module holding trainable parameters ("generic": module vmap)."""
+    kind = type(module)
+    if kind is nn.Linear:
+        return "linear"
+    if kind is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and (
+        not isinstance(module.padding, str) or module.padding == "valid"
+    ):
+        return "conv2d"
+    if kind is nn.Embedding and module.max_norm is None and not module.sparse:
+        return "embedding"
+    if kind in (nn.LayerNorm, nn.RMSNorm):
+        return "norm"
+    return "generic"
+
+
+@dataclass
+class _Use:
+    """One forward call of a hooked module: its input features x and output gradients."""
+
+    module: nn.Module
+    kind: str
+    x: Any = None  # (N, T, d_in) features, (N, T) indices, or (args, kwargs) for "generic"
+    failure: str | None = None
+
+
+class LayerPass:
+    r"""The forward pass of a batch with hooks, ready for backward passes -> GhostRows.
+
+    Parameters
+    ----------
+    provider : backends.TorchProvider
+        Supplies the model, the batch, theta (P,) and eval mode.
+    route : {"auto", "ghost", "materialise"}
+        Per weight: the cheaper by :func:`backends.ghost.ghost_is_cheaper`, factors
+        wherever the layer kind allows, or materialised per-layer rows everywhere.
+
+    Attributes
+    ----------
+    logits : torch.Tensor, (N, C)
+        Detached logits of the forward pass.
+    """
+
+    def __init__(self, provider: TorchProvider, route: str = "auto") -> None:
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        self.provider = provider
+        self.route = route
+        self._n = provider.num_samples
+        sizes = [int(math.prod(s)) for s in provider._shapes]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._slots = list(zip(provider.param_names, offsets, sizes, provider._shapes, strict=True))
+        by_id = {id(p): i for i, (_, p) in enumerate(
+            (name, p) for name, p in provider.model.named_parameters() if p.requires_grad
+        )}
+        #: module -> {attr: slot index} for its own trainable parameters (tied ones included)
+        self._owned: dict[nn.Module, dict[str, int]] = {}
+        for module in provider.model.modules():
+            own = {a: by_id[id(p)] for a, p in module._parameters.items()
+                   if p is not None and id(p) in by_id}
+            if own:
+                self._owned[module] = own
+        self._uses: list[_Use] = []
+        self._grads: dict[int, torch.Tensor] = {}
+        self._z, self._theta = self._forward()
+        self.logits = self._z.detach()
+
+    # ---- forward -------------------------------------------------------------------------
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.provider
+        handles = [
+            m.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
+            for m in self._owned
+        ]
+        try:
+            with p._eval_mode(), torch.enable_grad():
+                theta = p._theta.detach().requires_grad_(True)
+                z = p._batch_logits(theta, p._batch(slice(None)))
+        finally:
+            for h in handles:
+                h.remove()
+        return z, theta
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        use = _Use(module, _kind(module))
+        self._uses.append(use)
+        index = len(self._uses) - 1
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            use.failure = f"{type(module).__name__} returned no differentiable tensor"
+            return
+        first = args[0] if args else None
+        batched = isinstance(first, torch.Tensor) and first.ndim >= 1 and first.shape[0] == self._n
+        if use.kind != "generic" and not batched:
+            use.failure = f"{type(module).__name__} got an input without the batch axis"
+            return
+        if output.ndim == 0 or output.shape[0] != self._n:
+            use.failure = f"{type(module).__name__} returned no batch axis"
+            return
+        use.x = self._features(module, use.kind, args, kwargs)
+
+        def keep(grad: torch.Tensor) -> None:
+            self._grads[index] = grad
+
+        output.register_hook(keep)
+
+    def _features(self, module: Any, kind: str, args: tuple, kwargs: dict) -> Any:
+        a = args[0].detach() if kind != "generic" else None
+        n = self._n
+        if kind == "linear":
+            return a.reshape(n, -1, a.shape[-1])
+        if kind == "conv2d":
+            patches = F.unfold(a, module.kernel_size, module.dilation,
+                               0 if module.padding == "valid" else module.padding, module.stride)
+            return patches.transpose(1, 2)
+        if kind == "embedding":
+            return a.reshape(n, -1)
+        if kind == "norm":
+            shape = module.normalized_shape
+            with torch.no_grad():
+                if isinstance(module, nn.LayerNorm):
+                    xhat = F.layer_norm(a, shape, None, None, module.eps)
+                else:
+                    xhat = F.rms_norm(a, shape, None, module.eps)
+            return xhat.reshape(n, -1, math.prod(shape))
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return tuple(detach(v) for v in args), {k: detach(v) for k, v in kwargs.items()}
+
+    # ---- backward ------------------------------------------------------------------------
+    def rows(self, cotangents: torch.Tensor, *, keep_graph: bool = False) -> GhostRows:
+        r"""Per-sample rows u_n^T J_n from one backward pass with ``cotangents`` (N, C).
+
+        ``keep_graph`` keeps the forward for another call (SF's sampled labels).
+        """
+        if self._z is None:
+            raise RuntimeError("LayerPass.rows: the forward graph was released by an earlier call")
+        self._grads = {}
+        (grad,) = torch.autograd.grad(
+            self._z, self._theta, grad_outputs=cotangents, retain_graph=keep_graph
+        )
+        if not keep_graph:
+            self._z = None
+        factors, dense, failed, notes = self._blocks()
+        checked_f, checked_d, mismatched, grams = self._check(factors, dense, grad)
+        for i in failed | mismatched:
+            notes.append(f"{self._slots[i][0]}: whole-model vmap ({self._why(i, mismatched)})")
+        leftover = sorted(failed | mismatched)
+        if leftover:
+            pieces = self.provider.vjp_ranges(
+                cotangents, [(self._slots[i][1], self._slots[i][2]) for i in leftover]
+            )
+            for i, piece in zip(leftover, pieces, strict=True):
+                checked_d.append(DenseBlock(self._slots[i][1], piece))
+                grams.append(piece.to(torch.float64) @ piece.to(torch.float64).T)
+        rows = GhostRows(
+            self._n, self.provider.num_params, factors=checked_f, dense=checked_d,
+            dtype=self.provider.dtype, device=self.provider.device, grad=grad.detach(),
+            fallbacks=notes,
+        )
+        rows._gram = sum(grams[1:], grams[0]) if grams else None
+        return rows
+
+    def _why(self, slot: int, mismatched: set[int]) -> str:
+        if slot in mismatched:
+            return "its hooked per-sample gradients do not add up to its gradient"
+        reasons = {u.failure for u in self._uses_of(slot) if u.failure}
+        return "; ".join(sorted(reasons)) or "used outside its module's forward"
+
+    def _uses_of(self, slot: int) -> list[_Use]:
+        return [u for u in self._uses if slot in self._owned[u.module].values()]
+
+    def _output_grad(self, index: int, use: _Use) -> torch.Tensor:
+        """b of one use, (N, T, d_out), zero where the backward pass did not reach it."""
+        g = self._grads.get(index)
+        n = self._n
+        if use.kind == "conv2d":
+            shape = (n, use.module.out_channels, use.x.shape[1])
+            b = torch.zeros(shape, dtype=self.provider.dtype) if g is None else g.reshape(shape)
+            return b.transpose(1, 2)
+        width = {"linear": lambda m: m.out_features, "embedding": lambda m: m.embedding_dim,
+                 "norm": lambda m: math.prod(m.normalized_shape)}[use.kind](use.module)
+        if g is None:
+            return torch.zeros(n, use.x.shape[1], width, dtype=self.provider.dtype,
+                               device=self.provider.device)
+        b = g.reshape(n, -1, width)
+        padding = getattr(use.module, "padding_idx", None)
+        if use.kind == "embedding" and padding is not None:
+            b = b * (use.x != padding)[..., None]
+        return b
+
+    def _blocks(self) -> tuple[list[FactorBlock], dict[int, torch.Tensor], set[int], list[str]]:
+        """Factor blocks, materialised rows per slot, failed slots, fallback notes."""
+        parts: dict[int, list[tuple[str, _Use, Any]]] = {}
+        failed: set[int] = set()
+        notes: list[str] = []
+        for index, use in enumerate(self._uses):
+            slots = self._owned[use.module]
+            if use.failure is not None:
+                failed.update(slots.values())
+                continue
+            if use.kind == "generic":
+                notes.append(f"{type(use.module).__name__} ({', '.join(self._slots[i][0] for i in slots.values())}): per-module vmap")
+                grads = self._module_vmap(index, use)
+                for attr, slot in slots.items():
+                    parts.setdefault(slot, []).append(("rows", use, grads[attr]))
+                continue
+            b = self._output_grad(index, use)
+            for attr, slot in slots.items():
+                parts.setdefault(slot, []).append((attr, use, b))
+        factors: list[FactorBlock] = []
+        dense: dict[int, torch.Tensor] = {}
+        for slot in range(len(self._slots)):
+            if slot in failed:
+                continue
+            if slot not in parts:  # used by no hooked call: only the vmap fallback can tell
+                failed.add(slot)
+                continue
+            block = self._slot_block(slot, parts[slot])
+            if isinstance(block, FactorBlock):
+                factors.append(block)
+            else:
+                dense[slot] = block
+        return factors, dense, failed, list(dict.fromkeys(notes))
+
+    def _slot_block(self, slot: int, parts: list[tuple[str, _Use, Any]]) -> Any:
+        name, offset, size, shape = self._slots[slot]
+        factorable = all(a == "weight" and u.kind in ("linear", "conv2d", "embedding")
+                         for a, u, _ in parts)
+        families = {u.kind == "embedding" for _, u, _ in parts}
+        if factorable and len(families) == 1:
+            block = FactorBlock(offset, tuple(shape), torch.cat([u.x for _, u, _ in parts], 1),
+                                torch.cat([b for _, _, b in parts], 1))
+            n, t, d_out = block.b.shape
+            vocab = shape[0] if block.embedding else None
+            d_in = 1 if block.embedding else block.x.shape[2]
+            if self.route == "ghost" or (
+                self.route == "auto" and ghost_is_cheaper(n, t, d_in, d_out, vocab)
+            ):
+                return block
+        total = None
+        for attr, use, b in parts:
+            piece = self._materialise(attr, use, b, offset, tuple(shape))
+            total = piece if total is None else total + piece
+        return total
+
+    def _materialise(self, attr: str, use: _Use, b: Any, offset: int, shape: tuple) -> Any:
+        if attr == "rows":
+            return b
+        if attr == "bias":
+            return b.sum(dim=1)
+        if use.kind == "norm":
+            return (b * use.x).sum(dim=1)
+        return FactorBlock(offset, shape, use.x, b).materialise()
+
+    def _module_vmap(self, index: int, use: _Use) -> dict[str, torch.Tensor]:
+        """Per-sample gradients of one module's own parameters: vmap over its captured inputs."""
+        g = self._grads.get(index)
+        args, kwargs = use.x
+        own = self._owned[use.module]
+        values = self.provider.unflatten(self._theta.detach())
+        params = {attr: values[self._slots[slot][0]] for attr, slot in own.items()}
+        if g is None:
+            return {a: torch.zeros(self._n, p.numel(), dtype=p.dtype, device=p.device)
+                    for a, p in params.items()}
+        dim = lambda v: 0 if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self._n else None  # noqa: E731
+        arg_dims = tuple(dim(v) for v in args)
+        kw_dims = {k: dim(v) for k, v in kwargs.items()}
+
+        def one(p: dict, a: tuple, kw: dict, b: torch.Tensor) -> dict:
+            a = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, arg_dims, strict=True))
+            kw = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kw.items()}
+            _, pull = func_vjp(lambda q: functional_call(use.module, q, a, kw), p)
+            return pull(b.unsqueeze(0))[0]
+
+        with self.provider._eval_mode():
+            out = vmap(one, in_dims=(None, arg_dims, kw_dims, 0))(params, args, kwargs, g)
+        return {a: t.reshape(self._n, -1).detach() for a, t in out.items()}
+
+    def _check(
+        self, factors: list[FactorBlock], dense: dict[int, torch.Tensor], grad: torch.Tensor
+    ) -> tuple[list[FactorBlock], list[DenseBlock], set[int], list[torch.Tensor]]:
+        """Keep the blocks whose per-sample gradients add up to the batch gradient."""
+        tol = math.sqrt(torch.finfo(self.provider.dtype).eps)
+        slot_at = {offset: i for i, (_, offset, _, _) in enumerate(self._slots)}
+        kept_f, kept_d, bad, grams = [], [], set(), []
+        for f in factors:
+            k = f.cross(f)
+            g = grad[f.offset:f.offset + f.size].to(torch.float64)
+            scale = torch.sqrt(torch.clamp(torch.diagonal(k), min=0)).sum() ** 2 + g @ g
+            if bool(abs(k.sum() - g @ g) <= tol * scale):
+                kept_f.append(f)
+                grams.append(k)
+            else:
+                bad.add(slot_at[f.offset])
+        for slot, rows in dense.items():
+            offset = self._slots[slot][1]
+            g = grad[offset:offset + rows.shape[1]]
+            scale = rows.norm(dim=1).sum() + g.norm()
+            if bool((rows.sum(0) - g).norm() <= tol * scale):
+                kept_d.append(DenseBlock(offset, rows))
+                r64 = rows.to(torch.float64)
+                grams.append(r64 @ r64.T)
+            else:
+                bad.add(slot)
+        return kept_f, kept_d, bad, grams
+
+
+def describe(rows: GhostRows) -> dict[str, Any]:
+    """Counts for diagnostics: parameters held as factors, materialised, and the fallbacks."""
+    return {
+        "factor_params": sum(f.size for f in rows.factors),
+        "dense_params": sum(d.size for d in rows.dense),
+        "fallbacks": list(rows.fallbacks),
+    }
+
