@@ -47,6 +47,7 @@ from ngdref.quality import (
     loss_reductions,
     projections,
 )
+from ngdref.rows import DenseRows, PerSampleRows, as_rows
 from ngdref.updates import (
     ef_update,
     gn_update,
@@ -64,17 +65,20 @@ __all__ = [
     "METHODS",
     "BatchQuantities",
     "CGResult",
+    "DenseRows",
     "GramSolve",
     "JacobianProvider",
     "LogitLoss",
     "NonFiniteError",
     "NotConvergedError",
+    "PerSampleRows",
     "QuadraticForm",
     "SequenceSoftmaxCrossEntropy",
     "SigmoidBinaryCrossEntropy",
     "SingularMatrixError",
     "SoftmaxCrossEntropy",
     "SquaredError",
+    "as_rows",
     "batch_quantities",
     "conjugate_gradient",
     "directions",

@@ -15,6 +15,7 @@ from typing import Any
 import array_api_compat
 
 from ngdref._checks import check_damping, check_finite, check_ndim, namespace
+from ngdref.rows import gram_matrix
 
 __all__ = [
     "CGResult",
@@ -36,24 +37,6 @@ class SingularMatrixError(ValueError):
 
 class NotConvergedError(ArithmeticError):
     """An iterative solver stopped at ``maxiter`` before reaching its tolerance."""
-
-
-def gram_matrix(rows: Any) -> Any:
-    r"""Gram matrix :math:`K = A A^\top` of ``rows`` (M, P), accumulated in float64; (M, M)."""
-    xp = array_api_compat.array_namespace(rows)
-    m, p = rows.shape
-    # float64 copies of column blocks of at most 2**20 entries (8 MB), not of all of rows
-    block = max(1, 2**20 // max(m, 1))
-    if rows.dtype == xp.float64 or p <= block:
-        a = xp.astype(rows, xp.float64, copy=False)
-        return xp.matmul(a, xp.matrix_transpose(a))
-    gram = None
-    for start in range(0, p, block):
-        a = xp.astype(rows[:, start:start + block], xp.float64)
-        part = xp.matmul(a, xp.matrix_transpose(a))
-        gram = part if gram is None else gram + part
-        del a  # before the next block's copy
-    return gram
 
 
 @dataclass(frozen=True)
