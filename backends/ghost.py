@@ -40,7 +40,7 @@ from typing import Any
 import array_api_compat
 import torch
 
-__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "ghost_is_cheaper"]
+__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "ghost_is_cheaper", "stack_rows"]
 
 #: entries of one (rows x columns) chunk of the ghost kernels (32 MiB in float64)
 _CHUNK = 2**22
@@ -97,7 +97,7 @@ class FactorBlock:
 
     def materialise(self) -> torch.Tensor:
         """Per-sample gradients of this weight, (N, size)."""
-        n, t, d = self.b.shape
+        n, _, d = self.b.shape
         if not self.embedding:
             return torch.bmm(self.b.transpose(1, 2), self.x).reshape(n, -1)
         vocab = self.shape[0]
@@ -296,3 +296,35 @@ class GhostRows:
             )
         if array.device != self.device:
             raise TypeError(f"{name} is on {array.device}, the rows on {self.device}")
+
+
+def stack_rows(parts: Sequence[Any]) -> Any:
+    """The rows of several ``PerSampleRows`` of one model stacked: (sum of N_i, P).
+
+    GhostRows of one layout stack block by block; anything else is materialised row-wise
+    through ``as_rows`` (dense arrays stay dense).
+    """
+    from ngdref.rows import DenseRows, as_rows
+
+    parts = [as_rows(p) for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if all(isinstance(p, GhostRows) and first._same_layout(p) for p in parts):
+        factors = [
+            FactorBlock(fs[0].offset, fs[0].shape, torch.cat([f.x for f in fs]),
+                        torch.cat([f.b for f in fs]))
+            for fs in zip(*(p.factors for p in parts), strict=True)
+        ]
+        dense = [
+            DenseBlock(ds[0].offset, torch.cat([d.rows for d in ds]))
+            for ds in zip(*(p.dense for p in parts), strict=True)
+        ]
+        notes = dict.fromkeys(f for p in parts for f in p.fallbacks)
+        return GhostRows(
+            sum(p.shape[0] for p in parts), first.shape[1], factors=factors, dense=dense,
+            dtype=first.dtype, device=first.device, fallbacks=list(notes),
+        )
+    if all(isinstance(p, DenseRows) for p in parts):
+        return DenseRows(torch.cat([p.array for p in parts]))
+    raise TypeError("stack_rows: the parts must all be GhostRows of one layout or all dense")

@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the provider imports this module
     from backends.torch_provider import TorchProvider
 
 __all__ = ["ROUTES", "LayerPass"]
@@ -117,6 +117,11 @@ class LayerPass:
         self._grads: dict[int, torch.Tensor] = {}
         self._z, self._theta = self._forward()
         self.logits = self._z.detach()
+
+    @property
+    def spent(self) -> bool:
+        """Whether a backward pass without ``keep_graph`` released the forward graph."""
+        return self._z is None
 
     # ---- forward -------------------------------------------------------------------------
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +256,8 @@ class LayerPass:
                 failed.update(slots.values())
                 continue
             if use.kind == "generic":
-                notes.append(f"{type(use.module).__name__} ({', '.join(self._slots[i][0] for i in slots.values())}): per-module vmap")
+                names = ", ".join(self._slots[i][0] for i in slots.values())
+                notes.append(f"{type(use.module).__name__} ({names}): per-module vmap")
                 grads = self._module_vmap(index, use)
                 for attr, slot in slots.items():
                     parts.setdefault(slot, []).append(("rows", use, grads[attr]))
@@ -275,7 +281,7 @@ class LayerPass:
         return factors, dense, failed, list(dict.fromkeys(notes))
 
     def _slot_block(self, slot: int, parts: list[tuple[str, _Use, Any]]) -> Any:
-        name, offset, size, shape = self._slots[slot]
+        _, offset, _, shape = self._slots[slot]
         factorable = all(a == "weight" and u.kind in ("linear", "conv2d", "embedding")
                          for a, u, _ in parts)
         families = {u.kind == "embedding" for _, u, _ in parts}
@@ -314,7 +320,9 @@ class LayerPass:
         if g is None:
             return {a: torch.zeros(self._n, p.numel(), dtype=p.dtype, device=p.device)
                     for a, p in params.items()}
-        dim = lambda v: 0 if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self._n else None  # noqa: E731
+        def dim(v: Any) -> int | None:
+            return 0 if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self._n else None
+
         arg_dims = tuple(dim(v) for v in args)
         kw_dims = {k: dim(v) for k, v in kwargs.items()}
 

@@ -93,13 +93,15 @@ from torch.func import functional_call, jacrev, vmap
 from torch.func import jvp as func_jvp
 from torch.func import vjp as func_vjp
 
+from backends.ghost_hooks import ROUTES, LayerPass
 from ngdref._checks import NonFiniteError
 from ngdref.provider import JacobianProvider
+from ngdref.rows import as_rows
 
 __all__ = ["TorchProvider", "default_output_fn"]
 
 _POSITIONAL = "<input>"
-_METHODS = ("auto", "vmap", "hooks")
+_METHODS = ("auto", "vmap", "hooks", "ghost")
 
 
 def default_output_fn(output: Any) -> torch.Tensor:
@@ -163,11 +165,17 @@ class TorchProvider(JacobianProvider):
     chunk_size : int >= 1, optional
         Samples processed per pass (``vmap`` batch, hooks backward, forward
         and ``jvp`` passes) to bound memory. Default: all N at once.
-    per_sample_method : {"auto", "vmap", "hooks"}
+    per_sample_method : {"auto", "vmap", "hooks", "ghost"}
         Route of :meth:`vjp`. "hooks" needs every trainable parameter to be
         the weight or bias of an ``nn.Linear``; "auto" takes hooks when that
         holds (falling back to vmap if the pass's sum check fails), vmap
-        otherwise.
+        otherwise. "ghost": per-layer factors from one forward and one
+        backward pass with module hooks (:mod:`backends.ghost_hooks`), given
+        by :meth:`per_sample_rows` without forming G; not with ``chunk_size``.
+    layer_route : {"auto", "ghost", "materialise"}
+        For "ghost": per weight the cheaper route by the cost model of
+        :func:`backends.ghost.ghost_is_cheaper`, factors wherever possible, or
+        materialised per-layer rows everywhere.
 
     Attributes
     ----------
@@ -198,6 +206,7 @@ class TorchProvider(JacobianProvider):
         params: torch.Tensor | None = None,
         chunk_size: int | None = None,
         per_sample_method: str = "auto",
+        layer_route: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -264,6 +273,16 @@ class TorchProvider(JacobianProvider):
                 "bias of an nn.Linear; use 'vmap' (or 'auto') for this model"
             )
         # "auto" may still fall back to vmap if a hooks pass fails its sum check.
+        if per_sample_method == "ghost":
+            if chunk_size is not None:
+                raise ValueError(
+                    "chunk_size must be None for per_sample_method='ghost' (one forward and "
+                    "one backward pass over the whole batch)"
+                )
+            if layer_route not in ROUTES:
+                raise ValueError(f"layer_route must be one of {ROUTES}, got {layer_route!r}")
+        self.layer_route = layer_route
+        self.layer_pass: LayerPass | None = None
         self._auto = per_sample_method == "auto"
         if self._auto:
             per_sample_method = "hooks" if self._linear_slots is not None else "vmap"
@@ -423,7 +442,10 @@ class TorchProvider(JacobianProvider):
 
     def _compute_logits(self) -> torch.Tensor:
         self._pending: tuple | None = None
-        if self.per_sample_method == "hooks" and self.chunk_size is None:
+        if self.per_sample_method == "ghost":
+            self.layer_pass = LayerPass(self, self.layer_route)
+            z = self.layer_pass.logits
+        elif self.per_sample_method == "hooks" and self.chunk_size is None:
             # The forward the first hooks vjp needs anyway: keep its graph for that vjp (an
             # optimiser step then costs one forward, not two). Any other first use drops it.
             self._pending = self._hooks_forward(self._batch(slice(None)))
@@ -534,6 +556,8 @@ class TorchProvider(JacobianProvider):
             Same dtype and device as the logits.
         """
         self._check_cotangents(cotangents)
+        if self.per_sample_method == "ghost":
+            return self.per_sample_rows(cotangents, keep_graph=True).materialise()
         if self.per_sample_method == "hooks":
             result = self._vjp_hooks(cotangents)
             if result is not None:
@@ -553,6 +577,20 @@ class TorchProvider(JacobianProvider):
             for rows in self._slices():
                 out.append(per_sample(self._theta, self._batch(rows), cotangents[rows]).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def per_sample_rows(self, cotangents: torch.Tensor, *, keep_graph: bool = True) -> Any:
+        r"""The per-sample rows u_n^T J_n (N, P) as an ``ngdref.PerSampleRows``.
+
+        "ghost": :class:`backends.ghost.GhostRows` from one backward pass through the hooked
+        forward (a new forward if an earlier call released it, ``keep_graph=False``); other
+        routes: ``ngdref.as_rows(self.vjp(cotangents))``.
+        """
+        self._check_cotangents(cotangents)
+        if self.per_sample_method != "ghost":
+            return as_rows(self.vjp(cotangents))
+        if self.layer_pass is None or self.layer_pass.spent:
+            self.layer_pass = LayerPass(self, self.layer_route)
+        return self.layer_pass.rows(cotangents, keep_graph=keep_graph)
 
     def vjp_ranges(
         self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
