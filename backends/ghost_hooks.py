@@ -41,6 +41,7 @@ from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+from ngdref._checks import NonFiniteError
 
 if TYPE_CHECKING:  # the provider imports this module
     from backends.torch_provider import TorchProvider
@@ -197,6 +198,11 @@ class LayerPass:
         )
         if not keep_graph:
             self._z = None
+        if not bool(torch.isfinite(grad).all()):  # the per-sample rows cannot all be finite
+            raise NonFiniteError(
+                "per_sample_grads: the gradient of this batch holds NaN or infinite values "
+                "(a diverged model, or an operation with an infinite derivative here)"
+            )
         factors, dense, failed, notes = self._blocks()
         checked_f, checked_d, mismatched, grams = self._check(factors, dense, grad)
         for i in failed | mismatched:

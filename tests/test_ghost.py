@@ -49,7 +49,7 @@ class Scale(nn.Module):
 
 
 class Tagger(nn.Module):
-    """Embedding (padding_idx) -> Linear (no bias) -> frozen Linear -> norms -> Linear x2 -> head."""
+    """Embedding (padding_idx), Linear (no bias), frozen Linear, norms, Linear twice, head."""
 
     def __init__(self, vocab: int = 11, width: int = 6, tie: bool = False) -> None:
         super().__init__()
