@@ -24,7 +24,14 @@ import array_api_compat
 
 from ngdref._checks import check_grad_matrix, check_ndim, namespace
 
-__all__ = ["DenseRows", "PerSampleRows", "as_rows", "gram_matrix", "sq_row_norms"]
+__all__ = [
+    "DenseRows",
+    "PerSampleRows",
+    "as_rows",
+    "gram_matrix",
+    "rows_namespace",
+    "sq_row_norms",
+]
 
 
 @runtime_checkable
@@ -78,8 +85,9 @@ def _products64(a: Any, b: Any) -> Any:
         return xp.matmul(a64, xp.matrix_transpose(b64))
     out = None
     for start in range(0, p, block):
-        a64 = xp.astype(a[:, start:start + block], xp.float64)
-        b64 = a64 if b is a else xp.astype(b[:, start:start + block], xp.float64)
+        stop = min(start + block, p)
+        a64 = xp.astype(a[:, start:stop], xp.float64)
+        b64 = a64 if b is a else xp.astype(b[:, start:stop], xp.float64)
         part = xp.matmul(a64, xp.matrix_transpose(b64))
         out = part if out is None else out + part
         del a64, b64  # before the next block's copies
@@ -157,9 +165,32 @@ def as_rows(x: Any, name: str = "per_sample_grads") -> PerSampleRows:
     if isinstance(x, PerSampleRows):
         return x
     raise TypeError(
-        f"{name} must be an (N, P) array or a PerSampleRows (shape, dtype, array_namespace, "
-        f"gram, cross_gram, matvec, rmatvec), got {type(x).__name__}"
+        f"{name} must be an array of shape (N, P) or a PerSampleRows (shape, dtype, "
+        f"array_namespace, gram, cross_gram, matvec, rmatvec), got {type(x).__name__}"
     )
+
+
+def rows_namespace(
+    rows: PerSampleRows, rows_name: str, *, rows_first: bool = True, **arrays: Any
+) -> Any:
+    """The namespace of ``rows``, after checking that ``arrays`` share it and its device.
+
+    Messages name the arguments in the order given (``rows_first``), like
+    :func:`ngdref._checks.namespace`.
+    """
+    if isinstance(rows, DenseRows):
+        dense = {rows_name: rows.array}
+        return namespace(**(dense | arrays if rows_first else arrays | dense))
+    xp = rows.array_namespace()
+    if any(a is not None for a in arrays.values()):
+        other = namespace(**arrays)
+        if other is not xp:
+            name = next(n for n, a in arrays.items() if a is not None)
+            raise TypeError(
+                f"{name} comes from namespace {other.__name__} but {rows_name} comes from "
+                f"{xp.__name__}: pass all arrays from one library"
+            )
+    return xp
 
 
 def sq_row_norms(rows: Any) -> Any:
@@ -170,7 +201,7 @@ def sq_row_norms(rows: Any) -> Any:
         block = max(1, 2**20 // max(a.shape[0], 1))  # float64 copies of 8 MB column blocks
         total = None
         for start in range(0, a.shape[1], block):
-            part = xp.astype(a[:, start:start + block], xp.float64, copy=False)
+            part = xp.astype(a[:, start:min(start + block, a.shape[1])], xp.float64, copy=False)
             sums = xp.sum(part * part, axis=1)
             total = sums if total is None else total + sums
         return total

@@ -88,7 +88,7 @@ def test_cross_gram_with_a_non_dense_other_equals_numpy(backend):
 
 @pytest.mark.parametrize("bad", [[[1.0, 2.0]], "rows", 3.0])
 def test_as_rows_refuses_what_is_neither_array_nor_rows(bad):
-    with pytest.raises(TypeError, match="per_sample_grads must be an"):
+    with pytest.raises(TypeError, match="per_sample_grads must be an array"):
         ngdref.as_rows(bad)
 
 
