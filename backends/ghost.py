@@ -175,8 +175,8 @@ class GhostRows:
     ----------
     shape : (N, P)
     dtype : torch.dtype
-    grad : torch.Tensor (P,) or None
-        G^T 1 from the ordinary backward pass that produced the factors.
+    grad : torch.Tensor (P,)
+        G^T 1, computed from the factors on first access.
     fallbacks : tuple of str
         Parameters whose per-sample gradients came from a ``torch.func`` fallback, and why.
     """
@@ -201,9 +201,17 @@ class GhostRows:
         self.device = device
         self.factors = tuple(factors)
         self.dense = tuple(dense)
-        self.grad = grad
+        self._grad = grad
         self.fallbacks = tuple(fallbacks)
         self._gram: torch.Tensor | None = None
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """g = G^T 1 (P,), from the stored factors on first use."""
+        if self._grad is None:
+            self._grad = self.rmatvec(torch.ones(self.shape[0], dtype=self.dtype,
+                                                 device=self.device))
+        return self._grad
 
     def array_namespace(self) -> Any:
         """array_api_compat's torch namespace."""

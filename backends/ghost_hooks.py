@@ -19,11 +19,14 @@ any other module                       ``torch.func.vmap`` of that module alone 
 =====================================  ===================================================
 
 A weight used several times (tied) concatenates its uses along t (mixed kinds are
-materialised and summed). A parameter that no hook can account for -- used outside its own
-module's forward, or by a call without the batch axis (T5's relative position bias) -- falls
-back to ``vmap`` over the whole model for that parameter only. Each parameter is checked
-against the ordinary gradient of the same backward pass (sum_n g_n = g; for factors via
-1^T K 1 = ||g||^2): a mismatch also falls back. Every fallback is listed in
+materialised and summed). The backward pass asks autograd only for the hooked modules'
+output gradients b (``torch.autograd.grad`` with those outputs as inputs), so no weight
+gradient is ever formed: the weight-gradient work of an ordinary backward pass is replaced by
+the Gram matrix and by G^T c. A parameter that no hook can account for falls back to ``vmap``
+over the whole model for that parameter only: one used outside its own module's forward
+(watched during the forward pass by a ``TorchFunctionMode`` that sees every torch operation
+on the parameter tensors), one whose module's output is changed in place afterwards, or one
+of a call without the batch axis (T5's relative position bias). Every fallback is listed in
 :attr:`GhostRows.fallbacks`. Hooks that a user registered stay in place; ours run first (so
 they see the module's own output) and are removed after the forward pass, also on error.
 """
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
-from ngdref._checks import NonFiniteError
 
 if TYPE_CHECKING:  # the provider imports this module
     from backends.torch_provider import TorchProvider
@@ -70,12 +74,52 @@ def _kind(module: nn.Module) -> str:
 
 @dataclass
 class _Use:
-    """One forward call of a hooked module: its input features x and output gradients."""
+    """One forward call of a hooked module: its input features x and its output."""
 
     module: nn.Module
     kind: str
     x: Any = None  # (N, T, d_in) features, (N, T) indices, or (args, kwargs) for "generic"
+    output: Any = None
+    version: int = 0  # of the output when the module returned it (in-place changes after)
     failure: str | None = None
+
+
+#: tensor methods and properties that read metadata only (not a use of the values)
+_METADATA = frozenset({
+    "size", "dim", "numel", "is_floating_point", "element_size", "stride", "is_contiguous",
+    "data_ptr", "__len__", "type", "is_complex", "get_device", "__repr__", "__format__",
+    "__hash__", "requires_grad_", "shape", "dtype", "device", "requires_grad", "is_leaf",
+    "ndim", "layout", "is_cuda", "grad_fn", "_version", "is_sparse", "is_quantized",
+    "is_meta", "itemsize", "nbytes", "names", "grad", "_base", "is_nested", "output_nr",
+})
+
+
+def _operation(func: Any) -> str:
+    """The name of a torch function, or of the property a ``__get__`` reads."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class _UseWatch(TorchFunctionMode):
+    """Flags the parameters a torch operation uses outside the innermost hooked module."""
+
+    def __init__(self, watched: dict[int, int]) -> None:
+        super().__init__()
+        self.watched = watched  # id(parameter tensor as the modules see it) -> slot
+        self.stack: list[frozenset[int]] = []  # ids each running hooked module may use
+        self.outside: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        if _operation(func) not in _METADATA:
+            allowed = self.stack[-1] if self.stack else frozenset()
+            for leaf in tree_leaves((args, kwargs)):
+                slot = self.watched.get(id(leaf))
+                if slot is not None and id(leaf) not in allowed:
+                    self.outside.add(slot)
+        return func(*args, **kwargs)
 
 
 class LayerPass:
@@ -127,23 +171,33 @@ class LayerPass:
     # ---- forward -------------------------------------------------------------------------
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.provider
-        handles = [
-            m.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
-            for m in self._owned
-        ]
+        theta = p._theta.detach().requires_grad_(True)
+        params = p.unflatten(theta)
+        index = {name: i for i, (name, *_) in enumerate(self._slots)}
+        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()})
+        handles = []
         try:
-            with p._eval_mode(), torch.enable_grad():
-                theta = p._theta.detach().requires_grad_(True)
-                z = p._batch_logits(theta, p._batch(slice(None)))
+            for m in self._owned:
+                handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
+                handles.append(
+                    m.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
+                )
+            with p._eval_mode(), torch.enable_grad(), self._watch:
+                z = p._batch_logits(theta, p._batch(slice(None)), params)
         finally:
             for h in handles:
                 h.remove()
         return z, theta
 
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        own = frozenset(id(module._parameters[a]) for a in self._owned[module])
+        self._watch.stack.append(own)
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._watch.stack:
+            self._watch.stack.pop()
         use = _Use(module, _kind(module))
         self._uses.append(use)
-        index = len(self._uses) - 1
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             use.failure = f"{type(module).__name__} returned no differentiable tensor"
             return
@@ -156,11 +210,7 @@ class LayerPass:
             use.failure = f"{type(module).__name__} returned no batch axis"
             return
         use.x = self._features(module, use.kind, args, kwargs)
-
-        def keep(grad: torch.Tensor) -> None:
-            self._grads[index] = grad
-
-        output.register_hook(keep)
+        use.output, use.version = output, output._version
 
     def _features(self, module: Any, kind: str, args: tuple, kwargs: dict) -> Any:
         a = args[0].detach() if kind != "generic" else None
@@ -192,42 +242,46 @@ class LayerPass:
         """
         if self._z is None:
             raise RuntimeError("LayerPass.rows: the forward graph was released by an earlier call")
-        self._grads = {}
-        (grad,) = torch.autograd.grad(
-            self._z, self._theta, grad_outputs=cotangents, retain_graph=keep_graph
-        )
+        live = [
+            (i, u) for i, u in enumerate(self._uses)
+            if u.failure is None and u.output._version == u.version
+        ]
+        for u in self._uses:
+            if u.failure is None and u.output._version != u.version:
+                u.failure = f"{type(u.module).__name__}'s output was changed in place"
+        # only the hooked outputs' gradients: autograd forms no weight gradient at all
+        found = torch.autograd.grad(
+            self._z, [u.output for _, u in live], grad_outputs=cotangents,
+            retain_graph=keep_graph, allow_unused=True,
+        ) if live else []
         if not keep_graph:
             self._z = None
-        if not bool(torch.isfinite(grad).all()):  # the per-sample rows cannot all be finite
-            raise NonFiniteError(
-                "per_sample_grads: the gradient of this batch holds NaN or infinite values "
-                "(a diverged model, or an operation with an infinite derivative here)"
-            )
+        self._grads = {i: g for (i, _), g in zip(live, found, strict=True) if g is not None}
         factors, dense, failed, notes = self._blocks()
-        checked_f, checked_d, mismatched, grams = self._check(factors, dense, grad)
-        for i in failed | mismatched:
-            notes.append(f"{self._slots[i][0]}: whole-model vmap ({self._why(i, mismatched)})")
-        leftover = sorted(failed | mismatched)
-        if leftover:
+        failed |= self._watch.outside
+        for i in sorted(failed):
+            notes.append(f"{self._slots[i][0]}: whole-model vmap ({self._why(i)})")
+        blocks = [DenseBlock(self._slots[i][1], r) for i, r in dense.items() if i not in failed]
+        factors = [f for f in factors if self._slot_at(f.offset) not in failed]
+        if failed:
             pieces = self.provider.vjp_ranges(
-                cotangents, [(self._slots[i][1], self._slots[i][2]) for i in leftover]
+                cotangents, [(self._slots[i][1], self._slots[i][2]) for i in sorted(failed)]
             )
-            for i, piece in zip(leftover, pieces, strict=True):
-                checked_d.append(DenseBlock(self._slots[i][1], piece))
-                grams.append(piece.to(torch.float64) @ piece.to(torch.float64).T)
-        rows = GhostRows(
-            self._n, self.provider.num_params, factors=checked_f, dense=checked_d,
-            dtype=self.provider.dtype, device=self.provider.device, grad=grad.detach(),
-            fallbacks=notes,
+            blocks += [DenseBlock(self._slots[i][1], piece)
+                       for i, piece in zip(sorted(failed), pieces, strict=True)]
+        return GhostRows(
+            self._n, self.provider.num_params, factors=factors, dense=blocks,
+            dtype=self.provider.dtype, device=self.provider.device, fallbacks=notes,
         )
-        rows._gram = sum(grams[1:], grams[0]) if grams else None
-        return rows
 
-    def _why(self, slot: int, mismatched: set[int]) -> str:
-        if slot in mismatched:
-            return "its hooked per-sample gradients do not add up to its gradient"
+    def _slot_at(self, offset: int) -> int:
+        return next(i for i, (_, o, _, _) in enumerate(self._slots) if o == offset)
+
+    def _why(self, slot: int) -> str:
+        if slot in self._watch.outside:
+            return "used outside its own module's forward"
         reasons = {u.failure for u in self._uses_of(slot) if u.failure}
-        return "; ".join(sorted(reasons)) or "used outside its module's forward"
+        return "; ".join(sorted(reasons)) or "no hooked module used it"
 
     def _uses_of(self, slot: int) -> list[_Use]:
         return [u for u in self._uses if slot in self._owned[u.module].values()]
@@ -341,41 +395,3 @@ class LayerPass:
         with self.provider._eval_mode():
             out = vmap(one, in_dims=(None, arg_dims, kw_dims, 0))(params, args, kwargs, g)
         return {a: t.reshape(self._n, -1).detach() for a, t in out.items()}
-
-    def _check(
-        self, factors: list[FactorBlock], dense: dict[int, torch.Tensor], grad: torch.Tensor
-    ) -> tuple[list[FactorBlock], list[DenseBlock], set[int], list[torch.Tensor]]:
-        """Keep the blocks whose per-sample gradients add up to the batch gradient."""
-        tol = math.sqrt(torch.finfo(self.provider.dtype).eps)
-        slot_at = {offset: i for i, (_, offset, _, _) in enumerate(self._slots)}
-        kept_f, kept_d, bad, grams = [], [], set(), []
-        for f in factors:
-            k = f.cross(f)
-            g = grad[f.offset:f.offset + f.size].to(torch.float64)
-            scale = torch.sqrt(torch.clamp(torch.diagonal(k), min=0)).sum() ** 2 + g @ g
-            if bool(abs(k.sum() - g @ g) <= tol * scale):
-                kept_f.append(f)
-                grams.append(k)
-            else:
-                bad.add(slot_at[f.offset])
-        for slot, rows in dense.items():
-            offset = self._slots[slot][1]
-            g = grad[offset:offset + rows.shape[1]]
-            scale = rows.norm(dim=1).sum() + g.norm()
-            if bool((rows.sum(0) - g).norm() <= tol * scale):
-                kept_d.append(DenseBlock(offset, rows))
-                r64 = rows.to(torch.float64)
-                grams.append(r64 @ r64.T)
-            else:
-                bad.add(slot)
-        return kept_f, kept_d, bad, grams
-
-
-def describe(rows: GhostRows) -> dict[str, Any]:
-    """Counts for diagnostics: parameters held as factors, materialised, and the fallbacks."""
-    return {
-        "factor_params": sum(f.size for f in rows.factors),
-        "dense_params": sum(d.size for d in rows.dense),
-        "fallbacks": list(rows.fallbacks),
-    }
-

@@ -80,6 +80,7 @@ Hugging Face dict inputs, the dict with its ``"labels"``::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -218,8 +219,12 @@ class _Batch:
     logit_grads: torch.Tensor
     logit_grad_sq_norms: torch.Tensor
     rows: Any  # ngdref.PerSampleRows
-    grad: torch.Tensor
     loss: float
+
+    @functools.cached_property
+    def grad(self) -> torch.Tensor:
+        """g = G^T 1 (P,), formed only by the methods that need it (SF, NGD)."""
+        return ngdref.sgd_update(self.rows)
 
 
 class _LogitLossOptimizer(torch.optim.Optimizer):
@@ -428,9 +433,7 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
             )
         e = factor * self._loss.grad(logits, targets)
         rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
-        grad = getattr(rows, "grad", None)
-        grad = ngdref.sgd_update(rows) if grad is None else grad
-        return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, grad, loss)
+        return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, loss)
 
     #: SF: the sampled labels' backward pass reuses the forward of the true labels
     _reuses_forward = False

@@ -417,15 +417,19 @@ class TorchProvider(JacobianProvider):
             for m, training in modes:
                 m.training = training
 
-    def _call(self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor]) -> Any:
-        params = self.unflatten(theta)
+    def _call(
+        self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
+    ) -> Any:
+        params = self.unflatten(theta) if params is None else params
         if self._positional:
             return functional_call(self.model, params, (batched[_POSITIONAL],), self._static)
         return functional_call(self.model, params, (), {**batched, **self._static})
 
-    def _batch_logits(self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor]) -> Any:
-        """Logits (n, C) of a batch of n samples."""
-        z = self.output_fn(self._call(theta, batched))
+    def _batch_logits(
+        self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
+    ) -> Any:
+        """Logits (n, C) of a batch of n samples (``params``: ``unflatten(theta)`` if given)."""
+        z = self.output_fn(self._call(theta, batched, params))
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"output_fn must return a tensor, got {type(z).__name__}")
         n = next(iter(batched.values())).shape[0]
