@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(p.numel() for p in w.model.parameters())}")
     wall, cpu = results["wall"], results["cpu"]
     rows = list(dict.fromkeys(row for col in wall.values() for row in col))
-    width = max(len(r) for r in rows) + 12
+    width = 46  # the longest label of the tables below
     print(f"\n{'median [ms]: wall, process CPU':<{width}}"
           + "".join(f"{k + ' wall':>14}{'cpu':>8}" for k in names))
     for row in rows:
