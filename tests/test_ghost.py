@@ -86,6 +86,20 @@ class OutsideUse(nn.Module):
         return self.b(h)
 
 
+class InPlace(nn.Module):
+    """A Linear output changed in place afterwards: its recorded output is no longer it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: Any) -> Any:
+        h = self.a(x)
+        h.mul_(torch.tanh(h.detach()) + 1.5)
+        return self.b(torch.tanh(h))
+
+
 @dataclass
 class Case:
     name: str
@@ -135,6 +149,12 @@ def _outside() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
         0, 3, (4,)), ngdref.SoftmaxCrossEntropy()
 
 
+def _in_place() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
+    torch.manual_seed(4)
+    return InPlace().double(), torch.randn(4, 4, dtype=torch.float64), torch.randint(
+        0, 3, (4,)), ngdref.SoftmaxCrossEntropy()
+
+
 CASES = [
     Case("mlp_frozen_middle", lambda: _mlp(4)),
     Case("mlp_batch_of_one", lambda: _mlp(1)),
@@ -142,6 +162,7 @@ CASES = [
     Case("sequence_tagger", _tagger(False), ("per-module vmap",)),
     Case("tied_embedding_head", _tagger(True), ("per-module vmap",)),
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
+    Case("output_changed_in_place", _in_place, ("changed in place",)),
 ]
 
 
