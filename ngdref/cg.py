@@ -9,7 +9,13 @@ from typing import Any
 
 from ngdref._checks import check_damping, check_finite, check_ndim, namespace
 
-__all__ = ["CGResult", "NotConvergedError", "conjugate_gradient", "default_cg_tol"]
+__all__ = [
+    "CGResult",
+    "NotConvergedError",
+    "conjugate_gradient",
+    "default_cg_tol",
+    "not_converged_message",
+]
 
 
 class NotConvergedError(ArithmeticError):
@@ -40,17 +46,19 @@ class CGResult:
         The true residual ||b - (A + lambda I) x|| of the returned x, recomputed with
         one extra matvec, not CG's recursively updated one.
     converged : bool
-        The true residual is at most 2 tol ||b||.
-    stopped_on_tolerance : bool
-        True: CG's recursive residual reached tol (then ``converged`` False means the
-        matvec is not accurate enough for tol); False: it ran ``maxiter`` iterations.
+        CG stopped on its tolerance and the true residual is at most 2 tol ||b||.
+    stop : {"tolerance", "maxiter", "breakdown"}
+        Why CG stopped: its recursive residual reached tol (then ``converged`` False
+        means the matvec is not accurate enough for tol); it ran ``maxiter``
+        iterations; or p^T (A + lambda I) p <= 0 at a later iteration, i.e. the
+        matvec's rounding overtook the residual (x is then the last good iterate).
     """
 
     x: Any
     iterations: int
     residual_norm: float
     converged: bool
-    stopped_on_tolerance: bool
+    stop: str
 
 
 def conjugate_gradient(
@@ -113,19 +121,29 @@ def conjugate_gradient(
     rr = float(xp.sum(r * r))
     b_norm = math.sqrt(rr)
     if b_norm == 0.0:
+        return CGResult(x=x, iterations=0, residual_norm=0.0, converged=True, stop="tolerance")
+
+    def result(k: int, stop: str) -> CGResult:
+        true_residual = math.sqrt(float(xp.sum((b - op(x)) ** 2)))
+        # twice tol: the recomputation itself rounds at the level of ||A|| ||x|| eps
+        converged = stop == "tolerance" and true_residual <= 2 * tol * b_norm
         return CGResult(
-            x=x, iterations=0, residual_norm=0.0, converged=True, stopped_on_tolerance=True
+            x=x, iterations=k, residual_norm=true_residual, converged=converged, stop=stop
         )
+
     for k in range(1, maxiter + 1):
         ap = op(p)
         pap = float(xp.sum(p * ap))
         if not math.isfinite(pap):
             raise ValueError("matvec produced a non-finite value during conjugate gradient")
         if pap <= 0.0:
-            raise ValueError(
-                "matvec is not positive definite along a search direction (p^T A p <= 0): "
-                "the operator must be symmetric positive definite; add damping"
-            )
+            if k == 1:  # p = b: the operator itself is not positive definite along b
+                raise ValueError(
+                    "matvec is not positive definite along b (b^T A b <= 0): the operator "
+                    "must be symmetric positive definite; add damping"
+                )
+            # later, a PSD operator's rounding (float32 internals) has overtaken the residual
+            return result(k - 1, "breakdown")
         alpha = rr / pap
         x = x + alpha * p
         r = r - alpha * ap
@@ -133,22 +151,32 @@ def conjugate_gradient(
         if callback is not None:
             callback(x)
         if math.sqrt(rr_new) <= tol * b_norm:
-            true_residual = math.sqrt(float(xp.sum((b - op(x)) ** 2)))
-            # twice tol: the recomputation itself rounds at the level of ||A|| ||x|| eps
-            return CGResult(
-                x=x,
-                iterations=k,
-                residual_norm=true_residual,
-                converged=true_residual <= 2 * tol * b_norm,
-                stopped_on_tolerance=True,
-            )
+            return result(k, "tolerance")
         p = r + (rr_new / rr) * p
         rr = rr_new
-    true_residual = math.sqrt(float(xp.sum((b - op(x)) ** 2)))
-    return CGResult(
-        x=x,
-        iterations=maxiter,
-        residual_norm=true_residual,
-        converged=False,
-        stopped_on_tolerance=False,
+    return result(maxiter, "maxiter")
+
+
+def not_converged_message(result: CGResult, tol: float, maxiter: int | None, b_norm: float) -> str:
+    """Say which of CG's stops happened, with the numbers (for a caller's exception)."""
+    relative = result.residual_norm / b_norm
+    if result.stop == "maxiter":
+        limit = "10 * P" if maxiter is None else maxiter
+        return (
+            f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
+            f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping "
+            "(which improves the conditioning), raise tol, or pass check_convergence=False "
+            "for truncated CG"
+        )
+    what = (
+        f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
+        f"{result.iterations} iterations, but"
+        if result.stop == "tolerance"
+        else f"conjugate gradient broke down after {result.iterations} iterations (p^T (F + "
+        "lambda I) p <= 0 from rounding) and"
+    )
+    return (
+        f"{what} the true relative residual of the result is {relative:.3g} > 2 tol = "
+        f"{2 * tol:.3g}: fisher_vp is not accurate enough for this tol (float32 model "
+        f"internals, say); raise tol above {relative:.3g}, or pass check_convergence=False"
     )

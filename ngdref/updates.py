@@ -4,7 +4,8 @@ An *update* is a direction d without learning rate or sign: the optimiser
 applies ``theta <- theta - lr * d``. Every function works in the paper's sum
 convention (the per-sample inputs are those of l_n, not of a mean loss); to
 use a mean-reduced loss, scale the per-sample inputs by the reduction factor
-(:func:`ngdref.batch_quantities` does this from ``reduction=``).
+(:func:`ngdref.batch_quantities` and :func:`ngdref.sampled_grads` do this from
+``reduction=``, with the convention stated in :mod:`ngdref.directions`).
 
 Two families of damping (SPEC §3):
 
@@ -17,8 +18,11 @@ Two families of damping (SPEC §3):
 For EF both coincide exactly; for iEF they differ for lambda > 0:
 (F_iEF + lambda I_P)^{-1} g = G^T (G G^T + lambda diag(s))^{-1} s.
 
-The small systems are formed and solved in float64 (the authors' practice),
-and the final combination ``G^T c`` is done in the input dtype.
+The small systems are formed and solved in float64 (the authors' practice) by
+:class:`ngdref.linalg.DampedGram`, and the final combination ``G^T c`` is done in
+the input dtype. Per-sample gradients may be dense (N, P) arrays or
+:class:`~ngdref.rows.PerSampleRows`; ``return_info=True`` returns the solve's
+diagnostics (:class:`~ngdref.linalg.GramSolve`) with the update.
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ from ngdref._checks import (
     check_vector,
     namespace,
 )
-from ngdref.cg import NotConvergedError, conjugate_gradient, default_cg_tol
+from ngdref.cg import (
+    NotConvergedError,
+    conjugate_gradient,
+    default_cg_tol,
+    not_converged_message,
+)
 from ngdref.curvature import _check_jacobians, _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
 from ngdref.rows import DenseRows, as_rows, rows_namespace
@@ -473,27 +482,8 @@ def ngd_update_cg(
         fisher_vp, grad, damping=damping, tol=tol, maxiter=maxiter, callback=callback
     )
     if check_convergence and not result.converged:
-        raise NotConvergedError(_not_converged_message(result, tol, maxiter, _norm(xp, grad)))
+        raise NotConvergedError(not_converged_message(result, tol, maxiter, _norm(xp, grad)))
     return result.x
-
-
-def _not_converged_message(result: Any, tol: float, maxiter: int | None, grad_norm: float) -> str:
-    """Say which of CG's two stops happened, with the numbers."""
-    relative = result.residual_norm / grad_norm
-    if result.stopped_on_tolerance:
-        return (
-            f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
-            f"{result.iterations} iterations, but the true relative residual of the result is "
-            f"{relative:.3g} > 2 tol = {2 * tol:.3g}: fisher_vp is not accurate enough for this "
-            f"tol (float32 model internals, say); raise tol above {relative:.3g}, or pass "
-            "check_convergence=False"
-        )
-    limit = "10 * P" if maxiter is None else maxiter
-    return (
-        f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
-        f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping (which "
-        "improves the conditioning), raise tol, or pass check_convergence=False for truncated CG"
-    )
 
 
 def _norm(xp: Any, v: Any) -> float:

@@ -244,7 +244,7 @@ def dense_reference(setup: Any, rows: np.ndarray, key: int, damping: dict[str, f
             probs.shape[1] - 1)
         for k in range(n)
     ])
-    sampled = single_sample_grads(torch.as_tensor(drawn), math.sqrt(r))
+    sampled = single_sample_grads(torch.as_tensor(drawn), r)  # mean-loss rows (SPEC §9)
     p_dim = theta.numel()
     updates = {
         "sgd": g,

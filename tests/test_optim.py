@@ -205,6 +205,7 @@ IEF_OPTIONS = [
     {"damping": 1e-3, "damping_space": "parameter", "dedup_threshold": 0.99},
     {"damping": 1e-4, "damping_mode": "relative"},
     {"damping": 1e-2, "damping_mode": "levenberg_marquardt"},
+    {"damping": 0.0, "damping_mode": "diagonal_only"},
 ]
 
 
@@ -263,7 +264,7 @@ def test_sf_steps_use_labels_redrawn_with_the_key(
         )
         keys.append(documented_key(7, t))
         draws.append(drawn)
-        # sampled rows are R times the sum-convention rows (one lambda for EF, iEF and SF)
+        # sampled rows of the reduced loss: R times the sum-convention rows (SPEC §9)
         rows = torch.cat([r * loop_grads(problem, drawn[k]) for k in range(num_samples)])
         grad = r * loop_grads(problem, problem.targets).sum(0)
         u = ngdref.sf_update(grad, rows, damping=1e-2, num_samples=num_samples)
