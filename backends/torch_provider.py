@@ -546,13 +546,15 @@ class TorchProvider(JacobianProvider):
                 out.append(tangent.detach())
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def vjp(self, cotangents: torch.Tensor) -> torch.Tensor:
+    def vjp(self, cotangents: torch.Tensor) -> Any:
         r"""Per-sample vector-Jacobian products, row n is ``J_n^T u_n``; shape (N, P).
 
         .. math:: G_{n,:} = u_n^\top J_n
 
         With ``u = loss.grad(logits, targets)`` row n is ``grad_theta l_n``
-        (sum convention, no reduction factor). Route: :attr:`per_sample_method`.
+        (sum convention, no reduction factor). Route: :attr:`per_sample_method`; "ghost"
+        returns a :class:`backends.ghost.GhostRows` (an ``ngdref.PerSampleRows``, G never
+        formed; ``.materialise()`` gives the tensor).
 
         Parameters
         ----------
@@ -560,8 +562,8 @@ class TorchProvider(JacobianProvider):
             Same dtype and device as the logits.
         """
         self._check_cotangents(cotangents)
-        if self.per_sample_method == "ghost":
-            return self.per_sample_rows(cotangents, keep_graph=True).materialise()
+        if self.per_sample_method == "ghost":  # rows without G (ngdref takes PerSampleRows)
+            return self.per_sample_rows(cotangents, keep_graph=True)
         if self.per_sample_method == "hooks":
             result = self._vjp_hooks(cotangents)
             if result is not None:
