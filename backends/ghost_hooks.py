@@ -292,8 +292,10 @@ class LayerPass:
         n = self._n
         if use.kind == "conv2d":
             shape = (n, use.module.out_channels, use.x.shape[1])
-            b = torch.zeros(shape, dtype=self.provider.dtype) if g is None else g.reshape(shape)
-            return b.transpose(1, 2)
+            if g is None:
+                return torch.zeros(shape, dtype=self.provider.dtype,
+                                   device=self.provider.device).transpose(1, 2)
+            return g.reshape(shape).transpose(1, 2)
         width = {"linear": lambda m: m.out_features, "embedding": lambda m: m.embedding_dim,
                  "norm": lambda m: math.prod(m.normalized_shape)}[use.kind](use.module)
         if g is None:
