@@ -102,13 +102,26 @@ def _operation(func: Any) -> str:
 
 
 class _UseWatch(TorchFunctionMode):
-    """Flags the parameters a torch operation uses outside the innermost hooked module."""
+    """Watches every torch operation of the forward pass for two things.
 
-    def __init__(self, watched: dict[int, int]) -> None:
+    A parameter used outside the innermost running hooked module (-> ``outside``), and the
+    output of a hooked call made for one sample and then repeated over the batch (peft's
+    prompt tuning: ``prompt_encoder(tokens[:1]).repeat(N, 1, 1)``): the repeated tensor
+    becomes that call's output, so its gradient is per sample. Any other use of the
+    one-sample output makes the call fail (-> the vmap fallback).
+    """
+
+    def __init__(self, watched: dict[int, int], num_samples: int) -> None:
         super().__init__()
         self.watched = watched  # id(parameter tensor as the modules see it) -> slot
         self.stack: list[frozenset[int]] = []  # ids each running hooked module may use
         self.outside: set[int] = set()
+        self.n = num_samples
+        #: id(one-sample output) -> (its use, the call's positional args, the output itself,
+        #: held so that its id stays its own during the forward pass)
+        self.single: dict[int, tuple[_Use, tuple, torch.Tensor]] = {}
+        self.done: set[int] = set()  # ids of the one-sample outputs already repeated
+        self.repeated: list[tuple[_Use, tuple, torch.Tensor]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         kwargs = kwargs or {}
@@ -117,7 +130,9 @@ class _UseWatch(TorchFunctionMode):
         ids = self.watched.keys()
         flat = (*args, *kwargs.values())
         if ids.isdisjoint(map(id, flat)) and not any(type(a) in (list, tuple) for a in flat):
-            return func(*args, **kwargs)
+            if not self.single or self.single.keys().isdisjoint(map(id, flat)):
+                return func(*args, **kwargs)
+            return self._single_use(func, args, kwargs)
         watched = self.watched
         hits = [a for a in flat if id(a) in watched]
         for a in flat:
@@ -127,6 +142,29 @@ class _UseWatch(TorchFunctionMode):
             allowed = self.stack[-1] if self.stack else frozenset()
             self.outside.update(watched[id(a)] for a in hits if id(a) not in allowed)
         return func(*args, **kwargs)
+
+    def _single_use(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """An operation on a one-sample output: its repeat over the batch, or a failure."""
+        result = func(*args, **kwargs)
+        name = _operation(func)
+        if name in _METADATA:
+            return result
+        first = args[0] if args else None
+        reps = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+        if (
+            name == "repeat" and id(first) in self.single and id(first) not in self.done
+            and not kwargs and tuple(reps) == (self.n, *([1] * (first.ndim - 1)))
+        ):
+            self.done.add(id(first))
+            use, call_args, _ = self.single[id(first)]
+            self.repeated.append((use, call_args, result))
+            return result
+        for a in (*args, *kwargs.values()):
+            if id(a) in self.single:
+                use = self.single[id(a)][0]
+                use.failure = (f"{type(use.module).__name__}'s one-sample output is used "
+                               "other than by one repeat over the batch")
+        return result
 
 
 class LayerPass:
@@ -181,7 +219,7 @@ class LayerPass:
         theta = p._theta.detach().requires_grad_(True)
         params = p.unflatten(theta)
         index = {name: i for i, (name, *_) in enumerate(self._slots)}
-        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()})
+        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
         handles = []
         try:
             for m in self._owned:
@@ -194,6 +232,11 @@ class LayerPass:
         finally:
             for h in handles:
                 h.remove()
+        for use, args, out in self._watch.repeated:  # one-sample calls repeated over the batch
+            if use.failure.endswith("without the batch axis"):  # and not used otherwise
+                expanded = args[0].detach().expand(self._n, *args[0].shape[1:])
+                use.x = self._features(use.module, use.kind, (expanded,), {})
+                use.output, use.version, use.failure = out, out._version, None
         return z, theta
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
@@ -212,6 +255,9 @@ class LayerPass:
         batched = isinstance(first, torch.Tensor) and first.ndim >= 1 and first.shape[0] == self._n
         if use.kind != "generic" and not batched:
             use.failure = f"{type(module).__name__} got an input without the batch axis"
+            if use.kind in ("linear", "embedding") and first is not None and first.ndim >= 1 \
+                    and first.shape[0] == 1 and output.ndim and output.shape[0] == 1:
+                self._watch.single[id(output)] = (use, args, output)  # repeated later?
             return
         if output.ndim == 0 or output.shape[0] != self._n:
             use.failure = f"{type(module).__name__} returned no batch axis"
