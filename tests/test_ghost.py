@@ -219,8 +219,21 @@ def _t5_full() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
     return model, batch, batch["labels"], ngdref.SequenceSoftmaxCrossEntropy(VOCAB)
 
 
-ALL_CASES = {c.name: c for c in [*CASES, *HF_CASES, Case("t5_all_parameters", _t5_full, (
-    "T5LayerNorm", "relative_attention_bias"))]}
+def _t5_full_square() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
+    """N = 6 sequences of 6 tokens: T5's (6, 6) relative positions are not 6 samples."""
+    model, _, _, loss = _t5_full()
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 40, (6, 6), generator=generator)
+    labels = torch.randint(1, 40, (6, 3), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return model, batch, labels, loss
+
+
+T5_FALLBACKS = ("T5LayerNorm", "relative_attention_bias")
+ALL_CASES = {c.name: c for c in [
+    *CASES, *HF_CASES, Case("t5_all_parameters", _t5_full, T5_FALLBACKS),
+    Case("t5_all_parameters_batch_as_long_as_input", _t5_full_square, T5_FALLBACKS),
+]}
 
 
 # ---- the independent reference ----------------------------------------------------------------
