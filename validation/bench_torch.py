@@ -25,8 +25,9 @@ paper's steps are. Peak memory of a step is measured three ways: live tensor byt
 torch's profiler in this process (:func:`_live_tensor_peak`), and the peak RSS increase in a
 fresh process per cell (:func:`_peak_rss_increase`), with glibc's default allocator settings
 and with a fixed mmap threshold; each iEF step's peak over the AdamW step's (whose .grad, m
-and v exist before the measured step, so they are added to its increase). Nothing is asserted: these are
-measurements, and the targets are printed next to them with "met" or "missed":
+and v exist before the measured step, so they are added to its increase). Nothing is
+asserted: these are measurements, and the targets are printed next to them with "met" or
+"missed":
 
 * an iEF step <= 1.2 x an AdamW step (time), on every workload and route "auto";
 * peak memory of an iEF step <= 1.0 x an AdamW step's (its .grad, m and v included), on the
