@@ -7,11 +7,12 @@ Always available (array-API generic; stdlib and array_api_compat only):
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider`
-(``backends.torch_provider``) and the optimisers :class:`IEF`, :class:`EF`,
-:class:`SF`, :class:`NGD` (``backends.optim``), and :class:`KFAC`, :class:`EKFAC`,
-:class:`IEKFAC` (``backends.kfac_optim``). ``import backends`` never
-imports torch. The SciPy ``LinearOperator`` s :func:`curvature_operator`,
-:func:`kfac_operator` (``backends.linear_operator``) are lazy too.
+(``backends.torch_provider``), :class:`GhostRows` (``backends.ghost``: per-sample gradients
+as per-layer factors), the optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
+(``backends.optim``) and :class:`KFAC`, :class:`EKFAC`, :class:`IEKFAC`
+(``backends.kfac_optim``). ``import backends`` never imports torch. The SciPy
+``LinearOperator`` s :func:`curvature_operator`, :func:`kfac_operator`
+(``backends.linear_operator``) are lazy too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from backends.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 #: attribute name -> the module that defines it, imported on first access
 _LAZY = {
     "TorchProvider": "backends.torch_provider",
+    "GhostRows": "backends.ghost",
     "IEF": "backends.optim",
     "EF": "backends.optim",
     "SF": "backends.optim",

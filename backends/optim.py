@@ -23,20 +23,40 @@ index and T = ``total_steps`` (EF and SF decay linearly to 0 and need the normal
 converge at all, as in the authors' code, SPEC §3). No momentum, no weight decay (the paper's
 settings). As in the paper, the model runs in eval mode (dropout off) during the step.
 
-Reduction convention
---------------------
+Reduction and damping convention
+--------------------------------
 ``reduction="sum"`` (default) is the paper's L = sum_n l_n. ``"mean"`` (torch and Hugging Face)
-or a float R multiply every per-sample quantity by R: G -> R G, s -> R^2 s, g -> R g,
-F -> R F, F_SF -> R^2 F_SF (SF's rows are gradients of the reduced loss on sampled labels, as
-in the paper and the authors' code, so one lambda damps EF, iEF and SF alike; see
-:mod:`ngdref.directions`). A mean-convention run with (lr', lambda') takes the same steps as a
-sum-convention run with (lr, lambda) when, with R = 1/N,
+or a float R builds every quantity from the gradients of the R-scaled loss, as the authors'
+code does (SPEC section 9): G -> R G, s -> R^2 s, g -> R g, SF's sampled rows G_hat -> R G_hat
+(R, not sqrt(R)), F -> R F. So one damping number lambda damps EF, iEF and SF alike, and
+means lambda / R^2 in the sum convention:
+
+    iEF(lambda) = R iEF_sum(lambda / R^2),  EF(lambda) = EF_sum(lambda / R^2) / R,
+    SF(lambda) = SF_sum(lambda / R^2) / R,  SF_sum(mu) = (G_hat^T G_hat + mu I_P)^{-1} g.
+
+A mean-convention run with (lr', lambda') therefore takes the same steps as a sum-convention
+run with (lr, lambda) when, with R = 1/N,
 
 * IEF, ``damping_space="sample"``: lr' = N lr, lambda' = lambda / N^2 (the paper's settings are
   mean-convention numbers: its lr is N times, its damping N^2 times smaller than the sum ones);
 * IEF, ``damping_space="parameter"``: lr' = N lr, lambda' = lambda;
-* EF and SF: lr' = lr, lambda' = lambda / N^2;
+* EF and SF (normalised): lr' = lr, lambda' = lambda / N^2;
 * NGD: lr' = lr, lambda' = lambda / N (the same update: (F/N + lambda/N)^{-1} g/N).
+
+Per-sample gradients
+--------------------
+``per_sample`` chooses how G (N, P) is obtained; every choice gives the same step (to rounding):
+
+* ``"auto"`` (default): one forward and one backward pass with module hooks; per weight the
+  ghost factors or the materialised per-layer rows, whichever :func:`backends.ghost.
+  ghost_is_cheaper` says costs less (:mod:`backends.ghost_hooks`); G is never formed, the
+  update is G^T c from the stored layer quantities;
+* ``"ghost"``: the same with factors for every weight that allows them;
+* ``"hooks"``: the same with materialised per-layer rows everywhere;
+* ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G.
+
+Parameters no hook can account for fall back to ``vmap`` for those parameters alone, listed
+in ``diagnostics["fallbacks"]`` (and warned about once).
 
 For a sequence loss (:class:`ngdref.SequenceSoftmaxCrossEntropy`) "mean" divides by the number
 of sequences N, not of label tokens; a float R = 1/number-of-label-tokens reproduces Hugging
@@ -60,18 +80,30 @@ Hugging Face dict inputs, the dict with its ``"labels"``::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 import ngdref
+from backends.ghost import stack_rows
 from backends.torch_provider import TorchProvider
-from ngdref.linalg import DAMPING_MODES
+from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, check_damping_options, ief_damping_weights
+
+#: ``per_sample`` -> (TorchProvider's per_sample_method, layer_route)
+PER_SAMPLE = {
+    "auto": ("ghost", "auto"),
+    "ghost": ("ghost", "ghost"),
+    "hooks": ("ghost", "materialise"),
+    "vmap": ("vmap", "auto"),
+}
 
 __all__ = ["EF", "IEF", "NGD", "SF"]
 
@@ -121,6 +153,7 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     "damping_mode": lambda v: _choice("damping_mode", v, DAMPING_MODES),
     "damping_space": lambda v: _choice("damping_space", v, DAMPING_SPACES),
     "dedup_threshold": _check_dedup,
+    "dedup_rule": lambda v: _choice("dedup_rule", v, DEDUP_RULES),
     "total_steps": lambda v: _count("total_steps", v),
     "num_samples": lambda v: _count("num_samples", v),
     "seed": _check_seed,
@@ -157,6 +190,43 @@ def _split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
     )
 
 
+def _check_targets(loss: ngdref.LogitLoss, targets: Any, num_samples: int) -> None:
+    """Targets with one entry per sample and at least one label not ignored."""
+    if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+        raise TypeError(
+            "targets must be a torch.Tensor with the samples on its first axis, got "
+            f"{type(targets).__name__ if not isinstance(targets, torch.Tensor) else '0-d'}"
+        )
+    if targets.shape[0] != num_samples:
+        raise ValueError(
+            f"targets (the closure's labels) have {targets.shape[0]} samples but the inputs "
+            f"have {num_samples}: the closure must return one label (row) per input sample"
+        )
+    ignore = getattr(loss, "ignore_index", None)
+    if ignore is not None and bool(torch.all(targets == ignore)):
+        raise ValueError(
+            f"targets: every label equals ignore_index={ignore}, so the batch has no loss and "
+            "no gradient; the parameters were not changed"
+        )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One batch in the reduction convention: R e_n (N, C), s (N,), rows R G, g = R G^T 1."""
+
+    logits: torch.Tensor
+    factor: float
+    logit_grads: torch.Tensor
+    logit_grad_sq_norms: torch.Tensor
+    rows: Any  # ngdref.PerSampleRows
+    loss: float
+
+    @functools.cached_property
+    def grad(self) -> torch.Tensor:
+        """g = G^T 1 (P,), formed only by the methods that need it (SF, NGD)."""
+        return ngdref.sgd_update(self.rows)
+
+
 class _LogitLossOptimizer(torch.optim.Optimizer):
     """Shared machinery: one joint update of all trainable parameters per step.
 
@@ -174,7 +244,8 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         loss: ngdref.LogitLoss,
         *,
         output_fn: Callable[[Any], torch.Tensor] | None,
-        per_sample_method: str,
+        per_sample: str,
+        per_sample_method: str | None,
         chunk_size: int | None,
         **hyperparameters: Any,
     ) -> None:
@@ -194,11 +265,25 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         self._check_hyperparameters(hyperparameters)
         self._model = model
         self._loss = loss
+        if per_sample_method is not None:  # the earlier name of per_sample
+            per_sample = per_sample_method
+        _choice("per_sample", per_sample, tuple(PER_SAMPLE))
+        method, route = PER_SAMPLE[per_sample]
+        if chunk_size is not None:  # only the vmap route processes the batch in chunks
+            if per_sample in ("ghost", "hooks"):
+                raise ValueError(
+                    f"chunk_size must be None for per_sample={per_sample!r} (one forward and "
+                    "one backward pass over the whole batch); use per_sample='vmap'"
+                )
+            method = "vmap"
+        self.per_sample = per_sample
         self._provider_options = {
             "output_fn": output_fn,
-            "per_sample_method": per_sample_method,
+            "per_sample_method": method,
+            "layer_route": route,
             "chunk_size": chunk_size,
         }
+        self._warned: set[str] = set()
         self._names = tuple(name for name, _ in named)
         self._step = 0
         #: diagnostics of the last successful step (empty before the first), see :meth:`step`
@@ -271,9 +356,12 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         On any error the parameters, the step counter and :attr:`diagnostics` are unchanged.
         After a step :attr:`diagnostics` holds ``step`` (t), ``loss``, ``lr`` (eta_t),
         ``damping`` (the absolute lambda used), ``update_norm`` (||u||, before EF's and SF's
-        normalisation; a zero u has no direction and leaves the parameters as they are) and
-        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||); IEF and EF add
-        ``residual`` and ``kept``, NGD ``cg_iterations``.
+        normalisation; a zero u has no direction and leaves the parameters as they are),
+        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||), ``per_sample``
+        (the route) and ``fallbacks`` (parameters whose per-sample gradients came from
+        ``torch.func.vmap``, and why); IEF and EF add ``residual`` (||G u - b|| / mean(b) on
+        the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the damped Gram
+        solve, :class:`ngdref.linalg.GramSolve`), NGD ``cg_iterations``.
         """
         if not callable(closure):
             raise TypeError(
@@ -292,13 +380,8 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
             )
         if targets is None:
             targets = provider.targets
-        q = ngdref.batch_quantities(provider, self._loss, targets, reduction=group["reduction"])
-        loss = q.factor * float(torch.sum(self._loss.value(q.logits, targets)))
-        if not math.isfinite(loss):
-            raise ngdref.NonFiniteError(
-                f"loss is {loss} at step {self._step}; the parameters were not changed"
-            )
-        update, diagnostics = self._update(provider, targets, q, group)
+        batch = self._batch(provider, targets, group)
+        update, diagnostics = self._update(provider, targets, batch, group)
         norm = float(torch.linalg.vector_norm(update))
         if not math.isfinite(norm):
             raise ngdref.NonFiniteError(
@@ -307,12 +390,15 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
             )
         if self._normalised and norm > 0:
             update = update / norm
+        fallbacks = list(getattr(batch.rows, "fallbacks", ()))
         diagnostics = {
             "step": self._step,
-            "loss": loss,
+            "loss": batch.loss,
             "lr": lr,
             "update_norm": norm,
-            "grad_norm_imbalance": ngdref.grad_norm_imbalance(q.per_sample_grads),
+            "grad_norm_imbalance": ngdref.grad_norm_imbalance(batch.rows),
+            "per_sample": self.per_sample,
+            "fallbacks": fallbacks,
             **diagnostics,
         }
         with torch.no_grad():
@@ -322,13 +408,44 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
                 param.add_(piece, alpha=-lr)
         self.diagnostics = diagnostics
         self._step += 1
-        return loss
+        self._warn(fallbacks)
+        return batch.loss
+
+    def _warn(self, fallbacks: list[str]) -> None:
+        """Say once per optimiser which parameters took a vmap fallback."""
+        new = [f for f in fallbacks if f not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(
+                f"{type(self).__name__}(per_sample={self.per_sample!r}): per-sample gradients "
+                "by torch.func.vmap for: " + "; ".join(new),
+                stacklevel=3,
+            )
+
+    def _batch(
+        self, provider: TorchProvider, targets: torch.Tensor, group: Mapping[str, Any]
+    ) -> _Batch:
+        """Logits, R e_n, s, the per-sample rows, g and the loss of one batch (checked)."""
+        _check_targets(self._loss, targets, provider.num_samples)
+        logits = provider.logits()
+        factor = ngdref.reduction_factor(group["reduction"], logits.shape[0])
+        loss = factor * float(torch.sum(self._loss.value(logits, targets)))
+        if not math.isfinite(loss):
+            raise ngdref.NonFiniteError(
+                f"loss is {loss} at step {self._step}; the parameters were not changed"
+            )
+        e = factor * self._loss.grad(logits, targets)
+        rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
+        return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, loss)
+
+    #: SF: the sampled labels' backward pass reuses the forward of the true labels
+    _reuses_forward = False
 
     def _update(
         self,
         provider: TorchProvider,
         targets: torch.Tensor,
-        q: ngdref.BatchQuantities,
+        batch: _Batch,
         group: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The update (P,) before normalisation, and the method's diagnostics."""
@@ -373,6 +490,7 @@ class _GramOptimizer(_LogitLossOptimizer):
         "damping_mode",
         "damping_space",
         "dedup_threshold",
+        "dedup_rule",
     )
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
@@ -380,7 +498,7 @@ class _GramOptimizer(_LogitLossOptimizer):
         check_damping_options(group["damping_space"], group["damping_mode"])
 
     def _system(
-        self, q: ngdref.BatchQuantities, damping_space: str
+        self, batch: _Batch, damping_space: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The right-hand side b (N,) and sample weights W (N,) (None: the identity)."""
         raise NotImplementedError
@@ -389,27 +507,32 @@ class _GramOptimizer(_LogitLossOptimizer):
         self,
         provider: TorchProvider,
         targets: torch.Tensor,
-        q: ngdref.BatchQuantities,
+        batch: _Batch,
         group: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        rhs, weights = self._system(q, group["damping_space"])
+        rhs, weights = self._system(batch, group["damping_space"])
         update, solve = ngdref.gram_update(
-            q.per_sample_grads,
+            batch.rows,
             rhs,
             damping=group["damping"],
             damping_mode=group["damping_mode"],
             sample_weights=weights,
             dedup_threshold=group["dedup_threshold"],
+            dedup_rule=group["dedup_rule"],
         )
         kept = solve.kept
-        # the interpolation condition G u = b of the undamped limit (Eq. 6-7), on the kept rows
-        # (indexing with a mask copies G: skip it when the filter kept every row)
-        rows, b = (
-            (q.per_sample_grads, rhs) if bool(kept.all()) else (q.per_sample_grads[kept], rhs[kept])
-        )
-        misfit = ngdref.loss_reductions(rows, update) - b
-        residual = float(torch.linalg.vector_norm(misfit) / torch.mean(b))
-        return update, {"damping": solve.damping, "residual": residual, "kept": int(kept.sum())}
+        # the interpolation condition G u = b of the undamped limit (Eq. 6-7) on the kept rows,
+        # with G u = G G^T c = K c from the Gram matrix (no pass over G)
+        b = rhs.to(torch.float64)
+        misfit = (solve.gram @ solve.coefficients - b)[kept]
+        residual = float(torch.linalg.vector_norm(misfit) / torch.mean(b[kept]))
+        return update, {
+            "damping": solve.damping,
+            "residual": residual,
+            "kept": int(kept.sum()),
+            "solve_residual": solve.residual,
+            "condition": solve.condition,
+        }
 
 
 class IEF(_GramOptimizer):
@@ -435,16 +558,22 @@ class IEF(_GramOptimizer):
     damping : float >= 0
         lambda (the paper: 1e-7 or 1e-12 under the mean convention).
     damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
-        See :func:`ngdref.linalg.solve_damped_gram`.
+        See :meth:`ngdref.linalg.DampedGram.solve`.
     damping_space : {"sample", "parameter"}
         "sample" is the paper's lambda I_N.
-    dedup_threshold : float in (0, 1], optional
-        Drop near-duplicate per-sample gradients (|cos| above it, keeping the larger) before
-        the solve; the authors' training code uses 0.99. Default: keep all.
+    dedup_threshold : float in (0, 1] or None
+        Drop near-duplicate per-sample gradients (|cos| above it) before the solve; 0.99 as
+        in the authors' training code; None keeps all.
+    dedup_rule : {"all_pairs", "greedy"}
+        "all_pairs" (the authors'): every close pair drops its smaller-norm row.
     reduction : {"sum", "mean"} or float
         R; see the module docstring for how lr and damping scale with it.
-    output_fn, per_sample_method, chunk_size
-        Passed to :class:`backends.TorchProvider`.
+    per_sample : {"auto", "ghost", "hooks", "vmap"}
+        How the per-sample gradients are obtained (module docstring); all give the same step.
+    per_sample_method : str, optional
+        The earlier name of ``per_sample``.
+    output_fn, chunk_size
+        Passed to :class:`backends.TorchProvider`; ``chunk_size`` selects the vmap route.
 
     Attributes
     ----------
@@ -462,10 +591,12 @@ class IEF(_GramOptimizer):
         damping: float,
         damping_mode: str = "absolute",
         damping_space: str = "sample",
-        dedup_threshold: float | None = None,
+        dedup_threshold: float | None = 0.99,
+        dedup_rule: str = "all_pairs",
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample_method: str = "auto",
+        per_sample: str = "auto",
+        per_sample_method: str | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -476,16 +607,18 @@ class IEF(_GramOptimizer):
             damping_mode=damping_mode,
             damping_space=damping_space,
             dedup_threshold=dedup_threshold,
+            dedup_rule=dedup_rule,
             reduction=reduction,
             output_fn=output_fn,
+            per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
         )
 
     def _system(
-        self, q: ngdref.BatchQuantities, damping_space: str
+        self, batch: _Batch, damping_space: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        s = q.logit_grad_sq_norms
+        s = batch.logit_grad_sq_norms
         return s, ief_damping_weights(s, damping_space)
 
 
@@ -501,8 +634,8 @@ class EF(_GramOptimizer):
 
     Parameters
     ----------
-    model, loss, damping, damping_mode, damping_space, dedup_threshold, reduction,
-    output_fn, per_sample_method, chunk_size
+    model, loss, damping, damping_mode, damping_space, dedup_threshold, dedup_rule, reduction,
+    output_fn, per_sample, per_sample_method, chunk_size
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step (the paper: 0.01 for T5 LoRA, 1 for prompt
@@ -530,10 +663,12 @@ class EF(_GramOptimizer):
         total_steps: int,
         damping_mode: str = "absolute",
         damping_space: str = "sample",
-        dedup_threshold: float | None = None,
+        dedup_threshold: float | None = 0.99,
+        dedup_rule: str = "all_pairs",
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample_method: str = "auto",
+        per_sample: str = "auto",
+        per_sample_method: str | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -545,16 +680,18 @@ class EF(_GramOptimizer):
             damping_mode=damping_mode,
             damping_space=damping_space,
             dedup_threshold=dedup_threshold,
+            dedup_rule=dedup_rule,
             reduction=reduction,
             output_fn=output_fn,
+            per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
         )
 
     def _system(
-        self, q: ngdref.BatchQuantities, damping_space: str
+        self, batch: _Batch, damping_space: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return torch.ones_like(q.logit_grad_sq_norms), None
+        return torch.ones_like(batch.logit_grad_sq_norms), None
 
 
 class SF(_LogitLossOptimizer):
@@ -565,14 +702,18 @@ class SF(_LogitLossOptimizer):
         \theta \leftarrow \theta - \eta \frac{T - t}{T} \frac{u}{\|u\|}
 
     F_SF = (1/K) sum_n sum_k grad(-log p_n(yhat_nk)) grad(...)^T with K labels yhat_nk drawn
-    per sample from the model's predictive distribution (:func:`ngdref.sampled_grads`, then
-    :func:`ngdref.sf_update`); damping is in parameter space and must be > 0 unless
-    N K >= P. The draw of step t uses the integer key :meth:`sampling_key` ``(t)``, a hash of
-    (seed, t), so runs are reproducible and resume exactly from a state_dict.
+    per sample from the model's predictive distribution, once per step with
+    ``loss.sample(logits, sampling_key(t), K, targets=targets)``; their rows (R times the
+    sum-convention rows under a reduction R, so that lambda means what it means for EF and
+    iEF) come from backward passes through the step's one forward pass, then
+    :func:`ngdref.sf_update`. Damping is in parameter space and must be > 0 unless
+    N K >= P. The key of step t, :meth:`sampling_key` ``(t)``, is the first 8 bytes
+    (little-endian) of blake2b("seed:t"), so runs are reproducible, resume exactly from a
+    state_dict, and draw fresh labels at every step.
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step.
@@ -592,6 +733,7 @@ class SF(_LogitLossOptimizer):
         "seed",
     )
     _normalised = True
+    _reuses_forward = True
 
     def __init__(
         self,
@@ -605,7 +747,8 @@ class SF(_LogitLossOptimizer):
         seed: int = 0,
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample_method: str = "auto",
+        per_sample: str = "auto",
+        per_sample_method: str | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -618,6 +761,7 @@ class SF(_LogitLossOptimizer):
             seed=seed,
             reduction=reduction,
             output_fn=output_fn,
+            per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
         )
@@ -632,19 +776,21 @@ class SF(_LogitLossOptimizer):
         self,
         provider: TorchProvider,
         targets: torch.Tensor,
-        q: ngdref.BatchQuantities,
+        batch: _Batch,
         group: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        rows = ngdref.sampled_grads(
-            provider,
-            self._loss,
-            targets,
-            self.sampling_key(self._step),
-            num_samples=group["num_samples"],
-            reduction=group["reduction"],
-        )
+        # labels drawn once from the forward pass of this step, their rows R G_hat by
+        # backward passes through that same forward (K of them)
+        k = group["num_samples"]
+        drawn = self._loss.sample(batch.logits, self.sampling_key(self._step), k, targets=targets)
+        rows = [
+            provider.per_sample_rows(
+                batch.factor * self._loss.grad(batch.logits, drawn[i]), keep_graph=i < k - 1
+            )
+            for i in range(k)
+        ]
         update = ngdref.sf_update(
-            q.grad, rows, damping=group["damping"], num_samples=group["num_samples"]
+            batch.grad, stack_rows(rows), damping=group["damping"], num_samples=k
         )
         return update, {"damping": group["damping"]}
 
@@ -664,7 +810,7 @@ class NGD(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
         As for :class:`IEF`.
     lr : float >= 0
         eta, constant.
@@ -690,7 +836,8 @@ class NGD(_LogitLossOptimizer):
         cg_maxiter: int | None = None,
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample_method: str = "auto",
+        per_sample: str = "auto",
+        per_sample_method: str | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -702,6 +849,7 @@ class NGD(_LogitLossOptimizer):
             cg_maxiter=cg_maxiter,
             reduction=reduction,
             output_fn=output_fn,
+            per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
         )
@@ -710,7 +858,7 @@ class NGD(_LogitLossOptimizer):
         self,
         provider: TorchProvider,
         targets: torch.Tensor,
-        q: ngdref.BatchQuantities,
+        batch: _Batch,
         group: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         iterations = 0
@@ -722,7 +870,7 @@ class NGD(_LogitLossOptimizer):
         fvp = ngdref.fisher_vp(provider, self._loss, targets, reduction=group["reduction"])
         update = ngdref.ngd_update_cg(
             fvp,
-            q.grad,
+            batch.grad,
             damping=group["damping"],
             tol=group["cg_tol"],
             maxiter=group["cg_maxiter"],

@@ -93,13 +93,15 @@ from torch.func import functional_call, jacrev, vmap
 from torch.func import jvp as func_jvp
 from torch.func import vjp as func_vjp
 
+from backends.ghost_hooks import ROUTES, LayerPass
 from ngdref._checks import NonFiniteError
 from ngdref.provider import JacobianProvider
+from ngdref.rows import as_rows
 
 __all__ = ["TorchProvider", "default_output_fn"]
 
 _POSITIONAL = "<input>"
-_METHODS = ("auto", "vmap", "hooks")
+_METHODS = ("auto", "vmap", "hooks", "ghost")
 
 
 def default_output_fn(output: Any) -> torch.Tensor:
@@ -163,11 +165,17 @@ class TorchProvider(JacobianProvider):
     chunk_size : int >= 1, optional
         Samples processed per pass (``vmap`` batch, hooks backward, forward
         and ``jvp`` passes) to bound memory. Default: all N at once.
-    per_sample_method : {"auto", "vmap", "hooks"}
+    per_sample_method : {"auto", "vmap", "hooks", "ghost"}
         Route of :meth:`vjp`. "hooks" needs every trainable parameter to be
         the weight or bias of an ``nn.Linear``; "auto" takes hooks when that
         holds (falling back to vmap if the pass's sum check fails), vmap
-        otherwise.
+        otherwise. "ghost": per-layer factors from one forward and one
+        backward pass with module hooks (:mod:`backends.ghost_hooks`), given
+        by :meth:`per_sample_rows` without forming G; not with ``chunk_size``.
+    layer_route : {"auto", "ghost", "materialise"}
+        For "ghost": per weight the cheaper route by the cost model of
+        :func:`backends.ghost.ghost_is_cheaper`, factors wherever possible, or
+        materialised per-layer rows everywhere.
 
     Attributes
     ----------
@@ -198,6 +206,7 @@ class TorchProvider(JacobianProvider):
         params: torch.Tensor | None = None,
         chunk_size: int | None = None,
         per_sample_method: str = "auto",
+        layer_route: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -257,13 +266,26 @@ class TorchProvider(JacobianProvider):
             raise ValueError(
                 f"per_sample_method must be one of {_METHODS}, got {per_sample_method!r}"
             )
-        self._linear_slots = self._find_linear_slots()
+        # only the Linear-hooks route needs the slots (walking the modules costs per step)
+        self._linear_slots = (
+            self._find_linear_slots() if per_sample_method in ("auto", "hooks") else None
+        )
         if per_sample_method == "hooks" and self._linear_slots is None:
             raise ValueError(
                 "per_sample_method='hooks' needs every trainable parameter to be the weight or "
                 "bias of an nn.Linear; use 'vmap' (or 'auto') for this model"
             )
         # "auto" may still fall back to vmap if a hooks pass fails its sum check.
+        if per_sample_method == "ghost":
+            if chunk_size is not None:
+                raise ValueError(
+                    "chunk_size must be None for per_sample_method='ghost' (one forward and "
+                    "one backward pass over the whole batch)"
+                )
+            if layer_route not in ROUTES:
+                raise ValueError(f"layer_route must be one of {ROUTES}, got {layer_route!r}")
+        self.layer_route = layer_route
+        self.layer_pass: LayerPass | None = None
         self._auto = per_sample_method == "auto"
         if self._auto:
             per_sample_method = "hooks" if self._linear_slots is not None else "vmap"
@@ -398,15 +420,19 @@ class TorchProvider(JacobianProvider):
             for m, training in modes:
                 m.training = training
 
-    def _call(self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor]) -> Any:
-        params = self.unflatten(theta)
+    def _call(
+        self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
+    ) -> Any:
+        params = self.unflatten(theta) if params is None else params
         if self._positional:
             return functional_call(self.model, params, (batched[_POSITIONAL],), self._static)
         return functional_call(self.model, params, (), {**batched, **self._static})
 
-    def _batch_logits(self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor]) -> Any:
-        """Logits (n, C) of a batch of n samples."""
-        z = self.output_fn(self._call(theta, batched))
+    def _batch_logits(
+        self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
+    ) -> Any:
+        """Logits (n, C) of a batch of n samples (``params``: ``unflatten(theta)`` if given)."""
+        z = self.output_fn(self._call(theta, batched, params))
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"output_fn must return a tensor, got {type(z).__name__}")
         n = next(iter(batched.values())).shape[0]
@@ -423,7 +449,10 @@ class TorchProvider(JacobianProvider):
 
     def _compute_logits(self) -> torch.Tensor:
         self._pending: tuple | None = None
-        if self.per_sample_method == "hooks" and self.chunk_size is None:
+        if self.per_sample_method == "ghost":
+            self.layer_pass = LayerPass(self, self.layer_route)
+            z = self.layer_pass.logits
+        elif self.per_sample_method == "hooks" and self.chunk_size is None:
             # The forward the first hooks vjp needs anyway: keep its graph for that vjp (an
             # optimiser step then costs one forward, not two). Any other first use drops it.
             self._pending = self._hooks_forward(self._batch(slice(None)))
@@ -520,13 +549,15 @@ class TorchProvider(JacobianProvider):
                 out.append(tangent.detach())
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def vjp(self, cotangents: torch.Tensor) -> torch.Tensor:
+    def vjp(self, cotangents: torch.Tensor) -> Any:
         r"""Per-sample vector-Jacobian products, row n is ``J_n^T u_n``; shape (N, P).
 
         .. math:: G_{n,:} = u_n^\top J_n
 
         With ``u = loss.grad(logits, targets)`` row n is ``grad_theta l_n``
-        (sum convention, no reduction factor). Route: :attr:`per_sample_method`.
+        (sum convention, no reduction factor). Route: :attr:`per_sample_method`; "ghost"
+        returns a :class:`backends.ghost.GhostRows` (an ``ngdref.PerSampleRows``, G never
+        formed; ``.materialise()`` gives the tensor).
 
         Parameters
         ----------
@@ -534,6 +565,8 @@ class TorchProvider(JacobianProvider):
             Same dtype and device as the logits.
         """
         self._check_cotangents(cotangents)
+        if self.per_sample_method == "ghost":  # rows without G (ngdref takes PerSampleRows)
+            return self.per_sample_rows(cotangents, keep_graph=True)
         if self.per_sample_method == "hooks":
             result = self._vjp_hooks(cotangents)
             if result is not None:
@@ -553,6 +586,56 @@ class TorchProvider(JacobianProvider):
             for rows in self._slices():
                 out.append(per_sample(self._theta, self._batch(rows), cotangents[rows]).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def per_sample_rows(self, cotangents: torch.Tensor, *, keep_graph: bool = True) -> Any:
+        r"""The per-sample rows u_n^T J_n (N, P) as an ``ngdref.PerSampleRows``.
+
+        "ghost": :class:`backends.ghost.GhostRows` from one backward pass through the hooked
+        forward (a new forward if an earlier call released it, ``keep_graph=False``); other
+        routes: ``ngdref.as_rows(self.vjp(cotangents))``.
+        """
+        self._check_cotangents(cotangents)
+        if self.per_sample_method != "ghost":
+            return as_rows(self.vjp(cotangents))
+        if self.layer_pass is None or self.layer_pass.spent:
+            self.layer_pass = LayerPass(self, self.layer_route)
+        return self.layer_pass.rows(cotangents, keep_graph=keep_graph)
+
+    def vjp_ranges(
+        self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        r"""Per-sample ``J_n^T u_n`` restricted to slices of theta: one (N, size) per range.
+
+        ``ranges`` holds (offset, size) pairs; ``vmap`` over samples of a vjp with respect to
+        those slices only (the rest of theta held fixed), so only N x sum(sizes) is formed.
+        """
+        self._check_cotangents(cotangents)
+        cuts = sorted(ranges)
+        fixed, start = [], 0
+        for offset, size in cuts:
+            fixed.append(self._theta[start:offset])
+            start = offset + size
+        tail = self._theta[start:]
+
+        def assemble(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            parts = []
+            for constant, piece in zip(fixed, pieces, strict=True):
+                parts += [constant, piece]
+            return torch.cat([*parts, tail])
+
+        def one(pieces: tuple, sample: dict, u: torch.Tensor) -> tuple:
+            _, pullback = func_vjp(lambda *q: self._sample_logits(assemble(q), sample), *pieces)
+            return pullback(u)
+
+        per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
+        primals = tuple(self._theta[o:o + s] for o, s in cuts)
+        out: list[list[torch.Tensor]] = [[] for _ in cuts]
+        with self._eval_mode(), self._vmap_masks():
+            for rows in self._slices():
+                for i, g in enumerate(per_sample(primals, self._batch(rows), cotangents[rows])):
+                    out[i].append(g.detach())
+        by_range = {cut: torch.cat(parts) for cut, parts in zip(cuts, out, strict=True)}
+        return [by_range[r] for r in ranges]
 
     def _find_linear_slots(self) -> dict[nn.Module, dict[str, tuple[int, int]]] | None:
         """``{linear: {"weight"|"bias": (offset, size)}}``, None if a parameter is elsewhere."""

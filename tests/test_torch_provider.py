@@ -18,7 +18,6 @@ ngdref loss paired with the provider and the single-sample reference loss.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -615,27 +614,3 @@ def test_bad_inputs() -> None:
         TorchProvider(c.model, short_labels)
     with pytest.raises(TypeError, match=r"inputs must be a torch\.Tensor or a mapping"):
         TorchProvider(c.model, [c.inputs["input_ids"]])
-
-
-# ---- informational timing (never asserted) ------------------------------------------------------
-def test_report_vmap_vs_hooks_time(capsys: pytest.CaptureFixture[str]) -> None:
-    c = case("t5_lora")
-    providers = {
-        m: TorchProvider(c.model, c.inputs, per_sample_method=m) for m in ("vmap", "hooks")
-    }
-    u = logit_grads(c, providers["vmap"])
-    times: dict[str, list[float]] = {m: [] for m in providers}
-    for p in providers.values():
-        p.vjp(u)  # warm-up
-    for _ in range(3):
-        for m, p in providers.items():
-            start = time.perf_counter()
-            p.vjp(u)
-            times[m].append(time.perf_counter() - start)
-    med = {m: sorted(t)[1] for m, t in times.items()}
-    with capsys.disabled():
-        print(
-            f"\n[tiny T5 LoRA, N={c.num_samples}] per-sample grads: "
-            f"vmap {med['vmap'] * 1e3:.1f} ms, hooks {med['hooks'] * 1e3:.1f} ms, "
-            f"ratio {med['vmap'] / med['hooks']:.1f}x"
-        )

@@ -1,15 +1,18 @@
 """Benchmark: the torch optimisers and Fisher products against plain training steps and curvlinops.
 
-Three workloads, float32, one batch each: (a) a small T5 with LoRA on q and v (per-sequence
-loss over label word + EOS), (b) a small ViT with LoRA on q_proj and v_proj, (c) an MLP with all
-parameters trainable. On each, in this one process, alternating within every repeat after a
-warm-up, the median time of
+Six workloads, float32, one batch each (:mod:`validation.bench_torch_workloads`): a small T5
+with LoRA on q and v (per-sequence loss over label word + EOS), a small ViT with LoRA on q_proj
+and v_proj, and, with ALL parameters trainable, a small MLP, an MLP of 3.2 million parameters,
+the same T5 and the same ViT. On each, in this one process, alternating within every repeat
+after a warm-up, the median time of
 
 * a plain forward + backward (the model's own mean loss), an AdamW step and an SGD step
   (forward + backward + ``optimizer.step()``);
-* one step of :class:`backends.optim.IEF` (hooks and vmap routes), ``EF`` and ``SF``;
-* the parts of an iEF step: building the :class:`backends.TorchProvider` (its no-grad logits
-  forward), the per-sample gradients G by hooks and by vmap, and the Gram solve;
+* one step of :class:`backends.optim.IEF`, ``EF`` and ``SF`` on every ``per_sample`` route
+  ("auto": ghost or materialised per layer by the cost model, "ghost", "hooks": materialised
+  per layer, "vmap": dense G);
+* on the LoRA workloads and the small MLP, the parts of an iEF step: building the
+  :class:`backends.TorchProvider`, G by hooks and by vmap, and the Gram solve;
 * one Fisher-vector product (:func:`ngdref.fisher_vp`: jvp + vjp_sum) and one
   :func:`ngdref.gamma` (with :func:`ngdref.fisher_quadratic_form`, one jvp, and through
   ``fisher_vp``), against curvlinops' ``GGNLinearOperator`` and ``EFLinearOperator``
@@ -21,10 +24,21 @@ arithmetic of a step does not depend on lr. The models are in eval mode (dropout
 paper's steps are. Peak memory of a step is measured three ways: live tensor bytes from
 torch's profiler in this process (:func:`_live_tensor_peak`), and the peak RSS increase in a
 fresh process per cell (:func:`_peak_rss_increase`), with glibc's default allocator settings
-and with a fixed mmap threshold. Nothing is asserted: these are measurements, and the targets
-are printed next to them.
+and with a fixed mmap threshold; each iEF step's peak over the AdamW step's (whose .grad, m
+and v exist before the measured step, so they are added to its increase). Nothing is
+asserted: these are measurements, and the targets are printed next to them with "met" or
+"missed":
 
-Usage: ``python -m validation.bench_torch [--quick] [--repeats 7] [--threads 2] [--no-memory]``
+* an iEF step <= 1.2 x an AdamW step (time), on every workload and route "auto";
+* peak memory of an iEF step <= 1.0 x an AdamW step's (its .grad, m and v included), on the
+  full-parameter workloads;
+* an SF step <= 1.5 x an iEF step (time).
+
+``--device cuda`` runs the timings on the GPU (peak memory from ``torch.cuda``'s allocator);
+without CUDA it says so and runs on the CPU.
+
+Usage: ``python -m validation.bench_torch [--quick] [--repeats 7] [--threads 2] [--no-memory]
+[--device cpu|cuda] [--workloads t5,mlp_big,...]``
 """
 
 from __future__ import annotations
@@ -51,162 +65,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
-from torch import nn
 
 import ngdref
-from backends.optim import EF, IEF, SF
+from backends.optim import EF, IEF, PER_SAMPLE, SF
 from backends.torch_provider import TorchProvider
+from validation.bench_torch_workloads import BUILDERS, FULL_PARAMETER, WORKLOADS, Workload
 
 LR = 1e-12  # see the module docstring: steps cost the same, parameters stay put
 DAMPING = 1e-6  # relative (x max_n ||grad l_n||^2) for the Gram methods
 SF_DAMPING = 1e-3  # absolute, parameter space
 TOTAL_STEPS = 10**9  # EF and SF decay lr over total_steps; never reached here
-IEF_TARGET = 1.5  # iEF step / AdamW step
+IEF_TARGET = 1.2  # iEF step / AdamW step (time)
+MEMORY_TARGET = 1.0  # peak of an iEF step / peak of an AdamW step, full-parameter workloads
+SF_TARGET = 1.5  # SF step / iEF step (time)
 FVP_TARGET = 1.0  # ngdref FVP / curvlinops GGN matvec
-MEMORY_SLACK = 1.2  # peak increase of an iEF step <= 1.2 (param bytes + N P 4 bytes)
-WORKLOADS = ("t5", "vit", "mlp")
-MEMORY_THINGS = ("iEF step (hooks)", "iEF step (vmap)", "AdamW step")
-
-
-# ---- workloads --------------------------------------------------------------------------------
-@dataclass
-class Workload:
-    """A model on one batch, with everything each measured thing needs."""
-
-    name: str
-    description: str
-    model: nn.Module
-    batch: Any  # what the optimisers' closure returns: HF dict with labels, or (x, y)
-    provider_inputs: Any  # what TorchProvider gets
-    targets: torch.Tensor
-    loss: ngdref.LogitLoss
-    plain_loss: Callable[[], torch.Tensor]  # the model's own mean loss, for fwd+bwd / AdamW
-    curvlinops_args: tuple[nn.Module, nn.Module, Any, torch.Tensor, Any] | None
-    curvlinops_note: str = ""
-    num_samples: int = 0
-
-    @property
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.trainable)
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-
-class _LogitsOf(nn.Module):
-    """model(X) -> logits, for curvlinops: a dict X is passed as keywords; (N, T, V) -> (N*T, V)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: Any) -> torch.Tensor:
-        out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        return logits.reshape(-1, logits.shape[-1])
-
-
-def _peft_model(base: nn.Module, config: Any) -> nn.Module:
-    import peft
-
-    with warnings.catch_warnings():  # transformers 5 deprecations inside peft, not ours
-        warnings.simplefilter("ignore", FutureWarning)
-        return peft.get_peft_model(base, config).float().eval()
-
-
-def _t5(quick: bool) -> Workload:
-    import peft
-    import transformers
-
-    n, src, vocab, d_model = (8, 16, 128, 32) if quick else (32, 32, 1000, 128)
-    heads = 4
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
-        num_heads=heads, d_kv=d_model // heads, attn_implementation="eager",
-        decoder_start_token_id=0, pad_token_id=0,
-    )
-    base = transformers.T5ForConditionalGeneration(config)
-    # init_lora_weights=False: B is random, so A has nonzero gradients (all of theta is live)
-    lora = peft.LoraConfig(r=8, target_modules=["q", "v"], init_lora_weights=False)
-    model = _peft_model(base, lora)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, vocab, (n, src), generator=gen)
-    lengths = torch.randint(src // 2, src + 1, (n,), generator=gen)
-    mask = (torch.arange(src)[None, :] < lengths[:, None]).long()  # right padding
-    ids = ids * mask
-    labels = torch.stack(  # label word + EOS (id 1), as in the paper's T5 tasks
-        [torch.randint(2, vocab, (n,), generator=gen), torch.ones(n, dtype=torch.long)], dim=1
-    )
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    decoder_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
-    x = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
-    return Workload(
-        "t5", f"T5 + LoRA r=8 on q,v: d_model {d_model}, 2+2 layers, vocab {vocab}, "
-        f"input {src}, labels 2, N={n}",
-        model, batch, batch, labels, ngdref.SequenceSoftmaxCrossEntropy(vocab),
-        lambda: model(**batch).loss,
-        (_LogitsOf(model), nn.CrossEntropyLoss(reduction="sum", ignore_index=-100), x,
-         labels.reshape(-1), lambda inputs: inputs["input_ids"].shape[0]),
-        curvlinops_note="curvlinops' EF flattens (N*T, V): per-token EF, ngdref's is per-sequence",
-        num_samples=n,
-    )
-
-
-def _vit(quick: bool) -> Workload:
-    import peft
-    import transformers
-
-    n, image, patch, hidden = (8, 16, 8, 32) if quick else (32, 32, 8, 64)
-    torch.manual_seed(2)
-    config = transformers.ViTConfig(
-        image_size=image, patch_size=patch, hidden_size=hidden, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=2 * hidden, num_labels=10,
-        attn_implementation="eager",
-    )
-    base = transformers.ViTForImageClassification(config)
-    lora = peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = _peft_model(base, lora)
-    gen = torch.Generator().manual_seed(3)
-    pixels = torch.randn(n, 3, image, image, generator=gen)
-    labels = torch.randint(0, 10, (n,), generator=gen)
-    batch = {"pixel_values": pixels, "labels": labels}
-    return Workload(
-        "vit", f"ViT + LoRA r=8 on q_proj,v_proj: image {image}, patch {patch}, hidden {hidden}, "
-        f"2 layers, 10 classes, N={n}",
-        model, batch, batch, labels, ngdref.SoftmaxCrossEntropy(),
-        lambda: model(**batch).loss,
-        (_LogitsOf(model), nn.CrossEntropyLoss(reduction="sum"), pixels, labels, None),
-        num_samples=n,
-    )
-
-
-def _mlp(quick: bool) -> Workload:
-    n, width = (8, 64) if quick else (32, 256)
-    torch.manual_seed(4)
-    model = nn.Sequential(
-        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-        nn.Linear(width, 10),
-    ).eval()
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(n, width, generator=gen)
-    y = torch.randint(0, 10, (n,), generator=gen)
-    criterion = nn.CrossEntropyLoss()
-    return Workload(
-        "mlp", f"MLP {width}-{width}-{width}-10, ReLU, all parameters trainable, N={n}",
-        model, (x, y), x, y, ngdref.SoftmaxCrossEntropy(),
-        lambda: criterion(model(x), y),
-        (model, nn.CrossEntropyLoss(reduction="sum"), x, y, None),
-        num_samples=n,
-    )
-
-
-BUILDERS: dict[str, Callable[[bool], Workload]] = {"t5": _t5, "vit": _vit, "mlp": _mlp}
+ROUTES = tuple(PER_SAMPLE)  # auto, ghost, hooks, vmap
+PRODUCT_WORKLOADS = ("t5", "vit", "mlp")  # the parts of a step and the curvlinops checks
 
 
 # ---- the measured things ----------------------------------------------------------------------
@@ -222,8 +96,8 @@ def _plain_step(w: Workload, optimizer: torch.optim.Optimizer | None) -> Callabl
     return run
 
 
-def _ngd_step(w: Workload, cls: type, method: str) -> Callable[[], object]:
-    options: dict[str, Any] = {"lr": LR, "per_sample_method": method}
+def _ngd_step(w: Workload, cls: type, route: str) -> Callable[[], object]:
+    options: dict[str, Any] = {"lr": LR, "per_sample": route}
     if cls is SF:
         options.update(damping=SF_DAMPING, total_steps=TOTAL_STEPS)
     else:
@@ -232,20 +106,35 @@ def _ngd_step(w: Workload, cls: type, method: str) -> Callable[[], object]:
             options["total_steps"] = TOTAL_STEPS
     optimizer = cls(w.model, w.loss, **options)
     batch = w.batch
-    return lambda: optimizer.step(lambda: batch)
+
+    def run() -> object:
+        with warnings.catch_warnings():  # the fallbacks are listed once, in the notes
+            warnings.simplefilter("ignore", UserWarning)
+            return optimizer.step(lambda: batch)
+
+    return run
 
 
-def steps(w: Workload) -> dict[str, Callable[[], object]]:
+def steps(w: Workload, routes: tuple[str, ...] = ROUTES) -> dict[str, Callable[[], object]]:
     """The training steps (the things whose peak memory can also be measured)."""
-    return {
+    out: dict[str, Callable[[], object]] = {
         "forward+backward": _plain_step(w, None),
         "AdamW step": _plain_step(w, torch.optim.AdamW(w.trainable, lr=LR)),
         "SGD step": _plain_step(w, torch.optim.SGD(w.trainable, lr=LR)),
-        "iEF step (hooks)": _ngd_step(w, IEF, "hooks"),
-        "iEF step (vmap)": _ngd_step(w, IEF, "vmap"),
-        "EF step (hooks)": _ngd_step(w, EF, "hooks"),
-        "SF step (hooks)": _ngd_step(w, SF, "hooks"),
     }
+    for route in routes:
+        for label, cls in (("iEF", IEF), ("EF", EF), ("SF", SF)):
+            out[f"{label} step ({route})"] = _ngd_step(w, cls, route)
+    return out
+
+
+def fallbacks(w: Workload) -> list[str]:
+    """The parameters whose per-sample gradients the "auto" route takes by vmap."""
+    optimizer = IEF(w.model, w.loss, lr=LR, damping=DAMPING, damping_mode="relative")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        optimizer.step(lambda: w.batch)
+    return list(optimizer.diagnostics["fallbacks"])
 
 
 @dataclass
@@ -267,7 +156,9 @@ def products(w: Workload) -> Products:
     update, _ = ngdref.gram_update(
         q.per_sample_grads, q.logit_grad_sq_norms, damping=DAMPING, damping_mode="relative"
     )
-    vector = torch.randn(w.num_params, generator=torch.Generator().manual_seed(6))
+    vector = torch.randn(w.num_params, generator=torch.Generator().manual_seed(6)).to(
+        w.trainable[0].device
+    )
     things: dict[str, Callable[[], object]] = {
         "  TorchProvider() (logits fwd)": lambda: TorchProvider(
             w.model, w.provider_inputs, per_sample_method="hooks"
@@ -434,13 +325,41 @@ def _peak_rss_increase(fn: Callable[[], object]) -> tuple[float, float, str]:
     return 1024.0 * (peak - before), 1024.0 * before, method
 
 
+def _cuda_peak(fn: Callable[[], object]) -> float:
+    """Peak bytes of CUDA tensors during one call of ``fn`` above those live at its start."""
+    fn()  # warm-up, as for the other measurements
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - before)
+
+
 def _memory_child(workload: str, thing: str, quick: bool, threads: int) -> int:
     torch.set_num_threads(threads)
-    w = BUILDERS[workload](quick)
-    fn = steps(w)[thing]
+    w = BUILDERS[workload](quick, torch.device("cpu"))
+    fn = steps(w, (_route_of(thing),))[thing]
     increase, before, method = _peak_rss_increase(fn)
     print(json.dumps({"increase": increase, "before": before, "method": method}))
     return 0
+
+
+def _route_of(thing: str) -> str:
+    """"iEF step (ghost)" -> "ghost"; the plain steps -> "auto" (unused)."""
+    return thing.rsplit("(", 1)[1].rstrip(")") if "(" in thing else "auto"
+
+
+def _state_bytes(w: Workload, thing: str) -> int:
+    """What an AdamW step holds across steps, so not in its increase: .grad, m and v.
+
+    Its ``zero_grad(set_to_none=True)`` frees the previous gradients before the backward pass
+    allocates new ones, so the gradients, like m and v, are live at its peak but not above
+    its start. An exact step keeps nothing between steps (it sets no ``.grad``).
+    """
+    if thing != "AdamW step":
+        return 0
+    return 3 * sum(p.numel() * p.element_size() for p in w.trainable)
 
 
 #: glibc's fixed mmap threshold: every block above 128 KiB is its own mapping, returned to the
@@ -513,154 +432,189 @@ def _verdict(value: float | None, target: float) -> str:
     return "met" if value <= target else "missed"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _device(requested: str) -> torch.device:
+    if requested == "cuda":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("# --device cuda: CUDA is not available here (torch.cuda.is_available() is "
+              "False); running on the CPU instead")
+    return torch.device("cpu")
+
+
+def _table(
+    title: str, rows: list[tuple[str, list[str], str]], names: list[str], width: int
+) -> None:
+    print(f"\n{title:<{width}}" + "".join(f"{k:>10}" for k in names))
+    for label, cells, tail in rows:
+        print(f"{label:<{width}}" + "".join(f"{c:>10}" for c in cells) + tail)
+
+
+def _ratio_rows(
+    columns: dict[str, dict[str, float]], names: list[str], routes: tuple[str, ...]
+) -> list[tuple[str, list[str], str]]:
+    def row(label: str, top: str, bottom: str, target: float | None) -> tuple:
+        values = [_ratio(columns[k].get(top), columns[k].get(bottom)) for k in names]
+        cells = ["-" if v is None else f"{v:.2f}" for v in values]
+        tail = ""
+        if target is not None:
+            tail = f"  <= {target:g}: " + ", ".join(_verdict(v, target) for v in values)
+        return (label, cells, tail)
+
+    out = []
+    for route in routes:
+        out.append(row(f"iEF step ({route}) / AdamW step", f"iEF step ({route})", "AdamW step",
+                       IEF_TARGET))
+    for route in routes:
+        out.append(row(f"EF step ({route}) / AdamW step", f"EF step ({route})", "AdamW step",
+                       None))
+    for route in routes:
+        out.append(row(f"SF step ({route}) / iEF step ({route})", f"SF step ({route})",
+                       f"iEF step ({route})", SF_TARGET))
+    out += [
+        row("iEF step (auto) / fwd+bwd", "iEF step (auto)", "forward+backward", None),
+        row("FVP / curvlinops GGN matvec", "FVP (fisher_vp: jvp+vjp_sum)",
+            "curvlinops GGN matvec", FVP_TARGET),
+        row("G by vmap / by hooks", "  G by vmap (provider.vjp)", "  G by hooks (provider.vjp)",
+            None),
+        row("gamma (quadratic form) / FVP", "gamma (fisher_quadratic_form)",
+            "FVP (fisher_vp: jvp+vjp_sum)", None),
+        row("curvlinops EF / GGN matvec", "curvlinops EF matvec", "curvlinops GGN matvec", None),
+    ]
+    return out
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="default 7 (quick: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true", help="skip the subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--memory-child", nargs=2, metavar=("WORKLOAD", "THING"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_child:
-        return _memory_child(*args.memory_child, args.quick, args.threads)
+    unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    return args
+
+
+def _timings(
+    args: argparse.Namespace, names: list[str], device: torch.device
+) -> tuple[dict[str, Workload], dict[str, Any], dict[str, list[str]]]:
     repeats = args.repeats or (2 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    torch.set_num_threads(args.threads)
+    print(f"# float32, eval mode, lr={LR}, {device}; per-call medians of {repeats} alternating "
+          f"repeats after {warmup} warm-up round(s), things under 20 ms called repeatedly")
+    workloads: dict[str, Workload] = {}
+    results: dict[str, Any] = {"wall": {}, "cpu": {}, "gaps": {}}
+    notes: dict[str, list[str]] = {}
+    for name in names:
+        w = BUILDERS[name](args.quick, device)
+        workloads[name] = w
+        fns = steps(w)
+        notes[name] = [f"vmap fallback: {f}" for f in fallbacks(w)]
+        if name in PRODUCT_WORKLOADS:
+            prod = products(w)
+            fns.update(prod.things)
+            notes[name] += prod.notes
+            results["gaps"][name] = prod.gaps
+        results["wall"][name], results["cpu"][name] = _median_times(fns, repeats, warmup)
+    return workloads, results, notes
 
+
+def _memory(
+    args: argparse.Namespace, workloads: dict[str, Workload], device: torch.device, width: int
+) -> None:
+    names = list(workloads)
+    things = ("AdamW step", *(f"iEF step ({r})" for r in (("auto",) if args.quick else ROUTES)))
+    peaks: dict[str, dict[str, float | None]] = {k: {} for k in names}
+    for k, w in workloads.items():
+        fns = steps(w)
+        for thing in things:
+            if device.type == "cuda":
+                peaks[k][thing] = _cuda_peak(fns[thing])
+            else:
+                fns[thing]()  # warm-up (AdamW allocates its state in its first step)
+                peaks[k][thing] = _live_tensor_peak(fns[thing])
+    kinds: dict[str, dict[str, dict[str, float | None]]] = {
+        "tensors" if device.type == "cpu" else "CUDA tensors": peaks
+    }
+    if device.type == "cpu":
+        rss = {k: {t: _measure_memory(k, t, args.quick, args.threads, FIXED_MMAP)
+                   for t in things} for k in names}
+        kinds["RSS"] = {k: {t: rss[k][t].get("increase") for t in things} for k in names}
+        for k in names:
+            for t in things:
+                if "error" in rss[k][t]:
+                    print(f"  ({k}) {t}: RSS measurement failed: {rss[k][t]['error']}")
+
+    def mb(x: float | None) -> str:
+        return "-" if x is None else f"{x / 2**20:.2f}"
+
+    rows = []
+    for kind, table in kinds.items():
+        for t in things:
+            state = {k: _state_bytes(workloads[k], t) for k in names}
+            cells = [mb(None if table[k][t] is None else table[k][t] + state[k]) for k in names]
+            rows.append((f"  {kind}: {t}" + (" + grad, m, v" if t == "AdamW step" else ""),
+                         cells, ""))
+        for t in things[1:]:
+            values = []
+            for k in names:
+                top, bottom = table[k][t], table[k]["AdamW step"]
+                adam = None if bottom is None else bottom + _state_bytes(workloads[k], "AdamW step")
+                values.append(_ratio(top, adam) if k in FULL_PARAMETER else None)
+            cells = ["-" if v is None else f"{v:.2f}" for v in values]
+            verdicts = ", ".join(_verdict(v, MEMORY_TARGET) for v in values if v is not None)
+            rows.append((f"  {kind}: {t} / AdamW", cells, f"  <= 1 (full-parameter): {verdicts}"))
+    rows.append(("  model parameters (all)", [mb(workloads[k].param_bytes) for k in names], ""))
+    rows.append(("  G = N*P*4 bytes",
+                 [mb(4 * workloads[k].num_samples * workloads[k].num_params) for k in names], ""))
+    _table("peak memory of one step above its start [MB]", rows, names, width)
+    print("  AdamW's .grad, m and v (3 x trainable bytes) live across steps: added to its peak.\n"
+          "  tensors: torch.profiler(profile_memory=True) in this process, after a warm-up\n"
+          "  step. RSS: a fresh process per cell, MALLOC_MMAP_THRESHOLD_=131072 (RSS follows\n"
+          "  the live memory); VmHWM above VmRSS just before the step, after a warm-up step.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.memory_child:
+        return _memory_child(*args.memory_child, args.quick, args.threads)
+    torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    names = args.workloads.split(",")
     print(_machine(args.threads))
     print(f"# load average at start {_load()}")
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    if args.threads > 1 and busy + args.threads > (os.cpu_count() or 1) + 0.9:
-        print(f"# warning: other processes keep the {os.cpu_count()} cores busy; with "
-              f"{args.threads} threads every parallel op waits for the scheduler to run all "
-              "of them, which distorts wall times: prefer --threads 1 here")
-    print(f"# float32, eval mode, lr={LR}; per-call medians of {repeats} alternating repeats "
-          f"after {warmup} warm-up round(s), things under 20 ms called repeatedly per repeat")
-    columns: dict[str, dict[str, float]] = {}
-    cpu_columns: dict[str, dict[str, float]] = {}
-    memory_things = MEMORY_THINGS[:1] if args.quick else MEMORY_THINGS
-    tensor_peaks: dict[str, dict[str, float | None]] = {k: {} for k in WORKLOADS}
-    workloads: dict[str, Workload] = {}
-    notes: dict[str, list[str]] = {}
-    gaps: dict[str, dict[str, float | None]] = {}
-    for name in WORKLOADS:
-        w = BUILDERS[name](args.quick)
-        workloads[name] = w
-        prod = products(w)
-        fns = {**steps(w), **prod.things}
-        columns[name], cpu_columns[name] = _median_times(fns, repeats, warmup)
-        notes[name], gaps[name] = prod.notes, prod.gaps
-        if not args.no_memory:
-            step_fns = steps(w)
-            for thing in memory_things:
-                step_fns[thing]()  # warm-up (AdamW allocates its state in its first step)
-                tensor_peaks[name][thing] = _live_tensor_peak(step_fns[thing])
-
+    workloads, results, notes = _timings(args, names, device)
     print()
     for key, w in workloads.items():
         print(f"# ({key}) {w.description}; P = {w.num_params} trainable of "
               f"{sum(p.numel() for p in w.model.parameters())}")
-    rows = list(dict.fromkeys(row for col in columns.values() for row in col))
-    width = max(len(r) for r in rows) + 2
+    wall, cpu = results["wall"], results["cpu"]
+    rows = list(dict.fromkeys(row for col in wall.values() for row in col))
+    width = 46  # the longest label of the tables below
     print(f"\n{'median [ms]: wall, process CPU':<{width}}"
-          + "".join(f"{k + ' wall':>10}{'cpu':>8}" for k in WORKLOADS))
+          + "".join(f"{k + ' wall':>14}{'cpu':>8}" for k in names))
     for row in rows:
         print(f"{row:<{width}}" + "".join(
-            _ms(columns[k].get(row)) + _ms(cpu_columns[k].get(row))[2:] for k in WORKLOADS
-        ))
-
-    ratios = [
-        ("iEF step (hooks) / AdamW step", "iEF step (hooks)", "AdamW step", IEF_TARGET),
-        ("FVP / curvlinops GGN matvec", "FVP (fisher_vp: jvp+vjp_sum)", "curvlinops GGN matvec",
-         FVP_TARGET),
-        ("iEF step vmap / hooks", "iEF step (vmap)", "iEF step (hooks)", None),
-        ("G by vmap / by hooks", "  G by vmap (provider.vjp)", "  G by hooks (provider.vjp)",
-         None),
-        ("iEF step (hooks) / fwd+bwd", "iEF step (hooks)", "forward+backward", None),
-        ("EF step / iEF step (hooks)", "EF step (hooks)", "iEF step (hooks)", None),
-        ("SF step / iEF step (hooks)", "SF step (hooks)", "iEF step (hooks)", None),
-        ("gamma (quadratic form) / FVP", "gamma (fisher_quadratic_form)",
-         "FVP (fisher_vp: jvp+vjp_sum)", None),
-        ("curvlinops EF / GGN matvec", "curvlinops EF matvec", "curvlinops GGN matvec", None),
-    ]
-    print(f"\n{'ratio':<{width}}" + "".join(f"{k:>10}" for k in WORKLOADS) + "  target")
-    for label, top, bottom, target in ratios:
-        values = [_ratio(columns[k].get(top), columns[k].get(bottom)) for k in WORKLOADS]
-        cells = "".join(f"{'-':>10}" if v is None else f"{v:10.2f}" for v in values)
-        verdicts = (
-            f"  <= {target:g}: " + ", ".join(_verdict(v, target) for v in values)
-            if target is not None else ""
-        )
-        print(f"{label:<{width}}{cells}{verdicts}")
-
+            f"{_ms(wall[k].get(row)):>14}{_ms(cpu[k].get(row))[2:]:>8}" for k in names))
+    _table("ratio (wall)", _ratio_rows(wall, names, ROUTES), names, width)
     print(f"\n{'check: |ngdref - curvlinops| / |curvlinops|':<{width}}")
     for label, what in (("GGN", "FVP vs GGN matvec"), ("EF", "G^T G v vs EF matvec")):
-        values = [gaps[k].get(label) for k in WORKLOADS]
+        values = [results["gaps"].get(k, {}).get(label) for k in names]
         cells = "".join(f"{'-':>10}" if v is None else f"{v:10.1e}" for v in values)
         print(f"{'  ' + what:<{width}}{cells}")
-    for key in WORKLOADS:
+    for key in names:
         for note in notes[key]:
             print(f"  ({key}) {note}")
-
     print(f"\n# load average after the timings {_load()}")
-    if args.no_memory:
-        return 0
-    things = memory_things
-    rss: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"glibc default": {}, "mmap": {}}
-    for variant, env in (("glibc default", None), ("mmap", FIXED_MMAP)):
-        rss[variant] = {
-            k: {t: _measure_memory(k, t, args.quick, args.threads, env) for t in things}
-            for k in WORKLOADS
-        }
-
-    def mb(x: float | None) -> str:
-        return f"{'-':>10}" if x is None else f"{x / 2**20:10.2f}"
-
-    print(f"\n{'peak memory of one step [MB]':<{width}}" + "".join(f"{k:>10}" for k in WORKLOADS))
-    rows_of: dict[str, dict[str, Callable[[str], float | None]]] = {
-        "tensors": {t: (lambda k, t=t: tensor_peaks[k].get(t)) for t in things},
-        "RSS": {t: (lambda k, t=t: rss["glibc default"][k][t].get("increase")) for t in things},
-        "RSS mmap": {t: (lambda k, t=t: rss["mmap"][k][t].get("increase")) for t in things},
-    }
-    for label, cells in rows_of.items():
-        for thing, get in cells.items():
-            cells_text = "".join(mb(get(k)) for k in WORKLOADS)
-            print(f"{'  ' + label + ': ' + thing:<{width}}{cells_text}")
-    print(f"{'  model parameters (all)':<{width}}"
-          + "".join(mb(workloads[k].param_bytes) for k in WORKLOADS))
-    print(f"{'  G = N*P*4 bytes':<{width}}"
-          + "".join(mb(4 * workloads[k].num_samples * workloads[k].num_params)
-                    for k in WORKLOADS))
-    targets = {
-        k: MEMORY_SLACK * (w.param_bytes + 4 * w.num_samples * w.num_params)
-        for k, w in workloads.items()
-    }
-    print(f"{'  target 1.2 (params + N*P*4)':<{width}}"
-          + "".join(mb(targets[k]) for k in WORKLOADS))
-    for label in rows_of:
-        values = [_ratio(rows_of[label]["iEF step (hooks)"](k), targets[k]) for k in WORKLOADS]
-        print(f"{'  ' + label + ': iEF (hooks) / target':<{width}}"
-              + "".join(f"{'-':>10}" if v is None else f"{v:10.2f}" for v in values)
-              + "  <= 1: " + ", ".join(_verdict(v, 1.0) for v in values))
-    for variant, table in rss.items():
-        for k in WORKLOADS:
-            for thing in things:
-                if "error" in table[k][thing]:
-                    print(f"  ({k}) {thing}, {variant}: measurement failed: "
-                          f"{table[k][thing]['error']}")
-    methods = sorted({m for table in rss.values() for row in table.values()
-                      for cell in row.values() if (m := cell.get("method"))})
-    print("  tensors: torch.profiler(profile_memory=True) in this process, after a warm-up step;\n"
-          "           peak of the running sum of CPU tensor allocations and frees in one step")
-    print("  RSS: a fresh process per cell; peak RSS above the RSS just before the step,\n"
-          "           " + "; ".join(methods))
-    print("  RSS mmap: the same with MALLOC_MMAP_THRESHOLD_=131072 (glibc keeps no freed\n"
-          "           large block in its heap, so RSS follows the live memory)")
+    if not args.no_memory:
+        _memory(args, workloads, device, width)
     return 0
 
 
