@@ -23,7 +23,7 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.checks import check_finite, check_floating, check_int, check_ndim, namespace
 from ngdref.losses import SigmoidBinaryCrossEntropy, SquaredError
 from ngdref.provider import JacobianProvider
 
@@ -127,8 +127,7 @@ class LinearProvider(JacobianProvider):
         xp = namespace(params=params, inputs=inputs)
         check_ndim(params, "params", 1, "(P,)")
         check_ndim(inputs, "inputs", 2, "(N, D)")
-        if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
-            raise ValueError(f"num_outputs must be an int >= 1, got {num_outputs!r}")
+        check_int(num_outputs, "num_outputs")
         c, d = num_outputs, inputs.shape[1]
         expected = c * d + (c if bias else 0)
         if params.shape[0] != expected:

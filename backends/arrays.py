@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ngdref.checks import check_choice
+
 __all__ = ["LIBRARIES", "from_numpy", "to_numpy", "unavailable"]
 
 #: the array libraries ngdref is tested on, in report order
@@ -23,8 +25,7 @@ def unavailable(library: str) -> str:
 
     CuPy needs a CUDA device as well as the package: ``cupy.cuda.is_available()``.
     """
-    if library not in LIBRARIES:
-        raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
+    check_choice(library, "library", LIBRARIES)
     try:
         module = importlib.import_module(library)
     except ImportError:

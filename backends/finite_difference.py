@@ -17,13 +17,19 @@ torch and CuPy arrays, on the device of ``params``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.checks import (
+    check_finite,
+    check_floating,
+    check_int,
+    check_ndim,
+    check_real,
+    namespace,
+)
 from ngdref.provider import JacobianProvider
 
 __all__ = ["FiniteDifferenceProvider", "default_relative_step"]
@@ -113,14 +119,9 @@ class FiniteDifferenceProvider(JacobianProvider):
             namespace(params=params, inputs=inputs)
         if step is None:
             step = default_relative_step(xp, params.dtype)
-        elif isinstance(step, bool) or not isinstance(step, (int, float)):
-            raise TypeError(f"step must be a Python float, got {type(step).__name__}")
-        elif not (math.isfinite(step) and step > 0):
-            raise ValueError(f"step must be finite and > 0, got {step}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        else:
+            step = check_real(step, "step", positive=True)
+        check_int(chunk_size, "chunk_size", optional=True)
 
         self._xp = xp
         self._fn = fn

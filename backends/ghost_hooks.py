@@ -48,6 +48,7 @@ from torch.func import vjp as func_vjp
 from torch.overrides import TorchFunctionMode
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+from ngdref.checks import check_choice
 
 if TYPE_CHECKING:  # the provider imports this module
     from backends.torch_provider import TorchProvider
@@ -214,8 +215,7 @@ class LayerPass:
     """
 
     def __init__(self, provider: TorchProvider, route: str = "auto") -> None:
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        check_choice(route, "route", ROUTES)
         self.provider = provider
         self.route = route
         self._n = provider.num_samples

@@ -49,6 +49,7 @@ import ngdref
 from backends.kfac_hooks import run_passes
 from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
+from ngdref.checks import check_choice
 
 __all__ = [
     "KFACBlock",
@@ -162,10 +163,8 @@ def _method(per_method: Mapping[str, Any] | None, method: str) -> Any:
 def _check_options(methods: tuple[str, ...], kfac_fisher: str, bias: str) -> None:
     if not methods or any(m not in K.KFAC_METHODS for m in methods):
         raise ValueError(f"methods must be a non-empty subset of {K.KFAC_METHODS}, got {methods!r}")
-    if kfac_fisher not in KFAC_FISHERS:
-        raise ValueError(f"kfac_fisher must be one of {KFAC_FISHERS}, got {kfac_fisher!r}")
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    check_choice(kfac_fisher, "kfac_fisher", KFAC_FISHERS)
+    check_choice(bias, "bias", BIAS_MODES)
 
 
 def _param_index(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,29 +37,30 @@ from torch import nn
 
 import ngdref
 from backends.kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
-from backends.optim import _choice, _count, _real, _split_batch
+from backends.optim import _split_batch
 from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
+from ngdref.checks import check_choice, check_int, check_real
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
 
 
 def _beta(value: Any) -> None:
-    _real("running_average", value)
+    check_real(value, "running_average")
     if value >= 1:
         raise ValueError(f"running_average must be in [0, 1), got {value}")
 
 
 _CHECKS: dict[str, Callable[[Any], None]] = {
-    "lr": lambda v: _real("lr", v),
-    "damping": lambda v: _real("damping", v),
+    "lr": lambda v: check_real(v, "lr"),
+    "damping": lambda v: check_real(v, "damping"),
     "reduction": lambda v: ngdref.reduction_factor(v, 1),
-    "update_interval": lambda v: _count("update_interval", v),
+    "update_interval": lambda v: check_int(v, "update_interval"),
     "running_average": _beta,
-    "damped_inverse": lambda v: _choice("damped_inverse", v, K.DAMPED_INVERSES),
-    "convention": lambda v: _choice("convention", v, K.CONVENTIONS),
-    "normalisation": lambda v: _choice("normalisation", v, K.NORMALISATIONS),
-    "bias": lambda v: _choice("bias", v, BIAS_MODES),
+    "damped_inverse": lambda v: check_choice(v, "damped_inverse", K.DAMPED_INVERSES),
+    "convention": lambda v: check_choice(v, "convention", K.CONVENTIONS),
+    "normalisation": lambda v: check_choice(v, "normalisation", K.NORMALISATIONS),
+    "bias": lambda v: check_choice(v, "bias", BIAS_MODES),
 }
 
 
@@ -285,7 +286,7 @@ class KFAC(_KFACOptimizer):
 
     def _check(self, group: Mapping[str, Any]) -> None:
         super()._check(group)
-        _choice("kfac_fisher", group["kfac_fisher"], KFAC_FISHERS)
+        check_choice(group["kfac_fisher"], "kfac_fisher", KFAC_FISHERS)
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise TypeError(f"seed must be an int, got {type(group['seed']).__name__}")
 

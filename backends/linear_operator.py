@@ -48,6 +48,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 import ngdref
+from ngdref.checks import check_choice, check_int
 from ngdref.kfac import KroneckerFactors
 from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
@@ -237,8 +238,7 @@ def ief_operator(per_sample_grads: Any, logit_grad_sq_norms: Any) -> CurvatureOp
 def sf_operator(sampled_grads: Any, *, num_samples: int = 1) -> CurvatureOperator:
     r"""Sampled Fisher :math:`F_{SF} = \frac1K G_s^\top G_s` (Eq. 47) of rows G_s (N*K, P)."""
     rows = _numpy_rows(sampled_grads, "sampled_grads")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    check_int(num_samples, "num_samples")
     if rows.shape[0] % num_samples:
         raise ValueError(
             f"sampled_grads has {rows.shape[0]} rows, not a multiple of num_samples={num_samples}"
@@ -275,8 +275,7 @@ def curvature_operator(
     -------
     CurvatureOperator
     """
-    if method not in OPERATOR_METHODS:
-        raise ValueError(f"method must be one of {OPERATOR_METHODS}, got {method!r}")
+    check_choice(method, "method", OPERATOR_METHODS)
     _check_numpy_provider(provider)
     if method == "fisher":
         return fisher_operator(provider, loss, targets, reduction=reduction)
@@ -354,8 +353,7 @@ def kfac_operator(
     num_params : int
         P.
     """
-    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-        raise ValueError(f"num_params must be an int >= 1, got {num_params!r}")
+    check_int(num_params, "num_params")
     parts = [_kfac_block(i, b, num_params, k) for k, (i, b) in enumerate(blocks)]
     covered = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, dtype=int)
     if np.unique(covered).size != covered.size:

@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.checks import check_finite, check_floating, check_ndim, namespace
 from ngdref.provider import JacobianProvider
 
 __all__ = ["MLPProvider", "mlp_apply", "mlp_init", "mlp_num_params"]

@@ -94,6 +94,7 @@ from torch import nn
 import ngdref
 from backends.ghost import stack_rows
 from backends.torch_provider import TorchProvider
+from ngdref.checks import check_choice, check_int, check_real
 from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, check_damping_options, ief_damping_weights
 
@@ -111,33 +112,11 @@ Batch = Any  # (inputs, targets), or a mapping of Hugging Face inputs holding "l
 
 
 # ---- hyperparameter checks (shared by __init__ and load_state_dict) --------------------------
-def _real(name: str, value: Any, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be finite and {'>' if positive else '>='} 0, got {value}")
-
-
-def _count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-
-
 def _check_dedup(value: Any) -> None:
     if value is not None:
-        _real("dedup_threshold", value, positive=True)
+        check_real(value, "dedup_threshold", positive=True)
         if value > 1:
             raise ValueError(f"dedup_threshold must be None or in (0, 1], got {value}")
-
-
-def _optional_count(name: str, value: Any) -> None:
-    if value is not None:
-        _count(name, value)
 
 
 def _check_seed(value: Any) -> None:
@@ -147,18 +126,18 @@ def _check_seed(value: Any) -> None:
 
 #: hyperparameter -> its check; each optimiser keeps a subset in its (single) parameter group
 _CHECKS: dict[str, Callable[[Any], None]] = {
-    "lr": lambda v: _real("lr", v),
-    "damping": lambda v: _real("damping", v),
+    "lr": lambda v: check_real(v, "lr"),
+    "damping": lambda v: check_real(v, "damping"),
     "reduction": lambda v: ngdref.reduction_factor(v, 1),
-    "damping_mode": lambda v: _choice("damping_mode", v, DAMPING_MODES),
-    "damping_space": lambda v: _choice("damping_space", v, DAMPING_SPACES),
+    "damping_mode": lambda v: check_choice(v, "damping_mode", DAMPING_MODES),
+    "damping_space": lambda v: check_choice(v, "damping_space", DAMPING_SPACES),
     "dedup_threshold": _check_dedup,
-    "dedup_rule": lambda v: _choice("dedup_rule", v, DEDUP_RULES),
-    "total_steps": lambda v: _count("total_steps", v),
-    "num_samples": lambda v: _count("num_samples", v),
+    "dedup_rule": lambda v: check_choice(v, "dedup_rule", DEDUP_RULES),
+    "total_steps": lambda v: check_int(v, "total_steps"),
+    "num_samples": lambda v: check_int(v, "num_samples"),
     "seed": _check_seed,
-    "cg_tol": lambda v: _real("cg_tol", v, positive=True),
-    "cg_maxiter": lambda v: _optional_count("cg_maxiter", v),
+    "cg_tol": lambda v: check_real(v, "cg_tol", positive=True),
+    "cg_maxiter": lambda v: check_int(v, "cg_maxiter", optional=True),
 }
 
 
@@ -267,7 +246,7 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         self._loss = loss
         if per_sample_method is not None:  # the earlier name of per_sample
             per_sample = per_sample_method
-        _choice("per_sample", per_sample, tuple(PER_SAMPLE))
+        check_choice(per_sample, "per_sample", tuple(PER_SAMPLE))
         method, route = PER_SAMPLE[per_sample]
         if chunk_size is not None:  # only the vmap route processes the batch in chunks
             if per_sample in ("ghost", "hooks"):

@@ -94,7 +94,7 @@ from torch.func import jvp as func_jvp
 from torch.func import vjp as func_vjp
 
 from backends.ghost_hooks import ROUTES, LayerPass
-from ngdref._checks import NonFiniteError
+from ngdref.checks import NonFiniteError, check_choice, check_int
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows
 
@@ -253,19 +253,12 @@ class TorchProvider(JacobianProvider):
             theta = params.detach().clone()
         self._theta = theta
 
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int(chunk_size, "chunk_size", optional=True)
 
         self._split_inputs(inputs)
         self._hf = _hf_models(model)
 
-        if per_sample_method not in _METHODS:
-            raise ValueError(
-                f"per_sample_method must be one of {_METHODS}, got {per_sample_method!r}"
-            )
+        check_choice(per_sample_method, "per_sample_method", _METHODS)
         # only the Linear-hooks route needs the slots (walking the modules costs per step)
         self._linear_slots = (
             self._find_linear_slots() if per_sample_method in ("auto", "hooks") else None
@@ -282,8 +275,7 @@ class TorchProvider(JacobianProvider):
                     "chunk_size must be None for per_sample_method='ghost' (one forward and "
                     "one backward pass over the whole batch)"
                 )
-            if layer_route not in ROUTES:
-                raise ValueError(f"layer_route must be one of {ROUTES}, got {layer_route!r}")
+            check_choice(layer_route, "layer_route", ROUTES)
         self.layer_route = layer_route
         self.layer_pass: LayerPass | None = None
         self._auto = per_sample_method == "auto"

@@ -12,8 +12,8 @@ damps EF, iEF and SF alike, as in the paper (stated once in
 reusable damped Gram solve. See SPEC §2-4, §9 and the README.
 """
 
-from ngdref._checks import NonFiniteError
 from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient
+from ngdref.checks import NonFiniteError
 from ngdref.curvature import (
     ef_matrix,
     fisher_matrix,

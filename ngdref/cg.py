@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ngdref._checks import check_damping, check_finite, check_ndim, namespace
+from ngdref.checks import check_damping, check_finite, check_ndim, namespace
 
 __all__ = [
     "CGResult",

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ngdref._checks import (
+from ngdref.checks import (
     check_finite,
     check_floating,
     check_grad_matrix,
+    check_int,
     check_ndim,
     check_same_dtype,
     check_vector,
@@ -189,8 +190,7 @@ def sf_matrix(sampled_grads: Any, num_samples: int) -> Any:
 
 
 def _check_num_samples(num_samples: int, rows: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    check_int(num_samples, "num_samples")
     if rows % num_samples != 0:
         raise ValueError(
             f"sampled_grads has {rows} rows, not a multiple of num_samples={num_samples}"

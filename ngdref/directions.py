@@ -27,6 +27,7 @@ from typing import Any
 
 import array_api_compat
 
+from ngdref.checks import check_choice
 from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
 from ngdref.quality import fisher_vp
@@ -189,8 +190,7 @@ def directions(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods!r}")
-    if ngd_solver not in NGD_SOLVERS:
-        raise ValueError(f"ngd_solver must be one of {NGD_SOLVERS}, got {ngd_solver!r}")
+    check_choice(ngd_solver, "ngd_solver", NGD_SOLVERS)
     if "sf" in methods and key is None:
         raise ValueError("key is required for method 'sf' (an int seed or an array of uniforms)")
     q = batch_quantities(provider, loss, targets, reduction=reduction)

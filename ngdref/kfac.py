@@ -62,7 +62,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ngdref._checks import (
+from ngdref.checks import (
+    check_choice,
     check_damping,
     check_finite,
     check_floating,
@@ -93,11 +94,6 @@ KFAC_METHODS = ("kfac", "ekfac", "iekfac")
 CONVENTIONS = ("expand", "reduce")
 NORMALISATIONS = ("mean", "sum")
 DAMPED_INVERSES = ("exact", "pi")
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -162,8 +158,8 @@ def input_factor(
     -------
     array, shape (d_in, d_in), float64
     """
-    _choice("convention", convention, CONVENTIONS)
-    _choice("normalisation", normalisation, NORMALISATIONS)
+    check_choice(convention, "convention", CONVENTIONS)
+    check_choice(normalisation, "normalisation", NORMALISATIONS)
     xp, a = _positions(layer_inputs, "layer_inputs")
     n, t, d = a.shape
     if convention == "reduce":
@@ -194,7 +190,7 @@ def grad_factor(output_grads: Any, *, weights: Any = None, convention: str = "ex
     -------
     array, shape (d_out, d_out), float64
     """
-    _choice("convention", convention, CONVENTIONS)
+    check_choice(convention, "convention", CONVENTIONS)
     xp, b = _positions(output_grads, "output_grads")
     n, t, d = b.shape
     if convention == "reduce":
@@ -217,7 +213,7 @@ def kfac_sample_weights(method: str, logit_grad_sq_norms: Any = None) -> Any:
     logit_grad_sq_norms : array, shape (N,), optional
         s_n = ||dl_n/dz_n||^2 of the true labels; required (and > 0) for "iekfac".
     """
-    _choice("method", method, KFAC_METHODS)
+    check_choice(method, "method", KFAC_METHODS)
     if method != "iekfac":
         return None
     if logit_grad_sq_norms is None:
@@ -429,7 +425,7 @@ def kfac_inverse_apply(
     ngdref.NonFiniteError
         If a factor or ``grad`` holds NaN or infinity.
     """
-    _choice("damped_inverse", damped_inverse, DAMPED_INVERSES)
+    check_choice(damped_inverse, "damped_inverse", DAMPED_INVERSES)
     damping = check_damping(damping)
     xp, b, a = _checked_factors(factors)
     namespace(grad=grad, **{"factors.grad_factor": factors.grad_factor})

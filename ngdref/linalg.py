@@ -22,7 +22,7 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_damping, check_finite, check_ndim, check_rows
+from ngdref.checks import check_choice, check_damping, check_finite, check_ndim, check_rows
 from ngdref.rows import PerSampleRows, as_rows, rows_namespace
 
 __all__ = [
@@ -104,8 +104,7 @@ def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") ->
         raise TypeError(f"dedup_threshold must be a float, got {type(threshold).__name__}")
     if not 0 < threshold <= 1:
         raise ValueError(f"dedup_threshold must be in (0, 1], got {threshold}")
-    if rule not in DEDUP_RULES:
-        raise ValueError(f"dedup_rule must be one of {DEDUP_RULES}, got {rule!r}")
+    check_choice(rule, "dedup_rule", DEDUP_RULES)
     if not array_api_compat.is_array_api_obj(gram):
         gram = as_rows(gram, "gram").gram()
     xp = array_api_compat.array_namespace(gram)
@@ -266,8 +265,7 @@ class DampedGram:
         m = self.gram.shape[0]
         dev = array_api_compat.device(self.gram)
         if dedup_threshold is None:
-            if dedup_rule not in DEDUP_RULES:
-                raise ValueError(f"dedup_rule must be one of {DEDUP_RULES}, got {dedup_rule!r}")
+            check_choice(dedup_rule, "dedup_rule", DEDUP_RULES)
             self.kept = xp.ones(m, dtype=xp.bool, device=dev)
             self._index = None
             self._kept_gram = self.gram
@@ -340,8 +338,7 @@ class DampedGram:
         """
         xp = self._xp
         damping = check_damping(damping)
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        check_choice(damping_mode, "damping_mode", DAMPING_MODES)
         if sample_weights is not None and damping_mode not in ("absolute", "relative"):
             raise ValueError(
                 f"sample_weights cannot be combined with damping_mode={damping_mode!r}"

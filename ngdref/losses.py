@@ -24,9 +24,10 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import (
+from ngdref.checks import (
     check_finite,
     check_floating,
+    check_int,
     check_ndim,
     check_same_dtype,
     namespace,
@@ -177,8 +178,7 @@ class LogitLoss:
             ``result[k]`` is a valid ``targets`` argument for the other methods.
         """
         xp = namespace(logits=logits)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        check_int(num_samples, "num_samples")
         shape = self.uniforms_shape(logits, num_samples)
         if isinstance(key_or_uniforms, bool):
             raise TypeError("key_or_uniforms must be an int seed or an array of uniforms, got bool")
@@ -384,9 +384,7 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
     target_kind = "integral"
 
     def __init__(self, vocab_size: int, ignore_index: int = -100) -> None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
-        self.vocab_size = vocab_size
+        self.vocab_size = check_int(vocab_size, "vocab_size")
         self.ignore_index = ignore_index
 
     def targets_shape(self, logits: Any) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.checks import check_finite, check_floating, check_ndim, namespace
 from ngdref.rows import ones_like_rows
 
 __all__ = ["JacobianProvider"]

@@ -18,7 +18,14 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_finite, check_floating, check_grad_matrix, check_ndim, namespace
+from ngdref.checks import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_grad_matrix,
+    check_ndim,
+    namespace,
+)
 from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows, sq_row_norms
@@ -219,10 +226,7 @@ def grad_norm_imbalance(
     float
         +inf when the denominator is a zero norm.
     """
-    if statistic not in IMBALANCE_STATISTICS:
-        raise ValueError(
-            f"statistic must be one of {IMBALANCE_STATISTICS}, got {statistic!r}"
-        )
+    check_choice(statistic, "statistic", IMBALANCE_STATISTICS)
     rows = as_rows(per_sample_grads)
     xp = rows.array_namespace()
     sq = sq_row_norms(rows)

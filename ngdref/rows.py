@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat
 
-from ngdref._checks import check_grad_matrix, check_ndim, namespace
+from ngdref.checks import check_grad_matrix, check_ndim, namespace
 
 __all__ = [
     "DenseRows",
@@ -181,7 +181,7 @@ def rows_namespace(
     """The namespace of ``rows``, after checking that ``arrays`` share it and its device.
 
     Messages name the arguments in the order given (``rows_first``), like
-    :func:`ngdref._checks.namespace`.
+    :func:`ngdref.checks.namespace`.
     """
     if isinstance(rows, DenseRows):
         dense = {rows_name: rows.array}

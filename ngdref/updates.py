@@ -30,7 +30,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ngdref._checks import (
+from ngdref.cg import (
+    NotConvergedError,
+    conjugate_gradient,
+    default_cg_tol,
+    not_converged_message,
+)
+from ngdref.checks import (
+    check_choice,
     check_damping,
     check_finite,
     check_floating,
@@ -38,12 +45,6 @@ from ngdref._checks import (
     check_same_dtype,
     check_vector,
     namespace,
-)
-from ngdref.cg import (
-    NotConvergedError,
-    conjugate_gradient,
-    default_cg_tol,
-    not_converged_message,
 )
 from ngdref.curvature import _check_jacobians, _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
@@ -153,10 +154,8 @@ def check_damping_options(damping_space: str, damping_mode: str) -> None:
     "diagonal_only" and "levenberg_marquardt" choose the sample-space damping
     matrix themselves, so they cannot be combined with parameter space.
     """
-    if damping_space not in DAMPING_SPACES:
-        raise ValueError(f"damping_space must be one of {DAMPING_SPACES}, got {damping_space!r}")
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+    check_choice(damping_space, "damping_space", DAMPING_SPACES)
+    check_choice(damping_mode, "damping_mode", DAMPING_MODES)
     if damping_space == "parameter" and damping_mode not in ("absolute", "relative"):
         raise ValueError(
             f"damping_mode={damping_mode!r} is a sample-space damping (it chooses the damping "

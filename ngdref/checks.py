@@ -1,24 +1,40 @@
-"""Input validation shared by every public function of :mod:`ngdref`.
+"""Input validators: one home for every argument check of ngdref, its backends and validation.
 
 Every check names the offending argument and says what was expected, so that a
 user reading the traceback knows which input to fix. Nothing is coerced: a
 wrong dtype, shape, device or namespace is an error, never a silent cast.
+
+Two families:
+
+- array checks (:func:`namespace`, :func:`check_ndim`, :func:`check_floating`,
+  :func:`check_finite`, :func:`check_rows`, :func:`check_vector`,
+  :func:`check_grad_matrix`, :func:`check_same_dtype`), which take the array
+  namespace from their inputs;
+- option checks on plain Python values (:func:`check_int`, :func:`check_real`,
+  :func:`check_choice`, :func:`check_damping`), which return the checked value.
+
+``bool`` is never accepted as a number (``True`` is an ``int`` in Python, but a
+flag passed where a count is expected is a bug at the call site).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import array_api_compat
 
 __all__ = [
     "NonFiniteError",
+    "check_choice",
     "check_damping",
     "check_finite",
     "check_floating",
     "check_grad_matrix",
+    "check_int",
     "check_ndim",
+    "check_real",
     "check_rows",
     "check_same_dtype",
     "check_vector",
@@ -94,6 +110,55 @@ def check_rows(x: Any, name: str, rows: int, reference: str) -> None:
     """Raise ``ValueError`` unless ``x.shape[0] == rows``."""
     if x.shape[0] != rows:
         raise ValueError(f"{name} has {x.shape[0]} rows but {reference} has {rows}")
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False) -> Any:
+    """Return ``value`` after checking it is an ``int`` (not a ``bool``) >= ``minimum``.
+
+    ``optional=True`` also accepts ``None`` (returned as is).
+
+    Raises
+    ------
+    ValueError
+        ``"{name} must be an int >= {minimum}, got {value!r}"`` (``"None or an int"``
+        when optional).
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"{'None or ' if optional else ''}an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_real(value: Any, name: str, *, positive: bool = False) -> float:
+    """Return ``value`` as a float after checking it is a finite real number >= 0 (> 0 if asked).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an ``int`` or ``float`` (or is a ``bool``).
+    ValueError
+        If it is NaN, infinite, negative, or zero when ``positive``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'>' if positive else '>='} 0, got {value}")
+    return float(value)
+
+
+def check_choice(value: Any, name: str, options: Collection[Any]) -> Any:
+    """Return ``value`` after checking it is one of ``options``.
+
+    Raises
+    ------
+    ValueError
+        ``"{name} must be one of {options}, got {value!r}"``.
+    """
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
 
 
 def check_damping(damping: Any, *, positive: bool = False) -> float:
