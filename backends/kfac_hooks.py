@@ -112,7 +112,7 @@ def _sampled_cotangents(
 ) -> list[torch.Tensor]:
     """The logit-space rows of KFAC's backward passes: one draw, or the C columns of Q_n."""
     if kfac_fisher == "mc":
-        drawn = loss.sample(logits, key, 1, targets=targets)[0]
+        drawn = loss.sample(logits, key, targets=targets)[0]
         return [loss.grad(logits, drawn)]
     try:
         root = loss.hessian_sqrt(logits, targets)

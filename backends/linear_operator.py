@@ -162,7 +162,7 @@ def _numpy_rows(rows: Any, name: str) -> PerSampleRows:
     if array_api_compat.is_array_api_obj(rows) and not isinstance(rows, np.ndarray):
         kind = f"{type(rows).__module__}.{type(rows).__name__}"
         raise TypeError(f"{name} must be a NumPy array, got {kind}")
-    out = as_rows(rows, name)
+    out = as_rows(rows, name=name)
     if not array_api_compat.is_numpy_namespace(out.array_namespace()):
         raise TypeError(f"{name} must be NumPy rows, got {out.array_namespace().__name__} rows")
     return out

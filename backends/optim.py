@@ -467,17 +467,12 @@ class _GramOptimizer(_LogitLossOptimizer):
     _hyperparameters = (
         *_LogitLossOptimizer._hyperparameters,
         "damping_mode",
-        "damping_space",
         "dedup_threshold",
         "dedup_rule",
     )
 
-    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
-        super()._check_hyperparameters(group)
-        check_damping_options(group["damping_space"], group["damping_mode"])
-
     def _system(
-        self, batch: _Batch, damping_space: str
+        self, batch: _Batch, group: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The right-hand side b (N,) and sample weights W (N,) (None: the identity)."""
         raise NotImplementedError
@@ -489,7 +484,7 @@ class _GramOptimizer(_LogitLossOptimizer):
         batch: _Batch,
         group: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        rhs, weights = self._system(batch, group["damping_space"])
+        rhs, weights = self._system(batch, group)
         update, solve = ngdref.gram_update(
             batch.rows,
             rhs,
@@ -594,11 +589,17 @@ class IEF(_GramOptimizer):
             chunk_size=chunk_size,
         )
 
+    _hyperparameters = (*_GramOptimizer._hyperparameters, "damping_space")
+
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        super()._check_hyperparameters(group)
+        check_damping_options(group["damping_space"], group["damping_mode"])
+
     def _system(
-        self, batch: _Batch, damping_space: str
+        self, batch: _Batch, group: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = batch.logit_grad_sq_norms
-        return s, ief_damping_weights(s, damping_space)
+        return s, ief_damping_weights(s, group["damping_space"])
 
 
 class EF(_GramOptimizer):
@@ -609,11 +610,11 @@ class EF(_GramOptimizer):
         \theta \leftarrow \theta - \eta \frac{T - t}{T} \frac{u}{\|u\|}
 
     t = 0, ..., T - 1 the step index and T = ``total_steps``. Sample- and parameter-space
-    damping coincide for EF (push-through identity), so ``damping_space`` only names it.
+    damping coincide for EF (push-through identity), so it takes no ``damping_space``.
 
     Parameters
     ----------
-    model, loss, damping, damping_mode, damping_space, dedup_threshold, dedup_rule, reduction,
+    model, loss, damping, damping_mode, dedup_threshold, dedup_rule, reduction,
     output_fn, per_sample, per_sample_method, chunk_size
         As for :class:`IEF`.
     lr : float >= 0
@@ -641,7 +642,6 @@ class EF(_GramOptimizer):
         damping: float,
         total_steps: int,
         damping_mode: str = "absolute",
-        damping_space: str = "sample",
         dedup_threshold: float | None = 0.99,
         dedup_rule: str = "all_pairs",
         reduction: str | float = "sum",
@@ -657,7 +657,6 @@ class EF(_GramOptimizer):
             damping=damping,
             total_steps=total_steps,
             damping_mode=damping_mode,
-            damping_space=damping_space,
             dedup_threshold=dedup_threshold,
             dedup_rule=dedup_rule,
             reduction=reduction,
@@ -668,7 +667,7 @@ class EF(_GramOptimizer):
         )
 
     def _system(
-        self, batch: _Batch, damping_space: str
+        self, batch: _Batch, group: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.ones_like(batch.logit_grad_sq_norms), None
 
@@ -682,7 +681,8 @@ class SF(_LogitLossOptimizer):
 
     F_SF = (1/K) sum_n sum_k grad(-log p_n(yhat_nk)) grad(...)^T with K labels yhat_nk drawn
     per sample from the model's predictive distribution, once per step with
-    ``loss.sample(logits, sampling_key(t), K, targets=targets)``; their rows (R times the
+    ``loss.sample(logits, sampling_key(t), num_samples=K, targets=targets)``; their rows
+    (R times the
     sum-convention rows under a reduction R, so that lambda means what it means for EF and
     iEF) come from backward passes through the step's one forward pass, then
     :func:`ngdref.sf_update`. Damping is in parameter space and must be > 0 unless
@@ -761,7 +761,9 @@ class SF(_LogitLossOptimizer):
         # labels drawn once from the forward pass of this step, their rows R G_hat by
         # backward passes through that same forward (K of them)
         k = group["num_samples"]
-        drawn = self._loss.sample(batch.logits, self.sampling_key(self._step), k, targets=targets)
+        drawn = self._loss.sample(
+            batch.logits, self.sampling_key(self._step), num_samples=k, targets=targets
+        )
         rows = [
             provider.per_sample_rows(
                 batch.factor * self._loss.grad(batch.logits, drawn[i]), keep_graph=i < k - 1
@@ -769,7 +771,7 @@ class SF(_LogitLossOptimizer):
             for i in range(k)
         ]
         update = ngdref.sf_update(
-            batch.grad, stack_rows(rows), damping=group["damping"], num_samples=k
+            stack_rows(rows), batch.grad, damping=group["damping"], num_samples=k
         )
         return update, {"damping": group["damping"]}
 

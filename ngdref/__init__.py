@@ -90,6 +90,7 @@ __all__ = [
     "SquaredError",
     "as_rows",
     "batch_quantities",
+    "checks",
     "conjugate_gradient",
     "directions",
     "ef_matrix",

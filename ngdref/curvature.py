@@ -168,7 +168,7 @@ def ief_matrix_logit(jacobians: Any, logit_grads: Any) -> Any:
     return fisher_matrix(jacobians, projector)
 
 
-def sf_matrix(sampled_grads: Any, num_samples: int) -> Any:
+def sf_matrix(sampled_grads: Any, *, num_samples: int = 1) -> Any:
     r"""Sampled Fisher (Eq. 47).
 
     .. math:: F_{SF} = \frac{1}{K} \sum_{n,k} \hat g_{nk} \hat g_{nk}^\top

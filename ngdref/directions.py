@@ -108,7 +108,7 @@ def sampled_grads(
     provider: JacobianProvider,
     loss: LogitLoss,
     targets: Any,
-    key_or_uniforms: Any,
+    key: Any,
     *,
     num_samples: int = 1,
     reduction: str | float = "sum",
@@ -121,7 +121,7 @@ def sampled_grads(
     """
     logits = provider.logits()
     factor = reduction_factor(reduction, logits.shape[0])
-    drawn = loss.sample(logits, key_or_uniforms, num_samples, targets=targets)
+    drawn = loss.sample(logits, key, num_samples=num_samples, targets=targets)
     xp = array_api_compat.array_namespace(logits)
     rows = [provider.vjp(factor * loss.grad(logits, drawn[k, ...])) for k in range(num_samples)]
     if num_samples == 1:
@@ -194,11 +194,7 @@ def directions(
     if "sf" in methods and key is None:
         raise ValueError("key is required for method 'sf' (an int seed or an array of uniforms)")
     q = batch_quantities(provider, loss, targets, reduction=reduction)
-    gram_options = {
-        "damping": damping,
-        "damping_space": damping_space,
-        "damping_mode": damping_mode,
-    }
+    gram_options = {"damping": damping, "damping_mode": damping_mode}
     out: dict[str, Any] = {}
     if "sgd" in methods:
         out["sgd"] = q.grad
@@ -208,12 +204,14 @@ def directions(
     if "ef" in methods:
         out["ef"] = ef_update(solver, **gram_options)
     if "ief" in methods:
-        out["ief"] = ief_update(solver, q.logit_grad_sq_norms, **gram_options)
+        out["ief"] = ief_update(
+            solver, q.logit_grad_sq_norms, damping_space=damping_space, **gram_options
+        )
     if "sf" in methods:
         rows = sampled_grads(
             provider, loss, targets, key, num_samples=num_samples, reduction=reduction
         )
-        out["sf"] = sf_update(q.grad, rows, damping=damping, num_samples=num_samples)
+        out["sf"] = sf_update(rows, q.grad, damping=damping, num_samples=num_samples)
     if "gn" in methods or ("ngd" in methods and ngd_solver == "woodbury"):
         jacobians = provider.jacobian()
     if "gn" in methods:

@@ -78,7 +78,7 @@ class GramSolve:
     condition: float
 
 
-def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") -> Any:
+def near_duplicate_mask(gram: Any, *, threshold: float, rule: str = "all_pairs") -> Any:
     r"""Rows to keep after dropping near duplicates (:math:`|\cos| >` ``threshold``).
 
     ``rule="all_pairs"`` (the authors' code): every pair of rows with
@@ -106,7 +106,7 @@ def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") ->
         raise ValueError(f"dedup_threshold must be in (0, 1], got {threshold}")
     check_choice(rule, "dedup_rule", DEDUP_RULES)
     if not array_api_compat.is_array_api_obj(gram):
-        gram = as_rows(gram, "gram").gram()
+        gram = as_rows(gram, name="gram").gram()
     xp = array_api_compat.array_namespace(gram)
     m = gram.shape[0]
     norms = xp.sqrt(xp.clip(xp.linalg.diagonal(gram), min=0.0))
@@ -257,7 +257,7 @@ class DampedGram:
         dedup_rule: str = "all_pairs",
         rows_name: str = "rows",
     ) -> None:
-        self.rows: PerSampleRows = as_rows(rows, rows_name)
+        self.rows: PerSampleRows = as_rows(rows, name=rows_name)
         xp = self.rows.array_namespace()
         self._xp, self._name = xp, rows_name
         self.gram = self.rows.gram()
@@ -270,7 +270,7 @@ class DampedGram:
             self._index = None
             self._kept_gram = self.gram
         else:
-            self.kept = near_duplicate_mask(self.gram, dedup_threshold, dedup_rule)
+            self.kept = near_duplicate_mask(self.gram, threshold=dedup_threshold, rule=dedup_rule)
             self._index = xp.nonzero(self.kept)[0]
             if self._index.shape[0] == 0:
                 raise SingularMatrixError(f"every row of {rows_name} is zero: nothing to solve")

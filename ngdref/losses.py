@@ -156,16 +156,18 @@ class LogitLoss:
         raise NotImplementedError
 
     def sample(
-        self, logits: Any, key_or_uniforms: Any, num_samples: int = 1, *, targets: Any = None
+        self, logits: Any, key: Any, *, num_samples: int = 1, targets: Any = None
     ) -> Any:
         """Draw targets from the model's predictive distribution.
 
         Parameters
         ----------
         logits : array, shape (N, C)
-        key_or_uniforms : int or array
-            An integer seed, or uniforms in [0, 1) of shape
-            ``uniforms_shape(logits, num_samples)`` in the namespace of ``logits``.
+        key : int or array
+            The sampling key: an integer seed (turned into uniforms by the standard
+            library's Mersenne Twister, the same draws on every array library), or the
+            uniforms themselves, in [0, 1), of shape ``uniforms_shape(logits, num_samples)``
+            in the namespace of ``logits``.
         num_samples : int
             K, the number of targets drawn per sample.
         targets : array, optional
@@ -180,10 +182,10 @@ class LogitLoss:
         xp = namespace(logits=logits)
         check_int(num_samples, "num_samples")
         shape = self.uniforms_shape(logits, num_samples)
-        if isinstance(key_or_uniforms, bool):
-            raise TypeError("key_or_uniforms must be an int seed or an array of uniforms, got bool")
-        if isinstance(key_or_uniforms, int):
-            rng = random.Random(key_or_uniforms)
+        if isinstance(key, bool):
+            raise TypeError("key must be an int seed or an array of uniforms, got bool")
+        if isinstance(key, int):
+            rng = random.Random(key)
             flat = [rng.random() for _ in range(math.prod(shape))]
             uniforms = xp.reshape(
                 xp.asarray(flat, dtype=logits.dtype, device=array_api_compat.device(logits)),
@@ -192,15 +194,15 @@ class LogitLoss:
             # a double just below 1 can round to 1.0 in float32: keep draws in [0, 1)
             uniforms = xp.clip(uniforms, max=1.0 - xp.finfo(logits.dtype).eps / 2)
         else:
-            uniforms = key_or_uniforms
-            namespace(logits=logits, key_or_uniforms=uniforms)
+            uniforms = key
+            namespace(logits=logits, key=uniforms)
             if tuple(uniforms.shape) != shape:
                 raise ValueError(
-                    f"key_or_uniforms must have shape {shape}, got {tuple(uniforms.shape)}"
+                    f"key must have shape {shape}, got {tuple(uniforms.shape)}"
                 )
-            check_floating(xp, uniforms, "key_or_uniforms")
+            check_floating(xp, uniforms, "key")
             if not bool(xp.all((uniforms >= 0) & (uniforms < 1))):
-                raise ValueError("key_or_uniforms must hold uniforms in [0, 1)")
+                raise ValueError("key must hold uniforms in [0, 1)")
         drawn = self._sample(xp, logits, uniforms)
         if targets is None:
             return drawn
@@ -383,7 +385,7 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
 
     target_kind = "integral"
 
-    def __init__(self, vocab_size: int, ignore_index: int = -100) -> None:
+    def __init__(self, vocab_size: int, *, ignore_index: int = -100) -> None:
         self.vocab_size = check_int(vocab_size, "vocab_size")
         self.ignore_index = ignore_index
 

@@ -41,9 +41,6 @@ __all__ = [
     "projections",
 ]
 
-FisherLike = Any  # a (P, P) array or a callable v -> F v
-
-
 def _check_update(xp: Any, update: Any, name: str, size: int | None = None) -> None:
     check_ndim(update, name, 1, "(P,)")
     check_floating(xp, update, name)
@@ -57,7 +54,8 @@ class QuadraticForm:
     """The Fisher as its quadratic form v -> v^T F v, which is all :func:`gamma` needs.
 
     Build with :func:`fisher_quadratic_form`: one Jacobian-vector product per call and no
-    vector-Jacobian product, half the cost of going through :func:`fisher_vp`.
+    vector-Jacobian product, half the cost of going through :func:`fisher_vp`. Pass it
+    as ``gamma(..., quadratic_form=...)``.
     """
 
     form: Callable[[Any], Any]
@@ -66,47 +64,70 @@ class QuadraticForm:
         return self.form(vector)
 
 
-def _quadratic(fisher: FisherLike, v: Any) -> Any:
-    """v^T F v for a QuadraticForm, a callable v -> F v or a (P, P) array."""
-    if isinstance(fisher, QuadraticForm):
-        return fisher(v)
-    xp = namespace(update=v)
-    return xp.sum(v * _apply(fisher, v))
-
-
-def _apply(fisher: FisherLike, v: Any) -> Any:
-    if callable(fisher):
-        return fisher(v)
-    xp = namespace(fisher=fisher, update=v)
-    p = v.shape[0]
-    if tuple(fisher.shape) != (p, p):
-        raise ValueError(
-            f"fisher must have shape {(p, p)} or be a callable, got {tuple(fisher.shape)}"
+def _curvature(
+    update: Any, fisher_vp: Any, quadratic_form: Any, fisher: Any
+) -> float:
+    """d^T F d from exactly one of the three ways of giving F (see :func:`gamma`)."""
+    given = [n for n, v in (("fisher_vp", fisher_vp), ("quadratic_form", quadratic_form),
+                            ("fisher", fisher)) if v is not None]
+    if len(given) != 1:
+        raise TypeError(
+            "gamma needs exactly one of fisher_vp= (v -> F v), quadratic_form= (v -> v^T F v) "
+            f"or fisher= (a (P, P) array), got {given or 'none'}"
         )
-    return xp.matmul(fisher, v[:, None])[:, 0]
+    if fisher_vp is not None:
+        if isinstance(fisher_vp, QuadraticForm) or not callable(fisher_vp):
+            raise TypeError(
+                "fisher_vp must be a callable v -> F v (a QuadraticForm goes to quadratic_form=)"
+            )
+        xp = namespace(update=update)
+        return float(xp.sum(update * fisher_vp(update)))
+    if quadratic_form is not None:
+        if not callable(quadratic_form):
+            raise TypeError("quadratic_form must be a callable v -> v^T F v")
+        return float(quadratic_form(update))
+    xp = namespace(fisher=fisher, update=update)
+    p = update.shape[0]
+    if tuple(fisher.shape) != (p, p):
+        raise ValueError(f"fisher must have shape {(p, p)}, got {tuple(fisher.shape)}")
+    return float(xp.sum(update * xp.matmul(fisher, update[:, None])[:, 0]))
 
 
-def gamma(update: Any, fisher: FisherLike, grad: Any) -> Any:
+def gamma(
+    update: Any,
+    grad: Any,
+    *,
+    fisher_vp: Callable[[Any], Any] | None = None,
+    quadratic_form: Callable[[Any], Any] | None = None,
+    fisher: Any = None,
+) -> float:
     r"""Approximation-quality indicator :math:`\gamma(d) = \sqrt{d^\top F d} / |d^\top g|` (Eq. 15).
+
+    F comes in exactly one of three forms, all of the same batch and in the same
+    reduction convention as ``grad``.
 
     Parameters
     ----------
     update : array, shape (P,)
         d, any scale or sign.
-    fisher : array (P, P), callable (P,) -> (P,), or QuadraticForm
-        F of the same batch (e.g. :func:`fisher_vp`, or the cheaper
-        :func:`fisher_quadratic_form`), in the same reduction convention as ``grad``.
     grad : array, shape (P,)
         g of the same batch.
+    fisher_vp : callable (P,) -> (P,), keyword-only
+        v -> F v, e.g. :func:`ngdref.fisher_vp`.
+    quadratic_form : callable (P,) -> scalar, keyword-only
+        v -> v^T F v, e.g. :func:`fisher_quadratic_form` (half the cost of ``fisher_vp``).
+    fisher : array (P, P), keyword-only
+        F itself (e.g. :func:`ngdref.fisher_matrix`).
 
     Returns
     -------
-    array, shape ()
-        In the namespace of ``update``; +inf when d^T g = 0 (d is useless to
-        first order).
+    float
+        +inf when d^T g = 0 (d is useless to first order).
 
     Raises
     ------
+    TypeError
+        Unless exactly one of ``fisher_vp``, ``quadratic_form``, ``fisher`` is given.
     ValueError
         If ``update`` is zero (gamma is 0/0) or d^T F d < 0 (F not PSD).
     """
@@ -115,17 +136,28 @@ def gamma(update: Any, fisher: FisherLike, grad: Any) -> Any:
     _check_update(xp, grad, "grad")
     if not bool(xp.any(update != 0)):
         raise ValueError("update is the zero vector: gamma = 0/0 is undefined")
-    curvature = _quadratic(fisher, update)
-    if float(curvature) < 0:
-        raise ValueError(
-            f"fisher is not positive semi-definite along update (d^T F d = {float(curvature):.3g})"
-        )
-    return xp.sqrt(curvature) / xp.abs(xp.sum(update * grad))
+    curvature = _curvature(update, fisher_vp, quadratic_form, fisher)
+    if curvature < 0:
+        raise ValueError(f"the Fisher is not positive semi-definite along update "
+                         f"(d^T F d = {curvature:.3g})")
+    slope = abs(float(xp.sum(update * grad)))
+    return math.inf if slope == 0.0 else math.sqrt(curvature) / slope
 
 
-def gamma_ratio(update: Any, fisher: FisherLike, grad: Any) -> Any:
-    r""":math:`\gamma(d) / \gamma(g)`, the paper's ratio to SGD (< 1: better than SGD)."""
-    return gamma(update, fisher, grad) / gamma(grad, fisher, grad)
+def gamma_ratio(
+    update: Any,
+    grad: Any,
+    *,
+    fisher_vp: Callable[[Any], Any] | None = None,
+    quadratic_form: Callable[[Any], Any] | None = None,
+    fisher: Any = None,
+) -> float:
+    r""":math:`\gamma(d) / \gamma(g)`, the paper's ratio to SGD (< 1: better than SGD).
+
+    Takes F as :func:`gamma` does (exactly one of the three keywords); returns a float.
+    """
+    f = {"fisher_vp": fisher_vp, "quadratic_form": quadratic_form, "fisher": fisher}
+    return gamma(update, grad, **f) / gamma(grad, grad, **f)
 
 
 def fisher_vp(

@@ -116,7 +116,7 @@ class DenseRows:
         The caller's name for ``array`` in error messages.
     """
 
-    def __init__(self, array: Any, name: str = "per_sample_grads") -> None:
+    def __init__(self, array: Any, *, name: str = "per_sample_grads") -> None:
         self._xp = check_grad_matrix(array, name, finite=False)
         self.array = array
         self.name = name
@@ -136,7 +136,7 @@ class DenseRows:
         return _products64(self.array, self.array)
 
     def cross_gram(self, other: PerSampleRows) -> Any:
-        other = as_rows(other, "other")
+        other = as_rows(other, name="other")
         if isinstance(other, DenseRows):
             namespace(rows=self.array, other=other.array)
             return _products64(self.array, other.array)
@@ -157,7 +157,7 @@ class DenseRows:
         return xp.matmul(xp.astype(w, self.dtype)[None, :], self.array)[0, :]
 
 
-def as_rows(x: Any, name: str = "per_sample_grads") -> PerSampleRows:
+def as_rows(x: Any, *, name: str = "per_sample_grads") -> PerSampleRows:
     """A dense (N, P) array -> :class:`DenseRows`; a :class:`PerSampleRows` passes through.
 
     Raises
@@ -166,7 +166,7 @@ def as_rows(x: Any, name: str = "per_sample_grads") -> PerSampleRows:
         If ``x`` is neither (the message names ``name``).
     """
     if array_api_compat.is_array_api_obj(x):
-        return DenseRows(x, name)
+        return DenseRows(x, name=name)
     if isinstance(x, PerSampleRows):
         return x
     raise TypeError(

@@ -184,7 +184,6 @@ def ef_update(
     per_sample_grads: Any,
     *,
     damping: float,
-    damping_space: str = "sample",
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
     dedup_rule: str = "all_pairs",
@@ -194,16 +193,16 @@ def ef_update(
 
     .. math:: d = G^\top (G G^\top + \lambda I_N)^{-1} 1 = (G^\top G + \lambda I_P)^{-1} G^\top 1
 
-    The two damping spaces agree exactly for EF (push-through identity), so
-    ``damping_space`` only selects the name. As lambda -> 0 with G of full row
-    rank, G d = 1: every sample's first-order loss drop is the same (Eq. 6).
+    Sample-space and parameter-space damping agree exactly for EF (push-through
+    identity), so unlike :func:`ief_update` it takes no ``damping_space``. As
+    lambda -> 0 with G of full row rank, G d = 1: every sample's first-order loss
+    drop is the same (Eq. 6).
 
     Parameters
     ----------
     per_sample_grads : array (N, P), PerSampleRows or DampedGram
         Row n is grad l_n (sum convention). A DampedGram is reused (:func:`gram_solver`).
     damping : float >= 0
-    damping_space : {"sample", "parameter"}
     damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
         See :meth:`ngdref.linalg.DampedGram.solve`.
     dedup_threshold : float, optional
@@ -218,7 +217,7 @@ def ef_update(
     array, shape (P,), namespace, device and dtype of the rows; with ``return_info``,
     ``(update, GramSolve)``.
     """
-    check_damping_options(damping_space, damping_mode)
+    check_damping_options("sample", damping_mode)
     solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
     ones = ones_like_rows(solver.rows)
     update, info = solver.update(ones, damping=damping, damping_mode=damping_mode)
@@ -294,7 +293,7 @@ def _damped_inverse_apply(
     in ``rows`` is caught in the small matrix, reported as ``rows_name``.
     """
     solver = rows if isinstance(rows, DampedGram) else None
-    rows = as_rows(rows, rows_name) if solver is None else solver.rows
+    rows = as_rows(rows, name=rows_name) if solver is None else solver.rows
     xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
     m, p = rows.shape
     g64 = xp.astype(grad, xp.float64, copy=False)
@@ -310,7 +309,7 @@ def _damped_inverse_apply(
             "is not available; use damping > 0"
         )
     if dense:  # A g and A^T c in float64: g - A^T c cancels when lambda is small
-        rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), rows_name)
+        rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), name=rows_name)
     if solver is None:
         solver = DampedGram(rows, rows_name=rows_name)
     # products in the rows' own dtype (a float32 PerSampleRows need not take float64 input)
@@ -321,8 +320,8 @@ def _damped_inverse_apply(
 
 
 def sf_update(
-    grad: Any,
     sampled_grads: Any,
+    grad: Any,
     *,
     damping: float,
     num_samples: int = 1,
@@ -340,12 +339,12 @@ def sf_update(
 
     Parameters
     ----------
-    grad : array, shape (P,)
-        g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
     sampled_grads : array (N*K, P), PerSampleRows or DampedGram
         Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model. A
         :class:`~ngdref.linalg.DampedGram` of them is reused across calls (a damping
         sweep forms their Gram matrix once and factorises once per damping).
+    grad : array, shape (P,)
+        g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
     damping : float > 0 (0 only when N*K >= P, the rows are dense and F_SF is invertible)
     num_samples : int
         K.
@@ -361,7 +360,7 @@ def sf_update(
     rows = (
         sampled_grads.rows
         if isinstance(sampled_grads, DampedGram)
-        else as_rows(sampled_grads, "sampled_grads")
+        else as_rows(sampled_grads, name="sampled_grads")
     )
     xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
     check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)

@@ -71,7 +71,7 @@ def test_ief_matrix_equals_its_logit_view(case, backend):
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_sf_matrix_matches_loop(num_samples, backend):
     rows = np.random.default_rng(5).standard_normal((4 * num_samples, 11))
-    actual = ngdref.sf_matrix(backend.asarray(rows), num_samples)
+    actual = ngdref.sf_matrix(backend.asarray(rows), num_samples=num_samples)
     expected = np_sum_outer(rows) / num_samples
     rtol = sum_rtol(float((rows**2).sum()) / num_samples, expected, len(rows))
     assert_close_norm(backend.to_numpy(actual), expected, rtol)
@@ -150,11 +150,13 @@ SF_DRAWS = 4000
 def test_sampled_fisher_is_unbiased_monte_carlo(case, backend):
     pr = case.build()
     a = pr.on(backend)
-    drawn = backend.to_numpy(pr.loss.sample(a.logits, 99, SF_DRAWS))  # (K, N)
+    drawn = backend.to_numpy(pr.loss.sample(a.logits, 99, num_samples=SF_DRAWS))  # (K, N)
     probs = np.exp(pr.logits - np.logaddexp.reduce(pr.logits, axis=1)[:, None])
     onehots = np.eye(pr.c)[drawn]  # (K, N, C)
     rows = np.einsum("ncp,knc->knp", pr.jacobians, probs[None] - onehots)  # (K, N, P)
-    sf = backend.to_numpy(ngdref.sf_matrix(backend.asarray(rows.reshape(-1, pr.p)), SF_DRAWS))
+    sf = backend.to_numpy(
+        ngdref.sf_matrix(backend.asarray(rows.reshape(-1, pr.p)), num_samples=SF_DRAWS)
+    )
     per_draw = np.einsum("knp,knq->kpq", rows, rows)  # X_k
     mean = per_draw.mean(axis=0)
     rtol = sum_rtol(float((rows**2).sum()) / SF_DRAWS, mean, rows.size // pr.p)

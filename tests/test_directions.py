@@ -38,7 +38,9 @@ def _np_sampled_rows(pr, backend, num_samples: int, key=KEY) -> np.ndarray:
     gradients at those labels are NumPy closed forms.
     """
     a = pr.on(backend)
-    drawn = backend.to_numpy(pr.loss.sample(a.logits, key, num_samples, targets=a.targets))
+    drawn = backend.to_numpy(
+        pr.loss.sample(a.logits, key, num_samples=num_samples, targets=a.targets)
+    )
     rows = [
         np.einsum("ncp,nc->np", pr.jacobians, np_logit_grads(pr.kind, pr.logits, y, pr.vocab))
         for y in drawn

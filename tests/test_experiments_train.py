@@ -820,12 +820,15 @@ def test_sf_draws_only_the_label_word_by_default(dirs: dict[str, Path]) -> None:
     logits = torch.full((8, targets.shape[1], vocab), -50.0, dtype=torch.float64)
     logits[:, 0, 5] = 50.0
     logits[:, 1:, 7] = 50.0
-    drawn = LabelWordSampledCE(vocab).sample(logits.reshape(8, -1), 3, 4, targets=targets)
+    drawn = LabelWordSampledCE(vocab).sample(
+        logits.reshape(8, -1), 3, num_samples=4, targets=targets
+    )
     assert drawn.shape == (4, *targets.shape)
     assert (drawn[:, :, 0] == 5).all()  # sampled from the model at the label word
     assert torch.equal(drawn[:, :, 1:], targets[None, :, 1:].expand(4, -1, -1))  # EOS, -100 kept
-    plain = ngdref.SequenceSoftmaxCrossEntropy(vocab).sample(logits.reshape(8, -1), 3, 4,
-                                                             targets=targets)
+    plain = ngdref.SequenceSoftmaxCrossEntropy(vocab).sample(
+        logits.reshape(8, -1), 3, num_samples=4, targets=targets
+    )
     assert (plain[:, :, 1] == 7).all()  # the all-positions variant redraws EOS too
     with pytest.raises(ValueError, match="targets"):
         LabelWordSampledCE(vocab).sample(logits.reshape(8, -1), 3)
@@ -852,7 +855,7 @@ def test_sf_rows_are_gradients_of_the_loss_on_the_drawn_labels(
     provider = TorchProvider(setup.model, batch.inputs)
     key = 11
     rows = ngdref.sampled_grads(provider, loss, batch.targets, key, reduction="sum")
-    drawn = loss.sample(provider.logits(), key, 1, targets=batch.targets)[0]
+    drawn = loss.sample(provider.logits(), key, targets=batch.targets)[0]
     # 'all' redraws EOS too: over a ~200-token vocabulary all 6 draws equal EOS by chance ~never
     kept = bool((drawn[:, 1:] == batch.targets[:, 1:]).all())
     assert kept == (positions == "label_word")

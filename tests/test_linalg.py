@@ -185,7 +185,9 @@ def test_duplicate_filter_rules_on_the_chain(rule, kept, backend):
     gram = rows @ rows.T
     cos = gram / np.sqrt(np.outer(gram.diagonal(), gram.diagonal()))
     assert cos[0, 1] > 0.98 and cos[1, 2] > 0.98 and cos[0, 2] < 0.98  # the chain itself
-    mask = backend.to_numpy(ngdref.near_duplicate_mask(backend.asarray(gram), 0.98, rule))
+    mask = backend.to_numpy(
+        ngdref.near_duplicate_mask(backend.asarray(gram), threshold=0.98, rule=rule)
+    )
     assert np.flatnonzero(mask).tolist() == kept
     # iEF on the kept rows, zero coefficients elsewhere, against NumPy on the subset
     s = np.array([1.0, 0.8, 0.6, 0.9])
@@ -200,7 +202,9 @@ def test_duplicate_filter_rules_on_the_chain(rule, kept, backend):
 
 def test_all_pairs_drops_the_later_of_equal_norms(backend):
     rows = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
-    mask = backend.to_numpy(ngdref.near_duplicate_mask(backend.asarray(rows @ rows.T), 0.99))
+    mask = backend.to_numpy(
+        ngdref.near_duplicate_mask(backend.asarray(rows @ rows.T), threshold=0.99)
+    )
     assert mask.tolist() == [True, False, True]
 
 
@@ -238,7 +242,7 @@ def test_sf_damping_sweep_reuses_one_sampled_gram(backend):
     solver = ngdref.DampedGram(rows)
     for damping in (1e-3, 0.1, 1.0):
         d, info = ngdref.sf_update(
-            backend.asarray(g), solver, damping=damping, num_samples=2, return_info=True
+            solver, backend.asarray(g), damping=damping, num_samples=2, return_info=True
         )
         dense = rows_np.T @ rows_np / 2 + damping * np.eye(15)
         assert_close_norm(backend.to_numpy(d), np.linalg.solve(dense, g), solve_rtol(dense))

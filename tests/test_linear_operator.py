@@ -81,7 +81,7 @@ def _dense(method: str, provider, loss, targets, factor: float = 1.0):
         return m, np.sum(jac**2) * max(np.linalg.norm(hn, 2) for hn in h)
     if method == "sf":
         rows = ngdref.sampled_grads(provider, loss, targets, SF_KEY, reduction=factor)
-        return ngdref.sf_matrix(rows, 1), np.sum(rows**2)
+        return ngdref.sf_matrix(rows), np.sum(rows**2)
     g = np.einsum("nc,ncp->np", e, jac)  # rows from the Jacobian, not from vjp
     if method == "ef":
         return ngdref.ef_matrix(g), np.sum(g**2)
@@ -191,7 +191,7 @@ def test_row_operators_accept_per_sample_rows_and_sampled_draws():
     assert np.linalg.norm(ief_operator(rows, s) @ v - ngdref.ief_matrix(g, s) @ v) <= tol
     assert np.linalg.norm(ef_operator(rows) @ v - ngdref.ef_matrix(g) @ v) <= tol
     got = sf_operator(g, num_samples=3) @ v
-    assert np.linalg.norm(got - ngdref.sf_matrix(g, 3) @ v) <= tol
+    assert np.linalg.norm(got - ngdref.sf_matrix(g, num_samples=3) @ v) <= tol
 
 
 def _kfac_blocks(corrected: bool):

@@ -159,18 +159,18 @@ def test_sample_same_key_same_draws_on_every_backend(case, backend):
     pr = case.build()
     reference = next(b for b in BACKENDS if b.name == "numpy")
     ref = pr.on(reference)
-    expected = pr.loss.sample(ref.logits, 1234, 7, targets=ref.targets)
+    expected = pr.loss.sample(ref.logits, 1234, num_samples=7, targets=ref.targets)
     a = pr.on(backend)
-    drawn = pr.loss.sample(a.logits, 1234, 7, targets=a.targets)
+    drawn = pr.loss.sample(a.logits, 1234, num_samples=7, targets=a.targets)
     assert tuple(drawn.shape) == (7, *pr.targets.shape)
     if pr.kind == "mse":  # Box-Muller normals: the same uniforms through the same formula
         np.testing.assert_allclose(backend.to_numpy(drawn), expected, **tolerance())
     else:
         np.testing.assert_array_equal(backend.to_numpy(drawn), expected)
     # a different key gives different draws; the same key again the same ones
-    again = pr.loss.sample(a.logits, 1234, 7, targets=a.targets)
+    again = pr.loss.sample(a.logits, 1234, num_samples=7, targets=a.targets)
     np.testing.assert_array_equal(backend.to_numpy(again), backend.to_numpy(drawn))
-    other = pr.loss.sample(a.logits, 4321, 7, targets=a.targets)
+    other = pr.loss.sample(a.logits, 4321, num_samples=7, targets=a.targets)
     assert not np.array_equal(backend.to_numpy(other), backend.to_numpy(drawn))
 
 
@@ -184,7 +184,7 @@ def test_categorical_sample_is_inverse_cdf_of_given_uniforms(backend):
         [[np.searchsorted(cdf[n], u[n], side="right") for n in range(6)] for u in uniforms]
     )
     drawn = ngdref.SoftmaxCrossEntropy().sample(
-        backend.asarray(logits), backend.asarray(uniforms), 50
+        backend.asarray(logits), backend.asarray(uniforms), num_samples=50
     )
     np.testing.assert_array_equal(backend.to_numpy(drawn), expected)
 
@@ -195,7 +195,7 @@ def test_sequence_sample_keeps_ignored_positions(backend):
     targets = np.array([[1, IGNORE], [IGNORE, 2], [0, 3]])
     loss = ngdref.SequenceSoftmaxCrossEntropy(4)
     drawn = backend.to_numpy(
-        loss.sample(backend.asarray(logits), 5, 9, targets=backend.asarray(targets))
+        loss.sample(backend.asarray(logits), 5, num_samples=9, targets=backend.asarray(targets))
     )
     assert drawn.shape == (9, 3, 2)
     ignored = np.broadcast_to(targets == IGNORE, drawn.shape)
@@ -215,7 +215,7 @@ def test_categorical_frequencies_match_softmax():
     rng = np.random.default_rng(17)
     logits = 1.5 * rng.standard_normal((4, 5))
     p = np_softmax(logits)
-    drawn = ngdref.SoftmaxCrossEntropy().sample(logits, 2024, MC_DRAWS)
+    drawn = ngdref.SoftmaxCrossEntropy().sample(logits, 2024, num_samples=MC_DRAWS)
     freq = np.stack([(drawn == c).mean(axis=0) for c in range(5)], axis=1)
     se = np.sqrt(p * (1 - p) / MC_DRAWS)
     assert np.all(np.abs(freq - p) <= 5 * se + 1e-12), np.max(np.abs(freq - p) / se)
@@ -224,13 +224,13 @@ def test_categorical_frequencies_match_softmax():
 def test_sigmoid_and_gaussian_samples_match_their_distributions():
     rng = np.random.default_rng(18)
     logits = rng.standard_normal((3, 2))
-    sig = ngdref.SigmoidBinaryCrossEntropy().sample(logits, 7, MC_DRAWS)
+    sig = ngdref.SigmoidBinaryCrossEntropy().sample(logits, 7, num_samples=MC_DRAWS)
     p = 1 / (1 + np.exp(-logits))
     se = np.sqrt(p * (1 - p) / MC_DRAWS)
     assert set(np.unique(sig)) <= {0.0, 1.0}
     assert np.all(np.abs(sig.mean(axis=0) - p) <= 5 * se)
     # N(z, I): sample mean within 5 standard errors (1/sqrt(K)); the variance of a
     # sample variance of unit normals is 2/K, so 5 sqrt(2/K) bounds its error.
-    gauss = ngdref.SquaredError().sample(logits, 7, MC_DRAWS)
+    gauss = ngdref.SquaredError().sample(logits, 7, num_samples=MC_DRAWS)
     assert np.all(np.abs(gauss.mean(axis=0) - logits) <= 5 / np.sqrt(MC_DRAWS))
     assert np.all(np.abs(gauss.var(axis=0) - 1.0) <= 5 * np.sqrt(2 / MC_DRAWS))

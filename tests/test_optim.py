@@ -260,14 +260,15 @@ def test_sf_steps_use_labels_redrawn_with_the_key(
         z, _ = logits_and_mask(problem, problem.targets)
         # the documented key, computed here: a key that did not change with t would fail
         drawn = problem.loss.sample(
-            z.reshape(N, -1), documented_key(7, t), num_samples, targets=problem.targets
+            z.reshape(N, -1), documented_key(7, t), num_samples=num_samples,
+            targets=problem.targets,
         )
         keys.append(documented_key(7, t))
         draws.append(drawn)
         # sampled rows of the reduced loss: R times the sum-convention rows (SPEC §9)
         rows = torch.cat([r * loop_grads(problem, drawn[k]) for k in range(num_samples)])
         grad = r * loop_grads(problem, problem.targets).sum(0)
-        u = ngdref.sf_update(grad, rows, damping=1e-2, num_samples=num_samples)
+        u = ngdref.sf_update(rows, grad, damping=1e-2, num_samples=num_samples)
         expected = -decayed(0.1, t, 3) * u / torch.linalg.vector_norm(u)
         torch.testing.assert_close(take_step(problem, opt), expected, **TOL)
     # the test has power: the two steps' labels differ (a key reused across steps would fail)

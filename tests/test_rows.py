@@ -119,16 +119,16 @@ def test_every_gram_form_accepts_rows_given_through_products_only(backend):
         "gram_update": lambda r, _: ngdref.gram_update(r, s, damping=0.1)[0],
         "DampedGram": lambda r, _: ngdref.DampedGram(r).update(s, damping=0.1)[0],
         "sgd": lambda r, _: ngdref.sgd_update(r),
-        "sf": lambda _, h: ngdref.sf_update(grad, h, damping=0.1),
+        "sf": lambda _, h: ngdref.sf_update(h, grad, damping=0.1),
     }
     for fn in routes.values():
         expected = backend.to_numpy(fn(dense, sampled_dense))
         got = backend.to_numpy(fn(hidden, sampled_hidden))
         assert_close_norm(got, expected, rtol)
-    mask = backend.to_numpy(ngdref.near_duplicate_mask(hidden, 0.99))
+    mask = backend.to_numpy(ngdref.near_duplicate_mask(hidden, threshold=0.99))
     assert mask.tolist() == [True] * 5 + [False]
     assert mask.tolist() == backend.to_numpy(
-        ngdref.near_duplicate_mask(ngdref.gram_matrix(dense), 0.99)
+        ngdref.near_duplicate_mask(ngdref.gram_matrix(dense), threshold=0.99)
     ).tolist()
     for statistic in ("max_min", "tail_10"):
         assert ngdref.grad_norm_imbalance(hidden, statistic=statistic) == pytest.approx(

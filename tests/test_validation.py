@@ -210,7 +210,7 @@ def test_dense_reference_draws_what_the_documented_sampler_draws(loss: Any) -> N
                                                 rng.integers(0, 3, (n, 2))),
     }[type(loss).__name__]
     u = sf_uniforms(loss, n, c, k=4)
-    drawn = loss.sample(z, u, 4, targets=targets)
+    drawn = loss.sample(z, u, num_samples=4, targets=targets)
     expected = np.stack([loss.grad(z, drawn[k]) for k in range(4)])
     # both compute p - onehot (or sigma - y, or -radius cos) from the same z: a few eps
     np.testing.assert_allclose(sampled_logit_grads(loss, z, targets, u), expected,

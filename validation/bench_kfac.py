@@ -68,7 +68,7 @@ def gamma_rows(w: Workload, damping: float) -> dict[str, float]:
     )
     fisher = ngdref.fisher_quadratic_form(provider, w.loss, targets)
     grad = exact["sgd"]
-    rows = {m: float(ngdref.gamma_ratio(exact[m], fisher, grad)) for m in EXACT}
+    rows = {m: ngdref.gamma_ratio(exact[m], grad, quadratic_form=fisher) for m in EXACT}
     for inverse in K.DAMPED_INVERSES:
         for normalisation in K.NORMALISATIONS:
             updates = kfac_directions(
@@ -76,8 +76,8 @@ def gamma_rows(w: Workload, damping: float) -> dict[str, float]:
                 damped_inverse=inverse, normalisation=normalisation,
             )
             for m, d in updates.items():
-                rows[f"{m}[{inverse},{normalisation}]"] = float(
-                    ngdref.gamma_ratio(d, fisher, grad)
+                rows[f"{m}[{inverse},{normalisation}]"] = ngdref.gamma_ratio(
+                    d, grad, quadratic_form=fisher
                 )
     return rows
 

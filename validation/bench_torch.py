@@ -169,8 +169,8 @@ def products(w: Workload) -> Products:
             q.per_sample_grads, q.logit_grad_sq_norms, damping=DAMPING, damping_mode="relative"
         ),
         "FVP (fisher_vp: jvp+vjp_sum)": lambda: fvp(vector),
-        "gamma (fisher_quadratic_form)": lambda: ngdref.gamma(update, form, q.grad),
-        "gamma (through fisher_vp)": lambda: ngdref.gamma(update, fvp, q.grad),
+        "gamma (fisher_quadratic_form)": lambda: ngdref.gamma(update, q.grad, quadratic_form=form),
+        "gamma (through fisher_vp)": lambda: ngdref.gamma(update, q.grad, fisher_vp=fvp),
     }
     gaps: dict[str, float | None] = {}
     notes: list[str] = []

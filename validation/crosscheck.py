@@ -186,7 +186,7 @@ def quantities(
     ngd = updates["ngd-cg"] if large_output else updates["ngd"]
     ratio_of = {**updates, "ngd": ngd}
     out["gamma_ratio"] = {
-        m: float(ngdref.gamma_ratio(ratio_of[m], fvp, q.grad)) for m in RATIOS
+        m: ngdref.gamma_ratio(ratio_of[m], q.grad, fisher_vp=fvp) for m in RATIOS
     }
     return out
 

@@ -163,7 +163,7 @@ def _oracle_data(
     with torch.no_grad():
         z = model(x)
     if method == "kfac":
-        return nn.CrossEntropyLoss(reduction="sum"), loss.sample(z, key, 1, targets=y)[0]
+        return nn.CrossEntropyLoss(reduction="sum"), loss.sample(z, key, targets=y)[0]
     e = loss.grad(z, y)
     u = e / torch.linalg.norm(e, dim=1, keepdim=True)
     return nn.MSELoss(reduction="sum"), z - u / 2

@@ -270,7 +270,7 @@ class _BatchState:
     imbalance: float
 
     def gamma(self, update: torch.Tensor) -> float:
-        return float(ngdref.gamma(update, self.fisher, self.quantities.grad))
+        return ngdref.gamma(update, self.quantities.grad, fisher_vp=self.fisher)
 
 
 def _batch_state(
@@ -294,7 +294,7 @@ def _batch_state(
         else None
     )
     fisher = ngdref.fisher_vp(p, loss, y, reduction=r)
-    gamma_sgd = float(ngdref.gamma(q.grad, fisher, q.grad))
+    gamma_sgd = ngdref.gamma(q.grad, q.grad, fisher_vp=fisher)
     imbalance = ngdref.grad_norm_imbalance(q.per_sample_grads)
     return _BatchState(problem, q, sampled, fisher, gamma_sgd, imbalance)
 
@@ -556,7 +556,7 @@ def _evaluate_checkpoint(
                     )
                 else:
                     update = ngdref.sf_update(
-                        q.grad, state.sampled, damping=damping["sf"], num_samples=num_samples
+                        state.sampled, q.grad, damping=damping["sf"], num_samples=num_samples
                     )
                 gammas[method].append(state.gamma(update))
         except (ngdref.SingularMatrixError, ngdref.NonFiniteError, ValueError) as exc:
@@ -766,7 +766,8 @@ class _GramSweep:
         if dedup_threshold is None:
             self.index = torch.arange(m, device=rows.device)
         else:
-            self.index = torch.nonzero(ngdref.near_duplicate_mask(gram, dedup_threshold))[:, 0]
+            mask = ngdref.near_duplicate_mask(gram, threshold=dedup_threshold)
+            self.index = torch.nonzero(mask)[:, 0]
         kept = gram[self.index][:, self.index]
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(kept)
         self.size = m
@@ -817,7 +818,7 @@ class _WoodburySweep:
     def update(self, damping: float) -> torch.Tensor:
         if self.small:
             return ngdref.sf_update(
-                self.grad, self.sampled, damping=damping, num_samples=self.num_samples
+                self.sampled, self.grad, damping=damping, num_samples=self.num_samples
             )
         if damping == 0:
             raise ngdref.SingularMatrixError("SF needs damping > 0 when P > M K")

@@ -270,7 +270,7 @@ class LabelWordSampledCE(ngdref.SequenceSoftmaxCrossEntropy):
     """
 
     def sample(
-        self, logits: Any, key_or_uniforms: Any, num_samples: int = 1, *, targets: Any = None
+        self, logits: Any, key: Any, *, num_samples: int = 1, targets: Any = None
     ) -> Any:
         """Draws of shape (K, N, T): position 0 sampled, the observed targets elsewhere."""
         if targets is None:
@@ -278,7 +278,7 @@ class LabelWordSampledCE(ngdref.SequenceSoftmaxCrossEntropy):
                 "targets: LabelWordSampledCE.sample keeps the observed tokens after the label "
                 "word, so it needs the observed targets"
             )
-        drawn = super().sample(logits, key_or_uniforms, num_samples, targets=targets)
+        drawn = super().sample(logits, key, num_samples=num_samples, targets=targets)
         later = torch.zeros_like(targets, dtype=torch.bool)
         later[:, 1:] = True
         return torch.where(later[None], targets[None].expand_as(drawn), drawn)
@@ -333,7 +333,7 @@ def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Set
     return Setup(
         cfg,
         model,
-        ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), IGNORE_INDEX),
+        ngdref.SequenceSoftmaxCrossEntropy(int(model.config.vocab_size), ignore_index=IGNORE_INDEX),
         train_split,
         val_split,
         test,
