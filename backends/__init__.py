@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from backends.analytic import (
+from .analytic import (
     LeastSquaresToyClosedForm,
     LinearProvider,
     LogisticToyClosedForm,
@@ -29,24 +29,25 @@ from backends.analytic import (
     logistic_toy,
     logistic_toy_closed_form,
 )
-from backends.finite_difference import FiniteDifferenceProvider, default_relative_step
-from backends.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
+from .finite_difference import FiniteDifferenceProvider, default_relative_step
+from .mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 
-#: attribute name -> the module that defines it, imported on first access
+#: attribute name -> the module that defines it (relative to this package: it is installed
+#: as ``ngdref.backends``), imported on first access
 _LAZY = {
-    "TorchProvider": "backends.torch_provider",
-    "GhostRows": "backends.ghost",
-    "IEF": "backends.optim",
-    "EF": "backends.optim",
-    "SF": "backends.optim",
-    "NGD": "backends.optim",
-    "KFAC": "backends.kfac_optim",
-    "EKFAC": "backends.kfac_optim",
-    "IEKFAC": "backends.kfac_optim",
-    "CurvatureOperator": "backends.linear_operator",
-    "curvature_operator": "backends.linear_operator",
-    "kfac_operator": "backends.linear_operator",
-    "kfac_curvature_operator": "backends.linear_operator",
+    "TorchProvider": ".torch_provider",
+    "GhostRows": ".ghost",
+    "IEF": ".optim",
+    "EF": ".optim",
+    "SF": ".optim",
+    "NGD": ".optim",
+    "KFAC": ".kfac_optim",
+    "EKFAC": ".kfac_optim",
+    "IEKFAC": ".kfac_optim",
+    "CurvatureOperator": ".linear_operator",
+    "curvature_operator": ".linear_operator",
+    "kfac_operator": ".linear_operator",
+    "kfac_curvature_operator": ".linear_operator",
 }
 
 __all__ = [
@@ -72,7 +73,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 

@@ -47,11 +47,12 @@ from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
 from torch.overrides import TorchFunctionMode
 
-from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
 from ngdref.checks import check_choice
 
+from .ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+
 if TYPE_CHECKING:  # the provider imports this module
-    from backends.torch_provider import TorchProvider
+    from .torch_provider import TorchProvider
 
 __all__ = ["ROUTES", "LayerPass"]
 

@@ -46,10 +46,11 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.kfac_hooks import run_passes
-from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
 from ngdref.checks import check_choice
+
+from .kfac_hooks import run_passes
+from .torch_provider import TorchProvider
 
 __all__ = [
     "KFACBlock",

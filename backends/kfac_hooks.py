@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.torch_provider import TorchProvider
+
+from .torch_provider import TorchProvider
 
 __all__ = ["Passes", "Recorder", "run_passes"]
 

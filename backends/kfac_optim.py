@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
-from backends.optim import _split_batch
-from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
 from ngdref.checks import check_choice, check_int, check_real
+
+from .kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
+from .optim import _split_batch
+from .torch_provider import TorchProvider
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
 

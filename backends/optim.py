@@ -92,11 +92,12 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.ghost import stack_rows
-from backends.torch_provider import TorchProvider
 from ngdref.checks import check_choice, check_int, check_real
 from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, check_damping_options, ief_damping_weights
+
+from .ghost import stack_rows
+from .torch_provider import TorchProvider
 
 #: ``per_sample`` -> (TorchProvider's per_sample_method, layer_route)
 PER_SAMPLE = {

@@ -93,10 +93,11 @@ from torch.func import functional_call, jacrev, vmap
 from torch.func import jvp as func_jvp
 from torch.func import vjp as func_vjp
 
-from backends.ghost_hooks import ROUTES, LayerPass
 from ngdref.checks import NonFiniteError, check_choice, check_int
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows
+
+from .ghost_hooks import ROUTES, LayerPass
 
 __all__ = ["TorchProvider", "default_output_fn"]
 
