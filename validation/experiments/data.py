@@ -78,6 +78,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ngdref.checks import check_int
 from validation.experiments.images import (
     DIGITS_NUM_TEST,
     DIGITS_NUM_VALIDATION,
@@ -750,8 +751,7 @@ def encode_glue(
     """
     if len(examples) == 0:
         raise ValueError("examples is empty")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2; got {max_length}")
+    check_int(max_length, "max_length", minimum=2)
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

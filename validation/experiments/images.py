@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ngdref.checks import check_int
+
 __all__ = [
     "DIGITS_NUM_TEST",
     "DIGITS_NUM_VALIDATION",
@@ -295,8 +297,7 @@ def cifar_train_transform(
         ``(pixel / 255 - mean) / std``.
     """
     x = _check_images(images)
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1; got {image_size}")
+    check_int(image_size, "image_size")
     if not 0.0 <= flip_probability <= 1.0:
         raise ValueError(f"flip_probability must be in [0, 1]; got {flip_probability}")
     height, width = x.shape[-2:]
@@ -331,8 +332,7 @@ def cifar_eval_transform(
     torch.Tensor, float32, shape (N, 3, S, S)
     """
     x = _check_images(images)
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1; got {image_size}")
+    check_int(image_size, "image_size")
     height, width = x.shape[-2:]
     if height <= width:
         new_h, new_w = image_size, int(image_size * width / height)
