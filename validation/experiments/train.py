@@ -252,7 +252,7 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
     if name == "sf":
         sf_loss = setup.loss
         if setup.label_words is not None and o["sample_positions"] == "label_word":
-            sf_loss = LabelWordSampledCE(setup.loss.vocab_size, IGNORE_INDEX)
+            sf_loss = LabelWordSampledCE(setup.loss.vocab_size, ignore_index=IGNORE_INDEX)
         return ngd_optim.SF(
             setup.model, sf_loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
             num_samples=o["num_samples"], seed=int(cfg["seed"]), **common,
