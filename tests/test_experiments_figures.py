@@ -78,7 +78,7 @@ def _evaluation(ratio_means: list[dict[str, float]]) -> dict[str, Any]:
         checkpoints.append({
             "name": f"epoch-{k}", "epoch": k, "step": 17 * k,
             "ratios": {name: _summary(means[name]) for name in RATIOS},
-            "imbalance": _summary(3.0 + k),
+            "imbalance": {"max_min": _summary(3.0 + k), "tail_10": _summary(2.0 - 0.5 * k)},
             "gamma": {m: {"mean": 1.0, "std": 0.1} for m in ("sgd", "ef", "ief", "sf")},
         })
     return {"settings": {"batches": 4, "batch_size": 160}, "checkpoints": checkpoints}
@@ -210,8 +210,49 @@ def test_gamma_order_needs_both_inequalities() -> None:
 
 
 def test_imbalance_claim() -> None:
-    found = {c.name: c for c in reproduce.claims({}, _evaluation([GOOD, GOOD, GOOD]), None)}
-    assert found["imbalance grows"].held is True  # 3.0, 4.0, 5.0 in the synthetic file
+    """Both statistics are judged separately: max/min 3, 4, 5 grows, the 10% tails 2, 1.5, 1
+    shrink; a file of the older format (one max/min summary) still gives its claim."""
+    evaluation = _evaluation([GOOD, GOOD, GOOD])
+    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    assert found["imbalance grows (max_min)"].held is True
+    tails = found["imbalance grows (tail_10)"]
+    assert tails.held is False
+    assert "(2 at the first checkpoint, 1 at the last)" in tails.statement
+    for c in evaluation["checkpoints"]:
+        c["imbalance"] = c["imbalance"]["max_min"]
+    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    assert found["imbalance grows (max_min)"].held is True
+    assert "imbalance grows (tail_10)" not in found
+
+
+def test_damaged_metrics_and_truncated_evaluation_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``figures --runs`` on a metrics.jsonl with a cut-off line, and ``--evaluation`` on a
+    truncated evaluation.json: exit 2 with the file and line, no traceback, nothing written."""
+    from validation.experiments.__main__ import main
+
+    run = _write_run(tmp_path / "sgd0", "sgd", 0)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[4] = lines[4][: len(lines[4]) // 2]  # a line cut off mid-record
+    metrics.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "figs"
+    assert main(["figures", "--runs", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{metrics}:5: not a JSON record" in err and "Traceback" not in err
+    evaluation = tmp_path / "evaluation.json"
+    text = json.dumps(_evaluation([GOOD, BAD]), indent=2)
+    evaluation.write_text(text[: len(text) // 2])
+    assert main(["figures", "--evaluation", str(evaluation), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = len(text[: len(text) // 2].splitlines())
+    assert f"{evaluation}:{line}: not valid JSON" in err and "truncated" in err
+    not_ours = tmp_path / "sweep.json"
+    not_ours.write_text("[1, 2]")
+    assert main(["figures", "--sweep", str(not_ours), "--out", str(out)]) == 2
+    assert "missing ['settings', 'checkpoints']" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_ief_damping_robustness() -> None:
@@ -302,7 +343,7 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
             assert (reproduce.run_dir(out, opt, row["lr"], seed) / "results.json").is_file()
     assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
     assert len(results["sweep"]["checkpoints"]) == 3
-    assert len(results["claims"]) == 6
+    assert len(results["claims"]) == 7
     for name in ("toy_least_squares", "toy_logistic", "training_curves", "gamma_ratios",
                  "damping_sweep"):
         _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)

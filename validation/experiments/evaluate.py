@@ -99,6 +99,13 @@ import numpy as np
 
 import ngdref
 from ngdref.linalg import singular_rtol
+from validation.experiments.protocols import (
+    IMBALANCE_STATISTICS,
+    PROTOCOLS,
+    SF_DUPLICATES,
+    BatchScorer,
+    score_batch,
+)
 
 # torch, the provider and the runner are imported where they are used, so that the command
 # line (``python -m validation.experiments --help``) registers these commands without them
@@ -142,6 +149,14 @@ RATIOS: dict[str, tuple[str, str]] = {
 #: evaluator; EF and SF: the paper's damping of its T5-LoRA / ViT EF and SF runs (App. H). EF
 #: and SF need a task-specific value (SPEC §5): check it with :func:`sweep_run`.
 DEFAULT_DAMPING: dict[str, float] = {"ef": 1e-7, "ief": 1e-12, "sf": 1e-7}
+#: the authors' protocol: one lambda for EF, iEF and SF (the paper's T5-LoRA / ViT value)
+AUTHORS_DAMPING = 1e-7
+#: batches per checkpoint by default. The paper uses 100; measured on a digits checkpoint
+#: (2 CPU cores, float64) one batch of 160 costs about SECONDS s, so 100 batches would take
+#: minutes per checkpoint: pass ``batches=100`` for the paper's number.
+DEFAULT_BATCHES = 20
+DEFAULT_SWEEP_BATCHES = 10
+DTYPES = ("float64", "float32")
 #: 1e-12, 1e-11, ..., 1e2
 DEFAULT_SWEEP_DAMPINGS: tuple[float, ...] = tuple(float(f"1e{k}") for k in range(-12, 3))
 #: settings that may differ between a run and its resumption
@@ -247,9 +262,13 @@ def evaluation_problem(
         output_fn: Callable[[Any], torch.Tensor] | None = first_label_token
     else:
         targets, loss, output_fn = batch.targets, setup.loss, setup.output_fn
+    dtype = next(p for _, p in setup.trainable).dtype
+    inputs = {  # float inputs follow the model (a float64 evaluation of a float32 run)
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()
+    }
     provider = TorchProvider(
         setup.model,
-        batch.inputs,
+        inputs,
         output_fn=output_fn,
         chunk_size=micro_batch,
         per_sample_method=setup.config["train"]["per_sample_method"],
@@ -258,45 +277,36 @@ def evaluation_problem(
     return EvaluationProblem(provider, loss, targets, factor)
 
 
-@dataclass
-class _BatchState:
-    """What every update of one batch shares: G, s, g, sampled gradients, F v, gamma(g)."""
-
-    problem: EvaluationProblem
-    quantities: ngdref.BatchQuantities
-    sampled: torch.Tensor | None
-    fisher: Callable[[torch.Tensor], torch.Tensor]
-    gamma_sgd: float
-    imbalance: float
-
-    def gamma(self, update: torch.Tensor) -> float:
-        return float(ngdref.gamma(update, self.fisher, self.quantities.grad))
-
-
 def _batch_state(
     setup: Setup,
     rows: np.ndarray,
     *,
     key: int,
-    micro_batch: int,
-    reduction: str | float,
-    num_samples: int,
+    settings: Mapping[str, Any],
     with_sf: bool,
-) -> _BatchState:
+) -> BatchScorer:
+    """The batch's sum-convention quantities, scored under ``settings["protocol"]``."""
+    protocol = settings["protocol"]
     problem = evaluation_problem(
-        setup, setup.train.make(rows), micro_batch=micro_batch, reduction=reduction
+        setup, setup.train.make(rows), micro_batch=settings["micro_batch"], reduction="sum"
     )
-    p, loss, y, r = problem.provider, problem.loss, problem.targets, problem.factor
-    q = ngdref.batch_quantities(p, loss, y, reduction=r)
-    sampled = (
-        ngdref.sampled_grads(p, loss, y, key, num_samples=num_samples, reduction=r)
-        if with_sf
-        else None
+    p, loss, y = problem.provider, problem.loss, problem.targets
+    k = settings["num_samples"]
+    q = ngdref.batch_quantities(p, loss, y, reduction="sum")
+    sampled = ngdref.sampled_grads(p, loss, y, key, num_samples=k) if with_sf else None
+    if protocol == "authors":
+        factor = 1.0 / settings["micro_batch"]
+    else:
+        factor = ngdref.reduction_factor(settings["reduction"], len(rows))
+
+    def form(r: float) -> ngdref.QuadraticForm:
+        return ngdref.fisher_quadratic_form(p, loss, y, reduction=r)
+
+    return score_batch(
+        q.per_sample_grads, q.logit_grad_sq_norms, sampled, form, protocol=protocol,
+        factor=factor, dedup_threshold=settings["dedup_threshold"], num_samples=k,
+        sf_duplicates=settings.get("sf_duplicates", "drop"),
     )
-    fisher = ngdref.fisher_vp(p, loss, y, reduction=r)
-    gamma_sgd = float(ngdref.gamma(q.grad, fisher, q.grad))
-    imbalance = ngdref.grad_norm_imbalance(q.per_sample_grads)
-    return _BatchState(problem, q, sampled, fisher, gamma_sgd, imbalance)
 
 
 def _with_context(exc: Exception, where: str) -> Exception:
@@ -325,10 +335,20 @@ def _damping_value(name: str, value: Any) -> float:
     return value
 
 
-def _resolve_damping(damping: float | Mapping[str, float] | None) -> dict[str, float]:
-    """A number for every damped method: one number for all, or a partial dict over defaults."""
+def _resolve_damping(
+    damping: float | Mapping[str, float] | None, protocol: str
+) -> dict[str, float]:
+    """A number for every damped method: one number for all, or a partial dict over defaults.
+
+    The authors' protocol passes ONE lambda to every method: a dict with different values is
+    refused there, and its default is :data:`AUTHORS_DAMPING` for all three.
+    """
+    defaults = (
+        dict.fromkeys(DEFAULT_DAMPING, AUTHORS_DAMPING) if protocol == "authors"
+        else dict(DEFAULT_DAMPING)
+    )
     if damping is None:
-        return dict(DEFAULT_DAMPING)
+        return defaults
     if isinstance(damping, Mapping):
         unknown = sorted(set(damping) - set(DEFAULT_DAMPING))
         if unknown:
@@ -336,9 +356,14 @@ def _resolve_damping(damping: float | Mapping[str, float] | None) -> dict[str, f
                 f"damping: unknown method(s) {unknown}; damped methods are "
                 f"{sorted(DEFAULT_DAMPING)}"
             )
-        out = dict(DEFAULT_DAMPING)
+        out = dict(defaults)
         for method, value in damping.items():
             out[method] = _damping_value(f"damping[{method!r}]", value)
+        if protocol == "authors" and len(set(out.values())) > 1:
+            raise EvaluationError(
+                f"damping: the authors' protocol uses one lambda for EF, iEF and SF, got {out}; "
+                "pass a single number"
+            )
         return out
     value = _damping_value("damping", damping)
     return dict.fromkeys(DEFAULT_DAMPING, value)
@@ -489,28 +514,96 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "values": [float(x) for x in arr]}
 
 
-def _report(progress: bool, line: str) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-
-
 def _settings_json(settings: dict[str, Any]) -> dict[str, Any]:
     """Round-trip through JSON so that comparisons see what the file will hold."""
     return json.loads(json.dumps(settings, allow_nan=True))
+
+
+def _common_settings(
+    *,
+    protocol: str,
+    batches: int,
+    batch_size: int,
+    micro_batch: int,
+    seed: int,
+    dedup_threshold: float | str | None,
+    reduction: str | float | None,
+    num_samples: int,
+    dtype: str,
+    sf_duplicates: str,
+    device: Any,
+) -> dict[str, Any]:
+    """The checked settings shared by :func:`evaluate_run` and :func:`sweep_run`."""
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if dtype not in DTYPES:
+        raise EvaluationError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if sf_duplicates not in SF_DUPLICATES:
+        raise EvaluationError(
+            f"sf_duplicates must be one of {SF_DUPLICATES}, got {sf_duplicates!r}"
+        )
+    batch_size = _positive_int("batch_size", batch_size)
+    micro_batch = _positive_int("micro_batch", micro_batch)
+    if protocol == "authors":
+        if reduction is not None:
+            raise EvaluationError(
+                "reduction: the authors' protocol fixes R = 1/micro_batch (their micro-batch "
+                f"means); leave reduction unset, got {reduction!r}"
+            )
+        if batch_size % micro_batch:
+            raise EvaluationError(
+                f"batch_size={batch_size} must be a multiple of micro_batch={micro_batch} under "
+                "the authors' protocol (their batch is micro-batches of equal size)"
+            )
+    if dedup_threshold == "default":
+        dedup_threshold = 0.95
+    return {
+        "protocol": protocol,
+        "batches": _positive_int("batches", batches),
+        "batch_size": batch_size,
+        "micro_batch": micro_batch,
+        "seed": _positive_int("seed", seed, minimum=0),
+        "dedup_threshold": _check_dedup(dedup_threshold),
+        "reduction": (
+            "1/micro_batch" if protocol == "authors"
+            else _check_reduction("mean" if reduction is None else reduction)
+        ),
+        "num_samples": _positive_int("num_samples", num_samples),
+        "dtype": dtype,
+        "sf_duplicates": sf_duplicates if protocol == "authors" else None,
+        "checkpoints": None,
+        "device": None if device is None else str(device),
+    }
 
 
 def _prepare(
     run_dir: str | os.PathLike[str],
     checkpoints: Any,
     device: str | torch.device | None,
+    dtype: str,
 ) -> tuple[Path, list[CheckpointInfo], Setup]:
+    """The run's setup with its model in ``dtype`` (checkpoints are cast when loaded)."""
+    import torch
+
     from validation.experiments.train import build_setup, load_run_config
 
     run = Path(run_dir)
     config = load_run_config(run)  # FileNotFoundError naming run_dir
     infos = resolve_checkpoints(run, checkpoints)
     setup = build_setup(config, device)
+    setup.model.to(getattr(torch, dtype))
     return run, infos, setup
+
+
+def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """The runner's tqdm convention (stderr, dynamic width); one unit per batch."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="batch", dynamic_ncols=True)
+
+
+def _resolve_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 # =============================================================================================
@@ -519,49 +612,31 @@ def _prepare(
 def _evaluate_checkpoint(
     setup: Setup,
     info: CheckpointInfo,
-    *,
-    batches: int,
-    batch_size: int,
-    micro_batch: int,
-    seed: int,
-    damping: Mapping[str, float],
-    dedup_threshold: float | None,
-    methods: tuple[str, ...],
-    reduction: str | float,
-    num_samples: int,
+    settings: Mapping[str, Any],
+    advance: Callable[[], None],
 ) -> dict[str, Any]:
+    methods = tuple(settings["methods"])
+    damping = settings["damping"]
     gammas: dict[str, list[float]] = {m: [] for m in methods}
-    imbalance: list[float] = []
-    for b in range(batches):
-        where = f"checkpoint {info.name}, batch {b}"
-        rows = batch_rows(seed, b, len(setup.train), batch_size)
+    imbalance: dict[str, list[float]] = {k: [] for k in IMBALANCE_STATISTICS}
+    kept: list[float] = []
+    seed = settings["seed"]
+    for b in range(settings["batches"]):
+        rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
             state = _batch_state(
-                setup, rows, key=sf_key(seed, info.step, b), micro_batch=micro_batch,
-                reduction=reduction, num_samples=num_samples, with_sf="sf" in methods,
+                setup, rows, key=sf_key(seed, info.step, b), settings=settings,
+                with_sf="sf" in methods,
             )
-            q = state.quantities
             for method in methods:
-                if method == "sgd":
-                    gammas["sgd"].append(state.gamma_sgd)
-                    continue
-                if method == "ef":
-                    update = ngdref.ef_update(
-                        q.per_sample_grads, damping=damping["ef"], dedup_threshold=dedup_threshold
-                    )
-                elif method == "ief":
-                    update = ngdref.ief_update(
-                        q.per_sample_grads, q.logit_grad_sq_norms, damping=damping["ief"],
-                        dedup_threshold=dedup_threshold,
-                    )
-                else:
-                    update = ngdref.sf_update(
-                        q.grad, state.sampled, damping=damping["sf"], num_samples=num_samples
-                    )
+                update = state.update(method, damping.get(method, 0.0))
                 gammas[method].append(state.gamma(update))
         except (ngdref.SingularMatrixError, ngdref.NonFiniteError, ValueError) as exc:
-            raise _with_context(exc, where) from exc
-        imbalance.append(state.imbalance)
+            raise _with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
+        for k in IMBALANCE_STATISTICS:
+            imbalance[k].append(state.imbalance[k])
+        kept.append(state.kept)
+        advance()
     with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
         ratios = {
             name: _summary(np.asarray(gammas[num]) / np.asarray(gammas[den]))
@@ -573,7 +648,8 @@ def _evaluate_checkpoint(
         "epoch": info.epoch,
         "step": info.step,
         "ratios": ratios,
-        "imbalance": _summary(imbalance),
+        "imbalance": {k: _summary(v) for k, v in imbalance.items()},
+        "rows_kept": _summary(kept),
         "gamma": {
             m: {k: v for k, v in _summary(gammas[m]).items() if k != "values"} for m in methods
         },
@@ -584,61 +660,70 @@ def _over_checkpoints(
     kind: str,
     run_dir: str | Path,
     checkpoints: Any,
-    device: Any,
     settings: dict[str, Any],
     filename: str,
     overwrite: bool,
     progress: bool,
-    process: Callable[[Setup, Any], tuple[dict[str, Any], str]],
+    process: Callable[[Setup, Any, Callable[[], None]], tuple[dict[str, Any], str]],
 ) -> dict[str, Any]:
     """Run ``process`` on every checkpoint not yet in ``run_dir/filename``, resumably.
 
-    ``process(setup, info)`` returns the checkpoint's entry and a one-line summary. The file
-    is rewritten atomically after each checkpoint, so a killed evaluation loses at most one.
+    ``process(setup, info, advance)`` returns the checkpoint's entry and a one-line summary
+    and calls ``advance()`` after each batch (the progress bar). The file is rewritten
+    atomically after each checkpoint, so a killed evaluation loses at most one.
     """
     from validation.experiments.train import load_checkpoint
 
-    run, infos, setup = _prepare(run_dir, checkpoints, device)
+    run, infos, setup = _prepare(run_dir, checkpoints, settings["device"], settings["dtype"])
     settings["checkpoints"] = [info.name for info in infos]
     _check_batch_size(settings["batch_size"], setup)
     path = run / filename
     entries = _load_previous(path, settings, overwrite)
     done = {entry["name"] for entry in entries}
-    for info in infos:
-        if info.name in done:
-            _report(progress, f"{kind} {info.name}: already in {path}, skipped")
-            continue
-        started = time.perf_counter()
-        params, _, _ = load_checkpoint(run, info.name)
-        setup.load_params(params)
-        entry, summary = process(setup, info)
-        entries.append(entry)
-        entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
-        _atomic_write_json(path, {"settings": settings, "checkpoints": entries})
-        _report(
-            progress,
-            f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): {summary}, "
-            f"{time.perf_counter() - started:.1f} s]",
-        )
+    todo = [info for info in infos if info.name not in done]
+    bar = _progress_bar(len(todo) * settings["batches"], progress, f"{kind} {run.name}")
+    with bar:
+        for info in infos:
+            if info.name in done:
+                if progress:
+                    bar.write(f"{kind} {info.name}: already in {path}, skipped", file=sys.stderr)
+                continue
+            started = time.perf_counter()
+            params, _, _ = load_checkpoint(run, info.name)
+            setup.load_params(params)
+            bar.set_postfix_str(info.name)
+            entry, summary = process(setup, info, bar.update)
+            entries.append(entry)
+            entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
+            _atomic_write_json(path, {"settings": settings, "checkpoints": entries})
+            if progress:
+                bar.write(
+                    f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): {summary}, "
+                    f"{time.perf_counter() - started:.1f} s]",
+                    file=sys.stderr,
+                )
     return {"settings": settings, "checkpoints": entries}
 
 
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     *,
-    batches: int = 100,
+    protocol: str = "ngdref",
+    batches: int = DEFAULT_BATCHES,
     batch_size: int = 160,
     micro_batch: int = 40,
     seed: int = 0,
     damping: float | Mapping[str, float] | None = None,
-    dedup_threshold: float | None = 0.95,
+    dedup_threshold: float | str | None = "default",
     methods: Iterable[str] | str = METHODS,
     checkpoints: str | int | Sequence[str | int] | None = None,
-    reduction: str | float = "mean",
+    reduction: str | float | None = None,
     num_samples: int = 1,
+    dtype: str = "float64",
+    sf_duplicates: str = "drop",
     device: str | torch.device | None = "cpu",
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     r"""Score SGD, EF, iEF and SF with gamma (Eq. 15) at the epoch checkpoints of a run.
 
@@ -649,46 +734,59 @@ def evaluate_run(
         d \in \{g,\; G^\top(GG^\top + \lambda_{EF} I)^{-1} 1,\;
         G^\top(GG^\top + \lambda_{iEF} I)^{-1} s,\; (F_{SF} + \lambda_{SF} I)^{-1} g\}
 
-    with G, s, g, F and F_SF all from that batch, in the convention R (module docstring).
-    Writes ``run_dir/evaluation.json`` after each checkpoint (atomically) and skips the
-    checkpoints it already holds when rerun with the same settings.
+    with G, s, g, F and F_SF all from that batch, R-scaled as the protocol says
+    (:mod:`validation.experiments.protocols`). Writes ``run_dir/evaluation.json`` after each
+    checkpoint (atomically) and skips the checkpoints it already holds when rerun with the
+    same settings.
 
     Parameters
     ----------
     run_dir : path
         A run directory of the training runner (``config.json``, ``checkpoints/epoch-K.pt``).
+    protocol : {"ngdref", "authors"}
+        "ngdref": R = 1/M, a damping per method, the duplicate filter inside the EF / iEF
+        solves. "authors": the authors' evaluator (R = 1/micro_batch, one lambda, g and the
+        imbalance from the rows kept by their all-pairs filter, SF's near-duplicate sampled
+        rows removed).
     batches : int
-        B, batches per checkpoint (the paper: 100).
+        B, batches per checkpoint (the paper: 100; default :data:`DEFAULT_BATCHES`).
     batch_size : int
         M, training rows per batch (the paper: 160); at most the training split's size.
     micro_batch : int
-        Samples per forward/backward pass (the authors: 40); a memory bound only.
+        Samples per forward/backward pass (the authors: 40). Under "ngdref" a memory bound
+        only; under "authors" also R = 1/micro_batch, and M must be a multiple of it.
     seed : int >= 0
         Fixes the batches (the same for every checkpoint) and SF's sampled labels.
     damping : float or dict, optional
-        lambda per method in the convention of ``reduction``: a number for EF, iEF and SF, or
-        ``{"ef": .., "ief": .., "sf": ..}`` (missing keys take the defaults). Default
-        :data:`DEFAULT_DAMPING`: iEF 1e-12, EF and SF 1e-7 (mean convention). EF and iEF are
-        damped in sample space (lambda I_M), SF in parameter space.
-    dedup_threshold : float or None
-        EF and iEF drop per-sample gradients with ``|cos| >`` this to a larger-norm one before
-        the solve (the authors' evaluator: 0.95); None keeps all.
+        lambda (the convention of R): a number for EF, iEF and SF, or
+        ``{"ef": .., "ief": .., "sf": ..}`` (missing keys take the defaults; "authors" refuses
+        different values). Defaults: :data:`DEFAULT_DAMPING` ("ngdref"),
+        :data:`AUTHORS_DAMPING` for all ("authors").
+    dedup_threshold : float, None or "default"
+        Rows with ``|cos| >`` this to a larger-norm row are dropped (0.95 by default, the
+        authors' evaluator); None keeps all.
     methods : iterable of str
         Subset of ("sgd", "ef", "ief", "sf"); only the ratios whose two methods are present
         are reported.
     checkpoints : optional
         See :func:`resolve_checkpoints` (default: every epoch checkpoint).
-    reduction : {"mean", "sum"} or float
-        R: "mean" (default, 1/M: the Hugging Face mean of the evaluated loss), "sum" (the
-        paper's Eq. 1) or a factor.
+    reduction : {"mean", "sum"} or float, optional
+        R under "ngdref" (default "mean", 1/M); must be unset under "authors".
     num_samples : int
         K, sampled labels per sample for SF (the paper: 1).
+    dtype : {"float64", "float32"}
+        The model is cast to this for the evaluation (default float64: gamma is a
+        measurement, and float32 per-sample gradients underflow late in training).
+    sf_duplicates : {"drop", "merge"}
+        "authors" only: SF's near-duplicate sampled rows dropped (what the released code
+        computes) or merged (what it was written to do); see the protocols module.
     device : str or torch.device, optional
         Where the model runs ("cpu", "cuda", "auto").
     overwrite : bool
         Start afresh even if ``evaluation.json`` exists (otherwise its settings must match).
-    progress : bool
-        Print one line per checkpoint to stderr.
+    progress : bool, optional
+        A tqdm bar over batches and a line per checkpoint on stderr (default: when stderr
+        is a terminal, as ``train``).
 
     Returns
     -------
@@ -706,43 +804,28 @@ def evaluate_run(
     ngdref.SingularMatrixError
         A damped system is singular (e.g. SF with damping 0); the message names the batch.
     """
-    settings = _settings_json(
-        {
-            "batches": _positive_int("batches", batches),
-            "batch_size": _positive_int("batch_size", batch_size),
-            "micro_batch": _positive_int("micro_batch", micro_batch),
-            "seed": _positive_int("seed", seed, minimum=0),
-            "damping": _resolve_damping(damping),
-            "damping_space": {"ef": "sample", "ief": "sample", "sf": "parameter"},
-            "dedup_threshold": _check_dedup(dedup_threshold),
-            "methods": list(_resolve_methods(methods)),
-            "checkpoints": None,
-            "reduction": _check_reduction(reduction),
-            "num_samples": _positive_int("num_samples", num_samples),
-            "device": None if device is None else str(device),
-        }
+    settings = _common_settings(
+        protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
+        seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
+        num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
     )
-    def process(setup: Setup, info: Any) -> tuple[dict[str, Any], str]:
-        entry = _evaluate_checkpoint(
-            setup, info,
-            batches=settings["batches"], batch_size=settings["batch_size"],
-            micro_batch=settings["micro_batch"], seed=settings["seed"],
-            damping=settings["damping"], dedup_threshold=settings["dedup_threshold"],
-            methods=tuple(settings["methods"]), reduction=settings["reduction"],
-            num_samples=settings["num_samples"],
-        )
+    settings["damping"] = _resolve_damping(damping, protocol)
+    settings["methods"] = list(_resolve_methods(methods))
+    settings = _settings_json(settings)
+
+    def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
+        entry = _evaluate_checkpoint(setup, info, settings, advance)
         summary = "  ".join(
             f"{name} {r['mean']:.3g}±{r['std']:.2g}" for name, r in entry["ratios"].items()
         )
-        imb = entry["imbalance"]
-        return entry, (
-            f"{summary}  imbalance {imb['mean']:.3g}±{imb['std']:.2g}  "
-            f"[{settings['batches']} batches"
+        imb = "  ".join(
+            f"imbalance {k} {v['mean']:.3g}" for k, v in entry["imbalance"].items()
         )
+        return entry, f"{summary}  {imb}  [{settings['batches']} batches"
 
     return _over_checkpoints(
-        "evaluate", run_dir, checkpoints, device, settings, EVALUATION_FILE, overwrite, progress,
-        process,
+        "evaluate", run_dir, checkpoints, settings, EVALUATION_FILE, overwrite,
+        _resolve_progress(progress), process,
     )
 
 
@@ -837,43 +920,35 @@ class _WoodburySweep:
 def _sweep_checkpoint(
     setup: Setup,
     info: CheckpointInfo,
-    *,
-    dampings: Sequence[float],
-    batches: int,
-    batch_size: int,
-    micro_batch: int,
-    seed: int,
-    dedup_threshold: float | None,
-    reduction: str | float,
-    num_samples: int,
+    settings: Mapping[str, Any],
+    advance: Callable[[], None],
 ) -> tuple[dict[str, Any], int]:
     import torch
 
-    d = len(dampings)
-    values = {name: np.full((d, batches), np.nan) for name in RATIOS}
+    dampings, batches, seed = settings["dampings"], settings["batches"], settings["seed"]
+    values = {name: np.full((len(dampings), batches), np.nan) for name in RATIOS}
     singular = 0
     for b in range(batches):
-        rows = batch_rows(seed, b, len(setup.train), batch_size)
+        rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
             state = _batch_state(
-                setup, rows, key=sf_key(seed, info.step, b), micro_batch=micro_batch,
-                reduction=reduction, num_samples=num_samples, with_sf=True,
+                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True
             )
         except (ngdref.NonFiniteError, ValueError) as exc:
             raise _with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
-        q = state.quantities
-        gram = _GramSweep(q.per_sample_grads, dedup_threshold)
+        gram = _GramSweep(state.rows, state.dedup_threshold)
         assert state.sampled is not None
-        woodbury = _WoodburySweep(q.grad, state.sampled, num_samples)
-        ones = torch.ones_like(q.logit_grad_sq_norms)
+        woodbury = _WoodburySweep(state.grad, state.sampled, state.num_samples)
+        ones = torch.ones_like(state.sq_norms)
+        gamma_sgd = state.gamma(state.grad)
         for k, lam in enumerate(dampings):
-            gamma: dict[str, float] = {"sgd": state.gamma_sgd}
+            gamma: dict[str, float] = {"sgd": gamma_sgd}
             for method in ("ef", "ief", "sf"):
                 try:
                     if method == "ef":
                         update = gram.update(ones, lam)
                     elif method == "ief":
-                        update = gram.update(q.logit_grad_sq_norms, lam)
+                        update = gram.update(state.sq_norms, lam)
                     else:
                         update = woodbury.update(lam)
                 except ngdref.SingularMatrixError:
@@ -884,6 +959,7 @@ def _sweep_checkpoint(
             with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
                 for name, (num, den) in RATIOS.items():
                     values[name][k, b] = np.float64(gamma[num]) / gamma[den]
+        advance()
     with np.errstate(invalid="ignore"):
         ratios = {
             name: {
@@ -899,18 +975,21 @@ def _sweep_checkpoint(
 def sweep_run(
     run_dir: str | os.PathLike[str],
     *,
+    protocol: str = "ngdref",
     dampings: Sequence[float] = DEFAULT_SWEEP_DAMPINGS,
-    batches: int = 100,
+    batches: int = DEFAULT_SWEEP_BATCHES,
     batch_size: int = 160,
     micro_batch: int = 40,
     seed: int = 0,
-    dedup_threshold: float | None = 0.95,
+    dedup_threshold: float | str | None = "default",
     checkpoints: str | int | Sequence[str | int] | None = "first,middle,last",
-    reduction: str | float = "mean",
+    reduction: str | float | None = None,
     num_samples: int = 1,
+    dtype: str = "float64",
+    sf_duplicates: str = "drop",
     device: str | torch.device | None = "cpu",
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     r"""The ratios of :func:`evaluate_run` over a damping grid (one lambda for EF, iEF and SF).
 
@@ -922,21 +1001,24 @@ def sweep_run(
         \frac{\gamma(d_{SF}(\lambda))}{\gamma(d_{iEF}(\lambda))},\;
         \frac{\gamma(d_{SF}(\lambda))}{\gamma(d_{EF}(\lambda))}
 
-    G, s, g, the sampled gradients and the Fisher-vector product are computed once per batch;
-    G G^T and the sampled Gram matrix are eigendecomposed once, so each lambda costs two
-    M x M back-substitutions and one Fisher-vector product per method. At a lambda of the grid
-    the numbers equal :func:`evaluate_run`'s with ``damping=lambda`` (same batches, same SF
-    draws). A singular solve gives NaN for that batch and lambda (counted in the progress
-    line) instead of stopping the sweep. Writes ``run_dir/sweep.json`` (module docstring)
-    after each checkpoint; reruns with the same settings skip the checkpoints already there.
+    G, s, g, the sampled gradients and the Fisher's quadratic form are computed once per
+    batch; G G^T and the sampled Gram matrix are factorised once, so each lambda costs two
+    M x M back-substitutions and one Jacobian-vector product per method. At a lambda of the
+    grid the numbers equal :func:`evaluate_run`'s with ``damping=lambda`` (same protocol,
+    batches and SF draws). A singular solve gives NaN for that batch and lambda (counted in
+    the progress line) instead of stopping the sweep. Writes ``run_dir/sweep.json`` (module
+    docstring) after each checkpoint; reruns with the same settings skip the checkpoints
+    already there.
 
     Parameters
     ----------
     run_dir : path
     dampings : sequence of float >= 0
-        The grid, in the convention of ``reduction`` (default 1e-12, 1e-11, ..., 1e2).
-    batches, batch_size, micro_batch, seed, dedup_threshold, reduction, num_samples, device,
-    overwrite, progress
+        The grid, in the convention of the protocol's R (default 1e-12, 1e-11, ..., 1e2).
+    batches : int
+        B per checkpoint (default :data:`DEFAULT_SWEEP_BATCHES`).
+    protocol, batch_size, micro_batch, seed, dedup_threshold, reduction, num_samples, dtype,
+    sf_duplicates, device, overwrite, progress
         As in :func:`evaluate_run`.
     checkpoints : optional
         Default "first,middle,last" (the first, middle and last epoch checkpoints);
@@ -957,29 +1039,15 @@ def sweep_run(
     grid = [_damping_value(f"dampings[{k}]", v) for k, v in enumerate(dampings)]
     if not grid:
         raise EvaluationError("dampings is empty: give at least one damping value")
-    settings = _settings_json(
-        {
-            "dampings": grid,
-            "batches": _positive_int("batches", batches),
-            "batch_size": _positive_int("batch_size", batch_size),
-            "micro_batch": _positive_int("micro_batch", micro_batch),
-            "seed": _positive_int("seed", seed, minimum=0),
-            "damping_space": {"ef": "sample", "ief": "sample", "sf": "parameter"},
-            "dedup_threshold": _check_dedup(dedup_threshold),
-            "checkpoints": None,
-            "reduction": _check_reduction(reduction),
-            "num_samples": _positive_int("num_samples", num_samples),
-            "device": None if device is None else str(device),
-        }
+    settings = _common_settings(
+        protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
+        seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
+        num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
     )
-    def process(setup: Setup, info: Any) -> tuple[dict[str, Any], str]:
-        entry, singular = _sweep_checkpoint(
-            setup, info, dampings=grid,
-            batches=settings["batches"], batch_size=settings["batch_size"],
-            micro_batch=settings["micro_batch"], seed=settings["seed"],
-            dedup_threshold=settings["dedup_threshold"], reduction=settings["reduction"],
-            num_samples=settings["num_samples"],
-        )
+    settings = _settings_json({"dampings": grid, **settings})
+
+    def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
+        entry, singular = _sweep_checkpoint(setup, info, settings, advance)
         best = []
         for name in ("ef/sgd", "ief/sgd"):
             means = np.asarray(entry["ratios"][name]["mean"])
@@ -992,7 +1060,8 @@ def sweep_run(
         ).rstrip(", ")
 
     return _over_checkpoints(
-        "sweep", run_dir, checkpoints, device, settings, SWEEP_FILE, overwrite, progress, process
+        "sweep", run_dir, checkpoints, settings, SWEEP_FILE, overwrite,
+        _resolve_progress(progress), process,
     )
 
 
@@ -1033,17 +1102,26 @@ def _parse_reduction(text: str) -> str | float:
     return text if text in ("mean", "sum") else float(text)
 
 
-def _common_arguments(parser: Any, default_checkpoints: str | None) -> None:
+def _common_arguments(parser: Any, default_checkpoints: str | None, batches: int) -> None:
     parser.add_argument("run_dir", help="a run directory of the training runner")
-    parser.add_argument("--batches", type=int, default=100, help="B batches per checkpoint")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="ngdref",
+        help="ngdref (R = 1/M, a damping per method) or authors (their evaluator: R = "
+        "1/micro-batch, one lambda, g and imbalance from the de-duplicated rows)",
+    )
+    parser.add_argument(
+        "--batches", type=int, default=batches,
+        help=f"B batches per checkpoint (default {batches}; the paper: 100)",
+    )
     parser.add_argument("--batch-size", type=int, default=160, help="M training rows per batch")
     parser.add_argument(
-        "--micro-batch", type=int, default=40, help="samples per forward/backward pass (memory)"
+        "--micro-batch", type=int, default=40,
+        help="samples per forward/backward pass (authors: also R = 1/micro-batch)",
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the batches and SF's labels")
     parser.add_argument(
         "--dedup-threshold", type=_parse_dedup, default=0.95,
-        help="EF/iEF drop per-sample gradients with |cos| above this (0.95); 'none' keeps all",
+        help="drop per-sample gradients with |cos| above this (0.95); 'none' keeps all",
     )
     parser.add_argument(
         "--checkpoints", default=default_checkpoints,
@@ -1051,17 +1129,26 @@ def _common_arguments(parser: Any, default_checkpoints: str | None) -> None:
         f"(default: {default_checkpoints or 'every epoch checkpoint'})",
     )
     parser.add_argument(
-        "--reduction", type=_parse_reduction, default="mean",
-        help="R of the per-sample quantities and the damping: mean (1/M, default), sum, or a "
-        "float",
+        "--reduction", type=_parse_reduction, default=None,
+        help="ngdref protocol: R of the per-sample quantities and the damping: mean (1/M, "
+        "default), sum, or a float",
     )
     parser.add_argument("--num-samples", type=int, default=1, help="K sampled labels for SF")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float64", help="the model's dtype for the evaluation"
+    )
+    parser.add_argument(
+        "--sf-duplicates", choices=SF_DUPLICATES, default="drop",
+        help="authors protocol: SF's near-duplicate sampled rows dropped (their released "
+        "code) or merged (its intent)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument(
         "--overwrite", action="store_true", help="start afresh instead of resuming"
     )
     parser.add_argument(
-        "--progress", choices=("on", "off"), default="on", help="a line per checkpoint"
+        "--progress", choices=("auto", "on", "off"), default="auto",
+        help="tqdm bar and a line per checkpoint (auto: when stderr is a terminal)",
     )
 
 
@@ -1070,15 +1157,23 @@ def _fail(exc: Exception) -> int:
     return 2
 
 
+def _common_kwargs(args: Any) -> dict[str, Any]:
+    return {
+        "protocol": args.protocol, "batches": args.batches, "batch_size": args.batch_size,
+        "micro_batch": args.micro_batch, "seed": args.seed,
+        "dedup_threshold": args.dedup_threshold, "checkpoints": args.checkpoints,
+        "reduction": args.reduction, "num_samples": args.num_samples, "dtype": args.dtype,
+        "sf_duplicates": args.sf_duplicates, "device": args.device,
+        "overwrite": args.overwrite,
+        "progress": None if args.progress == "auto" else args.progress == "on",
+    }
+
+
 def _run_evaluate(args: Any) -> int:
     try:
         evaluate_run(
-            args.run_dir, batches=args.batches, batch_size=args.batch_size,
-            micro_batch=args.micro_batch, seed=args.seed, damping=_parse_damping(args.damping),
-            dedup_threshold=args.dedup_threshold, methods=args.methods,
-            checkpoints=args.checkpoints, reduction=args.reduction,
-            num_samples=args.num_samples, device=args.device, overwrite=args.overwrite,
-            progress=args.progress == "on",
+            args.run_dir, damping=_parse_damping(args.damping), methods=args.methods,
+            **_common_kwargs(args),
         )
     except EvaluationError as exc:
         return _fail(exc)
@@ -1094,11 +1189,7 @@ def _run_sweep(args: Any) -> int:
                 DEFAULT_SWEEP_DAMPINGS if args.dampings is None
                 else _parse_float_list(args.dampings)
             ),
-            batches=args.batches, batch_size=args.batch_size, micro_batch=args.micro_batch,
-            seed=args.seed, dedup_threshold=args.dedup_threshold,
-            checkpoints=args.checkpoints, reduction=args.reduction,
-            num_samples=args.num_samples, device=args.device, overwrite=args.overwrite,
-            progress=args.progress == "on",
+            **_common_kwargs(args),
         )
     except EvaluationError as exc:
         return _fail(exc)
@@ -1112,13 +1203,15 @@ def register_evaluate(subparsers: Any) -> None:
         "evaluate",
         help="gamma ratios (Eq. 15) of EF, iEF, SF vs SGD at each epoch checkpoint of a run",
         description="Writes RUN_DIR/evaluation.json (resumable). Damping is in the convention "
-        "of --reduction (default mean, R = 1/M).",
+        "of the protocol's R (ngdref: --reduction, default mean, R = 1/M; authors: "
+        "1/micro-batch).",
     )
-    _common_arguments(parser, None)
+    _common_arguments(parser, None, DEFAULT_BATCHES)
     parser.add_argument(
         "--damping", action="append", default=[], metavar="[METHOD=]VALUE",
         help="lambda for ef, ief, sf (a bare number sets all three); defaults "
-        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_DAMPING.items()),
+        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_DAMPING.items())
+        + f" (ngdref), {AUTHORS_DAMPING:g} for all (authors)",
     )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of sgd,ef,ief,sf"
@@ -1133,9 +1226,9 @@ def register_sweep(subparsers: Any) -> None:
         help="the evaluate ratios over a damping grid at the first, middle and last checkpoint",
         description="Writes RUN_DIR/sweep.json (resumable).",
     )
-    _common_arguments(parser, "first,middle,last")
+    _common_arguments(parser, "first,middle,last", DEFAULT_SWEEP_BATCHES)
     parser.add_argument(
         "--dampings", default=None,
-        help="comma-separated grid (default 1e-12,1e-11,...,1e2), convention of --reduction",
+        help="comma-separated grid (default 1e-12,1e-11,...,1e2), convention of the protocol",
     )
     parser.set_defaults(func=_run_sweep)
