@@ -9,12 +9,25 @@ per-sample gradients, and each is scored with the approximation-quality indicato
     \gamma(d) = \frac{\sqrt{d^\top F d}}{|d^\top g|}, \qquad
     F = R \sum_n J_n^\top H_n J_n, \quad g = R \sum_n \nabla_\theta l_n
 
-where F and g come from the SAME batch (F by the matrix-free :func:`ngdref.fisher_vp`, no matrix
-is formed). Reported per checkpoint: the mean and std over the B batches of
-gamma_EF/gamma_SGD, gamma_iEF/gamma_SGD, gamma_SF/gamma_iEF and gamma_SF/gamma_EF (SPEC §5
-reports both of the last two), and of the gradient-norm imbalance
-max_n ||grad l_n|| / min_n ||grad l_n||. Ratios below 1 mean "better than SGD" (or than the
-denominator's method).
+where F and g come from the SAME batch (F by the matrix-free
+:func:`ngdref.fisher_quadratic_form`, no matrix is formed). Reported per checkpoint: the mean
+and std over the B batches of gamma_EF/gamma_SGD, gamma_iEF/gamma_SGD, gamma_SF/gamma_iEF and
+gamma_SF/gamma_EF (SPEC §5 reports both of the last two), of the gradient-norm imbalance under
+two statistics (``max_min``: max_n ||grad l_n|| / min_n ||grad l_n||, printed by the authors'
+evaluator; ``tail_10``: mean of the largest tenth over the mean of the smallest tenth, logged
+by their optimiser) and of the rows kept by the duplicate filter. Ratios below 1 mean "better
+than SGD" (or than the denominator's method).
+
+Two protocols (:mod:`validation.experiments.protocols` has the table): ``"ngdref"`` (R = 1/M,
+a damping per method, the duplicate filter inside the EF and iEF solves) and ``"authors"``
+(their evaluator: micro-batch means of 40 concatenated unscaled, R = 1/40; one lambda for all
+methods; g and the imbalance from the rows kept by their all-pairs filter at 0.95; SF's
+near-duplicate sampled rows removed). Under both, SF's sampled rows are R times the
+sum-convention rows, so one lambda damps EF, iEF and SF alike (SPEC §9).
+
+Precision: the model is cast to float64 for the evaluation (``dtype``), whatever the run
+trained in. gamma is a measurement; float32 per-sample gradients of a well-fitted model
+underflow, which made the max/min imbalance of the float32 digits run read 4.7e15.
 
 The updates (SPEC §3; Gram forms, damping in sample space for EF and iEF)::
 
@@ -23,22 +36,19 @@ The updates (SPEC §3; Gram forms, damping in sample space for EF and iEF)::
     iEF  G^T (G G^T + lambda_iEF I)^{-1} s                      (Eq. 8)
     SF   (F_SF + lambda_SF I_P)^{-1} g, one sampled label per sample (K = 1, Eq. 49)
 
-EF and iEF first drop near-duplicate per-sample gradients (``|cos| > dedup_threshold``, 0.95 as
+EF and iEF drop near-duplicate per-sample gradients (``|cos| > dedup_threshold``, 0.95 as
 in the authors' evaluator, keeping the larger-norm row).
 
 Conventions
 -----------
 Reduction
-    Every per-sample quantity is that of the loss ``R * sum_n l_n`` with R = 1/M by default
-    (``reduction="mean"``): the Hugging Face mean of the loss the evaluator keeps, the
-    convention of the paper's damping values. For the MLP and ViT this is the runs' own 1/N;
-    for T5 it is the token mean over the first label tokens, 1/M (training's token mean over
-    label word + EOS is 1/(2M) for one-token label words); ``reduction="sum"`` or a float R
-    select another. gamma ratios and the imbalance do not depend on R; the damping values
-    do: in the sum convention (R = 1) the same updates need lambda_EF M^2, lambda_iEF M^2
-    (sample space) and lambda_SF M (parameter space). The raw gamma values scale as
-    R^{-1/2}. Micro-batching does not change R (it is a memory bound, the rows are
-    concatenated).
+    Every per-sample quantity is that of the loss ``R * sum_n l_n``. "ngdref": R = 1/M by
+    default (``reduction="mean"``), the Hugging Face mean of the loss the evaluator keeps;
+    for T5 the token mean over the first label tokens, 1/M; ``reduction="sum"`` or a float
+    select another, and micro-batching is a memory bound only. "authors": R = 1/micro_batch.
+    gamma ratios and the imbalance do not depend on R; the damping values do: lambda in the
+    convention R is lambda / R^2 in the sum convention for EF, iEF and SF alike (SPEC §9).
+    The raw gamma values scale as R^{-1/2}.
 T5: only the first label token
     As the authors' evaluator, the T5 logits are those of the first label position only
     (C = vocabulary size) and the targets are the first label tokens (the label word's first
@@ -60,7 +70,9 @@ Files
      "checkpoints": [{"name": "epoch-0", "epoch": 0, "step": 0,
                       "ratios": {"ef/sgd": {"mean": m, "std": s, "values": [B floats]},
                                  "ief/sgd": ..., "sf/ief": ..., "sf/ef": ...},
-                      "imbalance": {"mean": m, "std": s, "values": [B floats]},
+                      "imbalance": {"max_min": {"mean": m, "std": s, "values": [B floats]},
+                                    "tail_10": {...}},
+                      "rows_kept": {"mean": m, "std": s, "values": [B floats]},
                       "gamma": {"sgd": {"mean": m, "std": s}, "ef": ..., "ief": ..., "sf": ...}},
                      ...]}
 
@@ -77,10 +89,11 @@ d^T g) are written as JSON NaN / Infinity.
 
 Command line::
 
-    python -m validation.experiments evaluate runs/mlp/digits/adam/seed0 --batches 100
-    python -m validation.experiments evaluate RUN --damping ef=1e-5 --damping sf=1e-5 \
-        --checkpoints first,last
-    python -m validation.experiments sweep RUN --dampings 1e-12,1e-9,1e-6,1e-3,1
+    python -m validation.experiments train mlp --out runs/digits-adam   # makes the run
+    python -m validation.experiments evaluate runs/digits-adam --batches 100
+    python -m validation.experiments evaluate runs/digits-adam --protocol authors \
+        --damping 1e-7 --checkpoints first,last
+    python -m validation.experiments sweep runs/digits-adam --dampings 1e-12,1e-9,1e-6,1e-3,1
 """
 
 from __future__ import annotations
@@ -151,9 +164,10 @@ RATIOS: dict[str, tuple[str, str]] = {
 DEFAULT_DAMPING: dict[str, float] = {"ef": 1e-7, "ief": 1e-12, "sf": 1e-7}
 #: the authors' protocol: one lambda for EF, iEF and SF (the paper's T5-LoRA / ViT value)
 AUTHORS_DAMPING = 1e-7
-#: batches per checkpoint by default. The paper uses 100; measured on a digits checkpoint
-#: (2 CPU cores, float64) one batch of 160 costs about SECONDS s, so 100 batches would take
-#: minutes per checkpoint: pass ``batches=100`` for the paper's number.
+#: batches per checkpoint by default. The paper uses 100; on a checkpoint of the default
+#: digits MLP (P = 85k, float64, 2 shared CPU cores) one batch of 160 took 1.8 s, so the
+#: paper's 100 took over 3 minutes per checkpoint while 20 take about 40 s (with a progress
+#: bar). Pass ``batches=100`` (``--batches 100``) for the paper's number.
 DEFAULT_BATCHES = 20
 DEFAULT_SWEEP_BATCHES = 10
 DTYPES = ("float64", "float32")
@@ -585,12 +599,14 @@ def _prepare(
     """The run's setup with its model in ``dtype`` (checkpoints are cast when loaded)."""
     import torch
 
+    from validation.experiments.lora_digits import setup_of_run_dir
     from validation.experiments.train import build_setup, load_run_config
 
     run = Path(run_dir)
-    config = load_run_config(run)  # FileNotFoundError naming run_dir
+    setup = setup_of_run_dir(run, device)  # a digits-lora run (no runner schema), or None
+    if setup is None:
+        setup = build_setup(load_run_config(run), device)  # FileNotFoundError naming run_dir
     infos = resolve_checkpoints(run, checkpoints)
-    setup = build_setup(config, device)
     setup.model.to(getattr(torch, dtype))
     return run, infos, setup
 

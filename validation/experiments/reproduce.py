@@ -100,8 +100,8 @@ PAPER_ORDER = ("ief", "adam", "sf", "sgd", "ef")
 PAPER_TEST_ACCURACY: dict[str, float] = {
     "ief": 58.6, "adam": 56.6, "sf": 55.2, "sgd": 54.4, "ef": 29.2,
 }
-_NAMES = {"adam": "Adam", "sgd": "SGD", "ief": "iEF", "ef": "EF", "sf": "SF"}
-_BASELINES = ("adam", "sgd")
+_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "ief": "iEF", "ef": "EF", "sf": "SF"}
+_BASELINES = ("adam", "adamw", "sgd")
 _IMBALANCE_LABELS = {"max_min": "max / min", "tail_10": "mean of top 10% / bottom 10%"}
 
 
@@ -139,6 +139,10 @@ class Plan:
     eval_protocol : str
         The evaluation framework's protocol ("authors": their evaluator, R = 1/40, one
         lambda for all methods, the all-pairs duplicate filter; "ngdref").
+    batch_size : int
+        Training batch size.
+    pretrain_epochs, lora_rank : int
+        The LoRA experiment's pretraining and adapter rank (0: not used).
     """
 
     name: str
@@ -155,6 +159,9 @@ class Plan:
     sweep_batches: int = 10
     sweep_dampings: tuple[float, ...] = tuple(float(f"1e{k}") for k in range(-12, 3))
     eval_protocol: str = "authors"
+    batch_size: int = 64
+    pretrain_epochs: int = 0
+    lora_rank: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The plan as JSON-able data (tuples become lists)."""
@@ -164,6 +171,48 @@ class Plan:
         """The epoch checkpoints the evaluation framework scores."""
         epochs = sorted({*range(0, self.epochs + 1, self.eval_every), self.epochs})
         return [f"epoch-{k}" for k in epochs]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What differs between the reproductions :func:`reproduce` runs.
+
+    Attributes
+    ----------
+    name : str
+        "digits" (the train-from-scratch MLP) or "digits-lora" (LoRA fine-tuning of a
+        pretrained network, :mod:`validation.experiments.lora_digits`).
+    optimizers : tuple of str
+    baseline : str
+        The optimiser whose selected seed-0 run the evaluation framework scores.
+    paper_lr : dict of str to float
+    paper_order : tuple of str
+        The paper's test-metric order (best first) to compare with.
+    paper_score : dict of str to float
+        The paper's test metric per optimiser, shown beside ours.
+    paper_score_label : str
+    title : str
+        The first heading of ``results.md``.
+    run_config : callable
+        ``(plan, optimizer, lr, seed, out) -> config`` of one run (``out``: the output
+        directory).
+    describe : callable
+        ``(plan, steps_per_epoch) -> str``, the set-up paragraph of ``results.md``.
+    prepare : callable or None
+        ``(out, plan) -> None``, run once before the training tasks (e.g. pretraining).
+    """
+
+    name: str
+    optimizers: tuple[str, ...]
+    baseline: str
+    paper_lr: dict[str, float]
+    paper_order: tuple[str, ...]
+    paper_score: dict[str, float]
+    paper_score_label: str
+    title: str
+    run_config: Callable[[Plan, str, float, int, Path], dict[str, Any]]
+    describe: Callable[[Plan, int], str]
+    prepare: Callable[[Path, Plan], None] | None = None
 
 
 def _decades(lr: float, count: int) -> tuple[float, ...]:
@@ -196,8 +245,10 @@ QUICK = Plan(
 
 
 # ---- configurations and run directories --------------------------------------------------------
-def run_config(plan: Plan, optimizer: str, lr: float, seed: int) -> dict[str, Any]:
-    """The runner's resolved ``mlp`` configuration of one run of ``plan``."""
+def run_config(
+    plan: Plan, optimizer: str, lr: float, seed: int, out: Path | None = None
+) -> dict[str, Any]:
+    """The runner's resolved ``mlp`` configuration of one run of ``plan`` (``out`` unused)."""
     from validation.experiments.config import load_config
 
     overrides: list[tuple[str, Any]] = [
@@ -207,6 +258,7 @@ def run_config(plan: Plan, optimizer: str, lr: float, seed: int) -> dict[str, An
         ("train.epochs", plan.epochs),
         ("model.hidden_sizes", list(plan.hidden_sizes)),
         ("model.dtype", plan.dtype),
+        ("train.batch_size", plan.batch_size),
         ("data.max_train_samples", plan.max_train_samples),
         (f"optimizers.{optimizer}.lr", float(lr)),
     ]
@@ -235,11 +287,14 @@ def _init_worker(threads: int) -> None:
 
 def _train_task(config: dict[str, Any], directory: str) -> float:
     """Train (or continue) one run unless it has finished; the seconds spent."""
+    from validation.experiments.lora_digits import setup_for_run
     from validation.experiments.train import train
 
     started = time.perf_counter()
-    if not (Path(directory) / "results.json").is_file():
-        train(config, directory, resume=True, progress=False)
+    run = Path(directory)
+    if not (run / "results.json").is_file():
+        setup = setup_for_run(config, run, "cpu")  # None: the runner builds it
+        train(config, run, resume=(run / "config.json").is_file(), progress=False, setup=setup)
     return time.perf_counter() - started
 
 
@@ -536,6 +591,7 @@ def claims(
     summary: Mapping[str, Mapping[str, float]],
     evaluation: Mapping[str, Any] | None,
     sweep: Mapping[str, Any] | None,
+    paper_order: Sequence[str] = PAPER_ORDER,
 ) -> list[Claim]:
     """The paper's MLP and evaluation-framework claims, checked.
 
@@ -545,6 +601,8 @@ def claims(
         Means over the seeds.
     evaluation : evaluation.json content, optional
     sweep : sweep.json content, optional
+    paper_order : sequence of str
+        The paper's order (best first) for both rankings (default: its MLP's).
 
     Returns
     -------
@@ -554,15 +612,16 @@ def claims(
         gamma_EF/gamma_SGD > 1 for most checkpoints; iEF good at near-zero damping in the sweep
         (:func:`ief_robust_flags`); the gradient-norm imbalance grows with training.
     """
+    order = " > ".join(_NAMES.get(m, m) for m in paper_order)
     out = [
         compare_ranking(
             rank({m: v["final_training_loss"] for m, v in summary.items()},
                  higher_is_better=False),
-            what="final training loss ranking (lower is better) vs iEF > Adam > SF > SGD > EF",
+            paper_order, what=f"final training loss ranking (lower is better) vs {order}",
         ),
         compare_ranking(
             rank({m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
-            what="test accuracy ranking vs iEF > Adam > SF > SGD > EF",
+            paper_order, what=f"test accuracy ranking vs {order}",
         ),
     ]
     if evaluation is None:
@@ -634,21 +693,26 @@ def _gamma_cell(c: Mapping[str, Any], name: str) -> str:
     return f"{r['mean']:.3f} ± {r['std']:.3f}"
 
 
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """``results.md`` from the ``results.json`` content of :func:`reproduce`."""
-    plan = results["plan"]
-    lines = [
-        "# MLP reproduction on scikit-learn digits (Wu et al. 2024, App. H.7 scaled)",
-        "",
-        f"Plan `{plan['name']}`: MLP 64-{'-'.join(map(str, plan['hidden_sizes']))}-10 "
-        f"({plan['dtype']}), batch 64, {plan['epochs']} epochs of "
-        f"{results['steps_per_epoch']} steps, mean loss; Adam/SGD x0.1 from epoch "
-        f"{plan['step_epoch']}; iEF constant lr; EF/SF normalised with linear decay; "
-        "damping 1e-7 (iEF, EF, SF). Learning rate chosen on validation accuracy (seed 0) from "
-        "the grid below; then seeds "
-        f"{', '.join(map(str, plan['seeds']))} at that value. Test accuracy is that of the "
+def _describe_digits(plan: Plan, steps_per_epoch: int) -> str:
+    return (
+        f"Plan `{plan.name}`: MLP 64-{'-'.join(map(str, plan.hidden_sizes))}-10 "
+        f"({plan.dtype}), batch {plan.batch_size}, {plan.epochs} epochs of {steps_per_epoch} "
+        f"steps, mean loss; Adam/SGD x0.1 from epoch {plan.step_epoch}; iEF constant lr; "
+        "EF/SF normalised with linear decay; damping 1e-7 (iEF, EF, SF). Learning rate chosen "
+        "on validation accuracy (seed 0) from the grid below; then seeds "
+        f"{', '.join(map(str, plan.seeds))} at that value. Test accuracy is that of the "
         "best-validation checkpoint; the final training loss is the mean of the last epoch's "
-        "batch losses. Mean ± sample std over the seeds.",
+        "batch losses. Mean ± sample std over the seeds."
+    )
+
+
+def results_markdown(results: Mapping[str, Any], experiment: Experiment | None = None) -> str:
+    """``results.md`` from the ``results.json`` content of :func:`reproduce`."""
+    experiment = DIGITS if experiment is None else experiment
+    lines = [
+        f"# {experiment.title}",
+        "",
+        results["description"],
         "",
         f"Wall time of this invocation: **{results['wall_seconds']:.0f} s** "
         f"({results['workers']} worker processes x {results['threads']} torch thread; runs "
@@ -667,14 +731,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             for lr, g in sel["grid"].items()
         )
         lines.append(
-            f"| {_NAMES[opt]} | {PAPER_LR[opt]:g} | {cells} | {sel['chosen']:g} |"
+            f"| {_NAMES[opt]} | {experiment.paper_lr[opt]:g} | {cells} | {sel['chosen']:g} |"
         )
     lines += [
         "",
         "## Final training loss and test accuracy",
         "",
         "| optimiser | lr | final training loss | test accuracy (%) | diverged runs | "
-        "paper CIFAR-10 test (%) |",
+        f"{experiment.paper_score_label} |",
         "|---|---|---|---|---|---|",
     ]
     for opt, row in results["summary"].items():
@@ -682,7 +746,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {_NAMES[opt]} | {row['lr']:g} | "
             f"{_pm(row['final_training_loss'], row['final_training_loss_std'], '.3e')} | "
             f"{_pm(row['test_accuracy'] * 100, row['test_accuracy_std'] * 100, '.1f')} | "
-            f"{row['diverged']} of {row['runs']} | {PAPER_TEST_ACCURACY[opt]} |"
+            f"{row['diverged']} of {row['runs']} | {experiment.paper_score[opt]} |"
         )
     lines += [
         "",
@@ -692,7 +756,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "Ranking by test accuracy: "
         + " > ".join(_NAMES[m] for m in results["ranking"]["test_accuracy"]),
         "",
-        "Paper (MLP, CIFAR-10 test accuracy): iEF > Adam > SF > SGD > EF.",
+        f"Paper ({experiment.paper_score_label}): "
+        + " > ".join(_NAMES[m] for m in experiment.paper_order) + ".",
         "",
         "Neighbours in a ranking whose means differ by less than the larger of their two stds "
         "(not resolved by these seeds): final training loss: "
@@ -707,10 +772,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if evaluation:
         s = evaluation["settings"]
         lines += [
-            "## gamma ratios over the Adam run's checkpoints (evaluation framework)",
+            f"## gamma ratios over the {_NAMES[experiment.baseline]} run's checkpoints "
+            "(evaluation framework)",
             "",
             f"{s.get('batches')} batches of {s.get('batch_size')} training samples per "
-            f"checkpoint; damping {s.get('damping')}; mean ± std over the batches. "
+            f"checkpoint, protocol {s.get('protocol')} (model in {s.get('dtype')}); damping "
+            f"{s.get('damping')}; mean ± std over the batches. "
             "Below 1: the numerator is the better approximation of NGD.",
             "",
             "| checkpoint | epoch | EF/SGD | iEF/SGD | SF/iEF | SF/EF | imbalance max/min | "
@@ -765,6 +832,21 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: the train-from-scratch MLP on digits (App. H.7 scaled)
+DIGITS = Experiment(
+    name="digits",
+    optimizers=OPTIMIZERS,
+    baseline="adam",
+    paper_lr=PAPER_LR,
+    paper_order=PAPER_ORDER,
+    paper_score=PAPER_TEST_ACCURACY,
+    paper_score_label="paper CIFAR-10 test (%)",
+    title="MLP reproduction on scikit-learn digits (Wu et al. 2024, App. H.7 scaled)",
+    run_config=run_config,
+    describe=_describe_digits,
+)
+
+
 # ---- the driver ------------------------------------------------------------------------------
 def _check_plan(out: Path, plan: Plan) -> None:
     path = out / "plan.json"
@@ -804,6 +886,7 @@ def reproduce(
     threads: int = 1,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
+    experiment: Experiment | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the reproduction and write its figures, ``results.json`` and ``results.md``.
 
@@ -813,6 +896,8 @@ def reproduce(
         The output directory (module docstring).
     plan : Plan
         :data:`FULL` or :data:`QUICK` (or another).
+    experiment : Experiment, optional
+        :data:`DIGITS` (default) or :data:`validation.experiments.lora_digits.DIGITS_LORA`.
     workers : int
         Processes running training / evaluation tasks at once.
     threads : int
@@ -846,8 +931,9 @@ def reproduce(
             f"sweep_run) is needed for the gamma ratios and the damping sweep: {exc}"
         ) from exc
     from validation.experiments import figures
-    from validation.experiments.train import build_setup, steps_per_epoch
 
+    experiment = DIGITS if experiment is None else experiment
+    optimizers, baseline = experiment.optimizers, experiment.baseline
     if progress is None:
         progress = sys.stderr.isatty()
     if log is None:
@@ -858,19 +944,22 @@ def reproduce(
 
     out_dir = Path(out)
     _check_plan(out_dir, plan)
+    if experiment.prepare is not None:
+        log(f"preparing {experiment.name}")
+        experiment.prepare(out_dir, plan)
     state = _State(plan, out_dir)
     first_seed = plan.seeds[0]
 
     def train_task(opt: str, lr: float, seed: int) -> _Task:
-        config = run_config(plan, opt, lr, seed)
+        config = experiment.run_config(plan, opt, lr, seed, out_dir)
         cost = 1.0 if opt in _BASELINES else 20.0
         return _Task(
             ("train", opt, f"lr={lr:g}", f"seed={seed}"), _train_task,
             (config, str(run_dir(out_dir, opt, lr, seed))), cost * plan.epochs,
-            urgent=opt == "adam" and seed == first_seed,
+            urgent=opt == baseline and seed == first_seed,
         )
 
-    adam_dir: list[Path] = []
+    base_dir: list[Path] = []
 
     def evaluation_tasks(directory: Path) -> list[_Task]:
         common = {"batch_size": plan.eval_batch_size, "protocol": plan.eval_protocol}
@@ -902,13 +991,13 @@ def reproduce(
         state.chosen[opt] = chosen
         log(f"selected {opt} lr={chosen:g}")
         new = [train_task(opt, chosen, s) for s in plan.seeds[1:]]
-        if opt == "adam":
-            adam_dir.append(run_dir(out_dir, opt, chosen, first_seed))
-            new += evaluation_tasks(adam_dir[0])
+        if opt == baseline:
+            base_dir.append(run_dir(out_dir, opt, chosen, first_seed))
+            new += evaluation_tasks(base_dir[0])
         return new
 
     tasks = []
-    for opt in OPTIMIZERS:
+    for opt in optimizers:
         state.waiting[opt] = set(plan.lr_grid[opt])
         tasks += [train_task(opt, lr, first_seed) for lr in plan.lr_grid[opt]]
     _Scheduler(workers, threads, log, progress).run(tasks, on_done)
@@ -916,7 +1005,7 @@ def reproduce(
     # ---- the numbers
     summary: dict[str, dict[str, Any]] = {}
     seeds: dict[str, list[dict[str, Any]]] = {}
-    for opt in OPTIMIZERS:
+    for opt in optimizers:
         lr = state.chosen[opt]
         rows = [_run_summary(run_dir(out_dir, opt, lr, s), plan.epochs) for s in plan.seeds]
         seeds[opt] = rows
@@ -931,10 +1020,11 @@ def reproduce(
             "diverged": sum(r["diverged"] for r in rows),
             "runs": len(rows),
         }
-    evaluation_path = adam_dir[0] / "evaluation.json"
-    sweep_path = adam_dir[0] / "sweep.json"
-    evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
-    sweep = json.loads(sweep_path.read_text(encoding="utf-8"))
+    evaluation_path = base_dir[0] / "evaluation.json"
+    sweep_path = base_dir[0] / "sweep.json"
+    evaluation = figures.read_json(evaluation_path)
+    sweep = figures.read_json(sweep_path)
+    label = f"the {_NAMES[baseline]} run"
 
     # ---- the figures
     log("figures")
@@ -943,36 +1033,36 @@ def reproduce(
     written += figures.plot_logistic_toy(out_dir / "toy_logistic")
     written += figures.plot_training_curves(
         {opt: [run_dir(out_dir, opt, state.chosen[opt], s) for s in plan.seeds]
-         for opt in OPTIMIZERS},
+         for opt in optimizers},
         out_dir / "training_curves",
-        title=f"digits MLP, {len(plan.seeds)} seeds at the selected learning rates",
+        title=f"{experiment.name}, {len(plan.seeds)} seeds at the selected learning rates",
     )
     written += figures.plot_gamma_ratios(
         evaluation_path, out_dir / "gamma_ratios",
-        title=f"gamma ratios on the Adam run's checkpoints (lr {state.chosen['adam']:g})",
+        title=f"gamma ratios on {label}'s checkpoints (lr {state.chosen[baseline]:g})",
     )
     written += figures.plot_damping_sweep(
-        sweep_path, out_dir / "damping_sweep", title="damping sweep on the Adam run"
+        sweep_path, out_dir / "damping_sweep", title=f"damping sweep on {label}"
     )
 
-    found = claims(summary, evaluation, sweep)
+    found = claims(summary, evaluation, sweep, experiment.paper_order)
     previous = out_dir / "results.json"
     history = []
     if previous.is_file():
         history = json.loads(previous.read_text(encoding="utf-8")).get("wall_history", [])
     wall = time.perf_counter() - started
+    steps = state.grid[baseline][state.chosen[baseline]]["steps"] // plan.epochs
     results = {
+        "experiment": experiment.name,
+        "description": experiment.describe(plan, steps),
         "plan": plan.to_json(),
-        "steps_per_epoch": steps_per_epoch(
-            len(build_setup(run_config(plan, "adam", state.chosen["adam"], first_seed)).train),
-            64,
-        ),
+        "steps_per_epoch": steps,
         "workers": workers,
         "threads": threads,
         "selection": {
             opt: {"chosen": state.chosen[opt],
                   "grid": {f"{lr:g}": state.grid[opt][lr] for lr in sorted(state.grid[opt])}}
-            for opt in OPTIMIZERS
+            for opt in optimizers
         },
         "summary": summary,
         "seeds": seeds,
@@ -983,7 +1073,7 @@ def reproduce(
             "test_accuracy": rank(
                 {m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
         },
-        "evaluation_run": str(adam_dir[0]),
+        "evaluation_run": str(base_dir[0]),
         "evaluation": evaluation,
         "sweep": sweep,
         "claims": [dataclasses.asdict(c) for c in found],
@@ -992,7 +1082,7 @@ def reproduce(
         "wall_history": [*history, wall],
     }
     _write_json(out_dir / "results.json", results)
-    (out_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    (out_dir / "results.md").write_text(results_markdown(results, experiment), encoding="utf-8")
     log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results
 
@@ -1001,10 +1091,19 @@ def reproduce(
 def _run_reproduce(args: Any) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    plan = QUICK if args.quick else FULL
-    out = args.out or ("results/digits-quick" if args.quick else "results/digits")
+    if args.setup == "digits-lora":
+        from validation.experiments.lora_digits import DIGITS_LORA, FULL_LORA, QUICK_LORA
+
+        experiment, plan = DIGITS_LORA, QUICK_LORA if args.quick else FULL_LORA
+    else:
+        experiment, plan = DIGITS, QUICK if args.quick else FULL
+    out = args.out or f"results/{args.setup}{'-quick' if args.quick else ''}"
+    progress = None if args.progress == "auto" else args.progress == "on"
     try:
-        results = reproduce(out, plan, workers=args.workers, threads=args.threads)
+        results = reproduce(
+            out, plan, workers=args.workers, threads=args.threads, progress=progress,
+            experiment=experiment,
+        )
     except ReproduceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1014,17 +1113,27 @@ def _run_reproduce(args: Any) -> int:
 
 
 def register_reproduce(subparsers: Any) -> None:
-    """``reproduce``: the CPU reproduction of the MLP experiment on digits."""
+    """``reproduce``: the CPU reproductions on digits (MLP from scratch, or LoRA fine-tuning)."""
     parser = subparsers.add_parser(
         "reproduce",
-        help="CPU reproduction of the MLP experiment on digits (training, gamma, figures)",
+        help="CPU reproductions on digits: the MLP experiment, or LoRA fine-tuning of a "
+        "pretrained network (training, gamma evaluation, figures)",
     )
     parser.add_argument(
-        "--out", help="output directory (default results/digits, or results/digits-quick)"
+        "--setup", choices=("digits", "digits-lora"), default="digits",
+        help="digits: the train-from-scratch MLP (App. H.7); digits-lora: pretrain on digits "
+        "0-4, fine-tune LoRA adapters on 5-9 (the paper's PEFT setting)",
+    )
+    parser.add_argument(
+        "--out", help="output directory (default results/SETUP, or results/SETUP-quick)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="a ~1 minute smoke test of every stage"
     )
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--progress", choices=("auto", "on", "off"), default="auto",
+        help="tqdm bar over the tasks (auto: when stderr is a terminal)",
+    )
     parser.set_defaults(func=_run_reproduce)
