@@ -676,3 +676,41 @@ def test_command_line(mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "checkpoints: unknown checkpoint 'epoch-7'" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "nowhere")]) == 2
     assert "run_dir" in capsys.readouterr().err
+
+
+def test_readme_evaluate_examples_point_at_runs_it_creates() -> None:
+    """Every ``evaluate`` / ``sweep`` run directory in README's experiment commands is the
+    ``--out`` of a ``train`` line before it (a newcomer can run the block top to bottom)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = [
+        line.split("#")[0].split()
+        for line in readme.splitlines()
+        if line.startswith("python -m validation.experiments ")
+    ]
+    created: set[str] = set()
+    checked = 0
+    for words in commands:
+        command = words[3]
+        if command == "train" and "--out" in words:
+            created.add(words[words.index("--out") + 1])
+        elif command in ("evaluate", "sweep"):
+            assert words[4] in created, f"README: {' '.join(words)} uses a run never created"
+            checked += 1
+    assert checked >= 2
+
+
+def test_cli_defaults_are_the_documented_ones() -> None:
+    """``evaluate`` and ``sweep`` default to DEFAULT_BATCHES / DEFAULT_SWEEP_BATCHES (not the
+    paper's 100, which took minutes per digits checkpoint), protocol ngdref, float64, and a
+    progress bar when stderr is a terminal."""
+    from validation.experiments import evaluate as ev
+    from validation.experiments.__main__ import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "RUN"])
+    assert (args.batches, args.protocol, args.dtype, args.progress) == (
+        ev.DEFAULT_BATCHES, "ngdref", "float64", "auto"
+    )
+    assert ev.DEFAULT_BATCHES < 100
+    args = parser.parse_args(["sweep", "RUN"])
+    assert args.batches == ev.DEFAULT_SWEEP_BATCHES

@@ -352,3 +352,71 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
     # the same directory with another plan is refused before anything runs
     with pytest.raises(reproduce.ReproduceError, match="epochs"):
         reproduce.reproduce(out, dataclasses.replace(plan, epochs=plan.epochs + 1))
+
+
+# ---- the LoRA reproduction (validation/experiments/lora_digits.py) -----------------------------
+def test_lora_digits_data_and_model(tmp_path: Path) -> None:
+    """Pretraining sees digits 0-4 only, fine-tuning 5-9 only; the fine-tuned model trains the
+    LoRA adapters and nothing else, starts as the pretrained network (B = 0), and a base file
+    that is not the one the configuration names is refused."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from validation.experiments import lora_digits as ld
+
+    for split in ("train", "validation", "test"):
+        _, y_pre = ld.digits_subset(split, ld.PRETRAIN_CLASSES)
+        _, y_fine = ld.digits_subset(split, ld.FINETUNE_CLASSES)
+        assert set(y_pre.tolist()) == set(ld.PRETRAIN_CLASSES)
+        assert set(y_fine.tolist()) == set(ld.FINETUNE_CLASSES)
+    plan = ld.QUICK_LORA
+    ld.pretrain(tmp_path, plan)
+    config = ld.run_config(plan, "ief", 100.0, 1, tmp_path)
+    assert config["optimizers"]["ief"]["lr"] == 100.0 and config["setup"] == "digits-lora"
+    setup = ld.build_lora_setup(config, tmp_path / "run")
+    names = [n for n, _ in setup.trainable]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(names) == 2 * (len(plan.hidden_sizes) + 1)  # A and B on every linear layer
+    assert setup.num_trainable == plan.lora_rank * sum(
+        a + b for a, b in zip((64, *plan.hidden_sizes), (*plan.hidden_sizes, 10), strict=True)
+    )
+    base = ld._base_model(plan.hidden_sizes)
+    base.load_state_dict(torch.load(tmp_path / ld.BASE_FILE, weights_only=True))
+    x = setup.train.x[:5]
+    torch.testing.assert_close(setup.model(x), base(x), rtol=0, atol=0)
+    assert set(setup.train.labels.tolist()) <= set(ld.FINETUNE_CLASSES)
+    assert len(setup.train) == plan.max_train_samples
+    (tmp_path / "run" / ld.BASE_FILE).write_bytes(b"not the base")
+    with pytest.raises(reproduce.ReproduceError, match="SHA-256 differs"):
+        ld.build_lora_setup(config, tmp_path / "run")
+    assert ld.setup_of_run_dir(tmp_path / "nowhere") is None
+
+
+def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``reproduce --setup digits-lora --quick``: every stage at tiny scale, with a progress bar;
+    the evaluation is the AdamW run's, under the authors' protocol, in float64."""
+    pytest.importorskip("peft")
+    from validation.experiments import lora_digits as ld
+    from validation.experiments.__main__ import main
+
+    out = tmp_path / "lora"
+    assert main(["reproduce", "--setup", "digits-lora", "--quick", "--out", str(out),
+                 "--progress", "on"]) == 0
+    assert "reproduce: 100%" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    plan = ld.QUICK_LORA
+    assert results["experiment"] == "digits-lora"
+    assert set(results["summary"]) == set(ld.LORA_OPTIMIZERS)
+    for opt, row in results["summary"].items():
+        assert row["runs"] == len(plan.seeds)
+        for seed in plan.seeds:
+            run = reproduce.run_dir(out, opt, row["lr"], seed)
+            assert (run / "results.json").is_file() and (run / ld.BASE_FILE).is_file()
+    assert "/adamw/" in results["evaluation_run"]
+    settings = results["evaluation"]["settings"]
+    assert settings["protocol"] == "authors" and settings["dtype"] == "float64"
+    assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
+    assert len(results["claims"]) == 7
+    text = (out / "results.md").read_text()
+    assert "AdamW > iEF > SGD > SF > EF" in text and "digits 0-4" in text
+    for name in ("training_curves", "gamma_ratios", "damping_sweep"):
+        _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)

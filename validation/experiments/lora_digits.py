@@ -330,7 +330,7 @@ DIGITS_LORA = Experiment(
     paper_lr=PAPER_LORA_LR,
     paper_order=PAPER_LORA_ORDER,
     paper_score=PAPER_LORA_SCORE,
-    paper_score_label="paper GLUE + T5 + LoRA (x100)",
+    paper_score_label="GLUE + T5 + LoRA (x100)",
     title="LoRA fine-tuning reproduction on scikit-learn digits (Wu et al. 2024, PEFT setting "
     "scaled)",
     run_config=run_config,

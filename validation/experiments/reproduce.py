@@ -738,7 +738,7 @@ def results_markdown(results: Mapping[str, Any], experiment: Experiment | None =
         "## Final training loss and test accuracy",
         "",
         "| optimiser | lr | final training loss | test accuracy (%) | diverged runs | "
-        f"{experiment.paper_score_label} |",
+        f"paper, {experiment.paper_score_label} |",
         "|---|---|---|---|---|---|",
     ]
     for opt, row in results["summary"].items():
@@ -840,7 +840,7 @@ DIGITS = Experiment(
     paper_lr=PAPER_LR,
     paper_order=PAPER_ORDER,
     paper_score=PAPER_TEST_ACCURACY,
-    paper_score_label="paper CIFAR-10 test (%)",
+    paper_score_label="MLP + CIFAR-10 test (%)",
     title="MLP reproduction on scikit-learn digits (Wu et al. 2024, App. H.7 scaled)",
     run_config=run_config,
     describe=_describe_digits,
