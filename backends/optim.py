@@ -27,13 +27,15 @@ Reduction convention
 --------------------
 ``reduction="sum"`` (default) is the paper's L = sum_n l_n. ``"mean"`` (torch and Hugging Face)
 or a float R multiply every per-sample quantity by R: G -> R G, s -> R^2 s, g -> R g,
-F -> R F, F_SF -> R F_SF. A mean-convention run with (lr', lambda') takes the same steps as a
+F -> R F, F_SF -> R^2 F_SF (SF's rows are gradients of the reduced loss on sampled labels, as
+in the paper and the authors' code, so one lambda damps EF, iEF and SF alike; see
+:mod:`ngdref.directions`). A mean-convention run with (lr', lambda') takes the same steps as a
 sum-convention run with (lr, lambda) when, with R = 1/N,
 
 * IEF, ``damping_space="sample"``: lr' = N lr, lambda' = lambda / N^2 (the paper's settings are
   mean-convention numbers: its lr is N times, its damping N^2 times smaller than the sum ones);
 * IEF, ``damping_space="parameter"``: lr' = N lr, lambda' = lambda;
-* EF: lr' = lr, lambda' = lambda / N^2;  SF: lr' = lr, lambda' = lambda / N;
+* EF and SF: lr' = lr, lambda' = lambda / N^2;
 * NGD: lr' = lr, lambda' = lambda / N (the same update: (F/N + lambda/N)^{-1} g/N).
 
 For a sequence loss (:class:`ngdref.SequenceSoftmaxCrossEntropy`) "mean" divides by the number
@@ -432,7 +434,7 @@ class IEF(_GramOptimizer):
         eta, constant (the paper: 50 or 100 under the mean convention).
     damping : float >= 0
         lambda (the paper: 1e-7 or 1e-12 under the mean convention).
-    damping_mode : {"absolute", "relative", "diagonal"}
+    damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
         See :func:`ngdref.linalg.solve_damped_gram`.
     damping_space : {"sample", "parameter"}
         "sample" is the paper's lambda I_N.

@@ -9,6 +9,7 @@ damping in sample space (the paper's lambda I_N) unless
 """
 
 from ngdref._checks import NonFiniteError
+from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient
 from ngdref.curvature import (
     ef_matrix,
     fisher_matrix,
@@ -19,12 +20,9 @@ from ngdref.curvature import (
 )
 from ngdref.directions import METHODS, BatchQuantities, batch_quantities, directions, sampled_grads
 from ngdref.linalg import (
-    CGResult,
+    DampedGram,
     GramSolve,
-    NotConvergedError,
     SingularMatrixError,
-    conjugate_gradient,
-    gram_matrix,
     near_duplicate_mask,
     solve_damped_gram,
 )
@@ -47,6 +45,7 @@ from ngdref.quality import (
     loss_reductions,
     projections,
 )
+from ngdref.rows import DenseRows, PerSampleRows, as_rows, gram_matrix
 from ngdref.updates import (
     ef_update,
     gn_update,
@@ -64,17 +63,21 @@ __all__ = [
     "METHODS",
     "BatchQuantities",
     "CGResult",
+    "DampedGram",
+    "DenseRows",
     "GramSolve",
     "JacobianProvider",
     "LogitLoss",
     "NonFiniteError",
     "NotConvergedError",
+    "PerSampleRows",
     "QuadraticForm",
     "SequenceSoftmaxCrossEntropy",
     "SigmoidBinaryCrossEntropy",
     "SingularMatrixError",
     "SoftmaxCrossEntropy",
     "SquaredError",
+    "as_rows",
     "batch_quantities",
     "conjugate_gradient",
     "directions",

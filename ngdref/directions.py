@@ -2,11 +2,22 @@ r"""Every update of SPEC §3 from one provider, loss and batch.
 
 :func:`batch_quantities` gathers what the updates consume (per-sample
 gradients G, logit gradients e, s, g) with one vector-Jacobian product;
-:func:`directions` turns them into the updates. A reduction factor R (sum
-convention R = 1, mean R = 1/N, or any factor) scales every logit-level
-quantity: e -> R e and H -> R H, hence G -> R G, g -> R g, s -> R^2 s,
-F -> R F; sampled gradients are scaled by sqrt(R) so that E[F_SF] = F in
-every convention.
+:func:`directions` turns them into the updates.
+
+The reduction convention (SPEC §2 and §9), stated once: a reduction factor R
+(sum convention R = 1, mean R = 1/N, or any factor) scales every logit-level
+quantity, e -> R e and H -> R H, hence G -> R G, g -> R g, s -> R^2 s and
+F -> R F. The sampled gradients of SF are gradients of the reduced loss on
+sampled labels, R times their sum-convention rows (as in the paper and the
+authors' code), so that one damping number lambda damps EF, iEF and SF alike:
+
+    iEF(lambda) = R   iEF_sum(lambda / R^2)
+    EF(lambda)  = 1/R EF_sum(lambda / R^2)
+    SF(lambda)  = 1/R SF_sum(lambda / R^2)
+
+i.e. a damping lambda under a mean means lambda / R^2 in the sum convention for
+all three. GN and NGD use F -> R F (the Fisher of the reduced loss), so
+GN/NGD(lambda) = GN/NGD_sum(lambda / R).
 """
 
 from __future__ import annotations
@@ -20,8 +31,10 @@ from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
 from ngdref.quality import fisher_vp
 from ngdref.updates import (
+    check_damping_options,
     ef_update,
     gn_update,
+    gram_solver,
     ief_update,
     ngd_update,
     ngd_update_cg,
@@ -46,8 +59,8 @@ class BatchQuantities:
         R e_n.
     logit_grad_sq_norms : array (N,)
         ||R e_n||^2.
-    per_sample_grads : array (N, P)
-        R grad l_n.
+    per_sample_grads : array (N, P) or PerSampleRows
+        R grad l_n (whatever the provider's ``vjp`` returns).
     grad : array (P,)
         R g.
     factor : float
@@ -101,16 +114,22 @@ def sampled_grads(
 ) -> Any:
     r"""Gradients of -log p_n(yhat_nk) for yhat_nk drawn from the model, (N*K, P).
 
-    Rows k*N .. (k+1)*N - 1 hold draw k; each row is scaled by sqrt(R) (see
-    the module docstring). Feed to :func:`ngdref.updates.sf_update` with the
-    same ``num_samples``.
+    Rows k*N .. (k+1)*N - 1 hold draw k; each row is the gradient of the
+    reduced loss, R times the sum-convention row (see the module docstring).
+    Feed to :func:`ngdref.updates.sf_update` with the same ``num_samples``.
     """
     logits = provider.logits()
     factor = reduction_factor(reduction, logits.shape[0])
     drawn = loss.sample(logits, key_or_uniforms, num_samples, targets=targets)
     xp = array_api_compat.array_namespace(logits)
-    scale = factor**0.5
-    rows = [provider.vjp(scale * loss.grad(logits, drawn[k, ...])) for k in range(num_samples)]
+    rows = [provider.vjp(factor * loss.grad(logits, drawn[k, ...])) for k in range(num_samples)]
+    if num_samples == 1:
+        return rows[0]
+    if not all(array_api_compat.is_array_api_obj(r) for r in rows):
+        raise TypeError(
+            "num_samples > 1 needs the provider's vjp to return arrays (its rows are stacked); "
+            "this provider returns PerSampleRows: draw one sample per call instead"
+        )
     return xp.concat(rows, axis=0)
 
 
@@ -127,8 +146,9 @@ def directions(
     damping_space: str = "sample",
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
     ngd_solver: str = "woodbury",
-    cg_tol: float = 1e-10,
+    cg_tol: float | None = None,
     cg_maxiter: int | None = None,
 ) -> dict[str, Any]:
     """All requested updates of one batch, by name.
@@ -139,7 +159,9 @@ def directions(
         The model on the batch, its logit-level loss and the targets.
     damping : float >= 0
         lambda for every method (EF and iEF in ``damping_space``; SF, GN and
-        NGD in parameter space, where it must be > 0 unless N*C >= P).
+        NGD in parameter space, where it must be > 0 unless N*C >= P). Under a
+        ``reduction`` with factor R one lambda damps EF, iEF and SF alike, as
+        in the paper: see the module docstring.
     methods : tuple of str
         Any of "sgd", "ef", "ief", "sf", "gn", "ngd".
     key : int or array
@@ -149,13 +171,15 @@ def directions(
         K draws per sample for SF.
     reduction : {"sum", "mean"} or float
         Convention of the loss (default the paper's sum).
-    damping_space, damping_mode, dedup_threshold
-        For EF and iEF; see :func:`ngdref.updates.ief_update`.
+    damping_space, damping_mode, dedup_threshold, dedup_rule
+        For EF and iEF; see :func:`ngdref.updates.ief_update`. EF and iEF share
+        one :class:`~ngdref.linalg.DampedGram` (one Gram matrix and filter).
     ngd_solver : {"woodbury", "cg"}
         "woodbury" forms the (N, C, P) Jacobian (small models); "cg" is
         matrix-free with Fisher-vector products.
     cg_tol, cg_maxiter
-        For ``ngd_solver="cg"``.
+        For ``ngd_solver="cg"``; ``cg_tol`` defaults by dtype
+        (:func:`ngdref.cg.default_cg_tol`: 1e-10 for float64, 1.2e-4 for float32).
 
     Returns
     -------
@@ -174,15 +198,17 @@ def directions(
         "damping": damping,
         "damping_space": damping_space,
         "damping_mode": damping_mode,
-        "dedup_threshold": dedup_threshold,
     }
     out: dict[str, Any] = {}
     if "sgd" in methods:
         out["sgd"] = q.grad
+    if "ef" in methods or "ief" in methods:
+        check_damping_options(damping_space, damping_mode)
+        solver = gram_solver(q.per_sample_grads, dedup_threshold, dedup_rule)
     if "ef" in methods:
-        out["ef"] = ef_update(q.per_sample_grads, **gram_options)
+        out["ef"] = ef_update(solver, **gram_options)
     if "ief" in methods:
-        out["ief"] = ief_update(q.per_sample_grads, q.logit_grad_sq_norms, **gram_options)
+        out["ief"] = ief_update(solver, q.logit_grad_sq_norms, **gram_options)
     if "sf" in methods:
         rows = sampled_grads(
             provider, loss, targets, key, num_samples=num_samples, reduction=reduction

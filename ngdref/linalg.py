@@ -1,64 +1,56 @@
-r"""Array-API linear algebra for the updates: the damped Gram solve and conjugate gradient.
+r"""The damped Gram solve of the sample-space updates, and the near-duplicate filter.
 
-The Gram (sample-space) matrices here are small, N x N with N the batch size,
-so they are always formed and solved in float64 whatever the input dtype (as
-the paper's code does); the result is cast back by the caller.
+The Gram (sample-space) matrices here are small, M x M with M the batch size
+(or N*C for Woodbury), so they are always formed and solved in float64 whatever
+the input dtype (as the paper's code does); the result is cast back by the caller.
+
+How a system :math:`(K + \lambda W) c = b` is solved (:class:`DampedGram`): the
+matrix is scaled to unit diagonal, :math:`\tilde M = D^{-1/2} M D^{-1/2}` with
+D = diag(M), factorised by Cholesky, and the solution gets one step of iterative
+refinement with the residual computed in float64. Cholesky with this scaling is
+invariant to the rows' scale (rows whose norms span many decades are as accurate
+as rows of equal norm, which an eigendecomposition of M is not); the refinement
+step makes the solve componentwise backward stable. The scaled matrix's 2-norm
+condition number decides singularity and is reported as ``condition``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 
-from ngdref._checks import check_damping, check_finite, check_ndim, namespace
+from ngdref._checks import check_damping, check_finite, check_ndim, check_rows
+from ngdref.rows import PerSampleRows, as_rows, rows_namespace
 
 __all__ = [
-    "CGResult",
+    "DAMPING_MODES",
+    "DEDUP_RULES",
+    "DampedGram",
     "GramSolve",
     "SingularMatrixError",
-    "conjugate_gradient",
-    "gram_matrix",
     "near_duplicate_mask",
     "singular_rtol",
     "solve_damped_gram",
 ]
 
-DAMPING_MODES = ("absolute", "relative", "diagonal")
+#: "absolute": lambda as given; "relative": lambda * max_n K_nn; "diagonal_only": the Gram
+#: matrix replaced by its diagonal, no lambda (the authors' ``damping == 1``);
+#: "levenberg_marquardt": lambda * diag(K) added.
+DAMPING_MODES = ("absolute", "relative", "diagonal_only", "levenberg_marquardt")
+#: "all_pairs": the authors' rule; "greedy": keep a row unless close to an already kept one.
+DEDUP_RULES = ("all_pairs", "greedy")
 
 
 class SingularMatrixError(ValueError):
     """A matrix that must be inverted is singular (to working precision)."""
 
 
-class NotConvergedError(ArithmeticError):
-    """An iterative solver stopped at ``maxiter`` before reaching its tolerance."""
-
-
-def gram_matrix(rows: Any) -> Any:
-    r"""Gram matrix :math:`K = A A^\top` of ``rows`` (M, P), accumulated in float64; (M, M)."""
-    xp = array_api_compat.array_namespace(rows)
-    m, p = rows.shape
-    # float64 copies of column blocks of at most 2**20 entries (8 MB), not of all of rows
-    block = max(1, 2**20 // max(m, 1))
-    if rows.dtype == xp.float64 or p <= block:
-        a = xp.astype(rows, xp.float64, copy=False)
-        return xp.matmul(a, xp.matrix_transpose(a))
-    gram = None
-    for start in range(0, p, block):
-        a = xp.astype(rows[:, start:start + block], xp.float64)
-        part = xp.matmul(a, xp.matrix_transpose(a))
-        gram = part if gram is None else gram + part
-        del a  # before the next block's copy
-    return gram
-
-
 @dataclass(frozen=True)
 class GramSolve:
-    """The result of :func:`solve_damped_gram`.
+    """The result (and diagnostics) of one damped Gram solve.
 
     Attributes
     ----------
@@ -67,23 +59,33 @@ class GramSolve:
     kept : array of bool, shape (M,)
         Rows used by the solve (all True unless the near-duplicate filter dropped some).
     damping : float
-        The absolute damping lambda actually added (after the relative mode's scaling).
+        The absolute lambda actually added (after the relative mode's scaling; 0 for
+        "diagonal_only").
     gram : array, shape (M, M), float64
         The undamped Gram matrix of all rows.
+    residual : float
+        Relative residual ||b - M c|| / ||b|| of the kept system after refinement (0 if b = 0).
+    condition : float
+        2-norm condition number of the damped kept matrix scaled to unit diagonal (what
+        bounds the solve's relative error, about ``condition * eps``).
     """
 
     coefficients: Any
     kept: Any
     damping: float
     gram: Any
+    residual: float
+    condition: float
 
 
-def near_duplicate_mask(gram: Any, threshold: float) -> Any:
-    r"""Rows to keep so that no two kept rows have :math:`|\cos| >` ``threshold``.
+def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") -> Any:
+    r"""Rows to keep after dropping near duplicates (:math:`|\cos| >` ``threshold``).
 
-    Greedy over rows in decreasing norm: a row is kept unless it is a near
-    duplicate of an already kept (hence larger-norm) row, so of a pair the
-    larger-norm row survives (the authors' convention). Zero rows are dropped.
+    ``rule="all_pairs"`` (the authors' code): every pair of rows with
+    :math:`|\cos| >` threshold drops its smaller-norm row (of equal norms, the later
+    one). ``rule="greedy"``: rows in decreasing norm, each kept unless it is close to
+    an already kept row. On a chain a~b~c (a, c not close; norms a > b > c) all pairs
+    keep {a}, greedy keeps {a, c}. Zero rows are always dropped.
 
     Parameters
     ----------
@@ -91,125 +93,41 @@ def near_duplicate_mask(gram: Any, threshold: float) -> Any:
         Gram matrix of the rows, K_ij = a_i . a_j.
     threshold : float in (0, 1]
         0.99 in the paper's training code, 0.95 in its evaluation.
+    rule : {"all_pairs", "greedy"}
 
     Returns
     -------
     array of bool, shape (M,)
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"dedup_threshold must be a float, got {type(threshold).__name__}")
     if not 0 < threshold <= 1:
         raise ValueError(f"dedup_threshold must be in (0, 1], got {threshold}")
+    if rule not in DEDUP_RULES:
+        raise ValueError(f"dedup_rule must be one of {DEDUP_RULES}, got {rule!r}")
     xp = array_api_compat.array_namespace(gram)
+    m = gram.shape[0]
     norms = xp.sqrt(xp.clip(xp.linalg.diagonal(gram), min=0.0))
-    order = [int(i) for i in xp.argsort(norms, descending=True)]
-    norms_host = [float(v) for v in norms]
+    close = xp.abs(gram) > threshold * (norms[:, None] * norms[None, :])
+    if rule == "all_pairs":
+        index = xp.arange(m, device=array_api_compat.device(gram))
+        partner_wins = (norms[None, :] > norms[:, None]) | (
+            (norms[None, :] == norms[:, None]) & (index[None, :] < index[:, None])
+        )
+        dropped = xp.any(close & partner_wins, axis=1) | (norms == 0.0)
+        return xp.logical_not(dropped)
+    order = [int(i) for i in xp.argsort(norms, descending=True, stable=True)]
+    close_host = [[bool(v) for v in close[i, :]] for i in range(m)]
+    zero = [float(v) == 0.0 for v in norms]
     kept: list[int] = []
     for i in order:
-        if norms_host[i] == 0.0:
-            continue
-        duplicate = any(
-            abs(float(gram[i, j])) > threshold * norms_host[i] * norms_host[j] for j in kept
-        )
-        if not duplicate:
+        if not zero[i] and not any(close_host[i][j] for j in kept):
             kept.append(i)
-    mask = [i in set(kept) for i in range(gram.shape[0])]
-    return xp.asarray(mask, device=array_api_compat.device(gram))
-
-
-def solve_damped_gram(
-    rows: Any,
-    rhs: Any,
-    *,
-    damping: float,
-    damping_mode: str = "absolute",
-    sample_weights: Any = None,
-    dedup_threshold: float | None = None,
-    rtol: float | None = None,
-    rows_name: str = "rows",
-) -> GramSolve:
-    r"""Solve :math:`(A A^\top + \lambda W) c = b` in float64 for the sample-space updates.
-
-    Parameters
-    ----------
-    rows : array, shape (M, P)
-        A, one row per sample (per-sample gradients).
-    rhs : array, shape (M,)
-        b.
-    damping : float >= 0
-        lambda, interpreted by ``damping_mode``.
-    damping_mode : {"absolute", "relative", "diagonal"}
-        "absolute": lambda as given. "relative": lambda * max_n K_nn (the
-        authors' relative damping, scale-free). "diagonal": W = diag(K), i.e.
-        Levenberg-Marquardt-style damping proportional to each sample's squared
-        gradient norm (our reading of the authors' "diagonal only" mode).
-    sample_weights : array, shape (M,), optional
-        W = diag(sample_weights) instead of the identity ("absolute" and
-        "relative" modes); iEF's parameter-space damping uses W = diag(s).
-    dedup_threshold : float, optional
-        Drop near-duplicate rows first (see :func:`near_duplicate_mask`).
-    rtol : float, optional
-        Relative eigenvalue threshold below which the damped matrix counts as
-        singular; default :func:`singular_rtol`.
-    rows_name : str
-        The caller's name for ``rows`` in error messages. A NaN or infinity in
-        ``rows`` is detected in the N x N Gram matrix (N/P of the cost of
-        scanning ``rows``) and reported under this name.
-
-    Returns
-    -------
-    GramSolve
-
-    Raises
-    ------
-    SingularMatrixError
-        If the damped matrix is singular, e.g. ``damping=0`` with linearly
-        dependent rows or more rows than parameters.
-    """
-    xp = namespace(rows=rows, rhs=rhs, sample_weights=sample_weights)
-    damping = check_damping(damping)
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
-    if sample_weights is not None and damping_mode == "diagonal":
-        raise ValueError("sample_weights cannot be combined with damping_mode='diagonal'")
-    gram = gram_matrix(rows)
-    check_finite(xp, gram, rows_name)
-    m = gram.shape[0]
-    dev = array_api_compat.device(rows)
-    if dedup_threshold is None:
-        kept = xp.ones(m, dtype=xp.bool, device=dev)
-        idx = None
-    else:
-        kept = near_duplicate_mask(gram, dedup_threshold)
-        idx = xp.nonzero(kept)[0]
-    k = gram if idx is None else xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
-    b = xp.astype(rhs, xp.float64)
-    if idx is not None:
-        b = xp.take(b, idx)
-    diag = xp.linalg.diagonal(k)
-    if damping_mode == "relative":
-        damping = damping * float(xp.max(diag))
-    if damping_mode == "diagonal":
-        weights = diag
-    elif sample_weights is None:
-        weights = xp.ones(k.shape[0], dtype=xp.float64, device=dev)
-    else:
-        weights = xp.astype(sample_weights, xp.float64)
-        if idx is not None:
-            weights = xp.take(weights, idx)
-    eye = xp.eye(k.shape[0], dtype=xp.float64, device=dev)
-    if rtol is None:
-        rtol = singular_rtol(xp, m, rows.dtype, damping)
-    c_kept = _spd_solve(xp, k + damping * (weights[:, None] * eye), b, rtol)
-    if idx is None:
-        coefficients = c_kept
-    else:
-        # scatter back to all M rows (zeros where dropped) without item assignment
-        selection = xp.astype(idx[:, None] == xp.arange(m, device=dev), xp.float64)
-        coefficients = xp.matmul(c_kept[None, :], selection)[0, :]
-    return GramSolve(coefficients=coefficients, kept=kept, damping=damping, gram=gram)
+    return xp.asarray([i in set(kept) for i in range(m)], device=array_api_compat.device(gram))
 
 
 def singular_rtol(xp: Any, size: int, dtype: Any, damping: float) -> float:
-    """Relative eigenvalue threshold below which a (size x size) system counts as singular.
+    """Reciprocal condition number below which a (size x size) system counts as singular.
 
     Undamped (``damping == 0``): size * eps of the *input* dtype (NumPy's
     ``matrix_rank`` rule): a Gram matrix of float32 gradients is only
@@ -222,124 +140,274 @@ def singular_rtol(xp: Any, size: int, dtype: Any, damping: float) -> float:
     return size * float(xp.finfo(dtype).eps)
 
 
-def _spd_solve(xp: Any, matrix: Any, rhs: Any, rtol: float) -> Any:
-    """Solve a symmetric positive semi-definite system by eigendecomposition.
+def _lower_inverse(xp: Any, lower: Any) -> Any:
+    """Inverse of a lower-triangular matrix by 2 x 2 block recursion (matmuls only).
 
-    The eigenvalues give the singularity check for free: the system is
-    refused when the smallest is below ``rtol`` times the largest.
+    [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]; the blocked method is as
+    stable as substitution (Du Croz and Higham 1992) and needs no triangular solver,
+    which the array API lacks.
     """
-    eigenvalues, eigenvectors = xp.linalg.eigh(matrix)
-    largest = float(xp.max(xp.abs(eigenvalues)))
-    smallest = float(xp.min(eigenvalues))
-    if largest == 0.0 or smallest <= rtol * largest:
-        raise SingularMatrixError(
-            f"the damped Gram matrix ({matrix.shape[0]} x {matrix.shape[0]}) is singular to "
-            f"working precision (eigenvalues in [{smallest:.3g}, {largest:.3g}]): increase "
-            "damping, or drop near-duplicate per-sample gradients with dedup_threshold"
-        )
-    projected = xp.matmul(xp.matrix_transpose(eigenvectors), rhs[:, None])[:, 0]
-    return xp.matmul(eigenvectors, (projected / eigenvalues)[:, None])[:, 0]
+    m = lower.shape[0]
+    if m == 1:
+        return 1.0 / lower
+    h = m // 2
+    a_inv = _lower_inverse(xp, lower[:h, :h])
+    b_inv = _lower_inverse(xp, lower[h:, h:])
+    corner = -xp.matmul(b_inv, xp.matmul(lower[h:, :h], a_inv))
+    zeros = xp.zeros((h, m - h), dtype=lower.dtype, device=array_api_compat.device(lower))
+    return xp.concat(
+        [xp.concat([a_inv, zeros], axis=1), xp.concat([corner, b_inv], axis=1)], axis=0
+    )
 
 
 @dataclass(frozen=True)
-class CGResult:
-    """The result of :func:`conjugate_gradient`: solution, iterations, residual, converged.
+class _Factor:
+    """One damped matrix M, factorised: scale = diag(M)^-1/2, and the scaled inverse's route."""
 
-    ``residual_norm`` is the true residual ||b - (A + lambda I) x|| of the returned x,
-    recomputed with one extra matvec, not CG's recursively updated one.
-    """
+    matrix: Any  # M, float64
+    scale: Any  # (m,)
+    scaled: Any  # diag(scale) M diag(scale), unit diagonal
+    lower_inverse: Any  # L^-1 of the Cholesky factor of ``scaled``; None: LU solves instead
+    damping: float
+    condition: float
 
-    x: Any
-    iterations: int
-    residual_norm: float
-    converged: bool
+    def solve(self, xp: Any, rhs: Any) -> tuple[Any, float]:
+        """x with M x = rhs after one refinement step, and the relative residual."""
+        b = rhs * self.scale
+
+        def apply(v: Any) -> Any:
+            if self.lower_inverse is None:
+                return xp.linalg.solve(self.scaled, v[:, None])[:, 0]
+            li = self.lower_inverse
+            return xp.matmul(xp.matrix_transpose(li), xp.matmul(li, v[:, None]))[:, 0]
+
+        y = apply(b)
+        y = y + apply(b - xp.matmul(self.scaled, y[:, None])[:, 0])  # iterative refinement
+        x = y * self.scale
+        b_norm = float(xp.linalg.vector_norm(rhs))
+        residual = rhs - xp.matmul(self.matrix, x[:, None])[:, 0]
+        return x, (float(xp.linalg.vector_norm(residual)) / b_norm if b_norm > 0 else 0.0)
 
 
-def conjugate_gradient(
-    matvec: Callable[[Any], Any],
-    b: Any,
-    *,
-    damping: float = 0.0,
-    tol: float = 1e-10,
-    maxiter: int | None = None,
-    callback: Callable[[Any], None] | None = None,
-) -> CGResult:
-    r"""Conjugate gradient for :math:`(A + \lambda I) x = b` with A symmetric PSD, from x_0 = 0.
+def _factorise(xp: Any, matrix: Any, damping: float, rtol: float) -> _Factor:
+    """Scale ``matrix`` (symmetric, float64) to unit diagonal, check it, Cholesky-factorise it."""
+    m = matrix.shape[0]
+    diag = xp.linalg.diagonal(matrix)
+    if not bool(xp.all(diag > 0)):
+        raise SingularMatrixError(
+            f"the damped Gram matrix ({m} x {m}) has a zero diagonal entry (a zero per-sample "
+            "gradient and no damping): increase damping, or drop zero and near-duplicate rows "
+            "with dedup_threshold"
+        )
+    scale = 1.0 / xp.sqrt(diag)
+    scaled = matrix * scale[:, None] * scale[None, :]
+    eigenvalues = xp.linalg.eigvalsh(scaled)
+    largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
+    condition = largest / smallest if smallest > 0 else math.inf
+    if not smallest > rtol * largest:
+        raise SingularMatrixError(
+            f"the damped Gram matrix ({m} x {m}) is singular to working precision (condition "
+            f"number {condition:.3g} of its unit-diagonal scaling, limit {1 / rtol:.3g}): "
+            "increase damping, or drop near-duplicate per-sample gradients with dedup_threshold"
+        )
+    try:
+        lower = xp.linalg.cholesky(scaled)
+        lower_inverse = _lower_inverse(xp, lower)
+        if not bool(xp.all(xp.isfinite(lower_inverse))):
+            lower_inverse = None
+    except (ValueError, RuntimeError, ArithmeticError):  # numpy's / torch's LinAlgError
+        lower_inverse = None  # positive definite in exact arithmetic only: LU instead
+    return _Factor(matrix, scale, scaled, lower_inverse, damping, condition)
 
-    Stops when CG's recursive residual satisfies :math:`\|r_k\| \le \mathrm{tol}
-    \cdot \|b\|`, then recomputes the true residual with one more matvec and reports
-    ``converged`` from that: with an inexact matvec (a Fisher-vector product of a model
-    with float32 internals carries ~1e-8 relative rounding) the recursive residual keeps
-    shrinking while the true one stalls at the matvec's accuracy, and a tolerance below
-    that accuracy is then reported as not reached instead of silently met. Runs in the
-    namespace, dtype and device of ``b``; ``callback(x_k)`` is called after
-    every iteration (for the iterates' quality, App. F.2 of the paper).
+
+class DampedGram:
+    r"""The Gram matrix of a set of rows, formed once and solved for any rhs and damping.
+
+    .. math:: (K + \lambda W) c = b, \qquad K = A A^\top \ (M \times M)
+
+    restricted to the rows kept by the near-duplicate filter (c = 0 at dropped
+    rows). The Gram matrix is formed once; each (damping, damping_mode, weights)
+    is factorised once and cached, so a damping sweep over many right-hand sides
+    costs one Gram matrix, one O(M^3) factorisation per damping value and
+    O(M^2) per solve.
 
     Parameters
     ----------
-    matvec : callable, (P,) -> (P,)
-        v -> A v.
-    b : array, shape (P,)
-    damping : float >= 0
-    tol : float > 0
-        Relative residual tolerance.
-    maxiter : int, optional
-        Default 10 * P.
+    rows : array (M, P) or PerSampleRows
+        A, one row per sample (per-sample gradients), any convention.
+    dedup_threshold : float in (0, 1], optional
+        Drop near-duplicate rows first (see :func:`near_duplicate_mask`); None: off.
+    dedup_rule : {"all_pairs", "greedy"}
+    rows_name : str
+        The caller's name for ``rows`` in error messages; a NaN or infinity in the
+        rows is detected in the M x M Gram matrix (M/P of the cost of scanning them).
 
-    Returns
-    -------
-    CGResult
+    Attributes
+    ----------
+    rows : PerSampleRows
+    gram : array (M, M), float64
+    kept : array of bool (M,)
     """
-    xp = namespace(b=b)
-    check_ndim(b, "b", 1, "(P,)")
-    check_finite(xp, b, "b")
-    damping = check_damping(damping)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if maxiter is None:
-        maxiter = 10 * b.shape[0]
-    if maxiter < 1:
-        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
 
-    def op(v: Any) -> Any:
-        out = matvec(v)
-        if tuple(out.shape) != tuple(v.shape):
-            raise ValueError(f"matvec returned shape {tuple(out.shape)}, expected {tuple(v.shape)}")
-        return out + damping * v
+    def __init__(
+        self,
+        rows: Any,
+        *,
+        dedup_threshold: float | None = None,
+        dedup_rule: str = "all_pairs",
+        rows_name: str = "rows",
+    ) -> None:
+        self.rows: PerSampleRows = as_rows(rows, rows_name)
+        xp = self.rows.array_namespace()
+        self._xp, self._name = xp, rows_name
+        self.gram = self.rows.gram()
+        check_finite(xp, self.gram, rows_name)
+        m = self.gram.shape[0]
+        dev = array_api_compat.device(self.gram)
+        if dedup_threshold is None:
+            if dedup_rule not in DEDUP_RULES:
+                raise ValueError(f"dedup_rule must be one of {DEDUP_RULES}, got {dedup_rule!r}")
+            self.kept = xp.ones(m, dtype=xp.bool, device=dev)
+            self._index = None
+            self._kept_gram = self.gram
+        else:
+            self.kept = near_duplicate_mask(self.gram, dedup_threshold, dedup_rule)
+            self._index = xp.nonzero(self.kept)[0]
+            if self._index.shape[0] == 0:
+                raise SingularMatrixError(f"every row of {rows_name} is zero: nothing to solve")
+            self._kept_gram = xp.take(xp.take(self.gram, self._index, axis=0), self._index, axis=1)
+        self._factors: dict[tuple, _Factor] = {}
 
-    x = xp.zeros_like(b)
-    r = b
-    p = r
-    rr = float(xp.sum(r * r))
-    b_norm = math.sqrt(rr)
-    if b_norm == 0.0:
-        return CGResult(x=x, iterations=0, residual_norm=0.0, converged=True)
-    for k in range(1, maxiter + 1):
-        ap = op(p)
-        pap = float(xp.sum(p * ap))
-        if not math.isfinite(pap):
-            raise ValueError("matvec produced a non-finite value during conjugate gradient")
-        if pap <= 0.0:
+    def _take(self, v: Any) -> Any:
+        return v if self._index is None else self._xp.take(v, self._index)
+
+    def _factor(self, damping: float, mode: str, weights: Any, rtol: float | None) -> _Factor:
+        xp, k = self._xp, self._kept_gram
+        key_weights = None if weights is None else tuple(float(w) for w in weights)
+        key = (damping, mode, key_weights, rtol)
+        if key not in self._factors:
+            diag = xp.linalg.diagonal(k)
+            if mode == "relative":
+                damping = damping * float(xp.max(diag))
+            if mode == "diagonal_only":
+                damping, matrix = 0.0, _diag_matrix(xp, k, diag)
+            else:
+                w = diag if mode == "levenberg_marquardt" else weights
+                matrix = k if damping == 0 else k + damping * _diag_matrix(xp, k, w)
+            if rtol is None:
+                rtol = singular_rtol(xp, k.shape[0], self.rows.dtype, damping)
+            self._factors[key] = _factorise(xp, matrix, damping, rtol)
+        return self._factors[key]
+
+    def solve(
+        self,
+        rhs: Any,
+        *,
+        damping: float,
+        damping_mode: str = "absolute",
+        sample_weights: Any = None,
+        rtol: float | None = None,
+    ) -> GramSolve:
+        r"""Solve :math:`(K + \lambda W) c = b` on the kept rows.
+
+        Parameters
+        ----------
+        rhs : array, shape (M,)
+            b, any real floating dtype (solved in float64).
+        damping : float >= 0
+            lambda, interpreted by ``damping_mode``.
+        damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
+            "absolute": lambda W. "relative": lambda max_n K_nn W (scale-free, the
+            authors' negative damping). "diagonal_only": K replaced by diag(K), lambda
+            not used (the authors' ``damping == 1``). "levenberg_marquardt": lambda diag(K).
+        sample_weights : array, shape (M,), optional
+            W = diag(sample_weights) instead of I ("absolute" and "relative" only); iEF's
+            parameter-space damping uses W = diag(s).
+        rtol : float, optional
+            Reciprocal condition number (of the unit-diagonal scaling) below which the
+            system counts as singular; default :func:`singular_rtol`.
+
+        Returns
+        -------
+        GramSolve
+
+        Raises
+        ------
+        SingularMatrixError
+            If the damped matrix is singular, e.g. ``damping=0`` with linearly
+            dependent rows or more rows than parameters.
+        """
+        xp = self._xp
+        damping = check_damping(damping)
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        if sample_weights is not None and damping_mode not in ("absolute", "relative"):
             raise ValueError(
-                "matvec is not positive definite along a search direction (p^T A p <= 0): "
-                "the operator must be symmetric positive definite; add damping"
+                f"sample_weights cannot be combined with damping_mode={damping_mode!r}"
             )
-        alpha = rr / pap
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = float(xp.sum(r * r))
-        if callback is not None:
-            callback(x)
-        if math.sqrt(rr_new) <= tol * b_norm:
-            true_residual = math.sqrt(float(xp.sum((b - op(x)) ** 2)))
-            # twice tol: the recomputation itself rounds at the level of ||A|| ||x|| eps
-            return CGResult(
-                x=x,
-                iterations=k,
-                residual_norm=true_residual,
-                converged=true_residual <= 2 * tol * b_norm,
-            )
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    true_residual = math.sqrt(float(xp.sum((b - op(x)) ** 2)))
-    return CGResult(x=x, iterations=maxiter, residual_norm=true_residual, converged=False)
+        m = self.gram.shape[0]
+        rows_namespace(self.rows, self._name, rhs=rhs, sample_weights=sample_weights)
+        check_ndim(rhs, "rhs", 1, "(M,)")
+        check_rows(rhs, "rhs", m, self._name)
+        check_finite(xp, rhs, "rhs")
+        weights = None
+        if sample_weights is not None:
+            check_ndim(sample_weights, "sample_weights", 1, "(M,)")
+            check_rows(sample_weights, "sample_weights", m, self._name)
+            weights = self._take(xp.astype(sample_weights, xp.float64))
+        factor = self._factor(damping, damping_mode, weights, rtol)
+        c_kept, residual = factor.solve(xp, self._take(xp.astype(rhs, xp.float64)))
+        if self._index is None:
+            coefficients = c_kept
+        else:  # scatter back to all M rows (zeros where dropped) without item assignment
+            dev = array_api_compat.device(self.gram)
+            selection = xp.astype(self._index[:, None] == xp.arange(m, device=dev), xp.float64)
+            coefficients = xp.matmul(c_kept[None, :], selection)[0, :]
+        return GramSolve(
+            coefficients=coefficients,
+            kept=self.kept,
+            damping=factor.damping,
+            gram=self.gram,
+            residual=residual,
+            condition=factor.condition,
+        )
+
+    def update(self, rhs: Any, **options: Any) -> tuple[Any, GramSolve]:
+        r"""The Gram-form update :math:`d = A^\top c` (P,) in the rows' dtype, and the solve.
+
+        ``options`` are those of :meth:`solve`.
+        """
+        solve = self.solve(rhs, **options)
+        return self.rows.rmatvec(solve.coefficients), solve
+
+
+def _diag_matrix(xp: Any, like: Any, weights: Any) -> Any:
+    """diag(weights) (or I when None), float64, shaped and placed like ``like``."""
+    eye = xp.eye(like.shape[0], dtype=xp.float64, device=array_api_compat.device(like))
+    return eye if weights is None else weights[:, None] * eye
+
+
+def solve_damped_gram(
+    rows: Any,
+    rhs: Any,
+    *,
+    damping: float,
+    damping_mode: str = "absolute",
+    sample_weights: Any = None,
+    dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
+    rtol: float | None = None,
+    rows_name: str = "rows",
+) -> GramSolve:
+    r"""One solve of :math:`(A A^\top + \lambda W) c = b` in float64: :class:`DampedGram` once.
+
+    For several right-hand sides or damping values build a :class:`DampedGram` and call
+    its :meth:`~DampedGram.solve`, which reuses the Gram matrix and its factorisations.
+    Parameters as for :class:`DampedGram` and :meth:`DampedGram.solve`.
+    """
+    gram = DampedGram(
+        rows, dedup_threshold=dedup_threshold, dedup_rule=dedup_rule, rows_name=rows_name
+    )
+    return gram.solve(
+        rhs, damping=damping, damping_mode=damping_mode, sample_weights=sample_weights, rtol=rtol
+    )

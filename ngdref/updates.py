@@ -26,35 +26,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
-
 from ngdref._checks import (
     check_damping,
     check_finite,
     check_floating,
-    check_grad_matrix,
     check_ndim,
     check_same_dtype,
     check_vector,
     namespace,
 )
+from ngdref.cg import NotConvergedError, conjugate_gradient, default_cg_tol
 from ngdref.curvature import _check_jacobians, _check_num_samples
-from ngdref.linalg import (
-    DAMPING_MODES,
-    GramSolve,
-    NotConvergedError,
-    SingularMatrixError,
-    _spd_solve,
-    conjugate_gradient,
-    gram_matrix,
-    singular_rtol,
-    solve_damped_gram,
-)
+from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
+from ngdref.rows import DenseRows, as_rows, rows_namespace
 
 __all__ = [
     "check_damping_options",
     "ef_update",
     "gn_update",
+    "gram_solver",
     "gram_update",
     "ief_damping_weights",
     "ief_update",
@@ -72,16 +62,45 @@ def sgd_update(per_sample_grads: Any) -> Any:
 
     Parameters
     ----------
-    per_sample_grads : array, shape (N, P)
+    per_sample_grads : array, shape (N, P), or PerSampleRows
 
     Returns
     -------
-    array, shape (P,)
+    array, shape (P,), in the rows' dtype
     """
-    xp = check_grad_matrix(per_sample_grads, finite=False)
-    grad = xp.sum(per_sample_grads, axis=0)
+    rows = as_rows(per_sample_grads)
+    xp = rows.array_namespace()
+    if isinstance(rows, DenseRows):
+        grad = xp.sum(rows.array, axis=0)
+    else:
+        ones = xp.ones(rows.shape[0], dtype=rows.dtype)
+        grad = rows.rmatvec(ones)
     check_finite(xp, grad, "per_sample_grads")  # a NaN or inf row reaches the sum
     return grad
+
+
+def gram_solver(
+    per_sample_grads: Any, dedup_threshold: float | None = None, dedup_rule: str = "all_pairs"
+) -> DampedGram:
+    """A :class:`~ngdref.linalg.DampedGram` of ``per_sample_grads``; one passed in is reused.
+
+    Passing a DampedGram to the Gram-form updates (:func:`ef_update`, :func:`ief_update`,
+    :func:`gram_update`) shares its Gram matrix, filter and factorisations between them;
+    its filter is fixed at construction, so ``dedup_threshold`` must then be None.
+    """
+    if isinstance(per_sample_grads, DampedGram):
+        if dedup_threshold is not None:
+            raise ValueError(
+                "dedup_threshold must be None when per_sample_grads is a DampedGram: "
+                "its near-duplicate filter is chosen when it is built"
+            )
+        return per_sample_grads
+    return DampedGram(
+        per_sample_grads,
+        dedup_threshold=dedup_threshold,
+        dedup_rule=dedup_rule,
+        rows_name="per_sample_grads",
+    )
 
 
 def gram_update(
@@ -92,52 +111,48 @@ def gram_update(
     damping_mode: str = "absolute",
     sample_weights: Any = None,
     dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
 ) -> tuple[Any, GramSolve]:
     r"""The shared Gram-form update :math:`d = G^\top (G G^\top + \lambda W)^{-1} b`.
 
     :func:`ef_update` and :func:`ief_update` are this with b = 1 or b = s.
     Returns the update (P,) in the dtype of ``per_sample_grads`` and the
     :class:`~ngdref.linalg.GramSolve` (coefficients, kept rows, damping used,
-    Gram matrix) for diagnostics such as the solve residual.
+    Gram matrix, residual, condition) for diagnostics.
 
     Parameters
     ----------
-    per_sample_grads : array, shape (N, P)
+    per_sample_grads : array (N, P), PerSampleRows or DampedGram
+        A DampedGram is reused (see :func:`gram_solver`).
     rhs : array, shape (N,)
-    damping, damping_mode, sample_weights, dedup_threshold
-        See :func:`ngdref.linalg.solve_damped_gram`.
+    damping, damping_mode, sample_weights
+        See :meth:`ngdref.linalg.DampedGram.solve`.
+    dedup_threshold, dedup_rule
+        See :class:`ngdref.linalg.DampedGram`.
     """
-    xp = check_grad_matrix(per_sample_grads, finite=False)  # checked via the Gram matrix
-    namespace(per_sample_grads=per_sample_grads, rhs=rhs, sample_weights=sample_weights)
-    n = per_sample_grads.shape[0]
-    check_vector(xp, rhs, "rhs", n, "per_sample_grads rows", per_sample_grads.dtype)
-    solve = solve_damped_gram(
-        per_sample_grads,
-        rhs,
-        damping=damping,
-        damping_mode=damping_mode,
-        sample_weights=sample_weights,
-        dedup_threshold=dedup_threshold,
-        rows_name="per_sample_grads",
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    rows = solver.rows
+    xp = rows_namespace(rows, "per_sample_grads", rhs=rhs, sample_weights=sample_weights)
+    check_vector(xp, rhs, "rhs", rows.shape[0], "per_sample_grads rows", rows.dtype)
+    return solver.update(
+        rhs, damping=damping, damping_mode=damping_mode, sample_weights=sample_weights
     )
-    c = xp.astype(solve.coefficients, per_sample_grads.dtype)
-    return xp.matmul(c[None, :], per_sample_grads)[0, :], solve
 
 
 def check_damping_options(damping_space: str, damping_mode: str) -> None:
     """Validate a (damping_space, damping_mode) pair of the Gram-form updates.
 
-    ``damping_mode="diagonal"`` (lambda diag(G G^T)) is itself a choice of the
-    sample-space damping matrix, so it cannot be combined with parameter space.
+    "diagonal_only" and "levenberg_marquardt" choose the sample-space damping
+    matrix themselves, so they cannot be combined with parameter space.
     """
     if damping_space not in DAMPING_SPACES:
         raise ValueError(f"damping_space must be one of {DAMPING_SPACES}, got {damping_space!r}")
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
-    if damping_space == "parameter" and damping_mode == "diagonal":
+    if damping_space == "parameter" and damping_mode not in ("absolute", "relative"):
         raise ValueError(
-            "damping_mode='diagonal' is a sample-space damping (lambda diag(G G^T)); "
-            "it cannot be combined with damping_space='parameter'"
+            f"damping_mode={damping_mode!r} is a sample-space damping (it chooses the damping "
+            "of G G^T itself); it cannot be combined with damping_space='parameter'"
         )
 
 
@@ -165,6 +180,8 @@ def ef_update(
     damping_space: str = "sample",
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
+    return_info: bool = False,
 ) -> Any:
     r"""Empirical Fisher direction (Eq. 5).
 
@@ -176,29 +193,30 @@ def ef_update(
 
     Parameters
     ----------
-    per_sample_grads : array, shape (N, P)
-        Row n is grad l_n (sum convention).
+    per_sample_grads : array (N, P), PerSampleRows or DampedGram
+        Row n is grad l_n (sum convention). A DampedGram is reused (:func:`gram_solver`).
     damping : float >= 0
     damping_space : {"sample", "parameter"}
-    damping_mode : {"absolute", "relative", "diagonal"}
+    damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
+        See :meth:`ngdref.linalg.DampedGram.solve`.
     dedup_threshold : float, optional
         Drop near-duplicate per-sample gradients (|cos| above it) first.
+    dedup_rule : {"all_pairs", "greedy"}
+    return_info : bool
+        Also return the solve's :class:`~ngdref.linalg.GramSolve` (residual, rows kept,
+        condition, damping used).
 
     Returns
     -------
-    array, shape (P,), namespace, device and dtype of ``per_sample_grads``.
+    array, shape (P,), namespace, device and dtype of the rows; with ``return_info``,
+    ``(update, GramSolve)``.
     """
     check_damping_options(damping_space, damping_mode)
-    xp = check_grad_matrix(per_sample_grads, finite=False)  # checked via the Gram matrix
-    ones = xp.ones_like(per_sample_grads[:, 0])
-    update, _ = gram_update(
-        per_sample_grads,
-        ones,
-        damping=damping,
-        damping_mode=damping_mode,
-        dedup_threshold=dedup_threshold,
-    )
-    return update
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    xp = solver.rows.array_namespace()
+    ones = xp.ones(solver.rows.shape[0], dtype=solver.rows.dtype)
+    update, info = solver.update(ones, damping=damping, damping_mode=damping_mode)
+    return (update, info) if return_info else update
 
 
 def ief_update(
@@ -209,6 +227,8 @@ def ief_update(
     damping_space: str = "sample",
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
+    return_info: bool = False,
 ) -> Any:
     r"""Improved empirical Fisher direction (Wu et al. 2024, Eq. 8).
 
@@ -222,107 +242,116 @@ def ief_update(
 
     Parameters
     ----------
-    per_sample_grads : array, shape (N, P)
-        Row n is grad l_n (sum convention).
+    per_sample_grads : array (N, P), PerSampleRows or DampedGram
+        Row n is grad l_n (sum convention). A DampedGram is reused (:func:`gram_solver`).
     logit_grad_sq_norms : array, shape (N,)
         s_n = ||dl_n/dz_n||^2 >= 0 (> 0 for ``damping_space="parameter"``).
     damping : float >= 0
     damping_space : {"sample", "parameter"}
-    damping_mode : {"absolute", "relative", "diagonal"}
+    damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
     dedup_threshold : float, optional
+    dedup_rule : {"all_pairs", "greedy"}
+    return_info : bool
+        Also return the :class:`~ngdref.linalg.GramSolve`.
 
     Returns
     -------
-    array, shape (P,), namespace, device and dtype of ``per_sample_grads``.
+    array, shape (P,), namespace, device and dtype of the rows; with ``return_info``,
+    ``(update, GramSolve)``.
     """
     check_damping_options(damping_space, damping_mode)
-    xp = check_grad_matrix(per_sample_grads, finite=False)  # checked via the Gram matrix
-    namespace(per_sample_grads=per_sample_grads, logit_grad_sq_norms=logit_grad_sq_norms)
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    rows = solver.rows
+    xp = rows_namespace(rows, "per_sample_grads", logit_grad_sq_norms=logit_grad_sq_norms)
     check_vector(
-        xp,
-        logit_grad_sq_norms,
-        "logit_grad_sq_norms",
-        per_sample_grads.shape[0],
-        "per_sample_grads rows",
-        per_sample_grads.dtype,
+        xp, logit_grad_sq_norms, "logit_grad_sq_norms", rows.shape[0], "per_sample_grads rows",
+        rows.dtype,
     )
     if not bool(xp.all(logit_grad_sq_norms >= 0)):
         raise ValueError("logit_grad_sq_norms must be >= 0 (squared norms)")
     weights = ief_damping_weights(logit_grad_sq_norms, damping_space)
-    update, _ = gram_update(
-        per_sample_grads,
-        logit_grad_sq_norms,
-        damping=damping,
-        damping_mode=damping_mode,
-        sample_weights=weights,
-        dedup_threshold=dedup_threshold,
+    update, info = solver.update(
+        logit_grad_sq_norms, damping=damping, damping_mode=damping_mode, sample_weights=weights
     )
-    return update
+    return (update, info) if return_info else update
 
 
-def _damped_inverse_apply(rows: Any, grad: Any, damping: float, rows_name: str) -> Any:
-    r"""(A^T A + lambda I_P)^{-1} g for A = ``rows`` (M, P), in float64.
+def _damped_inverse_apply(
+    rows: Any, grad: Any, damping: float, rows_name: str
+) -> tuple[Any, GramSolve]:
+    r"""(A^T A + lambda I_P)^{-1} g for A = ``rows`` (M, P), in float64, and the solve.
 
-    Uses the P x P system when P <= M, else the Woodbury identity
-    (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g], which needs lambda > 0.
-    A NaN or infinity in ``rows`` is caught in the small matrix, reported as ``rows_name``.
+    Uses the P x P system (the Gram matrix of A's columns) when P <= M and A is
+    dense, else the Woodbury identity (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g],
+    which needs lambda > 0. A NaN or infinity in ``rows`` is caught in the small
+    matrix, reported as ``rows_name``.
     """
-    xp = namespace(rows=rows, grad=grad)
+    rows = as_rows(rows, rows_name)
+    xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
     m, p = rows.shape
     g64 = xp.astype(grad, xp.float64, copy=False)
-    a64 = xp.astype(rows, xp.float64, copy=False)
-    if p <= m:
-        eye = xp.eye(p, dtype=xp.float64, device=array_api_compat.device(grad))
-        matrix = xp.matmul(xp.matrix_transpose(a64), a64) + damping * eye
-        check_finite(xp, matrix, rows_name)
-        return xp.astype(
-            _spd_solve(xp, matrix, g64, singular_rtol(xp, p, rows.dtype, damping)), grad.dtype
-        )
+    dense = isinstance(rows, DenseRows)
+    if dense and p <= m:
+        columns = DampedGram(xp.matrix_transpose(rows.array), rows_name=rows_name)
+        info = columns.solve(g64, damping=damping)
+        return xp.astype(info.coefficients, grad.dtype), info
     if damping == 0:
         raise SingularMatrixError(
             f"damping=0 but the curvature matrix has rank at most {m} < P = {p}: "
             "its undamped inverse does not exist; use damping > 0"
         )
-    ag = xp.matmul(a64, g64[:, None])[:, 0]
-    eye = xp.eye(m, dtype=xp.float64, device=array_api_compat.device(grad))
-    gram = gram_matrix(rows)
-    check_finite(xp, gram, rows_name)
-    c = _spd_solve(xp, gram + damping * eye, ag, singular_rtol(xp, m, rows.dtype, damping))
-    return xp.astype((g64 - xp.matmul(c[None, :], a64)[0, :]) / damping, grad.dtype)
+    if dense:  # A g and A^T c in float64: g - A^T c cancels when lambda is small
+        rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), rows_name)
+    solver = DampedGram(rows, rows_name=rows_name)
+    info = solver.solve(xp.astype(rows.matvec(g64), xp.float64), damping=damping)
+    back = xp.astype(rows.rmatvec(info.coefficients), xp.float64)
+    return xp.astype((g64 - back) / damping, grad.dtype), info
 
 
-def sf_update(grad: Any, sampled_grads: Any, *, damping: float, num_samples: int = 1) -> Any:
+def sf_update(
+    grad: Any,
+    sampled_grads: Any,
+    *,
+    damping: float,
+    num_samples: int = 1,
+    return_info: bool = False,
+) -> Any:
     r"""Sampled Fisher direction (Eq. 49), :math:`(F_{SF} + \lambda I_P)^{-1} g`.
 
     .. math::
         d = \frac{1}{\lambda}\left[g - \hat G^\top (\hat G \hat G^\top + \lambda I)^{-1}
         \hat G g\right], \quad \hat G = \frac{1}{\sqrt{K}} [\hat g_{nk}]
 
-    Not in the span of the per-sample gradients: it has a (1/lambda) g
-    component and depends strongly on lambda.
+    computed as the authors do, :math:`K (A^\top A + K \lambda I)^{-1} g` with A the
+    unscaled sampled rows. Not in the span of the per-sample gradients: it has a
+    (1/lambda) g component and depends strongly on lambda.
 
     Parameters
     ----------
     grad : array, shape (P,)
-        g = G^T 1 (sum convention).
-    sampled_grads : array, shape (N*K, P)
+        g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
+    sampled_grads : array (N*K, P) or PerSampleRows
         Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model.
-    damping : float > 0 (0 only when N*K >= P and F_SF is invertible)
+    damping : float > 0 (0 only when N*K >= P, the rows are dense and F_SF is invertible)
     num_samples : int
         K.
+    return_info : bool
+        Also return the :class:`~ngdref.linalg.GramSolve` of the (N*K)-sized Woodbury
+        system (of the P x P one when P <= N*K), whose damping is K lambda.
 
     Returns
     -------
-    array, shape (P,), namespace, device and dtype of ``grad``.
+    array, shape (P,), namespace, device and dtype of ``grad``; with ``return_info``,
+    ``(update, GramSolve)``.
     """
-    xp = check_grad_matrix(sampled_grads, "sampled_grads", finite=False)
-    namespace(grad=grad, sampled_grads=sampled_grads)
-    check_vector(
-        xp, grad, "grad", sampled_grads.shape[1], "sampled_grads columns", sampled_grads.dtype
-    )
-    _check_num_samples(num_samples, sampled_grads.shape[0])
+    rows = as_rows(sampled_grads, "sampled_grads")
+    xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
+    check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)
+    _check_num_samples(num_samples, rows.shape[0])
     damping = check_damping(damping)
-    return _damped_inverse_apply(sampled_grads / num_samples**0.5, grad, damping, "sampled_grads")
+    update, info = _damped_inverse_apply(rows, grad, num_samples * damping, "sampled_grads")
+    update = num_samples * update
+    return (update, info) if return_info else update
 
 
 def _factor_rows(xp: Any, jacobians: Any, factors: Any | None) -> Any:
@@ -367,9 +396,10 @@ def ngd_update(jacobians: Any, logit_hessian_sqrt: Any, grad: Any, *, damping: f
     namespace(jacobians=jacobians, logit_hessian_sqrt=logit_hessian_sqrt, grad=grad)
     check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
     damping = check_damping(damping)
-    return _damped_inverse_apply(
+    update, _ = _damped_inverse_apply(
         _factor_rows(xp, jacobians, logit_hessian_sqrt), grad, damping, "jacobians"
     )
+    return update
 
 
 def gn_update(jacobians: Any, grad: Any, *, damping: float) -> Any:
@@ -391,7 +421,8 @@ def gn_update(jacobians: Any, grad: Any, *, damping: float) -> Any:
     namespace(jacobians=jacobians, grad=grad)
     check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
     damping = check_damping(damping)
-    return _damped_inverse_apply(_factor_rows(xp, jacobians, None), grad, damping, "jacobians")
+    update, _ = _damped_inverse_apply(_factor_rows(xp, jacobians, None), grad, damping, "jacobians")
+    return update
 
 
 def ngd_update_cg(
@@ -399,7 +430,7 @@ def ngd_update_cg(
     grad: Any,
     *,
     damping: float,
-    tol: float = 1e-10,
+    tol: float | None = None,
     maxiter: int | None = None,
     callback: Callable[[Any], None] | None = None,
     check_convergence: bool = True,
@@ -414,17 +445,19 @@ def ngd_update_cg(
     damping : float >= 0
         lambda = 0 is allowed: from d_0 = 0, CG stays in the Krylov space of g
         and converges to the minimum-norm solution when g is in range(F).
-    tol : float
-        Relative residual ||(F + lambda I) d - g|| <= tol ||g||.
+    tol : float, optional
+        Relative residual ||(F + lambda I) d - g|| <= tol ||g||; default
+        :func:`ngdref.cg.default_cg_tol` of ``grad``'s dtype (1e-10 for float64,
+        1.2e-4 for float32).
     maxiter : int, optional
         Default 10 * P.
     callback : callable, optional
         Called with every iterate d_k; CG's iterates are locally optimal for
         the quality indicator gamma (App. F.2).
     check_convergence : bool
-        If True (default), raise :class:`~ngdref.linalg.NotConvergedError`
-        when ``maxiter`` is reached first; False returns the last iterate
-        (truncated CG).
+        If True (default), raise :class:`~ngdref.cg.NotConvergedError` when the
+        true residual of the returned d is above 2 tol ||g||; False returns the
+        last iterate (truncated CG).
 
     Returns
     -------
@@ -434,19 +467,39 @@ def ngd_update_cg(
     check_ndim(grad, "grad", 1, "(P,)")
     check_floating(xp, grad, "grad")
     check_finite(xp, grad, "grad")
+    if tol is None:
+        tol = default_cg_tol(xp, grad.dtype)
     result = conjugate_gradient(
         fisher_vp, grad, damping=damping, tol=tol, maxiter=maxiter, callback=callback
     )
     if check_convergence and not result.converged:
-        raise NotConvergedError(
-            f"conjugate gradient did not reach tol={tol} after {result.iterations} iterations "
-            f"(maxiter={'10 * P' if maxiter is None else maxiter}) "
-            f"(true relative residual {result.residual_norm / _norm(xp, grad):.3g}); raise "
-            "maxiter or damping, raise tol to the accuracy of fisher_vp (about 1e-7 for "
-            "models with float32 internals), or pass check_convergence=False for truncated CG"
-        )
+        raise NotConvergedError(_not_converged_message(result, tol, maxiter, _norm(xp, grad)))
     return result.x
 
+
+def _not_converged_message(result: Any, tol: float, maxiter: int | None, grad_norm: float) -> str:
+    """Say which of CG's stops happened, with the numbers."""
+    relative = result.residual_norm / grad_norm
+    if result.stop == "maxiter":
+        limit = "10 * P" if maxiter is None else maxiter
+        return (
+            f"conjugate gradient hit maxiter={limit} ({result.iterations} iterations) with true "
+            f"relative residual {relative:.3g} > tol = {tol:.3g}: raise maxiter or damping "
+            "(which improves the conditioning), raise tol, or pass check_convergence=False "
+            "for truncated CG"
+        )
+    what = (
+        f"conjugate gradient's recursive residual reached tol={tol:.3g} after "
+        f"{result.iterations} iterations, but"
+        if result.stop == "tolerance"
+        else f"conjugate gradient broke down after {result.iterations} iterations (p^T (F + "
+        "lambda I) p <= 0 from rounding) and"
+    )
+    return (
+        f"{what} the true relative residual of the result is {relative:.3g} > 2 tol = "
+        f"{2 * tol:.3g}: fisher_vp is not accurate enough for this tol (float32 model "
+        f"internals, say); raise tol above {relative:.3g}, or pass check_convergence=False"
+    )
 
 def _norm(xp: Any, v: Any) -> float:
     return float(xp.sqrt(xp.sum(v * v)))

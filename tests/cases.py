@@ -297,6 +297,48 @@ def np_damped_solve(matrix: np.ndarray, grad: np.ndarray, damping: float) -> np.
     return np.linalg.solve(matrix + damping * np.eye(matrix.shape[0]), grad)
 
 
+# ---- tolerances from error analysis (norm-wise, scaled by condition and size) -------------
+EPS = float(np.finfo(np.float64).eps)
+#: the unspecified small constants of the standard rounding-error bounds (Higham, Accuracy
+#: and Stability of Numerical Algorithms, ch. 3, 7, 10); a choice, not a fit to one machine
+SAFETY = 10.0
+
+
+def solve_rtol(matrix: np.ndarray, eps: float = EPS) -> float:
+    """Norm-wise bound on ||x1 - x2|| / ||x|| of two backward-stable solves of M x = b.
+
+    Each computed solution is within n kappa(M) eps of x (first order; Higham Thm 7.2 with a
+    backward error of n eps ||M||), so two of them differ by at most twice that.
+    """
+    n = matrix.shape[0]
+    return 2 * SAFETY * n * float(np.linalg.cond(matrix)) * eps
+
+
+def gram_rtol(rows: np.ndarray, matrix: np.ndarray, c: np.ndarray, eps: float = EPS) -> float:
+    """Norm-wise bound on the relative difference of two float64 routes to d = A^T c.
+
+    A = ``rows`` (n, p), ``matrix`` = A A^T + damping term, c = matrix^-1 b. Forming A A^T
+    perturbs it by at most p eps ||A||^2 (dot products of p terms), the solve adds n eps
+    ||M|| backward error, so ||dc|| / ||c|| <= kappa(M) (p eps ||A||^2 / ||M|| + n eps); the
+    product A^T c adds p eps ||A|| ||c||. ||A|| ||c|| / ||d|| converts to d's relative error.
+    ``eps`` is the unit roundoff of the dtype the result is formed in.
+    """
+    n, p = rows.shape
+    a_norm = float(np.linalg.norm(rows, 2))
+    amplification = a_norm * np.linalg.norm(c) / np.linalg.norm(rows.T @ c)
+    perturbation = p * EPS * a_norm**2 / np.linalg.norm(matrix, 2) + n * EPS
+    return 2 * SAFETY * amplification * (np.linalg.cond(matrix) * perturbation + p * eps)
+
+
+def sum_rtol(scale: float, result: np.ndarray, terms: int) -> float:
+    """Norm-wise bound for two routes to a sum of products of ``terms`` terms in all.
+
+    Each route's rounding is at most terms * eps * ``scale`` (the sum of the absolute
+    products, e.g. sum_n ||J_n||_F^2 ||H_n|| for sum_n J_n^T H_n J_n), relative to ||result||.
+    """
+    return 2 * SAFETY * terms * EPS * scale / float(np.linalg.norm(result))
+
+
 def assert_close_norm(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
     """||actual - expected|| <= rtol * ||expected|| (a norm-wise comparison)."""
     err = np.linalg.norm(np.asarray(actual) - expected)

@@ -308,7 +308,7 @@ def dense_reference(
             probs.shape[1] - 1)
         for k in range(n)
     ])
-    sampled = single_sample_grads(torch.as_tensor(drawn), r)
+    sampled = single_sample_grads(torch.as_tensor(drawn), r)  # mean-loss rows (SPEC §9)
     p_dim = theta.numel()
     if protocol == "authors":
         keep = authors_true_row_filter(torch.as_tensor(grads), threshold)

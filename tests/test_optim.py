@@ -202,7 +202,8 @@ IEF_OPTIONS = [
     {"damping": 1e-3},
     {"damping": 1e-3, "damping_space": "parameter", "dedup_threshold": 0.99},
     {"damping": 1e-4, "damping_mode": "relative"},
-    {"damping": 1e-2, "damping_mode": "diagonal"},
+    {"damping": 1e-2, "damping_mode": "levenberg_marquardt"},
+    {"damping": 0.0, "damping_mode": "diagonal_only"},
 ]
 
 
@@ -256,7 +257,8 @@ def test_sf_steps_use_labels_redrawn_with_the_key(
         drawn = problem.loss.sample(
             z.reshape(N, -1), opt.sampling_key(t), num_samples, targets=problem.targets
         )
-        rows = torch.cat([r**0.5 * loop_grads(problem, drawn[k]) for k in range(num_samples)])
+        # sampled rows of the reduced loss: R times the sum-convention rows (SPEC §9)
+        rows = torch.cat([r * loop_grads(problem, drawn[k]) for k in range(num_samples)])
         grad = r * loop_grads(problem, problem.targets).sum(0)
         u = ngdref.sf_update(grad, rows, damping=1e-2, num_samples=num_samples)
         expected = -decayed(0.1, t, 3) * u / torch.linalg.vector_norm(u)
@@ -286,7 +288,7 @@ SCALINGS = [
     (IEF, {}, 1, -2),
     (IEF, {"damping_space": "parameter"}, 1, 0),
     (EF, {"total_steps": 2}, 0, -2),
-    (SF, {"total_steps": 2}, 0, -1),
+    (SF, {"total_steps": 2}, 0, -2),
     (NGD, {"cg_tol": 1e-12}, 0, -1),
 ]
 
@@ -467,7 +469,9 @@ CONSTRUCTOR_ERRORS = [
     (EF, {"total_steps": 0}, ValueError, "total_steps"),
     (IEF, {"damping_mode": "rel"}, ValueError, "damping_mode"),
     (IEF, {"damping_space": "param"}, ValueError, "damping_space"),
-    (IEF, {"damping_space": "parameter", "damping_mode": "diagonal"}, ValueError, "damping_mode"),
+    (IEF, {"damping_space": "parameter", "damping_mode": "levenberg_marquardt"}, ValueError,
+     "damping_mode"),
+    (IEF, {"damping_mode": "diagonal"}, ValueError, "damping_mode"),
     (IEF, {"dedup_threshold": 1.5}, ValueError, "dedup_threshold"),
     (IEF, {"reduction": "avg"}, ValueError, "reduction"),
     (SF, {"total_steps": 2, "num_samples": 0}, ValueError, "num_samples"),

@@ -1,0 +1,97 @@
+"""The PerSampleRows protocol: DenseRows against explicit NumPy products, and as_rows.
+
+Expected values are plain NumPy float64 products (and Python-loop dot products for the
+Gram matrices), not the code under test. Float64 products of P terms carry a relative
+error at most P eps |a| |b| per entry (the standard dot-product bound), so they are
+compared norm-wise with rtol = P eps times the ratio of the product of row norms to the
+result's norm (1 for a Gram matrix's diagonal-dominated scale, bounded here by 10).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ngdref
+from tests.cases import assert_close_norm
+
+EPS = np.finfo(np.float64).eps
+
+
+def _data(n: int = 5, m: int = 3, p: int = 11, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, p)), rng.standard_normal((m, p)), rng.standard_normal(p)
+
+
+class _ProductsOnly:
+    """A PerSampleRows that hides its array: only the protocol's products are available."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self._dense = ngdref.DenseRows(array)
+        self.shape = self._dense.shape
+        self.dtype = self._dense.dtype
+
+    def array_namespace(self):
+        return self._dense.array_namespace()
+
+    def gram(self):
+        return self._dense.gram()
+
+    def cross_gram(self, other):
+        return self._dense.cross_gram(other)
+
+    def matvec(self, v):
+        return self._dense.matvec(v)
+
+    def rmatvec(self, w):
+        return self._dense.rmatvec(w)
+
+
+def test_dense_rows_products_equal_numpy(backend):
+    g, h, v = _data()
+    rows = ngdref.as_rows(backend.asarray(g))
+    assert isinstance(rows, ngdref.DenseRows)
+    assert isinstance(rows, ngdref.PerSampleRows)
+    assert rows.shape == g.shape
+    gram_loop = np.array([[sum(a * b for a, b in zip(x, y, strict=True)) for y in g] for x in g])
+    rtol = 10 * g.shape[1] * EPS
+    assert_close_norm(backend.to_numpy(rows.gram()), gram_loop, rtol)
+    assert_close_norm(backend.to_numpy(rows.cross_gram(backend.asarray(h))), g @ h.T, rtol)
+    assert_close_norm(backend.to_numpy(rows.matvec(backend.asarray(v))), g @ v, rtol)
+    w = np.arange(1.0, g.shape[0] + 1)
+    assert_close_norm(backend.to_numpy(rows.rmatvec(backend.asarray(w))), g.T @ w, rtol)
+    assert rows.gram().dtype == backend.xp.float64
+
+
+def test_float32_rows_give_float64_grams_and_float32_rmatvec(backend):
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("float32 variant on numpy and torch")
+    g, _, _ = _data(p=250_000)  # more than one 2**20-entry float64 block
+    g32 = g.astype(np.float32)
+    rows = ngdref.as_rows(backend.asarray(g32))
+    gram = backend.to_numpy(rows.gram())
+    assert gram.dtype == np.float64
+    g64 = g32.astype(np.float64)  # the float32 rows, exactly, in float64
+    assert_close_norm(gram, g64 @ g64.T, 10 * g.shape[1] * EPS)
+    out = backend.to_numpy(rows.rmatvec(backend.asarray(np.ones(g.shape[0]))))
+    assert out.dtype == np.float32
+
+
+def test_cross_gram_with_a_non_dense_other_equals_numpy(backend):
+    g, h, _ = _data()
+    rows = ngdref.as_rows(backend.asarray(g))
+    other = _ProductsOnly(backend.asarray(h))
+    assert not isinstance(other, ngdref.DenseRows)
+    assert ngdref.as_rows(other) is other  # a PerSampleRows passes through
+    assert_close_norm(backend.to_numpy(rows.cross_gram(other)), g @ h.T, 10 * g.shape[1] * EPS)
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], "rows", 3.0])
+def test_as_rows_refuses_what_is_neither_array_nor_rows(bad):
+    with pytest.raises(TypeError, match="per_sample_grads must be an array"):
+        ngdref.as_rows(bad)
+
+
+def test_dense_rows_refuses_a_vector(backend):
+    with pytest.raises(ValueError, match="per_sample_grads must have 2 axes"):
+        ngdref.as_rows(backend.asarray(np.ones(3)))
