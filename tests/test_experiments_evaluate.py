@@ -171,21 +171,12 @@ def test_evaluation_json_format(mlp_run: Path, mlp_evaluation: dict[str, Any]) -
 
 
 # ---- gamma against a dense, independent recomputation ----------------------------------------
-def _dedup_keep(grads: np.ndarray, threshold: float) -> np.ndarray:
-    """Greedy in decreasing norm: keep a row unless |cos| > threshold with a kept row."""
-    norms = np.linalg.norm(grads, axis=1)
-    kept: list[int] = []
-    for i in np.argsort(-norms, kind="stable"):
-        if norms[i] == 0:
-            continue
-        cos = [abs(grads[i] @ grads[j]) / (norms[i] * norms[j]) for j in kept]
-        if not any(c > threshold for c in cos):
-            kept.append(int(i))
-    return np.array(sorted(kept))
-
-
 def _gram_update(grads: np.ndarray, rhs: np.ndarray, damping: float, threshold: float | None):
-    keep = np.arange(len(grads)) if threshold is None else _dedup_keep(grads, threshold)
+    """G_kept^T (G_kept G_kept^T + lambda I)^{-1} rhs_kept by numpy, kept by the authors' loop."""
+    keep = (
+        np.arange(len(grads)) if threshold is None
+        else authors_true_row_filter(torch.as_tensor(grads), threshold)
+    )
     g = grads[keep]
     c = np.linalg.solve(g @ g.T + damping * np.eye(len(keep)), rhs[keep])
     return g.T @ c
@@ -248,7 +239,7 @@ def dense_reference(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """gamma of SGD, EF, iEF, SF and both imbalances of one MLP batch, all by other routes.
 
-    "ngdref": R = 1/M, the greedy filter inside the EF / iEF solves, g over all rows.
+    "ngdref": R = 1/M, the all-pairs filter inside the EF / iEF solves, g over all rows.
     "authors": R = 1/micro_batch, their all-pairs filter first, g and the imbalance over the
     kept rows, SF from their Woodbury formula on their filtered sampled rows.
     """
@@ -446,24 +437,6 @@ def test_sf_duplicate_filter_matches_the_authors_loop(duplicates: str) -> None:
         expected.T @ expected).max())
 
 
-def test_all_pairs_filter_matches_the_authors_loop() -> None:
-    """``authors_keep`` against the transcription of their loop, on the chain case where the
-    greedy rule keeps a different set."""
-    from validation.experiments.protocols import authors_keep
-
-    # norms 1, 2, 3 at angles 0, 0.3, 0.6 rad (cos 0.955 between neighbours, 0.825 apart),
-    # then three orthogonal rows
-    angles = np.array([0.0, 0.3, 0.6])
-    chain = np.stack([np.cos(angles), np.sin(angles)], axis=1) * np.array([[1.0], [2.0], [3.0]])
-    rows = np.zeros((6, 6))
-    rows[:3, :2] = chain
-    rows[3:, 3:] = np.diag([1.0, 1.25, 1.5])
-    keep = authors_keep(rows @ rows.T, 0.95)
-    assert np.flatnonzero(keep).tolist() == authors_true_row_filter(torch.as_tensor(rows), 0.95)
-    assert np.flatnonzero(keep).tolist() == [2, 3, 4, 5]  # the chain keeps only its largest
-    assert _dedup_keep(rows, 0.95).tolist() == [0, 2, 3, 4, 5]  # greedy keeps both ends
-
-
 def test_micro_batch_changes_nothing(mlp_run: Path, tmp_path: Path) -> None:
     """Micro-batches bound memory only: one pass of 12 or passes of 5 + 5 + 2 agree."""
     run = copy_run(mlp_run, tmp_path / "run")
@@ -478,10 +451,10 @@ def test_micro_batch_changes_nothing(mlp_run: Path, tmp_path: Path) -> None:
 
 # ---- sweep -----------------------------------------------------------------------------------
 def test_sweep_format_and_equality_with_evaluate(mlp_run: Path, tmp_path: Path) -> None:
-    """At each lambda of the grid the sweep's factorised solves (one eigendecomposition per
-    batch) give evaluate's numbers (one library solve per lambda) with damping = lambda for
-    EF, iEF and SF: same batches, same SF draws. Both are float64 eigen-solves of the same
-    small systems; they agree to ~1e-15 here, 1e-9 leaves room for other BLAS builds."""
+    """At each lambda of the grid the sweep (Gram matrices formed once per batch, reused for
+    every lambda) gives evaluate's numbers with damping = lambda for EF, iEF and SF: same
+    batches, same SF draws, same library solves; they agree to rounding (1e-9 leaves room
+    for other BLAS builds)."""
     run = copy_run(mlp_run, tmp_path / "run")
     grid = [1e-12, 1e-6, 1e-3]
     settings = {"batches": 2, "batch_size": M, "micro_batch": MICRO, "progress": False}
@@ -510,6 +483,29 @@ def test_sweep_format_and_equality_with_evaluate(mlp_run: Path, tmp_path: Path) 
                 assert swept["ratios"][name]["std"][k] == pytest.approx(
                     summary["std"], rel=1e-6, abs=1e-12
                 ), (swept["name"], lam, name)
+
+
+def test_sweep_forms_each_gram_matrix_once_per_batch(
+    mlp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep over D dampings forms two Gram matrices per batch (the true rows' and the
+    sampled rows'), whatever D: the damping grid reuses them (issue 7)."""
+    import ngdref.rows
+
+    calls = []
+    products = ngdref.rows._products64
+
+    def counted(a: Any, b: Any) -> Any:
+        calls.append(tuple(a.shape))
+        return products(a, b)
+
+    monkeypatch.setattr(ngdref.rows, "_products64", counted)
+    run = copy_run(mlp_run, tmp_path / "run")
+    for grid in ([1e-6], [1e-9, 1e-6, 1e-3, 1.0]):
+        calls.clear()
+        sweep_run(run, dampings=grid, batches=2, batch_size=M, checkpoints="last",
+                  progress=False, overwrite=True)
+        assert len(calls) == 2 * 2, (grid, calls)
 
 
 def test_sweep_middle_checkpoint_and_resume(mlp_run: Path, tmp_path: Path) -> None:

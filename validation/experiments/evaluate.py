@@ -111,7 +111,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ngdref
-from ngdref.linalg import singular_rtol
 from validation.experiments.protocols import (
     IMBALANCE_STATISTICS,
     PROTOCOLS,
@@ -848,99 +847,12 @@ def evaluate_run(
 # =============================================================================================
 # sweep
 # =============================================================================================
-class _GramSweep:
-    r"""Sample-space Gram solves :math:`(K + \lambda I)^{-1} b` for many lambda from one eigh.
-
-    K = G G^T (float64) of the rows kept by the near-duplicate filter, factorised once per
-    batch; each damping then costs O(M^2). Mirrors :func:`ngdref.solve_damped_gram` ("absolute"
-    mode, identity weights) including its singularity rule; the tests check the two agree.
-    """
-
-    def __init__(self, rows: torch.Tensor, dedup_threshold: float | None) -> None:
-        import torch
-
-        self.rows = rows
-        gram = ngdref.gram_matrix(rows)
-        m = gram.shape[0]
-        if dedup_threshold is None:
-            self.index = torch.arange(m, device=rows.device)
-        else:
-            self.index = torch.nonzero(ngdref.near_duplicate_mask(gram, dedup_threshold))[:, 0]
-        kept = gram[self.index][:, self.index]
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(kept)
-        self.size = m
-
-    def update(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-        """G^T c with (K_kept + lambda I) c_kept = rhs_kept, c = 0 at dropped rows."""
-        import torch
-
-        shifted = self.eigenvalues + damping
-        rtol = singular_rtol(torch, self.size, self.rows.dtype, damping)
-        largest = float(shifted.abs().max())
-        if largest == 0.0 or float(shifted.min()) <= rtol * largest:
-            raise ngdref.SingularMatrixError(
-                f"the damped Gram matrix is singular to working precision at damping={damping}"
-            )
-        b = rhs.to(torch.float64)[self.index]
-        c_kept = self.eigenvectors @ ((self.eigenvectors.T @ b) / shifted)
-        c = torch.zeros(self.size, dtype=torch.float64, device=self.rows.device)
-        c[self.index] = c_kept
-        return c.to(self.rows.dtype) @ self.rows
-
-
-class _WoodburySweep:
-    r"""SF's :math:`(\hat G^\top \hat G + \lambda I_P)^{-1} g` for many lambda from one eigh.
-
-    .. math:: \frac{1}{\lambda}\left[g - \hat G^\top (\hat G \hat G^\top + \lambda I)^{-1}
-              \hat G g\right]
-
-    Mirrors :func:`ngdref.sf_update` (float64, the same singularity rule); when P <= M K it
-    calls :func:`ngdref.sf_update` itself.
-    """
-
-    def __init__(self, grad: torch.Tensor, sampled: torch.Tensor, num_samples: int) -> None:
-        import torch
-
-        self.grad, self.sampled, self.num_samples = grad, sampled, num_samples
-        rows = sampled / num_samples**0.5
-        self.small = rows.shape[1] <= rows.shape[0]
-        if self.small:
-            return
-        self.dtype = rows.dtype
-        self.a64 = rows.to(torch.float64)
-        self.g64 = grad.to(torch.float64)
-        self.ag = self.a64 @ self.g64
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(ngdref.gram_matrix(rows))
-        self.size = rows.shape[0]
-
-    def update(self, damping: float) -> torch.Tensor:
-        if self.small:
-            return ngdref.sf_update(
-                self.grad, self.sampled, damping=damping, num_samples=self.num_samples
-            )
-        if damping == 0:
-            raise ngdref.SingularMatrixError("SF needs damping > 0 when P > M K")
-        import torch
-
-        shifted = self.eigenvalues + damping
-        rtol = singular_rtol(torch, self.size, self.dtype, damping)
-        largest = float(shifted.abs().max())
-        if largest == 0.0 or float(shifted.min()) <= rtol * largest:
-            raise ngdref.SingularMatrixError(
-                f"the damped sampled Gram matrix is singular at damping={damping}"
-            )
-        c = self.eigenvectors @ ((self.eigenvectors.T @ self.ag) / shifted)
-        return ((self.g64 - c @ self.a64) / damping).to(self.grad.dtype)
-
-
 def _sweep_checkpoint(
     setup: Setup,
     info: CheckpointInfo,
     settings: Mapping[str, Any],
     advance: Callable[[], None],
 ) -> tuple[dict[str, Any], int]:
-    import torch
-
     dampings, batches, seed = settings["dampings"], settings["batches"], settings["seed"]
     values = {name: np.full((len(dampings), batches), np.nan) for name in RATIOS}
     singular = 0
@@ -952,26 +864,15 @@ def _sweep_checkpoint(
             )
         except (ngdref.NonFiniteError, ValueError) as exc:
             raise _with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
-        gram = _GramSweep(state.rows, state.dedup_threshold)
-        assert state.sampled is not None
-        woodbury = _WoodburySweep(state.grad, state.sampled, state.num_samples)
-        ones = torch.ones_like(state.sq_norms)
         gamma_sgd = state.gamma(state.grad)
         for k, lam in enumerate(dampings):
             gamma: dict[str, float] = {"sgd": gamma_sgd}
             for method in ("ef", "ief", "sf"):
-                try:
-                    if method == "ef":
-                        update = gram.update(ones, lam)
-                    elif method == "ief":
-                        update = gram.update(state.sq_norms, lam)
-                    else:
-                        update = woodbury.update(lam)
+                try:  # the batch's Gram matrices are formed once, whatever lambda
+                    gamma[method] = state.gamma(state.update(method, lam))
                 except ngdref.SingularMatrixError:
                     gamma[method] = math.nan
                     singular += 1
-                    continue
-                gamma[method] = state.gamma(update)
             with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
                 for name, (num, den) in RATIOS.items():
                     values[name][k, b] = np.float64(gamma[num]) / gamma[den]
@@ -1018,8 +919,9 @@ def sweep_run(
         \frac{\gamma(d_{SF}(\lambda))}{\gamma(d_{EF}(\lambda))}
 
     G, s, g, the sampled gradients and the Fisher's quadratic form are computed once per
-    batch; G G^T and the sampled Gram matrix are factorised once, so each lambda costs two
-    M x M back-substitutions and one Jacobian-vector product per method. At a lambda of the
+    batch, and so are G G^T (one :class:`ngdref.DampedGram`) and the sampled Gram matrix;
+    each lambda costs one M x M Cholesky factorisation per Gram matrix, the solves and one
+    Jacobian-vector product per method. At a lambda of the
     grid the numbers equal :func:`evaluate_run`'s with ``damping=lambda`` (same protocol,
     batches and SF draws). A singular solve gives NaN for that batch and lambda (counted in
     the progress line) instead of stopping the sweep. Writes ``run_dir/sweep.json`` (module

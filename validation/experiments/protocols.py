@@ -37,57 +37,84 @@ norms (``new_iJ_norm_sqr = iJ_norm_sqr``), so the scale-up test ``new > old`` is
 and the released code DROPS the row. ``sf_duplicates="drop"`` (default) is what the released
 code computes, ``"merge"`` what it was written to do.
 
-Imbalance statistics (:data:`IMBALANCE_STATISTICS`): ``"max_min"`` = max_n ||g_n|| /
+Imbalance statistics (:func:`ngdref.grad_norm_imbalance`): ``"max_min"`` = max_n ||g_n|| /
 min_n ||g_n|| (the authors' evaluation prints this), ``"tail_10"`` = mean of the largest
 floor(M/10) norms over the mean of the smallest floor(M/10) (at least one; the authors'
 optimiser logs this). Both are ratios, independent of R.
+
+Solves: every update is the public ``ngdref`` function. EF and iEF share one
+:class:`ngdref.DampedGram` per batch (the Gram matrix and the duplicate filter formed once,
+one Cholesky factorisation per damping value), and SF's sampled rows form their Gram matrix
+once (:class:`SharedGramRows`), so a damping sweep forms no Gram matrix twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import ngdref
+from ngdref.quality import IMBALANCE_STATISTICS
+from ngdref.rows import DenseRows, PerSampleRows
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AUTHORS_SF_DEDUP_THRESHOLD",
     "IMBALANCE_STATISTICS",
     "PROTOCOLS",
     "SF_DUPLICATES",
     "BatchScorer",
-    "authors_keep",
+    "SharedGramRows",
     "authors_sf_rows",
-    "imbalance",
+    "score_batch",
 ]
 
 PROTOCOLS = ("ngdref", "authors")
-IMBALANCE_STATISTICS = ("max_min", "tail_10")
 SF_DUPLICATES = ("drop", "merge")
-#: the authors' thresholds: true rows (their evaluation) and SF's sampled rows
-AUTHORS_DEDUP_THRESHOLD = 0.95
+#: the authors' threshold for SF's sampled rows (``remove_J_C_duplicates(thresh=0.99)``)
 AUTHORS_SF_DEDUP_THRESHOLD = 0.99
 
 
-def imbalance(norms: np.ndarray, statistic: str) -> float:
-    r"""Gradient-norm imbalance of row norms (M,): "max_min" or "tail_10" (module docstring).
+class SharedGramRows:
+    """:class:`ngdref.PerSampleRows` over dense rows whose Gram matrix is formed once.
 
-    +inf when the denominator is 0.
+    ``ngdref.sf_update`` forms the Gram matrix of the sampled rows at every call; a damping
+    sweep calls it once per damping value with the same rows. Built with ``gram`` (e.g. a
+    submatrix of an already formed one), no product is taken at all.
+
+    Parameters
+    ----------
+    array : array, shape (M, P)
+    gram : array, shape (M, M), float64, optional
+        ``array @ array.T`` if already known.
     """
-    ordered = np.sort(np.asarray(norms, dtype=np.float64))
-    if statistic == "max_min":
-        low, high = ordered[0], ordered[-1]
-    elif statistic == "tail_10":
-        k = max(1, ordered.size // 10)
-        low, high = ordered[:k].mean(), ordered[-k:].mean()
-    else:
-        raise ValueError(f"statistic must be one of {IMBALANCE_STATISTICS}, got {statistic!r}")
-    return float("inf") if low == 0.0 else float(high / low)
+
+    def __init__(self, array: Any, gram: Any = None) -> None:
+        self._rows = DenseRows(array, "sampled_grads")
+        self.shape, self.dtype = self._rows.shape, self._rows.dtype
+        self._gram = gram
+
+    def array_namespace(self) -> Any:
+        return self._rows.array_namespace()
+
+    def gram(self) -> Any:
+        if self._gram is None:
+            self._gram = self._rows.gram()
+        return self._gram
+
+    def cross_gram(self, other: PerSampleRows) -> Any:
+        return self._rows.cross_gram(other)
+
+    def matvec(self, v: Any) -> Any:
+        return self._rows.matvec(v)
+
+    def rmatvec(self, w: Any) -> Any:
+        return self._rows.rmatvec(w)
 
 
 def _abs_cosines(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,20 +125,6 @@ def _abs_cosines(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nan_to_num(cos, nan=0.0), sq
 
 
-def authors_keep(gram: np.ndarray, threshold: float) -> np.ndarray:
-    r"""The authors' all-pairs duplicate filter: bool mask (M,) of the rows kept.
-
-    For every pair i < j with :math:`|K_{ij}| / \sqrt{K_{ii} K_{jj}} >` ``threshold``, row i
-    is dropped if :math:`K_{jj} > K_{ii}`, else row j (a dropped row still takes part in
-    other pairs).
-    """
-    cos, sq = _abs_cosines(gram)
-    i, j = np.nonzero(np.triu(cos > threshold, k=1))
-    keep = np.ones(gram.shape[0], dtype=bool)
-    keep[np.where(sq[j] > sq[i], i, j)] = False
-    return keep
-
-
 def authors_sf_rows(
     gram: np.ndarray, threshold: float, duplicates: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +132,9 @@ def authors_sf_rows(
 
     Rows in decreasing norm; for each row a not marked exactly duplicate, every later row b
     (not marked) with ``|cos| > threshold`` is removed and its squared norm added to a's
-    accumulator (b is marked when the accumulators are equal). ``"drop"``: scales 1 (the
-    released code); ``"merge"``: a kept row is scaled by sqrt(accumulated / own squared norm).
+    accumulator (b is marked when the compared norms are equal). ``"drop"``: scales 1 (the
+    released code, whose accumulator aliases the norms it is compared with); ``"merge"``: a
+    kept row is scaled by sqrt(accumulated / own squared norm), the code's intent.
     """
     cos, sq = _abs_cosines(gram)
     order = np.argsort(-sq, kind="stable")
@@ -155,32 +169,30 @@ class BatchScorer:
 
     Attributes
     ----------
-    rows : torch.Tensor, shape (M', P)
-        R g_n of the rows the updates use (authors: the kept rows; ngdref: all M).
-    sq_norms : torch.Tensor, shape (M',)
-        R^2 s_n of the same rows.
+    solver : ngdref.DampedGram
+        Over R g_n of all M rows, with the protocol's duplicate filter (``solver.kept``);
+        shared by the EF and iEF updates.
+    sq_norms : torch.Tensor, shape (M,)
+        R^2 s_n.
     grad : torch.Tensor, shape (P,)
-        g = sum of ``rows`` (R-scaled).
-    sampled : torch.Tensor or None, shape (K M'', P)
-        R times SF's sampled gradients (authors: filtered, see :func:`authors_sf_rows`).
+        g: R times the sum of all rows ("ngdref") or of the kept rows ("authors").
+    sampled : SharedGramRows or None
+        R times SF's sampled gradients ("authors": filtered, see :func:`authors_sf_rows`).
     form : ngdref.QuadraticForm
         v -> v^T F v with F = R sum over all M samples.
-    dedup_threshold : float or None
-        Passed to ``ngdref.ef_update`` / ``ief_update`` (authors: None, already filtered).
     num_samples : int
-        K of ``sampled`` (authors after filtering: 1, the rows are no longer K per sample).
+        K of ``sampled`` ("authors" after filtering: 1, as their code).
     imbalance : dict of str to float
-        Both statistics, over the rows of the protocol.
+        Both statistics, over all rows ("ngdref") or the kept rows ("authors").
     kept : int
-        M', the rows the EF / iEF updates and g use.
+        Rows the EF / iEF updates use.
     """
 
-    rows: torch.Tensor
+    solver: ngdref.DampedGram
     sq_norms: torch.Tensor
     grad: torch.Tensor
-    sampled: torch.Tensor | None
+    sampled: SharedGramRows | None
     form: ngdref.QuadraticForm
-    dedup_threshold: float | None
     num_samples: int
     imbalance: dict[str, float]
     kept: int
@@ -194,13 +206,9 @@ class BatchScorer:
         if method == "sgd":
             return self.grad
         if method == "ef":
-            return ngdref.ef_update(
-                self.rows, damping=damping, dedup_threshold=self.dedup_threshold
-            )
+            return ngdref.ef_update(self.solver, damping=damping)
         if method == "ief":
-            return ngdref.ief_update(
-                self.rows, self.sq_norms, damping=damping, dedup_threshold=self.dedup_threshold
-            )
+            return ngdref.ief_update(self.solver, self.sq_norms, damping=damping)
         if method == "sf":
             if self.sampled is None:
                 raise ValueError("method 'sf' needs the sampled gradients (with_sf=True)")
@@ -208,6 +216,18 @@ class BatchScorer:
                 self.grad, self.sampled, damping=damping, num_samples=self.num_samples
             )
         raise ValueError(f"method must be one of sgd, ef, ief, sf, got {method!r}")
+
+
+def _authors_sampled(sampled: torch.Tensor, duplicates: str) -> SharedGramRows:
+    import torch
+
+    rows = SharedGramRows(sampled)
+    gram = rows.gram()
+    index, scale = authors_sf_rows(gram.cpu().numpy(), AUTHORS_SF_DEDUP_THRESHOLD, duplicates)
+    idx = torch.as_tensor(index, device=sampled.device)
+    s64 = torch.as_tensor(scale, dtype=torch.float64, device=sampled.device)
+    kept_gram = gram[idx][:, idx] * s64[:, None] * s64[None, :]
+    return SharedGramRows(sampled[idx] * s64.to(sampled.dtype)[:, None], kept_gram)
 
 
 def score_batch(
@@ -234,31 +254,31 @@ def score_batch(
     factor : float
         R.
     dedup_threshold : float or None
-        The true rows' filter threshold (None: off).
+        The true rows' all-pairs filter threshold (None: off).
+    num_samples : int
+        K.
+    sf_duplicates : {"drop", "merge"}
+        "authors" only, see :func:`authors_sf_rows`.
     """
-    import torch
-
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     r = float(factor)
     rows, s = r * per_sample_grads, (r * r) * logit_grad_sq_norms
-    sampled = None if sampled_grads is None else r * sampled_grads
-    form = form_sum(r)
-    if protocol == "ngdref":
-        norms = torch.linalg.vector_norm(rows, dim=1).cpu().numpy()
-        stats = {k: imbalance(norms, k) for k in IMBALANCE_STATISTICS}
-        return BatchScorer(rows, s, rows.sum(dim=0), sampled, form, dedup_threshold,
-                           num_samples, stats, rows.shape[0])
-    if protocol != "authors":
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if dedup_threshold is not None:
-        gram = ngdref.gram_matrix(rows).cpu().numpy()
-        keep = torch.as_tensor(authors_keep(gram, dedup_threshold), device=rows.device)
-        rows, s = rows[keep], s[keep]
-    norms = torch.linalg.vector_norm(rows, dim=1).cpu().numpy()
-    stats = {k: imbalance(norms, k) for k in IMBALANCE_STATISTICS}
-    if sampled is not None:
-        gram = ngdref.gram_matrix(sampled).cpu().numpy()
-        index, scale = authors_sf_rows(gram, AUTHORS_SF_DEDUP_THRESHOLD, sf_duplicates)
-        sampled = sampled[torch.as_tensor(index, device=sampled.device)] * torch.as_tensor(
-            scale, dtype=sampled.dtype, device=sampled.device
-        )[:, None]
-    return BatchScorer(rows, s, rows.sum(dim=0), sampled, form, None, 1, stats, rows.shape[0])
+    solver = ngdref.DampedGram(
+        rows, dedup_threshold=dedup_threshold, dedup_rule="all_pairs",
+        rows_name="per_sample_grads",
+    )
+    kept = solver.kept if protocol == "authors" else None
+    grad = rows.sum(dim=0) if kept is None else rows[kept].sum(dim=0)
+    stats = {
+        k: ngdref.grad_norm_imbalance(rows, statistic=k, kept=kept) for k in IMBALANCE_STATISTICS
+    }
+    sampled = None
+    if sampled_grads is not None:
+        if protocol == "authors":
+            sampled, num_samples = _authors_sampled(r * sampled_grads, sf_duplicates), 1
+        else:
+            sampled = SharedGramRows(r * sampled_grads)
+    return BatchScorer(
+        solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum())
+    )
