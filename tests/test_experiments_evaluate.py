@@ -586,9 +586,15 @@ def test_t5_evaluator_keeps_only_the_first_label_token(t5_run: Path) -> None:
         torch.testing.assert_close(grads[n], expected_row, rtol=1e-4, atol=1e-6)
 
 
-def test_t5_evaluation_file(t5_run: Path) -> None:
-    result = evaluate_run(t5_run, batches=2, batch_size=6, micro_batch=4, progress=False)
-    check_evaluation_format(result, t5_run / EVALUATION_FILE, ["epoch-0", "epoch-1"])
+@pytest.mark.parametrize(
+    ("protocol", "batch_size"), [("ngdref", 6), ("authors", 8)]  # authors: 2 micro-batches
+)
+def test_t5_evaluation_file(t5_run: Path, tmp_path: Path, protocol: str, batch_size: int) -> None:
+    run = copy_run(t5_run, tmp_path / "run")
+    result = evaluate_run(
+        run, protocol=protocol, batches=2, batch_size=batch_size, micro_batch=4, progress=False
+    )
+    check_evaluation_format(result, run / EVALUATION_FILE, ["epoch-0", "epoch-1"])
 
 
 # ---- bad input -------------------------------------------------------------------------------
