@@ -95,40 +95,68 @@ Command line::
         --damping 1e-7 --checkpoints first,last
     python -m validation.experiments sweep runs/digits-adam --dampings 1e-12,1e-9,1e-6,1e-3,1
 """
-
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import ngdref
+from validation.experiments.evaluate_cli import register_evaluate, register_sweep
+from validation.experiments.evaluate_settings import (
+    AUTHORS_DAMPING,
+    DEFAULT_BATCHES,
+    DEFAULT_DAMPING,
+    DEFAULT_SWEEP_BATCHES,
+    DEFAULT_SWEEP_DAMPINGS,
+    EVALUATION_FILE,
+    METHODS,
+    RATIOS,
+    SWEEP_FILE,
+    atomic_write_json,
+    check_batch_size,
+    common_settings,
+    damping_value,
+    load_previous,
+    prepare,
+    progress_bar,
+    resolve_checkpoints,
+    resolve_damping,
+    resolve_methods,
+    resolve_progress,
+    settings_json,
+    summarize,
+)
 from validation.experiments.protocols import (
     IMBALANCE_STATISTICS,
-    PROTOCOLS,
-    SF_DUPLICATES,
-    BatchScorer,
-    score_batch,
+    EvaluationError,
+    EvaluationProblem,
+    batch_rows,
+    batch_scorer,
+    evaluation_problem,
+    first_label_token,
+    sf_key,
+    with_context,
 )
 
-# torch, the provider and the runner are imported where they are used, so that the command
-# line (``python -m validation.experiments --help``) registers these commands without them
+# torch and the runner are imported where they are used, so that the command line
+# (``python -m validation.experiments --help``) registers these commands without them
 if TYPE_CHECKING:
     import torch
 
-    from backends.torch_provider import TorchProvider
-    from validation.experiments.train import Batch, CheckpointInfo, Setup
+    from validation.experiments.train import CheckpointInfo, Setup
 
 __all__ = [
+    "AUTHORS_DAMPING",
+    "DEFAULT_BATCHES",
     "DEFAULT_DAMPING",
+    "DEFAULT_SWEEP_BATCHES",
     "DEFAULT_SWEEP_DAMPINGS",
     "EVALUATION_FILE",
     "METHODS",
@@ -146,479 +174,6 @@ __all__ = [
     "sf_key",
     "sweep_run",
 ]
-
-EVALUATION_FILE = "evaluation.json"
-SWEEP_FILE = "sweep.json"
-METHODS = ("sgd", "ef", "ief", "sf")
-#: ratio name -> (numerator method, denominator method)
-RATIOS: dict[str, tuple[str, str]] = {
-    "ef/sgd": ("ef", "sgd"),
-    "ief/sgd": ("ief", "sgd"),
-    "sf/ief": ("sf", "ief"),
-    "sf/ef": ("sf", "ef"),
-}
-#: lambda per method in the mean convention (R = 1/M). iEF: near-undamped, as the authors'
-#: evaluator; EF and SF: the paper's damping of its T5-LoRA / ViT EF and SF runs (App. H). EF
-#: and SF need a task-specific value (SPEC §5): check it with :func:`sweep_run`.
-DEFAULT_DAMPING: dict[str, float] = {"ef": 1e-7, "ief": 1e-12, "sf": 1e-7}
-#: the authors' protocol: one lambda for EF, iEF and SF (the paper's T5-LoRA / ViT value)
-AUTHORS_DAMPING = 1e-7
-#: batches per checkpoint by default. The paper uses 100; on a checkpoint of the default
-#: digits MLP (P = 85k, float64, 2 shared CPU cores) one batch of 160 took 1.8 s, so the
-#: paper's 100 took over 3 minutes per checkpoint while 20 take about 40 s (with a progress
-#: bar). Pass ``batches=100`` (``--batches 100``) for the paper's number.
-DEFAULT_BATCHES = 20
-DEFAULT_SWEEP_BATCHES = 10
-DTYPES = ("float64", "float32")
-#: 1e-12, 1e-11, ..., 1e2
-DEFAULT_SWEEP_DAMPINGS: tuple[float, ...] = tuple(float(f"1e{k}") for k in range(-12, 3))
-#: settings that may differ between a run and its resumption
-_RESUMABLE = ("checkpoints", "device")
-_WORDS = ("first", "middle", "last")
-
-
-class EvaluationError(ValueError):
-    """Bad input to the evaluation framework; the message names the argument."""
-
-
-# =============================================================================================
-# Batches, keys and the per-batch problem
-# =============================================================================================
-def batch_rows(seed: int, index: int, num_train: int, batch_size: int) -> np.ndarray:
-    """Training rows of evaluation batch ``index``: M distinct rows, fixed by (seed, index).
-
-    ``numpy.random.default_rng([seed, index]).choice(num_train, batch_size, replace=False)``;
-    independent of the checkpoint, so every checkpoint sees the same batches.
-    """
-    rng = np.random.default_rng([seed, index])
-    return rng.choice(num_train, size=batch_size, replace=False)
-
-
-def sf_key(seed: int, step: int, index: int) -> int:
-    """Integer key of SF's sampled labels on batch ``index`` of the checkpoint at ``step``.
-
-    ``numpy.random.SeedSequence([seed, step, index])``'s first 64-bit word; passed to
-    :meth:`ngdref.LogitLoss.sample` (Python's Mersenne Twister draws the uniforms).
-    """
-    state = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)
-    return int(state[0])
-
-
-def first_label_token(output: Any) -> torch.Tensor:
-    """T5 logits of the first label position only: ``output.logits[:, 0]``, (N, V)."""
-    from backends.torch_provider import default_output_fn
-
-    return default_output_fn(output)[:, 0]
-
-
-@dataclass(frozen=True)
-class EvaluationProblem:
-    """The model on one evaluation batch, as the framework scores it.
-
-    Attributes
-    ----------
-    provider : backends.TorchProvider
-        The model (eval mode) on the batch; ``chunk_size`` = the micro-batch.
-    loss : ngdref.LogitLoss
-        The per-sample loss: softmax CE (T5: over the vocabulary at the first label position).
-    targets : torch.Tensor, shape (M,)
-        Class labels (T5: the first label tokens).
-    factor : float
-        R, the reduction factor of every per-sample quantity.
-    """
-
-    provider: TorchProvider
-    loss: ngdref.LogitLoss
-    targets: torch.Tensor
-    factor: float
-
-
-def evaluation_problem(
-    setup: Setup, batch: Batch, *, micro_batch: int | None = 40, reduction: str | float = "mean"
-) -> EvaluationProblem:
-    r"""The provider, loss, targets and R of one batch under the evaluator's conventions.
-
-    For a T5 setup (sequence loss) only the first label position is kept:
-
-    .. math:: l_n = -\log \mathrm{softmax}(z_{n,0})[y_{n,0}]
-
-    with :math:`z_{n,0}` the teacher-forced logits of the first label position; other setups
-    use their own loss and logits.
-
-    Parameters
-    ----------
-    setup : Setup
-        From :func:`validation.experiments.train.build_setup`, parameters loaded.
-    batch : Batch
-        E.g. ``setup.train.make(rows)`` (no generator: no augmentation).
-    micro_batch : int, optional
-        Samples per forward/backward pass (memory bound; the results do not depend on it).
-    reduction : {"mean", "sum"} or float
-        R = 1/M, 1 or the given factor.
-
-    Raises
-    ------
-    EvaluationError
-        If a T5 sample's first label position is padding (-100).
-    """
-    from backends.torch_provider import TorchProvider
-    from validation.experiments.train import IGNORE_INDEX
-
-    if isinstance(setup.loss, ngdref.SequenceSoftmaxCrossEntropy):
-        targets = batch.targets[:, 0]
-        if bool((targets == IGNORE_INDEX).any()):
-            raise EvaluationError(
-                "batch: a sample's first label token is padding (-100); the evaluator scores "
-                "the first label token of every sample"
-            )
-        loss: ngdref.LogitLoss = ngdref.SoftmaxCrossEntropy()
-        output_fn: Callable[[Any], torch.Tensor] | None = first_label_token
-    else:
-        targets, loss, output_fn = batch.targets, setup.loss, setup.output_fn
-    dtype = next(p for _, p in setup.trainable).dtype
-    inputs = {  # float inputs follow the model (a float64 evaluation of a float32 run)
-        k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()
-    }
-    provider = TorchProvider(
-        setup.model,
-        inputs,
-        output_fn=output_fn,
-        chunk_size=micro_batch,
-        per_sample_method=setup.config["train"]["per_sample_method"],
-    )
-    factor = ngdref.reduction_factor(reduction, batch.size)
-    return EvaluationProblem(provider, loss, targets, factor)
-
-
-def _batch_state(
-    setup: Setup,
-    rows: np.ndarray,
-    *,
-    key: int,
-    settings: Mapping[str, Any],
-    with_sf: bool,
-) -> BatchScorer:
-    """The batch's sum-convention quantities, scored under ``settings["protocol"]``."""
-    protocol = settings["protocol"]
-    problem = evaluation_problem(
-        setup, setup.train.make(rows), micro_batch=settings["micro_batch"], reduction="sum"
-    )
-    p, loss, y = problem.provider, problem.loss, problem.targets
-    k = settings["num_samples"]
-    q = ngdref.batch_quantities(p, loss, y, reduction="sum")
-    sampled = ngdref.sampled_grads(p, loss, y, key, num_samples=k) if with_sf else None
-    if protocol == "authors":
-        factor = 1.0 / settings["micro_batch"]
-    else:
-        factor = ngdref.reduction_factor(settings["reduction"], len(rows))
-
-    def form(r: float) -> ngdref.QuadraticForm:
-        return ngdref.fisher_quadratic_form(p, loss, y, reduction=r)
-
-    return score_batch(
-        q.per_sample_grads, q.logit_grad_sq_norms, sampled, form, protocol=protocol,
-        factor=factor, dedup_threshold=settings["dedup_threshold"], num_samples=k,
-        sf_duplicates=settings.get("sf_duplicates", "drop"),
-    )
-
-
-def _with_context(exc: Exception, where: str) -> Exception:
-    """The same exception type with ``where`` prefixed (callers catch by type)."""
-    try:
-        return type(exc)(f"{where}: {exc}")
-    except TypeError:  # a type whose constructor takes other arguments
-        return RuntimeError(f"{where}: {type(exc).__name__}: {exc}")
-
-
-# =============================================================================================
-# Arguments
-# =============================================================================================
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise EvaluationError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _damping_value(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EvaluationError(f"{name} must be a number >= 0, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise EvaluationError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def _resolve_damping(
-    damping: float | Mapping[str, float] | None, protocol: str
-) -> dict[str, float]:
-    """A number for every damped method: one number for all, or a partial dict over defaults.
-
-    The authors' protocol passes ONE lambda to every method: a dict with different values is
-    refused there, and its default is :data:`AUTHORS_DAMPING` for all three.
-    """
-    defaults = (
-        dict.fromkeys(DEFAULT_DAMPING, AUTHORS_DAMPING) if protocol == "authors"
-        else dict(DEFAULT_DAMPING)
-    )
-    if damping is None:
-        return defaults
-    if isinstance(damping, Mapping):
-        unknown = sorted(set(damping) - set(DEFAULT_DAMPING))
-        if unknown:
-            raise EvaluationError(
-                f"damping: unknown method(s) {unknown}; damped methods are "
-                f"{sorted(DEFAULT_DAMPING)}"
-            )
-        out = dict(defaults)
-        for method, value in damping.items():
-            out[method] = _damping_value(f"damping[{method!r}]", value)
-        if protocol == "authors" and len(set(out.values())) > 1:
-            raise EvaluationError(
-                f"damping: the authors' protocol uses one lambda for EF, iEF and SF, got {out}; "
-                "pass a single number"
-            )
-        return out
-    value = _damping_value("damping", damping)
-    return dict.fromkeys(DEFAULT_DAMPING, value)
-
-
-def _resolve_methods(methods: Iterable[str] | str) -> tuple[str, ...]:
-    items = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in items if m not in METHODS]
-    if unknown or not items:
-        raise EvaluationError(
-            f"methods must be a non-empty subset of {METHODS}, got {list(items)!r}"
-        )
-    return tuple(m for m in METHODS if m in items)
-
-
-def _check_dedup(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise EvaluationError(f"dedup_threshold must be None or in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_reduction(reduction: Any) -> str | float:
-    try:
-        ngdref.reduction_factor(reduction, 1)
-    except (TypeError, ValueError) as exc:
-        raise EvaluationError(f"reduction: {exc}") from None
-    return reduction
-
-
-def resolve_checkpoints(
-    run_dir: str | os.PathLike[str],
-    checkpoints: str | int | Sequence[str | int] | None = None,
-) -> list[CheckpointInfo]:
-    """The checkpoints of ``run_dir`` to evaluate, in the run's order.
-
-    Parameters
-    ----------
-    run_dir : path
-    checkpoints : None, str, int or sequence
-        None: every epoch checkpoint (epoch-0, epoch-1, ...). Otherwise names
-        (a comma-separated string or a sequence): a checkpoint name of the run ("epoch-3",
-        "best"), an int k for "epoch-k", or "first", "middle", "last" for the first, middle
-        ((E-1)//2-th of E) and last epoch checkpoint ("last" is the last epoch checkpoint, not
-        the resumable ``last.pt``). Duplicates are removed.
-
-    Raises
-    ------
-    EvaluationError
-        ``run_dir`` has no epoch checkpoint, or a name is not a checkpoint of the run.
-    """
-    from validation.experiments.train import list_checkpoints
-
-    listed = list_checkpoints(run_dir)  # reads every file once: keep it to one call
-    epochs = [info for info in listed if info.kind == "epoch"]
-    if not epochs:
-        raise EvaluationError(
-            f"run_dir: {os.fspath(run_dir)!r} has no epoch checkpoints "
-            "(checkpoints/epoch-K.pt); point it at a run directory of the training runner"
-        )
-    if checkpoints is None:
-        return epochs
-    if isinstance(checkpoints, str):
-        names: list[Any] = [c.strip() for c in checkpoints.split(",") if c.strip()]
-    elif isinstance(checkpoints, int):
-        names = [checkpoints]
-    else:
-        names = list(checkpoints)
-    if not names:
-        raise EvaluationError("checkpoints is empty: name at least one checkpoint")
-    known = {info.name: info for info in listed if info.kind != "resume"}
-    chosen: list[CheckpointInfo] = []
-    for name in names:
-        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
-            name = f"epoch-{int(name)}"
-        if name == "first":
-            info = epochs[0]
-        elif name == "middle":
-            info = epochs[(len(epochs) - 1) // 2]
-        elif name == "last":
-            info = epochs[-1]
-        elif isinstance(name, str) and name in known:
-            info = known[name]
-        else:
-            raise EvaluationError(
-                f"checkpoints: unknown checkpoint {name!r}; {os.fspath(run_dir)!r} has "
-                f"{list(known)} (or {', '.join(_WORDS)})"
-            )
-        if info.name not in [c.name for c in chosen]:
-            chosen.append(info)
-    order = {info.name: k for k, info in enumerate(listed)}
-    return sorted(chosen, key=lambda info: order[info.name])
-
-
-def _check_batch_size(batch_size: int, setup: Setup) -> None:
-    n = len(setup.train)
-    if batch_size > n:
-        raise EvaluationError(
-            f"batch_size={batch_size} is larger than the training split ({n} samples): "
-            "the evaluation batches are drawn without replacement"
-        )
-
-
-# =============================================================================================
-# Files
-# =============================================================================================
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _load_previous(path: Path, settings: Mapping[str, Any], overwrite: bool) -> list[dict]:
-    """The checkpoint entries of an earlier run of the same settings (resume)."""
-    if overwrite or not path.is_file():
-        return []
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        old = previous["settings"]
-        entries = list(previous["checkpoints"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise EvaluationError(
-            f"run_dir: {str(path)!r} exists but is not a file of this evaluator ({exc}); "
-            "delete it or pass overwrite=True (--overwrite)"
-        ) from None
-    changed = sorted(
-        k for k in set(old) | set(settings)
-        if k not in _RESUMABLE and old.get(k) != settings.get(k)
-    )
-    if changed:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise EvaluationError(
-            f"run_dir: {str(path)!r} was written with other settings ({detail}); resume with "
-            "the same settings or pass overwrite=True (--overwrite) to start afresh"
-        )
-    return entries
-
-
-def _summary(values: Sequence[float]) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        mean, std = float(np.mean(arr)), float(np.std(arr))
-    return {"mean": mean, "std": std, "values": [float(x) for x in arr]}
-
-
-def _settings_json(settings: dict[str, Any]) -> dict[str, Any]:
-    """Round-trip through JSON so that comparisons see what the file will hold."""
-    return json.loads(json.dumps(settings, allow_nan=True))
-
-
-def _common_settings(
-    *,
-    protocol: str,
-    batches: int,
-    batch_size: int,
-    micro_batch: int,
-    seed: int,
-    dedup_threshold: float | str | None,
-    reduction: str | float | None,
-    num_samples: int,
-    dtype: str,
-    sf_duplicates: str,
-    device: Any,
-) -> dict[str, Any]:
-    """The checked settings shared by :func:`evaluate_run` and :func:`sweep_run`."""
-    if protocol not in PROTOCOLS:
-        raise EvaluationError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if dtype not in DTYPES:
-        raise EvaluationError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if sf_duplicates not in SF_DUPLICATES:
-        raise EvaluationError(
-            f"sf_duplicates must be one of {SF_DUPLICATES}, got {sf_duplicates!r}"
-        )
-    batch_size = _positive_int("batch_size", batch_size)
-    micro_batch = _positive_int("micro_batch", micro_batch)
-    if protocol == "authors":
-        if reduction is not None:
-            raise EvaluationError(
-                "reduction: the authors' protocol fixes R = 1/micro_batch (their micro-batch "
-                f"means); leave reduction unset, got {reduction!r}"
-            )
-        if batch_size % micro_batch:
-            raise EvaluationError(
-                f"batch_size={batch_size} must be a multiple of micro_batch={micro_batch} under "
-                "the authors' protocol (their batch is micro-batches of equal size)"
-            )
-    if dedup_threshold == "default":
-        dedup_threshold = 0.95
-    return {
-        "protocol": protocol,
-        "batches": _positive_int("batches", batches),
-        "batch_size": batch_size,
-        "micro_batch": micro_batch,
-        "seed": _positive_int("seed", seed, minimum=0),
-        "dedup_threshold": _check_dedup(dedup_threshold),
-        "reduction": (
-            "1/micro_batch" if protocol == "authors"
-            else _check_reduction("mean" if reduction is None else reduction)
-        ),
-        "num_samples": _positive_int("num_samples", num_samples),
-        "dtype": dtype,
-        "sf_duplicates": sf_duplicates if protocol == "authors" else None,
-        "checkpoints": None,
-        "device": None if device is None else str(device),
-    }
-
-
-def _prepare(
-    run_dir: str | os.PathLike[str],
-    checkpoints: Any,
-    device: str | torch.device | None,
-    dtype: str,
-) -> tuple[Path, list[CheckpointInfo], Setup]:
-    """The run's setup with its model in ``dtype`` (checkpoints are cast when loaded)."""
-    import torch
-
-    from validation.experiments.lora_digits import setup_of_run_dir
-    from validation.experiments.train import build_setup, load_run_config
-
-    run = Path(run_dir)
-    setup = setup_of_run_dir(run, device)  # a digits-lora run (no runner schema), or None
-    if setup is None:
-        setup = build_setup(load_run_config(run), device)  # FileNotFoundError naming run_dir
-    infos = resolve_checkpoints(run, checkpoints)
-    setup.model.to(getattr(torch, dtype))
-    return run, infos, setup
-
-
-def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """The runner's tqdm convention (stderr, dynamic width); one unit per batch."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="batch", dynamic_ncols=True)
-
-
-def _resolve_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 # =============================================================================================
@@ -639,7 +194,7 @@ def _evaluate_checkpoint(
     for b in range(settings["batches"]):
         rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
-            state = _batch_state(
+            state = batch_scorer(
                 setup, rows, key=sf_key(seed, info.step, b), settings=settings,
                 with_sf="sf" in methods,
             )
@@ -647,14 +202,14 @@ def _evaluate_checkpoint(
                 update = state.update(method, damping.get(method, 0.0))
                 gammas[method].append(state.gamma(update))
         except (ngdref.SingularMatrixError, ngdref.NonFiniteError, ValueError) as exc:
-            raise _with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
+            raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
         for k in IMBALANCE_STATISTICS:
             imbalance[k].append(state.imbalance[k])
         kept.append(state.kept)
         advance()
     with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
         ratios = {
-            name: _summary(np.asarray(gammas[num]) / np.asarray(gammas[den]))
+            name: summarize(np.asarray(gammas[num]) / np.asarray(gammas[den]))
             for name, (num, den) in RATIOS.items()
             if num in methods and den in methods
         }
@@ -663,10 +218,10 @@ def _evaluate_checkpoint(
         "epoch": info.epoch,
         "step": info.step,
         "ratios": ratios,
-        "imbalance": {k: _summary(v) for k, v in imbalance.items()},
-        "rows_kept": _summary(kept),
+        "imbalance": {k: summarize(v) for k, v in imbalance.items()},
+        "rows_kept": summarize(kept),
         "gamma": {
-            m: {k: v for k, v in _summary(gammas[m]).items() if k != "values"} for m in methods
+            m: {k: v for k, v in summarize(gammas[m]).items() if k != "values"} for m in methods
         },
     }
 
@@ -689,14 +244,14 @@ def _over_checkpoints(
     """
     from validation.experiments.train import load_checkpoint
 
-    run, infos, setup = _prepare(run_dir, checkpoints, settings["device"], settings["dtype"])
+    run, infos, setup = prepare(run_dir, checkpoints, settings["device"], settings["dtype"])
     settings["checkpoints"] = [info.name for info in infos]
-    _check_batch_size(settings["batch_size"], setup)
+    check_batch_size(settings["batch_size"], setup)
     path = run / filename
-    entries = _load_previous(path, settings, overwrite)
+    entries = load_previous(path, settings, overwrite)
     done = {entry["name"] for entry in entries}
     todo = [info for info in infos if info.name not in done]
-    bar = _progress_bar(len(todo) * settings["batches"], progress, f"{kind} {run.name}")
+    bar = progress_bar(len(todo) * settings["batches"], progress, f"{kind} {run.name}")
     with bar:
         for info in infos:
             if info.name in done:
@@ -710,7 +265,7 @@ def _over_checkpoints(
             entry, summary = process(setup, info, bar.update)
             entries.append(entry)
             entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
-            _atomic_write_json(path, {"settings": settings, "checkpoints": entries})
+            atomic_write_json(path, {"settings": settings, "checkpoints": entries})
             if progress:
                 bar.write(
                     f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): {summary}, "
@@ -819,14 +374,14 @@ def evaluate_run(
     ngdref.SingularMatrixError
         A damped system is singular (e.g. SF with damping 0); the message names the batch.
     """
-    settings = _common_settings(
+    settings = common_settings(
         protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
         seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
         num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
     )
-    settings["damping"] = _resolve_damping(damping, protocol)
-    settings["methods"] = list(_resolve_methods(methods))
-    settings = _settings_json(settings)
+    settings["damping"] = resolve_damping(damping, protocol)
+    settings["methods"] = list(resolve_methods(methods))
+    settings = settings_json(settings)
 
     def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
         entry = _evaluate_checkpoint(setup, info, settings, advance)
@@ -840,7 +395,7 @@ def evaluate_run(
 
     return _over_checkpoints(
         "evaluate", run_dir, checkpoints, settings, EVALUATION_FILE, overwrite,
-        _resolve_progress(progress), process,
+        resolve_progress(progress), process,
     )
 
 
@@ -859,11 +414,11 @@ def _sweep_checkpoint(
     for b in range(batches):
         rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
-            state = _batch_state(
+            state = batch_scorer(
                 setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True
             )
         except (ngdref.NonFiniteError, ValueError) as exc:
-            raise _with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
+            raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
         gamma_sgd = state.gamma(state.grad)
         for k, lam in enumerate(dampings):
             gamma: dict[str, float] = {"sgd": gamma_sgd}
@@ -954,15 +509,15 @@ def sweep_run(
     """
     if isinstance(dampings, (str, bytes)) or not isinstance(dampings, Iterable):
         raise EvaluationError(f"dampings must be a sequence of numbers >= 0, got {dampings!r}")
-    grid = [_damping_value(f"dampings[{k}]", v) for k, v in enumerate(dampings)]
+    grid = [damping_value(f"dampings[{k}]", v) for k, v in enumerate(dampings)]
     if not grid:
         raise EvaluationError("dampings is empty: give at least one damping value")
-    settings = _common_settings(
+    settings = common_settings(
         protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
         seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
         num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
     )
-    settings = _settings_json({"dampings": grid, **settings})
+    settings = settings_json({"dampings": grid, **settings})
 
     def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
         entry, singular = _sweep_checkpoint(setup, info, settings, advance)
@@ -979,174 +534,5 @@ def sweep_run(
 
     return _over_checkpoints(
         "sweep", run_dir, checkpoints, settings, SWEEP_FILE, overwrite,
-        _resolve_progress(progress), process,
+        resolve_progress(progress), process,
     )
-
-
-# =============================================================================================
-# Command line
-# =============================================================================================
-def _parse_float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise EvaluationError(f"dampings: expected comma-separated numbers, got {text!r}") from None
-
-
-def _parse_damping(items: list[str]) -> float | dict[str, float] | None:
-    """``--damping 1e-7`` (every method) and/or ``--damping ef=1e-5`` (one method)."""
-    if not items:
-        return None
-    out: dict[str, float] = {}
-    for item in items:
-        method, sep, value = item.partition("=")
-        try:
-            if sep:
-                out[method.strip()] = float(value)
-            else:
-                out.update(dict.fromkeys(DEFAULT_DAMPING, float(method)))
-        except ValueError:
-            raise EvaluationError(
-                f"damping: expected a number or METHOD=NUMBER, got {item!r}"
-            ) from None
-    return out
-
-
-def _parse_dedup(text: str) -> float | None:
-    return None if text.lower() in ("none", "off") else float(text)
-
-
-def _parse_reduction(text: str) -> str | float:
-    return text if text in ("mean", "sum") else float(text)
-
-
-def _common_arguments(parser: Any, default_checkpoints: str | None, batches: int) -> None:
-    parser.add_argument("run_dir", help="a run directory of the training runner")
-    parser.add_argument(
-        "--protocol", choices=PROTOCOLS, default="ngdref",
-        help="ngdref (R = 1/M, a damping per method) or authors (their evaluator: R = "
-        "1/micro-batch, one lambda, g and imbalance from the de-duplicated rows)",
-    )
-    parser.add_argument(
-        "--batches", type=int, default=batches,
-        help=f"B batches per checkpoint (default {batches}; the paper: 100)",
-    )
-    parser.add_argument("--batch-size", type=int, default=160, help="M training rows per batch")
-    parser.add_argument(
-        "--micro-batch", type=int, default=40,
-        help="samples per forward/backward pass (authors: also R = 1/micro-batch)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="fixes the batches and SF's labels")
-    parser.add_argument(
-        "--dedup-threshold", type=_parse_dedup, default=0.95,
-        help="drop per-sample gradients with |cos| above this (0.95); 'none' keeps all",
-    )
-    parser.add_argument(
-        "--checkpoints", default=default_checkpoints,
-        help="comma-separated names (epoch-3, best) or first, middle, last "
-        f"(default: {default_checkpoints or 'every epoch checkpoint'})",
-    )
-    parser.add_argument(
-        "--reduction", type=_parse_reduction, default=None,
-        help="ngdref protocol: R of the per-sample quantities and the damping: mean (1/M, "
-        "default), sum, or a float",
-    )
-    parser.add_argument("--num-samples", type=int, default=1, help="K sampled labels for SF")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="float64", help="the model's dtype for the evaluation"
-    )
-    parser.add_argument(
-        "--sf-duplicates", choices=SF_DUPLICATES, default="drop",
-        help="authors protocol: SF's near-duplicate sampled rows dropped (their released "
-        "code) or merged (its intent)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start afresh instead of resuming"
-    )
-    parser.add_argument(
-        "--progress", choices=("auto", "on", "off"), default="auto",
-        help="tqdm bar and a line per checkpoint (auto: when stderr is a terminal)",
-    )
-
-
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _common_kwargs(args: Any) -> dict[str, Any]:
-    return {
-        "protocol": args.protocol, "batches": args.batches, "batch_size": args.batch_size,
-        "micro_batch": args.micro_batch, "seed": args.seed,
-        "dedup_threshold": args.dedup_threshold, "checkpoints": args.checkpoints,
-        "reduction": args.reduction, "num_samples": args.num_samples, "dtype": args.dtype,
-        "sf_duplicates": args.sf_duplicates, "device": args.device,
-        "overwrite": args.overwrite,
-        "progress": None if args.progress == "auto" else args.progress == "on",
-    }
-
-
-def _run_evaluate(args: Any) -> int:
-    try:
-        evaluate_run(
-            args.run_dir, damping=_parse_damping(args.damping), methods=args.methods,
-            **_common_kwargs(args),
-        )
-    except EvaluationError as exc:
-        return _fail(exc)
-    print(Path(args.run_dir) / EVALUATION_FILE)
-    return 0
-
-
-def _run_sweep(args: Any) -> int:
-    try:
-        sweep_run(
-            args.run_dir,
-            dampings=(
-                DEFAULT_SWEEP_DAMPINGS if args.dampings is None
-                else _parse_float_list(args.dampings)
-            ),
-            **_common_kwargs(args),
-        )
-    except EvaluationError as exc:
-        return _fail(exc)
-    print(Path(args.run_dir) / SWEEP_FILE)
-    return 0
-
-
-def register_evaluate(subparsers: Any) -> None:
-    """``evaluate RUN_DIR``: gamma ratios of SGD, EF, iEF, SF at each epoch checkpoint."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="gamma ratios (Eq. 15) of EF, iEF, SF vs SGD at each epoch checkpoint of a run",
-        description="Writes RUN_DIR/evaluation.json (resumable). Damping is in the convention "
-        "of the protocol's R (ngdref: --reduction, default mean, R = 1/M; authors: "
-        "1/micro-batch).",
-    )
-    _common_arguments(parser, None, DEFAULT_BATCHES)
-    parser.add_argument(
-        "--damping", action="append", default=[], metavar="[METHOD=]VALUE",
-        help="lambda for ef, ief, sf (a bare number sets all three); defaults "
-        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_DAMPING.items())
-        + f" (ngdref), {AUTHORS_DAMPING:g} for all (authors)",
-    )
-    parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of sgd,ef,ief,sf"
-    )
-    parser.set_defaults(func=_run_evaluate)
-
-
-def register_sweep(subparsers: Any) -> None:
-    """``sweep RUN_DIR``: the ratios over a damping grid at the first, middle, last checkpoint."""
-    parser = subparsers.add_parser(
-        "sweep",
-        help="the evaluate ratios over a damping grid at the first, middle and last checkpoint",
-        description="Writes RUN_DIR/sweep.json (resumable).",
-    )
-    _common_arguments(parser, "first,middle,last", DEFAULT_SWEEP_BATCHES)
-    parser.add_argument(
-        "--dampings", default=None,
-        help="comma-separated grid (default 1e-12,1e-11,...,1e2), convention of the protocol",
-    )
-    parser.set_defaults(func=_run_sweep)

@@ -50,7 +50,7 @@ once (:class:`SharedGramRows`), so a damping sweep forms no Gram matrix twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,21 +63,36 @@ from ngdref.rows import DenseRows, PerSampleRows
 if TYPE_CHECKING:
     import torch
 
+    from backends.torch_provider import TorchProvider
+    from validation.experiments.train import Batch, Setup
+
 __all__ = [
     "AUTHORS_SF_DEDUP_THRESHOLD",
     "IMBALANCE_STATISTICS",
     "PROTOCOLS",
     "SF_DUPLICATES",
     "BatchScorer",
+    "EvaluationError",
+    "EvaluationProblem",
     "SharedGramRows",
     "authors_sf_rows",
+    "batch_rows",
+    "batch_scorer",
+    "evaluation_problem",
+    "first_label_token",
     "score_batch",
+    "sf_key",
+    "with_context",
 ]
 
 PROTOCOLS = ("ngdref", "authors")
 SF_DUPLICATES = ("drop", "merge")
 #: the authors' threshold for SF's sampled rows (``remove_J_C_duplicates(thresh=0.99)``)
 AUTHORS_SF_DEDUP_THRESHOLD = 0.99
+
+
+class EvaluationError(ValueError):
+    """Bad input to the evaluation framework; the message names the argument."""
 
 
 class SharedGramRows:
@@ -282,3 +297,150 @@ def score_batch(
     return BatchScorer(
         solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum())
     )
+
+
+# ---- batches, keys and the per-batch problem ----------------------------------------------
+def batch_rows(seed: int, index: int, num_train: int, batch_size: int) -> np.ndarray:
+    """Training rows of evaluation batch ``index``: M distinct rows, fixed by (seed, index).
+
+    ``numpy.random.default_rng([seed, index]).choice(num_train, batch_size, replace=False)``;
+    independent of the checkpoint, so every checkpoint sees the same batches.
+    """
+    rng = np.random.default_rng([seed, index])
+    return rng.choice(num_train, size=batch_size, replace=False)
+
+
+def sf_key(seed: int, step: int, index: int) -> int:
+    """Integer key of SF's sampled labels on batch ``index`` of the checkpoint at ``step``.
+
+    ``numpy.random.SeedSequence([seed, step, index])``'s first 64-bit word; passed to
+    :meth:`ngdref.LogitLoss.sample` (Python's Mersenne Twister draws the uniforms).
+    """
+    state = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def first_label_token(output: Any) -> torch.Tensor:
+    """T5 logits of the first label position only: ``output.logits[:, 0]``, (N, V)."""
+    from backends.torch_provider import default_output_fn
+
+    return default_output_fn(output)[:, 0]
+
+
+@dataclass(frozen=True)
+class EvaluationProblem:
+    """The model on one evaluation batch, as the framework scores it.
+
+    Attributes
+    ----------
+    provider : backends.TorchProvider
+        The model (eval mode) on the batch; ``chunk_size`` = the micro-batch.
+    loss : ngdref.LogitLoss
+        The per-sample loss: softmax CE (T5: over the vocabulary at the first label position).
+    targets : torch.Tensor, shape (M,)
+        Class labels (T5: the first label tokens).
+    factor : float
+        R, the reduction factor of every per-sample quantity.
+    """
+
+    provider: TorchProvider
+    loss: ngdref.LogitLoss
+    targets: torch.Tensor
+    factor: float
+
+
+def evaluation_problem(
+    setup: Setup, batch: Batch, *, micro_batch: int | None = 40, reduction: str | float = "mean"
+) -> EvaluationProblem:
+    r"""The provider, loss, targets and R of one batch under the evaluator's conventions.
+
+    For a T5 setup (sequence loss) only the first label position is kept:
+
+    .. math:: l_n = -\log \mathrm{softmax}(z_{n,0})[y_{n,0}]
+
+    with :math:`z_{n,0}` the teacher-forced logits of the first label position; other setups
+    use their own loss and logits.
+
+    Parameters
+    ----------
+    setup : Setup
+        From :func:`validation.experiments.train.build_setup`, parameters loaded.
+    batch : Batch
+        E.g. ``setup.train.make(rows)`` (no generator: no augmentation).
+    micro_batch : int, optional
+        Samples per forward/backward pass (memory bound; the results do not depend on it).
+    reduction : {"mean", "sum"} or float
+        R = 1/M, 1 or the given factor.
+
+    Raises
+    ------
+    EvaluationError
+        If a T5 sample's first label position is padding (-100).
+    """
+    from backends.torch_provider import TorchProvider
+    from validation.experiments.train import IGNORE_INDEX
+
+    if isinstance(setup.loss, ngdref.SequenceSoftmaxCrossEntropy):
+        targets = batch.targets[:, 0]
+        if bool((targets == IGNORE_INDEX).any()):
+            raise EvaluationError(
+                "batch: a sample's first label token is padding (-100); the evaluator scores "
+                "the first label token of every sample"
+            )
+        loss: ngdref.LogitLoss = ngdref.SoftmaxCrossEntropy()
+        output_fn: Callable[[Any], torch.Tensor] | None = first_label_token
+    else:
+        targets, loss, output_fn = batch.targets, setup.loss, setup.output_fn
+    dtype = next(p for _, p in setup.trainable).dtype
+    inputs = {  # float inputs follow the model (a float64 evaluation of a float32 run)
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()
+    }
+    provider = TorchProvider(
+        setup.model,
+        inputs,
+        output_fn=output_fn,
+        chunk_size=micro_batch,
+        per_sample_method=setup.config["train"]["per_sample_method"],
+    )
+    factor = ngdref.reduction_factor(reduction, batch.size)
+    return EvaluationProblem(provider, loss, targets, factor)
+
+
+def batch_scorer(
+    setup: Setup,
+    rows: np.ndarray,
+    *,
+    key: int,
+    settings: Mapping[str, Any],
+    with_sf: bool,
+) -> BatchScorer:
+    """The batch's sum-convention quantities, scored under ``settings["protocol"]``."""
+    protocol = settings["protocol"]
+    problem = evaluation_problem(
+        setup, setup.train.make(rows), micro_batch=settings["micro_batch"], reduction="sum"
+    )
+    p, loss, y = problem.provider, problem.loss, problem.targets
+    k = settings["num_samples"]
+    q = ngdref.batch_quantities(p, loss, y, reduction="sum")
+    sampled = ngdref.sampled_grads(p, loss, y, key, num_samples=k) if with_sf else None
+    if protocol == "authors":
+        factor = 1.0 / settings["micro_batch"]
+    else:
+        factor = ngdref.reduction_factor(settings["reduction"], len(rows))
+
+    def form(r: float) -> ngdref.QuadraticForm:
+        return ngdref.fisher_quadratic_form(p, loss, y, reduction=r)
+
+    return score_batch(
+        q.per_sample_grads, q.logit_grad_sq_norms, sampled, form, protocol=protocol,
+        factor=factor, dedup_threshold=settings["dedup_threshold"], num_samples=k,
+        sf_duplicates=settings.get("sf_duplicates", "drop"),
+    )
+
+
+def with_context(exc: Exception, where: str) -> Exception:
+    """The same exception type with ``where`` prefixed (callers catch by type)."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except TypeError:  # a type whose constructor takes other arguments
+        return RuntimeError(f"{where}: {type(exc).__name__}: {exc}")
