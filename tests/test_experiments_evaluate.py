@@ -508,12 +508,17 @@ def test_sweep_forms_each_gram_matrix_once_per_batch(
         assert len(calls) == 2 * 2, (grid, calls)
 
 
-def test_sweep_middle_checkpoint_and_resume(mlp_run: Path, tmp_path: Path) -> None:
+def test_sweep_middle_checkpoint_and_resume(
+    mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = copy_run(mlp_run, tmp_path / "run")
     settings = {"batches": 1, "batch_size": M, "dampings": [1e-6, 1e6], "progress": False}
     first = sweep_run(run, checkpoints="middle", **settings)
     assert [c["name"] for c in first["checkpoints"]] == ["epoch-1"]
-    both = sweep_run(run, checkpoints="first,middle", **settings)
+    both = sweep_run(run, checkpoints="first,middle", **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert "sweep epoch-1: already in" in err and "sweep epoch-0 (epoch 0, step 0): " in err
+    assert "1/1" in err  # the tqdm bar over the one batch left to do
     assert [c["name"] for c in both["checkpoints"]] == ["epoch-0", "epoch-1"]
     assert both["checkpoints"][1] == first["checkpoints"][0]
     # a damping far above the Gram matrices' scale (~1 here) makes EF and SF multiples of g,
