@@ -420,3 +420,7 @@ def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     assert "AdamW > iEF > SGD > SF > EF" in text and "digits 0-4" in text
     for name in ("training_curves", "gamma_ratios", "damping_sweep"):
         _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)
+    assert not (out / "toy_logistic.png").exists()
+    summary = (out / "summary.json").read_text()
+    assert '"values"' not in summary and '"seeds"' not in summary
+    assert json.loads(summary)["claims"] == results["claims"]

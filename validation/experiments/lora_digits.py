@@ -338,4 +338,5 @@ DIGITS_LORA = Experiment(
     run_config=run_config,
     describe=_describe,
     prepare=_prepare,
+    toy_figures=False,
 )

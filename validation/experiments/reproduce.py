@@ -43,6 +43,7 @@ Layout of ``--out``::
     plan.json                         the plan (epochs, grids, seeds, evaluation sizes)
     runs/OPT/lrLR/seedS/              the runner's run directories
     results.json, results.md          the numbers and the report
+    summary.json                      results.json without per-seed runs and per-batch values
     toy_least_squares.{png,pdf}       toy_logistic.{png,pdf}
     training_curves.{png,pdf}         gamma_ratios.{png,pdf}    damping_sweep.{png,pdf}
 
@@ -66,6 +67,7 @@ from validation.experiments.reproduce_report import (
     PAPER_ORDER,
     Claim,
     claims,
+    compact_results,
     compare_ranking,
     ef_worse_flags,
     final_training_loss,
@@ -212,6 +214,8 @@ class Experiment:
         ``(plan, steps_per_epoch) -> str``, the set-up paragraph of ``results.md``.
     prepare : callable or None
         ``(out, plan) -> None``, run once before the training tasks (e.g. pretraining).
+    toy_figures : bool
+        Also draw SPEC §7's toy problems (the same for every experiment).
     """
 
     name: str
@@ -225,6 +229,7 @@ class Experiment:
     run_config: Callable[[Plan, str, float, int, Path], dict[str, Any]]
     describe: Callable[[Plan, int], str]
     prepare: Callable[[Path, Plan], None] | None = None
+    toy_figures: bool = True
 
 
 def _decades(lr: float, count: int) -> tuple[float, ...]:
@@ -528,8 +533,10 @@ class _Graph:
 
         out, base = self.out, self.experiment.baseline
         label = f"the {NAMES[base]} run"
-        written = figures.plot_least_squares_toy(out / "toy_least_squares")
-        written += figures.plot_logistic_toy(out / "toy_logistic")
+        written: list[Path] = []
+        if self.experiment.toy_figures:
+            written += figures.plot_least_squares_toy(out / "toy_least_squares")
+            written += figures.plot_logistic_toy(out / "toy_logistic")
         written += figures.plot_training_curves(
             {opt: [run_dir(out, opt, self.chosen[opt], s) for s in self.plan.seeds]
              for opt in self.experiment.optimizers},
@@ -652,6 +659,7 @@ def reproduce(
         "wall_seconds": wall, "wall_history": [*history, wall],
     }
     _write_json(out_dir / "results.json", results)
+    _write_json(out_dir / "summary.json", compact_results(results))
     (out_dir / "results.md").write_text(results_markdown(results, experiment), encoding="utf-8")
     log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results

@@ -20,6 +20,7 @@ __all__ = [
     "PAPER_ORDER",
     "Claim",
     "claims",
+    "compact_results",
     "compare_ranking",
     "ef_worse_flags",
     "final_training_loss",
@@ -480,3 +481,17 @@ def results_markdown(results: Mapping[str, Any], experiment: Experiment) -> str:
             lines.append(f"![{Path(path).stem}]({path})")
     lines += ["", "PDF versions next to the PNGs.", ""]
     return "\n".join(lines)
+
+
+def compact_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results.json`` without the per-seed runs and the per-batch values: the numbers the
+    report states, small enough to keep beside it under ``validation/experiments/reference``."""
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {k: strip(v) for k, v in obj.items() if k != "values"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return {k: strip(v) for k, v in results.items() if k not in ("seeds", "evaluation_run")}
