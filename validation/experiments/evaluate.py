@@ -284,7 +284,7 @@ def evaluate_run(
     micro_batch: int = 40,
     seed: int = 0,
     damping: float | Mapping[str, float] | None = None,
-    dedup_threshold: float | str | None = "default",
+    dedup_threshold: float | None = 0.95,
     methods: Iterable[str] | str = METHODS,
     checkpoints: str | int | Sequence[str | int] | None = None,
     reduction: str | float | None = None,
@@ -332,7 +332,7 @@ def evaluate_run(
         ``{"ef": .., "ief": .., "sf": ..}`` (missing keys take the defaults; "authors" refuses
         different values). Defaults: :data:`DEFAULT_DAMPING` ("ngdref"),
         :data:`AUTHORS_DAMPING` for all ("authors").
-    dedup_threshold : float, None or "default"
+    dedup_threshold : float or None
         Rows with ``|cos| >`` this to a larger-norm row are dropped (0.95 by default, the
         authors' evaluator); None keeps all.
     methods : iterable of str
@@ -453,7 +453,7 @@ def sweep_run(
     batch_size: int = 160,
     micro_batch: int = 40,
     seed: int = 0,
-    dedup_threshold: float | str | None = "default",
+    dedup_threshold: float | None = 0.95,
     checkpoints: str | int | Sequence[str | int] | None = "first,middle,last",
     reduction: str | float | None = None,
     num_samples: int = 1,

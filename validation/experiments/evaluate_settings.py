@@ -262,7 +262,7 @@ def common_settings(
     batch_size: int,
     micro_batch: int,
     seed: int,
-    dedup_threshold: float | str | None,
+    dedup_threshold: float | None,
     reduction: str | float | None,
     num_samples: int,
     dtype: str,
@@ -291,8 +291,6 @@ def common_settings(
                 f"batch_size={batch_size} must be a multiple of micro_batch={micro_batch} under "
                 "the authors' protocol (their batch is micro-batches of equal size)"
             )
-    if dedup_threshold == "default":
-        dedup_threshold = 0.95
     return {
         "protocol": protocol,
         "batches": positive_int("batches", batches),
