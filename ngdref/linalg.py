@@ -89,8 +89,9 @@ def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") ->
 
     Parameters
     ----------
-    gram : array, shape (M, M)
-        Gram matrix of the rows, K_ij = a_i . a_j.
+    gram : array, shape (M, M), or PerSampleRows
+        Gram matrix of the rows, K_ij = a_i . a_j, or the rows themselves as a
+        PerSampleRows (a dense array is always read as the Gram matrix).
     threshold : float in (0, 1]
         0.99 in the paper's training code, 0.95 in its evaluation.
     rule : {"all_pairs", "greedy"}
@@ -105,6 +106,8 @@ def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") ->
         raise ValueError(f"dedup_threshold must be in (0, 1], got {threshold}")
     if rule not in DEDUP_RULES:
         raise ValueError(f"dedup_rule must be one of {DEDUP_RULES}, got {rule!r}")
+    if not array_api_compat.is_array_api_obj(gram):
+        gram = as_rows(gram, "gram").gram()
     xp = array_api_compat.array_namespace(gram)
     m = gram.shape[0]
     norms = xp.sqrt(xp.clip(xp.linalg.diagonal(gram), min=0.0))
@@ -116,14 +119,12 @@ def near_duplicate_mask(gram: Any, threshold: float, rule: str = "all_pairs") ->
         )
         dropped = xp.any(close & partner_wins, axis=1) | (norms == 0.0)
         return xp.logical_not(dropped)
-    order = [int(i) for i in xp.argsort(norms, descending=True, stable=True)]
-    close_host = [[bool(v) for v in close[i, :]] for i in range(m)]
-    zero = [float(v) == 0.0 for v in norms]
-    kept: list[int] = []
-    for i in order:
-        if not zero[i] and not any(close_host[i][j] for j in kept):
-            kept.append(i)
-    return xp.asarray([i in set(kept) for i in range(m)], device=array_api_compat.device(gram))
+    index = xp.arange(m, device=array_api_compat.device(gram))
+    kept = xp.zeros(m, dtype=xp.bool, device=array_api_compat.device(gram))
+    for i in [int(i) for i in xp.argsort(norms, descending=True, stable=True)]:
+        if float(norms[i]) > 0.0 and not bool(xp.any(close[i, :] & kept)):
+            kept = kept | (index == i)  # no item assignment: not every namespace has it
+    return kept
 
 
 def singular_rtol(xp: Any, size: int, dtype: Any, damping: float) -> float:

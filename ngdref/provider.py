@@ -19,7 +19,10 @@ and ``num_samples`` call it freely), ``num_params`` and at least one of
 :meth:`jacobian`, :meth:`vjp` or :meth:`jvp`; the others have defaults derived
 from what is there. The Gram-form updates only need :meth:`vjp` (an (N, P)
 result), so a provider that implements :meth:`vjp` natively, chunking over
-samples as it sees fit, never materialises the (N, C, P) Jacobian.
+samples as it sees fit, never materialises the (N, C, P) Jacobian; its
+:meth:`vjp` may even return a :class:`ngdref.rows.PerSampleRows` instead of an
+(N, P) array (then it implements :meth:`jacobian` or :meth:`jvp` itself if the
+Jacobian-based routes are wanted).
 
 Arrays come back in the provider's own namespace, dtype and device.
 """
@@ -31,6 +34,7 @@ from typing import Any
 import array_api_compat
 
 from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.rows import ones_like_rows
 
 __all__ = ["JacobianProvider"]
 
@@ -121,6 +125,8 @@ class JacobianProvider:
         one backward pass.
         """
         per_sample = self.vjp(cotangents)
+        if not array_api_compat.is_array_api_obj(per_sample):  # a PerSampleRows
+            return per_sample.rmatvec(ones_like_rows(per_sample))
         xp = array_api_compat.array_namespace(per_sample)
         return xp.sum(per_sample, axis=0)
 

@@ -95,3 +95,63 @@ def test_as_rows_refuses_what_is_neither_array_nor_rows(bad):
 def test_dense_rows_refuses_a_vector(backend):
     with pytest.raises(ValueError, match="per_sample_grads must have 2 axes"):
         ngdref.as_rows(backend.asarray(np.ones(3)))
+
+
+def test_every_gram_form_accepts_rows_given_through_products_only(backend):
+    """EF, iEF, SF, gram_update, DampedGram, the filter, the imbalance and sgd_update give
+    the dense array's results from a PerSampleRows that is not a DenseRows. Both routes
+    form the same float64 products, so they agree to the rounding of products of P terms
+    amplified by the condition number of the damped Gram matrix (< 1e3 here): norm-wise
+    within 10 P eps 1e3."""
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((6, 14))
+    g[5] = 0.999 * g[4] + 1e-3 * rng.standard_normal(14)  # a near duplicate of row 4
+    sampled = rng.standard_normal((6, 14))
+    s = backend.asarray(rng.uniform(0.5, 2.0, 6))
+    rtol = 10 * g.shape[1] * EPS * 1e3
+    dense, hidden = backend.asarray(g), _ProductsOnly(backend.asarray(g))
+    sampled_dense = backend.asarray(sampled)
+    sampled_hidden = _ProductsOnly(sampled_dense)
+    grad = backend.asarray(g.sum(axis=0))
+    routes = {
+        "ef": lambda r, _: ngdref.ef_update(r, damping=1e-3, dedup_threshold=0.99),
+        "ief": lambda r, _: ngdref.ief_update(r, s, damping=1e-3, damping_mode="relative"),
+        "gram_update": lambda r, _: ngdref.gram_update(r, s, damping=0.1)[0],
+        "DampedGram": lambda r, _: ngdref.DampedGram(r).update(s, damping=0.1)[0],
+        "sgd": lambda r, _: ngdref.sgd_update(r),
+        "sf": lambda _, h: ngdref.sf_update(grad, h, damping=0.1),
+    }
+    for fn in routes.values():
+        expected = backend.to_numpy(fn(dense, sampled_dense))
+        got = backend.to_numpy(fn(hidden, sampled_hidden))
+        assert_close_norm(got, expected, rtol)
+    mask = backend.to_numpy(ngdref.near_duplicate_mask(hidden, 0.99))
+    assert mask.tolist() == [True] * 5 + [False]
+    assert mask.tolist() == backend.to_numpy(
+        ngdref.near_duplicate_mask(ngdref.gram_matrix(dense), 0.99)
+    ).tolist()
+    for statistic in ("max_min", "tail_10"):
+        assert ngdref.grad_norm_imbalance(hidden, statistic=statistic) == pytest.approx(
+            ngdref.grad_norm_imbalance(dense, statistic=statistic), rel=rtol
+        )
+
+
+def test_directions_from_a_provider_whose_vjp_returns_rows(backend):
+    """A provider may return PerSampleRows from vjp (the ghost route): directions gives the
+    dense provider's EF, iEF, SF and SGD (the same products; rtol as above)."""
+    from tests.cases import CASES, DenseProvider
+
+    class RowsProvider(DenseProvider):
+        def vjp(self, cotangents):
+            return _ProductsOnly(super().vjp(cotangents))
+
+    pr = CASES[0].build()
+    a = pr.on(backend)
+    options = {"damping": 0.1, "key": 3, "methods": ("sgd", "ef", "ief", "sf"),
+               "dedup_threshold": 0.99, "reduction": "mean"}
+    expected = ngdref.directions(pr.provider(backend), pr.loss, a.targets, **options)
+    got = ngdref.directions(RowsProvider(a.jacobians, a.logits), pr.loss, a.targets, **options)
+    for name in options["methods"]:
+        assert_close_norm(
+            backend.to_numpy(got[name]), backend.to_numpy(expected[name]), 10 * pr.p * EPS * 1e3
+        )
