@@ -44,8 +44,8 @@ optimiser logs this). Both are ratios, independent of R.
 
 Solves: every update is the public ``ngdref`` function. EF and iEF share one
 :class:`ngdref.DampedGram` per batch (the Gram matrix and the duplicate filter formed once,
-one Cholesky factorisation per damping value), and SF's sampled rows form their Gram matrix
-once (:class:`SharedGramRows`), so a damping sweep forms no Gram matrix twice.
+one Cholesky factorisation per damping value), and SF's sampled rows have their own
+DampedGram, so a damping sweep forms no Gram matrix twice.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ import numpy as np
 
 import ngdref
 from ngdref.quality import IMBALANCE_STATISTICS
-from ngdref.rows import DenseRows, PerSampleRows
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +73,6 @@ __all__ = [
     "BatchScorer",
     "EvaluationError",
     "EvaluationProblem",
-    "SharedGramRows",
     "authors_sf_rows",
     "batch_rows",
     "batch_scorer",
@@ -93,43 +91,6 @@ AUTHORS_SF_DEDUP_THRESHOLD = 0.99
 
 class EvaluationError(ValueError):
     """Bad input to the evaluation framework; the message names the argument."""
-
-
-class SharedGramRows:
-    """:class:`ngdref.PerSampleRows` over dense rows whose Gram matrix is formed once.
-
-    ``ngdref.sf_update`` forms the Gram matrix of the sampled rows at every call; a damping
-    sweep calls it once per damping value with the same rows. Built with ``gram`` (e.g. a
-    submatrix of an already formed one), no product is taken at all.
-
-    Parameters
-    ----------
-    array : array, shape (M, P)
-    gram : array, shape (M, M), float64, optional
-        ``array @ array.T`` if already known.
-    """
-
-    def __init__(self, array: Any, gram: Any = None) -> None:
-        self._rows = DenseRows(array, "sampled_grads")
-        self.shape, self.dtype = self._rows.shape, self._rows.dtype
-        self._gram = gram
-
-    def array_namespace(self) -> Any:
-        return self._rows.array_namespace()
-
-    def gram(self) -> Any:
-        if self._gram is None:
-            self._gram = self._rows.gram()
-        return self._gram
-
-    def cross_gram(self, other: PerSampleRows) -> Any:
-        return self._rows.cross_gram(other)
-
-    def matvec(self, v: Any) -> Any:
-        return self._rows.matvec(v)
-
-    def rmatvec(self, w: Any) -> Any:
-        return self._rows.rmatvec(w)
 
 
 def _abs_cosines(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,8 +152,9 @@ class BatchScorer:
         R^2 s_n.
     grad : torch.Tensor, shape (P,)
         g: R times the sum of all rows ("ngdref") or of the kept rows ("authors").
-    sampled : SharedGramRows or None
-        R times SF's sampled gradients ("authors": filtered, see :func:`authors_sf_rows`).
+    sampled : ngdref.DampedGram or None
+        Of R times SF's sampled gradients ("authors": filtered, see
+        :func:`authors_sf_rows`); its Gram matrix is formed once for every damping.
     form : ngdref.QuadraticForm
         v -> v^T F v with F = R sum over all M samples.
     num_samples : int
@@ -206,7 +168,7 @@ class BatchScorer:
     solver: ngdref.DampedGram
     sq_norms: torch.Tensor
     grad: torch.Tensor
-    sampled: SharedGramRows | None
+    sampled: ngdref.DampedGram | None
     form: ngdref.QuadraticForm
     num_samples: int
     imbalance: dict[str, float]
@@ -233,16 +195,16 @@ class BatchScorer:
         raise ValueError(f"method must be one of sgd, ef, ief, sf, got {method!r}")
 
 
-def _authors_sampled(sampled: torch.Tensor, duplicates: str) -> SharedGramRows:
+def _authors_sampled(sampled: torch.Tensor, duplicates: str) -> ngdref.DampedGram:
+    """SF's rows after the authors' filter (their Gram matrix is formed twice per batch: to
+    filter, then for the solves)."""
     import torch
 
-    rows = SharedGramRows(sampled)
-    gram = rows.gram()
-    index, scale = authors_sf_rows(gram.cpu().numpy(), AUTHORS_SF_DEDUP_THRESHOLD, duplicates)
+    gram = ngdref.gram_matrix(sampled).cpu().numpy()
+    index, scale = authors_sf_rows(gram, AUTHORS_SF_DEDUP_THRESHOLD, duplicates)
     idx = torch.as_tensor(index, device=sampled.device)
-    s64 = torch.as_tensor(scale, dtype=torch.float64, device=sampled.device)
-    kept_gram = gram[idx][:, idx] * s64[:, None] * s64[None, :]
-    return SharedGramRows(sampled[idx] * s64.to(sampled.dtype)[:, None], kept_gram)
+    weight = torch.as_tensor(scale, dtype=sampled.dtype, device=sampled.device)
+    return ngdref.DampedGram(sampled[idx] * weight[:, None], rows_name="sampled_grads")
 
 
 def score_batch(
@@ -293,7 +255,7 @@ def score_batch(
         if protocol == "authors":
             sampled, num_samples = _authors_sampled(r * sampled_grads, sf_duplicates), 1
         else:
-            sampled = SharedGramRows(r * sampled_grads)
+            sampled = ngdref.DampedGram(r * sampled_grads, rows_name="sampled_grads")
     return BatchScorer(
         solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum())
     )
