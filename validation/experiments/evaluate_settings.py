@@ -43,8 +43,8 @@ DEFAULT_DAMPING: dict[str, float] = {"ef": 1e-7, "ief": 1e-12, "sf": 1e-7}
 #: the authors' protocol: one lambda for EF, iEF and SF (the paper's T5-LoRA / ViT value)
 AUTHORS_DAMPING = 1e-7
 #: batches per checkpoint by default. The paper uses 100; on a checkpoint of the default
-#: digits MLP (P = 85k, float64, 2 shared CPU cores) one batch of 160 took 1.8 s, so the
-#: paper's 100 took over 3 minutes per checkpoint while 20 take about 40 s (with a progress
+#: digits MLP (P = 85k, float64, 2 shared CPU cores) one batch of 160 took 1.1-1.8 s, so
+#: the paper's 100 take 2-3 minutes per checkpoint while 20 take 20-40 s (with a progress
 #: bar). Pass ``batches=100`` (``--batches 100``) for the paper's number.
 DEFAULT_BATCHES = 20
 DEFAULT_SWEEP_BATCHES = 10
