@@ -80,6 +80,7 @@ from validation.experiments.reproduce_report import (
     seed_stats,
     select_lr,
 )
+from validation.experiments.tasks import Scheduler, Task, evaluate_task, sweep_task, train_task
 
 __all__ = [
     "DIGITS",
@@ -293,105 +294,6 @@ def run_dir(out: Path, optimizer: str, lr: float, seed: int) -> Path:
     return out / "runs" / optimizer / f"lr{lr:g}" / f"seed{seed}"
 
 
-# ---- tasks (run in worker processes) ------------------------------------------------------------
-def _init_worker(threads: int) -> None:
-    import torch
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    torch.set_num_threads(threads)
-
-
-def _train_task(config: dict[str, Any], directory: str) -> float:
-    """Train (or continue) one run unless it has finished; the seconds spent."""
-    from validation.experiments.lora_digits import setup_for_run
-    from validation.experiments.train import train
-
-    started = time.perf_counter()
-    run = Path(directory)
-    if not (run / "results.json").is_file():
-        setup = setup_for_run(config, run, "cpu")  # None: the runner builds it
-        train(config, run, resume=(run / "config.json").is_file(), progress=False, setup=setup)
-    return time.perf_counter() - started
-
-
-def _evaluate_task(directory: str, kwargs: dict[str, Any]) -> float:
-    from validation.experiments.evaluate import evaluate_run
-
-    started = time.perf_counter()
-    evaluate_run(directory, progress=False, **kwargs)
-    return time.perf_counter() - started
-
-
-def _sweep_task(directory: str, kwargs: dict[str, Any]) -> float:
-    from validation.experiments.evaluate import sweep_run
-
-    started = time.perf_counter()
-    sweep_run(directory, progress=False, **kwargs)
-    return time.perf_counter() - started
-
-
-@dataclass
-class _Task:
-    key: tuple[Any, ...]
-    func: Callable[..., float]
-    args: tuple[Any, ...]
-    cost: float  # relative, for longest-first scheduling
-    urgent: bool = False  # other tasks wait for it
-
-
-class _Scheduler:
-    """Run tasks on ``workers`` processes, longest first among the ready ones.
-
-    ``on_done(key)`` may return new tasks (those whose dependencies are now met). With
-    ``progress`` a tqdm bar (stderr, the runner's convention) counts finished tasks; its
-    total grows as tasks are added.
-    """
-
-    def __init__(
-        self, workers: int, threads: int, log: Callable[[str], None], progress: bool = False
-    ) -> None:
-        self.workers = workers
-        self.threads = threads
-        self.log = log
-        self.progress = progress
-
-    def run(self, tasks: list[_Task], on_done: Callable[[_Task], list[_Task]]) -> None:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        from tqdm.auto import tqdm
-
-        ready = list(tasks)
-        running: dict[Any, _Task] = {}
-        context = multiprocessing.get_context("spawn")
-        bar = tqdm(total=len(ready), disable=not self.progress, desc="reproduce", unit="task",
-                   dynamic_ncols=True)
-        with bar, ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_init_worker,
-            initargs=(self.threads,),
-        ) as pool:
-            try:
-                while ready or running:
-                    while ready and len(running) < self.workers:
-                        ready.sort(key=lambda t: (not t.urgent, -t.cost))
-                        task = ready.pop(0)
-                        running[pool.submit(task.func, *task.args)] = task
-                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                    for future in done:
-                        task = running.pop(future)
-                        seconds = future.result()
-                        self.log(f"done {' '.join(map(str, task.key))} ({seconds:.0f} s)")
-                        new = on_done(task)
-                        ready += new
-                        bar.total += len(new)
-                        bar.update(1)
-            except BaseException:
-                # queued tasks are dropped; a run in progress keeps its last checkpoint
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-
-
 def _describe_digits(plan: Plan, steps_per_epoch: int) -> str:
     return (
         f"Plan `{plan.name}`: MLP 64-{'-'.join(map(str, plan.hidden_sizes))}-10 "
@@ -456,37 +358,37 @@ class _Graph:
     waiting: dict[str, set[float]] = field(default_factory=dict)
     evaluated: list[Path] = field(default_factory=list)
 
-    def train_task(self, opt: str, lr: float, seed: int) -> _Task:
+    def training(self, opt: str, lr: float, seed: int) -> Task:
         config = self.experiment.run_config(self.plan, opt, lr, seed, self.out)
         cost = 1.0 if opt in _BASELINES else 20.0
-        return _Task(
-            ("train", opt, f"lr={lr:g}", f"seed={seed}"), _train_task,
+        return Task(
+            ("train", opt, f"lr={lr:g}", f"seed={seed}"), train_task,
             (config, str(run_dir(self.out, opt, lr, seed))), cost * self.plan.epochs,
             urgent=opt == self.experiment.baseline and seed == self.plan.seeds[0],
         )
 
-    def first_tasks(self) -> list[_Task]:
+    def first_tasks(self) -> list[Task]:
         tasks = []
         for opt in self.experiment.optimizers:
             self.waiting[opt] = set(self.plan.lr_grid[opt])
-            tasks += [self.train_task(opt, lr, self.plan.seeds[0]) for lr in self.plan.lr_grid[opt]]
+            tasks += [self.training(opt, lr, self.plan.seeds[0]) for lr in self.plan.lr_grid[opt]]
         return tasks
 
-    def evaluation_tasks(self, directory: Path) -> list[_Task]:
+    def evaluation_tasks(self, directory: Path) -> list[Task]:
         plan = self.plan
         common = {"batch_size": plan.eval_batch_size, "protocol": plan.eval_protocol}
         ckpts = plan.eval_checkpoints()
         return [
-            _Task(("evaluate", directory.name), _evaluate_task, (str(directory), {
+            Task(("evaluate", directory.name), evaluate_task, (str(directory), {
                 **common, "batches": plan.eval_batches, "checkpoints": ckpts,
             }), 5.0 * len(ckpts) * plan.eval_batches),
-            _Task(("sweep", directory.name), _sweep_task, (str(directory), {
+            Task(("sweep", directory.name), sweep_task, (str(directory), {
                 **common, "batches": plan.sweep_batches, "dampings": list(plan.sweep_dampings),
                 "checkpoints": "first,middle,last",
             }), 6.0 * 3 * plan.sweep_batches),
         ]
 
-    def on_done(self, task: _Task) -> list[_Task]:
+    def on_done(self, task: Task) -> list[Task]:
         """New tasks once a seed-0 grid of an optimiser is complete."""
         if task.key[0] != "train":
             return []
@@ -503,7 +405,7 @@ class _Graph:
             return []
         chosen = self.chosen[opt] = select_lr(self.grid[opt])
         self.log(f"selected {opt} lr={chosen:g}")
-        new = [self.train_task(opt, chosen, s) for s in self.plan.seeds[1:]]
+        new = [self.training(opt, chosen, s) for s in self.plan.seeds[1:]]
         if opt == self.experiment.baseline:
             self.evaluated.append(run_dir(self.out, opt, chosen, first))
             new += self.evaluation_tasks(self.evaluated[0])
@@ -624,7 +526,7 @@ def reproduce(
         log(f"preparing {experiment.name}")
         experiment.prepare(out_dir, plan)
     graph = _Graph(plan, experiment, out_dir, log)
-    _Scheduler(workers, threads, log, progress).run(graph.first_tasks(), graph.on_done)
+    Scheduler(workers, threads, log, progress).run(graph.first_tasks(), graph.on_done)
     summary, seeds = graph.summary()
     evaluation = read_json(graph.evaluated[0] / "evaluation.json")
     sweep = read_json(graph.evaluated[0] / "sweep.json")
