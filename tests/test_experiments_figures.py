@@ -78,7 +78,7 @@ def _evaluation(ratio_means: list[dict[str, float]]) -> dict[str, Any]:
         checkpoints.append({
             "name": f"epoch-{k}", "epoch": k, "step": 17 * k,
             "ratios": {name: _summary(means[name]) for name in RATIOS},
-            "imbalance": _summary(3.0 + k),
+            "imbalance": {"max_min": _summary(3.0 + k), "tail_10": _summary(2.0 - 0.5 * k)},
             "gamma": {m: {"mean": 1.0, "std": 0.1} for m in ("sgd", "ef", "ief", "sf")},
         })
     return {"settings": {"batches": 4, "batch_size": 160}, "checkpoints": checkpoints}
@@ -210,8 +210,49 @@ def test_gamma_order_needs_both_inequalities() -> None:
 
 
 def test_imbalance_claim() -> None:
-    found = {c.name: c for c in reproduce.claims({}, _evaluation([GOOD, GOOD, GOOD]), None)}
-    assert found["imbalance grows"].held is True  # 3.0, 4.0, 5.0 in the synthetic file
+    """Both statistics are judged separately: max/min 3, 4, 5 grows, the 10% tails 2, 1.5, 1
+    shrink; a file of the older format (one max/min summary) still gives its claim."""
+    evaluation = _evaluation([GOOD, GOOD, GOOD])
+    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    assert found["imbalance grows (max_min)"].held is True
+    tails = found["imbalance grows (tail_10)"]
+    assert tails.held is False
+    assert "(2 at the first checkpoint, 1 at the last)" in tails.statement
+    for c in evaluation["checkpoints"]:
+        c["imbalance"] = c["imbalance"]["max_min"]
+    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    assert found["imbalance grows (max_min)"].held is True
+    assert "imbalance grows (tail_10)" not in found
+
+
+def test_damaged_metrics_and_truncated_evaluation_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``figures --runs`` on a metrics.jsonl with a cut-off line, and ``--evaluation`` on a
+    truncated evaluation.json: exit 2 with the file and line, no traceback, nothing written."""
+    from validation.experiments.__main__ import main
+
+    run = _write_run(tmp_path / "sgd0", "sgd", 0)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[4] = lines[4][: len(lines[4]) // 2]  # a line cut off mid-record
+    metrics.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "figs"
+    assert main(["figures", "--runs", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{metrics}:5: not a JSON record" in err and "Traceback" not in err
+    evaluation = tmp_path / "evaluation.json"
+    text = json.dumps(_evaluation([GOOD, BAD]), indent=2)
+    evaluation.write_text(text[: len(text) // 2])
+    assert main(["figures", "--evaluation", str(evaluation), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = len(text[: len(text) // 2].splitlines())
+    assert f"{evaluation}:{line}: not valid JSON" in err and "truncated" in err
+    not_ours = tmp_path / "sweep.json"
+    not_ours.write_text("[1, 2]")
+    assert main(["figures", "--sweep", str(not_ours), "--out", str(out)]) == 2
+    assert "missing ['settings', 'checkpoints']" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_ief_damping_robustness() -> None:
@@ -302,7 +343,7 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
             assert (reproduce.run_dir(out, opt, row["lr"], seed) / "results.json").is_file()
     assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
     assert len(results["sweep"]["checkpoints"]) == 3
-    assert len(results["claims"]) == 6
+    assert len(results["claims"]) == 7
     for name in ("toy_least_squares", "toy_logistic", "training_curves", "gamma_ratios",
                  "damping_sweep"):
         _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)
@@ -311,3 +352,75 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
     # the same directory with another plan is refused before anything runs
     with pytest.raises(reproduce.ReproduceError, match="epochs"):
         reproduce.reproduce(out, dataclasses.replace(plan, epochs=plan.epochs + 1))
+
+
+# ---- the LoRA reproduction (validation/experiments/lora_digits.py) -----------------------------
+def test_lora_digits_data_and_model(tmp_path: Path) -> None:
+    """Pretraining sees digits 0-4 only, fine-tuning 5-9 only; the fine-tuned model trains the
+    LoRA adapters and nothing else, starts as the pretrained network (B = 0), and a base file
+    that is not the one the configuration names is refused."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from validation.experiments import lora_digits as ld
+
+    for split in ("train", "validation", "test"):
+        _, y_pre = ld.digits_subset(split, ld.PRETRAIN_CLASSES)
+        _, y_fine = ld.digits_subset(split, ld.FINETUNE_CLASSES)
+        assert set(y_pre.tolist()) == set(ld.PRETRAIN_CLASSES)
+        assert set(y_fine.tolist()) == set(ld.FINETUNE_CLASSES)
+    plan = ld.QUICK_LORA
+    ld.pretrain(tmp_path, plan)
+    config = ld.run_config(plan, "ief", 100.0, 1, tmp_path)
+    assert config["optimizers"]["ief"]["lr"] == 100.0 and config["setup"] == "digits-lora"
+    setup = ld.build_lora_setup(config, tmp_path / "run")
+    names = [n for n, _ in setup.trainable]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(names) == 2 * (len(plan.hidden_sizes) + 1)  # A and B on every linear layer
+    assert setup.num_trainable == plan.lora_rank * sum(
+        a + b for a, b in zip((64, *plan.hidden_sizes), (*plan.hidden_sizes, 10), strict=True)
+    )
+    base = ld._base_model(plan.hidden_sizes)
+    base.load_state_dict(torch.load(tmp_path / ld.BASE_FILE, weights_only=True))
+    x = setup.train.x[:5]
+    torch.testing.assert_close(setup.model(x), base(x), rtol=0, atol=0)
+    assert set(setup.train.labels.tolist()) <= set(ld.FINETUNE_CLASSES)
+    assert len(setup.train) == plan.max_train_samples
+    (tmp_path / "run" / ld.BASE_FILE).write_bytes(b"not the base")
+    with pytest.raises(reproduce.ReproduceError, match="SHA-256 differs"):
+        ld.build_lora_setup(config, tmp_path / "run")
+    assert ld.setup_of_run_dir(tmp_path / "nowhere") is None
+
+
+def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``reproduce --setup digits-lora --quick``: every stage at tiny scale, with a progress bar;
+    the evaluation is the AdamW run's, under the authors' protocol, in float64."""
+    pytest.importorskip("peft")
+    from validation.experiments import lora_digits as ld
+    from validation.experiments.__main__ import main
+
+    out = tmp_path / "lora"
+    assert main(["reproduce", "--setup", "digits-lora", "--quick", "--out", str(out),
+                 "--progress", "on"]) == 0
+    assert "reproduce: 100%" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    plan = ld.QUICK_LORA
+    assert results["experiment"] == "digits-lora"
+    assert set(results["summary"]) == set(ld.LORA_OPTIMIZERS)
+    for opt, row in results["summary"].items():
+        assert row["runs"] == len(plan.seeds)
+        for seed in plan.seeds:
+            run = reproduce.run_dir(out, opt, row["lr"], seed)
+            assert (run / "results.json").is_file() and (run / ld.BASE_FILE).is_file()
+    assert "/adamw/" in results["evaluation_run"]
+    settings = results["evaluation"]["settings"]
+    assert settings["protocol"] == "authors" and settings["dtype"] == "float64"
+    assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
+    assert len(results["claims"]) == 7
+    text = (out / "results.md").read_text()
+    assert "AdamW > iEF > SGD > SF > EF" in text and "digits 0-4" in text
+    for name in ("training_curves", "gamma_ratios", "damping_sweep"):
+        _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)
+    assert not (out / "toy_logistic.png").exists()
+    summary = (out / "summary.json").read_text()
+    assert '"values"' not in summary and "seeds" not in json.loads(summary)
+    assert json.loads(summary)["claims"] == results["claims"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import numpy as np
 __all__ = [
     "OPTIMIZER_COLORS",
     "RATIO_LABELS",
+    "FiguresError",
     "field",
     "group_runs",
     "least_squares_toy_updates",
@@ -54,6 +56,8 @@ __all__ = [
     "plot_least_squares_toy",
     "plot_logistic_toy",
     "plot_training_curves",
+    "read_json",
+    "read_jsonl",
     "register_figures",
     "toy_trajectory",
 ]
@@ -440,9 +444,39 @@ def plot_logistic_toy(
 
 
 # ---- training curves --------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+class FiguresError(ValueError):
+    """An input file of the figures cannot be read; the message names the file and line."""
+
+
+def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, one JSON object per non-blank line.
+
+    Raises
+    ------
+    FiguresError
+        A line is not a JSON object (a truncated or damaged file): names the file and line.
+    FileNotFoundError
+        No such file.
+    """
+    records = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FiguresError(
+                    f"{os.fspath(path)}:{number}: not a JSON record ({exc.msg} at column "
+                    f"{exc.colno}); the file is damaged or was cut off while being written"
+                ) from None
+            if not isinstance(record, dict):
+                raise FiguresError(
+                    f"{os.fspath(path)}:{number}: expected a JSON object, got "
+                    f"{type(record).__name__}"
+                )
+            records.append(record)
+    return records
 
 
 def group_runs(
@@ -532,7 +566,7 @@ def plot_training_curves(
         color = OPTIMIZER_COLORS.get(label, None)
         losses, accs, ends = [], [], []
         for run in dirs:
-            records = _read_jsonl(Path(run) / "metrics.jsonl")
+            records = read_jsonl(Path(run) / "metrics.jsonl")
             train = [r for r in records if r.get("kind") == "train"]
             losses.append(_epoch_curve(train, "loss"))
             val = [r for r in records if r.get("kind") == "validation"]
@@ -568,9 +602,44 @@ def plot_training_curves(
 
 
 # ---- the evaluation framework -----------------------------------------------------------------
-def _read_json(path: PathLike) -> dict[str, Any]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return json.load(fh)
+def read_json(path: PathLike, keys: Sequence[str] = ("settings", "checkpoints")) -> dict:
+    """An ``evaluation.json`` / ``sweep.json`` with its top-level ``keys`` checked.
+
+    Raises
+    ------
+    FiguresError
+        Not JSON (e.g. truncated: names the file, line and column), or a key is missing.
+    FileNotFoundError
+        No such file.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FiguresError(
+            f"{os.fspath(path)}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "the file is damaged or truncated: rerun the command that wrote it"
+        ) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise FiguresError(f"{os.fspath(path)}: missing {missing}; not a file of the evaluator")
+    return data
+
+
+def _imbalance_series(checkpoints: Sequence[Mapping[str, Any]]) -> dict[str, tuple]:
+    """statistic -> (mean, std) arrays; older files hold one max/min summary."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    entries = [c.get("imbalance") for c in checkpoints]
+    if not entries or any(e is None for e in entries):
+        return out
+    if all("mean" in e for e in entries):
+        entries = [{"max_min": e} for e in entries]
+    for stat in entries[0]:
+        out[stat] = (
+            np.array([e[stat]["mean"] for e in entries], dtype=float),
+            np.array([e[stat]["std"] for e in entries], dtype=float),
+        )
+    return out
 
 
 def _log_yerr(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -601,7 +670,7 @@ def plot_gamma_ratios(
     -------
     list of Path
     """
-    data = _read_json(evaluation)
+    data = read_json(evaluation)
     checkpoints = data["checkpoints"]
     x = np.array([float(c["epoch"]) for c in checkpoints])
     fig, axes = _figure(2, width=4.6, height=3.5)
@@ -620,17 +689,17 @@ def plot_gamma_ratios(
     ax.set_xlabel("checkpoint (epoch)")
     ax.set_ylabel("gamma ratio (mean +- std over batches)")
     ax.legend(fontsize=8)
-    imb = [c.get("imbalance") for c in checkpoints]
-    if all(i is not None for i in imb):
-        imb_mean = np.array([i["mean"] for i in imb], dtype=float)
-        imb_std = np.array([i["std"] for i in imb], dtype=float)
+    styles = {"max_min": ("k", "max / min"), "tail_10": ("tab:gray", "top 10% / bottom 10%")}
+    for stat, (imb_mean, imb_std) in _imbalance_series(checkpoints).items():
+        color, label = styles.get(stat, (None, stat))
         ax_imb.errorbar(
             x, imb_mean, yerr=_log_yerr(imb_mean, imb_std), fmt="o-", ms=3.5, capsize=2.5,
-            color="k",
+            color=color, label=label,
         )
         ax_imb.set_yscale("log")
+        ax_imb.legend(fontsize=8)
     ax_imb.set_xlabel("checkpoint (epoch)")
-    ax_imb.set_ylabel(r"imbalance $\max_n\|\nabla l_n\| / \min_n\|\nabla l_n\|$")
+    ax_imb.set_ylabel(r"gradient-norm imbalance of $\|\nabla l_n\|$")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, out)
@@ -654,7 +723,7 @@ def plot_damping_sweep(sweep: PathLike, out: PathLike, *, title: str | None = No
     -------
     list of Path
     """
-    data = _read_json(sweep)
+    data = read_json(sweep)
     checkpoints = data["checkpoints"]
     fig, axes = _figure(max(1, len(checkpoints)), width=3.8, height=3.4)
     for ax, ckpt in zip(axes[0], checkpoints, strict=False):
@@ -683,6 +752,14 @@ def plot_damping_sweep(sweep: PathLike, out: PathLike, *, title: str | None = No
 
 # ---- command line -----------------------------------------------------------------------------
 def _run_figures(args: Any) -> int:
+    try:
+        return _write_figures(args)
+    except (FiguresError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _write_figures(args: Any) -> int:
     out = Path(args.out)
     written: list[Path] = []
     if args.toy:
@@ -695,7 +772,8 @@ def _run_figures(args: Any) -> int:
     if args.sweep:
         written += plot_damping_sweep(args.sweep, out / "damping_sweep")
     if not written:
-        print("error: nothing to plot; give --toy, --runs, --evaluation or --sweep")
+        print("error: nothing to plot; give --toy, --runs, --evaluation or --sweep",
+              file=sys.stderr)
         return 2
     for path in written:
         print(path)
