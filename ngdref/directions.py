@@ -117,6 +117,8 @@ def sampled_grads(
 
     Rows k*N .. (k+1)*N - 1 hold draw k; each row is the gradient of the
     reduced loss, R times the sum-convention row (see the module docstring).
+    ``key`` is the sampling key, an int seed or an array of uniforms
+    (:meth:`ngdref.losses.LogitLoss.sample`).
     Feed to :func:`ngdref.updates.sf_update` with the same ``num_samples``.
     """
     logits = provider.logits()
@@ -159,20 +161,22 @@ def directions(
     provider, loss, targets
         The model on the batch, its logit-level loss and the targets.
     damping : float >= 0
-        lambda for every method (EF and iEF in ``damping_space``; SF, GN and
+        lambda for every method (iEF in ``damping_space``, EF in either, they agree; SF, GN and
         NGD in parameter space, where it must be > 0 unless N*C >= P). Under a
         ``reduction`` with factor R one lambda damps EF, iEF and SF alike, as
         in the paper: see the module docstring.
     methods : tuple of str
         Any of "sgd", "ef", "ief", "sf", "gn", "ngd".
     key : int or array
-        Seed or uniforms for SF's sampled labels (required for "sf"); see
-        :meth:`ngdref.losses.LogitLoss.sample`.
+        The sampling key of SF's labels (required for "sf"): an int seed or an array
+        of uniforms in [0, 1); see :meth:`ngdref.losses.LogitLoss.sample`.
     num_samples : int
         K draws per sample for SF.
     reduction : {"sum", "mean"} or float
         Convention of the loss (default the paper's sum).
-    damping_space, damping_mode, dedup_threshold, dedup_rule
+    damping_space
+        For iEF (EF's two damping spaces agree); see :func:`ngdref.updates.ief_update`.
+    damping_mode, dedup_threshold, dedup_rule
         For EF and iEF; see :func:`ngdref.updates.ief_update`. EF and iEF share
         one :class:`~ngdref.linalg.DampedGram` (one Gram matrix and filter).
     ngd_solver : {"woodbury", "cg"}
