@@ -196,7 +196,8 @@ def build_lora_setup(
 
     import ngdref
     from validation.experiments.models import torch_dtype
-    from validation.experiments.train import Setup, TensorSplit, resolve_device
+    from validation.experiments.setup import Setup, resolve_device
+    from validation.experiments.splits import TensorSplit
 
     lora = config["digits_lora"]
     run = Path(run_dir)
