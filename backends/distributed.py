@@ -1,0 +1,464 @@
+r"""Data-parallel exact Gram-form steps on ``torch.distributed``: one step on R ranks, as on one.
+
+When ``torch.distributed`` is initialised, :class:`backends.IEF`, ``EF``, ``SF`` and ``NGD``
+read the batch as the union of the R ranks' shards (rank r holds N_r samples, any sizes,
+N = sum_r N_r; rank order = sample order) and take exactly the single-process step on the
+concatenated batch: the same N x N Gram matrix, solve, near-duplicate filter, sampled labels
+(SF: uniforms drawn for the GLOBAL sample index), diagnostics and loss. The update is reduced
+to the same bytes on every rank, so the parameters stay identical.
+
+What is sent per step (bytes per rank, payload only; ring algorithms: an all-gather of
+S bytes per rank sends (R - 1) S, an all-reduce of S bytes 2 (R - 1) S / R; ``b`` = bytes
+per float of the rows, 8 for the float64 Gram matrix; control messages of a few hundred
+bytes (sizes, errors, layouts) are not counted):
+
+===========================  ==============================================================
+quantity                     collective and volume
+===========================  ==============================================================
+s (IEF, EF), N_r             all-gather, (R - 1) max N_r b
+rows for the Gram matrix     all-gather of each layer's ghost factors, (R - 1) max N_r T
+                             (d_in + d_out) b per ghost layer; materialised layers (and the
+                             vmap route) (R - 1) max N_r size b
+Gram block rows G_r G^T      all-gather, (R - 1) max N_r N 8
+G^T w (the update, g)        all-reduce, 2 (R - 1) P b / R (IEF, EF: once; SF: twice, g and
+                             the Woodbury back-substitution; NGD: g)
+G v (SF's Woodbury rhs)      all-gather, (R - 1) max N_r K b
+F v (NGD)                    all-reduce per CG iteration, 2 (R - 1) P b / R
+===========================  ==============================================================
+
+Rank r computes only its block row G_r G^T (N_r N of the Gram work) and its share G_r^T w_r
+of every weighted sum; the N x N solve is repeated on every rank on identical bytes (O(N^3),
+small next to the rest for N << P). :attr:`ProcessGroupComm.bytes_sent` is the counted total
+of a step, reported as ``diagnostics["bytes_sent"]``.
+
+Failure protocol: the step's local phases (closure, forward, backward, loss) run inside
+:meth:`ProcessGroupComm.agree`, which exchanges an ok/error flag (and the shard's size) on
+every rank before any data collective; an error on one rank makes every rank raise the same
+exception type and message ("rank r of R at step t: ...") with the parameters untouched.
+Everything after the agreement runs on identical bytes, so a deterministic error (a singular
+Gram matrix at zero damping, a non-finite update) is raised by every rank at the same point;
+a last exchange compares the update norms before anything is applied. Every collective is
+bounded by the process group's timeout (``init_process_group(timeout=...)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import array_api_compat
+import torch
+import torch.distributed as dist
+
+from backends.ghost import DenseBlock, FactorBlock, GhostRows, stack_rows
+from ngdref.rows import DenseRows, as_rows
+
+__all__ = [
+    "DistributedRows",
+    "IgnoredShardLoss",
+    "LocalComm",
+    "ProcessGroupComm",
+    "communicator",
+]
+
+
+def communicator(distributed: bool | None, process_group: Any) -> LocalComm | ProcessGroupComm:
+    """The optimisers' communicator: ``distributed`` None = on when torch.distributed is up."""
+    if distributed not in (None, True, False):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    up = dist.is_available() and dist.is_initialized()
+    if distributed is False:
+        if process_group is not None:
+            raise ValueError("process_group was given but distributed=False: pass one of them")
+        return LocalComm()
+    if not up:
+        if distributed or process_group is not None:
+            raise ValueError(
+                "distributed=True (or a process_group) but torch.distributed is not "
+                "initialised: call torch.distributed.init_process_group first"
+            )
+        return LocalComm()
+    return ProcessGroupComm(process_group)
+
+
+class LocalComm:
+    """The single-process communicator: every method is the identity."""
+
+    sharded = False
+
+    def __init__(self) -> None:
+        self.num_samples = 0
+
+    @contextlib.contextmanager
+    def agree(self, step: int) -> Iterator[LocalComm]:
+        yield self
+
+    def declare(self, num_samples: int, labelled: bool, params: Sequence[Any],
+                names: Sequence[str]) -> None:
+        self.num_samples = num_samples
+
+    def share(self, batch: Any) -> Any:
+        return batch
+
+    def rows(self, rows: Any) -> Any:
+        return rows
+
+    def sampling_input(self, loss: Any, logits: torch.Tensor, key: int, k: int) -> Any:
+        return key
+
+    def fisher_vp(self, fvp: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        return fvp
+
+    def check_update(self, norm: float) -> None:
+        return None
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {}
+
+
+class IgnoredShardLoss:
+    """The loss of a shard whose every label is ignored: zero loss, gradients and curvature.
+
+    Such a shard is legal (the global batch has labels elsewhere) but ngdref's sequence
+    losses refuse all-ignored targets; everything else is delegated to ``loss``.
+    """
+
+    def __init__(self, loss: Any) -> None:
+        self._loss = loss
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loss, name)
+
+    def check(self, logits: torch.Tensor, targets: torch.Tensor) -> Any:
+        return array_api_compat.array_namespace(logits)
+
+    def value(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logits.new_zeros(logits.shape[0])
+
+    def grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(logits)
+
+    def hessian_vp(self, logits: torch.Tensor, targets: torch.Tensor,
+                   vectors: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(vectors)
+
+    def sample(self, logits: torch.Tensor, key_or_uniforms: Any, num_samples: int = 1, *,
+               targets: torch.Tensor) -> torch.Tensor:
+        return targets.expand(num_samples, *targets.shape)  # every draw stays ignored
+
+
+def _rebuild_error(module: str, name: str, message: str) -> Exception:
+    """An exception of the named class with ``message`` (RuntimeError if it cannot be made)."""
+    try:
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls(message)
+    except Exception:
+        pass
+    return RuntimeError(f"{module}.{name}: {message}")
+
+
+class ProcessGroupComm:
+    """Collectives of one step over a process group (None: the default group)."""
+
+    sharded = True
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.sizes: list[int] = []
+        self.bytes_sent = 0
+        self._declared: tuple[int, bool, Any] | None = None
+        self._checked = False
+
+    # ---- control: agreement on errors and shard sizes -------------------------------------
+    @contextlib.contextmanager
+    def agree(self, step: int) -> Iterator[ProcessGroupComm]:
+        """Run a local phase; then every rank learns whether any rank raised, and raises too."""
+        error: Exception | None = None
+        try:
+            yield self
+        except Exception as exc:
+            error = exc
+        mine = None if error is None else (
+            type(error).__module__, type(error).__qualname__, str(error))
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (mine, self._declared), group=self.group)
+        self._declared = None
+        for rank, (failure, _) in enumerate(gathered):
+            if failure is not None:
+                message = f"rank {rank} of {self.world} at step {step}: {failure[2]}"
+                raise _rebuild_error(failure[0], failure[1], message) from error
+        declared = [d for _, d in gathered]
+        if all(d is not None for d in declared):
+            self._settle(declared)
+
+    def declare(self, num_samples: int, labelled: bool, params: Sequence[torch.Tensor],
+                names: Sequence[str]) -> None:
+        """This rank's shard size, whether it has a label, and (first step) its model."""
+        self.bytes_sent = 0
+        signature = None if self._checked else [
+            (name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params, strict=True)
+        ]
+        self._declared = (int(num_samples), bool(labelled), signature)
+
+    def _settle(self, declared: list[tuple[int, bool, Any]]) -> None:
+        if not self._checked:
+            first = declared[0][2]
+            for rank, (_, _, signature) in enumerate(declared):
+                if signature != first:
+                    raise ValueError(_model_mismatch(first, signature, rank))
+            self._checked = True
+        if not any(labelled for _, labelled, _ in declared):
+            raise ValueError(
+                "targets: every label on every rank equals ignore_index, so the global batch "
+                "has no loss and no gradient; the parameters were not changed"
+            )
+        self.sizes = [n for n, _, _ in declared]
+
+    @property
+    def num_samples(self) -> int:
+        """N = sum of the shards' sizes (after the first agreement of the step)."""
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    # ---- data collectives -----------------------------------------------------------------
+    def gather(self, tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along axis 0 (rank r's has ``sizes[r]`` rows)."""
+        sizes = list(self.sizes if sizes is None else sizes)
+        longest = max(sizes)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        self.bytes_sent += (self.world - 1) * padded.numel() * padded.element_size()
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, group=self.group)
+        self.bytes_sent += 2 * (self.world - 1) * out.numel() * out.element_size() // self.world
+        return out
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    # ---- the optimiser's hooks ------------------------------------------------------------
+    def share(self, batch: Any) -> Any:
+        """The batch of the whole group: global rows, s (N,) and loss (the shards' sum)."""
+        loss = self.all_sum(torch.tensor([batch.loss], dtype=torch.float64))
+        return dataclasses.replace(
+            batch,
+            rows=self.rows(batch.rows),
+            logit_grad_sq_norms=self.gather(batch.logit_grad_sq_norms),
+            loss=float(loss[0]),
+        )
+
+    def rows(self, rows: Any) -> DistributedRows:
+        return DistributedRows(rows, self)
+
+    def sampling_input(self, loss: Any, logits: torch.Tensor, key: int, k: int) -> torch.Tensor:
+        """This shard's slice of the uniforms the single process would draw from ``key``.
+
+        Must match :meth:`ngdref.LogitLoss.sample`'s int-key route: Mersenne Twister floats
+        in row-major order of ``uniforms_shape`` (K, N, ...), cast, kept below 1.
+        """
+        shape = loss.uniforms_shape(logits, k)
+        full = (k, self.num_samples, *shape[2:])
+        rng = random.Random(key)
+        flat = [rng.random() for _ in range(int(torch.Size(full).numel()))]
+        uniforms = torch.tensor(flat, dtype=logits.dtype, device=logits.device).reshape(full)
+        uniforms = uniforms.clamp(max=1.0 - torch.finfo(logits.dtype).eps / 2)
+        return uniforms[:, self.offset:self.offset + shape[1]].contiguous()
+
+    def fisher_vp(self, fvp: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        """v -> sum over ranks of the shards' F_r v (one all-reduce of P per product)."""
+        return lambda v: self.all_sum(fvp(v))
+
+    def check_update(self, norm: float) -> None:
+        """Before applying: every rank must hold the same update (compared by its norm)."""
+        norms = self.gather(torch.tensor([norm], dtype=torch.float64), [1] * self.world)
+        if not bool(torch.all((norms == norms[0]) | (torch.isnan(norms) & torch.isnan(norms[0])))):
+            raise RuntimeError(
+                f"the ranks computed different updates (norms {norms.tolist()}): the model or "
+                "its inputs are not replicated; the parameters were not changed"
+            )
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"world_size": self.world, "num_samples": self.num_samples,
+                "bytes_sent": self.bytes_sent}
+
+
+def _model_mismatch(first: list, other: list, rank: int) -> str:
+    if len(first) != len(other):
+        return (f"model: rank {rank} has {len(other)} trainable parameters, rank 0 has "
+                f"{len(first)}; every rank must hold the same model")
+    for mine, theirs in zip(first, other, strict=True):
+        if mine != theirs:
+            return (f"model: rank {rank}'s trainable parameter {theirs} differs from rank 0's "
+                    f"{mine} (name, shape, dtype); every rank must hold the same model")
+    return "model: the ranks' models differ"
+
+
+# ---- the rows of the whole group ---------------------------------------------------------
+def _blocks(rows: Any) -> list[Any]:
+    """The blocks of one rank's rows, by offset: FactorBlock / DenseBlock (dense rows: one)."""
+    if isinstance(rows, GhostRows):
+        return sorted([*rows.factors, *rows.dense], key=lambda b: b.offset)
+    return [DenseBlock(0, as_rows(rows).array)]
+
+
+def _kind(block: Any) -> tuple[int, int, str]:
+    if isinstance(block, FactorBlock):
+        return (block.offset, block.size, "embedding" if block.embedding else "factor")
+    return (block.offset, block.size, "dense")
+
+
+def _canonical(blocks: list[Any], layouts: list[list[tuple]]) -> list[Any]:
+    """Per parameter, factors where every rank has them (of one kind), else materialised.
+
+    Ranks may choose differently (the ghost/materialised choice depends on N_r; a vmap
+    fallback on one rank): such parameters are materialised on every rank, and if the
+    ranks' blocks do not even cover the same spans (dense vmap rows), all of G_r is.
+    """
+    spans = [[(o, s) for o, s, _ in layout] for layout in layouts]
+    if any(span != spans[0] for span in spans):
+        return [DenseBlock(0, torch.cat([_dense(b) for b in blocks], dim=1))]
+    out = []
+    for i, block in enumerate(blocks):
+        agreed = len({layout[i][2] for layout in layouts}) == 1
+        out.append(block if agreed and isinstance(block, FactorBlock)
+                   else DenseBlock(block.offset, _dense(block)))
+    return out
+
+
+def _dense(block: Any) -> torch.Tensor:
+    return block.materialise() if isinstance(block, FactorBlock) else block.rows
+
+
+def _tensors(blocks: list[Any]) -> list[torch.Tensor]:
+    return [t for b in blocks for t in ((b.x, b.b) if isinstance(b, FactorBlock) else (b.rows,))]
+
+
+class DistributedRows:
+    r"""The per-sample gradients G (N, P) of the whole group, from each rank's shard G_r.
+
+    Implements ngdref's ``PerSampleRows`` (rows in rank order). Rank r holds its own rows
+    (any ``PerSampleRows``: the ghost route's :class:`~backends.ghost.GhostRows` or dense);
+    ``gram`` all-gathers the others' ghost factors / materialised layer rows once, forms
+    its block row :math:`G_r G^\top` and all-gathers the block rows; ``matvec`` all-gathers
+    the shards' :math:`G_r v`; ``rmatvec`` all-reduces :math:`G_r^\top w_r`. Every method
+    is a collective: all ranks must call it in the same order.
+    """
+
+    def __init__(self, local: Any, comm: ProcessGroupComm) -> None:
+        self.local = as_rows(local, "rows")
+        self.comm = comm
+        n, p = self.local.shape
+        self._blocks = _blocks(local)
+        # one control exchange: every rank's size and layout, and its tensors' shapes
+        meta = comm.gather_objects((n, p, [_kind(b) for b in self._blocks]))
+        if any(m[1] != p for m in meta):
+            raise ValueError(f"rows: the ranks' rows have P = {[m[1] for m in meta]} columns")
+        self.sizes = [m[0] for m in meta]
+        self._layouts = [m[2] for m in meta]
+        self.shape = (sum(self.sizes), p)
+        self.dtype = self.local.dtype
+        self.offset = sum(self.sizes[: comm.rank])
+        self.fallbacks = tuple(getattr(local, "fallbacks", ()))
+        self._gram: torch.Tensor | None = None
+        self._everyone: Any = None
+
+    def array_namespace(self) -> Any:
+        return self.local.array_namespace()
+
+    def _mine(self) -> Any:
+        """This rank's rows in the layout shared by all ranks."""
+        blocks = _canonical(self._blocks, self._layouts)
+        return self._assemble(blocks, self.local.shape[0])
+
+    def _assemble(self, blocks: list[Any], n: int) -> Any:
+        first = blocks[0]
+        if len(blocks) == 1 and isinstance(first, DenseBlock) and first.size == self.shape[1]:
+            return DenseRows(first.rows, "rows")
+        return GhostRows(
+            n, self.shape[1], factors=[b for b in blocks if isinstance(b, FactorBlock)],
+            dense=[b for b in blocks if isinstance(b, DenseBlock)],
+            dtype=self.dtype, device=_device(blocks),
+        )
+
+    def everyone(self) -> Any:
+        """The rows of all ranks stacked (N, P), in the shared layout: one all-gather."""
+        if self._everyone is None:
+            mine = self._mine()
+            blocks = _blocks(mine)
+            tensors = _tensors(blocks)
+            shapes = self.comm.gather_objects([tuple(t.shape) for t in tensors])
+            per_rank: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world)]
+            for i, tensor in enumerate(tensors):
+                width = [max(s[i][d] for s in shapes) for d in range(1, tensor.ndim)]
+                padded = tensor.new_zeros((tensor.shape[0], *width))
+                padded[tuple(slice(0, k) for k in tensor.shape)] = tensor
+                flat = padded.reshape(tensor.shape[0], int(torch.Size(width).numel()))
+                rows = self.comm.gather(flat, [s[i][0] for s in shapes])
+                parts = torch.split(rows, [s[i][0] for s in shapes])
+                for rank, part in enumerate(parts):
+                    per_rank[rank].append(part.reshape(-1, *width))
+            self._everyone = stack_rows(
+                [self._rebuild(blocks, parts, n) for parts, n in zip(per_rank, self.sizes,
+                                                                      strict=True)]
+            )
+        return self._everyone
+
+    def _rebuild(self, blocks: list[Any], tensors: list[torch.Tensor], n: int) -> Any:
+        it = iter(tensors)
+        out = [
+            FactorBlock(b.offset, b.shape, next(it), next(it)) if isinstance(b, FactorBlock)
+            else DenseBlock(b.offset, next(it))
+            for b in blocks
+        ]
+        return self._assemble(out, n)
+
+    def gram(self) -> torch.Tensor:
+        """G G^T (N, N) float64: block rows G_r G^T all-gathered, symmetrised."""
+        if self._gram is None:
+            block = as_rows(self._mine()).cross_gram(self.everyone())
+            full = self.comm.gather(block, self.sizes)
+            self._gram = 0.5 * (full + full.T)
+        return self._gram
+
+    def cross_gram(self, other: Any) -> torch.Tensor:
+        """G H^T (N, M) float64 with ``other`` the DistributedRows of the same group."""
+        if not isinstance(other, DistributedRows) or other.comm is not self.comm:
+            raise TypeError("other must be DistributedRows of the same process group")
+        block = as_rows(self._mine()).cross_gram(other.everyone())
+        return self.comm.gather(block, self.sizes)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """G v (N,): the shards' G_r v all-gathered."""
+        return self.comm.gather(self.local.matvec(v), self.sizes)
+
+    def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
+        """G^T w (P,): the shards' G_r^T w_r all-reduced."""
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (self.shape[0],):
+            raise ValueError(f"w must be a torch.Tensor of shape ({self.shape[0]},)")
+        mine = w[self.offset:self.offset + self.local.shape[0]]
+        return self.comm.all_sum(self.local.rmatvec(mine).to(self.dtype))
+
+
+def _device(blocks: list[Any]) -> torch.device:
+    first = blocks[0]
+    return (first.b if isinstance(first, FactorBlock) else first.rows).device
+
