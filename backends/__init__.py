@@ -7,7 +7,8 @@ Always available (array-API generic; stdlib and array_api_compat only):
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider`
-(``backends.torch_provider``) and the optimisers :class:`IEF`, :class:`EF`,
+(``backends.torch_provider``), :class:`GhostRows` (``backends.ghost``: per-sample gradients
+as per-layer factors) and the optimisers :class:`IEF`, :class:`EF`,
 :class:`SF`, :class:`NGD` (``backends.optim``). ``import backends`` never
 imports torch.
 """
@@ -32,6 +33,7 @@ from backends.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 #: attribute name -> the module that defines it, imported on first access
 _LAZY = {
     "TorchProvider": "backends.torch_provider",
+    "GhostRows": "backends.ghost",
     "IEF": "backends.optim",
     "EF": "backends.optim",
     "SF": "backends.optim",

@@ -217,24 +217,17 @@ class GhostRows:
         """array_api_compat's torch namespace."""
         return array_api_compat.array_namespace(torch.empty(0))
 
-    def _slot_grams(self) -> list[tuple[int, torch.Tensor]]:
-        return [(f.offset, f.cross(f)) for f in self.factors] + [
-            (d.offset, _gram64(d.rows, d.rows)) for d in self.dense
-        ]
-
     def gram(self) -> torch.Tensor:
         """G G^T, (N, N) float64: the sum over parameters of their per-parameter Grams."""
         if self._gram is None:
             n = self.shape[0]
             total = torch.zeros(n, n, dtype=torch.float64, device=self.device)
-            for _, part in self._slot_grams():
-                total += part
+            for f in self.factors:
+                total += f.cross(f)
+            for d in self.dense:
+                total += _gram64(d.rows, d.rows)
             self._gram = total
         return self._gram
-
-    def slot_grams(self) -> dict[int, torch.Tensor]:
-        """{offset: Gram of that parameter's per-sample gradients}, for checks."""
-        return dict(self._slot_grams())
 
     def cross_gram(self, other: Any) -> torch.Tensor:
         """G H^T, (N, M) float64. ``other``: GhostRows of the same model, or any PerSampleRows."""

@@ -43,7 +43,6 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
 
@@ -113,12 +112,20 @@ class _UseWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         kwargs = kwargs or {}
-        if _operation(func) not in _METADATA:
+        # runs for every torch operation of the forward pass: the common case (no parameter
+        # among the arguments) is decided by C-level set operations
+        ids = self.watched.keys()
+        flat = (*args, *kwargs.values())
+        if ids.isdisjoint(map(id, flat)) and not any(type(a) in (list, tuple) for a in flat):
+            return func(*args, **kwargs)
+        watched = self.watched
+        hits = [a for a in flat if id(a) in watched]
+        for a in flat:
+            if type(a) in (list, tuple):
+                hits += [b for b in a if id(b) in watched]
+        if hits and _operation(func) not in _METADATA:
             allowed = self.stack[-1] if self.stack else frozenset()
-            for leaf in tree_leaves((args, kwargs)):
-                slot = self.watched.get(id(leaf))
-                if slot is not None and id(leaf) not in allowed:
-                    self.outside.add(slot)
+            self.outside.update(watched[id(a)] for a in hits if id(a) not in allowed)
         return func(*args, **kwargs)
 
 
@@ -292,8 +299,10 @@ class LayerPass:
         n = self._n
         if use.kind == "conv2d":
             shape = (n, use.module.out_channels, use.x.shape[1])
-            b = torch.zeros(shape, dtype=self.provider.dtype) if g is None else g.reshape(shape)
-            return b.transpose(1, 2)
+            if g is None:
+                return torch.zeros(shape, dtype=self.provider.dtype,
+                                   device=self.provider.device).transpose(1, 2)
+            return g.reshape(shape).transpose(1, 2)
         width = {"linear": lambda m: m.out_features, "embedding": lambda m: m.embedding_dim,
                  "norm": lambda m: math.prod(m.normalized_shape)}[use.kind](use.module)
         if g is None:

@@ -367,9 +367,12 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         On any error the parameters, the step counter and :attr:`diagnostics` are unchanged.
         After a step :attr:`diagnostics` holds ``step`` (t), ``loss``, ``lr`` (eta_t),
         ``damping`` (the absolute lambda used), ``update_norm`` (||u||, before EF's and SF's
-        normalisation; a zero u has no direction and leaves the parameters as they are) and
-        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||); IEF and EF add
-        ``residual`` and ``kept``, NGD ``cg_iterations``.
+        normalisation; a zero u has no direction and leaves the parameters as they are),
+        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||), ``per_sample``
+        (the route) and ``fallbacks`` (parameters whose per-sample gradients came from
+        ``torch.func.vmap``, and why); IEF and EF add ``residual`` (||G u - b|| / mean(b) on
+        the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the damped Gram
+        solve, :class:`ngdref.linalg.GramSolve`), NGD ``cg_iterations``.
         """
         if not callable(closure):
             raise TypeError(
@@ -729,10 +732,14 @@ class SF(_LogitLossOptimizer):
         \theta \leftarrow \theta - \eta \frac{T - t}{T} \frac{u}{\|u\|}
 
     F_SF = (1/K) sum_n sum_k grad(-log p_n(yhat_nk)) grad(...)^T with K labels yhat_nk drawn
-    per sample from the model's predictive distribution (:func:`ngdref.sampled_grads`, then
-    :func:`ngdref.sf_update`); damping is in parameter space and must be > 0 unless
-    N K >= P. The draw of step t uses the integer key :meth:`sampling_key` ``(t)``, a hash of
-    (seed, t), so runs are reproducible and resume exactly from a state_dict.
+    per sample from the model's predictive distribution, once per step with
+    ``loss.sample(logits, sampling_key(t), K, targets=targets)``; their rows (R times the
+    sum-convention rows under a reduction R, so that lambda means what it means for EF and
+    iEF) come from backward passes through the step's one forward pass, then
+    :func:`ngdref.sf_update`. Damping is in parameter space and must be > 0 unless
+    N K >= P. The key of step t, :meth:`sampling_key` ``(t)``, is the first 8 bytes
+    (little-endian) of blake2b("seed:t"), so runs are reproducible, resume exactly from a
+    state_dict, and draw fresh labels at every step.
 
     Parameters
     ----------

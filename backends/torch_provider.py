@@ -266,7 +266,10 @@ class TorchProvider(JacobianProvider):
             raise ValueError(
                 f"per_sample_method must be one of {_METHODS}, got {per_sample_method!r}"
             )
-        self._linear_slots = self._find_linear_slots()
+        # only the Linear-hooks route needs the slots (walking the modules costs per step)
+        self._linear_slots = (
+            self._find_linear_slots() if per_sample_method in ("auto", "hooks") else None
+        )
         if per_sample_method == "hooks" and self._linear_slots is None:
             raise ValueError(
                 "per_sample_method='hooks' needs every trainable parameter to be the weight or "

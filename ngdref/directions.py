@@ -179,7 +179,7 @@ def directions(
         matrix-free with Fisher-vector products.
     cg_tol, cg_maxiter
         For ``ngd_solver="cg"``; ``cg_tol`` defaults by dtype
-        (:func:`ngdref.cg.default_cg_tol`: 1e-10 for float64, 1.2e-4 for float32).
+        (:func:`ngdref.cg.default_cg_tol`: 1e-10 for float64, 3.5e-4 for float32).
 
     Returns
     -------

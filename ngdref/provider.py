@@ -34,6 +34,7 @@ from typing import Any
 import array_api_compat
 
 from ngdref._checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.rows import ones_like_rows
 
 __all__ = ["JacobianProvider"]
 
@@ -125,8 +126,7 @@ class JacobianProvider:
         """
         per_sample = self.vjp(cotangents)
         if not array_api_compat.is_array_api_obj(per_sample):  # a PerSampleRows
-            xp = per_sample.array_namespace()
-            return per_sample.rmatvec(xp.ones(per_sample.shape[0], dtype=per_sample.dtype))
+            return per_sample.rmatvec(ones_like_rows(per_sample))
         xp = array_api_compat.array_namespace(per_sample)
         return xp.sum(per_sample, axis=0)
 

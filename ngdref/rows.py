@@ -29,6 +29,8 @@ __all__ = [
     "PerSampleRows",
     "as_rows",
     "gram_matrix",
+    "ones_like_rows",
+    "rows_device",
     "rows_namespace",
     "sq_row_norms",
 ]
@@ -44,6 +46,9 @@ class PerSampleRows(Protocol):
         (N, P).
     dtype
         Dtype of the rows (float32 / float64) in their namespace.
+
+    An implementation whose arrays are not on the namespace's default device (torch on
+    CUDA) should also expose a ``device`` attribute (see :func:`rows_device`).
     """
 
     shape: tuple[int, int]
@@ -191,6 +196,23 @@ def rows_namespace(
                 f"{xp.__name__}: pass all arrays from one library"
             )
     return xp
+
+
+def rows_device(rows: PerSampleRows) -> Any:
+    """The device of the rows: a DenseRows' array's, else an optional ``device`` attribute.
+
+    The protocol does not require ``device``; an implementation whose arrays do not live
+    on the namespace's default device (torch on CUDA, CuPy) should expose it.
+    """
+    if isinstance(rows, DenseRows):
+        return array_api_compat.device(rows.array)
+    return getattr(rows, "device", None)
+
+
+def ones_like_rows(rows: PerSampleRows) -> Any:
+    """A vector of N ones in the rows' namespace, dtype and device (the rhs of EF and of g)."""
+    xp = rows.array_namespace()
+    return xp.ones(rows.shape[0], dtype=rows.dtype, device=rows_device(rows))
 
 
 def sq_row_norms(rows: Any) -> Any:

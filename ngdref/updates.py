@@ -47,7 +47,7 @@ from ngdref.cg import (
 )
 from ngdref.curvature import _check_jacobians, _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
-from ngdref.rows import DenseRows, as_rows, rows_namespace
+from ngdref.rows import DenseRows, as_rows, ones_like_rows, rows_namespace
 
 __all__ = [
     "check_damping_options",
@@ -82,8 +82,7 @@ def sgd_update(per_sample_grads: Any) -> Any:
     if isinstance(rows, DenseRows):
         grad = xp.sum(rows.array, axis=0)
     else:
-        ones = xp.ones(rows.shape[0], dtype=rows.dtype)
-        grad = rows.rmatvec(ones)
+        grad = rows.rmatvec(ones_like_rows(rows))
     check_finite(xp, grad, "per_sample_grads")  # a NaN or inf row reaches the sum
     return grad
 
@@ -222,8 +221,7 @@ def ef_update(
     """
     check_damping_options(damping_space, damping_mode)
     solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
-    xp = solver.rows.array_namespace()
-    ones = xp.ones(solver.rows.shape[0], dtype=solver.rows.dtype)
+    ones = ones_like_rows(solver.rows)
     update, info = solver.update(ones, damping=damping, damping_mode=damping_mode)
     return (update, info) if return_info else update
 
@@ -292,27 +290,33 @@ def _damped_inverse_apply(
 
     Uses the P x P system (the Gram matrix of A's columns) when P <= M and A is
     dense, else the Woodbury identity (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g],
-    which needs lambda > 0. A NaN or infinity in ``rows`` is caught in the small
-    matrix, reported as ``rows_name``.
+    which needs lambda > 0. ``rows`` may be a :class:`~ngdref.linalg.DampedGram` of A
+    (always Woodbury; its Gram matrix and factorisations are reused). A NaN or infinity
+    in ``rows`` is caught in the small matrix, reported as ``rows_name``.
     """
-    rows = as_rows(rows, rows_name)
+    solver = rows if isinstance(rows, DampedGram) else None
+    rows = as_rows(rows, rows_name) if solver is None else solver.rows
     xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
     m, p = rows.shape
     g64 = xp.astype(grad, xp.float64, copy=False)
-    dense = isinstance(rows, DenseRows)
+    dense = solver is None and isinstance(rows, DenseRows)
     if dense and p <= m:
         columns = DampedGram(xp.matrix_transpose(rows.array), rows_name=rows_name)
         info = columns.solve(g64, damping=damping)
         return xp.astype(info.coefficients, grad.dtype), info
     if damping == 0:
         raise SingularMatrixError(
-            f"damping=0 but the curvature matrix has rank at most {m} < P = {p}: "
-            "its undamped inverse does not exist; use damping > 0"
+            f"damping=0 but the curvature matrix has rank at most {min(m, p)} < P = {p} "
+            "(or its rows come as a DampedGram, solved by Woodbury): its undamped inverse "
+            "is not available; use damping > 0"
         )
     if dense:  # A g and A^T c in float64: g - A^T c cancels when lambda is small
         rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), rows_name)
-    solver = DampedGram(rows, rows_name=rows_name)
-    info = solver.solve(xp.astype(rows.matvec(g64), xp.float64), damping=damping)
+    if solver is None:
+        solver = DampedGram(rows, rows_name=rows_name)
+    # products in the rows' own dtype (a float32 PerSampleRows need not take float64 input)
+    ag = xp.astype(rows.matvec(xp.astype(grad, rows.dtype)), xp.float64)
+    info = solver.solve(ag, damping=damping)
     back = xp.astype(rows.rmatvec(info.coefficients), xp.float64)
     return xp.astype((g64 - back) / damping, grad.dtype), info
 
@@ -339,8 +343,10 @@ def sf_update(
     ----------
     grad : array, shape (P,)
         g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
-    sampled_grads : array (N*K, P) or PerSampleRows
-        Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model.
+    sampled_grads : array (N*K, P), PerSampleRows or DampedGram
+        Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model. A
+        :class:`~ngdref.linalg.DampedGram` of them is reused across calls (a damping
+        sweep forms their Gram matrix once and factorises once per damping).
     damping : float > 0 (0 only when N*K >= P, the rows are dense and F_SF is invertible)
     num_samples : int
         K.
@@ -353,12 +359,17 @@ def sf_update(
     array, shape (P,), namespace, device and dtype of ``grad``; with ``return_info``,
     ``(update, GramSolve)``.
     """
-    rows = as_rows(sampled_grads, "sampled_grads")
+    rows = (
+        sampled_grads.rows
+        if isinstance(sampled_grads, DampedGram)
+        else as_rows(sampled_grads, "sampled_grads")
+    )
     xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
     check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)
     _check_num_samples(num_samples, rows.shape[0])
     damping = check_damping(damping)
-    update, info = _damped_inverse_apply(rows, grad, num_samples * damping, "sampled_grads")
+    source = sampled_grads if isinstance(sampled_grads, DampedGram) else rows
+    update, info = _damped_inverse_apply(source, grad, num_samples * damping, "sampled_grads")
     update = num_samples * update
     return (update, info) if return_info else update
 
@@ -457,7 +468,7 @@ def ngd_update_cg(
     tol : float, optional
         Relative residual ||(F + lambda I) d - g|| <= tol ||g||; default
         :func:`ngdref.cg.default_cg_tol` of ``grad``'s dtype (1e-10 for float64,
-        1.2e-4 for float32).
+        3.5e-4 for float32).
     maxiter : int, optional
         Default 10 * P.
     callback : callable, optional

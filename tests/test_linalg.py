@@ -224,3 +224,23 @@ def test_lu_fallback_when_cholesky_fails_gives_the_same_solution(monkeypatch):
     c = np.linalg.solve(matrix, s)
     assert_close_norm(info.coefficients, c, gram_rtol(g, matrix, c))
     assert calls == [(5, 5)]  # the fallback was taken
+
+
+def test_sf_damping_sweep_reuses_one_sampled_gram(backend):
+    """sf_update on a DampedGram of the sampled rows: one Gram matrix for every damping,
+    each result the dense (F_SF + lambda I)^-1 g within solve_rtol."""
+    from tests.cases import solve_rtol
+
+    rng = np.random.default_rng(8)
+    rows_np = rng.standard_normal((6, 15))
+    g = rng.standard_normal(15)
+    rows = _CountingRows(backend.asarray(rows_np))
+    solver = ngdref.DampedGram(rows)
+    for damping in (1e-3, 0.1, 1.0):
+        d, info = ngdref.sf_update(
+            backend.asarray(g), solver, damping=damping, num_samples=2, return_info=True
+        )
+        dense = rows_np.T @ rows_np / 2 + damping * np.eye(15)
+        assert_close_norm(backend.to_numpy(d), np.linalg.solve(dense, g), solve_rtol(dense))
+        assert info.damping == 2 * damping  # K lambda in the (N K)-sized Woodbury system
+    assert rows.gram_calls == 1

@@ -734,3 +734,17 @@ def test_bad_batches_are_refused_naming_the_argument(case: str, route: str) -> N
     for cls, options in ROUTE_OPTIMISERS.values():
         opt = cls(problem.model, problem.loss, per_sample=route, **options)
         assert_refused(problem, opt, lambda b=batch: b, ValueError, match)
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"), list(ROUTE_OPTIMISERS.values()), ids=list(ROUTE_OPTIMISERS)
+)
+def test_a_ghost_step_runs_the_model_forward_once(cls: type, options: dict) -> None:
+    """iEF, EF and SF (K = 2 sampled labels) all backpropagate through one forward pass."""
+    problem = mlp_problem()
+    calls = []
+    handle = problem.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    opt = cls(problem.model, problem.loss, per_sample="auto", **options)
+    opt.step(lambda: problem.batch)
+    handle.remove()
+    assert len(calls) == 1

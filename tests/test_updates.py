@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import ngdref
-from tests.backends import tolerance
 from tests.cases import (
     CASES,
     EPS,
@@ -425,23 +424,30 @@ def _toy_least_squares(backend, theta):
     return {k: backend.to_numpy(v) for k, v in out.items()}, g_rows, r
 
 
+def _toy_rtol(g_rows: np.ndarray, fisher: np.ndarray) -> float:
+    """2 x 2 closed forms: our solves of K = G G^T and of F against exact values."""
+    return solve_rtol(g_rows @ g_rows.T) + solve_rtol(fisher)
+
+
 def test_least_squares_toy_at_the_paper_point(backend):
     out, g_rows, _ = _toy_least_squares(backend, (1.5, -0.7))
-    np.testing.assert_allclose(out["ngd"], [1.5, -0.7], **tolerance())
-    np.testing.assert_allclose(out["ief"], [1.5, -0.7], **tolerance())
-    np.testing.assert_allclose(out["ief_param"], [1.5, -0.7], **tolerance())
-    np.testing.assert_allclose(out["ef"], [2 / 3, 7 / 12], **tolerance())
-    np.testing.assert_allclose(g_rows @ out["ef"], [1.0, 1.0], **tolerance())
-    np.testing.assert_allclose(out["fisher"], [[2.0, 1.0], [1.0, 1.0]], **tolerance())
-    np.testing.assert_allclose(out["ief_matrix"], [[2.0, 1.0], [1.0, 1.0]], **tolerance())
+    fisher = np.array([[2.0, 1.0], [1.0, 1.0]])
+    rtol = _toy_rtol(g_rows, fisher)
+    for name in ("ngd", "ief", "ief_param"):
+        assert_close_norm(out[name], np.array([1.5, -0.7]), rtol)
+    assert_close_norm(out["ef"], np.array([2 / 3, 7 / 12]), rtol)
+    assert_close_norm(g_rows @ out["ef"], np.ones(2), rtol)
+    assert_close_norm(out["fisher"], fisher, 2 * SAFETY * EPS)  # sums of two exact products
+    assert_close_norm(out["ief_matrix"], fisher, 2 * SAFETY * 4 * EPS)
 
 
 @pytest.mark.parametrize("theta", [(0.4, 1.1), (-2.0, 0.5), (3.0, -5.0), (0.9, 0.9)])
 def test_least_squares_toy_closed_forms(theta, backend):
-    out, _, r = _toy_least_squares(backend, theta)
-    np.testing.assert_allclose(out["ngd"], theta, **tolerance())  # one unit step to the optimum
-    np.testing.assert_allclose(out["ief"], theta, **tolerance())
-    np.testing.assert_allclose(out["ef"], [1 / r[0], 1 / r[1] - 1 / r[0]], **tolerance())
+    out, g_rows, r = _toy_least_squares(backend, theta)
+    rtol = _toy_rtol(g_rows, np.array([[2.0, 1.0], [1.0, 1.0]]))
+    assert_close_norm(out["ngd"], np.array(theta), rtol)  # one unit step to the optimum
+    assert_close_norm(out["ief"], np.array(theta), rtol)
+    assert_close_norm(out["ef"], np.array([1 / r[0], 1 / r[1] - 1 / r[0]]), rtol)
 
 
 @pytest.mark.parametrize("theta", [(0.3, -0.4), (-1.0, 0.8), (2.0, 1.5)])
@@ -467,9 +473,11 @@ def test_logistic_toy_ief_is_gn_but_not_ngd(theta, backend):
     )
     gn = backend.to_numpy(ngdref.gn_update(j, g, damping=0.0))
     ngd = backend.to_numpy(ngdref.ngd_update(j, loss.hessian_sqrt(zz, yy), g, damping=0.0))
-    np.testing.assert_allclose(ief, gn_expected, **tolerance())
-    np.testing.assert_allclose(gn, gn_expected, **tolerance())
-    np.testing.assert_allclose(ngd, ngd_expected, **tolerance())
+    fisher = jm.T @ np.diag(p * (1 - p)) @ jm
+    rtol = _toy_rtol(g_rows, jm.T @ jm) + solve_rtol(fisher)
+    assert_close_norm(ief, gn_expected, rtol)
+    assert_close_norm(gn, gn_expected, rtol)
+    assert_close_norm(ngd, ngd_expected, rtol)
     assert np.linalg.norm(ief - ngd) > 0.1 * np.linalg.norm(ngd)
 
 
