@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from backends.ghost import DenseBlock, FactorBlock, GhostRows, stack_rows
-from ngdref.rows import DenseRows, as_rows
+from ngdref.rows import DenseRows, as_rows, rows_device
 
 __all__ = [
     "DistributedRows",
@@ -172,6 +172,8 @@ class ProcessGroupComm:
     def __init__(self, group: Any = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("process_group: this process is not a member of the group")
         self.world = dist.get_world_size(group)
         self.sizes: list[int] = []
         self.bytes_sent = 0
@@ -376,6 +378,7 @@ class DistributedRows:
         self._layouts = [m[2] for m in meta]
         self.shape = (sum(self.sizes), p)
         self.dtype = self.local.dtype
+        self.device = rows_device(self.local)
         self.offset = sum(self.sizes[: comm.rank])
         self.fallbacks = tuple(getattr(local, "fallbacks", ()))
         self._gram: torch.Tensor | None = None

@@ -58,6 +58,12 @@ Per-sample gradients
 Parameters no hook can account for fall back to ``vmap`` for those parameters alone, listed
 in ``diagnostics["fallbacks"]`` (and warned about once).
 
+Data parallel
+-------------
+Under ``torch.distributed`` (torchrun) each rank's closure returns its own shard and every
+rank takes the step of the concatenated batch ("mean" divides by the global N); what is sent
+is documented in :mod:`backends.distributed` and counted in ``diagnostics["bytes_sent"]``.
+
 For a sequence loss (:class:`ngdref.SequenceSoftmaxCrossEntropy`) "mean" divides by the number
 of sequences N, not of label tokens; a float R = 1/number-of-label-tokens reproduces Hugging
 Face's token-mean loss for batches with that token count.
@@ -596,6 +602,12 @@ class IEF(_GramOptimizer):
         The earlier name of ``per_sample``.
     output_fn, chunk_size
         Passed to :class:`backends.TorchProvider`; ``chunk_size`` selects the vmap route.
+    distributed : bool, optional
+        None (default): when ``torch.distributed`` is initialised, the batch is the union of
+        the ranks' shards and every rank takes the single-process step on it
+        (:mod:`backends.distributed`); False: local steps; True: require it.
+    process_group : torch.distributed.ProcessGroup, optional
+        The ranks that share the batch (default: the whole world).
 
     Attributes
     ----------
@@ -661,7 +673,7 @@ class EF(_GramOptimizer):
     Parameters
     ----------
     model, loss, damping, damping_mode, damping_space, dedup_threshold, dedup_rule, reduction,
-    output_fn, per_sample, per_sample_method, chunk_size
+    output_fn, per_sample, per_sample_method, chunk_size, distributed, process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step (the paper: 0.01 for T5 LoRA, 1 for prompt
@@ -743,7 +755,8 @@ class SF(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
+    process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step.
@@ -847,7 +860,8 @@ class NGD(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
+    process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, constant.

@@ -177,6 +177,9 @@ def worker(rank: int, world: int, folder: Path) -> None:
         results: dict[str, Any] = {name: run_case(name, world, rank) for name in CASES}
         results["failures"] = {kind: _failure(world, rank, kind) for kind in FAILURES}
         results["block_diagonal"] = _block_diagonal(world, rank)
+        pair = dist.new_group([0, 1])  # every rank takes part in creating the group
+        if rank < 2:  # ranks 0 and 1 share the batch in SHARDS[2]; a third rank stays out
+            results["ief_pair"] = run_case("ief", 2, rank, process_group=pair)
         torch.save(results, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -271,6 +274,15 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(ranks: Any, kind: str) -> 
     if failing is not None:
         assert f"rank {failing % world} of {world}" in seen[0]["message"]
     assert all(s["unchanged"] for s in seen)
+
+
+def test_process_group_selects_the_ranks(ranks: Any) -> None:
+    _, results = ranks
+    expected = run_case("ief", 1, 0)
+    start, want = expected["params"][0], expected["params"][STEPS]
+    got = [r["ief_pair"]["params"][STEPS] for r in results[:2]]
+    assert torch.equal(got[0], got[1])
+    assert relative(got[0] - start, want - start) < RTOL["float64"]
 
 
 def test_singular_is_also_the_single_process_answer() -> None:
