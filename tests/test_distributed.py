@@ -166,13 +166,20 @@ def _block_diagonal(world: int, rank: int) -> Any:
     return theta / world
 
 
-def worker(rank: int, world: int, folder: Path) -> None:
+def join(rank: int, world: int, folder: Path) -> None:
+    """Join a gloo group by a FileStore in ``folder``; collectives time out after 60 s."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     store = dist.FileStore(str(folder / "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def worker(rank: int, world: int, folder: Path) -> None:
+    import torch.distributed as dist
+
+    join(rank, world, folder)
     try:
         results: dict[str, Any] = {name: run_case(name, world, rank) for name in CASES}
         results["failures"] = {kind: _failure(world, rank, kind) for kind in FAILURES}
@@ -186,14 +193,17 @@ def worker(rank: int, world: int, folder: Path) -> None:
 
 
 # ---- the tests -----------------------------------------------------------------------------
-def spawn(world: int, folder: Path, timeout: float = 300.0) -> list[dict[str, Any]]:
-    """Run ``world`` workers to completion (killed after ``timeout`` s); their results."""
+def spawn(
+    world: int, folder: Path, module: str = "tests.test_distributed", timeout: float = 300.0
+) -> list[dict[str, Any]]:
+    """Run ``world`` workers ``python -m module RANK WORLD FOLDER`` to completion (killed
+    after ``timeout`` s); the results each saved to FOLDER/rank{RANK}.pt."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.test_distributed", str(r), str(world), str(folder)],
+            [sys.executable, "-m", module, str(r), str(world), str(folder)],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for r in range(world)

@@ -46,6 +46,15 @@ their diagnostics: ``update_norm``, ``grad_norm_imbalance``, ``residual``, ``kep
 ``best``), "test" (the best checkpoint's test metrics) or "diverged"; every line has ``time``,
 the wall seconds of the run so far (the only field that differs between identical runs).
 
+Data parallel (torchrun)
+------------------------
+``torchrun --nproc_per_node=R -m validation.experiments train ...`` joins a process group
+(gloo on CPU, NCCL on GPUs, :func:`backends.distributed.init_from_env`); every rank builds the
+same global batch, the per-sample optimisers (iEF, EF, SF, NGD) take its exact step with each
+rank computing on a contiguous 1/R of it, baselines repeat the whole step on every rank, and
+rank 0 alone writes logs and checkpoints. The metrics equal a single-process run's to float
+tolerance.
+
 Resuming
 --------
 ``train(..., resume=True)`` restores ``last.pt``: the trainable parameters, the optimiser
@@ -91,6 +100,7 @@ import torch
 from torch import nn
 
 import ngdref
+from backends import distributed as dist_mod
 from validation.experiments import data as data_mod
 from validation.experiments import metrics as metrics_mod
 from validation.experiments.config import (
@@ -493,6 +503,18 @@ class Setup:
         return result
 
 
+def _shard(batch: Batch) -> Batch:
+    """This rank's contiguous share of ``batch`` under torch.distributed (else ``batch``).
+
+    The global batch is built (tokenised, padded, augmented) on every rank alike and then
+    cut, so the shards share its padding and the per-sample optimisers take its step.
+    """
+    part = dist_mod.shard_slice(batch.size)
+    if part is None:
+        return batch
+    return Batch({k: v[part] for k, v in batch.inputs.items()}, batch.class_labels[part])
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
@@ -767,6 +789,8 @@ class CheckpointInfo(NamedTuple):
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    if not dist_mod.is_writer():  # under torchrun rank 0 alone writes files
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, mode) as fh:
@@ -962,9 +986,11 @@ class _Run:
 
     def log(self, record: dict[str, Any]) -> None:
         record = {**record, "time": round(self.elapsed(), 3)}
+        self.log_lines += 1
+        if not dist_mod.is_writer():
+            return
         with self.log_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, allow_nan=True) + "\n")
-        self.log_lines += 1
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
@@ -1033,7 +1059,8 @@ class _Run:
             )
         if self.per_sample:
             group["reduction"] = self.setup.reduction(batch, self.opt_cfg["reduction"])
-            loss = self.optimizer.step(lambda: batch.inputs)
+            shard = _shard(batch)  # torchrun: this rank's samples of the global batch
+            loss = self.optimizer.step(lambda: shard.inputs)
             diag = dict(self.optimizer.diagnostics)
             diag.pop("step", None)
             diag.pop("loss", None)
@@ -1232,6 +1259,7 @@ def train(
     ConfigError
         ``resume`` with a configuration that differs from the stored one (the keys are named).
     """
+    dist_mod.init_from_env()  # torchrun: join the process group (module docstring)
     config = dict(config)
     run = Path(run_dir)
     stored = run / "config.json"
@@ -1249,8 +1277,10 @@ def train(
             f"run_dir {str(run)!r} already holds a run; pass resume=True (--resume) to "
             "continue it or choose another directory"
         )
+    dist_mod.barrier()  # every rank has checked run_dir before rank 0 writes to it
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and dist_mod.is_writer()
     torch.manual_seed(int(config["seed"]))
     np.random.seed(int(config["seed"]) % 2**32)  # noqa: NPY002
     random.seed(int(config["seed"]))
