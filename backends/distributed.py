@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import importlib
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -64,15 +62,8 @@ __all__ = [
     "IgnoredShardLoss",
     "LocalComm",
     "ProcessGroupComm",
-    "barrier",
     "communicator",
-    "init_from_env",
-    "is_writer",
-    "shard_slice",
 ]
-
-#: seconds every collective may wait (init_from_env); NGDREF_DIST_TIMEOUT overrides
-DEFAULT_TIMEOUT = 600.0
 
 
 def communicator(distributed: bool | None, process_group: Any) -> LocalComm | ProcessGroupComm:
@@ -92,63 +83,6 @@ def communicator(distributed: bool | None, process_group: Any) -> LocalComm | Pr
             )
         return LocalComm()
     return ProcessGroupComm(process_group)
-
-
-def init_from_env() -> bool:
-    """Join the torchrun process group (WORLD_SIZE > 1 in the environment) if not joined yet.
-
-    gloo on CPU, NCCL when CUDA is available (each process on ``cuda:LOCAL_RANK``); every
-    collective times out after ``NGDREF_DIST_TIMEOUT`` seconds (default 600). Returns whether
-    torch.distributed is initialised afterwards.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return False
-    timeout = datetime.timedelta(seconds=float(os.environ.get("NGDREF_DIST_TIMEOUT",
-                                                              DEFAULT_TIMEOUT)))
-    backend = "gloo"
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timeout)
-    return True
-
-
-def _up() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_writer() -> bool:
-    """Whether this process writes files and logs: rank 0, or the only process."""
-    return not _up() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing to do without torch.distributed)."""
-    if _up():
-        dist.barrier()
-
-
-def shard_slice(num_samples: int) -> slice | None:
-    """This rank's contiguous share of a global batch (None without torch.distributed).
-
-    Contiguous blocks of sizes as ``numpy.array_split`` (the first N mod R ranks one more),
-    so the shards concatenated in rank order are the global batch in its own order, which
-    SF's label draws (keyed by the global sample index) and the duplicate filter's ties
-    depend on.
-    """
-    if not _up():
-        return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if num_samples < world:
-        raise ValueError(
-            f"a batch of {num_samples} samples cannot be shared by {world} ranks: use a batch "
-            "size (and a data set size) of at least the number of processes"
-        )
-    base, extra = divmod(num_samples, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 class LocalComm:

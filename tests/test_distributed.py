@@ -13,9 +13,6 @@ Run a worker by hand: ``python -m tests.test_distributed RANK WORLD FOLDER``.
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
+from backends.dist_launch import join_local, launch_local  # noqa: E402
 from backends.optim import EF, IEF, NGD, SF  # noqa: E402
 
 D_IN, HIDDEN, POSITIONS, VOCAB = 4, 6, 2, 3
@@ -166,20 +164,10 @@ def _block_diagonal(world: int, rank: int) -> Any:
     return theta / world
 
 
-def join(rank: int, world: int, folder: Path) -> None:
-    """Join a gloo group by a FileStore in ``folder``; collectives time out after 60 s."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.FileStore(str(folder / "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-
-
 def worker(rank: int, world: int, folder: Path) -> None:
     import torch.distributed as dist
 
-    join(rank, world, folder)
+    join_local(rank, world, folder)
     try:
         results: dict[str, Any] = {name: run_case(name, world, rank) for name in CASES}
         results["failures"] = {kind: _failure(world, rank, kind) for kind in FAILURES}
@@ -193,32 +181,9 @@ def worker(rank: int, world: int, folder: Path) -> None:
 
 
 # ---- the tests -----------------------------------------------------------------------------
-def spawn(
-    world: int, folder: Path, module: str = "tests.test_distributed", timeout: float = 300.0
-) -> list[dict[str, Any]]:
-    """Run ``world`` workers ``python -m module RANK WORLD FOLDER`` to completion (killed
-    after ``timeout`` s); the results each saved to FOLDER/rank{RANK}.pt."""
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", module, str(r), str(world), str(folder)],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if any(p.returncode != 0 for p in procs):
-        raise AssertionError("a worker failed:\n" + "\n".join(logs))
+def spawn(world: int, folder: Path, module: str = "tests.test_distributed") -> list[Any]:
+    """Run ``world`` workers of ``module`` (at most 300 s); what each saved."""
+    launch_local(world, module, folder)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

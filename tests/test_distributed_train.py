@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from tests.test_distributed import join, spawn  # noqa: E402
+from backends.dist_launch import join_local  # noqa: E402
+from tests.test_distributed import spawn  # noqa: E402
 from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.train import read_metrics, train  # noqa: E402
 
@@ -43,7 +44,7 @@ def config(optimizer: str) -> dict[str, Any]:
 def worker(rank: int, world: int, folder: Path) -> None:
     import torch.distributed as dist
 
-    join(rank, world, folder)
+    join_local(rank, world, folder)
     try:
         out = {}
         for name in OPTIMIZERS:

@@ -49,7 +49,7 @@ the wall seconds of the run so far (the only field that differs between identica
 Data parallel (torchrun)
 ------------------------
 ``torchrun --nproc_per_node=R -m validation.experiments train ...`` joins a process group
-(gloo on CPU, NCCL on GPUs, :func:`backends.distributed.init_from_env`); every rank builds the
+(gloo on CPU, NCCL on GPUs, :func:`backends.dist_launch.init_from_env`); every rank builds the
 same global batch, the per-sample optimisers (iEF, EF, SF, NGD) take its exact step with each
 rank computing on a contiguous 1/R of it, baselines repeat the whole step on every rank, and
 rank 0 alone writes logs and checkpoints. The metrics equal a single-process run's to float
@@ -100,7 +100,7 @@ import torch
 from torch import nn
 
 import ngdref
-from backends import distributed as dist_mod
+from backends import dist_launch as dist_mod
 from validation.experiments import data as data_mod
 from validation.experiments import metrics as metrics_mod
 from validation.experiments.config import (
