@@ -7,29 +7,34 @@ concatenated batch: the same N x N Gram matrix, solve, near-duplicate filter, sa
 (SF: uniforms drawn for the GLOBAL sample index), diagnostics and loss. The update is reduced
 to the same bytes on every rank, so the parameters stay identical.
 
-What is sent per step (bytes per rank, payload only; ring algorithms: an all-gather of
-S bytes per rank sends (R - 1) S, an all-reduce of S bytes 2 (R - 1) S / R; ``b`` = bytes
-per float of the rows, 8 for the float64 Gram matrix; control messages of a few hundred
-bytes (sizes, errors, layouts) are not counted):
+What is sent per step (bytes sent by one rank, payload only; b = bytes per float of the rows,
+N_r = this rank's samples, K = SF's labels per sample; an all-reduce of S bytes counts
+2 (R - 1) S / R, a ring all-gather of S bytes per rank (R - 1) S; control messages of a few
+hundred bytes -- the error/size agreements, the layout, the shapes -- are not counted):
 
-===========================  ==============================================================
-quantity                     collective and volume
-===========================  ==============================================================
-s (IEF, EF), N_r             all-gather, (R - 1) max N_r b
-rows for the Gram matrix     all-gather of each layer's ghost factors, (R - 1) max N_r T
-                             (d_in + d_out) b per ghost layer; materialised layers (and the
-                             vmap route) (R - 1) max N_r size b
-Gram block rows G_r G^T      all-gather, (R - 1) max N_r N 8
-G^T w (the update, g)        all-reduce, 2 (R - 1) P b / R (IEF, EF: once; SF: twice, g and
-                             the Woodbury back-substitution; NGD: g)
-G v (SF's Woodbury rhs)      all-gather, (R - 1) max N_r K b
-F v (NGD)                    all-reduce per CG iteration, 2 (R - 1) P b / R
-===========================  ==============================================================
+=======================  ==================================================================
+quantity                 collective and volume per rank
+=======================  ==================================================================
+s (IEF, EF)              all-gather, (R - 1) N_r b
+Gram matrix G G^T        every parameter block (a layer) has an owner rank; each rank sends
+                         its piece of the blocks it does not own to their owners (a gather),
+                         about (R - 1) / R of: N_r T (d_in + d_out) b per ghost layer,
+                         N_r size b per materialised layer (vmap's dense rows: N_r P b in R
+                         column slices); then an all-reduce of the owners' N x N partial
+                         sums, 2 (R - 1) N^2 8 / R
+G^T w (update, g)        all-reduce, 2 (R - 1) P b / R: IEF and EF once; SF twice (g and
+                         the Woodbury back-substitution); NGD once for g
+G v (SF's Woodbury rhs)  all-gather, (R - 1) K N_r b
+F v (NGD)                an all-reduce of 2 (R - 1) P b / R per CG iteration
+SF's sampled rows        their Gram matrix as above, with K N_r rows per rank
+=======================  ==================================================================
 
-Rank r computes only its block row G_r G^T (N_r N of the Gram work) and its share G_r^T w_r
-of every weighted sum; the N x N solve is repeated on every rank on identical bytes (O(N^3),
-small next to the rest for N << P). :attr:`ProcessGroupComm.bytes_sent` is the counted total
-of a step, reported as ``diagnostics["bytes_sent"]``.
+So the bytes of an iEF step are those of one DDP gradient all-reduce (the G^T w term) plus
+the layer quantities of the Gram matrix, which the ghost route keeps at N_r T (d_in + d_out)
+per layer instead of N_r d_in d_out. The owners' Gram work is split by layer, the weighted
+sum by sample; the N x N solve is repeated on every rank on identical bytes (O(N^3), small
+next to the rest for N << P). :attr:`ProcessGroupComm.bytes_sent` is the counted total of a
+step, reported as ``diagnostics["bytes_sent"]``.
 
 Failure protocol: the step's local phases (closure, forward, backward, loss) run inside
 :meth:`ProcessGroupComm.agree`, which exchanges an ok/error flag (and the shard's size) on
@@ -246,6 +251,22 @@ class ProcessGroupComm:
         self.bytes_sent += (self.world - 1) * padded.numel() * padded.element_size()
         return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
+    def gather_to(
+        self, owner: int, tensor: torch.Tensor, shapes: Sequence[Sequence[int]]
+    ) -> torch.Tensor | None:
+        """Every rank's ``tensor`` (rank r's of shape ``shapes[r]``) concatenated on axis 0 at
+        rank ``owner`` (None elsewhere); trailing axes zero-padded to the largest."""
+        width = [max(s[d] for s in shapes) for d in range(1, len(shapes[0]))]
+        padded = _pad(tensor, width, max(s[0] for s in shapes))
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner \
+            else None
+        dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
+        dist.gather(padded, parts, dst=dst, group=self.group)
+        if self.rank != owner:
+            self.bytes_sent += padded.numel() * padded.element_size()
+            return None
+        return torch.cat([part[: s[0]] for part, s in zip(parts, shapes, strict=True)])
+
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
         dist.all_reduce(out, group=self.group)
@@ -346,6 +367,44 @@ def _canonical(blocks: list[Any], layouts: list[list[tuple]]) -> list[Any]:
     return out
 
 
+def _pad(tensor: torch.Tensor, width: Sequence[int], rows: int | None = None) -> torch.Tensor:
+    """``tensor`` zero-padded to (rows, *width) (rows: its own by default), contiguous."""
+    shape = (tensor.shape[0] if rows is None else rows, *width)
+    if tuple(tensor.shape) == shape:
+        return tensor.contiguous()
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, k) for k in tensor.shape)] = tensor
+    return out
+
+
+def _column_split(blocks: list[Any], world: int) -> list[Any]:
+    """Dense rows as one block (the vmap route) cut into ``world`` column slices to share."""
+    if len(blocks) != 1 or not isinstance(blocks[0], DenseBlock):
+        return blocks
+    cuts = torch.tensor_split(torch.arange(blocks[0].size), world)
+    return [DenseBlock(int(c[0]), blocks[0].rows[:, int(c[0]):int(c[-1]) + 1])
+            for c in cuts if len(c)]
+
+
+def _owners(sizes: Sequence[int], world: int) -> list[int]:
+    """An owner rank per block: largest first to the least loaded rank (the same everywhere)."""
+    load, owners = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += sizes[i]
+    return owners
+
+
+def _block_gram(block: Any, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The N x N Gram matrix (float64) of one block from the pieces of every rank."""
+    if isinstance(block, FactorBlock):
+        whole = FactorBlock(block.offset, block.shape, pieces[0], pieces[1])
+        return whole.cross(whole)
+    rows = pieces[0].to(torch.float64)
+    return rows @ rows.T
+
+
 def _dense(block: Any) -> torch.Tensor:
     return block.materialise() if isinstance(block, FactorBlock) else block.rows
 
@@ -383,14 +442,17 @@ class DistributedRows:
         self.fallbacks = tuple(getattr(local, "fallbacks", ()))
         self._gram: torch.Tensor | None = None
         self._everyone: Any = None
+        self._canonical: Any = None
 
     def array_namespace(self) -> Any:
         return self.local.array_namespace()
 
     def _mine(self) -> Any:
         """This rank's rows in the layout shared by all ranks."""
-        blocks = _canonical(self._blocks, self._layouts)
-        return self._assemble(blocks, self.local.shape[0])
+        if self._canonical is None:
+            blocks = _canonical(self._blocks, self._layouts)
+            self._canonical = self._assemble(blocks, self.local.shape[0])
+        return self._canonical
 
     def _assemble(self, blocks: list[Any], n: int) -> Any:
         first = blocks[0]
@@ -405,16 +467,13 @@ class DistributedRows:
     def everyone(self) -> Any:
         """The rows of all ranks stacked (N, P), in the shared layout: one all-gather."""
         if self._everyone is None:
-            mine = self._mine()
-            blocks = _blocks(mine)
+            blocks = _blocks(self._mine())
             tensors = _tensors(blocks)
             shapes = self.comm.gather_objects([tuple(t.shape) for t in tensors])
             per_rank: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world)]
             for i, tensor in enumerate(tensors):
                 width = [max(s[i][d] for s in shapes) for d in range(1, tensor.ndim)]
-                padded = tensor.new_zeros((tensor.shape[0], *width))
-                padded[tuple(slice(0, k) for k in tensor.shape)] = tensor
-                flat = padded.reshape(tensor.shape[0], int(torch.Size(width).numel()))
+                flat = _pad(tensor, width).reshape(tensor.shape[0], -1)
                 rows = self.comm.gather(flat, [s[i][0] for s in shapes])
                 parts = torch.split(rows, [s[i][0] for s in shapes])
                 for rank, part in enumerate(parts):
@@ -435,10 +494,29 @@ class DistributedRows:
         return self._assemble(out, n)
 
     def gram(self) -> torch.Tensor:
-        """G G^T (N, N) float64: block rows G_r G^T all-gathered, symmetrised."""
+        """G G^T (N, N) float64, symmetrised.
+
+        Each parameter block (a layer's ghost factors or materialised columns; dense rows
+        cut into R column slices) has an owner rank (:func:`_owners`), to which every rank
+        sends its part of the block (a gather: each piece crosses the network once); the
+        owner forms that block's N x N Gram matrix, and one all-reduce sums the owners'.
+        """
         if self._gram is None:
-            block = as_rows(self._mine()).cross_gram(self.everyone())
-            full = self.comm.gather(block, self.sizes)
+            blocks = _column_split(_blocks(self._mine()), self.comm.world)
+            tensors = _tensors(blocks)
+            shapes = self.comm.gather_objects([tuple(t.shape) for t in tensors])
+            owners = _owners([b.size for b in blocks], self.comm.world)
+            n = self.shape[0]
+            partial = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+            i = 0
+            for block, owner in zip(blocks, owners, strict=True):
+                count = 2 if isinstance(block, FactorBlock) else 1
+                pieces = [self.comm.gather_to(owner, tensors[j], [s[j] for s in shapes])
+                          for j in range(i, i + count)]
+                i += count
+                if self.comm.rank == owner:
+                    partial += _block_gram(block, pieces)
+            full = self.comm.all_sum(partial)
             self._gram = 0.5 * (full + full.T)
         return self._gram
 
