@@ -26,7 +26,10 @@ the Gram matrix and by G^T c. A parameter that no hook can account for falls bac
 over the whole model for that parameter only: one used outside its own module's forward
 (watched during the forward pass by a ``TorchFunctionMode`` that sees every torch operation
 on the parameter tensors), one whose module's output is changed in place afterwards, or one
-of a call without the batch axis (T5's relative position bias). Every fallback is listed in
+of a call without the batch axis. The same watch marks the tensors the forward pass computes
+from no input and no parameter (``torch.arange`` and what follows from it): a call on such a
+tensor is not per sample even when its leading axis happens to have length N (T5's relative
+position bias on a (6, 6) table for a batch of 6). Every fallback is listed in
 :attr:`GhostRows.fallbacks`. Hooks that a user registered stay in place; ours run first (so
 they see the module's own output) and are removed after the forward pass, also on error.
 """
@@ -102,22 +105,57 @@ def _operation(func: Any) -> str:
 
 
 class _UseWatch(TorchFunctionMode):
-    """Flags the parameters a torch operation uses outside the innermost hooked module."""
+    """Watches every torch operation of the forward pass for two things.
 
-    def __init__(self, watched: dict[int, int]) -> None:
+    A parameter used outside the innermost running hooked module (-> ``outside``), and the
+    output of a hooked call made for one sample and then repeated over the batch (peft's
+    prompt tuning: ``prompt_encoder(tokens[:1]).repeat(N, 1, 1)``): the repeated tensor
+    becomes that call's output, so its gradient is per sample. Any other use of the
+    one-sample output makes the call fail (-> the vmap fallback).
+    """
+
+    def __init__(self, watched: dict[int, int], num_samples: int) -> None:
         super().__init__()
         self.watched = watched  # id(parameter tensor as the modules see it) -> slot
         self.stack: list[frozenset[int]] = []  # ids each running hooked module may use
         self.outside: set[int] = set()
+        self.n = num_samples
+        #: id(one-sample output) -> (its use, the call's positional args, the output itself,
+        #: held so that its id stays its own during the forward pass)
+        self.single: dict[int, tuple[_Use, tuple, torch.Tensor]] = {}
+        self.done: set[int] = set()  # ids of the one-sample outputs already repeated
+        self.repeated: list[tuple[_Use, tuple, torch.Tensor]] = []
+        #: tensors computed in the forward pass from no input and no parameter (torch.arange
+        #: and what follows from it, such as T5's relative positions): their leading axis is
+        #: not the samples even when its length happens to be N
+        self.constant: dict[int, torch.Tensor] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         kwargs = kwargs or {}
+        result = self._dispatch(func, args, kwargs)
+        flat = [*args, *kwargs.values()]
+        flat += [b for a in flat if type(a) in (list, tuple) for b in a]
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if all(id(t) in self.constant for t in tensors) and not (
+            # expanding a constant over the batch makes it per sample by intent
+            _operation(func) in ("expand", "repeat", "expand_as", "broadcast_to")
+            and tensors and tensors[0].ndim and tensors[0].shape[0] == 1
+            and isinstance(result, torch.Tensor) and result.ndim and result.shape[0] == self.n
+        ):
+            for out in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(out, torch.Tensor):
+                    self.constant[id(out)] = out
+        return result
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         # runs for every torch operation of the forward pass: the common case (no parameter
         # among the arguments) is decided by C-level set operations
         ids = self.watched.keys()
         flat = (*args, *kwargs.values())
         if ids.isdisjoint(map(id, flat)) and not any(type(a) in (list, tuple) for a in flat):
-            return func(*args, **kwargs)
+            if not self.single or self.single.keys().isdisjoint(map(id, flat)):
+                return func(*args, **kwargs)
+            return self._single_use(func, args, kwargs)
         watched = self.watched
         hits = [a for a in flat if id(a) in watched]
         for a in flat:
@@ -127,6 +165,29 @@ class _UseWatch(TorchFunctionMode):
             allowed = self.stack[-1] if self.stack else frozenset()
             self.outside.update(watched[id(a)] for a in hits if id(a) not in allowed)
         return func(*args, **kwargs)
+
+    def _single_use(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """An operation on a one-sample output: its repeat over the batch, or a failure."""
+        result = func(*args, **kwargs)
+        name = _operation(func)
+        if name in _METADATA:
+            return result
+        first = args[0] if args else None
+        reps = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+        if (
+            name == "repeat" and id(first) in self.single and id(first) not in self.done
+            and not kwargs and tuple(reps) == (self.n, *([1] * (first.ndim - 1)))
+        ):
+            self.done.add(id(first))
+            use, call_args, _ = self.single[id(first)]
+            self.repeated.append((use, call_args, result))
+            return result
+        for a in (*args, *kwargs.values()):
+            if id(a) in self.single:
+                use = self.single[id(a)][0]
+                use.failure = (f"{type(use.module).__name__}'s one-sample output is used "
+                               "other than by one repeat over the batch")
+        return result
 
 
 class LayerPass:
@@ -181,7 +242,7 @@ class LayerPass:
         theta = p._theta.detach().requires_grad_(True)
         params = p.unflatten(theta)
         index = {name: i for i, (name, *_) in enumerate(self._slots)}
-        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()})
+        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
         handles = []
         try:
             for m in self._owned:
@@ -194,6 +255,13 @@ class LayerPass:
         finally:
             for h in handles:
                 h.remove()
+        self._watch.constant.clear()  # only the forward pass's hooks needed them
+        for use, args, out in self._watch.repeated:  # one-sample calls repeated over the batch
+            if use.failure.endswith("without the batch axis"):  # and not used otherwise
+                expanded = args[0].detach().expand(self._n, *args[0].shape[1:])
+                use.x = self._features(use.module, use.kind, (expanded,), {})
+                use.output, use.version, use.failure = out, out._version, None
+        self._watch.single.clear()
         return z, theta
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
@@ -209,9 +277,14 @@ class LayerPass:
             use.failure = f"{type(module).__name__} returned no differentiable tensor"
             return
         first = args[0] if args else None
-        batched = isinstance(first, torch.Tensor) and first.ndim >= 1 and first.shape[0] == self._n
+        batched = isinstance(first, torch.Tensor) and first.ndim >= 1 and (
+            first.shape[0] == self._n and id(first) not in self._watch.constant
+        )
         if use.kind != "generic" and not batched:
             use.failure = f"{type(module).__name__} got an input without the batch axis"
+            if use.kind in ("linear", "embedding") and first is not None and first.ndim >= 1 \
+                    and first.shape[0] == 1 and output.ndim and output.shape[0] == 1:
+                self._watch.single[id(output)] = (use, args, output)  # repeated later?
             return
         if output.ndim == 0 or output.shape[0] != self._n:
             use.failure = f"{type(module).__name__} returned no batch axis"
@@ -238,8 +311,14 @@ class LayerPass:
                 else:
                     xhat = F.rms_norm(a, shape, None, module.eps)
             return xhat.reshape(n, -1, math.prod(shape))
-        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return tuple(detach(v) for v in args), {k: detach(v) for k, v in kwargs.items()}
+        def dim(v: Any) -> int | None:  # vmapped over: tensors with the samples first
+            per_sample = v.ndim and v.shape[0] == n and id(v) not in self._watch.constant
+            return 0 if per_sample else None
+
+        def keep(v: Any) -> tuple[Any, int | None]:
+            return (v.detach(), dim(v)) if isinstance(v, torch.Tensor) else (v, None)
+
+        return tuple(keep(v) for v in args), {k: keep(v) for k, v in kwargs.items()}
 
     # ---- backward ------------------------------------------------------------------------
     def rows(self, cotangents: torch.Tensor, *, keep_graph: bool = False) -> GhostRows:
@@ -382,18 +461,16 @@ class LayerPass:
     def _module_vmap(self, index: int, use: _Use) -> dict[str, torch.Tensor]:
         """Per-sample gradients of one module's own parameters: vmap over its captured inputs."""
         g = self._grads.get(index)
-        args, kwargs = use.x
+        arg_pairs, kw_pairs = use.x
+        args, arg_dims = tuple(v for v, _ in arg_pairs), tuple(d for _, d in arg_pairs)
+        kwargs, kw_dims = {k: v for k, (v, _) in kw_pairs.items()}, {
+            k: d for k, (_, d) in kw_pairs.items()}
         own = self._owned[use.module]
         values = self.provider.unflatten(self._theta.detach())
         params = {attr: values[self._slots[slot][0]] for attr, slot in own.items()}
         if g is None:
             return {a: torch.zeros(self._n, p.numel(), dtype=p.dtype, device=p.device)
                     for a, p in params.items()}
-        def dim(v: Any) -> int | None:
-            return 0 if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self._n else None
-
-        arg_dims = tuple(dim(v) for v in args)
-        kw_dims = {k: dim(v) for k, v in kwargs.items()}
 
         def one(p: dict, a: tuple, kw: dict, b: torch.Tensor) -> dict:
             a = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, arg_dims, strict=True))

@@ -100,6 +100,23 @@ class InPlace(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class Prompted(nn.Module):
+    """Virtual tokens embedded for one sample and repeated over the batch (peft's way)."""
+
+    def __init__(self, also_used: bool) -> None:
+        super().__init__()
+        self.prompt = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 3)
+        self.also_used = also_used  # the one-sample output also used directly: no split
+
+    def forward(self, x: Any) -> Any:
+        p = self.prompt(torch.arange(3)[None, :])  # (1, 3, 4)
+        h = torch.cat([p.repeat(x.shape[0], 1, 1), x], dim=1)
+        if self.also_used:
+            h = h + p.mean()
+        return self.head(torch.tanh(h)).mean(dim=1)
+
+
 @dataclass
 class Case:
     name: str
@@ -155,6 +172,15 @@ def _in_place() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
         0, 3, (4,)), ngdref.SoftmaxCrossEntropy()
 
 
+def _prompted(also_used: bool) -> Callable[[], tuple[nn.Module, Any, Any, ngdref.LogitLoss]]:
+    def build() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
+        torch.manual_seed(5)
+        return Prompted(also_used).double(), torch.randn(4, 2, 4, dtype=torch.float64), (
+            torch.randint(0, 3, (4,))), ngdref.SoftmaxCrossEntropy()
+
+    return build
+
+
 CASES = [
     Case("mlp_frozen_middle", lambda: _mlp(4)),
     Case("mlp_batch_of_one", lambda: _mlp(1)),
@@ -163,6 +189,8 @@ CASES = [
     Case("tied_embedding_head", _tagger(True), ("per-module vmap",)),
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
     Case("output_changed_in_place", _in_place, ("changed in place",)),
+    Case("one_sample_call_repeated", _prompted(False)),
+    Case("one_sample_output_used_twice", _prompted(True), ("one repeat over the batch",)),
 ]
 
 
@@ -175,7 +203,8 @@ def _hf(name: str) -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
 
 HF_CASES = [
     Case("t5_lora", lambda: _hf("t5_lora")),
-    Case("t5_prompt_tuning", lambda: _hf("t5_prompt"), ("prompt_encoder",)),
+    # peft embeds the virtual tokens for one sample and repeats them over the batch
+    Case("t5_prompt_tuning", lambda: _hf("t5_prompt")),
     Case("vit_lora", lambda: _hf("vit_lora")),
 ]
 
@@ -190,8 +219,21 @@ def _t5_full() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
     return model, batch, batch["labels"], ngdref.SequenceSoftmaxCrossEntropy(VOCAB)
 
 
-ALL_CASES = {c.name: c for c in [*CASES, *HF_CASES, Case("t5_all_parameters", _t5_full, (
-    "T5LayerNorm", "relative_attention_bias"))]}
+def _t5_full_square() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
+    """N = 6 sequences of 6 tokens: T5's (6, 6) relative positions are not 6 samples."""
+    model, _, _, loss = _t5_full()
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 40, (6, 6), generator=generator)
+    labels = torch.randint(1, 40, (6, 3), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return model, batch, labels, loss
+
+
+T5_FALLBACKS = ("T5LayerNorm", "relative_attention_bias")
+ALL_CASES = {c.name: c for c in [
+    *CASES, *HF_CASES, Case("t5_all_parameters", _t5_full, T5_FALLBACKS),
+    Case("t5_all_parameters_batch_as_long_as_input", _t5_full_square, T5_FALLBACKS),
+]}
 
 
 # ---- the independent reference ----------------------------------------------------------------
