@@ -343,26 +343,33 @@ def _blocks(rows: Any) -> list[Any]:
     return [DenseBlock(0, as_rows(rows).array)]
 
 
-def _kind(block: Any) -> tuple[int, int, str]:
+def _kind(block: Any) -> tuple[int, int, str, int]:
+    """(offset, size, kind, floats per sample of its factors: T (d_in + d_out); 0 if dense)."""
     if isinstance(block, FactorBlock):
-        return (block.offset, block.size, "embedding" if block.embedding else "factor")
-    return (block.offset, block.size, "dense")
+        t, d_out = block.b.shape[1:]
+        d_in = 1 if block.embedding else block.x.shape[2]
+        kind = "embedding" if block.embedding else "factor"
+        return (block.offset, block.size, kind, int(t * (d_in + d_out)))
+    return (block.offset, block.size, "dense", 0)
 
 
 def _canonical(blocks: list[Any], layouts: list[list[tuple]]) -> list[Any]:
-    """Per parameter, factors where every rank has them (of one kind), else materialised.
+    """Per parameter, the form its rows travel in, the same on every rank.
 
-    Ranks may choose differently (the ghost/materialised choice depends on N_r; a vmap
-    fallback on one rank): such parameters are materialised on every rank, and if the
-    ranks' blocks do not even cover the same spans (dense vmap rows), all of G_r is.
+    Factors where every rank has them (of one kind) and they are fewer floats per sample
+    than the parameter (T (d_in + d_out) < size: a LoRA factor of rank 8 at T = 100 is
+    sent materialised); else the materialised rows. Ranks may have chosen differently (the
+    ghost/materialised choice depends on N_r; a vmap fallback on one rank); if their blocks
+    do not even cover the same spans (dense vmap rows), all of G_r is materialised.
     """
-    spans = [[(o, s) for o, s, _ in layout] for layout in layouts]
+    spans = [[layout_block[:2] for layout_block in layout] for layout in layouts]
     if any(span != spans[0] for span in spans):
         return [DenseBlock(0, torch.cat([_dense(b) for b in blocks], dim=1))]
     out = []
     for i, block in enumerate(blocks):
         agreed = len({layout[i][2] for layout in layouts}) == 1
-        out.append(block if agreed and isinstance(block, FactorBlock)
+        smaller = max(layout[i][3] for layout in layouts) < block.size
+        out.append(block if agreed and smaller and isinstance(block, FactorBlock)
                    else DenseBlock(block.offset, _dense(block)))
     return out
 
