@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -252,20 +253,19 @@ class ProcessGroupComm:
         return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
     def gather_to(
-        self, owner: int, tensor: torch.Tensor, shapes: Sequence[Sequence[int]]
-    ) -> torch.Tensor | None:
-        """Every rank's ``tensor`` (rank r's of shape ``shapes[r]``) concatenated on axis 0 at
-        rank ``owner`` (None elsewhere); trailing axes zero-padded to the largest."""
-        width = [max(s[d] for s in shapes) for d in range(1, len(shapes[0]))]
-        padded = _pad(tensor, width, max(s[0] for s in shapes))
+        self, owner: int, flat: torch.Tensor, lengths: Sequence[int]
+    ) -> list[torch.Tensor] | None:
+        """Every rank's 1-d ``flat`` (rank r's of ``lengths[r]`` entries) at rank ``owner``,
+        one tensor per rank (None elsewhere)."""
+        padded = _pad(flat, [], max(lengths))
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner \
             else None
         dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
         dist.gather(padded, parts, dst=dst, group=self.group)
-        if self.rank != owner:
+        if parts is None:
             self.bytes_sent += padded.numel() * padded.element_size()
             return None
-        return torch.cat([part[: s[0]] for part, s in zip(parts, shapes, strict=True)])
+        return [part[:n] for part, n in zip(parts, lengths, strict=True)]
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
@@ -513,19 +513,46 @@ class DistributedRows:
             tensors = _tensors(blocks)
             shapes = self.comm.gather_objects([tuple(t.shape) for t in tensors])
             owners = _owners([b.size for b in blocks], self.comm.world)
+            counts = [2 if isinstance(b, FactorBlock) else 1 for b in blocks]
+            received = self._to_owners(
+                tensors, shapes, [o for o, c in zip(owners, counts, strict=True) for _ in range(c)]
+            )
             n = self.shape[0]
             partial = torch.zeros(n, n, dtype=torch.float64, device=self.device)
             i = 0
-            for block, owner in zip(blocks, owners, strict=True):
-                count = 2 if isinstance(block, FactorBlock) else 1
-                pieces = [self.comm.gather_to(owner, tensors[j], [s[j] for s in shapes])
-                          for j in range(i, i + count)]
-                i += count
+            for block, owner, count in zip(blocks, owners, counts, strict=True):
                 if self.comm.rank == owner:
-                    partial += _block_gram(block, pieces)
+                    partial += _block_gram(block, [received[j] for j in range(i, i + count)])
+                i += count
             full = self.comm.all_sum(partial)
             self._gram = 0.5 * (full + full.T)
         return self._gram
+
+    def _to_owners(
+        self, tensors: list[torch.Tensor], shapes: list[list[tuple]], owners: list[int]
+    ) -> dict[int, torch.Tensor]:
+        """At its owner, each tensor with every rank's rows concatenated ({index: tensor}).
+
+        One gather per (owner, dtype), the tensors packed flat with trailing axes
+        zero-padded to the largest of any rank (a factor's T may differ between ranks;
+        zero positions add nothing to a Gram matrix).
+        """
+        widths = [[max(s[j][d] for s in shapes) for d in range(1, len(t.shape))]
+                  for j, t in enumerate(tensors)]
+        groups: dict[tuple[int, str], list[int]] = {}
+        for j, tensor in enumerate(tensors):
+            groups.setdefault((owners[j], str(tensor.dtype)), []).append(j)
+        out: dict[int, torch.Tensor] = {}
+        for (owner, _), index in sorted(groups.items()):
+            sizes = [[s[j][0] * math.prod(widths[j]) for j in index] for s in shapes]
+            flat = torch.cat([_pad(tensors[j], widths[j]).reshape(-1) for j in index])
+            parts = self.comm.gather_to(owner, flat, [sum(z) for z in sizes])
+            if parts is None:
+                continue
+            split = [torch.split(part, z) for part, z in zip(parts, sizes, strict=True)]
+            for k, j in enumerate(index):
+                out[j] = torch.cat([pieces[k].reshape(-1, *widths[j]) for pieces in split])
+        return out
 
     def cross_gram(self, other: Any) -> torch.Tensor:
         """G H^T (N, M) float64 with ``other`` the DistributedRows of the same group."""
