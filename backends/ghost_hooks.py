@@ -136,7 +136,13 @@ class _UseWatch(TorchFunctionMode):
         flat = [*args, *kwargs.values()]
         flat += [b for a in flat if type(a) in (list, tuple) for b in a]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        if all(id(t) in self.constant for t in tensors) and not (
+        if not all(id(t) in self.constant for t in tensors):
+            name = _operation(func)
+            if tensors and ((name.endswith("_") and not name.startswith("__"))
+                            or name in ("__setitem__", "__iadd__", "__imul__", "__isub__")):
+                self.constant.pop(id(tensors[0]), None)  # written in place from the batch
+            return result
+        if not (
             # expanding a constant over the batch makes it per sample by intent
             _operation(func) in ("expand", "repeat", "expand_as", "broadcast_to")
             and tensors and tensors[0].ndim and tensors[0].shape[0] == 1

@@ -117,6 +117,20 @@ class Prompted(nn.Module):
         return self.head(torch.tanh(h)).mean(dim=1)
 
 
+class Filled(nn.Module):
+    """A buffer created in the forward pass and filled from the batch in place: per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: Any) -> Any:
+        h = torch.zeros(x.shape[0], 2, 4, dtype=x.dtype)
+        h[:, 0] = x
+        h[:, 1] = 2 * x
+        return self.lin(torch.tanh(h)).sum(dim=1)
+
+
 @dataclass
 class Case:
     name: str
@@ -190,6 +204,9 @@ CASES = [
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
     Case("output_changed_in_place", _in_place, ("changed in place",)),
     Case("one_sample_call_repeated", _prompted(False)),
+    Case("tensor_created_then_filled_from_the_batch", lambda: (
+        Filled().double(), torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)),
+        ngdref.SoftmaxCrossEntropy())),
     Case("one_sample_output_used_twice", _prompted(True), ("one repeat over the batch",)),
 ]
 
