@@ -185,6 +185,7 @@ class ProcessGroupComm:
         self.bytes_sent = 0
         self._declared: tuple[int, bool, Any] | None = None
         self._checked = False
+        self.device = torch.device("cpu")  # of the model's parameters (NCCL: a GPU)
 
     # ---- control: agreement on errors and shard sizes -------------------------------------
     @contextlib.contextmanager
@@ -212,6 +213,7 @@ class ProcessGroupComm:
                 names: Sequence[str]) -> None:
         """This rank's shard size, whether it has a label, and (first step) its model."""
         self.bytes_sent = 0
+        self.device = params[0].device
         signature = None if self._checked else [
             (name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params, strict=True)
         ]
@@ -281,7 +283,7 @@ class ProcessGroupComm:
     # ---- the optimiser's hooks ------------------------------------------------------------
     def share(self, batch: Any) -> Any:
         """The batch of the whole group: global rows, s (N,) and loss (the shards' sum)."""
-        loss = self.all_sum(torch.tensor([batch.loss], dtype=torch.float64))
+        loss = self.all_sum(torch.tensor([batch.loss], dtype=torch.float64, device=self.device))
         return dataclasses.replace(
             batch,
             rows=self.rows(batch.rows),
@@ -312,7 +314,9 @@ class ProcessGroupComm:
 
     def check_update(self, norm: float) -> None:
         """Before applying: every rank must hold the same update (compared by its norm)."""
-        norms = self.gather(torch.tensor([norm], dtype=torch.float64), [1] * self.world)
+        norms = self.gather(
+            torch.tensor([norm], dtype=torch.float64, device=self.device), [1] * self.world
+        )
         if not bool(torch.all((norms == norms[0]) | (torch.isnan(norms) & torch.isnan(norms[0])))):
             raise RuntimeError(
                 f"the ranks computed different updates (norms {norms.tolist()}): the model or "
