@@ -113,6 +113,35 @@ def run_case(name: str, world: int, rank: int, **options: Any) -> dict[str, Any]
     return out
 
 
+class BagOfTokens(nn.Module):
+    """Embedding (padding_idx 0: a zero row that gets no gradient) summed over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 4, padding_idx=0, dtype=torch.float64)
+        self.head = nn.Linear(4, VOCAB, dtype=torch.float64)
+
+    def forward(self, tokens: Any) -> Any:
+        return self.head(self.embed(tokens).sum(dim=1))
+
+
+def run_padded(world: int, rank: int) -> Any:
+    """One iEF step where each rank pads its token shard to its own length (T differs)."""
+    gen = torch.Generator().manual_seed(8)  # shard lengths 5, 3 (R = 2) and 4, 5, 3 (R = 3)
+    lengths = torch.randint(1, 6, (N,), generator=gen)
+    tokens = torch.randint(1, 20, (N, 5), generator=gen)
+    tokens[torch.arange(5)[None, :] >= lengths[:, None]] = 0
+    y = torch.randint(0, VOCAB, (N,), generator=gen)
+    part = shard(world, rank)
+    mine = tokens[part][:, : int(lengths[part].max())]  # this shard's own padding
+    model = BagOfTokens()
+    opt = IEF(model, ngdref.SoftmaxCrossEntropy(), lr=0.5, damping=1e-3, reduction="mean",
+              per_sample="ghost")
+    opt.step(lambda: (mine, y[part]))
+    return flat(model)
+
+
 # ---- the worker ----------------------------------------------------------------------------
 def _failure(world: int, rank: int, kind: str) -> dict[str, Any]:
     """Run one bad step; what this rank raised and whether its parameters stayed put."""
@@ -172,6 +201,7 @@ def worker(rank: int, world: int, folder: Path) -> None:
         results: dict[str, Any] = {name: run_case(name, world, rank) for name in CASES}
         results["failures"] = {kind: _failure(world, rank, kind) for kind in FAILURES}
         results["block_diagonal"] = _block_diagonal(world, rank)
+        results["padded"] = run_padded(world, rank)
         pair = dist.new_group([0, 1])  # every rank takes part in creating the group
         if rank < 2:  # ranks 0 and 1 share the batch in SHARDS[2]; a third rank stays out
             results["ief_pair"] = run_case("ief", 2, rank, process_group=pair)
@@ -215,6 +245,15 @@ def test_r_ranks_take_the_single_process_step(ranks: Any, name: str) -> None:
                 assert got[key] == want[key] or close, (key, got[key], want[key])
         assert got["world_size"] == world and got["num_samples"] == N
         assert got["bytes_sent"] > 0
+
+
+def test_shards_padded_to_their_own_lengths_take_the_global_step(ranks: Any) -> None:
+    """Ghost factors of an embedding with T differing between ranks (zero-padded to one T)."""
+    _, results = ranks
+    start = flat(BagOfTokens())
+    want = run_padded(1, 0)
+    for r in results:
+        assert relative(r["padded"] - start, want - start) < RTOL["float64"]
 
 
 def test_the_block_diagonal_local_solve_is_not_the_step(ranks: Any) -> None:
