@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["barrier", "init_from_env", "is_writer", "join_local", "launch_local", "shard_slice"]
+__all__ = [
+    "barrier",
+    "gather_objects",
+    "init_from_env",
+    "is_writer",
+    "join_local",
+    "launch_local",
+    "shard_slice",
+    "world_and_rank",
+]
 
 #: seconds every collective may wait (init_from_env); NGDREF_DIST_TIMEOUT overrides
 DEFAULT_TIMEOUT = 600.0
@@ -52,6 +61,20 @@ def _up() -> bool:
 def is_writer() -> bool:
     """Whether this process writes files and logs: rank 0, or the only process."""
     return not _up() or dist.get_rank() == 0
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(R, rank) of the default group; (1, 0) without torch.distributed."""
+    return (dist.get_world_size(), dist.get_rank()) if _up() else (1, 0)
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without torch.distributed)."""
+    if not _up():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

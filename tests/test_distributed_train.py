@@ -9,7 +9,9 @@ the reference's lines.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ pytest.importorskip("sklearn")
 from backends.dist_launch import join_local  # noqa: E402
 from tests.test_distributed import spawn  # noqa: E402
 from validation.experiments.config import load_config  # noqa: E402
+from validation.experiments.evaluate import evaluate_run  # noqa: E402
 from validation.experiments.train import read_metrics, train  # noqa: E402
 
 OVERRIDES = [
@@ -31,6 +34,7 @@ OVERRIDES = [
 ]
 OPTIMIZERS = ("ief", "sf")
 STOP = 3
+EVALUATION = {"batches": 2, "batch_size": 8, "micro_batch": 4, "progress": False}
 #: float64 throughout; the two runs differ in the order of sums only (tests/test_distributed)
 RTOL = 1e-10
 #: keys only a distributed step reports, and the solve's own rounding (~1e-16, not comparable)
@@ -51,6 +55,7 @@ def worker(rank: int, world: int, folder: Path) -> None:
             run = folder / name
             train(config(name), run, progress=False, device="cpu", stop_after=STOP)
             out[name] = train(config(name), run, resume=True, progress=False, device="cpu").params
+        evaluate_run(folder / "ief", **EVALUATION)  # the run's 3 checkpoints shared by 2 ranks
         torch.save(out, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -91,6 +96,28 @@ def test_two_ranks_train_resume_and_log_like_one_process(
         assert torch.equal(params[0][name][key], params[1][name][key]), key
         diff = torch.linalg.vector_norm(params[0][name][key] - value)
         assert diff <= 1e3 * RTOL * torch.linalg.vector_norm(value), key  # after 8 steps
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal structure, floats to RTOL (thread counts may reorder sums), the rest exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= RTOL * abs(b)
+    return a == b
+
+
+def test_checkpoints_evaluated_on_two_ranks_give_one_report(
+    runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    folder, _ = runs
+    shared = json.loads((folder / "ief" / "evaluation.json").read_text())
+    alone = shutil.copytree(folder / "ief", tmp_path / "alone")
+    want = evaluate_run(alone, **EVALUATION, overwrite=True)
+    assert [c["name"] for c in shared["checkpoints"]] == ["epoch-0", "epoch-1", "epoch-2"]
+    assert same(shared, want)
 
 
 if __name__ == "__main__":

@@ -596,8 +596,12 @@ def _over_checkpoints(
     ``process(setup, info)`` returns the checkpoint's entry and a one-line summary. The file
     is rewritten atomically after each checkpoint, so a killed evaluation loses at most one.
     """
+    from backends import dist_launch
     from validation.experiments.train import load_checkpoint
 
+    dist_launch.init_from_env()  # torchrun: the checkpoints are shared out among the ranks
+    world, rank = dist_launch.world_and_rank()
+    progress = progress and dist_launch.is_writer()
     run, infos, setup = _prepare(run_dir, checkpoints, device)
     settings["checkpoints"] = [info.name for info in infos]
     _check_batch_size(settings["batch_size"], setup)
@@ -607,19 +611,30 @@ def _over_checkpoints(
     for info in infos:
         if info.name in done:
             _report(progress, f"{kind} {info.name}: already in {path}, skipped")
-            continue
-        started = time.perf_counter()
-        params, _, _ = load_checkpoint(run, info.name)
-        setup.load_params(params)
-        entry, summary = process(setup, info)
-        entries.append(entry)
-        entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
-        _atomic_write_json(path, {"settings": settings, "checkpoints": entries})
-        _report(
-            progress,
-            f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): {summary}, "
-            f"{time.perf_counter() - started:.1f} s]",
-        )
+    todo = [info for info in infos if info.name not in done]
+    for start in range(0, len(todo), world):  # a round: one checkpoint per rank
+        result: Any = None
+        if start + rank < len(todo):
+            info = todo[start + rank]
+            started = time.perf_counter()
+            try:
+                params, _, _ = load_checkpoint(run, info.name)
+                setup.load_params(params)
+                entry, summary = process(setup, info)
+                line = (f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): "
+                        f"{summary}, {time.perf_counter() - started:.1f} s]")
+                result = (entry, line)
+            except Exception as exc:  # every rank raises it (no rank waits forever)
+                result = exc
+        for item in dist_launch.gather_objects(result):
+            if isinstance(item, Exception):
+                raise item
+            if item is not None:
+                entries.append(item[0])
+                entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
+                if dist_launch.is_writer():  # torchrun: rank 0 writes
+                    _atomic_write_json(path, {"settings": settings, "checkpoints": entries})
+                _report(progress, item[1])
     return {"settings": settings, "checkpoints": entries}
 
 
