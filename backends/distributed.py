@@ -117,7 +117,7 @@ class LocalComm:
     def fisher_vp(self, fvp: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         return fvp
 
-    def check_update(self, norm: float) -> None:
+    def check_update(self, norm: float, lr: float) -> None:
         return None
 
     def diagnostics(self) -> dict[str, Any]:
@@ -310,15 +310,16 @@ class ProcessGroupComm:
         """v -> sum over ranks of the shards' F_r v (one all-reduce of P per product)."""
         return lambda v: self.all_sum(fvp(v))
 
-    def check_update(self, norm: float) -> None:
-        """Before applying: every rank must hold the same update (compared by its norm)."""
-        norms = self.gather(
-            torch.tensor([norm], dtype=torch.float64, device=self.device), [1] * self.world
-        )
-        if not bool(torch.all((norms == norms[0]) | (torch.isnan(norms) & torch.isnan(norms[0])))):
+    def check_update(self, norm: float, lr: float) -> None:
+        """Before applying: every rank must hold the same update norm and step size."""
+        mine = torch.tensor([[norm, lr]], dtype=torch.float64, device=self.device)
+        seen = self.gather(mine, [1] * self.world)
+        agree = (seen == seen[0]) | (torch.isnan(seen) & torch.isnan(seen[0]))
+        if not bool(torch.all(agree)):
             raise RuntimeError(
-                f"the ranks computed different updates (norms {norms.tolist()}): the model or "
-                "its inputs are not replicated; the parameters were not changed"
+                f"the ranks computed different updates or step sizes ((norm, lr) per rank: "
+                f"{seen.tolist()}): the model, its inputs or the hyperparameters are not "
+                "replicated; the parameters were not changed"
             )
 
     def diagnostics(self) -> dict[str, Any]:

@@ -410,7 +410,7 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         batch = comm.share(batch)  # the global rows, s and loss
         update, diagnostics = self._update(provider, targets, batch, group)
         norm = float(torch.linalg.vector_norm(update))
-        comm.check_update(norm)
+        comm.check_update(norm, lr)
         if not math.isfinite(norm):
             raise ngdref.NonFiniteError(
                 f"update contains NaN or infinite values at step {self._step} (increase damping);"

@@ -153,7 +153,8 @@ def _failure(world: int, rank: int, kind: str) -> dict[str, Any]:
     part = shard(world, rank)
     loss = ngdref.SequenceSoftmaxCrossEntropy(VOCAB)
     damping = 0.0 if kind == "singular" else 1e-3
-    opt = IEF(model, loss, lr=0.5, damping=damping, dedup_threshold=None)
+    lr = 0.25 if kind == "lr_mismatch" and rank == world - 1 else 0.5
+    opt = IEF(model, loss, lr=lr, damping=damping, dedup_threshold=None)
 
     def closure() -> Any:
         if kind == "closure" and rank == 0:
@@ -174,7 +175,7 @@ def _failure(world: int, rank: int, kind: str) -> dict[str, Any]:
     return {"type": None}
 
 
-FAILURES = ("closure", "nan_loss", "singular", "model_mismatch", "dtype_mismatch")
+FAILURES = ("closure", "nan_loss", "singular", "model_mismatch", "dtype_mismatch", "lr_mismatch")
 
 
 def _block_diagonal(world: int, rank: int) -> Any:
@@ -272,6 +273,7 @@ FAILURE_CASES = {  # kind -> (exception type on every rank, text in the message,
     "singular": ("SingularMatrixError", "singular", None),
     "model_mismatch": ("ValueError", "model: rank", None),
     "dtype_mismatch": ("ValueError", "float32", None),
+    "lr_mismatch": ("RuntimeError", "step sizes", None),
 }
 
 
