@@ -17,9 +17,10 @@ quantity                 collective and volume per rank
 =======================  ==================================================================
 s (IEF, EF)              all-gather, (R - 1) N_r b
 Gram matrix G G^T        every parameter block (a layer) has an owner rank; each rank sends
-                         its piece of the blocks it does not own to their owners (a gather),
-                         about (R - 1) / R of: N_r T (d_in + d_out) b per ghost layer,
-                         N_r size b per materialised layer (vmap's dense rows: N_r P b in R
+                         its piece of the blocks it does not own to their owners (one
+                         packed gather per owner), about (R - 1) / R of: N_r T (d_in +
+                         d_out) b per layer whose factors are the smaller, else
+                         N_r size b (its materialised rows) (vmap's dense rows: N_r P b in R
                          column slices); then an all-reduce of the owners' N x N partial
                          sums, 2 (R - 1) N^2 8 / R
 G^T w (update, g)        all-reduce, 2 (R - 1) P b / R: IEF and EF once; SF twice (g and
@@ -42,8 +43,10 @@ every rank before any data collective; an error on one rank makes every rank rai
 exception type and message ("rank r of R at step t: ...") with the parameters untouched.
 Everything after the agreement runs on identical bytes, so a deterministic error (a singular
 Gram matrix at zero damping, a non-finite update) is raised by every rank at the same point;
-a last exchange compares the update norms before anything is applied. Every collective is
-bounded by the process group's timeout (``init_process_group(timeout=...)``).
+a last exchange compares the update norms and step sizes before anything is applied. A
+rank that fails outside these phases (e.g. out of memory inside a collective's computation)
+cannot be agreed on: the others wait until the process group's timeout
+(``init_process_group(timeout=...)``), which bounds every collective.
 """
 
 from __future__ import annotations
