@@ -58,6 +58,12 @@ Per-sample gradients
 Parameters no hook can account for fall back to ``vmap`` for those parameters alone, listed
 in ``diagnostics["fallbacks"]`` (and warned about once).
 
+Data parallel
+-------------
+Under ``torch.distributed`` (torchrun) each rank's closure returns its own shard and every
+rank takes the step of the concatenated batch ("mean" divides by the global N); what is sent
+is documented in :mod:`backends.distributed` and counted in ``diagnostics["bytes_sent"]``.
+
 For a sequence loss (:class:`ngdref.SequenceSoftmaxCrossEntropy`) "mean" divides by the number
 of sequences N, not of label tokens; a float R = 1/number-of-label-tokens reproduces Hugging
 Face's token-mean loss for batches with that token count.
@@ -96,6 +102,7 @@ from ngdref.checks import check_choice, check_int, check_real
 from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, check_damping_options, ief_damping_weights
 
+from .distributed import IgnoredShardLoss, communicator
 from .ghost import stack_rows
 from .torch_provider import TorchProvider
 
@@ -170,8 +177,11 @@ def _split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
     )
 
 
-def _check_targets(loss: ngdref.LogitLoss, targets: Any, num_samples: int) -> None:
-    """Targets with one entry per sample and at least one label not ignored."""
+def _check_targets(
+    loss: ngdref.LogitLoss, targets: Any, num_samples: int, *, sharded: bool = False
+) -> bool:
+    """Targets with one entry per sample; whether one label is not ignored (else an error
+    unless ``sharded``: a distributed shard may be all ignored, the global batch may not)."""
     if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
         raise TypeError(
             "targets must be a torch.Tensor with the samples on its first axis, got "
@@ -183,11 +193,13 @@ def _check_targets(loss: ngdref.LogitLoss, targets: Any, num_samples: int) -> No
             f"have {num_samples}: the closure must return one label (row) per input sample"
         )
     ignore = getattr(loss, "ignore_index", None)
-    if ignore is not None and bool(torch.all(targets == ignore)):
+    labelled = ignore is None or not bool(torch.all(targets == ignore))
+    if not labelled and not sharded:
         raise ValueError(
             f"targets: every label equals ignore_index={ignore}, so the batch has no loss and "
             "no gradient; the parameters were not changed"
         )
+    return labelled
 
 
 @dataclass(frozen=True)
@@ -227,6 +239,8 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         per_sample: str,
         per_sample_method: str | None,
         chunk_size: int | None,
+        distributed: bool | None = None,
+        process_group: Any = None,
         **hyperparameters: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -245,6 +259,7 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         self._check_hyperparameters(hyperparameters)
         self._model = model
         self._loss = loss
+        self._shard_loss: Any = loss  # this step's: IgnoredShardLoss for an all-ignored shard
         if per_sample_method is not None:  # the earlier name of per_sample
             per_sample = per_sample_method
         check_choice(per_sample, "per_sample", tuple(PER_SAMPLE))
@@ -264,6 +279,8 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
             "chunk_size": chunk_size,
         }
         self._warned: set[str] = set()
+        # torch.distributed: the batch is the union of the ranks' shards (backends.distributed)
+        self._comm = communicator(distributed, process_group)
         self._names = tuple(name for name, _ in named)
         self._step = 0
         #: diagnostics of the last successful step (empty before the first), see :meth:`step`
@@ -351,18 +368,29 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         self._check_hyperparameters(group)  # a scheduler or the user may have changed them
         lr = self._learning_rate(group)
-        inputs, targets = _split_batch(closure())
-        provider = TorchProvider(self._model, inputs, **self._provider_options)
-        if provider.param_names != self._names:
-            raise ValueError(
-                "model: its trainable parameters changed since the optimiser was constructed "
-                "(requires_grad was toggled); construct a new optimiser"
+        comm = self._comm  # distributed: every rank raises if one does (comm.agree)
+        with comm.agree(self._step):
+            inputs, targets = _split_batch(closure())
+            provider = TorchProvider(self._model, inputs, **self._provider_options)
+            if provider.param_names != self._names:
+                raise ValueError(
+                    "model: its trainable parameters changed since the optimiser was "
+                    "constructed (requires_grad was toggled); construct a new optimiser"
+                )
+            if targets is None:
+                targets = provider.targets
+            labelled = _check_targets(
+                self._loss, targets, provider.num_samples, sharded=comm.sharded
             )
-        if targets is None:
-            targets = provider.targets
-        batch = self._batch(provider, targets, group)
+            comm.declare(provider.num_samples, labelled, group["params"], self._names)
+        # a shard whose every label is ignored contributes zeros (the loss refuses such targets)
+        self._shard_loss = self._loss if labelled else IgnoredShardLoss(self._loss)
+        with comm.agree(self._step):
+            batch = self._batch(provider, targets, group)
+        batch = comm.share(batch)  # the global rows, s and loss
         update, diagnostics = self._update(provider, targets, batch, group)
         norm = float(torch.linalg.vector_norm(update))
+        comm.check_update(norm, lr)
         if not math.isfinite(norm):
             raise ngdref.NonFiniteError(
                 f"update contains NaN or infinite values at step {self._step} (increase damping);"
@@ -380,6 +408,7 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
             "per_sample": self.per_sample,
             "fallbacks": fallbacks,
             **diagnostics,
+            **comm.diagnostics(),
         }
         with torch.no_grad():
             for param, piece in zip(
@@ -406,15 +435,14 @@ class _LogitLossOptimizer(torch.optim.Optimizer):
         self, provider: TorchProvider, targets: torch.Tensor, group: Mapping[str, Any]
     ) -> _Batch:
         """Logits, R e_n, s, the per-sample rows, g and the loss of one batch (checked)."""
-        _check_targets(self._loss, targets, provider.num_samples)
         logits = provider.logits()
-        factor = ngdref.reduction_factor(group["reduction"], logits.shape[0])
-        loss = factor * float(torch.sum(self._loss.value(logits, targets)))
+        factor = ngdref.reduction_factor(group["reduction"], self._comm.num_samples)
+        loss = factor * float(torch.sum(self._shard_loss.value(logits, targets)))
         if not math.isfinite(loss):
             raise ngdref.NonFiniteError(
                 f"loss is {loss} at step {self._step}; the parameters were not changed"
             )
-        e = factor * self._loss.grad(logits, targets)
+        e = factor * self._shard_loss.grad(logits, targets)
         rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
         return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, loss)
 
@@ -549,6 +577,12 @@ class IEF(_GramOptimizer):
         The earlier name of ``per_sample``.
     output_fn, chunk_size
         Passed to :class:`backends.TorchProvider`; ``chunk_size`` selects the vmap route.
+    distributed : bool, optional
+        None (default): when ``torch.distributed`` is initialised, the batch is the union of
+        the ranks' shards and every rank takes the single-process step on it
+        (:mod:`backends.distributed`); False: local steps; True: require it.
+    process_group : torch.distributed.ProcessGroup, optional
+        The ranks that share the batch (default: the whole world).
 
     Attributes
     ----------
@@ -573,6 +607,8 @@ class IEF(_GramOptimizer):
         per_sample: str = "auto",
         per_sample_method: str | None = None,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -588,6 +624,8 @@ class IEF(_GramOptimizer):
             per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     _hyperparameters = (*_GramOptimizer._hyperparameters, "damping_space")
@@ -616,7 +654,7 @@ class EF(_GramOptimizer):
     Parameters
     ----------
     model, loss, damping, damping_mode, dedup_threshold, dedup_rule, reduction,
-    output_fn, per_sample, per_sample_method, chunk_size
+    output_fn, per_sample, per_sample_method, chunk_size, distributed, process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step (the paper: 0.01 for T5 LoRA, 1 for prompt
@@ -650,6 +688,8 @@ class EF(_GramOptimizer):
         per_sample: str = "auto",
         per_sample_method: str | None = None,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -665,6 +705,8 @@ class EF(_GramOptimizer):
             per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def _system(
@@ -693,7 +735,8 @@ class SF(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
+    process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, the step length of the first step.
@@ -730,6 +773,8 @@ class SF(_LogitLossOptimizer):
         per_sample: str = "auto",
         per_sample_method: str | None = None,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -744,6 +789,8 @@ class SF(_LogitLossOptimizer):
             per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def sampling_key(self, step: int) -> int:
@@ -762,17 +809,18 @@ class SF(_LogitLossOptimizer):
         # labels drawn once from the forward pass of this step, their rows R G_hat by
         # backward passes through that same forward (K of them)
         k = group["num_samples"]
-        drawn = self._loss.sample(
-            batch.logits, self.sampling_key(self._step), num_samples=k, targets=targets
-        )
+        loss = self._shard_loss
+        key = self._comm.sampling_input(loss, batch.logits, self.sampling_key(self._step), k)
+        drawn = loss.sample(batch.logits, key, num_samples=k, targets=targets)
         rows = [
             provider.per_sample_rows(
-                batch.factor * self._loss.grad(batch.logits, drawn[i]), keep_graph=i < k - 1
+                batch.factor * loss.grad(batch.logits, drawn[i]), keep_graph=i < k - 1
             )
             for i in range(k)
         ]
         update = ngdref.sf_update(
-            stack_rows(rows), batch.grad, damping=group["damping"], num_samples=k
+            self._comm.rows(stack_rows(rows)), batch.grad, damping=group["damping"],
+            num_samples=k,
         )
         return update, {"damping": group["damping"]}
 
@@ -792,7 +840,8 @@ class NGD(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size
+    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
+    process_group
         As for :class:`IEF`.
     lr : float >= 0
         eta, constant.
@@ -821,6 +870,8 @@ class NGD(_LogitLossOptimizer):
         per_sample: str = "auto",
         per_sample_method: str | None = None,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -834,6 +885,8 @@ class NGD(_LogitLossOptimizer):
             per_sample=per_sample,
             per_sample_method=per_sample_method,
             chunk_size=chunk_size,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def _update(
@@ -849,7 +902,9 @@ class NGD(_LogitLossOptimizer):
             nonlocal iterations
             iterations += 1
 
-        fvp = ngdref.fisher_vp(provider, self._loss, targets, reduction=group["reduction"])
+        fvp = self._comm.fisher_vp(
+            ngdref.fisher_vp(provider, self._shard_loss, targets, reduction=batch.factor)
+        )
         update = ngdref.ngd_update_cg(
             fvp,
             batch.grad,

@@ -108,7 +108,10 @@ def _run_train(args: argparse.Namespace) -> int:
         "best_validation": result.best,
         "test": result.test,
     }
-    print(json.dumps(summary, indent=2, allow_nan=True))
+    from backends.dist_launch import is_writer
+
+    if is_writer():  # torchrun: one summary, from rank 0
+        print(json.dumps(summary, indent=2, allow_nan=True))
     return 0
 
 

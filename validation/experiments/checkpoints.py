@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from backends import dist_launch
 from validation.experiments.config import ConfigError, config_diff
 
 __all__ = [
@@ -104,7 +105,12 @@ class ResumePoint(NamedTuple):
 
 # ---- writing ---------------------------------------------------------------------------------
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(fh)`` into a temporary file, fsync, then ``os.replace``."""
+    """Write ``path`` through ``write(fh)`` into a temporary file, fsync, then ``os.replace``.
+
+    Under torchrun rank 0 alone writes files (the other ranks return at once).
+    """
+    if not dist_launch.is_writer():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, mode) as fh:
@@ -435,11 +441,15 @@ def log_prefix(log_path: Path, lines: int, checkpoint: Path) -> str:
 
 
 def move_aside(path: Path) -> Path:
-    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged-2``, ...) instead of losing it."""
+    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged-2``, ...) instead of losing it.
+
+    Under torchrun rank 0 alone renames; the others return the name it will have.
+    """
     aside = path.with_name(f"{path.name}.damaged")
     k = 1
     while aside.exists():
         k += 1
         aside = path.with_name(f"{path.name}.damaged-{k}")
-    os.replace(path, aside)
+    if dist_launch.is_writer():
+        os.replace(path, aside)
     return aside

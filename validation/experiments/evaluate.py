@@ -242,8 +242,12 @@ def _over_checkpoints(
     and calls ``advance()`` after each batch (the progress bar). The file is rewritten
     atomically after each checkpoint, so a killed evaluation loses at most one.
     """
+    from backends import dist_launch
     from validation.experiments.train import load_checkpoint
 
+    dist_launch.init_from_env()  # torchrun: the checkpoints are shared out among the ranks
+    world, rank = dist_launch.world_and_rank()
+    progress = progress and dist_launch.is_writer()
     run, infos, setup = prepare(run_dir, checkpoints, settings["device"], settings["dtype"])
     settings["checkpoints"] = [info.name for info in infos]
     check_batch_size(settings["batch_size"], setup)
@@ -254,24 +258,33 @@ def _over_checkpoints(
     bar = progress_bar(len(todo) * settings["batches"], progress, f"{kind} {run.name}")
     with bar:
         for info in infos:
-            if info.name in done:
-                if progress:
-                    bar.write(f"{kind} {info.name}: already in {path}, skipped", file=sys.stderr)
-                continue
-            started = time.perf_counter()
-            params, _, _ = load_checkpoint(run, info.name)
-            setup.load_params(params)
-            bar.set_postfix_str(info.name)
-            entry, summary = process(setup, info, bar.update)
-            entries.append(entry)
-            entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
-            atomic_write_json(path, {"settings": settings, "checkpoints": entries})
-            if progress:
-                bar.write(
-                    f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): {summary}, "
-                    f"{time.perf_counter() - started:.1f} s]",
-                    file=sys.stderr,
-                )
+            if info.name in done and progress:
+                bar.write(f"{kind} {info.name}: already in {path}, skipped", file=sys.stderr)
+        for start in range(0, len(todo), world):  # a round: one checkpoint per rank
+            result: Any = None
+            if start + rank < len(todo):
+                info = todo[start + rank]
+                started = time.perf_counter()
+                try:
+                    params, _, _ = load_checkpoint(run, info.name)
+                    setup.load_params(params)
+                    bar.set_postfix_str(info.name)
+                    entry, summary = process(setup, info, bar.update)
+                    line = (f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): "
+                            f"{summary}, {time.perf_counter() - started:.1f} s]")
+                    result = (entry, line)
+                except Exception as exc:  # every rank raises it (no rank waits forever)
+                    result = exc
+            for item in dist_launch.gather_objects(result):
+                if isinstance(item, Exception):
+                    raise item
+                if item is not None:
+                    entries.append(item[0])
+                    entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
+                    if dist_launch.is_writer():  # torchrun: rank 0 writes
+                        atomic_write_json(path, {"settings": settings, "checkpoints": entries})
+                    if progress:
+                        bar.write(item[1], file=sys.stderr)
     return {"settings": settings, "checkpoints": entries}
 
 

@@ -57,6 +57,15 @@ the selection score, ``best``), "test" (the best checkpoint's test metrics) or "
 line has ``time``, the wall seconds of the run so far (the only field that differs between
 identical runs).
 
+Data parallel (torchrun)
+------------------------
+``torchrun --nproc_per_node=R -m validation.experiments train ...`` joins a process group
+(gloo on CPU, NCCL on GPUs, :func:`backends.dist_launch.init_from_env`); every rank builds the
+same global batch, the per-sample optimisers (iEF, EF, SF, NGD) take its exact step with each
+rank computing on a contiguous 1/R of it, baselines repeat the whole step on every rank, and
+rank 0 alone writes logs and checkpoints. The metrics equal a single-process run's to float
+tolerance.
+
 Resuming
 --------
 ``train(..., resume=True)`` (``--resume``) restores the newest intact checkpoint: ``last.pt``,
@@ -109,6 +118,7 @@ import numpy as np
 import torch
 
 import ngdref
+from backends import dist_launch as dist_mod
 from validation.experiments.checkpoints import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -338,6 +348,18 @@ class _Stop(Exception):
     """Raised by ``stop_after`` to abandon the run without writing anything (a kill)."""
 
 
+def _shard(batch: Batch) -> Batch:
+    """This rank's contiguous share of ``batch`` under torch.distributed (else ``batch``).
+
+    The global batch is built (tokenised, padded, augmented) on every rank alike and then
+    cut, so the shards share its padding and the per-sample optimisers take its step.
+    """
+    part = dist_mod.shard_slice(batch.size)
+    if part is None:
+        return batch
+    return Batch({k: v[part] for k, v in batch.inputs.items()}, batch.class_labels[part])
+
+
 class _Run:
     """The mutable state of one training run (see :func:`train`)."""
 
@@ -374,9 +396,11 @@ class _Run:
 
     def log(self, record: dict[str, Any]) -> None:
         record = {**record, "time": round(self.elapsed(), 3)}
+        self.log_lines += 1
+        if not dist_mod.is_writer():  # under torchrun rank 0 alone writes files
+            return
         with self.log_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, allow_nan=True) + "\n")
-        self.log_lines += 1
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
@@ -466,7 +490,8 @@ class _Run:
             )
         if self.per_sample:
             group["reduction"] = self.setup.reduction(batch, self.opt_cfg["reduction"])
-            loss = self.optimizer.step(lambda: batch.inputs)
+            shard = _shard(batch)  # torchrun: this rank's samples of the global batch
+            loss = self.optimizer.step(lambda: shard.inputs)
             diag = dict(self.optimizer.diagnostics)
             diag.pop("step", None)
             diag.pop("loss", None)
@@ -677,6 +702,7 @@ def train(
         configuration or model, or the log is shorter than the checkpoint's. No file is
         changed when resuming fails.
     """
+    dist_mod.init_from_env()  # torchrun: join the process group (module docstring)
     config = dict(config)
     run = Path(run_dir)
     point = None
@@ -687,8 +713,10 @@ def train(
             f"run_dir {str(run)!r} already holds a run; pass resume=True (--resume) to "
             "continue it or choose another directory"
         )
+    dist_mod.barrier()  # every rank has checked run_dir before rank 0 writes to it
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and dist_mod.is_writer()
     torch.manual_seed(int(config["seed"]))
     np.random.seed(int(config["seed"]) % 2**32)  # noqa: NPY002
     random.seed(int(config["seed"]))
