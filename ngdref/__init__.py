@@ -3,9 +3,9 @@
 The math is written once against the array API standard: every function takes
 its array namespace from its inputs (NumPy, CuPy, torch, array_api_strict)
 and returns arrays of that namespace, dtype and device. Conventions: the
-paper's sum-reduced loss unless a ``reduction`` says otherwise; EF and iEF
-damping in sample space (the paper's lambda I_N) unless
-``damping_space="parameter"``; under a reduction factor R one damping number
+paper's sum-reduced loss unless a ``reduction`` says otherwise; iEF damping
+in sample space (the paper's lambda I_N) unless ``damping_space="parameter"``
+(EF's two damping spaces agree); under a reduction factor R one damping number
 damps EF, iEF and SF alike, as in the paper (stated once in
 :mod:`ngdref.directions`). Per-sample gradients are a dense (N, P) array or any
 :class:`~ngdref.rows.PerSampleRows`; :class:`~ngdref.linalg.DampedGram` is the

@@ -92,3 +92,32 @@ def test_scalar_diagnostics_are_python_floats():
     assert all(type(v) is float for v in values)
     assert values[:3] == pytest.approx([np.sqrt(6.0) / 3.0] * 3, rel=4 * np.finfo(float).eps)
     assert values[3:] == [1.0, 1.0]
+
+
+# (validator, value, exception or None, message fragment naming the argument)
+CHECKS = [
+    (lambda v: ngdref.checks.check_int(v, "count"), 3, None, ""),
+    (lambda v: ngdref.checks.check_int(v, "count"), True, ValueError, "count must be an int >= 1"),
+    (lambda v: ngdref.checks.check_int(v, "count"), 2.0, ValueError, "count must be an int >= 1"),
+    (lambda v: ngdref.checks.check_int(v, "step", minimum=0), -1, ValueError, "step must be"),
+    (lambda v: ngdref.checks.check_int(v, "size", optional=True), None, None, ""),
+    (lambda v: ngdref.checks.check_int(v, "size", optional=True), 0, ValueError,
+     "size must be None or an int >= 1"),
+    (lambda v: ngdref.checks.check_real(v, "lr"), 0, None, ""),
+    (lambda v: ngdref.checks.check_real(v, "lr"), "0.1", TypeError, "lr must be a real number"),
+    (lambda v: ngdref.checks.check_real(v, "lr"), float("nan"), ValueError, "lr must be finite"),
+    (lambda v: ngdref.checks.check_real(v, "tol", positive=True), 0.0, ValueError, "tol must be"),
+    (lambda v: ngdref.checks.check_choice(v, "mode", ("a", "b")), "b", None, ""),
+    (lambda v: ngdref.checks.check_choice(v, "mode", ("a", "b")), "c", ValueError,
+     "mode must be one of"),
+]
+
+
+@pytest.mark.parametrize("check, value, error, message", CHECKS)
+def test_option_validators(check, value, error, message):
+    """Accepted values come back unchanged in value; rejected ones name the argument."""
+    if error is None:
+        assert check(value) == value
+    else:
+        with pytest.raises(error, match=message):
+            check(value)
