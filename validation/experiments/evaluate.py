@@ -108,11 +108,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ngdref
+from ngdref.kfac import KFAC_METHODS
 from validation.experiments.evaluate_cli import register_evaluate, register_sweep
 from validation.experiments.evaluate_settings import (
     AUTHORS_DAMPING,
     DEFAULT_BATCHES,
     DEFAULT_DAMPING,
+    DEFAULT_METHODS,
     DEFAULT_SWEEP_BATCHES,
     DEFAULT_SWEEP_DAMPINGS,
     EVALUATION_FILE,
@@ -156,6 +158,7 @@ __all__ = [
     "AUTHORS_DAMPING",
     "DEFAULT_BATCHES",
     "DEFAULT_DAMPING",
+    "DEFAULT_METHODS",
     "DEFAULT_SWEEP_BATCHES",
     "DEFAULT_SWEEP_DAMPINGS",
     "EVALUATION_FILE",
@@ -197,6 +200,7 @@ def _evaluate_checkpoint(
             state = batch_scorer(
                 setup, rows, key=sf_key(seed, info.step, b), settings=settings,
                 with_sf="sf" in methods,
+                kfac_methods=tuple(m for m in methods if m in KFAC_METHODS),
             )
             for method in methods:
                 update = state.update(method, damping.get(method, 0.0))
@@ -285,7 +289,7 @@ def evaluate_run(
     seed: int = 0,
     damping: float | Mapping[str, float] | None = None,
     dedup_threshold: float | None = 0.95,
-    methods: Iterable[str] | str = METHODS,
+    methods: Iterable[str] | str = DEFAULT_METHODS,
     checkpoints: str | int | Sequence[str | int] | None = None,
     reduction: str | float | None = None,
     num_samples: int = 1,
@@ -415,15 +419,16 @@ def _sweep_checkpoint(
         rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
             state = batch_scorer(
-                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True
+                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True,
+                kfac_methods=KFAC_METHODS,
             )
         except (ngdref.NonFiniteError, ValueError) as exc:
             raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
         gamma_sgd = state.gamma(state.grad)
         for k, lam in enumerate(dampings):
             gamma: dict[str, float] = {"sgd": gamma_sgd}
-            for method in ("ef", "ief", "sf"):
-                try:  # the batch's Gram matrices are formed once, whatever lambda
+            for method in ("ef", "ief", "sf", *KFAC_METHODS):
+                try:  # the batch's Gram matrices and K-FAC factors are formed once
                     gamma[method] = state.gamma(state.update(method, lam))
                 except ngdref.SingularMatrixError:
                     gamma[method] = math.nan

@@ -14,6 +14,7 @@ from validation.experiments.evaluate_settings import (
     DEFAULT_SWEEP_DAMPINGS,
     DTYPES,
     EVALUATION_FILE,
+    DEFAULT_METHODS,
     METHODS,
     SWEEP_FILE,
 )
@@ -172,7 +173,8 @@ def register_evaluate(subparsers: Any) -> None:
         + f" (ngdref), {AUTHORS_DAMPING:g} for all (authors)",
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of sgd,ef,ief,sf"
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: the exact ones)",
     )
     parser.set_defaults(func=_run_evaluate)
 

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from validation.experiments.evaluate_settings import METHODS
 from validation.experiments.reproduce_report import (
     NAMES,
     PAPER_ORDER,
@@ -381,6 +382,7 @@ class _Graph:
         return [
             Task(("evaluate", directory.name), evaluate_task, (str(directory), {
                 **common, "batches": plan.eval_batches, "checkpoints": ckpts,
+                "methods": list(METHODS),  # the K-FAC family too (App. D.2.2)
             }), 5.0 * len(ckpts) * plan.eval_batches),
             Task(("sweep", directory.name), sweep_task, (str(directory), {
                 **common, "batches": plan.sweep_batches, "dampings": list(plan.sweep_dampings),
