@@ -10,11 +10,11 @@ from validation.experiments.evaluate_settings import (
     AUTHORS_DAMPING,
     DEFAULT_BATCHES,
     DEFAULT_DAMPING,
+    DEFAULT_METHODS,
     DEFAULT_SWEEP_BATCHES,
     DEFAULT_SWEEP_DAMPINGS,
     DTYPES,
     EVALUATION_FILE,
-    DEFAULT_METHODS,
     METHODS,
     SWEEP_FILE,
 )

@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     import torch
 
     from backends.kfac import KFACCurvature
-
     from backends.torch_provider import TorchProvider
     from validation.experiments.train import Batch, Setup
 
