@@ -201,6 +201,8 @@ def test_every_setup_trains_with_the_kfac_optimizers(
 ) -> None:
     """Two steps of the runner with its config defaults: finite losses, the optimiser's
     diagnostics logged (parameters outside supported layers reported, e.g. prompt tokens)."""
+    from validation.experiments.lora_digits import setup_for_run
+
     steps = 2
     if setup == "digits-lora":
         config = _lora_digits_config(optimizer, tmp_path)
@@ -210,9 +212,10 @@ def test_every_setup_trains_with_the_kfac_optimizers(
             *tiny_overrides(setup, dirs), f"optimizer={optimizer}", f"train.max_steps={steps}",
             "train.epochs=10", "train.eval_every=100",
         ])
-    result = train(config, tmp_path / "run", progress=False, device="cpu")
+    run = tmp_path / "run"
+    result = train(config, run, progress=False, setup=setup_for_run(config, run, "cpu"))
     assert result.finished and not result.diverged and result.step == steps
-    records = read_metrics(tmp_path / "run", "train")
+    records = read_metrics(run, "train")
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["update_norm"]) for r in records)
     assert all(r["update_norm"] > 0 for r in records)

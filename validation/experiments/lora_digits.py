@@ -198,7 +198,8 @@ def build_lora_setup(
 
     import ngdref
     from validation.experiments.models import torch_dtype
-    from validation.experiments.train import Setup, TensorSplit, resolve_device
+    from validation.experiments.splits import TensorSplit
+    from validation.experiments.train import Setup, resolve_device
 
     lora = config["digits_lora"]
     run = Path(run_dir)
