@@ -641,7 +641,7 @@ def test_run_dir_without_checkpoints(mlp_run: Path, tmp_path: Path) -> None:
         ({"damping": {"ngd": 1.0}}, r"damping: unknown method\(s\) \['ngd'\]"),
         ({"damping": {"sf": float("nan")}}, r"damping\['sf'\] must be a finite number"),
         ({"dedup_threshold": 1.5}, r"dedup_threshold must be None or in \(0, 1\]"),
-        ({"methods": ["sgd", "kfac"]}, r"methods must be a non-empty subset"),
+        ({"methods": ["sgd", "ngd"]}, r"methods must be a non-empty subset"),
         ({"reduction": "token"}, r"reduction: reduction must be 'sum', 'mean'"),
         ({"protocol": "paper"}, r"protocol must be one of \('ngdref', 'authors'\)"),
         ({"dtype": "float16"}, r"dtype must be one of"),
@@ -684,7 +684,9 @@ def test_command_line(mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["evaluate", str(run), *common, "--checkpoints", "first,last",
                  "--damping", "1e-5", "--damping", "ief=1e-10", "--dedup-threshold", "none"]) == 0
     result = json.loads((run / EVALUATION_FILE).read_text())
-    assert result["settings"]["damping"] == {"ef": 1e-5, "ief": 1e-10, "sf": 1e-5}
+    assert result["settings"]["damping"] == {
+        "ef": 1e-5, "ief": 1e-10, "sf": 1e-5, "kfac": 1e-5, "ekfac": 1e-5, "iekfac": 1e-5,
+    }
     assert result["settings"]["dedup_threshold"] is None
     assert [c["name"] for c in result["checkpoints"]] == ["epoch-0", "epoch-2"]
     assert main(["sweep", str(run), *common, "--dampings", "1e-8,1e-4"]) == 0
