@@ -221,3 +221,27 @@ def test_every_setup_trains_with_the_kfac_optimizers(
     assert all(r["update_norm"] > 0 for r in records)
     if setup == "t5-prompt":  # the prompt tokens are no layer: the diagonal fallback, reported
         assert records[0]["fallback"]
+
+
+def _kfac_evaluation(rows: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """An evaluation.json with gamma_m / gamma_iEF means (KFAC, eKFAC, ieKFAC) per checkpoint."""
+    names = ("kfac/ief", "ekfac/ief", "iekfac/ief")
+    return {"checkpoints": [
+        {"name": f"epoch-{k}", "epoch": k,
+         "ratios": {n: {"mean": v, "std": 0.0} for n, v in zip(names, row, strict=True)}}
+        for k, row in enumerate(rows)
+    ]}
+
+
+@pytest.mark.parametrize(("rows", "held"), [
+    ([(3.0, 4.0, 1.1), (2.5, 2.5, 0.9), (0.5, 0.5, 1.0)], True),   # 2 of 3: most
+    ([(3.0, 4.0, 1.1), (0.9, 0.9, 1.0), (0.5, 0.5, 1.0)], False),  # KFAC/eKFAC not worse
+    ([(3.0, 4.0, 0.3), (2.5, 2.5, 3.0), (9.0, 9.0, 1.0)], False),  # ieKFAC far from iEF
+    ([(3.0, 1.5, 1.0), (3.0, 1.5, 1.0), (3.0, 1.5, 1.0)], False),  # eKFAC < 2x ieKFAC
+])
+def test_kfac_claim(rows: list[tuple[float, float, float]], held: bool) -> None:
+    """ieKFAC ~ iEF (within 2x) and KFAC, eKFAC >= 2x worse than ieKFAC at most checkpoints."""
+    from validation.experiments.kfac_eval import kfac_claim
+
+    assert kfac_claim(_kfac_evaluation(rows))[0] is held
+    assert kfac_claim({"checkpoints": [{"ratios": {}}]})[0] is None
