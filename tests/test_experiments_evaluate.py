@@ -137,7 +137,9 @@ def check_evaluation_format(result: dict[str, Any], path: Path, names: list[str]
         }
         assert entry["epoch"] == int(entry["name"].split("-")[1])
         assert isinstance(entry["step"], int)
-        assert set(entry["ratios"]) == {"ef/sgd", "ief/sgd", "sf/ief", "sf/ef"}
+        assert set(entry["ratios"]) == {
+            "ef/sgd", "ief/sgd", "sf/ief", "sf/ef", "kfac/ief", "ekfac/ief", "iekfac/ief"
+        }
         assert set(entry["imbalance"]) == {"max_min", "tail_10"}
         for summary in [*entry["ratios"].values(), *entry["imbalance"].values()]:
             assert set(summary) == {"mean", "std", "values"}
@@ -148,7 +150,7 @@ def check_evaluation_format(result: dict[str, Any], path: Path, names: list[str]
         for stat in entry["imbalance"].values():
             assert all(v >= 1.0 for v in stat["values"])
         assert all(v == int(v) for v in entry["rows_kept"]["values"])
-        assert set(entry["gamma"]) == {"sgd", "ef", "ief", "sf"}
+        assert set(entry["gamma"]) == {"sgd", "ef", "ief", "sf", "kfac", "ekfac", "iekfac"}
         for summary in entry["gamma"].values():
             assert set(summary) == {"mean", "std"}
             assert _is_float(summary["mean"]) and summary["mean"] > 0
@@ -162,7 +164,8 @@ def test_evaluation_json_format(mlp_run: Path, mlp_evaluation: dict[str, Any]) -
     assert settings == {
         "protocol": "ngdref", "batches": B, "batch_size": M, "micro_batch": MICRO, "seed": 0,
         "damping": DEFAULT_DAMPING, "dedup_threshold": 0.95,
-        "methods": ["sgd", "ef", "ief", "sf"], "checkpoints": ["epoch-0", "epoch-1", "epoch-2"],
+        "methods": ["sgd", "ef", "ief", "sf", "kfac", "ekfac", "iekfac"],
+        "checkpoints": ["epoch-0", "epoch-1", "epoch-2"],
         "reduction": "mean", "num_samples": 1, "dtype": "float64", "sf_duplicates": None,
         "device": "cpu",
     }

@@ -176,7 +176,7 @@ def register_evaluate(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: the exact ones)",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     parser.set_defaults(func=_run_evaluate)
 
