@@ -343,9 +343,12 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
             assert (reproduce.run_dir(out, opt, row["lr"], seed) / "results.json").is_file()
     assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
     assert len(results["sweep"]["checkpoints"]) == 3
-    assert len(results["claims"]) == 7
+    assert len(results["claims"]) == 8  # the K-FAC family's among them
+    assert any(c["name"] == "K-FAC family" and c["held"] is not None for c in results["claims"])
+    assert "| checkpoint | epoch | KFAC/iEF | eKFAC/iEF | ieKFAC/iEF |" in (
+        out / "results.md").read_text()
     for name in ("toy_least_squares", "toy_logistic", "training_curves", "gamma_ratios",
-                 "damping_sweep"):
+                 "damping_sweep", "kfac_ratios"):
         _assert_figures([out / f"{name}.png", out / f"{name}.pdf"], out / name)
     text = (out / "results.md").read_text()
     assert "## The paper's claims" in text and "Ranking by test accuracy" in text
@@ -415,7 +418,8 @@ def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     settings = results["evaluation"]["settings"]
     assert settings["protocol"] == "authors" and settings["dtype"] == "float64"
     assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
-    assert len(results["claims"]) == 7
+    assert len(results["claims"]) == 8
+    assert set(results["evaluation"]["checkpoints"][0]["ratios"]) >= {"iekfac/ief", "kfac/ief"}
     text = (out / "results.md").read_text()
     assert "AdamW > iEF > SGD > SF > EF" in text and "digits 0-4" in text
     for name in ("training_curves", "gamma_ratios", "damping_sweep"):

@@ -49,7 +49,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--task", help="GLUE task (cola, sst2, ...), cifar100, digits, cifar10")
     parser.add_argument(
-        "--optimizer", help="adamw, adam, adafactor, sgd, ief, ef, sf, ngd (per setup)"
+        "--optimizer",
+        help="adamw, adam, adafactor, sgd, ief, ef, sf, ngd, kfac, ekfac, iekfac (per setup)",
     )
     parser.add_argument("--seed", type=int)
     parser.add_argument("--epochs", type=int, help="train.epochs")

@@ -33,6 +33,7 @@ from typing import Any
 __all__ = [
     "BASELINE_OPTIMIZERS",
     "CONFIG_DIR",
+    "KFAC_OPTIMIZERS",
     "OVERRIDE_EXAMPLE",
     "PER_SAMPLE_OPTIMIZERS",
     "SETUPS",
@@ -60,7 +61,10 @@ SETUPS: dict[str, tuple[str, ...]] = {
 #: torch / transformers optimisers, trained on the Hugging Face mean loss
 BASELINE_OPTIMIZERS = ("adam", "adamw", "adafactor", "sgd")
 #: the :mod:`backends.optim` optimisers, built from per-sample quantities
-PER_SAMPLE_OPTIMIZERS = ("ief", "ef", "sf", "ngd")
+#: the K-FAC family of App. D.2.2 (:mod:`backends.kfac_optim`); lr and damping are ngdref
+#: choices (the paper gives none), see the ``_doc`` of their config sections
+KFAC_OPTIMIZERS = ("kfac", "ekfac", "iekfac")
+PER_SAMPLE_OPTIMIZERS = ("ief", "ef", "sf", "ngd", *KFAC_OPTIMIZERS)
 #: the step-size schedules a config may name (EF and SF decay linearly by themselves)
 SCHEDULES = ("constant", "linear", "step")
 
@@ -405,6 +409,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": ("holdout", "paper"),
     "peft.task_type": ("causal_lm", "seq2seq_lm"),
     "optimizers.sf.sample_positions": ("label_word", "all"),
+    "optimizers.kfac.damped_inverse": ("exact", "pi"),
+    "optimizers.ekfac.damped_inverse": ("exact", "pi"),
+    "optimizers.iekfac.damped_inverse": ("exact", "pi"),
     "follow": ("paper", "released"),
 }
 

@@ -39,6 +39,21 @@ The updates (SPEC §3; Gram forms, damping in sample space for EF and iEF)::
 EF and iEF drop near-duplicate per-sample gradients (``|cos| > dedup_threshold``, 0.95 as
 in the authors' evaluator, keeping the larger-norm row).
 
+The K-FAC family (App. D.2.2; ``methods`` "kfac", "ekfac", "iekfac", scored by default;
+:mod:`validation.experiments.kfac_eval`)::
+
+    KFAC, eKFAC, ieKFAC   (K_m + lambda_m / R^2 I)^{-1} g,  K_m block-diagonal Kronecker
+                          factored in the sum convention, built per micro-batch and merged
+
+with the same g and F; their ratios are gamma_m / gamma_iEF ("kfac/ief", "ekfac/ief",
+"iekfac/ief"). Damping convention: the blocks approximate the EF-type matrix of the rows
+R g_n, i.e. R^2 K_sum, so lambda (the convention of R) is lambda / R^2 in the sum convention,
+as for EF, iEF and SF (SPEC §9). (The training optimisers :mod:`backends.kfac_optim` damp
+R K_sum instead, lambda / R; a mean-loss optimiser's lambda is not the evaluation's.)
+They cost one forward and two backward passes per micro-batch (true and sampled labels; a
+per-sample gradient pass for parameters outside supported layers): 1.2x the exact methods'
+time on a digits MLP checkpoint.
+
 Conventions
 -----------
 Reduction
@@ -69,7 +84,8 @@ Files
     {"settings": {...every argument...},
      "checkpoints": [{"name": "epoch-0", "epoch": 0, "step": 0,
                       "ratios": {"ef/sgd": {"mean": m, "std": s, "values": [B floats]},
-                                 "ief/sgd": ..., "sf/ief": ..., "sf/ef": ...},
+                                 "ief/sgd": ..., "sf/ief": ..., "sf/ef": ...,
+                                 "kfac/ief": ..., "ekfac/ief": ..., "iekfac/ief": ...},
                       "imbalance": {"max_min": {"mean": m, "std": s, "values": [B floats]},
                                     "tail_10": {...}},
                       "rows_kept": {"mean": m, "std": s, "values": [B floats]},
@@ -108,11 +124,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ngdref
+from ngdref.kfac import KFAC_METHODS
 from validation.experiments.evaluate_cli import register_evaluate, register_sweep
 from validation.experiments.evaluate_settings import (
     AUTHORS_DAMPING,
     DEFAULT_BATCHES,
     DEFAULT_DAMPING,
+    DEFAULT_METHODS,
     DEFAULT_SWEEP_BATCHES,
     DEFAULT_SWEEP_DAMPINGS,
     EVALUATION_FILE,
@@ -156,6 +174,7 @@ __all__ = [
     "AUTHORS_DAMPING",
     "DEFAULT_BATCHES",
     "DEFAULT_DAMPING",
+    "DEFAULT_METHODS",
     "DEFAULT_SWEEP_BATCHES",
     "DEFAULT_SWEEP_DAMPINGS",
     "EVALUATION_FILE",
@@ -197,6 +216,7 @@ def _evaluate_checkpoint(
             state = batch_scorer(
                 setup, rows, key=sf_key(seed, info.step, b), settings=settings,
                 with_sf="sf" in methods,
+                kfac_methods=tuple(m for m in methods if m in KFAC_METHODS),
             )
             for method in methods:
                 update = state.update(method, damping.get(method, 0.0))
@@ -298,7 +318,7 @@ def evaluate_run(
     seed: int = 0,
     damping: float | Mapping[str, float] | None = None,
     dedup_threshold: float | None = 0.95,
-    methods: Iterable[str] | str = METHODS,
+    methods: Iterable[str] | str = DEFAULT_METHODS,
     checkpoints: str | int | Sequence[str | int] | None = None,
     reduction: str | float | None = None,
     num_samples: int = 1,
@@ -341,16 +361,16 @@ def evaluate_run(
     seed : int >= 0
         Fixes the batches (the same for every checkpoint) and SF's sampled labels.
     damping : float or dict, optional
-        lambda (the convention of R): a number for EF, iEF and SF, or
-        ``{"ef": .., "ief": .., "sf": ..}`` (missing keys take the defaults; "authors" refuses
-        different values). Defaults: :data:`DEFAULT_DAMPING` ("ngdref"),
+        lambda (the convention of R): a number for every damped method, or
+        ``{"ef": .., "ief": .., "sf": .., "kfac": .., ...}`` (missing keys take the defaults;
+        "authors" refuses different values). Defaults: :data:`DEFAULT_DAMPING` ("ngdref"),
         :data:`AUTHORS_DAMPING` for all ("authors").
     dedup_threshold : float or None
         Rows with ``|cos| >`` this to a larger-norm row are dropped (0.95 by default, the
         authors' evaluator); None keeps all.
     methods : iterable of str
-        Subset of ("sgd", "ef", "ief", "sf"); only the ratios whose two methods are present
-        are reported.
+        Subset of ("sgd", "ef", "ief", "sf", "kfac", "ekfac", "iekfac") (default all); only
+        the ratios whose two methods are present are reported.
     checkpoints : optional
         See :func:`resolve_checkpoints` (default: every epoch checkpoint).
     reduction : {"mean", "sum"} or float, optional
@@ -428,15 +448,16 @@ def _sweep_checkpoint(
         rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
         try:
             state = batch_scorer(
-                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True
+                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True,
+                kfac_methods=KFAC_METHODS,
             )
         except (ngdref.NonFiniteError, ValueError) as exc:
             raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
         gamma_sgd = state.gamma(state.grad)
         for k, lam in enumerate(dampings):
             gamma: dict[str, float] = {"sgd": gamma_sgd}
-            for method in ("ef", "ief", "sf"):
-                try:  # the batch's Gram matrices are formed once, whatever lambda
+            for method in ("ef", "ief", "sf", *KFAC_METHODS):
+                try:  # the batch's Gram matrices and K-FAC factors are formed once
                     gamma[method] = state.gamma(state.update(method, lam))
                 except ngdref.SingularMatrixError:
                     gamma[method] = math.nan
@@ -476,7 +497,7 @@ def sweep_run(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    r"""The ratios of :func:`evaluate_run` over a damping grid (one lambda for EF, iEF and SF).
+    r"""The ratios of :func:`evaluate_run` over a damping grid (one lambda for every method).
 
     For every lambda in ``dampings`` and each batch:
 
@@ -486,6 +507,8 @@ def sweep_run(
         \frac{\gamma(d_{SF}(\lambda))}{\gamma(d_{iEF}(\lambda))},\;
         \frac{\gamma(d_{SF}(\lambda))}{\gamma(d_{EF}(\lambda))}
 
+    and gamma_m / gamma_iEF of the K-FAC family (m = KFAC, eKFAC, ieKFAC), whose factors are
+    formed once per batch and whose damping is converted as in :func:`evaluate_run`.
     G, s, g, the sampled gradients and the Fisher's quadratic form are computed once per
     batch, and so are G G^T (one :class:`ngdref.DampedGram`) and the sampled Gram matrix;
     each lambda costs one M x M Cholesky factorisation per Gram matrix, the solves and one

@@ -10,6 +10,7 @@ from validation.experiments.evaluate_settings import (
     AUTHORS_DAMPING,
     DEFAULT_BATCHES,
     DEFAULT_DAMPING,
+    DEFAULT_METHODS,
     DEFAULT_SWEEP_BATCHES,
     DEFAULT_SWEEP_DAMPINGS,
     DTYPES,
@@ -159,7 +160,8 @@ def register_evaluate(subparsers: Any) -> None:
     """``evaluate RUN_DIR``: gamma ratios of SGD, EF, iEF, SF at each epoch checkpoint."""
     parser = subparsers.add_parser(
         "evaluate",
-        help="gamma ratios (Eq. 15) of EF, iEF, SF vs SGD at each epoch checkpoint of a run",
+        help="gamma ratios (Eq. 15) of EF, iEF, SF vs SGD (and of KFAC, eKFAC, ieKFAC vs iEF) "
+        "at each epoch checkpoint of a run",
         description="Writes RUN_DIR/evaluation.json (resumable). Damping is in the convention "
         "of the protocol's R (ngdref: --reduction, default mean, R = 1/M; authors: "
         "1/micro-batch).",
@@ -167,12 +169,14 @@ def register_evaluate(subparsers: Any) -> None:
     _common_arguments(parser, None, DEFAULT_BATCHES)
     parser.add_argument(
         "--damping", action="append", default=[], metavar="[METHOD=]VALUE",
-        help="lambda for ef, ief, sf (a bare number sets all three); defaults "
+        help="lambda per damped method (a bare number sets all; the K-FAC family's is "
+        "lambda / R^2 in the sum convention, as EF's); defaults "
         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_DAMPING.items())
         + f" (ngdref), {AUTHORS_DAMPING:g} for all (authors)",
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of sgd,ef,ief,sf"
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     parser.set_defaults(func=_run_evaluate)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ngdref
+from validation.experiments.kfac_eval import KFAC_RATIOS
 from validation.experiments.protocols import PROTOCOLS, SF_DUPLICATES, EvaluationError
 
 if TYPE_CHECKING:
@@ -28,18 +29,29 @@ if TYPE_CHECKING:
 
 EVALUATION_FILE = "evaluation.json"
 SWEEP_FILE = "sweep.json"
-METHODS = ("sgd", "ef", "ief", "sf")
+#: exact methods, then the K-FAC family (App. D.2.2, :mod:`validation.experiments.kfac_eval`)
+METHODS = ("sgd", "ef", "ief", "sf", "kfac", "ekfac", "iekfac")
+#: what ``evaluate`` scores by default: all of them. The K-FAC family cost 1.2x the exact
+#: methods' time on a checkpoint of the digits MLP (4 batches of 160, authors' protocol,
+#: median of 3, shared 2-core machine)
+DEFAULT_METHODS = METHODS
 #: ratio name -> (numerator method, denominator method)
 RATIOS: dict[str, tuple[str, str]] = {
     "ef/sgd": ("ef", "sgd"),
     "ief/sgd": ("ief", "sgd"),
     "sf/ief": ("sf", "ief"),
     "sf/ef": ("sf", "ef"),
+    **KFAC_RATIOS,
 }
 #: lambda per method in the mean convention (R = 1/M). iEF: near-undamped, as the authors'
 #: evaluator; EF and SF: the paper's damping of its T5-LoRA / ViT EF and SF runs (App. H). EF
-#: and SF need a task-specific value (SPEC §5): check it with :func:`sweep_run`.
-DEFAULT_DAMPING: dict[str, float] = {"ef": 1e-7, "ief": 1e-12, "sf": 1e-7}
+#: and SF need a task-specific value (SPEC §5): check it with :func:`sweep_run`. The K-FAC
+#: family (no value in the paper; an ngdref choice): KFAC and eKFAC as SF and EF, ieKFAC as
+#: iEF; the inputs of a layer often span a subspace only, so the damping is what inverts A
+#: there, but g has no component in that null space (g = sum b a^T).
+DEFAULT_DAMPING: dict[str, float] = {
+    "ef": 1e-7, "ief": 1e-12, "sf": 1e-7, "kfac": 1e-7, "ekfac": 1e-7, "iekfac": 1e-12,
+}
 #: the authors' protocol: one lambda for EF, iEF and SF (the paper's T5-LoRA / ViT value)
 AUTHORS_DAMPING = 1e-7
 #: batches per checkpoint by default. The paper uses 100; on a checkpoint of the default
@@ -97,7 +109,7 @@ def resolve_damping(
             out[method] = damping_value(f"damping[{method!r}]", value)
         if protocol == "authors" and len(set(out.values())) > 1:
             raise EvaluationError(
-                f"damping: the authors' protocol uses one lambda for EF, iEF and SF, got {out}; "
+                f"damping: the authors' protocol uses one lambda for all methods, got {out}; "
                 "pass a single number"
             )
         return out

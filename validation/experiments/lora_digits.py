@@ -147,7 +147,7 @@ def run_config(
     """The configuration of one fine-tuning run: the ``mlp`` runner settings with the paper's
     T5-LoRA optimiser sections, ``setup = "digits-lora"`` and a ``digits_lora`` section naming
     the base weights ``out/base_model.pt`` (path and SHA-256; None without ``out``)."""
-    from validation.experiments.config import load_config
+    from validation.experiments.config import KFAC_OPTIMIZERS, load_config
 
     config = load_config("mlp", [
         ("task", "digits"), ("seed", seed), ("train.epochs", plan.epochs),
@@ -157,7 +157,9 @@ def run_config(
     lora_optimizers = load_config("t5-lora", [])["optimizers"]
     config["setup"] = SETUP
     config["optimizer"] = optimizer
-    config["optimizers"] = {name: dict(lora_optimizers[name]) for name in LORA_OPTIMIZERS}
+    config["optimizers"] = {  # and the K-FAC family's sections, for --optimizer kfac etc.
+        name: dict(lora_optimizers[name]) for name in (*LORA_OPTIMIZERS, *KFAC_OPTIMIZERS)
+    }
     config["optimizers"][optimizer]["lr"] = float(lr)
     config["digits_lora"] = {
         "_doc": "base: an MLP pretrained on digits 0-4 (lora_digits.pretrain); LoRA adapters "

@@ -57,11 +57,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ngdref
+from ngdref.kfac import KFAC_METHODS
 from ngdref.quality import IMBALANCE_STATISTICS
 
 if TYPE_CHECKING:
     import torch
 
+    from backends.kfac import KFACCurvature
     from backends.torch_provider import TorchProvider
     from validation.experiments.train import Batch, Setup
 
@@ -76,6 +78,7 @@ __all__ = [
     "authors_sf_rows",
     "batch_rows",
     "batch_scorer",
+    "evaluation_inputs",
     "evaluation_problem",
     "first_label_token",
     "score_batch",
@@ -163,6 +166,11 @@ class BatchScorer:
         Both statistics, over all rows ("ngdref") or the kept rows ("authors").
     kept : int
         Rows the EF / iEF updates use.
+    factor : float
+        R.
+    kfac : backends.kfac.KFACCurvature or None
+        The batch's K-FAC curvatures in the sum convention
+        (:func:`validation.experiments.kfac_eval.batch_kfac_curvature`).
     """
 
     solver: ngdref.DampedGram
@@ -173,13 +181,28 @@ class BatchScorer:
     num_samples: int
     imbalance: dict[str, float]
     kept: int
+    factor: float = 1.0
+    kfac: KFACCurvature | None = None
 
     def gamma(self, update: torch.Tensor) -> float:
         r""":math:`\sqrt{d^\top F d} / |d^\top g|` with this batch's F and g."""
         return ngdref.gamma(update, self.grad, quadratic_form=self.form)
 
     def update(self, method: str, damping: float) -> torch.Tensor:
-        """SGD's g, or EF's, iEF's or SF's update at ``damping`` (sample space for EF / iEF)."""
+        """SGD's g, or EF's, iEF's, SF's or the K-FAC family's update at ``damping``.
+
+        EF and iEF are damped in sample space. The K-FAC family's blocks approximate the
+        EF-type matrix of the rows R g_n, R^2 K_sum, so lambda in the convention of R is
+        lambda / R^2 in the sum convention, as for EF, iEF and SF (SPEC §9):
+        ``(K_sum + lambda / R^2 I)^-1 g`` (a positive multiple of ``(R^2 K_sum + lambda I)^-1 g``,
+        the same gamma).
+        """
+        if method in KFAC_METHODS:
+            if self.kfac is None:
+                raise ValueError(f"method {method!r} needs the batch's K-FAC curvature")
+            return self.kfac.inverse_apply(
+                method, self.grad, damping=damping / (self.factor * self.factor)
+            )
         if method == "sgd":
             return self.grad
         if method == "ef":
@@ -192,7 +215,9 @@ class BatchScorer:
             return ngdref.sf_update(
                 self.sampled, self.grad, damping=damping, num_samples=self.num_samples
             )
-        raise ValueError(f"method must be one of sgd, ef, ief, sf, got {method!r}")
+        raise ValueError(
+            f"method must be one of sgd, ef, ief, sf, {', '.join(KFAC_METHODS)}, got {method!r}"
+        )
 
 
 def _authors_sampled(sampled: torch.Tensor, duplicates: str) -> ngdref.DampedGram:
@@ -257,7 +282,7 @@ def score_batch(
         else:
             sampled = ngdref.DampedGram(r * sampled_grads, rows_name="sampled_grads")
     return BatchScorer(
-        solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum())
+        solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum()), r
     )
 
 
@@ -311,6 +336,39 @@ class EvaluationProblem:
     factor: float
 
 
+def evaluation_inputs(
+    setup: Setup, batch: Batch
+) -> tuple[dict[str, Any], ngdref.LogitLoss, torch.Tensor, Callable[[Any], torch.Tensor] | None]:
+    """(inputs, loss, targets, output_fn) of a batch under the evaluator's conventions.
+
+    Float inputs are cast to the model's dtype; T5: the first label position only (see
+    :func:`evaluation_problem`).
+
+    Raises
+    ------
+    EvaluationError
+        If a T5 sample's first label position is padding (-100).
+    """
+    from validation.experiments.train import IGNORE_INDEX
+
+    if isinstance(setup.loss, ngdref.SequenceSoftmaxCrossEntropy):
+        targets = batch.targets[:, 0]
+        if bool((targets == IGNORE_INDEX).any()):
+            raise EvaluationError(
+                "batch: a sample's first label token is padding (-100); the evaluator scores "
+                "the first label token of every sample"
+            )
+        loss: ngdref.LogitLoss = ngdref.SoftmaxCrossEntropy()
+        output_fn: Callable[[Any], torch.Tensor] | None = first_label_token
+    else:
+        targets, loss, output_fn = batch.targets, setup.loss, setup.output_fn
+    dtype = next(p for _, p in setup.trainable).dtype
+    inputs = {  # float inputs follow the model (a float64 evaluation of a float32 run)
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()
+    }
+    return inputs, loss, targets, output_fn
+
+
 def evaluation_problem(
     setup: Setup, batch: Batch, *, micro_batch: int | None = 40, reduction: str | float = "mean"
 ) -> EvaluationProblem:
@@ -340,23 +398,8 @@ def evaluation_problem(
         If a T5 sample's first label position is padding (-100).
     """
     from backends.torch_provider import TorchProvider
-    from validation.experiments.train import IGNORE_INDEX
 
-    if isinstance(setup.loss, ngdref.SequenceSoftmaxCrossEntropy):
-        targets = batch.targets[:, 0]
-        if bool((targets == IGNORE_INDEX).any()):
-            raise EvaluationError(
-                "batch: a sample's first label token is padding (-100); the evaluator scores "
-                "the first label token of every sample"
-            )
-        loss: ngdref.LogitLoss = ngdref.SoftmaxCrossEntropy()
-        output_fn: Callable[[Any], torch.Tensor] | None = first_label_token
-    else:
-        targets, loss, output_fn = batch.targets, setup.loss, setup.output_fn
-    dtype = next(p for _, p in setup.trainable).dtype
-    inputs = {  # float inputs follow the model (a float64 evaluation of a float32 run)
-        k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()
-    }
+    inputs, loss, targets, output_fn = evaluation_inputs(setup, batch)
     provider = TorchProvider(
         setup.model,
         inputs,
@@ -375,11 +418,18 @@ def batch_scorer(
     key: int,
     settings: Mapping[str, Any],
     with_sf: bool,
+    kfac_methods: tuple[str, ...] = (),
 ) -> BatchScorer:
-    """The batch's sum-convention quantities, scored under ``settings["protocol"]``."""
+    """The batch's sum-convention quantities, scored under ``settings["protocol"]``.
+
+    ``kfac_methods``: also the batch's K-FAC curvatures of these methods
+    (:func:`validation.experiments.kfac_eval.batch_kfac_curvature`, KFAC's labels from
+    ``key``).
+    """
     protocol = settings["protocol"]
+    batch = setup.train.make(rows)
     problem = evaluation_problem(
-        setup, setup.train.make(rows), micro_batch=settings["micro_batch"], reduction="sum"
+        setup, batch, micro_batch=settings["micro_batch"], reduction="sum"
     )
     p, loss, y = problem.provider, problem.loss, problem.targets
     k = settings["num_samples"]
@@ -393,11 +443,18 @@ def batch_scorer(
     def form(r: float) -> ngdref.QuadraticForm:
         return ngdref.fisher_quadratic_form(p, loss, y, reduction=r)
 
-    return score_batch(
+    scorer = score_batch(
         q.per_sample_grads, q.logit_grad_sq_norms, sampled, form, protocol=protocol,
         factor=factor, dedup_threshold=settings["dedup_threshold"], num_samples=k,
         sf_duplicates=settings.get("sf_duplicates", "drop"),
     )
+    if kfac_methods:
+        from validation.experiments.kfac_eval import batch_kfac_curvature
+
+        scorer.kfac = batch_kfac_curvature(
+            setup, batch, kfac_methods, key=key, micro_batch=settings["micro_batch"]
+        )
+    return scorer
 
 
 def with_context(exc: Exception, where: str) -> Exception:

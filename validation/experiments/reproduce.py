@@ -46,6 +46,7 @@ Layout of ``--out``::
     summary.json                      results.json without per-seed runs and per-batch values
     toy_least_squares.{png,pdf}       toy_logistic.{png,pdf}
     training_curves.{png,pdf}         gamma_ratios.{png,pdf}    damping_sweep.{png,pdf}
+    kfac_ratios.{png,pdf}             gamma of KFAC, eKFAC, ieKFAC over exact iEF's
 
 The evaluation files are in the Adam run's directory (``runs/adam/lr.../seed0/``).
 """
@@ -62,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from validation.experiments.evaluate_settings import METHODS
+from validation.experiments.kfac_eval import plot_kfac_ratios
 from validation.experiments.reproduce_report import (
     NAMES,
     PAPER_ORDER,
@@ -381,6 +384,7 @@ class _Graph:
         return [
             Task(("evaluate", directory.name), evaluate_task, (str(directory), {
                 **common, "batches": plan.eval_batches, "checkpoints": ckpts,
+                "methods": list(METHODS),  # the K-FAC family too (App. D.2.2)
             }), 5.0 * len(ckpts) * plan.eval_batches),
             Task(("sweep", directory.name), sweep_task, (str(directory), {
                 **common, "batches": plan.sweep_batches, "dampings": list(plan.sweep_dampings),
@@ -449,6 +453,10 @@ class _Graph:
         written += figures.plot_gamma_ratios(
             self.evaluated[0] / "evaluation.json", out / "gamma_ratios",
             title=f"gamma ratios on {label}'s checkpoints (lr {self.chosen[base]:g})",
+        )
+        written += plot_kfac_ratios(
+            self.evaluated[0] / "evaluation.json", out / "kfac_ratios",
+            title=f"K-FAC family vs exact iEF on {label}'s checkpoints",
         )
         written += figures.plot_damping_sweep(
             self.evaluated[0] / "sweep.json", out / "damping_sweep",

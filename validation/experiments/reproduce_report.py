@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from validation.experiments.kfac_eval import kfac_claim
+
 if TYPE_CHECKING:
     from validation.experiments.reproduce import Experiment
 
@@ -300,6 +302,12 @@ def claims(
             _majority("EF worse than SGD", ef_worse_flags(evaluation),
                       "EF worse than SGD (gamma_EF/gamma_SGD > 1)")
         )
+        held, text = kfac_claim(evaluation)
+        out.append(Claim(
+            "K-FAC family", held,
+            "ieKFAC ~ iEF, much better than KFAC and eKFAC (App. D.2.2): "
+            f"{'not checked' if held is None else 'held' if held else 'did not hold'} ({text}).",
+        ))
         for stat, label in _IMBALANCE_LABELS.items():
             imb = [imbalance_mean(c, stat) for c in evaluation["checkpoints"]]
             if len(imb) < 2 or not all(math.isfinite(v) for v in (imb[0], imb[-1])):
@@ -446,6 +454,20 @@ def results_markdown(results: Mapping[str, Any], experiment: Experiment) -> str:
                 f"{'yes' if o else 'no'} | {'yes' if w else 'no'} |"
             )
         lines.append("")
+        if any("iekfac/ief" in c["ratios"] for c in evaluation["checkpoints"]):
+            lines += [
+                "K-FAC family (App. D.2.2) against exact iEF, same batches, g and Fisher "
+                "(figure `kfac_ratios`):",
+                "",
+                "| checkpoint | epoch | KFAC/iEF | eKFAC/iEF | ieKFAC/iEF |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['name']} | {c['epoch']} | {_gamma_cell(c, 'kfac/ief')} | "
+                f"{_gamma_cell(c, 'ekfac/ief')} | {_gamma_cell(c, 'iekfac/ief')} |"
+                for c in evaluation["checkpoints"]
+            ]
+            lines.append("")
     sweep = results.get("sweep")
     if sweep:
         lines += [

@@ -139,6 +139,7 @@ from validation.experiments.checkpoints import (
     save_checkpoint,
 )
 from validation.experiments.config import (
+    KFAC_OPTIMIZERS,
     PER_SAMPLE_OPTIMIZERS,
     ConfigError,
     config_diff,
@@ -266,6 +267,17 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
         return ngd_optim.SF(
             setup.model, sf_loss, lr=o["lr"], damping=o["damping"], total_steps=total_steps,
             num_samples=o["num_samples"], seed=int(cfg["seed"]), **common,
+        )
+    if name in KFAC_OPTIMIZERS:
+        from backends import kfac_optim
+
+        cls = {"kfac": kfac_optim.KFAC, "ekfac": kfac_optim.EKFAC, "iekfac": kfac_optim.IEKFAC}
+        extra = {"seed": int(cfg["seed"])} if name == "kfac" else {}
+        return cls[name](
+            setup.model, setup.loss, lr=o["lr"], damping=o["damping"],
+            update_interval=o["update_interval"], running_average=o["running_average"],
+            damped_inverse=o["damped_inverse"], reduction=common["reduction"],
+            output_fn=setup.output_fn, **extra,
         )
     if name == "ngd":
         return ngd_optim.NGD(
