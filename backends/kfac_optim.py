@@ -27,7 +27,6 @@ Parameters outside supported layers get the diagonal fallback of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,7 +39,7 @@ from ngdref import kfac as K
 from ngdref.checks import check_choice, check_int, check_real
 
 from .kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
-from .optim import _split_batch
+from .optim_common import _check_seed, _split_batch, _step_key, _SteppedOptimizer, _trainable
 from .torch_provider import TorchProvider
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
@@ -85,7 +84,7 @@ def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature
     return dataclasses.replace(new, blocks=blocks)
 
 
-class _KFACOptimizer(torch.optim.Optimizer):
+class _KFACOptimizer(_SteppedOptimizer):
     """Shared step of the three methods; subclasses set :attr:`method`."""
 
     method = ""
@@ -108,20 +107,14 @@ class _KFACOptimizer(torch.optim.Optimizer):
         strict: bool = False,
         **extra: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(loss, ngdref.LogitLoss):
-            raise TypeError(f"loss must be an ngdref.LogitLoss, got {type(loss).__name__}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        params = [p for _, p in _trainable(model, loss)]
         group = {
             "lr": lr, "damping": damping, "update_interval": update_interval,
             "running_average": running_average, "damped_inverse": damped_inverse,
             "convention": convention, "normalisation": normalisation, "bias": bias,
             "reduction": reduction, **extra,
         }
-        self._check(group)
+        self._check_hyperparameters(group)
         self._model, self._loss = model, loss
         self._output_fn, self._strict = output_fn, strict
         self._step = 0
@@ -130,7 +123,7 @@ class _KFACOptimizer(torch.optim.Optimizer):
         self.diagnostics: dict[str, Any] = {}
         super().__init__(params, group)
 
-    def _check(self, group: Mapping[str, Any]) -> None:
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for name, check in _CHECKS.items():
             check(group[name])
 
@@ -173,7 +166,7 @@ class _KFACOptimizer(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError("closure is required: a callable returning (inputs, targets)")
         group = self.param_groups[0]
-        self._check(group)
+        self._check_hyperparameters(group)
         inputs, targets = _split_batch(closure())
         refresh = self._curvature is None or self._step % group["update_interval"] == 0
         curvature = (
@@ -202,26 +195,11 @@ class _KFACOptimizer(torch.optim.Optimizer):
         self._step += 1
         return loss
 
-    @property
-    def steps_taken(self) -> int:
-        """The number of successful steps."""
-        return self._step
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimiser state plus ``"step"`` (the factors are recomputed after loading)."""
-        return super().state_dict() | {"step": self._step}
-
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the hyperparameters and the step counter; the next step recomputes factors."""
-        step = state_dict.get("step") if isinstance(state_dict, Mapping) else None
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state_dict must come from {type(self).__name__}.state_dict()")
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != 1:
-            raise ValueError("state_dict must hold exactly one parameter group in 'param_groups'")
-        self._check(groups[0])
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "step"})
-        self._step, self._curvature = step, None
+        """Restore the hyperparameters and the step counter; the next step recomputes factors
+        (they are not part of the state_dict)."""
+        super().load_state_dict(state_dict)
+        self._curvature = None
 
 
 def _num_samples(inputs: Any) -> int:
@@ -285,15 +263,13 @@ class KFAC(_KFACOptimizer):
     ) -> None:
         super().__init__(model, loss, kfac_fisher=kfac_fisher, seed=seed, **options)
 
-    def _check(self, group: Mapping[str, Any]) -> None:
-        super()._check(group)
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        super()._check_hyperparameters(group)
         check_choice(group["kfac_fisher"], "kfac_fisher", KFAC_FISHERS)
-        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-            raise TypeError(f"seed must be an int, got {type(group['seed']).__name__}")
+        _check_seed(group["seed"])
 
     def _curvature_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        digest = hashlib.blake2b(f"{group['seed']}:{self._step}".encode(), digest_size=8)
         return super()._curvature_options(group) | {
             "kfac_fisher": group["kfac_fisher"],
-            "key": int.from_bytes(digest.digest(), "little"),
+            "key": _step_key(group["seed"], self._step),
         }

@@ -1,0 +1,114 @@
+"""What every ``torch.optim.Optimizer`` of :mod:`backends` shares: the paper's optimisers
+(:mod:`backends.optim`) and the K-FAC family (:mod:`backends.kfac_optim`).
+
+One home for the closure's batch ``(inputs, targets)`` or Hugging Face inputs with
+``"labels"`` (:func:`_split_batch`), the checks of the model and the loss, the step counter
+and its checkpoint (``state_dict`` holds torch's optimiser state plus ``"step"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import ngdref
+
+Batch = Any  # (inputs, targets), or a mapping of Hugging Face inputs holding "labels"
+
+
+def _check_seed(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int, got {type(value).__name__}")
+
+
+def _step_key(seed: int, step: int) -> int:
+    """The sampling key of ``step``: the first 8 bytes (little-endian) of blake2b("seed:step")."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, targets) from what the closure returned; targets None: the provider's labels."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TypeError(
+                "closure returned a mapping without 'labels': return (inputs, targets), or "
+                "Hugging Face inputs holding their 'labels'"
+            )
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(
+                f"closure returned targets of type {type(targets).__name__}; expected a "
+                "torch.Tensor as the second entry of (inputs, targets)"
+            )
+        if isinstance(inputs, Mapping) and "labels" in inputs:
+            raise ValueError(
+                "closure returned both inputs['labels'] and targets: return one of them"
+            )
+        return inputs, targets
+    raise TypeError(
+        "closure must return (inputs, targets) or a mapping of Hugging Face inputs with "
+        f"'labels', got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def _trainable(model: Any, loss: Any) -> list[tuple[str, nn.Parameter]]:
+    """The model's trainable ``(name, parameter)`` pairs, after checking model and loss."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(loss, ngdref.LogitLoss):
+        raise TypeError(
+            f"loss must be an ngdref.LogitLoss (e.g. ngdref.SoftmaxCrossEntropy()), "
+            f"got {type(loss).__name__}"
+        )
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "model has no trainable parameters (none with requires_grad=True): "
+            "there is nothing to optimise"
+        )
+    return named
+
+
+class _SteppedOptimizer(torch.optim.Optimizer):
+    """One parameter group of checked hyperparameters and a step counter in the checkpoint.
+
+    Subclasses implement :meth:`_check_hyperparameters` and count ``self._step``.
+    """
+
+    _step: int
+
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        """Raise on a hyperparameter of ``group`` out of its range."""
+        raise NotImplementedError
+
+    @property
+    def steps_taken(self) -> int:
+        """The number of successful steps, t of the next step."""
+        return self._step
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimiser state (hyperparameters in ``param_groups``) plus ``"step"``."""
+        return super().state_dict() | {"step": self._step}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the step counter and hyperparameters (all checked before anything changes)."""
+        step = state_dict.get("step") if isinstance(state_dict, Mapping) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(
+                f"state_dict must come from {type(self).__name__}.state_dict(): "
+                f"its 'step' is {step!r}, expected an int >= 0"
+            )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != 1:
+            raise ValueError("state_dict must hold exactly one parameter group in 'param_groups'")
+        self._check_hyperparameters(groups[0])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "step"})
+        self._step = step
