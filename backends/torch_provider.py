@@ -39,25 +39,11 @@ Logits
     positions labelled -100 stay in the logits and the loss ignores them, and
     the per-sample loss (label word + EOS for T5) sums over the sample's label
     tokens, so a per-sample gradient is a per-sequence gradient.
-Labels
-    A ``"labels"`` entry of dict inputs is taken out of the model inputs (so
-    the model never computes its mean-reduced loss) and kept as
-    :attr:`TorchProvider.targets`. For an encoder-decoder Hugging Face model
-    without ``decoder_input_ids`` they are derived from the labels with the
-    model's own ``prepare_decoder_input_ids_from_labels`` (shift right, -100
-    -> pad), exactly as the model does when it gets ``labels``.
-Attention masks under ``vmap``
-    ``vmap`` over a 2-D ``attention_mask`` fails in transformers 5 (its mask
-    builder branches on ``mask.all()``), while a 4-D additive float mask
-    (0 where attended, ``finfo(dtype).min`` where masked, shape
-    (1, 1, 1, S) per sample) is used as given. During the ``vmap`` passes the
-    provider therefore converts a 2-D ``attention_mask`` to that 4-D form in a
-    forward pre-hook on the outermost Hugging Face model, i.e. after wrappers
-    such as peft prompt tuning have prepended the virtual tokens' mask. This is
-    done for encoder and encoder-decoder models (bidirectional masks); the
-    masks of decoder-only causal LMs and ``decoder_attention_mask`` are left
-    as they are (they ``vmap`` fine). Passes without ``vmap`` use the masks as
-    given.
+Labels, attention masks under ``vmap``
+    A ``"labels"`` entry of dict inputs is kept as :attr:`TorchProvider.targets`, not
+    passed to the model; during the ``vmap`` passes a 2-D ``attention_mask`` of an encoder
+    or encoder-decoder Hugging Face model becomes a 4-D additive one
+    (:mod:`backends.torch_inputs`).
 Forward mode
     :meth:`TorchProvider.jvp` needs every operation to support forward-mode
     AD; PyTorch's ``scaled_dot_product_attention`` does not, so Hugging Face
@@ -67,23 +53,14 @@ Forward mode
     work with "sdpa" too, but ``vmap`` has no batching rule for its CPU
     kernel and falls back to a slow per-sample loop: "eager" is preferable.
 Per-sample gradients by hooks
-    When every trainable parameter is the weight or bias of an ``nn.Linear``
-    (LoRA A/B matrices, an MLP), per-sample vector-Jacobian products can be
-    taken in one batched backward pass, as the paper's code does: a forward
-    hook keeps each layer's input ``a_n`` (N, ..., in), a hook on its output
-    receives ``g_n`` (N, ..., out) and the per-sample weight gradient is
-    ``sum_positions g_n a_n^T`` (bias: ``sum_positions g_n``). The hooks exist
-    only during that pass (module hooks and ``torch.func`` transforms do not
-    mix). Each pass also checks that the per-sample gradients sum to the
-    ordinary gradient of the same backward pass, which catches weights used
-    outside their layer's forward (tied weights) or layers that mix samples.
+    When every trainable parameter is the weight or bias of an ``nn.Linear``, one batched
+    backward pass with hooks gives the per-sample gradients, checked against the batch
+    gradient of the same pass (:mod:`backends.linear_hooks`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -98,10 +75,12 @@ from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows
 
 from .ghost_hooks import ROUTES, LayerPass
+from .linear_hooks import find_linear_slots, hooks_forward, vjp_hooks
+from .torch_inputs import POSITIONAL, hf_models, split_inputs, vmap_masks
+from .torch_params import ParamLayout
 
 __all__ = ["TorchProvider", "default_output_fn"]
 
-_POSITIONAL = "<input>"
 _METHODS = ("auto", "vmap", "hooks", "ghost")
 
 
@@ -118,24 +97,7 @@ def default_output_fn(output: Any) -> torch.Tensor:
     )
 
 
-def _hf_models(model: nn.Module) -> list[nn.Module]:
-    """The Hugging Face ``PreTrainedModel`` submodules, outermost first ([] without HF).
-
-    A model built from transformers has imported it already; importing it here for a plain
-    torch model would cost seconds, so an unimported transformers means no HF submodule.
-    """
-    if "transformers" not in sys.modules:
-        return []
-    from transformers import PreTrainedModel
-
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-
-class TorchProvider(JacobianProvider):
+class TorchProvider(ParamLayout, JacobianProvider):
     r"""Per-sample logit Jacobians of a ``torch.nn.Module`` over its trainable parameters.
 
     .. math::
@@ -216,53 +178,22 @@ class TorchProvider(JacobianProvider):
         if not callable(self.output_fn):
             raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
 
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(
-                "model has no trainable parameters (none with requires_grad=True): "
-                "theta would be empty"
-            )
-        first = named[0][1]
-        for name, p in named:
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"model: trainable parameter {name} has dtype {p.dtype}; "
-                    "float32 or float64 is required"
-                )
-            if p.dtype != first.dtype:
-                raise TypeError(
-                    f"model: trainable parameter {name} has dtype {p.dtype} but "
-                    f"{named[0][0]} has {first.dtype}; all trainable parameters must share one"
-                )
-            if p.device != first.device:
-                raise TypeError(
-                    f"model: trainable parameter {name} is on device {p.device} but "
-                    f"{named[0][0]} is on {first.device}; move the model to one device"
-                )
-        self.dtype: torch.dtype = first.dtype
-        self.device: torch.device = first.device
-        self.param_names: tuple[str, ...] = tuple(name for name, _ in named)
-        self._shapes = tuple(tuple(p.shape) for _, p in named)
-        self._sizes = tuple(p.numel() for _, p in named)
-        self.num_params = int(sum(self._sizes))
-
-        if params is None:
-            with torch.no_grad():
-                theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
-        else:
-            self._check_flat(params, "params")
-            theta = params.detach().clone()
-        self._theta = theta
-
+        super().__init__(model, params)
         self.chunk_size = check_int(chunk_size, "chunk_size", optional=True)
 
-        self._split_inputs(inputs)
-        self._hf = _hf_models(model)
+        batch = split_inputs(model, inputs, self.device)
+        self.targets: torch.Tensor | None = batch.targets
+        self._positional, self._batched, self._static = (
+            batch.positional, batch.batched, batch.static
+        )
+        self._n = batch.num_samples
+        self._hf = hf_models(model)
 
         check_choice(per_sample_method, "per_sample_method", _METHODS)
         # only the Linear-hooks route needs the slots (walking the modules costs per step)
         self._linear_slots = (
-            self._find_linear_slots() if per_sample_method in ("auto", "hooks") else None
+            find_linear_slots(model, self.param_names, self._sizes)
+            if per_sample_method in ("auto", "hooks") else None
         )
         if per_sample_method == "hooks" and self._linear_slots is None:
             raise ValueError(
@@ -286,73 +217,6 @@ class TorchProvider(JacobianProvider):
 
         self._logits = self._compute_logits()
 
-    # ------------------------------------------------------------------ inputs
-    def _split_inputs(self, inputs: Any) -> None:
-        """Sort inputs into batched tensors, static values and the targets."""
-        self.targets: torch.Tensor | None = None
-        if isinstance(inputs, torch.Tensor):
-            self._positional = True
-            batched: dict[str, torch.Tensor] = {_POSITIONAL: inputs}
-            static: dict[str, Any] = {}
-        elif isinstance(inputs, Mapping):
-            self._positional = False
-            batched, static = {}, {}
-            for key, value in inputs.items():
-                if not isinstance(key, str):
-                    raise TypeError(f"inputs: keys must be str, got {key!r}")
-                if isinstance(value, torch.Tensor):
-                    batched[key] = value
-                else:
-                    static[key] = value
-            self.targets = batched.pop("labels", None)
-        else:
-            raise TypeError(
-                f"inputs must be a torch.Tensor or a mapping of str to tensors, "
-                f"got {type(inputs).__name__}"
-            )
-        if not batched:
-            raise ValueError("inputs holds no tensor: at least one batched tensor is needed")
-        sizes = {key: (t.shape[0] if t.ndim else None) for key, t in batched.items()}
-        first_key = next(iter(sizes))
-        n = sizes[first_key]
-        for key, size in sizes.items():
-            label = "inputs" if key == _POSITIONAL else f"inputs[{key!r}]"
-            if size is None:
-                raise ValueError(f"{label} is a 0-d tensor; the batch must be its first axis")
-            if size != n:
-                raise ValueError(
-                    f"{label} has {size} samples (first axis) but inputs[{first_key!r}] has {n}"
-                )
-            if batched[key].device != self.device:
-                raise TypeError(
-                    f"{label} is on device {batched[key].device} but the model's trainable "
-                    f"parameters are on {self.device}"
-                )
-        if n == 0:
-            raise ValueError("inputs is an empty batch (N = 0): at least one sample is needed")
-        if self.targets is not None and (self.targets.ndim == 0 or self.targets.shape[0] != n):
-            raise ValueError(
-                f"inputs['labels'] has shape {tuple(self.targets.shape)} but "
-                f"inputs[{first_key!r}] has {n} samples"
-            )
-        if (
-            self.targets is not None
-            and "decoder_input_ids" not in batched
-            and "decoder_inputs_embeds" not in batched
-        ):
-            prepare = self._decoder_input_preparer()
-            if prepare is not None:
-                batched["decoder_input_ids"] = prepare(labels=self.targets)
-        self._n = int(n)
-        self._batched = batched
-        self._static = static
-
-    def _decoder_input_preparer(self) -> Callable[..., torch.Tensor] | None:
-        hf = _hf_models(self.model)
-        if not hf or not getattr(hf[0].config, "is_encoder_decoder", False):
-            return None
-        return getattr(hf[0], "prepare_decoder_input_ids_from_labels", None)
-
     def _slices(self) -> Iterator[slice]:
         step = self._n if self.chunk_size is None else self.chunk_size
         for start in range(0, self._n, step):
@@ -360,46 +224,6 @@ class TorchProvider(JacobianProvider):
 
     def _batch(self, rows: slice) -> dict[str, torch.Tensor]:
         return {key: t[rows] for key, t in self._batched.items()}
-
-    # ---------------------------------------------------------------- theta
-    def params_vector(self) -> torch.Tensor:
-        """theta, shape (P,): a copy of the parameters the provider evaluates the model at."""
-        return self._theta.clone()
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a (P,) vector into ``{name: tensor of the parameter's shape}`` (views).
-
-        Differentiable: gradients flow back to ``vector``.
-        """
-        self._check_flat(vector, "vector")
-        out = {}
-        for name, shape, piece in zip(
-            self.param_names, self._shapes, torch.split(vector, self._sizes), strict=True
-        ):
-            out[name] = piece.view(shape)
-        return out
-
-    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate ``{name: tensor}`` (one entry per trainable parameter) into (P,).
-
-        The inverse of :meth:`unflatten`, e.g. for ``{name: p.grad}``.
-        """
-        if not isinstance(tensors, Mapping):
-            raise TypeError(f"tensors must be a mapping of name to tensor, got {type(tensors)}")
-        missing = [name for name in self.param_names if name not in tensors]
-        extra = [name for name in tensors if name not in self.param_names]
-        if missing or extra:
-            raise ValueError(
-                f"tensors must have exactly the trainable parameters' names; "
-                f"missing {missing}, unexpected {extra}"
-            )
-        pieces = []
-        for name, shape in zip(self.param_names, self._shapes, strict=True):
-            t = tensors[name]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"tensors[{name!r}] has shape {tuple(t.shape)}, expected {shape}")
-            pieces.append(t.reshape(-1))
-        return torch.cat(pieces)
 
     # ------------------------------------------------------------- forwards
     @contextlib.contextmanager
@@ -418,7 +242,7 @@ class TorchProvider(JacobianProvider):
     ) -> Any:
         params = self.unflatten(theta) if params is None else params
         if self._positional:
-            return functional_call(self.model, params, (batched[_POSITIONAL],), self._static)
+            return functional_call(self.model, params, (batched[POSITIONAL],), self._static)
         return functional_call(self.model, params, (), {**batched, **self._static})
 
     def _batch_logits(
@@ -448,7 +272,7 @@ class TorchProvider(JacobianProvider):
         elif self.per_sample_method == "hooks" and self.chunk_size is None:
             # The forward the first hooks vjp needs anyway: keep its graph for that vjp (an
             # optimiser step then costs one forward, not two). Any other first use drops it.
-            self._pending = self._hooks_forward(self._batch(slice(None)))
+            self._pending = hooks_forward(self, self._batch(slice(None)))
             z = self._pending[0].detach()
         else:
             with torch.no_grad(), self._eval_mode():
@@ -463,33 +287,6 @@ class TorchProvider(JacobianProvider):
                 "parameters and inputs"
             )
         return z
-
-    @contextlib.contextmanager
-    def _vmap_masks(self) -> Iterator[None]:
-        """Convert 2-D attention masks to 4-D additive ones on the outermost HF model."""
-        if not self._hf:
-            yield
-            return
-        hf = self._hf[0]
-        config = hf.config
-        causal = not getattr(config, "is_encoder_decoder", False) and hf.can_generate()
-        if causal:
-            yield
-            return
-
-        def to_additive(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-                dtype = hf.dtype
-                keep = mask.to(dtype)
-                kwargs["attention_mask"] = (1.0 - keep)[:, None, None, :] * torch.finfo(dtype).min
-            return args, kwargs
-
-        handle = hf.register_forward_pre_hook(to_additive, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def _in_dims(self) -> dict[str, int]:
         return {key: 0 for key in self._batched}
@@ -561,7 +358,7 @@ class TorchProvider(JacobianProvider):
         if self.per_sample_method == "ghost":  # rows without G (ngdref takes PerSampleRows)
             return self.per_sample_rows(cotangents, keep_graph=True)
         if self.per_sample_method == "hooks":
-            result = self._vjp_hooks(cotangents)
+            result = vjp_hooks(self, cotangents)
             if result is not None:
                 return result
             # "auto" and the sum check failed: this model is not hook-friendly.
@@ -575,7 +372,7 @@ class TorchProvider(JacobianProvider):
 
         per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
         out = []
-        with self._eval_mode(), self._vmap_masks():
+        with self._eval_mode(), vmap_masks(self._hf):
             for rows in self._slices():
                 out.append(per_sample(self._theta, self._batch(rows), cotangents[rows]).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -623,103 +420,12 @@ class TorchProvider(JacobianProvider):
         per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
         primals = tuple(self._theta[o:o + s] for o, s in cuts)
         out: list[list[torch.Tensor]] = [[] for _ in cuts]
-        with self._eval_mode(), self._vmap_masks():
+        with self._eval_mode(), vmap_masks(self._hf):
             for rows in self._slices():
                 for i, g in enumerate(per_sample(primals, self._batch(rows), cotangents[rows])):
                     out[i].append(g.detach())
         by_range = {cut: torch.cat(parts) for cut, parts in zip(cuts, out, strict=True)}
         return [by_range[r] for r in ranges]
-
-    def _find_linear_slots(self) -> dict[nn.Module, dict[str, tuple[int, int]]] | None:
-        """``{linear: {"weight"|"bias": (offset, size)}}``, None if a parameter is elsewhere."""
-        slots: dict[nn.Module, dict[str, tuple[int, int]]] = {}
-        offset = 0
-        for name, size in zip(self.param_names, self._sizes, strict=True):
-            path, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(path)
-            if not _is_plain_linear(module) or attr not in ("weight", "bias"):
-                return None
-            slots.setdefault(module, {})[attr] = (offset, size)
-            offset += size
-        return slots
-
-    def _vjp_hooks(self, cotangents: torch.Tensor) -> torch.Tensor | None:
-        """One backward pass per chunk; hooks collect the per-sample Linear gradients.
-
-        Returns None when "auto" chose hooks and the sum check failed.
-        """
-        out = []
-        for rows in self._slices():
-            grads, total, failures = self._hooks_pass(self._batch(rows), cotangents[rows])
-            mismatch = (grads.sum(0) - total).norm()
-            scale = grads.norm(dim=1).sum() + total.norm()
-            tolerance = math.sqrt(torch.finfo(self.dtype).eps) * scale
-            if failures or not mismatch <= tolerance:  # written so that a NaN mismatch fails
-                if self._auto:
-                    return None
-                raise RuntimeError(
-                    "per_sample_method='hooks': the per-sample gradients from the nn.Linear "
-                    "hooks do not add up to the batch gradient (a trainable weight is used "
-                    "outside its layer's forward, or a layer mixes samples"
-                    + (f"; {failures[0]}" if failures else "")
-                    + "); use per_sample_method='vmap'"
-                )
-            out.append(grads)
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-    def _hooks_pass(
-        self, batch: Mapping[str, torch.Tensor], cotangents: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Per-sample gradients (n, P) from hooks, the batch gradient (P,), and failures."""
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-        else:
-            state = self._hooks_forward(batch)
-        z, theta, grads, failures = state
-        (total,) = torch.autograd.grad(z, theta, grad_outputs=cotangents)
-        return grads, total, failures
-
-    def _hooks_forward(
-        self, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-        """The forward of a hooks pass: logits with their graph, theta, the G buffer, failures."""
-        slots_of = self._linear_slots
-        assert slots_of is not None
-        n = next(iter(batch.values())).shape[0]
-        grads = torch.zeros(n, self.num_params, dtype=self.dtype, device=self.device)
-        failures: list[str] = []
-
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            a = args[0]
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            if a.ndim < 2 or a.shape[0] != n:
-                failures.append(f"an nn.Linear got an input of shape {tuple(a.shape)}")
-                return
-            a = a.detach().reshape(n, -1, a.shape[-1])
-            slots = slots_of[module]
-
-            def backward_hook(g: torch.Tensor) -> None:
-                # per-sample dW = sum over positions of outer(output grad, input)
-                g = g.reshape(n, -1, g.shape[-1])
-                if "weight" in slots:
-                    off, size = slots["weight"]
-                    grads[:, off:off + size] += torch.bmm(g.transpose(1, 2), a).reshape(n, -1)
-                if "bias" in slots:
-                    off, size = slots["bias"]
-                    grads[:, off:off + size] += g.sum(dim=1)
-
-            output.register_hook(backward_hook)
-
-        handles = [m.register_forward_hook(forward_hook) for m in slots_of]
-        try:
-            with self._eval_mode(), torch.enable_grad():
-                theta = self._theta.detach().requires_grad_(True)
-                z = self._batch_logits(theta, batch)
-        finally:
-            for h in handles:
-                h.remove()
-        return z, theta, grads, failures
 
     def vjp_sum(self, cotangents: torch.Tensor) -> torch.Tensor:
         r"""Summed vector-Jacobian product ``sum_n J_n^T u_n``; shape (P,).
@@ -749,7 +455,7 @@ class TorchProvider(JacobianProvider):
         self._pending = None  # the retained logits graph is only for a hooks vjp
         per_sample = vmap(jacrev(self._sample_logits), in_dims=(None, self._in_dims()))
         out = []
-        with self._eval_mode(), self._vmap_masks():
+        with self._eval_mode(), vmap_masks(self._hf):
             for rows in self._slices():
                 out.append(per_sample(self._theta, self._batch(rows)).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -764,28 +470,6 @@ class TorchProvider(JacobianProvider):
                     f"{type(hf).__name__} does not support; load the model with "
                     "attn_implementation='eager'"
                 )
-
-    def _check_flat(self, vector: Any, name: str) -> None:
-        if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(vector).__name__}")
-        if vector.ndim != 1 or vector.shape[0] != self.num_params:
-            raise ValueError(
-                f"{name} must have shape ({self.num_params},) (P, the trainable parameters), "
-                f"got {tuple(vector.shape)}"
-            )
-        self._check_dtype_device(vector, name)
-
-    def _check_dtype_device(
-        self, array: torch.Tensor, name: str, dtype: torch.dtype | None = None,
-        reference: str = "the provider's parameters",
-    ) -> None:
-        dtype = self.dtype if dtype is None else dtype
-        if array.device != self.device:
-            raise TypeError(
-                f"{name} is on device {array.device} but {reference} are on {self.device}"
-            )
-        if array.dtype != dtype:
-            raise TypeError(f"{name} has dtype {array.dtype} but {reference} have dtype {dtype}")
 
     def _check_vector(self, vector: Any) -> None:
         super()._check_vector(vector)
