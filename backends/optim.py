@@ -97,7 +97,7 @@ from ngdref.updates import check_damping_options, ief_damping_weights
 
 from .ghost import stack_rows
 from .optim_base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
-from .optim_base import _Batch, _GramOptimizer, _LogitLossOptimizer
+from .optim_base import Group, Update, _Batch, _GramOptimizer, _LogitLossOptimizer
 from .optim_common import _split_batch as _split_batch  # re-exported: kfac_optim used it
 from .optim_common import _step_key
 from .torch_provider import TorchProvider
@@ -365,12 +365,8 @@ class SF(_LogitLossOptimizer):
         return _step_key(self.param_groups[0]["seed"], step)
 
     def _update(
-        self,
-        provider: TorchProvider,
-        targets: torch.Tensor,
-        batch: _Batch,
-        group: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
+    ) -> Update:
         # labels drawn once from the forward pass of this step, their rows R G_hat by
         # backward passes through that same forward (K of them)
         k = group["num_samples"]
@@ -455,12 +451,8 @@ class NGD(_LogitLossOptimizer):
         )
 
     def _update(
-        self,
-        provider: TorchProvider,
-        targets: torch.Tensor,
-        batch: _Batch,
-        group: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
+    ) -> Update:
         iterations = 0
 
         def count(_: torch.Tensor) -> None:

@@ -27,6 +27,9 @@ from .distributed import IgnoredShardLoss, communicator
 from .optim_common import Batch, _check_seed, _split_batch, _SteppedOptimizer, _trainable
 from .torch_provider import TorchProvider
 
+Group = Mapping[str, Any]  # the (single) parameter group: the hyperparameters and params
+Update = tuple[torch.Tensor, dict[str, Any]]  # the update (P,) and the method's diagnostics
+
 #: ``per_sample`` -> (TorchProvider's per_sample_method, layer_route)
 PER_SAMPLE = {
     "auto": ("ghost", "auto"),
@@ -333,12 +336,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
     _reuses_forward = False
 
     def _update(
-        self,
-        provider: TorchProvider,
-        targets: torch.Tensor,
-        batch: _Batch,
-        group: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
+    ) -> Update:
         """The update (P,) before normalisation, and the method's diagnostics."""
         raise NotImplementedError
 
@@ -362,12 +361,8 @@ class _GramOptimizer(_LogitLossOptimizer):
         raise NotImplementedError
 
     def _update(
-        self,
-        provider: TorchProvider,
-        targets: torch.Tensor,
-        batch: _Batch,
-        group: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
+    ) -> Update:
         rhs, weights = self._system(batch, group)
         update, solve = ngdref.gram_update(
             batch.rows,
