@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from validation.experiments import io
+
 __all__ = [
     "OPTIMIZER_COLORS",
     "RATIO_LABELS",
@@ -458,25 +460,10 @@ def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
     FileNotFoundError
         No such file.
     """
-    records = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FiguresError(
-                    f"{os.fspath(path)}:{number}: not a JSON record ({exc.msg} at column "
-                    f"{exc.colno}); the file is damaged or was cut off while being written"
-                ) from None
-            if not isinstance(record, dict):
-                raise FiguresError(
-                    f"{os.fspath(path)}:{number}: expected a JSON object, got "
-                    f"{type(record).__name__}"
-                )
-            records.append(record)
-    return records
+    try:
+        return io.read_jsonl(path)
+    except io.JsonlError as exc:
+        raise FiguresError(str(exc)) from None
 
 
 def group_runs(

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from validation.experiments.evaluate_settings import METHODS
+from validation.experiments.io import atomic_write_json, atomic_write_text
 from validation.experiments.kfac_eval import plot_kfac_ratios
 from validation.experiments.reproduce_report import (
     NAMES,
@@ -338,13 +339,7 @@ def _check_plan(out: Path, plan: Plan) -> None:
                 f"{changed}); use another --out or delete it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(wanted, indent=2) + "\n")
 
 
 @dataclass
@@ -568,8 +563,8 @@ def reproduce(
         "figures": [os.path.relpath(p, out_dir) for p in written],
         "wall_seconds": wall, "wall_history": [*history, wall],
     }
-    _write_json(out_dir / "results.json", results)
-    _write_json(out_dir / "summary.json", compact_results(results))
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "summary.json", compact_results(results))
     (out_dir / "results.md").write_text(results_markdown(results, experiment), encoding="utf-8")
     log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results
