@@ -39,27 +39,10 @@ def _total_steps(config: Mapping[str, Any], num_train: int) -> int:
     return total
 
 
-def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
-    """The configured optimiser over the trainable parameters of ``setup.model``.
-
-    Parameters
-    ----------
-    setup : Setup
-    total_steps : int
-        T, the horizon of EF's and SF's linear decay and of the "linear" schedule.
-
-    Notes
-    -----
-    With ``reduction: "hf"`` a T5 per-sample optimiser is built with R = 1 and the runner sets
-    ``param_groups[0]["reduction"] = setup.reduction(batch)`` (1 / label tokens) before each
-    step; do the same when stepping it yourself.
-    """
-    import backends.optim as ngd_optim
-
-    cfg = setup.config
-    name = cfg["optimizer"]
-    o = cfg["optimizers"][name]
-    params = [p for _, p in setup.trainable]
+def _baseline_optimizer(
+    name: str, o: Mapping[str, Any], params: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer | None:
+    """Adam, AdamW, SGD or Adafactor from their config section (None for the other names)."""
     if name == "adam":
         return torch.optim.Adam(
             params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
@@ -85,6 +68,33 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
             relative_step=o["relative_step"],
             warmup_init=o["warmup_init"],
         )
+    return None
+
+
+def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
+    """The configured optimiser over the trainable parameters of ``setup.model``.
+
+    Parameters
+    ----------
+    setup : Setup
+    total_steps : int
+        T, the horizon of EF's and SF's linear decay and of the "linear" schedule.
+
+    Notes
+    -----
+    With ``reduction: "hf"`` a T5 per-sample optimiser is built with R = 1 and the runner sets
+    ``param_groups[0]["reduction"] = setup.reduction(batch)`` (1 / label tokens) before each
+    step; do the same when stepping it yourself.
+    """
+    import backends.optim as ngd_optim
+
+    cfg = setup.config
+    name = cfg["optimizer"]
+    o = cfg["optimizers"][name]
+    params = [p for _, p in setup.trainable]
+    baseline = _baseline_optimizer(name, o, params)
+    if baseline is not None:
+        return baseline
     common = {
         "reduction": 1.0 if o["reduction"] == "hf" and setup.label_words else (
             "mean" if o["reduction"] == "hf" else o["reduction"]
