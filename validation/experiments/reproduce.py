@@ -66,6 +66,7 @@ from typing import Any
 from validation.experiments.evaluate_settings import METHODS
 from validation.experiments.io import atomic_write_json, atomic_write_text
 from validation.experiments.kfac_eval import plot_kfac_ratios
+from validation.experiments.reproduce_markdown import results_markdown
 from validation.experiments.reproduce_plan import (
     _BASELINES,
     DIGITS,
@@ -93,7 +94,6 @@ from validation.experiments.reproduce_report import (
     ief_robust_flags,
     imbalance_mean,
     rank,
-    results_markdown,
     run_summary,
     seed_stats,
     select_lr,
