@@ -44,20 +44,16 @@ Usage: ``python -m validation.bench_torch [--quick] [--repeats 7] [--threads 2] 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import math
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +65,12 @@ import torch
 import ngdref
 from backends.optim import EF, IEF, PER_SAMPLE, SF
 from backends.torch_provider import TorchProvider
+from validation.bench_torch_memory import (
+    _cuda_peak,
+    _live_tensor_peak,
+    _peak_rss_increase,
+)
+from validation.bench_torch_report import _device, _load, _machine, _ms, _ratio, _table, _verdict
 from validation.bench_torch_workloads import BUILDERS, FULL_PARAMETER, WORKLOADS, Workload
 
 LR = 1e-12  # see the module docstring: steps cost the same, parameters stay put
@@ -235,107 +237,6 @@ def _median_times(
     )
 
 
-# ---- peak memory ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (kineto prints its start and stop lines there from C++)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _live_tensor_peak(fn: Callable[[], object]) -> float | None:
-    """Peak bytes of live CPU tensors during one call of ``fn``, above those live at its start.
-
-    torch's profiler with ``profile_memory=True`` records every allocation and free of the
-    CPU allocator; their running sum in time order is the live tensor memory. Counts tensor
-    storage only (no allocator slack, no Python objects). None if the profiler's events are
-    not readable in this torch version.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        changes = sorted(
-            (e.start_ns(), e.nbytes()) for e in events
-            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-        )
-    except AttributeError:
-        return None
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
-    return float(peak)
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_rss_increase(fn: Callable[[], object]) -> tuple[float, float, str]:
-    """Peak RSS increase of one call of ``fn`` in bytes, the RSS before it, and the method.
-
-    Linux: after a warm-up call, free memory is handed back to the OS (``gc.collect``,
-    glibc ``malloc_trim(0)``), the kernel's high-water mark VmHWM is reset to the current RSS
-    (``echo 5 > /proc/self/clear_refs``) and fn runs once: VmHWM - VmRSS before is its peak.
-    This counts every page the call touches (torch tensors, autograd buffers, allocator
-    slack), not only tensor bytes. Elsewhere, ``ru_maxrss`` on a first call (no warm-up).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        resettable = _status_kib("VmHWM") is not None
-    except OSError:
-        resettable = False
-    if not resettable:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        fn()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return float(after - before), float(before), "ru_maxrss, first call (no warm-up)"
-    fn()  # warm-up: lazy initialisation, optimiser state
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    fn()
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
-        raise RuntimeError("/proc/self/status has no VmRSS or VmHWM line")
-    method = "VmHWM reset (/proc/self/clear_refs) after a warm-up step and malloc_trim"
-    return 1024.0 * (peak - before), 1024.0 * before, method
-
-
-def _cuda_peak(fn: Callable[[], object]) -> float:
-    """Peak bytes of CUDA tensors during one call of ``fn`` above those live at its start."""
-    fn()  # warm-up, as for the other measurements
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_allocated() - before)
-
-
 def _memory_child(workload: str, thing: str, quick: bool, threads: int) -> int:
     torch.set_num_threads(threads)
     w = BUILDERS[workload](quick, torch.device("cpu"))
@@ -383,70 +284,6 @@ def _measure_memory(
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": tail}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ---- report -----------------------------------------------------------------------------------
-def _machine(threads: int) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"# {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
-        f"python {platform.python_version()}\n"
-        f"# torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, "
-        f"{torch.get_num_interop_threads()} inter-op; set_num_threads({threads})), "
-        f"transformers {installed('transformers')}, peft {installed('peft')}, "
-        f"curvlinops-for-pytorch {installed('curvlinops-for-pytorch')}"
-    )
-
-
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)"
-    except OSError:
-        return "unknown"
-
-
-def _ms(seconds: float | None) -> str:
-    return f"{'-':>10}" if seconds is None else f"{1e3 * seconds:10.2f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a / b
-
-
-def _verdict(value: float | None, target: float) -> str:
-    if value is None:
-        return "n/a"
-    return "met" if value <= target else "missed"
-
-
-def _device(requested: str) -> torch.device:
-    if requested == "cuda":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        print("# --device cuda: CUDA is not available here (torch.cuda.is_available() is "
-              "False); running on the CPU instead")
-    return torch.device("cpu")
-
-
-def _table(
-    title: str, rows: list[tuple[str, list[str], str]], names: list[str], width: int
-) -> None:
-    print(f"\n{title:<{width}}" + "".join(f"{k:>10}" for k in names))
-    for label, cells, tail in rows:
-        print(f"{label:<{width}}" + "".join(f"{c:>10}" for c in cells) + tail)
 
 
 def _ratio_rows(

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from backends import dist_launch
+from validation.experiments import io
 from validation.experiments.config import ConfigError, config_diff
 
 __all__ = [
@@ -105,19 +106,13 @@ class ResumePoint(NamedTuple):
 
 # ---- writing ---------------------------------------------------------------------------------
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(fh)`` into a temporary file, fsync, then ``os.replace``.
+    """``io.atomic_write`` (temporary file, fsync, ``os.replace``) on the writing rank only.
 
     Under torchrun rank 0 alone writes files (the other ranks return at once).
     """
     if not dist_launch.is_writer():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    io.atomic_write(path, write, mode)
 
 
 def save_checkpoint(path: Path, obj: Mapping[str, Any]) -> None:
@@ -301,24 +296,16 @@ def read_metrics(run_dir: str | os.PathLike[str], kind: str | None = None) -> li
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                records.append(_metrics_record(path, lineno, line))
-    return [r for r in records if kind is None or r.get("kind") == kind]
-
-
-def _metrics_record(path: Path, lineno: int, line: str) -> dict[str, Any]:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
+        records = io.read_jsonl(path)
+    except io.JsonlError as exc:
+        if exc.detail is None:
+            message = f"{str(path)!r}, line {exc.lineno} is not a JSON object"
+            raise CheckpointError(message) from None
         raise CheckpointError(
-            f"{str(path)!r}, line {lineno} is not valid JSON ({exc.msg}): the log is damaged"
+            f"{str(path)!r}, line {exc.lineno} is not valid JSON ({exc.detail}): the log is damaged"
         ) from None
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{str(path)!r}, line {lineno} is not a JSON object")
-    return record
+    return [r for r in records if kind is None or r.get("kind") == kind]
 
 
 # ---- choosing the resume point ---------------------------------------------------------------

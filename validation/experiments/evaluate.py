@@ -137,7 +137,6 @@ from validation.experiments.evaluate_settings import (
     METHODS,
     RATIOS,
     SWEEP_FILE,
-    atomic_write_json,
     check_batch_size,
     common_settings,
     damping_value,
@@ -151,6 +150,7 @@ from validation.experiments.evaluate_settings import (
     settings_json,
     summarize,
 )
+from validation.experiments.io import atomic_write_json
 from validation.experiments.protocols import (
     IMBALANCE_STATISTICS,
     EvaluationError,

@@ -219,16 +219,6 @@ def check_batch_size(batch_size: int, setup: Setup) -> None:
 # =============================================================================================
 # Files
 # =============================================================================================
-def atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def load_previous(path: Path, settings: Mapping[str, Any], overwrite: bool) -> list[dict]:
     """The checkpoint entries of an earlier run of the same settings (resume)."""
     if overwrite or not path.is_file():
