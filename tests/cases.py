@@ -268,6 +268,34 @@ class DenseProvider(ngdref.JacobianProvider):
 
 
 # ---- NumPy dense references -------------------------------------------------
+
+class ProductsOnlyRows:
+    """A PerSampleRows that hides its array: only the protocol's products are available.
+
+    ``gram_calls`` counts how often its Gram matrix is formed (the factorisation-reuse tests).
+    """
+
+    def __init__(self, array: Any) -> None:
+        self._dense = ngdref.DenseRows(array)
+        self.shape, self.dtype = self._dense.shape, self._dense.dtype
+        self.gram_calls = 0
+
+    def array_namespace(self) -> Any:
+        return self._dense.array_namespace()
+
+    def gram(self) -> Any:
+        self.gram_calls += 1
+        return self._dense.gram()
+
+    def cross_gram(self, other: Any) -> Any:
+        return self._dense.cross_gram(other)
+
+    def matvec(self, v: Any) -> Any:
+        return self._dense.matvec(v)
+
+    def rmatvec(self, w: Any) -> Any:
+        return self._dense.rmatvec(w)
+
 def np_sum_outer(rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """sum_n w_n a_n a_n^T by an explicit Python loop over the rows."""
     p = rows.shape[1]

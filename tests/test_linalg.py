@@ -13,7 +13,7 @@ import pytest
 
 import ngdref
 import ngdref.linalg
-from tests.cases import EPS, SAFETY, assert_close_norm, gram_rtol
+from tests.cases import EPS, SAFETY, ProductsOnlyRows, assert_close_norm, gram_rtol
 
 
 def _row_scaled(n: int = 6, p: int = 16, decades: float = 6.0, seed: int = 0):
@@ -81,35 +81,10 @@ def test_an_eigendecomposition_solve_misses_the_bound_on_the_same_rows():
     assert _relative(d_eigh, d_ref) > 1e-13
 
 
-class _CountingRows:
-    """DenseRows that counts how often its Gram matrix is formed."""
-
-    def __init__(self, array) -> None:
-        self._dense = ngdref.DenseRows(array)
-        self.shape, self.dtype = self._dense.shape, self._dense.dtype
-        self.gram_calls = 0
-
-    def array_namespace(self):
-        return self._dense.array_namespace()
-
-    def gram(self):
-        self.gram_calls += 1
-        return self._dense.gram()
-
-    def cross_gram(self, other):
-        return self._dense.cross_gram(other)
-
-    def matvec(self, v):
-        return self._dense.matvec(v)
-
-    def rmatvec(self, w):
-        return self._dense.rmatvec(w)
-
-
 def test_damped_gram_forms_the_gram_once_and_factorises_once_per_damping(backend, monkeypatch):
     rng = np.random.default_rng(1)
     g = rng.standard_normal((6, 15))
-    rows = _CountingRows(backend.asarray(g))
+    rows = ProductsOnlyRows(backend.asarray(g))
     factorisations = []
     original = ngdref.linalg._factorise
     monkeypatch.setattr(
@@ -238,7 +213,7 @@ def test_sf_damping_sweep_reuses_one_sampled_gram(backend):
     rng = np.random.default_rng(8)
     rows_np = rng.standard_normal((6, 15))
     g = rng.standard_normal(15)
-    rows = _CountingRows(backend.asarray(rows_np))
+    rows = ProductsOnlyRows(backend.asarray(rows_np))
     solver = ngdref.DampedGram(rows)
     for damping in (1e-3, 0.1, 1.0):
         d, info = ngdref.sf_update(

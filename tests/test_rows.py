@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ngdref
-from tests.cases import assert_close_norm
+from tests.cases import ProductsOnlyRows, assert_close_norm
 
 EPS = np.finfo(np.float64).eps
 
@@ -21,30 +21,6 @@ EPS = np.finfo(np.float64).eps
 def _data(n: int = 5, m: int = 3, p: int = 11, seed: int = 0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, p)), rng.standard_normal((m, p)), rng.standard_normal(p)
-
-
-class _ProductsOnly:
-    """A PerSampleRows that hides its array: only the protocol's products are available."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self._dense = ngdref.DenseRows(array)
-        self.shape = self._dense.shape
-        self.dtype = self._dense.dtype
-
-    def array_namespace(self):
-        return self._dense.array_namespace()
-
-    def gram(self):
-        return self._dense.gram()
-
-    def cross_gram(self, other):
-        return self._dense.cross_gram(other)
-
-    def matvec(self, v):
-        return self._dense.matvec(v)
-
-    def rmatvec(self, w):
-        return self._dense.rmatvec(w)
 
 
 def test_dense_rows_products_equal_numpy(backend):
@@ -80,7 +56,7 @@ def test_float32_rows_give_float64_grams_and_float32_rmatvec(backend):
 def test_cross_gram_with_a_non_dense_other_equals_numpy(backend):
     g, h, _ = _data()
     rows = ngdref.as_rows(backend.asarray(g))
-    other = _ProductsOnly(backend.asarray(h))
+    other = ProductsOnlyRows(backend.asarray(h))
     assert not isinstance(other, ngdref.DenseRows)
     assert ngdref.as_rows(other) is other  # a PerSampleRows passes through
     assert_close_norm(backend.to_numpy(rows.cross_gram(other)), g @ h.T, 10 * g.shape[1] * EPS)
@@ -109,9 +85,9 @@ def test_every_gram_form_accepts_rows_given_through_products_only(backend):
     sampled = rng.standard_normal((6, 14))
     s = backend.asarray(rng.uniform(0.5, 2.0, 6))
     rtol = 10 * g.shape[1] * EPS * 1e3
-    dense, hidden = backend.asarray(g), _ProductsOnly(backend.asarray(g))
+    dense, hidden = backend.asarray(g), ProductsOnlyRows(backend.asarray(g))
     sampled_dense = backend.asarray(sampled)
-    sampled_hidden = _ProductsOnly(sampled_dense)
+    sampled_hidden = ProductsOnlyRows(sampled_dense)
     grad = backend.asarray(g.sum(axis=0))
     routes = {
         "ef": lambda r, _: ngdref.ef_update(r, damping=1e-3, dedup_threshold=0.99),
@@ -143,7 +119,7 @@ def test_directions_from_a_provider_whose_vjp_returns_rows(backend):
 
     class RowsProvider(DenseProvider):
         def vjp(self, cotangents):
-            return _ProductsOnly(super().vjp(cotangents))
+            return ProductsOnlyRows(super().vjp(cotangents))
 
     pr = CASES[0].build()
     a = pr.on(backend)

@@ -78,19 +78,18 @@ ROUNDING = 8.0
 FLOAT32_OPS = 8.0
 
 
-@dataclass
-class IndependentCheck:
-    """One quantity of the reference run against its independent dense reference."""
+class Verdict:
+    """``ok`` and ``as_dict`` of a check dataclass with ``difference``, ``tolerance``,
+    ``skipped`` and ``error`` fields (independent and oracle checks alike)."""
 
-    quantity: str
-    route: str
     difference: float
     tolerance: float
-    skipped: str = ""
-    error: str = ""
+    skipped: str
+    error: str
 
     @property
     def ok(self) -> bool:
+        """No error, and skipped or within tolerance (NaN is never within)."""
         if self.error:
             return False
         return bool(self.skipped) or (
@@ -100,6 +99,18 @@ class IndependentCheck:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields, with ``ok``."""
         return self.__dict__ | {"ok": self.ok}
+
+
+@dataclass
+class IndependentCheck(Verdict):
+    """One quantity of the reference run against its independent dense reference."""
+
+    quantity: str
+    route: str
+    difference: float
+    tolerance: float
+    skipped: str = ""
+    error: str = ""
 
 
 # ---- the losses, again, in NumPy (SPEC §1) ------------------------------------------------------

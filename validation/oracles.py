@@ -67,7 +67,7 @@ import numpy as np
 
 import ngdref
 from backends.arrays import from_numpy, to_numpy
-from validation.independent import library_of
+from validation.independent import Verdict, library_of
 
 __all__ = [
     "MC_SAMPLES",
@@ -104,7 +104,7 @@ def unavailable(library: str) -> str:
 
 
 @dataclass
-class OracleCheck:
+class OracleCheck(Verdict):
     """One oracle quantity against ngdref's on one problem."""
 
     oracle: str
@@ -114,18 +114,6 @@ class OracleCheck:
     skipped: str = ""
     note: str = ""
     error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        if self.error:
-            return False
-        return bool(self.skipped) or (
-            math.isfinite(self.difference) and self.difference <= self.tolerance
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields, with ``ok``."""
-        return self.__dict__ | {"ok": self.ok}
 
 
 @dataclass
