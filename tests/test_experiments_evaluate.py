@@ -37,7 +37,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from validation.experiments.__main__ import main  # noqa: E402
 from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.evaluate import (  # noqa: E402
-    DEFAULT_DAMPING,
     EVALUATION_FILE,
     METHODS,
     RATIOS,
@@ -47,6 +46,7 @@ from validation.experiments.evaluate import (  # noqa: E402
     evaluation_problem,
     sweep_run,
 )
+from validation.experiments.evaluate_settings import DEFAULT_DAMPING  # noqa: E402
 from validation.experiments.train import (  # noqa: E402
     build_setup,
     load_checkpoint,

@@ -113,23 +113,17 @@ Command line::
 """
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import ngdref
-from ngdref.kfac import KFAC_METHODS
+from validation.experiments.evaluate_checkpoint import evaluate_checkpoint, sweep_checkpoint
 from validation.experiments.evaluate_cli import register_evaluate, register_sweep
+from validation.experiments.evaluate_rounds import over_checkpoints
 from validation.experiments.evaluate_settings import (
-    AUTHORS_DAMPING,
     DEFAULT_BATCHES,
-    DEFAULT_DAMPING,
     DEFAULT_METHODS,
     DEFAULT_SWEEP_BATCHES,
     DEFAULT_SWEEP_DAMPINGS,
@@ -137,43 +131,31 @@ from validation.experiments.evaluate_settings import (
     METHODS,
     RATIOS,
     SWEEP_FILE,
-    check_batch_size,
+    CommonOptions,
     common_settings,
     damping_value,
-    load_previous,
-    prepare,
-    progress_bar,
     resolve_checkpoints,
     resolve_damping,
     resolve_methods,
     resolve_progress,
     settings_json,
-    summarize,
 )
-from validation.experiments.io import atomic_write_json
 from validation.experiments.protocols import (
-    IMBALANCE_STATISTICS,
     EvaluationError,
     EvaluationProblem,
     batch_rows,
-    batch_scorer,
     evaluation_problem,
     first_label_token,
     sf_key,
-    with_context,
 )
 
-# torch and the runner are imported where they are used, so that the command line
-# (``python -m validation.experiments --help``) registers these commands without them
 if TYPE_CHECKING:
-    import torch
+    from typing_extensions import Unpack
 
-    from validation.experiments.train import CheckpointInfo, Setup
+    from validation.experiments.train import Setup
 
 __all__ = [
-    "AUTHORS_DAMPING",
     "DEFAULT_BATCHES",
-    "DEFAULT_DAMPING",
     "DEFAULT_METHODS",
     "DEFAULT_SWEEP_BATCHES",
     "DEFAULT_SWEEP_DAMPINGS",
@@ -195,138 +177,16 @@ __all__ = [
 ]
 
 
-# =============================================================================================
-# evaluate
-# =============================================================================================
-def _evaluate_checkpoint(
-    setup: Setup,
-    info: CheckpointInfo,
-    settings: Mapping[str, Any],
-    advance: Callable[[], None],
-) -> dict[str, Any]:
-    methods = tuple(settings["methods"])
-    damping = settings["damping"]
-    gammas: dict[str, list[float]] = {m: [] for m in methods}
-    imbalance: dict[str, list[float]] = {k: [] for k in IMBALANCE_STATISTICS}
-    kept: list[float] = []
-    seed = settings["seed"]
-    for b in range(settings["batches"]):
-        rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
-        try:
-            state = batch_scorer(
-                setup, rows, key=sf_key(seed, info.step, b), settings=settings,
-                with_sf="sf" in methods,
-                kfac_methods=tuple(m for m in methods if m in KFAC_METHODS),
-            )
-            for method in methods:
-                update = state.update(method, damping.get(method, 0.0))
-                gammas[method].append(state.gamma(update))
-        except (ngdref.SingularMatrixError, ngdref.NonFiniteError, ValueError) as exc:
-            raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
-        for k in IMBALANCE_STATISTICS:
-            imbalance[k].append(state.imbalance[k])
-        kept.append(state.kept)
-        advance()
-    with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
-        ratios = {
-            name: summarize(np.asarray(gammas[num]) / np.asarray(gammas[den]))
-            for name, (num, den) in RATIOS.items()
-            if num in methods and den in methods
-        }
-    return {
-        "name": info.name,
-        "epoch": info.epoch,
-        "step": info.step,
-        "ratios": ratios,
-        "imbalance": {k: summarize(v) for k, v in imbalance.items()},
-        "rows_kept": summarize(kept),
-        "gamma": {
-            m: {k: v for k, v in summarize(gammas[m]).items() if k != "values"} for m in methods
-        },
-    }
-
-
-def _over_checkpoints(
-    kind: str,
-    run_dir: str | Path,
-    checkpoints: Any,
-    settings: dict[str, Any],
-    filename: str,
-    overwrite: bool,
-    progress: bool,
-    process: Callable[[Setup, Any, Callable[[], None]], tuple[dict[str, Any], str]],
-) -> dict[str, Any]:
-    """Run ``process`` on every checkpoint not yet in ``run_dir/filename``, resumably.
-
-    ``process(setup, info, advance)`` returns the checkpoint's entry and a one-line summary
-    and calls ``advance()`` after each batch (the progress bar). The file is rewritten
-    atomically after each checkpoint, so a killed evaluation loses at most one.
-    """
-    from backends import dist_launch
-    from validation.experiments.train import load_checkpoint
-
-    dist_launch.init_from_env()  # torchrun: the checkpoints are shared out among the ranks
-    world, rank = dist_launch.world_and_rank()
-    progress = progress and dist_launch.is_writer()
-    run, infos, setup = prepare(run_dir, checkpoints, settings["device"], settings["dtype"])
-    settings["checkpoints"] = [info.name for info in infos]
-    check_batch_size(settings["batch_size"], setup)
-    path = run / filename
-    entries = load_previous(path, settings, overwrite)
-    done = {entry["name"] for entry in entries}
-    todo = [info for info in infos if info.name not in done]
-    bar = progress_bar(len(todo) * settings["batches"], progress, f"{kind} {run.name}")
-    with bar:
-        for info in infos:
-            if info.name in done and progress:
-                bar.write(f"{kind} {info.name}: already in {path}, skipped", file=sys.stderr)
-        for start in range(0, len(todo), world):  # a round: one checkpoint per rank
-            result: Any = None
-            if start + rank < len(todo):
-                info = todo[start + rank]
-                started = time.perf_counter()
-                try:
-                    params, _, _ = load_checkpoint(run, info.name)
-                    setup.load_params(params)
-                    bar.set_postfix_str(info.name)
-                    entry, summary = process(setup, info, bar.update)
-                    line = (f"{kind} {info.name} (epoch {info.epoch}, step {info.step}): "
-                            f"{summary}, {time.perf_counter() - started:.1f} s]")
-                    result = (entry, line)
-                except Exception as exc:  # every rank raises it (no rank waits forever)
-                    result = exc
-            for item in dist_launch.gather_objects(result):
-                if isinstance(item, Exception):
-                    raise item
-                if item is not None:
-                    entries.append(item[0])
-                    entries.sort(key=lambda e: (e["epoch"], e.get("step", 0), e["name"]))
-                    if dist_launch.is_writer():  # torchrun: rank 0 writes
-                        atomic_write_json(path, {"settings": settings, "checkpoints": entries})
-                    if progress:
-                        bar.write(item[1], file=sys.stderr)
-    return {"settings": settings, "checkpoints": entries}
-
-
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     *,
-    protocol: str = "ngdref",
     batches: int = DEFAULT_BATCHES,
-    batch_size: int = 160,
-    micro_batch: int = 40,
-    seed: int = 0,
     damping: float | Mapping[str, float] | None = None,
-    dedup_threshold: float | None = 0.95,
     methods: Iterable[str] | str = DEFAULT_METHODS,
     checkpoints: str | int | Sequence[str | int] | None = None,
-    reduction: str | float | None = None,
-    num_samples: int = 1,
-    dtype: str = "float64",
-    sf_duplicates: str = "drop",
-    device: str | torch.device | None = "cpu",
     overwrite: bool = False,
     progress: bool | None = None,
+    **options: Unpack[CommonOptions],
 ) -> dict[str, Any]:
     r"""Score SGD, EF, iEF and SF with gamma (Eq. 15) at the epoch checkpoints of a run.
 
@@ -340,7 +200,10 @@ def evaluate_run(
     with G, s, g, F and F_SF all from that batch, R-scaled as the protocol says
     (:mod:`validation.experiments.protocols`). Writes ``run_dir/evaluation.json`` after each
     checkpoint (atomically) and skips the checkpoints it already holds when rerun with the
-    same settings.
+    same settings. ``protocol``, ``batch_size``, ``micro_batch``, ``seed``, ``dedup_threshold``,
+    ``reduction``, ``num_samples``, ``dtype``, ``sf_duplicates`` and ``device`` are the
+    keywords shared with :func:`sweep_run` (``**options``,
+    :class:`~validation.experiments.evaluate_settings.CommonOptions`).
 
     Parameters
     ----------
@@ -363,8 +226,8 @@ def evaluate_run(
     damping : float or dict, optional
         lambda (the convention of R): a number for every damped method, or
         ``{"ef": .., "ief": .., "sf": .., "kfac": .., ...}`` (missing keys take the defaults;
-        "authors" refuses different values). Defaults: :data:`DEFAULT_DAMPING` ("ngdref"),
-        :data:`AUTHORS_DAMPING` for all ("authors").
+        "authors" refuses different values). Defaults (:mod:`.evaluate_settings`):
+        ``DEFAULT_DAMPING`` ("ngdref"), ``AUTHORS_DAMPING`` for all ("authors").
     dedup_threshold : float or None
         Rows with ``|cos| >`` this to a larger-norm row are dropped (0.95 by default, the
         authors' evaluator); None keeps all.
@@ -407,17 +270,13 @@ def evaluate_run(
     ngdref.SingularMatrixError
         A damped system is singular (e.g. SF with damping 0); the message names the batch.
     """
-    settings = common_settings(
-        protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
-        seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
-        num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
-    )
-    settings["damping"] = resolve_damping(damping, protocol)
+    settings = common_settings(batches=batches, **options)
+    settings["damping"] = resolve_damping(damping, settings["protocol"])
     settings["methods"] = list(resolve_methods(methods))
     settings = settings_json(settings)
 
     def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
-        entry = _evaluate_checkpoint(setup, info, settings, advance)
+        entry = evaluate_checkpoint(setup, info, settings, advance)
         summary = "  ".join(
             f"{name} {r['mean']:.3g}±{r['std']:.2g}" for name, r in entry["ratios"].items()
         )
@@ -426,76 +285,21 @@ def evaluate_run(
         )
         return entry, f"{summary}  {imb}  [{settings['batches']} batches"
 
-    return _over_checkpoints(
+    return over_checkpoints(
         "evaluate", run_dir, checkpoints, settings, EVALUATION_FILE, overwrite,
         resolve_progress(progress), process,
     )
 
 
-# =============================================================================================
-# sweep
-# =============================================================================================
-def _sweep_checkpoint(
-    setup: Setup,
-    info: CheckpointInfo,
-    settings: Mapping[str, Any],
-    advance: Callable[[], None],
-) -> tuple[dict[str, Any], int]:
-    dampings, batches, seed = settings["dampings"], settings["batches"], settings["seed"]
-    values = {name: np.full((len(dampings), batches), np.nan) for name in RATIOS}
-    singular = 0
-    for b in range(batches):
-        rows = batch_rows(seed, b, len(setup.train), settings["batch_size"])
-        try:
-            state = batch_scorer(
-                setup, rows, key=sf_key(seed, info.step, b), settings=settings, with_sf=True,
-                kfac_methods=KFAC_METHODS,
-            )
-        except (ngdref.NonFiniteError, ValueError) as exc:
-            raise with_context(exc, f"checkpoint {info.name}, batch {b}") from exc
-        gamma_sgd = state.gamma(state.grad)
-        for k, lam in enumerate(dampings):
-            gamma: dict[str, float] = {"sgd": gamma_sgd}
-            for method in ("ef", "ief", "sf", *KFAC_METHODS):
-                try:  # the batch's Gram matrices and K-FAC factors are formed once
-                    gamma[method] = state.gamma(state.update(method, lam))
-                except ngdref.SingularMatrixError:
-                    gamma[method] = math.nan
-                    singular += 1
-            with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0 or inf: inf, NaN
-                for name, (num, den) in RATIOS.items():
-                    values[name][k, b] = np.float64(gamma[num]) / gamma[den]
-        advance()
-    with np.errstate(invalid="ignore"):
-        ratios = {
-            name: {
-                "mean": [float(x) for x in np.mean(v, axis=1)],
-                "std": [float(x) for x in np.std(v, axis=1)],
-            }
-            for name, v in values.items()
-        }
-    entry = {"name": info.name, "epoch": info.epoch, "dampings": list(dampings), "ratios": ratios}
-    return entry, singular
-
-
 def sweep_run(
     run_dir: str | os.PathLike[str],
     *,
-    protocol: str = "ngdref",
     dampings: Sequence[float] = DEFAULT_SWEEP_DAMPINGS,
     batches: int = DEFAULT_SWEEP_BATCHES,
-    batch_size: int = 160,
-    micro_batch: int = 40,
-    seed: int = 0,
-    dedup_threshold: float | None = 0.95,
     checkpoints: str | int | Sequence[str | int] | None = "first,middle,last",
-    reduction: str | float | None = None,
-    num_samples: int = 1,
-    dtype: str = "float64",
-    sf_duplicates: str = "drop",
-    device: str | torch.device | None = "cpu",
     overwrite: bool = False,
     progress: bool | None = None,
+    **options: Unpack[CommonOptions],
 ) -> dict[str, Any]:
     r"""The ratios of :func:`evaluate_run` over a damping grid (one lambda for every method).
 
@@ -548,15 +352,11 @@ def sweep_run(
     grid = [damping_value(f"dampings[{k}]", v) for k, v in enumerate(dampings)]
     if not grid:
         raise EvaluationError("dampings is empty: give at least one damping value")
-    settings = common_settings(
-        protocol=protocol, batches=batches, batch_size=batch_size, micro_batch=micro_batch,
-        seed=seed, dedup_threshold=dedup_threshold, reduction=reduction,
-        num_samples=num_samples, dtype=dtype, sf_duplicates=sf_duplicates, device=device,
-    )
+    settings = common_settings(batches=batches, **options)
     settings = settings_json({"dampings": grid, **settings})
 
     def process(setup: Setup, info: Any, advance: Callable[[], None]) -> tuple[dict, str]:
-        entry, singular = _sweep_checkpoint(setup, info, settings, advance)
+        entry, singular = sweep_checkpoint(setup, info, settings, advance)
         best = []
         for name in ("ef/sgd", "ief/sgd"):
             means = np.asarray(entry["ratios"][name]["mean"])
@@ -568,7 +368,7 @@ def sweep_run(
             f"{'  '.join(best)}  [{len(grid)} dampings x {settings['batches']} batches, {note}"
         ).rstrip(", ")
 
-    return _over_checkpoints(
+    return over_checkpoints(
         "sweep", run_dir, checkpoints, settings, SWEEP_FILE, overwrite,
         resolve_progress(progress), process,
     )

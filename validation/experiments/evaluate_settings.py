@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -257,19 +257,36 @@ def settings_json(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, allow_nan=True))
 
 
+class CommonOptions(TypedDict, total=False):
+    """The keyword arguments :func:`evaluate_run` and :func:`sweep_run` share with
+    :func:`common_settings` (documented in :func:`evaluate_run`, defaults in
+    :func:`common_settings`)."""
+
+    protocol: str
+    batch_size: int
+    micro_batch: int
+    seed: int
+    dedup_threshold: float | None
+    reduction: str | float | None
+    num_samples: int
+    dtype: str
+    sf_duplicates: str
+    device: str | torch.device | None
+
+
 def common_settings(
     *,
-    protocol: str,
     batches: int,
-    batch_size: int,
-    micro_batch: int,
-    seed: int,
-    dedup_threshold: float | None,
-    reduction: str | float | None,
-    num_samples: int,
-    dtype: str,
-    sf_duplicates: str,
-    device: Any,
+    protocol: str = "ngdref",
+    batch_size: int = 160,
+    micro_batch: int = 40,
+    seed: int = 0,
+    dedup_threshold: float | None = 0.95,
+    reduction: str | float | None = None,
+    num_samples: int = 1,
+    dtype: str = "float64",
+    sf_duplicates: str = "drop",
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """The checked settings shared by :func:`evaluate_run` and :func:`sweep_run`."""
     if protocol not in PROTOCOLS:
