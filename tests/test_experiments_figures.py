@@ -28,7 +28,7 @@ from backends.analytic import (
     least_squares_toy_closed_form,
     logistic_toy_closed_form,
 )
-from validation.experiments import figures, reproduce
+from validation.experiments import figures, reproduce, reproduce_plan, reproduce_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIOS = ("ef/sgd", "ief/sgd", "sf/ief", "sf/ef")
@@ -184,7 +184,7 @@ def test_ngd_trajectory_is_straight_to_the_optimum() -> None:
 
 # ---- claims -------------------------------------------------------------------------------------
 def test_gamma_order_held_for_most_checkpoints() -> None:
-    found = {c.name: c for c in reproduce.claims({}, _evaluation([GOOD, BAD, GOOD]), None)}
+    found = {c.name: c for c in reproduce_report.claims({}, _evaluation([GOOD, BAD, GOOD]), None)}
     order = found["gamma order"]
     assert order.held is True
     assert "held for most checkpoints (2 of 3)" in order.statement
@@ -194,9 +194,9 @@ def test_gamma_order_held_for_most_checkpoints() -> None:
 
 
 def test_gamma_order_all_or_not() -> None:
-    found = {c.name: c for c in reproduce.claims({}, _evaluation([GOOD, GOOD]), None)}
+    found = {c.name: c for c in reproduce_report.claims({}, _evaluation([GOOD, GOOD]), None)}
     assert "held for all checkpoints (2 of 2)" in found["gamma order"].statement
-    found = {c.name: c for c in reproduce.claims({}, _evaluation([BAD, GOOD, BAD]), None)}
+    found = {c.name: c for c in reproduce_report.claims({}, _evaluation([BAD, GOOD, BAD]), None)}
     assert found["gamma order"].held is False
     assert "did not hold (1 of 3 checkpoints)" in found["gamma order"].statement
     assert found["EF worse than SGD"].held is False
@@ -206,21 +206,22 @@ def test_gamma_order_needs_both_inequalities() -> None:
     """iEF < SF but EF < SF: not iEF < SF < EF; a NaN ratio counts as not held."""
     half = {**GOOD, "sf/ef": 1.1}
     nan = {**GOOD, "sf/ief": float("nan")}
-    assert reproduce.gamma_order_flags(_evaluation([GOOD, half, nan])) == [True, False, False]
+    flags = reproduce_report.gamma_order_flags(_evaluation([GOOD, half, nan]))
+    assert flags == [True, False, False]
 
 
 def test_imbalance_claim() -> None:
     """Both statistics are judged separately: max/min 3, 4, 5 grows, the 10% tails 2, 1.5, 1
     shrink; a file of the older format (one max/min summary) still gives its claim."""
     evaluation = _evaluation([GOOD, GOOD, GOOD])
-    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    found = {c.name: c for c in reproduce_report.claims({}, evaluation, None)}
     assert found["imbalance grows (max_min)"].held is True
     tails = found["imbalance grows (tail_10)"]
     assert tails.held is False
     assert "(2 at the first checkpoint, 1 at the last)" in tails.statement
     for c in evaluation["checkpoints"]:
         c["imbalance"] = c["imbalance"]["max_min"]
-    found = {c.name: c for c in reproduce.claims({}, evaluation, None)}
+    found = {c.name: c for c in reproduce_report.claims({}, evaluation, None)}
     assert found["imbalance grows (max_min)"].held is True
     assert "imbalance grows (tail_10)" not in found
 
@@ -260,10 +261,11 @@ def test_ief_damping_robustness() -> None:
     robust = [0.50, 0.50, 0.48, 0.45, 0.9]  # within 1.25x of the best (0.45) below 1e-8
     fragile = [0.90, 0.85, 0.6, 0.3, 0.9]  # needs lambda = 1e-3
     worse_than_sgd = [1.2, 1.2, 1.2, 1.1, 1.0]
-    assert reproduce.ief_robust_flags(_sweep([robust, fragile, worse_than_sgd], lam)) == [
+    assert reproduce_report.ief_robust_flags(_sweep([robust, fragile, worse_than_sgd], lam)) == [
         True, False, False,
     ]
-    found = {c.name: c for c in reproduce.claims({}, None, _sweep([robust, robust, fragile], lam))}
+    sweep = _sweep([robust, robust, fragile], lam)
+    found = {c.name: c for c in reproduce_report.claims({}, None, sweep)}
     assert found["iEF damping"].held is True
     assert "held for most sweep checkpoints (2 of 3)" in found["iEF damping"].statement
 
@@ -275,7 +277,7 @@ def _summary_of(acc: dict[str, float], loss: dict[str, float]) -> dict[str, dict
 def test_ranking_claims() -> None:
     paper_acc = {"ief": 0.9, "adam": 0.8, "sf": 0.7, "sgd": 0.6, "ef": 0.1}
     swapped_loss = {"ief": 0.01, "adam": 0.02, "sf": 0.04, "sgd": 0.03, "ef": math.inf}
-    found = reproduce.claims(_summary_of(paper_acc, swapped_loss), None, None)
+    found = reproduce_report.claims(_summary_of(paper_acc, swapped_loss), None, None)
     loss_claim, acc_claim = found[0], found[1]
     assert acc_claim.held is True and "held. Observed iEF > Adam > SF > SGD > EF" in (
         acc_claim.statement
@@ -288,18 +290,18 @@ def test_ranking_claims() -> None:
 
 def test_rank_puts_non_finite_last() -> None:
     values = {"a": 0.5, "b": math.nan, "c": 0.9, "d": math.inf}
-    assert reproduce.rank(values, higher_is_better=True) == ["c", "a", "b", "d"]
-    assert reproduce.rank(values, higher_is_better=False) == ["a", "c", "b", "d"]
+    assert reproduce_report.rank(values, higher_is_better=True) == ["c", "a", "b", "d"]
+    assert reproduce_report.rank(values, higher_is_better=False) == ["a", "c", "b", "d"]
 
 
 def test_select_lr() -> None:
     def run(acc: float, diverged: bool = False) -> dict[str, Any]:
         return {"validation_accuracy": acc, "diverged": diverged}
 
-    assert reproduce.select_lr({0.1: run(0.8), 1.0: run(0.9), 10.0: run(0.95, True)}) == 1.0
-    assert reproduce.select_lr({0.1: run(0.9), 1.0: run(0.9)}) == 0.1  # ties: the smaller
-    assert reproduce.select_lr({0.1: run(0.5, True), 1.0: run(0.6, True)}) == 1.0
-    assert reproduce.select_lr({0.1: run(math.nan, True), 1.0: run(math.nan, True)}) == 0.1
+    assert reproduce_report.select_lr({0.1: run(0.8), 1.0: run(0.9), 10.0: run(0.95, True)}) == 1.0
+    assert reproduce_report.select_lr({0.1: run(0.9), 1.0: run(0.9)}) == 0.1  # ties: the smaller
+    assert reproduce_report.select_lr({0.1: run(0.5, True), 1.0: run(0.6, True)}) == 1.0
+    assert reproduce_report.select_lr({0.1: run(math.nan, True), 1.0: run(math.nan, True)}) == 0.1
 
 
 def test_final_training_loss() -> None:
@@ -310,9 +312,9 @@ def test_final_training_loss() -> None:
         {"kind": "train", "step": 3, "epoch": 1.5, "loss": 2.0},
         {"kind": "train", "step": 4, "epoch": 2.0, "loss": 1.0},
     ]
-    assert reproduce.final_training_loss(records, 2) == 1.5
+    assert reproduce_report.final_training_loss(records, 2) == 1.5
     diverged = [*records, {"kind": "diverged", "step": 5}]
-    assert reproduce.final_training_loss(diverged, 2) == math.inf
+    assert reproduce_report.final_training_loss(diverged, 2) == math.inf
 
 
 # ---- the reproduction, end to end ---------------------------------------------------------------
@@ -320,8 +322,8 @@ def test_reproduce_fails_clearly_without_the_evaluator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "validation.experiments.evaluate", None)
-    with pytest.raises(reproduce.ReproduceError, match=r"evaluate\.py"):
-        reproduce.reproduce(tmp_path / "out", reproduce.QUICK)
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"evaluate\.py"):
+        reproduce.reproduce(tmp_path / "out", reproduce_plan.QUICK)
     assert not (tmp_path / "out").exists()  # nothing was trained
 
 
@@ -335,12 +337,12 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "quick"
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    plan = reproduce.QUICK
-    assert set(results["summary"]) == set(reproduce.OPTIMIZERS)
+    plan = reproduce_plan.QUICK
+    assert set(results["summary"]) == set(reproduce_plan.OPTIMIZERS)
     for opt, row in results["summary"].items():
         assert row["lr"] in plan.lr_grid[opt] and row["runs"] == len(plan.seeds)
         for seed in plan.seeds:
-            assert (reproduce.run_dir(out, opt, row["lr"], seed) / "results.json").is_file()
+            assert (reproduce_plan.run_dir(out, opt, row["lr"], seed) / "results.json").is_file()
     assert [c["name"] for c in results["evaluation"]["checkpoints"]] == plan.eval_checkpoints()
     assert len(results["sweep"]["checkpoints"]) == 3
     assert len(results["claims"]) == 8  # the K-FAC family's among them
@@ -353,7 +355,7 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
     text = (out / "results.md").read_text()
     assert "## The paper's claims" in text and "Ranking by test accuracy" in text
     # the same directory with another plan is refused before anything runs
-    with pytest.raises(reproduce.ReproduceError, match="epochs"):
+    with pytest.raises(reproduce_plan.ReproduceError, match="epochs"):
         reproduce.reproduce(out, dataclasses.replace(plan, epochs=plan.epochs + 1))
 
 
@@ -389,7 +391,7 @@ def test_lora_digits_data_and_model(tmp_path: Path) -> None:
     assert set(setup.train.labels.tolist()) <= set(ld.FINETUNE_CLASSES)
     assert len(setup.train) == plan.max_train_samples
     (tmp_path / "run" / ld.BASE_FILE).write_bytes(b"not the base")
-    with pytest.raises(reproduce.ReproduceError, match="SHA-256 differs"):
+    with pytest.raises(reproduce_plan.ReproduceError, match="SHA-256 differs"):
         ld.build_lora_setup(config, tmp_path / "run")
     assert ld.setup_of_run_dir(tmp_path / "nowhere") is None
 
@@ -412,7 +414,7 @@ def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     for opt, row in results["summary"].items():
         assert row["runs"] == len(plan.seeds)
         for seed in plan.seeds:
-            run = reproduce.run_dir(out, opt, row["lr"], seed)
+            run = reproduce_plan.run_dir(out, opt, row["lr"], seed)
             assert (run / "results.json").is_file() and (run / ld.BASE_FILE).is_file()
     assert "/adamw/" in results["evaluation_run"]
     settings = results["evaluation"]["settings"]

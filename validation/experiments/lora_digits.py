@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from validation.experiments.reproduce import Experiment, Plan, ReproduceError
+from validation.experiments.reproduce_plan import Experiment, Plan, ReproduceError
 
 if TYPE_CHECKING:
     import torch

@@ -20,13 +20,14 @@ budget on two CPU cores:
 4. **Report.** Figures (:mod:`validation.experiments.figures`) and ``results.md``: final training
    loss and test accuracy (mean +- std over the seeds) per optimiser, the rankings, the gamma
    ratios per checkpoint, the sweep, and a plain statement of which of the paper's claims held
-   (:func:`claims`).
+   (:func:`~validation.experiments.reproduce_report.claims`).
 
-Scaling (:data:`FULL`): a 64-128-128-10 ReLU MLP in float32 (the runner's default is 256 wide
-in float64; float32 is the authors' practice and the Gram solves stay in float64), 20 epochs of
-17 steps, the schedule's step at epoch 5, 20 evaluation batches of 160 training samples (the
-paper: 100) at every second epoch checkpoint, 10 batches per sweep point. :data:`QUICK` is a
-smoke test of every stage (192 training samples, 4 epochs, 2 learning rates, 2 seeds).
+Scaling (``FULL`` in :mod:`validation.experiments.reproduce_plan`): a 64-128-128-10 ReLU MLP
+in float32 (the runner's default is 256 wide in float64; float32 is the authors' practice and
+the Gram solves stay in float64), 20 epochs of 17 steps, the schedule's step at epoch 5, 20
+evaluation batches of 160 training samples (the paper: 100) at every second epoch checkpoint,
+10 batches per sweep point. ``QUICK`` is a smoke test of every stage (192 training samples,
+4 epochs, 2 learning rates, 2 seeds).
 
 Parallelism: the runs are independent, so they go to ``workers`` processes (default 2, one per
 core) with ``threads`` torch threads each (default 1: with two processes on two cores a
@@ -71,28 +72,16 @@ from validation.experiments.reproduce_plan import (
     _BASELINES,
     DIGITS,
     FULL,
-    OPTIMIZERS,
-    PAPER_LR,
-    PAPER_TEST_ACCURACY,
     QUICK,
     Experiment,
     Plan,
     ReproduceError,
-    run_config,
     run_dir,
 )
 from validation.experiments.reproduce_report import (
     NAMES,
-    PAPER_ORDER,
-    Claim,
     claims,
     compact_results,
-    compare_ranking,
-    ef_worse_flags,
-    final_training_loss,
-    gamma_order_flags,
-    ief_robust_flags,
-    imbalance_mean,
     rank,
     run_summary,
     seed_stats,
@@ -100,33 +89,7 @@ from validation.experiments.reproduce_report import (
 )
 from validation.experiments.tasks import Scheduler, Task, evaluate_task, sweep_task, train_task
 
-__all__ = [
-    "DIGITS",
-    "FULL",
-    "OPTIMIZERS",
-    "PAPER_LR",
-    "PAPER_ORDER",
-    "PAPER_TEST_ACCURACY",
-    "QUICK",
-    "Claim",
-    "Experiment",
-    "Plan",
-    "ReproduceError",
-    "claims",
-    "compare_ranking",
-    "ef_worse_flags",
-    "final_training_loss",
-    "gamma_order_flags",
-    "ief_robust_flags",
-    "imbalance_mean",
-    "rank",
-    "register_reproduce",
-    "reproduce",
-    "results_markdown",
-    "run_config",
-    "run_dir",
-    "select_lr",
-]
+__all__ = ["register_reproduce", "reproduce"]
 
 # ---- the driver ------------------------------------------------------------------------------
 def _check_plan(out: Path, plan: Plan) -> None:
@@ -261,6 +224,45 @@ class _Graph:
         )
         return written
 
+    def results(
+        self,
+        evaluation: dict[str, Any] | None,
+        sweep: dict[str, Any] | None,
+        written: list[Path],
+        *,
+        workers: int,
+        threads: int,
+    ) -> dict[str, Any]:
+        """``results.json`` but for the wall times: plan, selection, summary, rankings, claims."""
+        plan, experiment = self.plan, self.experiment
+        summary, seeds = self.summary()
+        steps = self.grid[experiment.baseline][self.chosen[experiment.baseline]]["steps"]
+        return {
+            "experiment": experiment.name,
+            "description": experiment.describe(plan, steps // plan.epochs),
+            "plan": plan.to_json(), "steps_per_epoch": steps // plan.epochs,
+            "workers": workers, "threads": threads,
+            "selection": {
+                opt: {"chosen": self.chosen[opt],
+                      "grid": {f"{lr:g}": self.grid[opt][lr] for lr in sorted(self.grid[opt])}}
+                for opt in experiment.optimizers
+            },
+            "summary": summary, "seeds": seeds,
+            "ranking": {
+                "final_training_loss": rank(
+                    {m: v["final_training_loss"] for m, v in summary.items()},
+                    higher_is_better=False),
+                "test_accuracy": rank(
+                    {m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
+            },
+            "evaluation_run": str(self.evaluated[0]), "evaluation": evaluation, "sweep": sweep,
+            "claims": [
+                dataclasses.asdict(c)
+                for c in claims(summary, evaluation, sweep, experiment.paper_order)
+            ],
+            "figures": [os.path.relpath(p, self.out) for p in written],
+        }
+
 
 def reproduce(
     out: str | os.PathLike[str] = "results/digits",
@@ -279,9 +281,9 @@ def reproduce(
     out : path
         The output directory (module docstring).
     plan : Plan
-        :data:`FULL` or :data:`QUICK` (or another).
+        ``FULL`` or ``QUICK`` of :mod:`validation.experiments.reproduce_plan` (or another).
     experiment : Experiment, optional
-        :data:`DIGITS` (default) or :data:`validation.experiments.lora_digits.DIGITS_LORA`.
+        ``DIGITS`` (default) or :data:`validation.experiments.lora_digits.DIGITS_LORA`.
     workers : int
         Processes running training / evaluation tasks at once.
     threads : int
@@ -304,6 +306,36 @@ def reproduce(
         ``workers`` or ``threads`` is not an int >= 1.
     """
     started = time.perf_counter()
+    _check_ready(workers, threads)
+    from validation.experiments.figures import read_json
+
+    experiment = DIGITS if experiment is None else experiment
+    if progress is None:
+        progress = sys.stderr.isatty()
+    log = _elapsed_log(started) if log is None else log
+    out_dir = Path(out)
+    _check_plan(out_dir, plan)
+    if experiment.prepare is not None:
+        log(f"preparing {experiment.name}")
+        experiment.prepare(out_dir, plan)
+    graph = _Graph(plan, experiment, out_dir, log)
+    Scheduler(workers, threads, log, progress).run(graph.first_tasks(), graph.on_done)
+    evaluation = read_json(graph.evaluated[0] / "evaluation.json")
+    sweep = read_json(graph.evaluated[0] / "sweep.json")
+    log("figures")
+    written = graph.figures()
+    results = graph.results(evaluation, sweep, written, workers=workers, threads=threads)
+    previous = out_dir / "results.json"
+    history = read_json(previous, ()).get("wall_history", []) if previous.is_file() else []
+    wall = time.perf_counter() - started
+    results.update(wall_seconds=wall, wall_history=[*history, wall])
+    _write_results(out_dir, results, experiment)
+    log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
+    return results
+
+
+def _check_ready(workers: int, threads: int) -> None:
+    """``workers`` and ``threads`` are ints >= 1 and the evaluation framework is there."""
     for name, value in (("workers", workers), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -314,62 +346,24 @@ def reproduce(
             "the evaluation framework validation/experiments/evaluate.py (evaluate_run, "
             f"sweep_run) is needed for the gamma ratios and the damping sweep: {exc}"
         ) from exc
-    from validation.experiments.figures import read_json
 
-    experiment = DIGITS if experiment is None else experiment
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if log is None:
-        def log(line: str) -> None:
-            from tqdm.auto import tqdm
 
-            tqdm.write(f"[{time.perf_counter() - started:6.0f} s] {line}", file=sys.stderr)
+def _elapsed_log(started: float) -> Callable[[str], None]:
+    """The default ``log``: a line on stderr (above the tqdm bar) with the elapsed time."""
 
-    out_dir = Path(out)
-    _check_plan(out_dir, plan)
-    if experiment.prepare is not None:
-        log(f"preparing {experiment.name}")
-        experiment.prepare(out_dir, plan)
-    graph = _Graph(plan, experiment, out_dir, log)
-    Scheduler(workers, threads, log, progress).run(graph.first_tasks(), graph.on_done)
-    summary, seeds = graph.summary()
-    evaluation = read_json(graph.evaluated[0] / "evaluation.json")
-    sweep = read_json(graph.evaluated[0] / "sweep.json")
-    log("figures")
-    written = graph.figures()
-    found = claims(summary, evaluation, sweep, experiment.paper_order)
-    previous = out_dir / "results.json"
-    history = read_json(previous, ()).get("wall_history", []) if previous.is_file() else []
-    wall = time.perf_counter() - started
-    steps = graph.grid[experiment.baseline][graph.chosen[experiment.baseline]]["steps"]
-    results = {
-        "experiment": experiment.name,
-        "description": experiment.describe(plan, steps // plan.epochs),
-        "plan": plan.to_json(), "steps_per_epoch": steps // plan.epochs,
-        "workers": workers, "threads": threads,
-        "selection": {
-            opt: {"chosen": graph.chosen[opt],
-                  "grid": {f"{lr:g}": graph.grid[opt][lr] for lr in sorted(graph.grid[opt])}}
-            for opt in experiment.optimizers
-        },
-        "summary": summary, "seeds": seeds,
-        "ranking": {
-            "final_training_loss": rank(
-                {m: v["final_training_loss"] for m, v in summary.items()},
-                higher_is_better=False),
-            "test_accuracy": rank(
-                {m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
-        },
-        "evaluation_run": str(graph.evaluated[0]), "evaluation": evaluation, "sweep": sweep,
-        "claims": [dataclasses.asdict(c) for c in found],
-        "figures": [os.path.relpath(p, out_dir) for p in written],
-        "wall_seconds": wall, "wall_history": [*history, wall],
-    }
+    def log(line: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[{time.perf_counter() - started:6.0f} s] {line}", file=sys.stderr)
+
+    return log
+
+
+def _write_results(out_dir: Path, results: dict[str, Any], experiment: Experiment) -> None:
+    """``results.json``, its compact ``summary.json`` and the ``results.md`` report."""
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_json(out_dir / "summary.json", compact_results(results))
     (out_dir / "results.md").write_text(results_markdown(results, experiment), encoding="utf-8")
-    log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
-    return results
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from validation.experiments.reproduce_report import (
 )
 
 if TYPE_CHECKING:
-    from validation.experiments.reproduce import Experiment
+    from validation.experiments.reproduce_plan import Experiment
 
 
 def _pm(mean: float, std: float, fmt: str) -> str:

@@ -8,14 +8,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from validation.experiments.kfac_eval import kfac_claim
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "PAPER_ORDER",
