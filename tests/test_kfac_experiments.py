@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from ngdref.kfac import KroneckerFactors, kfac_block_matrix  # noqa: E402
+from tests.evaluate_cases import (  # noqa: E402
+    dense_fisher,
+    dense_jacobian,
+    documented_batch,
+    drawn_labels,
+    train_mlp_run,
+)
 from tests.test_experiments_train import (  # noqa: E402, F401  (fixtures)
     cifar_dir,
     dirs,
@@ -53,14 +59,7 @@ DAMPING = 1e-3  # mean convention; 1e-3 / R^2 = 0.144 in the sum convention
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Adam on 48 digits, 64-8-10 MLP (P = 610), 1 epoch: checkpoints epoch-0, epoch-1."""
-    config = load_config(
-        "mlp",
-        ["optimizer=adam", "optim.lr=0.01", "model.hidden_sizes=[8]", "train.epochs=1",
-         "train.batch_size=16", "data.max_train_samples=48", "data.max_eval_samples=16"],
-    )
-    run = tmp_path_factory.mktemp("mlp") / "run"
-    train(config, run, progress=False, device="cpu")
-    return run
+    return train_mlp_run(tmp_path_factory, "mlp", "train.epochs=1")
 
 
 def _layer_terms(model: Any, x: Any, labels: Any) -> list[tuple[Any, Any]]:
@@ -84,14 +83,6 @@ def _layer_terms(model: Any, x: Any, labels: Any) -> list[tuple[Any, Any]]:
     return [(a.numpy(), b.numpy()) for a, b in zip(inputs, grads, strict=True)]
 
 
-def _drawn_labels(probs: np.ndarray, key: int) -> np.ndarray:
-    """ngdref.LogitLoss.sample's documented draw: Python's Mersenne Twister, inverse CDF."""
-    rng = random.Random(key)
-    u = [rng.random() for _ in range(len(probs))]
-    return np.array([min(int(np.searchsorted(np.cumsum(p), v, side="right")), len(p) - 1)
-                     for p, v in zip(probs, u, strict=True)])
-
-
 def _dense_kfac(model: Any, x: Any, y: Any, key: int) -> dict[str, np.ndarray]:
     """Block-diagonal K_m (sum convention, A = mean over all N, B = sum) per method, (P, P).
 
@@ -100,7 +91,7 @@ def _dense_kfac(model: Any, x: Any, y: Any, key: int) -> dict[str, np.ndarray]:
         probs = torch.softmax(model(x), dim=1).numpy()
     s = np.sum((probs - np.eye(probs.shape[1])[y.numpy()]) ** 2, axis=1)
     drawn = np.concatenate([
-        _drawn_labels(probs[start:start + MICRO],
+        drawn_labels(probs[start:start + MICRO],
                       int(np.random.SeedSequence([key, i]).generate_state(1, np.uint64)[0]))
         for i, start in enumerate(range(0, len(y), MICRO))
     ])
@@ -126,23 +117,11 @@ def _dense_kfac(model: Any, x: Any, y: Any, key: int) -> dict[str, np.ndarray]:
 
 def _dense_fisher_and_grad(setup: Any, x: Any, y: Any, r: float) -> tuple[np.ndarray, np.ndarray]:
     """F = R sum_n J_n^T (diag p_n - p_n p_n^T) J_n and g = R sum_n grad l_n."""
-    names = [n for n, _ in setup.trainable]
-    params = [p for _, p in setup.trainable]
-    sizes = [p.numel() for p in params]
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def logits_of(flat: Any) -> Any:
-        pieces = torch.split(flat, sizes)
-        return torch.func.functional_call(
-            setup.model, {n: t.reshape(p.shape)
-                          for n, t, p in zip(names, pieces, params, strict=True)}, (x,))
-
-    jac = torch.autograd.functional.jacobian(logits_of, theta).numpy()
+    jac = dense_jacobian(setup, x)
     with torch.no_grad():
         probs = torch.softmax(setup.model(x), dim=1).numpy()
     e = probs - np.eye(probs.shape[1])[y.numpy()]
-    fisher = sum(jac[n].T @ (np.diag(p) - np.outer(p, p)) @ jac[n] for n, p in enumerate(probs))
-    return r * fisher, r * np.einsum("nc,ncp->p", e, jac)
+    return r * dense_fisher(jac, probs), r * np.einsum("nc,ncp->p", e, jac)
 
 
 def test_kfac_gamma_equals_a_dense_recomputation(mlp_run: Path) -> None:
@@ -168,8 +147,7 @@ def test_kfac_gamma_equals_a_dense_recomputation(mlp_run: Path) -> None:
         setup.load_params(params)
         gammas: dict[str, list[float]] = {m: [] for m in methods}
         for b in range(B):
-            rows = np.random.default_rng([0, b]).choice(len(setup.train), size=M, replace=False)
-            key = int(np.random.SeedSequence([0, step, b]).generate_state(1, np.uint64)[0])
+            rows, key = documented_batch(step, b, len(setup.train), M)
             x = setup.train.x[torch.as_tensor(rows)].to(torch.float64)
             y = setup.train.labels[torch.as_tensor(rows)]
             fisher, g = _dense_fisher_and_grad(setup, x, y, r)
