@@ -1,8 +1,8 @@
 r"""Figures of the paper's experiments: the toy problems, training curves, gamma ratios, sweeps.
 
-Every plotting function takes paths (or nothing, for the toy problems) and an output prefix
-``out`` and writes ``out.png`` and ``out.pdf`` (matplotlib's Agg canvas, no pyplot state, no
-display needed); it returns the written paths.
+Every plotting function takes paths (or nothing, for the toy problems), an output prefix
+``out`` and an optional ``title``, and writes ``out.png`` and ``out.pdf`` (matplotlib's Agg
+canvas, no pyplot state, no display needed); it returns the written paths.
 
 ================================  ============================================================
 function                          what it shows
@@ -76,7 +76,6 @@ __all__ = [
     "plot_logistic_toy",
     "plot_training_curves",
     "read_json",
-    "read_jsonl",
     "register_figures",
     "toy_trajectory",
 ]
@@ -84,22 +83,6 @@ __all__ = [
 # ---- training curves --------------------------------------------------------------------------
 class FiguresError(ValueError):
     """An input file of the figures cannot be read; the message names the file and line."""
-
-
-def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``, one JSON object per non-blank line.
-
-    Raises
-    ------
-    FiguresError
-        A line is not a JSON object (a truncated or damaged file): names the file and line.
-    FileNotFoundError
-        No such file.
-    """
-    try:
-        return io.read_jsonl(path)
-    except io.JsonlError as exc:
-        raise FiguresError(str(exc)) from None
 
 
 def group_runs(
@@ -173,13 +156,6 @@ def plot_training_curves(
     ----------
     runs : mapping or sequence
         See :func:`group_runs`.
-    out : path
-        Output prefix.
-    title : str, optional
-
-    Returns
-    -------
-    list of Path
     """
     groups = group_runs(runs)
     fig, axes = _figure(2, width=4.6, height=3.5)
@@ -189,7 +165,7 @@ def plot_training_curves(
         color = OPTIMIZER_COLORS.get(label, None)
         losses, accs, ends = [], [], []
         for run in dirs:
-            records = read_jsonl(Path(run) / "metrics.jsonl")
+            records = io.read_jsonl(Path(run) / "metrics.jsonl")
             train = [r for r in records if r.get("kind") == "train"]
             losses.append(_epoch_curve(train, "loss"))
             val = [r for r in records if r.get("kind") == "validation"]
@@ -219,9 +195,7 @@ def plot_training_curves(
     ax_loss.legend(fontsize=8)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 # ---- the evaluation framework -----------------------------------------------------------------
@@ -285,13 +259,6 @@ def plot_gamma_ratios(
     ----------
     evaluation : path
         An ``evaluation.json`` of :func:`validation.experiments.evaluate.evaluate_run`.
-    out : path
-        Output prefix.
-    title : str, optional
-
-    Returns
-    -------
-    list of Path
     """
     data = read_json(evaluation)
     checkpoints = data["checkpoints"]
@@ -323,9 +290,7 @@ def plot_gamma_ratios(
         ax_imb.legend(fontsize=8)
     ax_imb.set_xlabel("checkpoint (epoch)")
     ax_imb.set_ylabel(r"gradient-norm imbalance of $\|\nabla l_n\|$")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 def plot_damping_sweep(sweep: PathLike, out: PathLike, *, title: str | None = None) -> list[Path]:
@@ -338,13 +303,6 @@ def plot_damping_sweep(sweep: PathLike, out: PathLike, *, title: str | None = No
     ----------
     sweep : path
         A ``sweep.json`` of :func:`validation.experiments.evaluate.sweep_run`.
-    out : path
-        Output prefix.
-    title : str, optional
-
-    Returns
-    -------
-    list of Path
     """
     data = read_json(sweep)
     checkpoints = data["checkpoints"]
@@ -368,16 +326,14 @@ def plot_damping_sweep(sweep: PathLike, out: PathLike, *, title: str | None = No
         ax.set_title(f"{ckpt['name']} (epoch {ckpt.get('epoch', '?')})", fontsize=9)
     axes[0][0].set_ylabel("gamma ratio (mean +- std over batches)")
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 # ---- command line -----------------------------------------------------------------------------
 def _run_figures(args: Any) -> int:
     try:
         return _write_figures(args)
-    except (FiguresError, FileNotFoundError) as exc:
+    except (FiguresError, io.JsonlError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -59,8 +59,10 @@ def _figure(ncols: int, nrows: int = 1, *, width: float = 4.0, height: float = 3
     return fig, axes
 
 
-def _save(fig: Any, out: PathLike) -> list[Path]:
-    """Write ``out.png`` (150 dpi) and ``out.pdf``; return both paths."""
+def _save(fig: Any, out: PathLike, title: str | None = None) -> list[Path]:
+    """Title ``fig`` (if ``title``), write ``out.png`` (150 dpi) and ``out.pdf``; both paths."""
+    if title:
+        fig.suptitle(title, fontsize=10)
     base = Path(out)
     base.parent.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -231,8 +231,7 @@ def _plot_toy(
         ax.set_title(label)
         ax.set_xlabel(r"$\theta_0$")
     axes[0][0].set_ylabel(r"$\theta_1$")
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 def plot_least_squares_toy(

@@ -154,6 +154,4 @@ def plot_kfac_ratios(
     ax.set_xlabel("checkpoint (epoch)")
     ax.set_ylabel("gamma ratio to exact iEF (mean +- std)")
     ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title)

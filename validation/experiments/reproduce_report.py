@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from validation.experiments.io import read_jsonl
 from validation.experiments.kfac_eval import kfac_claim
 
 __all__ = [
@@ -40,8 +41,6 @@ _IMBALANCE_LABELS = {"max_min": "max / min", "tail_10": "mean of top 10% / botto
 # ---- reading runs -------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """A run's ``metrics.jsonl`` (empty if absent); a damaged line names the file and line."""
-    from validation.experiments.figures import read_jsonl
-
     return read_jsonl(path) if path.is_file() else []
 
 

@@ -63,7 +63,8 @@ class Batch:
 class Split:
     """A data split: a length, class labels, and ``make(indices)`` building a :class:`Batch`.
 
-    Subclasses hold host data and build batches on ``device`` in ``dtype``.
+    Subclasses hold host data and build batches on ``device`` in ``dtype``: they implement
+    ``_batch(idx, generator)``, ``idx`` the rows as an int64 tensor.
     """
 
     name: str = ""
@@ -79,6 +80,9 @@ class Split:
 
         Without a generator, or for a split without augmentation, the batch is deterministic.
         """
+        return self._batch(torch.as_tensor(np.asarray(indices), dtype=torch.long), generator)
+
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
         raise NotImplementedError
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
@@ -116,10 +120,8 @@ class GlueSplit(Split):
         self.padding_side = padding_side
         self.labels = data_mod.glue_label_indices(self.examples)
 
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        rows = [self.examples[int(i)] for i in indices]
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
+        rows = [self.examples[int(i)] for i in idx]
         encoded = data_mod.encode_glue(
             rows, self.tokenizer, self.max_length, padding_side=self.padding_side
         )
@@ -128,7 +130,7 @@ class GlueSplit(Split):
                 encoded["labels"], self.decoder_prefix, int(self.tokenizer.pad_token_id)
             )
         inputs = {k: v.to(self.device) for k, v in encoded.items()}
-        return Batch(inputs, self.labels[torch.as_tensor(np.asarray(indices), dtype=torch.long)])
+        return Batch(inputs, self.labels[idx])
 
 
 def _prefixed_decoder_inputs(labels: torch.Tensor, prefix: int, pad: int) -> torch.Tensor:
@@ -166,10 +168,7 @@ class ImageSplit(Split):
         self.device = device
         self.dtype = dtype
 
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
         images = self.images[idx]
         if self.augment and generator is not None:
             pixels = data_mod.cifar_train_transform(
@@ -196,9 +195,6 @@ class TensorSplit(Split):
         self.labels = labels
         self.device = device
 
-    def make(
-        self, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
-    ) -> Batch:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
         labels = self.labels[idx]
         return Batch({"x": self.x[idx.to(self.device)], "labels": labels.to(self.device)}, labels)
