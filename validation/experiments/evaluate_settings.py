@@ -257,6 +257,20 @@ def settings_json(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, allow_nan=True))
 
 
+def _check_authors(reduction: Any, batch_size: int, micro_batch: int) -> None:
+    """The authors' protocol: R fixed at 1/micro_batch, equal micro-batches."""
+    if reduction is not None:
+        raise EvaluationError(
+            "reduction: the authors' protocol fixes R = 1/micro_batch (their micro-batch "
+            f"means); leave reduction unset, got {reduction!r}"
+        )
+    if batch_size % micro_batch:
+        raise EvaluationError(
+            f"batch_size={batch_size} must be a multiple of micro_batch={micro_batch} under "
+            "the authors' protocol (their batch is micro-batches of equal size)"
+        )
+
+
 class CommonOptions(TypedDict, total=False):
     """The keyword arguments :func:`evaluate_run` and :func:`sweep_run` share with
     :func:`common_settings` (documented in :func:`evaluate_run`, defaults in
@@ -300,16 +314,7 @@ def common_settings(
     batch_size = positive_int("batch_size", batch_size)
     micro_batch = positive_int("micro_batch", micro_batch)
     if protocol == "authors":
-        if reduction is not None:
-            raise EvaluationError(
-                "reduction: the authors' protocol fixes R = 1/micro_batch (their micro-batch "
-                f"means); leave reduction unset, got {reduction!r}"
-            )
-        if batch_size % micro_batch:
-            raise EvaluationError(
-                f"batch_size={batch_size} must be a multiple of micro_batch={micro_batch} under "
-                "the authors' protocol (their batch is micro-batches of equal size)"
-            )
+        _check_authors(reduction, batch_size, micro_batch)
     return {
         "protocol": protocol,
         "batches": positive_int("batches", batches),

@@ -82,7 +82,7 @@ from validation.experiments.reproduce_report import (
     NAMES,
     claims,
     compact_results,
-    rank,
+    rankings,
     run_summary,
     seed_stats,
     select_lr,
@@ -248,13 +248,7 @@ class _Graph:
                 for opt in experiment.optimizers
             },
             "summary": summary, "seeds": seeds,
-            "ranking": {
-                "final_training_loss": rank(
-                    {m: v["final_training_loss"] for m, v in summary.items()},
-                    higher_is_better=False),
-                "test_accuracy": rank(
-                    {m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
-            },
+            "ranking": rankings(summary),
             "evaluation_run": str(self.evaluated[0]), "evaluation": evaluation, "sweep": sweep,
             "claims": [
                 dataclasses.asdict(c)

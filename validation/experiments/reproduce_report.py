@@ -27,6 +27,7 @@ __all__ = [
     "ief_robust_flags",
     "imbalance_mean",
     "rank",
+    "rankings",
     "run_summary",
     "seed_stats",
     "select_lr",
@@ -138,6 +139,16 @@ def rank(values: Mapping[str, float], *, higher_is_better: bool) -> list[str]:
         return (0, -v if higher_is_better else v, name)
 
     return sorted(values, key=key)
+
+
+def rankings(summary: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
+    """The optimisers by final training loss (lower first) and by test accuracy (higher first)."""
+    return {
+        "final_training_loss": rank(
+            {m: v["final_training_loss"] for m, v in summary.items()}, higher_is_better=False),
+        "test_accuracy": rank(
+            {m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -274,45 +285,20 @@ def claims(
         (:func:`ief_robust_flags`); the gradient-norm imbalance grows with training.
     """
     order = " > ".join(NAMES.get(m, m) for m in paper_order)
+    ranked = rankings(summary)
     out = [
         compare_ranking(
-            rank({m: v["final_training_loss"] for m, v in summary.items()},
-                 higher_is_better=False),
-            paper_order, what=f"final training loss ranking (lower is better) vs {order}",
+            ranked["final_training_loss"], paper_order,
+            what=f"final training loss ranking (lower is better) vs {order}",
         ),
         compare_ranking(
-            rank({m: v["test_accuracy"] for m, v in summary.items()}, higher_is_better=True),
-            paper_order, what=f"test accuracy ranking vs {order}",
+            ranked["test_accuracy"], paper_order, what=f"test accuracy ranking vs {order}",
         ),
     ]
     if evaluation is None:
         out.append(Claim("gamma", None, "gamma claims: not checked (no evaluation.json)."))
     else:
-        out.append(
-            _majority("gamma order", gamma_order_flags(evaluation),
-                      "iEF < SF < EF in gamma (gamma_SF/gamma_iEF > 1 and gamma_SF/gamma_EF < 1)")
-        )
-        out.append(
-            _majority("EF worse than SGD", ef_worse_flags(evaluation),
-                      "EF worse than SGD (gamma_EF/gamma_SGD > 1)")
-        )
-        held, text = kfac_claim(evaluation)
-        out.append(Claim(
-            "K-FAC family", held,
-            "ieKFAC ~ iEF, much better than KFAC and eKFAC (App. D.2.2): "
-            f"{'not checked' if held is None else 'held' if held else 'did not hold'} ({text}).",
-        ))
-        for stat, label in _IMBALANCE_LABELS.items():
-            imb = [imbalance_mean(c, stat) for c in evaluation["checkpoints"]]
-            if len(imb) < 2 or not all(math.isfinite(v) for v in (imb[0], imb[-1])):
-                continue
-            grows = imb[-1] > imb[0]
-            out.append(Claim(
-                f"imbalance grows ({stat})", grows,
-                f"gradient-norm imbalance ({label}) grows with training: "
-                f"{'held' if grows else 'did not hold'} ({imb[0]:.3g} at the first checkpoint, "
-                f"{imb[-1]:.3g} at the last).",
-            ))
+        out += _evaluation_claims(evaluation)
     if sweep is None:
         out.append(Claim("iEF damping", None, "iEF damping robustness: not checked (no sweep)."))
     else:
@@ -322,6 +308,34 @@ def claims(
                       "1.25x of its best over the grid for every lambda <= 1e-8)",
                       "sweep checkpoints")
         )
+    return out
+
+
+def _evaluation_claims(evaluation: Mapping[str, Any]) -> list[Claim]:
+    """The gamma order, EF vs SGD, the K-FAC family and the imbalance's growth."""
+    out = [
+        _majority("gamma order", gamma_order_flags(evaluation),
+                  "iEF < SF < EF in gamma (gamma_SF/gamma_iEF > 1 and gamma_SF/gamma_EF < 1)"),
+        _majority("EF worse than SGD", ef_worse_flags(evaluation),
+                  "EF worse than SGD (gamma_EF/gamma_SGD > 1)"),
+    ]
+    held, text = kfac_claim(evaluation)
+    out.append(Claim(
+        "K-FAC family", held,
+        "ieKFAC ~ iEF, much better than KFAC and eKFAC (App. D.2.2): "
+        f"{'not checked' if held is None else 'held' if held else 'did not hold'} ({text}).",
+    ))
+    for stat, label in _IMBALANCE_LABELS.items():
+        imb = [imbalance_mean(c, stat) for c in evaluation["checkpoints"]]
+        if len(imb) < 2 or not all(math.isfinite(v) for v in (imb[0], imb[-1])):
+            continue
+        grows = imb[-1] > imb[0]
+        out.append(Claim(
+            f"imbalance grows ({stat})", grows,
+            f"gradient-norm imbalance ({label}) grows with training: "
+            f"{'held' if grows else 'did not hold'} ({imb[0]:.3g} at the first checkpoint, "
+            f"{imb[-1]:.3g} at the last).",
+        ))
     return out
 
 
