@@ -13,12 +13,17 @@ the imported name.
 from __future__ import annotations
 
 import pickle
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from validation.experiments.data import GlueExample
 
 
 def require_hf_stack() -> ModuleType:
@@ -45,10 +50,8 @@ def _sst2_rows(n: int, rng: np.random.Generator) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module", name="glue_dir")
-def fixture_glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """glue_data/SST-2/{train,dev}.tsv in GLUE's layout: a header, sentence TAB label."""
-    root = tmp_path_factory.mktemp("glue_data")
+def write_sst2(root: Path) -> Path:
+    """root/SST-2/{train,dev}.tsv in GLUE's layout (a header, sentence TAB label): 40, 12 rows."""
     (root / "SST-2").mkdir()
     rng = np.random.default_rng(0)
     (root / "SST-2" / "train.tsv").write_text(_sst2_rows(40, rng))
@@ -56,25 +59,25 @@ def fixture_glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", name="cifar_dir")
-def fixture_cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """cifar-100-python/{train,test,meta}: pickled dicts with byte keys, (N, 3072) uint8 rows."""
-    root = tmp_path_factory.mktemp("cifar")
+def write_cifar100(
+    root: Path,
+    tables: dict[str, dict[bytes, Any]],
+    fine_names: list[str],
+    coarse_names: list[str],
+) -> Path:
+    """root/cifar-100-python/{<split>..., meta}: pickled dicts with byte keys, as distributed.
+
+    ``tables`` maps a split's file name ("train", "test") to its dict (``b"data"``: (N, 3072)
+    uint8 rows, channel-major; ``b"fine_labels"``, ``b"coarse_labels"``: lists of N ints).
+    """
     folder = root / "cifar-100-python"
     folder.mkdir()
-    rng = np.random.default_rng(1)
-    for name, n in (("train", 40), ("test", 12)):
-        fine = rng.integers(0, 100, n)
-        table = {
-            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-            b"fine_labels": fine.tolist(),
-            b"coarse_labels": (fine // 5).tolist(),
-        }
+    for name, table in tables.items():
         with (folder / name).open("wb") as fh:
             pickle.dump(table, fh, protocol=2)
     meta = {
-        b"fine_label_names": [f"fine{k}".encode() for k in range(100)],
-        b"coarse_label_names": [f"coarse{k}".encode() for k in range(20)],
+        b"fine_label_names": [s.encode() for s in fine_names],
+        b"coarse_label_names": [s.encode() for s in coarse_names],
     }
     with (folder / "meta").open("wb") as fh:
         pickle.dump(meta, fh, protocol=2)
@@ -82,8 +85,22 @@ def fixture_cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module", name="dirs")
-def fixture_dirs(glue_dir: Path, cifar_dir: Path) -> dict[str, Path]:
-    return {"glue": glue_dir, "cifar": cifar_dir}
+def fixture_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny runs' data sources: ``glue`` (SST-2 only) and ``cifar`` (random pixels, labels)."""
+    glue = write_sst2(tmp_path_factory.mktemp("glue_data"))
+    rng = np.random.default_rng(1)
+    tables = {}
+    for name, n in (("train", 40), ("test", 12)):
+        fine = rng.integers(0, 100, n)
+        tables[name] = {
+            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": (fine // 5).tolist(),
+        }
+    fine_names = [f"fine{k}" for k in range(100)]
+    coarse_names = [f"coarse{k}" for k in range(20)]
+    cifar = write_cifar100(tmp_path_factory.mktemp("cifar"), tables, fine_names, coarse_names)
+    return {"glue": glue, "cifar": cifar}
 
 
 @pytest.fixture(scope="module", name="tokenizer")
@@ -93,6 +110,25 @@ def fixture_tokenizer() -> Any:
     from validation.experiments.data import tiny_t5_tokenizer
 
     return tiny_t5_tokenizer(["Hello"])
+
+
+# ---- the data layer's stand-ins and views -----------------------------------------------------
+def install_fake_datasets(
+    monkeypatch: pytest.MonkeyPatch, load_dataset: Callable[..., Any]
+) -> None:
+    """Make ``import datasets`` give a module whose only function is ``load_dataset``.
+
+    The stand-in is undone with ``monkeypatch``; ``load_dataset(path, name=None, *, split)``
+    returns what the loaders iterate over (row dicts), or raises like the hub does offline.
+    """
+    module = ModuleType("datasets")
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", module)
+
+
+def glue_triples(examples: list[GlueExample]) -> list[tuple[str, int, str | None]]:
+    """(formatted text, label index, label word) of each GLUE example, for comparisons."""
+    return [(e.text, e.label, e.label_word) for e in examples]
 
 
 # ---- tiny runs ------------------------------------------------------------------------------

@@ -15,10 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.experiment_cases import (  # noqa: F401  (fixtures: pytest finds them here)
-    fixture_cifar_dir,
-    fixture_dirs,
-    fixture_glue_dir,
+from tests.experiment_cases import (
+    fixture_dirs,  # noqa: F401  (a fixture: pytest finds it here)
     require_hf_stack,
     tiny_overrides,
     train_records,

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 import ngdref
-from tests.experiment_cases import (  # noqa: F401  (fixtures: pytest finds them here)
-    fixture_cifar_dir,
-    fixture_dirs,
-    fixture_glue_dir,
+from tests.experiment_cases import (
+    fixture_dirs,  # noqa: F401  (a fixture: pytest finds it here)
     require_hf_stack,
     tiny_overrides,
 )
@@ -29,9 +27,7 @@ from validation.experiments.config import (  # noqa: E402
     default_config,
     load_config,
 )
-from validation.experiments.train import (  # noqa: E402
-    build_setup,
-)
+from validation.experiments.train import build_setup  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

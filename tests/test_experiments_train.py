@@ -17,10 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.experiment_cases import (  # noqa: F401  (fixtures: pytest finds them here)
-    fixture_cifar_dir,
-    fixture_dirs,
-    fixture_glue_dir,
+from tests.experiment_cases import (
+    fixture_dirs,  # noqa: F401  (a fixture: pytest finds it here)
     require_hf_stack,
     tiny_overrides,
     train_records,
@@ -28,9 +26,7 @@ from tests.experiment_cases import (  # noqa: F401  (fixtures: pytest finds them
 
 torch = require_hf_stack()
 
-from validation.experiments.config import (  # noqa: E402
-    load_config,
-)
+from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.train import (  # noqa: E402
     build_setup,
     epoch_permutation,

@@ -23,12 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from ngdref.kfac import KroneckerFactors, kfac_block_matrix  # noqa: E402
-from tests.experiment_cases import (  # noqa: E402, F401  (fixtures)
-    fixture_cifar_dir,
-    fixture_dirs,
-    fixture_glue_dir,
-    tiny_overrides,
-)
+from tests.experiment_cases import fixture_dirs, tiny_overrides  # noqa: E402, F401  (fixtures)
 from validation.experiments.config import KFAC_OPTIMIZERS, load_config  # noqa: E402
 from validation.experiments.evaluate import evaluate_run  # noqa: E402
 from validation.experiments.train import (  # noqa: E402
