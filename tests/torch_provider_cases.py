@@ -33,6 +33,7 @@ from validation.tiny_models import (
     VIT_LORA_TARGETS,
     lora,
     t5_adapter,
+    tiny_cnn_batch,
     tiny_t5_batch,
     tiny_t5_config,
     tiny_vit_config,
@@ -101,12 +102,7 @@ def _mlp(loss_kind: str) -> Case:
 
 
 def _cnn() -> Case:
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    ).double().eval()
-    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (4,))
+    model, x, y = tiny_cnn_batch(seed=1, num_samples=4)
     return Case(
         "cnn", model, x, y, ngdref.SoftmaxCrossEntropy(),
         lambda n: ce_sum(model(x[n:n + 1]), y[n:n + 1]),

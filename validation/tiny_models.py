@@ -1,12 +1,12 @@
-"""The tiny random transformers of the tests, the validation suite and the benchmarks.
+"""The tiny random models of the tests, the validation suite and the benchmarks.
 
 One home for the small Hugging Face configurations (T5, ViT), their adapters (LoRA, prompt
-tuning) and the tiny T5 batch, so that every caller writes only the sizes that differ. Nothing
-here seeds a generator: each caller seeds ``torch`` itself (globally, or in a forked RNG),
-because the random state after building the model is part of what its tests compare.
+tuning), the tiny T5 batch and the tiny CNN, so that every caller writes only the sizes that
+differ. The transformers are left to the caller to build and seed (globally, or in a forked
+RNG), because the random state after building the model is part of what its tests compare.
 
-transformers and peft are imported inside the functions: importing this module costs
-nothing and needs neither.
+torch, transformers and peft are imported inside the functions: importing this module costs
+nothing and needs none of them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "lora",
     "prompt_tuning",
     "t5_adapter",
+    "tiny_cnn_batch",
     "tiny_t5_batch",
     "tiny_t5_config",
     "tiny_vit_config",
@@ -146,3 +147,23 @@ def tiny_t5_batch(
     labels[1, 2:] = ignore_index  # label word + EOS, padded with -100
     labels[3, 1:] = ignore_index
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tiny_cnn_batch(
+    *, seed: int, num_samples: int
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 CNN in eval mode on ``num_samples`` random 1 x 6 x 6 images of 3 classes.
+
+    ``Conv2d(1, 2, 3) -> Tanh -> Flatten -> Linear(2 * 4 * 4, 3)``; the model, the images x
+    (N, 1, 6, 6) and the labels y (N,) are drawn in that order after ``torch.manual_seed(seed)``.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double().eval()
+    x = torch.randn(num_samples, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (num_samples,))
+    return model, x, y

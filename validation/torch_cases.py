@@ -218,15 +218,9 @@ def _mlp() -> TorchBatch:
 
 
 def _cnn() -> TorchBatch:
-    import torch
-    from torch import nn
+    from validation.tiny_models import tiny_cnn_batch
 
-    torch.manual_seed(11)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    ).double().eval()
-    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (6,))
+    model, x, y = tiny_cnn_batch(seed=11, num_samples=6)
     return TorchBatch(model, x, y, ngdref.SoftmaxCrossEntropy(), x)
 
 
