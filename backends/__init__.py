@@ -6,9 +6,10 @@ Always available (array-API generic; stdlib and array_api_compat only):
 - :class:`LinearProvider` and the toy problems of SPEC section 7, in closed form;
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
-Imported lazily, on first access, because they need torch: :class:`TorchProvider`
-(``backends.torch_provider``), :class:`GhostRows` (``backends.ghost``: per-sample gradients
-as per-layer factors), the optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
+Imported lazily, on first access, because they need torch: :class:`TorchProvider` and
+:func:`default_output_fn` (a model's output -> its logits; ``backends.torch_provider``),
+:class:`GhostRows` (``backends.ghost``: per-sample gradients as per-layer factors), the
+optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
 (``backends.optim``) and :class:`KFAC`, :class:`EKFAC`, :class:`IEKFAC`
 (``backends.kfac_optim``). ``import backends`` never imports torch. The SciPy
 ``LinearOperator`` s :func:`curvature_operator`, :func:`kfac_operator`
@@ -36,6 +37,7 @@ from .mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 #: as ``ngdref.backends``), imported on first access
 _LAZY = {
     "TorchProvider": ".torch_provider",
+    "default_output_fn": ".torch_provider",
     "GhostRows": ".ghost",
     "IEF": ".optim",
     "EF": ".optim",

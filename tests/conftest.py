@@ -1,5 +1,8 @@
 """Shared fixtures: the array backends every core test runs on, and tolerances.
 
+Loaded before any test module, it also keeps Hugging Face offline for the whole suite
+(``HF_HUB_OFFLINE`` and ``HF_DATASETS_OFFLINE`` default to 1): test modules need not set them.
+
 Each backend is a namespace that the math core receives arrays from. NumPy and
 array_api_strict always run; torch runs when installed (CPU, float64); CuPy
 runs only when ``cupy.cuda.is_available()`` and skips cleanly otherwise.

@@ -5,7 +5,7 @@ so no port has to be guessed; gloo's pair sockets bind to the loopback interface
 spawned ONCE per world size; each runs every case below in turn and saves what it saw.
 The expected value is the same optimiser run in this (non-distributed) process on the
 concatenated batch: the single-process optimisers are themselves checked against
-independent routes in tests/test_optim.py.
+independent routes in tests/test_optim_steps.py.
 
 Run a worker by hand: ``python -m tests.test_distributed RANK WORLD FOLDER``.
 """

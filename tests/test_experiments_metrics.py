@@ -6,7 +6,6 @@ the class opposite to the truth, the stated convention) and from confusion count
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -22,9 +21,6 @@ from validation.experiments.metrics import (
     predict_label_words,
     selection_score,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 skm = pytest.importorskip("sklearn.metrics")
 

@@ -212,7 +212,7 @@ CASES = [
 
 
 def _hf(name: str) -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
-    from tests.test_torch_provider import case
+    from tests.torch_provider_cases import case
 
     c = case(name)
     return c.model, c.inputs, c.targets, c.loss
@@ -228,11 +228,11 @@ HF_CASES = [
 
 def _t5_full() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
     transformers = pytest.importorskip("transformers")
-    from tests.test_torch_provider import VOCAB, _t5_batch, _t5_config
+    from tests.torch_provider_cases import VOCAB, t5_batch, t5_config
 
     torch.manual_seed(6)
-    model = transformers.T5ForConditionalGeneration(_t5_config()).double()
-    batch = _t5_batch()
+    model = transformers.T5ForConditionalGeneration(t5_config()).double()
+    batch = t5_batch()
     return model, batch, batch["labels"], ngdref.SequenceSoftmaxCrossEntropy(VOCAB)
 
 

@@ -29,12 +29,7 @@ from tests.evaluate_cases import (  # noqa: E402
     drawn_labels,
     train_mlp_run,
 )
-from tests.test_experiments_train import (  # noqa: E402, F401  (fixtures)
-    cifar_dir,
-    dirs,
-    glue_dir,
-    tiny_overrides,
-)
+from tests.experiment_cases import fixture_dirs, tiny_overrides  # noqa: E402, F401  (fixtures)
 from validation.experiments.config import KFAC_OPTIMIZERS, load_config  # noqa: E402
 from validation.experiments.evaluate import evaluate_run  # noqa: E402
 from validation.experiments.train import (  # noqa: E402
@@ -175,7 +170,7 @@ def _lora_digits_config(optimizer: str, out: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("optimizer", KFAC_OPTIMIZERS)
 @pytest.mark.parametrize("setup", ["mlp", "t5-lora", "t5-prompt", "vit-lora", "digits-lora"])
 def test_every_setup_trains_with_the_kfac_optimizers(
-    setup: str, optimizer: str, dirs: dict[str, Path], tmp_path: Path  # noqa: F811
+    setup: str, optimizer: str, dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """Two steps of the runner with its config defaults: finite losses, the optimiser's
     diagnostics logged (parameters outside supported layers reported, e.g. prompt tokens)."""

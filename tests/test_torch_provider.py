@@ -1,6 +1,7 @@
 """TorchProvider (backends/torch_provider.py) against independent routes, in float64.
 
-Expected values never come from the provider's own machinery:
+Expected values never come from the provider's own machinery (the cases and references are in
+:mod:`tests.torch_provider_cases`):
 
 - per-sample gradients: a Python loop of single-sample forward passes through the
   model's ordinary ``__call__`` (2-D attention masks, Hugging Face's own
@@ -11,15 +12,11 @@ Expected values never come from the provider's own machinery:
 - Jacobian-vector products: the verified Jacobian times v, and central differences;
 - summed products: ``torch.autograd.grad`` of ``sum(z * u)`` on the full batch.
 
-Cases are data (:data:`CASES`): a name and a builder of the model, its inputs, the
-ngdref loss paired with the provider and the single-sample reference loss.
+Bad input is in tests/test_torch_provider_bad_input.py.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -30,226 +27,22 @@ from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
 from backends.torch_provider import TorchProvider  # noqa: E402
-from tests.backends import tolerance  # noqa: E402
-
-F64 = tolerance("float64")
-F32 = tolerance("float32")
-IGNORE = -100
-VOCAB = 40
-
-
-# ---- cases -------------------------------------------------------------------------------------
-@dataclass
-class Case:
-    """A model on one batch with everything a test needs to check the provider."""
-
-    name: str
-    model: nn.Module
-    inputs: Any  # what TorchProvider gets
-    targets: Any  # the ngdref loss's targets
-    loss: ngdref.LogitLoss
-    sample_loss: Callable[[int], Any]  # n -> l_n through the model's ordinary forward
-    batch_logits: Callable[[dict[str, Any]], Any]  # {name: param} -> (N, C), ordinary forward
-    hookable: bool  # all trainable parameters live in nn.Linear layers
-    exact_forward_mode: bool = True  # False: the model computes part of its forward in float32
-
-    @property
-    def trainable(self) -> list[tuple[str, Any]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.targets.shape[0])
-
-
-def _reference_call(model: nn.Module, params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    return torch.func.functional_call(model, params, args, kwargs)
-
-
-def _ce_sum(logits: Any, labels: Any) -> Any:
-    return nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE)(logits, labels)
-
-
-def _mlp(loss_kind: str) -> Case:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
-    model[0].bias.requires_grad_(False)  # a frozen parameter: not part of theta
-    x = torch.randn(5, 4, dtype=torch.float64)
-    if loss_kind == "ce":
-        y = torch.randint(0, 3, (5,))
-        loss: ngdref.LogitLoss = ngdref.SoftmaxCrossEntropy()
-
-        def sample_loss(n: int) -> Any:
-            return _ce_sum(model(x[n:n + 1]), y[n:n + 1])
-    else:
-        y = torch.randn(5, 3, dtype=torch.float64)
-        loss = ngdref.SquaredError()
-
-        def sample_loss(n: int) -> Any:
-            return 0.5 * nn.MSELoss(reduction="sum")(model(x[n:n + 1]), y[n:n + 1])
-
-    return Case(
-        f"mlp_{loss_kind}", model, x, y, loss, sample_loss,
-        lambda p: _reference_call(model, p, x), hookable=True,
-    )
-
-
-def _cnn() -> Case:
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    ).double().eval()
-    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (4,))
-    return Case(
-        "cnn", model, x, y, ngdref.SoftmaxCrossEntropy(),
-        lambda n: _ce_sum(model(x[n:n + 1]), y[n:n + 1]),
-        lambda p: _reference_call(model, p, x), hookable=False,
-    )
-
-
-def _t5_config() -> Any:
-    transformers = pytest.importorskip("transformers")
-    return transformers.T5Config(
-        vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1,
-        num_heads=2, d_kv=8, attn_implementation="eager",
-        decoder_start_token_id=0, pad_token_id=0,
-    )
-
-
-def _t5_batch() -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(3)
-    n, s, t = 4, 6, 3
-    ids = torch.randint(1, VOCAB, (n, s), generator=generator)
-    mask = torch.ones(n, s, dtype=torch.long)
-    mask[0, 3:] = 0  # right padding of the encoder input
-    mask[2, 5:] = 0
-    ids[mask == 0] = 0
-    labels = torch.randint(1, VOCAB, (n, t), generator=generator)
-    labels[1, 2:] = IGNORE  # label word + EOS, padded with -100
-    labels[3, 1:] = IGNORE
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _t5(adapter: str) -> Case:
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(2)
-    base = transformers.T5ForConditionalGeneration(_t5_config())
-    if adapter == "lora":
-        # init_lora_weights=False: B is random, so the gradients of A are not all zero
-        config = peft.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights=False)
-    else:
-        config = peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3
-        )
-    model = peft.get_peft_model(base, config).double().eval()
-    batch = _t5_batch()
-    labels = batch["labels"]
-
-    def forward(params: dict[str, Any] | None, rows: slice) -> Any:
-        kwargs = {k: v[rows] for k, v in batch.items()}
-        out = model(**kwargs) if params is None else _reference_call(model, params, **kwargs)
-        return out.logits  # HF derives decoder_input_ids from labels itself
-
-    return Case(
-        f"t5_{adapter}", model, batch, labels, ngdref.SequenceSoftmaxCrossEntropy(VOCAB),
-        lambda n: _ce_sum(forward(None, slice(n, n + 1))[0], labels[n]),
-        lambda p: forward(p, slice(None)).reshape(labels.shape[0], -1),
-        hookable=adapter == "lora",
-        # T5LayerNorm computes its variance in float32 even in a float64 model
-        exact_forward_mode=False,
-    )
-
-
-def _vit_model(attn_implementation: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(4)
-    config = transformers.ViTConfig(
-        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=5, attn_implementation=attn_implementation,
-    )
-    model = transformers.ViTForImageClassification(config)
-    # transformers 5 names ViT's attention projections q_proj / v_proj
-    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return peft.get_peft_model(model, lora).double().eval()
-
-
-def _vit(attn_implementation: str = "eager") -> Case:
-    model = _vit_model(attn_implementation)
-    generator = torch.Generator().manual_seed(5)
-    pixels = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=generator)
-    labels = torch.randint(0, 5, (4,), generator=generator)
-    inputs = {"pixel_values": pixels, "labels": labels}
-    return Case(
-        f"vit_lora_{attn_implementation}", model, inputs, labels, ngdref.SoftmaxCrossEntropy(),
-        lambda n: _ce_sum(model(pixel_values=pixels[n:n + 1]).logits, labels[n:n + 1]),
-        lambda p: _reference_call(model, p, pixel_values=pixels).logits, hookable=True,
-        # HF's eager ViT attention takes its softmax in float32 even in a float64 model
-        exact_forward_mode=False,
-    )
-
-
-BUILDERS: dict[str, Callable[[], Case]] = {
-    "mlp_ce": lambda: _mlp("ce"),
-    "mlp_squared_error": lambda: _mlp("se"),
-    "cnn": _cnn,
-    "t5_lora": lambda: _t5("lora"),
-    "t5_prompt": lambda: _t5("prompt"),
-    "vit_lora": _vit,
-}
-CASES = list(BUILDERS)
-HOOKABLE = ["mlp_ce", "mlp_squared_error", "t5_lora", "vit_lora"]
-EXACT_FORWARD_MODE = ["mlp_ce", "mlp_squared_error", "cnn"]
-
-
-@functools.cache
-def case(name: str) -> Case:
-    return BUILDERS[name]()
-
-
-# ---- independent references -------------------------------------------------------------------
-def loop_per_sample_grads(c: Case) -> Any:
-    """Rows grad_theta l_n from N single-sample ``loss.backward()`` calls."""
-    params = [p for _, p in c.trainable]
-    rows = []
-    for n in range(c.num_samples):
-        for p in params:
-            p.grad = None
-        c.sample_loss(n).backward()
-        rows.append(torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ]))
-    for p in params:
-        p.grad = None
-    return torch.stack(rows)
-
-
-def reference_jacobian(c: Case) -> Any:
-    names = [n for n, _ in c.trainable]
-    shapes = [p.shape for _, p in c.trainable]
-    sizes = [p.numel() for _, p in c.trainable]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in c.trainable])
-
-    def fn(flat: Any) -> Any:
-        pieces = torch.split(flat, sizes)
-        return c.batch_logits(
-            {n: x.reshape(s) for n, x, s in zip(names, pieces, shapes, strict=True)}
-        )
-
-    jac = torch.autograd.functional.jacobian(fn, theta)
-    return jac.reshape(c.num_samples, -1, theta.shape[0])
-
-
-def assert_close(actual: Any, expected: Any, tol: dict[str, float] = F64, scale: bool = True):
-    """assert_close with atol relative to the size of the expected values."""
-    atol = tol["atol"] * (max(1.0, float(expected.abs().max())) if scale else 1.0)
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=atol)
-
-
-def logit_grads(c: Case, provider: TorchProvider) -> Any:
-    return c.loss.grad(provider.logits(), c.targets)
+from tests.torch_provider_cases import (  # noqa: E402
+    CASES,
+    EXACT_FORWARD_MODE,
+    F32,
+    F64,
+    HOOKABLE,
+    VOCAB,
+    Case,
+    assert_close,
+    case,
+    ce_sum,
+    logit_grads,
+    loop_per_sample_grads,
+    reference_jacobian,
+    vit_case,
+)
 
 
 # ---- the identities ---------------------------------------------------------------------------
@@ -376,7 +169,7 @@ def test_padding_mask_is_honoured_under_vmap() -> None:
     grads = provider.vjp(logit_grads(c, provider))
     ids, labels = c.inputs["input_ids"][:1, :3], c.inputs["labels"][:1]
     params = [p for _, p in c.trainable]
-    loss = _ce_sum(c.model(input_ids=ids, labels=labels).logits[0], labels[0])
+    loss = ce_sum(c.model(input_ids=ids, labels=labels).logits[0], labels[0])
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     assert_close(grads[0], expected)
     unmasked = {k: v for k, v in c.inputs.items() if k != "attention_mask"}
@@ -395,7 +188,7 @@ def test_first_label_token_output_fn() -> None:
     rows = []
     for n in range(c.num_samples):
         kwargs = {k: v[n:n + 1] for k, v in c.inputs.items()}
-        loss = _ce_sum(c.model(**kwargs).logits[:, 0], first[n:n + 1])
+        loss = ce_sum(c.model(**kwargs).logits[:, 0], first[n:n + 1])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
     assert_close(grads, torch.stack(rows))
 
@@ -438,7 +231,7 @@ def test_auto_falls_back_to_vmap_when_hooks_miss_a_use() -> None:
     grads = provider.vjp(ngdref.SoftmaxCrossEntropy().grad(provider.logits(), y))
     assert provider.per_sample_method == "vmap"
     c = Case("shared", model, x, y, ngdref.SoftmaxCrossEntropy(),
-             lambda n: _ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=False)
+             lambda n: ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=False)
     assert_close(grads, loop_per_sample_grads(c))
     forced = TorchProvider(model, x, per_sample_method="hooks")
     with pytest.raises(RuntimeError, match="per_sample_method"):
@@ -500,7 +293,7 @@ def test_float32_model() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     c = Case("mlp32", model, x, y, ngdref.SoftmaxCrossEntropy(),
-             lambda n: _ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=True)
+             lambda n: ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=True)
     expected = loop_per_sample_grads(c)
     for method in ("vmap", "hooks"):
         provider = TorchProvider(model, x, per_sample_method=method)
@@ -510,107 +303,7 @@ def test_float32_model() -> None:
 
 
 def test_sdpa_attention_works_for_reverse_mode() -> None:
-    c = _vit("sdpa")
+    c = vit_case("sdpa")
     provider = TorchProvider(c.model, c.inputs, per_sample_method="vmap")
     assert_close(provider.vjp(logit_grads(c, provider)), loop_per_sample_grads(c))
 
-
-# ---- bad input ----------------------------------------------------------------------------------
-def test_jvp_with_sdpa_attention_names_attn_implementation() -> None:
-    c = _vit("sdpa")
-    provider = TorchProvider(c.model, c.inputs)
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        provider.jvp(torch.zeros(provider.num_params, dtype=torch.float64))
-
-
-def test_model_without_trainable_parameters() -> None:
-    model = nn.Linear(3, 2).double().requires_grad_(False)
-    with pytest.raises(ValueError, match="model has no trainable parameters"):
-        TorchProvider(model, torch.zeros(2, 3, dtype=torch.float64))
-
-
-def test_mixed_parameter_dtypes() -> None:
-    model = nn.Sequential(nn.Linear(3, 2).double(), nn.Linear(2, 2))
-    with pytest.raises(TypeError, match=r"model: trainable parameter 1\.weight"):
-        TorchProvider(model, torch.zeros(2, 3, dtype=torch.float64))
-
-
-def test_non_finite_logits() -> None:
-    model = nn.Linear(3, 2).double()
-    x = torch.zeros(2, 3, dtype=torch.float64)
-    x[1, 0] = float("nan")
-    with pytest.raises(ValueError, match="logits"):
-        TorchProvider(model, x)
-
-
-@pytest.fixture
-def mlp_provider() -> TorchProvider:
-    c = case("mlp_ce")
-    return TorchProvider(c.model, c.inputs)
-
-
-@pytest.mark.parametrize(
-    ("make", "error", "match"),
-    [
-        (lambda p: torch.zeros(p.num_params, dtype=torch.float32), TypeError, "vector has dtype"),
-        (lambda p: torch.zeros(p.num_params, dtype=torch.float64, device="meta"), TypeError,
-         "vector is on device meta"),
-        (lambda p: torch.zeros(p.num_params + 1, dtype=torch.float64), ValueError, "vector has"),
-        (lambda p: torch.zeros(1, p.num_params, dtype=torch.float64), ValueError, "vector must"),
-    ],
-)
-def test_bad_vector(mlp_provider: TorchProvider, make: Callable, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
-        mlp_provider.jvp(make(mlp_provider))
-
-
-@pytest.mark.parametrize("method", ["vjp", "vjp_sum"])
-@pytest.mark.parametrize(
-    ("make", "error", "match"),
-    [
-        (lambda z: z.float(), TypeError, "cotangents has dtype"),
-        (lambda z: torch.zeros(z.shape, dtype=z.dtype, device="meta"), TypeError,
-         "cotangents is on device meta"),
-        (lambda z: z[:-1], ValueError, "cotangents must have the logits' shape"),
-    ],
-)
-def test_bad_cotangents(
-    mlp_provider: TorchProvider, method: str, make: Callable, error: type, match: str
-) -> None:
-    with pytest.raises(error, match=match):
-        getattr(mlp_provider, method)(make(mlp_provider.logits()))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"per_sample_method": "loop"}, ValueError, "per_sample_method must be one of"),
-        ({"chunk_size": 0}, ValueError, "chunk_size"),
-        ({"params": torch.zeros(3, dtype=torch.float64)}, ValueError, r"params must have shape"),
-        ({"params": torch.zeros(45, dtype=torch.float32)}, TypeError, "params has dtype"),
-        ({"output_fn": lambda out: out[0]}, ValueError, "output_fn returned shape"),
-    ],
-)
-def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
-    c = case("mlp_ce")
-    assert sum(p.numel() for _, p in c.trainable) == 45
-    with pytest.raises(error, match=match):
-        TorchProvider(c.model, c.inputs, **kwargs)
-
-
-def test_hooks_refused_for_non_linear_parameters() -> None:
-    c = case("cnn")
-    with pytest.raises(ValueError, match="per_sample_method='hooks'"):
-        TorchProvider(c.model, c.inputs, per_sample_method="hooks")
-
-
-def test_bad_inputs() -> None:
-    c = case("t5_lora")
-    short = dict(c.inputs, attention_mask=c.inputs["attention_mask"][:2])
-    with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] has 2 samples"):
-        TorchProvider(c.model, short)
-    short_labels = dict(c.inputs, labels=c.inputs["labels"][:3])
-    with pytest.raises(ValueError, match=r"inputs\['labels'\] has shape \(3, 3\)"):
-        TorchProvider(c.model, short_labels)
-    with pytest.raises(TypeError, match=r"inputs must be a torch\.Tensor or a mapping"):
-        TorchProvider(c.model, [c.inputs["input_ids"]])

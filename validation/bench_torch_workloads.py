@@ -7,7 +7,6 @@ ViT with ALL parameters trainable). ``quick`` shrinks every model for CI-scale r
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,14 @@ import torch
 from torch import nn
 
 import ngdref
+from backends import default_output_fn
+from validation.tiny_models import (
+    T5_LORA_TARGETS,
+    VIT_LORA_TARGETS,
+    lora,
+    tiny_t5_config,
+    tiny_vit_config,
+)
 
 #: workloads whose every parameter is trainable (the peak-memory target applies to them)
 FULL_PARAMETER = ("mlp", "mlp_big", "t5_full", "vit_full")
@@ -59,16 +66,16 @@ class _LogitsOf(nn.Module):
 
     def forward(self, inputs: Any) -> torch.Tensor:
         out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
+        logits = default_output_fn(out)
         return logits.reshape(-1, logits.shape[-1])
 
 
-def _peft_model(base: nn.Module, config: Any) -> nn.Module:
-    import peft
-
-    with warnings.catch_warnings():  # transformers 5 deprecations inside peft, not ours
-        warnings.simplefilter("ignore", FutureWarning)
-        return peft.get_peft_model(base, config).float().eval()
+def _trainable(
+    base: nn.Module, full: bool, targets: tuple[str, ...], device: torch.device
+) -> nn.Module:
+    """float32, eval mode, on ``device``: ``base`` itself (full) or with LoRA r=8 on ``targets``."""
+    model = base if full else lora(base, r=8, targets=targets)
+    return model.float().eval().to(device)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -82,25 +89,17 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _t5(quick: bool, full: bool, device: torch.device) -> Workload:
-    import peft
     import transformers
 
     n, src, vocab, d_model = (8, 16, 128, 32) if quick else (32, 32, 1000, 128)
     heads = 4
     torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
-        num_heads=heads, d_kv=d_model // heads, attn_implementation="eager",
-        decoder_start_token_id=0, pad_token_id=0,
+    config = tiny_t5_config(
+        vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, num_layers=2, num_heads=heads,
+        d_kv=d_model // heads,
     )
     base = transformers.T5ForConditionalGeneration(config)
-    if full:
-        model = base.float().eval()
-    else:
-        # init_lora_weights=False: B is random, so A has nonzero gradients (all of theta live)
-        lora = peft.LoraConfig(r=8, target_modules=["q", "v"], init_lora_weights=False)
-        model = _peft_model(base, lora)
-    model.to(device)
+    model = _trainable(base, full, T5_LORA_TARGETS, device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(2, vocab, (n, src), generator=gen)
     lengths = torch.randint(src // 2, src + 1, (n,), generator=gen)
@@ -127,23 +126,16 @@ def _t5(quick: bool, full: bool, device: torch.device) -> Workload:
 
 
 def _vit(quick: bool, full: bool, device: torch.device) -> Workload:
-    import peft
     import transformers
 
     n, image, patch, hidden = (8, 16, 8, 32) if quick else (32, 32, 8, 64)
     torch.manual_seed(2)
-    config = transformers.ViTConfig(
+    config = tiny_vit_config(
         image_size=image, patch_size=patch, hidden_size=hidden, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=2 * hidden, num_labels=10,
-        attn_implementation="eager",
     )
     base = transformers.ViTForImageClassification(config)
-    if full:
-        model = base.float().eval()
-    else:
-        lora = peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        model = _peft_model(base, lora)
-    model.to(device)
+    model = _trainable(base, full, VIT_LORA_TARGETS, device)
     gen = torch.Generator().manual_seed(3)
     pixels = torch.randn(n, 3, image, image, generator=gen).to(device)
     labels = torch.randint(0, 10, (n,), generator=gen).to(device)

@@ -153,19 +153,14 @@ class TorchProblem:
         return FD_STEP_FLOAT32_INTERNALS if self.float32_internals else None
 
 
-def _logits_of(output: Any) -> Any:
-    import torch
-
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
 def flat_logits_function(model: Any, forward_inputs: Any) -> Callable[[Any, Any], Any]:
     """``fn(theta, _) -> logits (N, C)``: the model's ordinary forward at a flat theta.
 
     theta (P,) is split over the trainable parameters in ``named_parameters()``
     order (each flattened row-major) and substituted by
     ``torch.func.functional_call``; the model runs in eval mode under
-    ``torch.no_grad`` and its logits are flattened to (N, C). Suitable for
+    ``torch.no_grad`` and its logits (:func:`backends.default_output_fn`: the output
+    itself or its ``.logits``) are flattened to (N, C). Suitable for
     :class:`backends.FiniteDifferenceProvider`.
 
     Parameters
@@ -180,6 +175,8 @@ def flat_logits_function(model: Any, forward_inputs: Any) -> Callable[[Any, Any]
         ``inputs`` is ignored (the batch is bound here).
     """
     import torch
+
+    from backends import default_output_fn
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
@@ -199,7 +196,7 @@ def flat_logits_function(model: Any, forward_inputs: Any) -> Callable[[Any, Any]
                     out = torch.func.functional_call(model, params, (forward_inputs,))
         finally:
             model.train(was_training)
-        z = _logits_of(out)
+        z = default_output_fn(out)
         return z.reshape(z.shape[0], -1)
 
     return fn
@@ -221,72 +218,46 @@ def _mlp() -> TorchBatch:
 
 
 def _cnn() -> TorchBatch:
-    import torch
-    from torch import nn
+    from validation.tiny_models import tiny_cnn_batch
 
-    torch.manual_seed(11)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    ).double().eval()
-    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (6,))
+    model, x, y = tiny_cnn_batch(seed=11, num_samples=6)
     return TorchBatch(model, x, y, ngdref.SoftmaxCrossEntropy(), x)
 
 
 def _t5(adapter: str) -> TorchBatch:
-    import peft
     import torch
     import transformers
 
+    from validation.tiny_models import t5_adapter, tiny_t5_batch, tiny_t5_config
+
     torch.manual_seed(12)
-    config = transformers.T5Config(
-        vocab_size=T5_VOCAB, d_model=8, d_ff=16, num_layers=1, num_decoder_layers=1,
-        num_heads=2, d_kv=4, attn_implementation="eager",
-        decoder_start_token_id=0, pad_token_id=0,
+    config = tiny_t5_config(
+        vocab_size=T5_VOCAB, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4,
         # T5 v1.1's smooth gated-GELU feed-forward: t5-base's ReLU has kinks that make
         # central differences first-order accurate wherever a step crosses one
         feed_forward_proj="gated-gelu",
     )
     base = transformers.T5ForConditionalGeneration(config)
-    if adapter == "lora":
-        # init_lora_weights=False: B is random, so the gradients of A are not all zero
-        adapter_config: Any = peft.LoraConfig(
-            r=2, target_modules=["q", "v"], init_lora_weights=False
-        )
-    else:
-        adapter_config = peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3
-        )
-    model = peft.get_peft_model(base, adapter_config).double().eval()
-    generator = torch.Generator().manual_seed(13)
-    n, s, t = 4, 6, 3
-    ids = torch.randint(1, T5_VOCAB, (n, s), generator=generator)
-    mask = torch.ones(n, s, dtype=torch.long)
-    mask[0, 3:] = 0  # right padding of the encoder input
-    mask[2, 5:] = 0
-    ids[mask == 0] = 0
-    labels = torch.randint(1, T5_VOCAB, (n, t), generator=generator)
-    labels[1, 2:] = IGNORE_INDEX  # label word + EOS, padded with -100
-    labels[3, 1:] = IGNORE_INDEX
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    model = t5_adapter(base, adapter).double().eval()
+    batch = tiny_t5_batch(T5_VOCAB, seed=13, ignore_index=IGNORE_INDEX)
+    labels = batch["labels"]
     loss = ngdref.SequenceSoftmaxCrossEntropy(T5_VOCAB, ignore_index=IGNORE_INDEX)
     return TorchBatch(model, batch, labels, loss, batch)
 
 
 def _vit() -> TorchBatch:
-    import peft
     import torch
     import transformers
 
+    from validation.tiny_models import VIT_LORA_TARGETS, lora, tiny_vit_config
+
     torch.manual_seed(14)
-    config = transformers.ViTConfig(
+    config = tiny_vit_config(
         image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=5, attn_implementation="eager",
+        intermediate_size=32, num_labels=5,
     )
     model = transformers.ViTForImageClassification(config)
-    # transformers 5 names ViT's attention projections q_proj / v_proj
-    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(model, lora).double().eval()
+    model = lora(model, r=2, targets=VIT_LORA_TARGETS).double().eval()
     generator = torch.Generator().manual_seed(15)
     pixels = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=generator)
     labels = torch.randint(0, 5, (4,), generator=generator)

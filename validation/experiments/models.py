@@ -145,18 +145,11 @@ def _from_pretrained(cls: Any, name: str) -> nn.Module:
 def _tiny_t5(tiny: Mapping[str, Any], vocab_size: int) -> nn.Module:
     import transformers
 
-    config = transformers.T5Config(
-        vocab_size=vocab_size,
-        d_model=tiny["d_model"],
-        d_ff=tiny["d_ff"],
-        num_layers=tiny["num_layers"],
-        num_decoder_layers=tiny["num_layers"],
-        num_heads=tiny["num_heads"],
-        d_kv=tiny["d_kv"],
-        attn_implementation="eager",
-        # transformers 5 no longer defaults these; labels -> decoder inputs needs them
-        decoder_start_token_id=0,
-        pad_token_id=0,
+    from validation.tiny_models import tiny_t5_config
+
+    config = tiny_t5_config(
+        vocab_size=vocab_size, d_model=tiny["d_model"], d_ff=tiny["d_ff"],
+        num_layers=tiny["num_layers"], num_heads=tiny["num_heads"], d_kv=tiny["d_kv"],
         eos_token_id=1,
     )
     with torch.random.fork_rng(devices=[]):
@@ -274,15 +267,13 @@ def build_t5(
 def _tiny_vit(tiny: Mapping[str, Any]) -> nn.Module:
     import transformers
 
-    config = transformers.ViTConfig(
-        image_size=tiny["image_size"],
-        patch_size=tiny["patch_size"],
-        hidden_size=tiny["hidden_size"],
-        num_hidden_layers=tiny["num_hidden_layers"],
-        num_attention_heads=tiny["num_attention_heads"],
-        intermediate_size=tiny["intermediate_size"],
-        num_labels=tiny["num_labels"],
-        attn_implementation="eager",
+    from validation.tiny_models import tiny_vit_config
+
+    config = tiny_vit_config(
+        **{key: tiny[key] for key in (
+            "image_size", "patch_size", "hidden_size", "num_hidden_layers",
+            "num_attention_heads", "intermediate_size", "num_labels",
+        )}
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny["init_seed"])
