@@ -9,7 +9,6 @@ module that uses them.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,12 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+from tests.experiment_cases import require_hf_stack
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch = require_hf_stack()
 
 from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.evaluate import EVALUATION_FILE, SWEEP_FILE, evaluate_run  # noqa: E402

@@ -29,6 +29,7 @@ from tests.evaluate_cases import (  # noqa: F401  (fixtures)
     fixture_mlp_run,
     torch,
 )
+from tests.experiment_cases import write_sst2
 from validation.experiments.__main__ import main
 from validation.experiments.config import load_config
 from validation.experiments.evaluate import (
@@ -46,21 +47,10 @@ from validation.experiments.train import build_setup, load_checkpoint, load_run_
 pytestmark = PYTESTMARK
 
 
-POSITIVE = ["a great film", "wonderful acting", "i loved it", "superb story"]
-NEGATIVE = ["a dull film", "awful acting", "i hated it", "boring story"]
-
-
 @pytest.fixture(scope="module")
 def t5_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny T5 + LoRA, AdamW, 1 epoch on 8 SST-2 rows (GLUE's TSV layout)."""
-    root = tmp_path_factory.mktemp("glue")
-    (root / "SST-2").mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("train.tsv", 24), ("dev.tsv", 8)):
-        lines = ["sentence\tlabel"] + [
-            f"{(POSITIVE if k % 2 else NEGATIVE)[rng.integers(4)]}\t{k % 2}" for k in range(n)
-        ]
-        (root / "SST-2" / name).write_text("\n".join(lines) + "\n")
+    root = write_sst2(tmp_path_factory.mktemp("glue"))
     config = load_config(
         "t5-lora",
         ["optimizer=adamw", "model.name=tiny", "model.max_length=24", f"data.source={root}",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from backends.analytic import (
     least_squares_toy_closed_form,

@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+from tests.experiment_cases import (  # noqa: F401  (fixtures)
+    fixture_dirs,
+    require_hf_stack,
+    tiny_overrides,
+)
+
+torch = require_hf_stack()
 
 from ngdref.kfac import KroneckerFactors, kfac_block_matrix  # noqa: E402
 from tests.evaluate_cases import (  # noqa: E402
@@ -29,7 +33,6 @@ from tests.evaluate_cases import (  # noqa: E402
     drawn_labels,
     train_mlp_run,
 )
-from tests.experiment_cases import fixture_dirs, tiny_overrides  # noqa: E402, F401  (fixtures)
 from validation.experiments.config import KFAC_OPTIMIZERS, load_config  # noqa: E402
 from validation.experiments.evaluate import evaluate_run  # noqa: E402
 from validation.experiments.train import (  # noqa: E402
