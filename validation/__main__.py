@@ -57,7 +57,8 @@ from validation.crosscheck import (
 )
 from validation.independent import IndependentCheck
 from validation.independent_checks import ReferenceRun, independent_checks
-from validation.oracles import OracleCheck, OracleSetup, oracle_checks, oracles_skipped
+from validation.oracles import oracle_checks, oracles_skipped
+from validation.oracles_setup import OracleCheck, OracleSetup
 from validation.torch_cases import TorchProblem, torch_problems
 
 

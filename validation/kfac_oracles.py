@@ -52,7 +52,8 @@ from torch import nn
 import ngdref
 from backends.kfac import KFACCurvature, kfac_curvature
 from ngdref import kfac as K
-from validation.oracles import OracleCheck, unavailable
+from validation.oracles import unavailable
+from validation.oracles_setup import OracleCheck
 
 __all__ = [
     "KFAC_PROBLEMS",
