@@ -55,7 +55,7 @@ from validation.crosscheck import (
     torch_crosscheck,
     torch_reference_label,
 )
-from validation.independent import IndependentCheck
+from validation.independent import IndependentCheck, Verdict
 from validation.independent_checks import ReferenceRun, independent_checks
 from validation.oracles import oracle_checks, oracles_skipped
 from validation.oracles_setup import OracleCheck, OracleSetup
@@ -87,6 +87,16 @@ def _format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _verdict_line(head: str, check: Verdict) -> str:
+    """``head`` and the check's verdict: skipped, raised, or difference, tolerance, status."""
+    if check.skipped:
+        return f"{head}  skipped: {check.skipped}"
+    if check.error:
+        return f"{head}  FAIL, raised {check.error}"
+    status = "ok" if check.ok else "FAIL"
+    return f"{head}  {check.difference:8.1e}  tol {check.tolerance:7.1e}  {status}"
+
+
 def _format_oracles(checks: list[OracleCheck]) -> str:
     lines = [
         "  oracles: relative difference ||oracle - ngdref|| / ||ngdref|| "
@@ -95,18 +105,8 @@ def _format_oracles(checks: list[OracleCheck]) -> str:
     width = max(len(c.oracle) for c in checks)
     qwidth = max(len(c.quantity) for c in checks)
     for c in checks:
-        if c.skipped:
-            lines.append(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  skipped: {c.skipped}")
-            continue
-        if c.error:
-            lines.append(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  FAIL, raised {c.error}")
-            continue
-        status = "ok" if c.ok else "FAIL"
-        lines.append(
-            f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  {c.difference:8.1e}"
-            f"  tol {c.tolerance:7.1e}  {status}"
-        )
-        if c.note:
+        lines.append(_verdict_line(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}", c))
+        if c.note and not (c.skipped or c.error):
             lines.append(f"    {'':<{width}}  note: {c.note}")
     return "\n".join(lines)
 
@@ -118,15 +118,9 @@ def _format_independent(checks: list[IndependentCheck]) -> str:
     ]
     qwidth = max(len(c.quantity) for c in checks)
     rwidth = max(len(c.route) for c in checks)
-    for c in checks:
-        head = f"    {c.quantity:<{qwidth}}  {c.route:<{rwidth}}"
-        if c.skipped:
-            lines.append(f"{head}  skipped: {c.skipped}")
-        elif c.error:
-            lines.append(f"{head}  FAIL, raised {c.error}")
-        else:
-            status = "ok" if c.ok else "FAIL"
-            lines.append(f"{head}  {c.difference:8.1e}  tol {c.tolerance:7.1e}  {status}")
+    lines += [
+        _verdict_line(f"    {c.quantity:<{qwidth}}  {c.route:<{rwidth}}", c) for c in checks
+    ]
     return "\n".join(lines)
 
 
