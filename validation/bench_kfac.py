@@ -31,16 +31,9 @@ from backends.kfac_optim import EKFAC, IEKFAC, KFAC
 from backends.optim import IEF
 from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
-from validation.bench_torch import (
-    BUILDERS,
-    LR,
-    WORKLOADS,
-    Workload,
-    _machine,
-    _median_times,
-    _ngd_step,
-    _plain_step,
-)
+from validation.bench_torch import LR, _median_times, _ngd_step, _plain_step
+from validation.bench_torch_report import _machine
+from validation.bench_torch_workloads import BUILDERS, WORKLOADS, Workload
 
 KFAC_DAMPING = 1e-3  # absolute, sum convention
 GAMMA_DAMPINGS = (1e-6, 1e-3, 1.0)
