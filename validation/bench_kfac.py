@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# float32, eval mode, lr={LR}, K-FAC damping {KFAC_DAMPING:g} (absolute, sum); "
           f"per-call medians of {repeats} alternating repeats after 1 warm-up round")
     for name in args.workload or WORKLOADS:
-        w = BUILDERS[name](args.quick)
+        w = BUILDERS[name](args.quick, torch.device("cpu"))
         print(f"\n## {name}: {w.description}, P = {w.num_params}")
         wall, _ = _median_times(step_functions(w), repeats, 1)
         for thing, seconds in wall.items():
