@@ -87,6 +87,19 @@ def _format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _format_checks(title: str, checks: list[Any], first: list[str], second: list[str]) -> str:
+    """``title``, then a line per check: two padded columns, its verdict, and its note."""
+    width = max(len(a) for a in first)
+    qwidth = max(len(b) for b in second)
+    lines = [title]
+    for a, b, check in zip(first, second, checks, strict=True):
+        lines.append(_verdict_line(f"    {a:<{width}}  {b:<{qwidth}}", check))
+        note = getattr(check, "note", "")  # oracle checks have notes, independent ones not
+        if note and not (check.skipped or check.error):
+            lines.append(f"    {'':<{width}}  note: {note}")
+    return "\n".join(lines)
+
+
 def _verdict_line(head: str, check: Verdict) -> str:
     """``head`` and the check's verdict: skipped, raised, or difference, tolerance, status."""
     if check.skipped:
@@ -98,30 +111,19 @@ def _verdict_line(head: str, check: Verdict) -> str:
 
 
 def _format_oracles(checks: list[OracleCheck]) -> str:
-    lines = [
+    return _format_checks(
         "  oracles: relative difference ||oracle - ngdref|| / ||ngdref|| "
-        "(products: Frobenius over 3 random vectors)"
-    ]
-    width = max(len(c.oracle) for c in checks)
-    qwidth = max(len(c.quantity) for c in checks)
-    for c in checks:
-        lines.append(_verdict_line(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}", c))
-        if c.note and not (c.skipped or c.error):
-            lines.append(f"    {'':<{width}}  note: {c.note}")
-    return "\n".join(lines)
+        "(products: Frobenius over 3 random vectors)",
+        checks, [c.oracle for c in checks], [c.quantity for c in checks],
+    )
 
 
 def _format_independent(checks: list[IndependentCheck]) -> str:
-    lines = [
+    return _format_checks(
         "  independent references: ||ngdref - dense|| / ||dense|| (dense P x P solves in NumPy, "
-        "bounds from kappa, size and eps)"
-    ]
-    qwidth = max(len(c.quantity) for c in checks)
-    rwidth = max(len(c.route) for c in checks)
-    lines += [
-        _verdict_line(f"    {c.quantity:<{qwidth}}  {c.route:<{rwidth}}", c) for c in checks
-    ]
-    return "\n".join(lines)
+        "bounds from kappa, size and eps)",
+        checks, [c.quantity for c in checks], [c.route for c in checks],
+    )
 
 
 def _jsonable(value: Any) -> Any:
