@@ -49,13 +49,12 @@ from validation.crosscheck import (
     Row,
     compute,
     crosscheck,
-    error_message,
     make_provider,
     runs,
     torch_crosscheck,
     torch_reference_label,
 )
-from validation.independent import IndependentCheck, Verdict
+from validation.independent import IndependentCheck, Verdict, error_message
 from validation.independent_checks import ReferenceRun, independent_checks
 from validation.oracles import oracle_checks, oracles_skipped
 from validation.oracles_setup import OracleCheck, OracleSetup

@@ -66,6 +66,7 @@ import math
 import warnings
 from collections.abc import Callable
 
+from validation.independent import error_message
 from validation.oracles_backpack import backpack_checks
 from validation.oracles_curvlinops import curvlinops_checks
 from validation.oracles_setup import (
@@ -105,7 +106,7 @@ def oracle_checks(setup: OracleSetup) -> list[OracleCheck]:
         fisher = ngdref_fisher_products(setup, vectors)
     except Exception as err:  # the ngdref side failed: every comparison fails
         return [OracleCheck("ngdref.fisher_vp", "F v", math.nan, math.nan,
-                            error=f"{type(err).__name__}: {err}".splitlines()[0])]
+                            error=error_message(err))]
     checks: list[OracleCheck] = []
     reason = unavailable("curvlinops")
     if reason:
@@ -144,5 +145,4 @@ def _guarded(library: str, fn: Callable[[], list[OracleCheck]]) -> list[OracleCh
     try:
         return fn()
     except Exception as err:  # an oracle that crashes is a failed check, not a crashed suite
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
-        return [OracleCheck(library, "all", math.nan, math.nan, error=message)]
+        return [OracleCheck(library, "all", math.nan, math.nan, error=error_message(err))]
