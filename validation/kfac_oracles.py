@@ -55,6 +55,7 @@ from backends.kfac import KFACCurvature, kfac_curvature
 from ngdref import kfac as K
 from validation.oracles import unavailable
 from validation.oracles_setup import OracleCheck
+from validation.oracles_torch import trainable
 
 __all__ = [
     "KFAC_PROBLEMS",
@@ -231,7 +232,7 @@ def _curvlinops_dense(
     ``oracle_options`` is (model, x, loss, targets, fisher_type, convention, bias).
     """
     model, x, loss, targets, fisher_type, convention, bias = oracle_options
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     operator = operator_class(
         model, loss, params, [(x, targets)],
         fisher_type=fisher_type, kfac_approx=convention,
