@@ -29,7 +29,7 @@ from validation.__main__ import main
 from validation.crosscheck import QUANTITIES, REFERENCE, runs
 from validation.independent import sampled_logit_grads, sf_uniforms
 from validation.independent_checks import toy_closed_forms
-from validation.oracles import MC_SIGMAS, fisher_mc_tolerance
+from validation.oracles_curvlinops import MC_SIGMAS, fisher_mc_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = ["mlp-sequence-ce", "linear-softmax-ce", "torch-mlp"]  # in problems() order

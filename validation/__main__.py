@@ -49,15 +49,15 @@ from validation.crosscheck import (
     Row,
     compute,
     crosscheck,
-    error_message,
     make_provider,
     runs,
     torch_crosscheck,
     torch_reference_label,
 )
-from validation.independent import IndependentCheck
+from validation.independent import IndependentCheck, Verdict, error_message
 from validation.independent_checks import ReferenceRun, independent_checks
-from validation.oracles import OracleCheck, OracleSetup, oracle_checks, oracles_skipped
+from validation.oracles import oracle_checks, oracles_skipped
+from validation.oracles_setup import OracleCheck, OracleSetup
 from validation.torch_cases import TorchProblem, torch_problems
 
 
@@ -86,47 +86,43 @@ def _format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _format_oracles(checks: list[OracleCheck]) -> str:
-    lines = [
-        "  oracles: relative difference ||oracle - ngdref|| / ||ngdref|| "
-        "(products: Frobenius over 3 random vectors)"
-    ]
-    width = max(len(c.oracle) for c in checks)
-    qwidth = max(len(c.quantity) for c in checks)
-    for c in checks:
-        if c.skipped:
-            lines.append(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  skipped: {c.skipped}")
-            continue
-        if c.error:
-            lines.append(f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  FAIL, raised {c.error}")
-            continue
-        status = "ok" if c.ok else "FAIL"
-        lines.append(
-            f"    {c.oracle:<{width}}  {c.quantity:<{qwidth}}  {c.difference:8.1e}"
-            f"  tol {c.tolerance:7.1e}  {status}"
-        )
-        if c.note:
-            lines.append(f"    {'':<{width}}  note: {c.note}")
+def _format_checks(title: str, checks: list[Any], first: list[str], second: list[str]) -> str:
+    """``title``, then a line per check: two padded columns, its verdict, and its note."""
+    width = max(len(a) for a in first)
+    qwidth = max(len(b) for b in second)
+    lines = [title]
+    for a, b, check in zip(first, second, checks, strict=True):
+        lines.append(_verdict_line(f"    {a:<{width}}  {b:<{qwidth}}", check))
+        note = getattr(check, "note", "")  # oracle checks have notes, independent ones not
+        if note and not (check.skipped or check.error):
+            lines.append(f"    {'':<{width}}  note: {note}")
     return "\n".join(lines)
+
+
+def _verdict_line(head: str, check: Verdict) -> str:
+    """``head`` and the check's verdict: skipped, raised, or difference, tolerance, status."""
+    if check.skipped:
+        return f"{head}  skipped: {check.skipped}"
+    if check.error:
+        return f"{head}  FAIL, raised {check.error}"
+    status = "ok" if check.ok else "FAIL"
+    return f"{head}  {check.difference:8.1e}  tol {check.tolerance:7.1e}  {status}"
+
+
+def _format_oracles(checks: list[OracleCheck]) -> str:
+    return _format_checks(
+        "  oracles: relative difference ||oracle - ngdref|| / ||ngdref|| "
+        "(products: Frobenius over 3 random vectors)",
+        checks, [c.oracle for c in checks], [c.quantity for c in checks],
+    )
 
 
 def _format_independent(checks: list[IndependentCheck]) -> str:
-    lines = [
+    return _format_checks(
         "  independent references: ||ngdref - dense|| / ||dense|| (dense P x P solves in NumPy, "
-        "bounds from kappa, size and eps)"
-    ]
-    qwidth = max(len(c.quantity) for c in checks)
-    rwidth = max(len(c.route) for c in checks)
-    for c in checks:
-        head = f"    {c.quantity:<{qwidth}}  {c.route:<{rwidth}}"
-        if c.skipped:
-            lines.append(f"{head}  skipped: {c.skipped}")
-        elif c.error:
-            lines.append(f"{head}  FAIL, raised {c.error}")
-        else:
-            status = "ok" if c.ok else "FAIL"
-            lines.append(f"{head}  {c.difference:8.1e}  tol {c.tolerance:7.1e}  {status}")
-    return "\n".join(lines)
+        "bounds from kappa, size and eps)",
+        checks, [c.quantity for c in checks], [c.route for c in checks],
+    )
 
 
 def _jsonable(value: Any) -> Any:

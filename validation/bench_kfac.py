@@ -31,16 +31,9 @@ from backends.kfac_optim import EKFAC, IEKFAC, KFAC
 from backends.optim import IEF
 from backends.torch_provider import TorchProvider
 from ngdref import kfac as K
-from validation.bench_torch import (
-    BUILDERS,
-    LR,
-    WORKLOADS,
-    Workload,
-    _machine,
-    _median_times,
-    _ngd_step,
-    _plain_step,
-)
+from validation.bench_torch import LR, _median_times, _ngd_step, _plain_step
+from validation.bench_torch_report import _machine
+from validation.bench_torch_workloads import BUILDERS, WORKLOADS, Workload
 
 KFAC_DAMPING = 1e-3  # absolute, sum convention
 GAMMA_DAMPINGS = (1e-6, 1e-3, 1.0)
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# float32, eval mode, lr={LR}, K-FAC damping {KFAC_DAMPING:g} (absolute, sum); "
           f"per-call medians of {repeats} alternating repeats after 1 warm-up round")
     for name in args.workload or WORKLOADS:
-        w = BUILDERS[name](args.quick)
+        w = BUILDERS[name](args.quick, torch.device("cpu"))
         print(f"\n## {name}: {w.description}, P = {w.num_params}")
         wall, _ = _median_times(step_functions(w), repeats, 1)
         for thing, seconds in wall.items():

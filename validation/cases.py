@@ -236,38 +236,14 @@ def problems() -> list[Problem]:
     seq_targets[0, 1] = seq_targets[3, 0] = -100  # ignored label positions
     lin_rng = np.random.default_rng(7)
     return [
-        _mlp_problem(
-            "mlp-softmax-ce",
-            (5, 8, 4),
-            6,
-            ngdref.SoftmaxCrossEntropy(),
-            rng.integers(0, 4, size=6),
-            seed=2,
-        ),
-        _mlp_problem(
-            "mlp-squared-error",
-            (3, 6, 2),
-            5,
-            ngdref.SquaredError(),
-            rng.standard_normal((5, 2)),
-            seed=3,
-        ),
-        _mlp_problem(
-            "mlp-sigmoid-bce",
-            (4, 5, 3),
-            5,
-            ngdref.SigmoidBinaryCrossEntropy(),
-            rng.integers(0, 2, size=(5, 3)).astype(float),
-            seed=4,
-        ),
-        _mlp_problem(
-            "mlp-sequence-ce",
-            (4, 7, 6),
-            6,
-            ngdref.SequenceSoftmaxCrossEntropy(vocab_size=3),
-            seq_targets,
-            seed=5,
-        ),
+        _mlp_problem("mlp-softmax-ce", (5, 8, 4), 6, ngdref.SoftmaxCrossEntropy(),
+                     rng.integers(0, 4, size=6), seed=2),
+        _mlp_problem("mlp-squared-error", (3, 6, 2), 5, ngdref.SquaredError(),
+                     rng.standard_normal((5, 2)), seed=3),
+        _mlp_problem("mlp-sigmoid-bce", (4, 5, 3), 5, ngdref.SigmoidBinaryCrossEntropy(),
+                     rng.integers(0, 2, size=(5, 3)).astype(float), seed=4),
+        _mlp_problem("mlp-sequence-ce", (4, 7, 6), 6,
+                     ngdref.SequenceSoftmaxCrossEntropy(vocab_size=3), seq_targets, seed=5),
         Problem(
             name="linear-softmax-ce",
             loss=ngdref.SoftmaxCrossEntropy(),

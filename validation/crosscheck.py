@@ -41,7 +41,7 @@ import numpy as np
 import ngdref
 from backends.arrays import LIBRARIES, to_numpy, unavailable
 from validation.cases import Problem
-from validation.independent import sf_key
+from validation.independent import error_message, sf_key
 
 UPDATES = ("sgd", "ef", "ief", "ief-param", "sf", "gn", "ngd", "ngd-cg")
 QUANTITIES = ("jacobian", "per_sample_grads", "s", *UPDATES)
@@ -276,11 +276,6 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     values = fn()
     return values, time.perf_counter() - start
-
-
-def error_message(err: BaseException) -> str:
-    """One line naming an exception, for a report row."""
-    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def _checked_row(

@@ -60,7 +60,9 @@ __all__ = [
     "EPS64",
     "Dense",
     "IndependentCheck",
+    "error_message",
     "logit_terms",
+    "relative",
     "sampled_logit_grads",
     "sf_uniforms",
     "uniforms_shape",
@@ -305,6 +307,11 @@ def relative(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - ref) / np.linalg.norm(ref))
 
 
+def error_message(err: BaseException) -> str:
+    """One line naming an exception, for a report row."""
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
 def guarded(
     quantity: str, route: str, fn: Callable[[], list[IndependentCheck]]
 ) -> list[IndependentCheck]:
@@ -312,8 +319,7 @@ def guarded(
     try:
         return fn()
     except Exception as err:  # a crashing reference is a failed check, not a crashed suite
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
-        return [IndependentCheck(quantity, route, math.nan, math.nan, error=message)]
+        return [IndependentCheck(quantity, route, math.nan, math.nan, error=error_message(err))]
 
 
 def library_of(array: Any) -> str:

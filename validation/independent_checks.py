@@ -26,6 +26,7 @@ from validation.independent import (
     IndependentCheck,
     Solved,
     damped_solve,
+    error_message,
     guarded,
     logit_terms,
     relative,
@@ -332,8 +333,8 @@ def independent_checks(run: ReferenceRun) -> list[IndependentCheck]:
     try:
         dense = dense_problem(run)
     except Exception as err:  # the dense reference itself failed: one failing check
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
-        return [IndependentCheck("all", "dense reference", math.nan, math.nan, error=message)]
+        return [IndependentCheck("all", "dense reference", math.nan, math.nan,
+                                 error=error_message(err))]
     groups = [
         ("updates", update_checks), ("gamma_ratio", gamma_checks), ("limits", limit_checks),
         ("mean reduction", mean_checks),

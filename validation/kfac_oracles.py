@@ -1,7 +1,7 @@
 r"""K-FAC oracles: ngdref's KFAC / eKFAC / ieKFAC against curvlinops and exact iEF.
 
 Run by ``python -m validation`` (section "K-FAC oracles") and by
-``tests/test_kfac_oracles.py``. Everything in float64, sum convention,
+``tests/test_kfac_torch.py``. Everything in float64, sum convention,
 ``normalisation="mean"`` (curvlinops' convention for a sum-reduced loss:
 A averaged over the N T (expand) or N (reduce) terms, B summed).
 
@@ -40,6 +40,7 @@ their two tolerances are multiplied by max ||factor|| / (smallest eigen-gap).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -52,7 +53,9 @@ from torch import nn
 import ngdref
 from backends.kfac import KFACCurvature, kfac_curvature
 from ngdref import kfac as K
-from validation.oracles import OracleCheck, unavailable
+from validation.oracles import unavailable
+from validation.oracles_setup import OracleCheck
+from validation.oracles_torch import trainable
 
 __all__ = [
     "KFAC_PROBLEMS",
@@ -195,31 +198,66 @@ def _variant_checks(
     fisher_type: str,
 ) -> list[OracleCheck]:
     """Factors and damped inverses of one method against one curvlinops operator."""
-    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+    from curvlinops import KFACLinearOperator
 
     label = f"curvlinops {problem.name} {convention} {bias} {fisher_type}"
-    curvature = kfac_curvature(
-        model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
+    curvature_of = functools.partial(
+        kfac_curvature, model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
         kfac_fisher=rows, convention=convention, bias=bias, key=3,
     )
+    curvature = curvature_of()
     loss, targets = (
         _oracle_data(method, model, x, y, 3) if fisher_type == "empirical"
         else (nn.CrossEntropyLoss(reduction="sum"), y)
     )
-    operator = KFACLinearOperator(
-        model, loss, [p for p in model.parameters() if p.requires_grad], [(x, targets)],
-        fisher_type=fisher_type, kfac_approx=convention,
-        separate_weight_and_bias=bias == "separate", check_deterministic=False,
-    )
+    oracle_options = (model, x, loss, targets, fisher_type, convention, bias)
+    operator, oracle = _curvlinops_dense(KFACLinearOperator, oracle_options)
     dense = curvature.dense(method)
-    oracle = operator @ torch.eye(dense.shape[0], dtype=torch.float64)
     num_terms = x.shape[0] * (problem.positions if convention == "expand" else 1)
     tol_f, tol_inv = tolerances(dense, num_terms, DAMPING)
     name = f"{method}[{rows}]"
     checks = [OracleCheck(label, f"factors {name}", _relative(oracle, dense), tol_f)]
+    checks += _inverse_checks(label, name, operator, curvature, method, bias, tol_inv)
+    if fisher_type == "empirical" or rows == "type-2":
+        corrected = curvature_of(eigenvalue_correction=True)
+        checks += _corrected_checks(label, name, corrected, method, oracle_options, num_terms)
+    return checks
+
+
+def _curvlinops_dense(
+    operator_class: Any, oracle_options: tuple[Any, ...]
+) -> tuple[Any, torch.Tensor]:
+    """A curvlinops K-FAC operator on one batch, and its dense matrix (operator @ I).
+
+    ``oracle_options`` is (model, x, loss, targets, fisher_type, convention, bias).
+    """
+    model, x, loss, targets, fisher_type, convention, bias = oracle_options
+    params = trainable(model)
+    operator = operator_class(
+        model, loss, params, [(x, targets)],
+        fisher_type=fisher_type, kfac_approx=convention,
+        separate_weight_and_bias=bias == "separate", check_deterministic=False,
+    )
+    size = sum(p.numel() for p in params)
+    return operator, operator @ torch.eye(size, dtype=torch.float64)
+
+
+def _inverse_checks(
+    label: str,
+    name: str,
+    operator: Any,
+    curvature: KFACCurvature,
+    method: str,
+    bias: str,
+    tol_inv: float,
+) -> list[OracleCheck]:
+    """(K + lambda I)^-1 g against KFACInverseLinearOperator: exact damping, and pi (joint)."""
+    from curvlinops import KFACInverseLinearOperator
+
     forms = [("exact", {"use_exact_damping": True})]
     if bias == "joint":
         forms.append(("pi", {"use_heuristic_damping": True, "min_damping": 0.0}))
+    checks = []
     for form, kwargs in forms:
         inverse = KFACInverseLinearOperator(operator, damping=DAMPING, **kwargs)
         mine = curvature.inverse_apply(
@@ -227,15 +265,6 @@ def _variant_checks(
         )
         difference = _relative(mine, inverse @ curvature.grad)
         checks.append(OracleCheck(label, f"inverse[{form}] {name}", difference, tol_inv))
-    if fisher_type == "empirical" or rows == "type-2":
-        corrected = kfac_curvature(
-            model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,), kfac_fisher=rows,
-            convention=convention, bias=bias, key=3, eigenvalue_correction=True,
-        )
-        checks += _corrected_checks(
-            label, name, corrected, method,
-            (model, x, loss, targets, fisher_type, convention, bias), num_terms,
-        )
     return checks
 
 
@@ -274,14 +303,8 @@ def _corrected_checks(
     """
     from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator
 
-    model, x, loss, targets, fisher_type, convention, bias = oracle_options
-    operator = EKFACLinearOperator(
-        model, loss, [p for p in model.parameters() if p.requires_grad], [(x, targets)],
-        fisher_type=fisher_type, kfac_approx=convention,
-        separate_weight_and_bias=bias == "separate", check_deterministic=False,
-    )
+    operator, oracle = _curvlinops_dense(EKFACLinearOperator, oracle_options)
     dense = curvature.dense(method)
-    oracle = operator @ torch.eye(dense.shape[0], dtype=torch.float64)
     # the eigenbasis is only as accurate as eps ||factor|| / (its smallest eigen-gap)
     spread = max(_inverse_relative_gap(f) for b in curvature.blocks for f in b.factors.values())
     tol_f, tol_inv = (tol * spread for tol in tolerances(dense, num_terms, DAMPING))
