@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from validation.experiments.reproduce_plan import Experiment, Plan, ReproduceError
+from validation.experiments.reproduce_plan import Experiment, Plan, ReproduceError, decade_grid
 
 if TYPE_CHECKING:
     import torch
@@ -266,10 +266,6 @@ def setup_of_run_dir(
     return setup_for_run(config, run_dir, device)
 
 
-def _decades(lr: float, count: int) -> tuple[float, ...]:
-    return tuple(float(f"{lr * 10**k:.3g}") for k in range(count))
-
-
 def _describe(plan: Plan, steps_per_epoch: int) -> str:
     return (
         f"Plan `{plan.name}`: an MLP 64-{'-'.join(map(str, plan.hidden_sizes))}-10 "
@@ -297,7 +293,7 @@ FULL_LORA = Plan(
     name="digits-lora",
     epochs=10,
     step_epoch=10,
-    lr_grid={opt: _decades(PAPER_LORA_LR[opt] / 10, 5) for opt in LORA_OPTIMIZERS},
+    lr_grid=decade_grid(PAPER_LORA_LR, LORA_OPTIMIZERS, below=1, count=5),
     seeds=(0, 1, 2),
     hidden_sizes=(64, 64),
     eval_batches=100,

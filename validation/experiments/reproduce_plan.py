@@ -1,13 +1,13 @@
 """The reproduction's plans and experiments: learning-rate grids, seeds, run configurations.
 
-Re-exported by :mod:`validation.experiments.reproduce`, whose docstring describes the plans.
+The driver :mod:`validation.experiments.reproduce` runs them; its docstring describes the plans.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +139,16 @@ class Experiment:
     toy_figures: bool = True
 
 
-def _decades(lr: float, count: int) -> tuple[float, ...]:
-    return tuple(float(f"{lr * 10**k:.3g}") for k in range(count))
+def decade_grid(
+    paper_lr: Mapping[str, float], optimizers: Sequence[str], *, below: int, count: int
+) -> dict[str, tuple[float, ...]]:
+    """Per optimiser, ``count`` learning rates a decade apart (3 significant digits), the
+    lowest ``below`` decades under the paper's: ``paper_lr[opt] / 10**below * 10**k``."""
+    grid = {}
+    for opt in optimizers:
+        lowest = paper_lr[opt] / 10**below
+        grid[opt] = tuple(float(f"{lowest * 10**k:.3g}") for k in range(count))
+    return grid
 
 
 #: the measured plan (module docstring): five learning rates per optimiser, from a decade
@@ -150,7 +158,7 @@ FULL = Plan(
     name="full",
     epochs=20,
     step_epoch=5,
-    lr_grid={opt: _decades(PAPER_LR[opt] / 10, 5) for opt in OPTIMIZERS},
+    lr_grid=decade_grid(PAPER_LR, OPTIMIZERS, below=1, count=5),
     seeds=(0, 1, 2),
 )
 #: a smoke test of every stage (about a minute)
@@ -158,7 +166,7 @@ QUICK = Plan(
     name="quick",
     epochs=4,
     step_epoch=1,
-    lr_grid={opt: _decades(PAPER_LR[opt], 2) for opt in OPTIMIZERS},
+    lr_grid=decade_grid(PAPER_LR, OPTIMIZERS, below=0, count=2),
     seeds=(0, 1),
     max_train_samples=192,
     eval_batches=2,
