@@ -22,6 +22,8 @@ from validation.experiments.evaluate_settings import (
 )
 from validation.experiments.io import atomic_write_json
 
+# torch and the runner are imported where they are used, so that the command line
+# (``python -m validation.experiments --help``) registers the commands without them
 if TYPE_CHECKING:
     from validation.experiments.train import CheckpointInfo, Setup
 
