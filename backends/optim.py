@@ -396,8 +396,10 @@ class NGD(_LogitLossOptimizer):
     CG (:func:`ngdref.ngd_update_cg`) on Fisher-vector products
     (:func:`ngdref.fisher_vp`: one jvp and one vjp per iteration, no P x P matrix) until
     ||(F + lambda I) u - g|| <= ``cg_tol`` ||g||; ``ngdref.NotConvergedError`` if ``cg_maxiter``
-    is reached first (the parameters are then unchanged). Forward-mode AD is needed: load
-    Hugging Face models with ``attn_implementation="eager"``.
+    is reached first (the parameters are then unchanged). The default tolerance follows the
+    model's dtype: 1e-10 in float64, sqrt(eps) = 3.5e-4 in float32, below which a float32
+    Fisher-vector product cannot take the true residual (:func:`ngdref.cg.default_cg_tol`).
+    Forward-mode AD is needed: load Hugging Face models with ``attn_implementation="eager"``.
 
     Parameters
     ----------
@@ -409,8 +411,9 @@ class NGD(_LogitLossOptimizer):
     damping : float >= 0
         lambda, absolute, in parameter space (0 gives the minimum-norm solution when g is in
         the range of F).
-    cg_tol : float > 0
-        Relative residual tolerance.
+    cg_tol : float > 0, optional
+        Relative residual tolerance; None (default): :func:`ngdref.cg.default_cg_tol` of the
+        gradient's dtype (1e-10 for float64, 3.5e-4 for float32).
     cg_maxiter : int, optional
         Default 10 P.
     """
@@ -424,7 +427,7 @@ class NGD(_LogitLossOptimizer):
         *,
         lr: float,
         damping: float,
-        cg_tol: float = 1e-10,
+        cg_tol: float | None = None,
         cg_maxiter: int | None = None,
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,

@@ -61,7 +61,7 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     "total_steps": lambda v: check_int(v, "total_steps"),
     "num_samples": lambda v: check_int(v, "num_samples"),
     "seed": _check_seed,
-    "cg_tol": lambda v: check_real(v, "cg_tol", positive=True),
+    "cg_tol": lambda v: v is None or check_real(v, "cg_tol", positive=True),
     "cg_maxiter": lambda v: check_int(v, "cg_maxiter", optional=True),
 }
 
