@@ -23,10 +23,10 @@ from typing import Any
 import array_api_compat
 
 from ngdref.checks import (
+    check_array,
     check_finite,
     check_floating,
     check_int,
-    check_ndim,
     check_real,
     namespace,
 )
@@ -110,11 +110,9 @@ class FiniteDifferenceProvider(JacobianProvider):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(params, inputs), got {type(fn).__name__}")
         xp = namespace(params=params)
-        check_ndim(params, "params", 1, "(P,)")
-        check_floating(xp, params, "params")
-        if params.shape[0] == 0:
-            raise ValueError("params is empty (P = 0): at least one parameter is needed")
-        check_finite(xp, params, "params")
+        check_array(
+            xp, params, "params", 1, "(P,)", empty="empty (P = 0): at least one parameter is needed"
+        )
         if array_api_compat.is_array_api_obj(inputs):
             namespace(params=params, inputs=inputs)
         if step is None:

@@ -39,7 +39,7 @@ from ngdref import kfac as K
 from ngdref.checks import check_choice, check_int, check_real
 
 from .kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
-from .optim_common import _check_seed, _split_batch, _step_key, _SteppedOptimizer, _trainable
+from .optim_common import _check_seed, _split_batch, _step_key, _SteppedOptimizer
 from .torch_provider import TorchProvider
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
@@ -85,43 +85,37 @@ def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature
 
 
 class _KFACOptimizer(_SteppedOptimizer):
-    """Shared step of the three methods; subclasses set :attr:`method`."""
+    """Shared step of the three methods; subclasses set :attr:`method`.
+
+    ``diagnostics`` after a step: step, loss, lr, damping, update_norm, refreshed, fallback.
+    """
 
     method = ""
+
+    _hyperparameters = tuple(_CHECKS)
 
     def __init__(
         self,
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        lr: float,
-        damping: float,
         update_interval: int = 1,
         running_average: float = 0.0,
         damped_inverse: str = "exact",
         convention: str = "expand",
         normalisation: str = "mean",
         bias: str = "separate",
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
         strict: bool = False,
-        **extra: Any,
+        **options: Any,
     ) -> None:
-        params = [p for _, p in _trainable(model, loss)]
-        group = {
-            "lr": lr, "damping": damping, "update_interval": update_interval,
-            "running_average": running_average, "damped_inverse": damped_inverse,
-            "convention": convention, "normalisation": normalisation, "bias": bias,
-            "reduction": reduction, **extra,
-        }
-        self._check_hyperparameters(group)
-        self._model, self._loss = model, loss
-        self._output_fn, self._strict = output_fn, strict
-        self._step = 0
+        """``options``: :class:`~backends.optim_common.StepOptions` (and KFAC's own)."""
+        super().__init__(
+            model, loss, update_interval=update_interval, running_average=running_average,
+            damped_inverse=damped_inverse, convention=convention, normalisation=normalisation,
+            bias=bias, **options,
+        )
+        self._strict = strict
         self._curvature: KFACCurvature | None = None
-        #: diagnostics of the last step: step, loss, lr, damping, update_norm, refreshed, fallback
-        self.diagnostics: dict[str, Any] = {}
-        super().__init__(params, group)
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for name, check in _CHECKS.items():
@@ -256,6 +250,7 @@ class KFAC(_KFACOptimizer):
     """
 
     method = "kfac"
+    _hyperparameters = (*_KFACOptimizer._hyperparameters, "kfac_fisher", "seed")
 
     def __init__(
         self, model: nn.Module, loss: ngdref.LogitLoss, *, kfac_fisher: str = "mc",

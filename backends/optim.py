@@ -86,8 +86,8 @@ Hugging Face dict inputs, the dict with its ``"labels"``::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -97,10 +97,21 @@ from ngdref.updates import check_damping_options, ief_damping_weights
 
 from .ghost import stack_rows
 from .optim_base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
-from .optim_base import Group, Update, _Batch, _GramOptimizer, _LogitLossOptimizer
+from .optim_base import (
+    GramOptions,
+    Group,
+    RowOptions,
+    Update,
+    _Batch,
+    _GramOptimizer,
+    _LogitLossOptimizer,
+)
 from .optim_common import _split_batch as _split_batch  # re-exported: kfac_optim used it
 from .optim_common import _step_key
 from .torch_provider import TorchProvider
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 __all__ = ["EF", "IEF", "NGD", "SF"]
 
@@ -115,6 +126,12 @@ class IEF(_GramOptimizer):
     gradients, both in the ``reduction`` convention (R G and R^2 s). With
     ``damping_space="parameter"`` the update is (F_iEF + lambda I_P)^{-1} g
     = G^T (G G^T + lambda diag(s))^{-1} s instead (:func:`ngdref.ief_update`).
+
+    The options every optimiser here takes (``lr``, ``damping``, ``reduction``,
+    ``output_fn`` and the per-sample ones below) arrive as ``**options``, typed by
+    :class:`backends.optim_base.RowOptions`, with one set of defaults for all four; those of
+    IEF and EF's Gram solve (``damping_mode``, ``dedup_threshold``, ``dedup_rule``) by
+    :class:`backends.optim_base.GramOptions`.
 
     Parameters
     ----------
@@ -163,37 +180,10 @@ class IEF(_GramOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        lr: float,
-        damping: float,
-        damping_mode: str = "absolute",
         damping_space: str = "sample",
-        dedup_threshold: float | None = 0.99,
-        dedup_rule: str = "all_pairs",
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample: str = "auto",
-        per_sample_method: str | None = None,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
+        **options: Unpack[GramOptions],
     ) -> None:
-        super().__init__(
-            model,
-            loss,
-            lr=lr,
-            damping=damping,
-            damping_mode=damping_mode,
-            damping_space=damping_space,
-            dedup_threshold=dedup_threshold,
-            dedup_rule=dedup_rule,
-            reduction=reduction,
-            output_fn=output_fn,
-            per_sample=per_sample,
-            per_sample_method=per_sample_method,
-            chunk_size=chunk_size,
-            distributed=distributed,
-            process_group=process_group,
-        )
+        super().__init__(model, loss, damping_space=damping_space, **options)
 
     _hyperparameters = (*_GramOptimizer._hyperparameters, "damping_space")
 
@@ -244,37 +234,10 @@ class EF(_GramOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        lr: float,
-        damping: float,
         total_steps: int,
-        damping_mode: str = "absolute",
-        dedup_threshold: float | None = 0.99,
-        dedup_rule: str = "all_pairs",
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample: str = "auto",
-        per_sample_method: str | None = None,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
+        **options: Unpack[GramOptions],
     ) -> None:
-        super().__init__(
-            model,
-            loss,
-            lr=lr,
-            damping=damping,
-            total_steps=total_steps,
-            damping_mode=damping_mode,
-            dedup_threshold=dedup_threshold,
-            dedup_rule=dedup_rule,
-            reduction=reduction,
-            output_fn=output_fn,
-            per_sample=per_sample,
-            per_sample_method=per_sample_method,
-            chunk_size=chunk_size,
-            distributed=distributed,
-            process_group=process_group,
-        )
+        super().__init__(model, loss, total_steps=total_steps, **options)
 
     def _system(
         self, batch: _Batch, group: Mapping[str, Any]
@@ -302,9 +265,8 @@ class SF(_LogitLossOptimizer):
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
-    process_group
-        As for :class:`IEF`.
+    model, loss, **options
+        As for :class:`IEF`: ``reduction``, ``output_fn`` and the per-sample options.
     lr : float >= 0
         eta, the step length of the first step.
     damping : float >= 0
@@ -330,34 +292,13 @@ class SF(_LogitLossOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        lr: float,
-        damping: float,
         total_steps: int,
         num_samples: int = 1,
         seed: int = 0,
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample: str = "auto",
-        per_sample_method: str | None = None,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
+        **options: Unpack[RowOptions],
     ) -> None:
         super().__init__(
-            model,
-            loss,
-            lr=lr,
-            damping=damping,
-            total_steps=total_steps,
-            num_samples=num_samples,
-            seed=seed,
-            reduction=reduction,
-            output_fn=output_fn,
-            per_sample=per_sample,
-            per_sample_method=per_sample_method,
-            chunk_size=chunk_size,
-            distributed=distributed,
-            process_group=process_group,
+            model, loss, total_steps=total_steps, num_samples=num_samples, seed=seed, **options
         )
 
     def sampling_key(self, step: int) -> int:
@@ -396,21 +337,23 @@ class NGD(_LogitLossOptimizer):
     CG (:func:`ngdref.ngd_update_cg`) on Fisher-vector products
     (:func:`ngdref.fisher_vp`: one jvp and one vjp per iteration, no P x P matrix) until
     ||(F + lambda I) u - g|| <= ``cg_tol`` ||g||; ``ngdref.NotConvergedError`` if ``cg_maxiter``
-    is reached first (the parameters are then unchanged). Forward-mode AD is needed: load
-    Hugging Face models with ``attn_implementation="eager"``.
+    is reached first (the parameters are then unchanged). The default tolerance follows the
+    model's dtype: 1e-10 in float64, sqrt(eps) = 3.5e-4 in float32, below which a float32
+    Fisher-vector product cannot take the true residual (:func:`ngdref.cg.default_cg_tol`).
+    Forward-mode AD is needed: load Hugging Face models with ``attn_implementation="eager"``.
 
     Parameters
     ----------
-    model, loss, reduction, output_fn, per_sample, per_sample_method, chunk_size, distributed,
-    process_group
-        As for :class:`IEF`.
+    model, loss, **options
+        As for :class:`IEF`: ``reduction``, ``output_fn`` and the per-sample options.
     lr : float >= 0
         eta, constant.
     damping : float >= 0
         lambda, absolute, in parameter space (0 gives the minimum-norm solution when g is in
         the range of F).
-    cg_tol : float > 0
-        Relative residual tolerance.
+    cg_tol : float > 0, optional
+        Relative residual tolerance; None (default): :func:`ngdref.cg.default_cg_tol` of the
+        gradient's dtype (1e-10 for float64, 3.5e-4 for float32).
     cg_maxiter : int, optional
         Default 10 P.
     """
@@ -422,33 +365,11 @@ class NGD(_LogitLossOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        lr: float,
-        damping: float,
-        cg_tol: float = 1e-10,
+        cg_tol: float | None = None,
         cg_maxiter: int | None = None,
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
-        per_sample: str = "auto",
-        per_sample_method: str | None = None,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
+        **options: Unpack[RowOptions],
     ) -> None:
-        super().__init__(
-            model,
-            loss,
-            lr=lr,
-            damping=damping,
-            cg_tol=cg_tol,
-            cg_maxiter=cg_maxiter,
-            reduction=reduction,
-            output_fn=output_fn,
-            per_sample=per_sample,
-            per_sample_method=per_sample_method,
-            chunk_size=chunk_size,
-            distributed=distributed,
-            process_group=process_group,
-        )
+        super().__init__(model, loss, cg_tol=cg_tol, cg_maxiter=cg_maxiter, **options)
 
     def _update(
         self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group

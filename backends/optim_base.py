@@ -24,8 +24,32 @@ from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES
 
 from .distributed import IgnoredShardLoss, communicator
-from .optim_common import Batch, _check_seed, _split_batch, _SteppedOptimizer, _trainable
+from .optim_common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
 from .torch_provider import TorchProvider
+
+
+class RowOptions(StepOptions, total=False):
+    """The keyword options of :class:`backends.IEF`, ``EF``, ``SF`` and ``NGD`` beyond
+    :class:`~backends.optim_common.StepOptions`: how the per-sample rows are computed and
+    shared. Documented in :class:`backends.IEF`; their defaults are those of
+    :class:`_LogitLossOptimizer`'s ``__init__``.
+    """
+
+    per_sample: str
+    per_sample_method: str | None
+    chunk_size: int | None
+    distributed: bool | None
+    process_group: Any
+
+
+class GramOptions(RowOptions, total=False):
+    """IEF's and EF's options of the Gram solve (documented in :class:`backends.IEF`;
+    defaults in :class:`_GramOptimizer`'s ``__init__``)."""
+
+    damping_mode: str
+    dedup_threshold: float | None
+    dedup_rule: str
+
 
 Group = Mapping[str, Any]  # the (single) parameter group: the hyperparameters and params
 Update = tuple[torch.Tensor, dict[str, Any]]  # the update (P,) and the method's diagnostics
@@ -61,7 +85,7 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     "total_steps": lambda v: check_int(v, "total_steps"),
     "num_samples": lambda v: check_int(v, "num_samples"),
     "seed": _check_seed,
-    "cg_tol": lambda v: check_real(v, "cg_tol", positive=True),
+    "cg_tol": lambda v: v is None or check_real(v, "cg_tol", positive=True),
     "cg_maxiter": lambda v: check_int(v, "cg_maxiter", optional=True),
 }
 
@@ -114,28 +138,26 @@ class _LogitLossOptimizer(_SteppedOptimizer):
     Subclasses set :attr:`_hyperparameters` and implement :meth:`_update`.
     """
 
-    #: names of the hyperparameters kept in the parameter group (and in the state_dict)
-    _hyperparameters: tuple[str, ...] = ("lr", "damping", "reduction")
     #: EF and SF: d = u / ||u|| and lr decaying linearly to 0 over total_steps
     _normalised: bool = False
+
+    _keeps_param_names = True
 
     def __init__(
         self,
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
-        output_fn: Callable[[Any], torch.Tensor] | None,
-        per_sample: str,
-        per_sample_method: str | None,
-        chunk_size: int | None,
+        per_sample: str = "auto",
+        per_sample_method: str | None = None,
+        chunk_size: int | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
-        **hyperparameters: Any,
+        **options: Any,
     ) -> None:
-        named = _trainable(model, loss)
-        self._check_hyperparameters(hyperparameters)
-        self._model = model
-        self._loss = loss
+        """The defaults of :class:`RowOptions`; ``options``: :class:`StepOptions` and the
+        method's hyperparameters."""
+        super().__init__(model, loss, **options)
         self._shard_loss: Any = loss  # this step's: IgnoredShardLoss for an all-ignored shard
         if per_sample_method is not None:  # the earlier name of per_sample
             per_sample = per_sample_method
@@ -150,7 +172,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             method = "vmap"
         self.per_sample = per_sample
         self._provider_options = {
-            "output_fn": output_fn,
+            "output_fn": self._output_fn,
             "per_sample_method": method,
             "layer_route": route,
             "chunk_size": chunk_size,
@@ -158,11 +180,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         self._warned: set[str] = set()
         # torch.distributed: the batch is the union of the ranks' shards (backends.distributed)
         self._comm = communicator(distributed, process_group)
-        self._names = tuple(name for name, _ in named)
-        self._step = 0
-        #: diagnostics of the last successful step (empty before the first), see :meth:`step`
-        self.diagnostics: dict[str, Any] = {}
-        super().__init__(named, hyperparameters)
+        self._names = tuple(self.param_groups[0]["param_names"])
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         given = set(group) - {"params", "param_names"}
@@ -353,6 +371,22 @@ class _GramOptimizer(_LogitLossOptimizer):
         "dedup_threshold",
         "dedup_rule",
     )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: ngdref.LogitLoss,
+        *,
+        damping_mode: str = "absolute",
+        dedup_threshold: float | None = 0.99,
+        dedup_rule: str = "all_pairs",
+        **options: Any,
+    ) -> None:
+        """The defaults of :class:`GramOptions`."""
+        super().__init__(
+            model, loss, damping_mode=damping_mode, dedup_threshold=dedup_threshold,
+            dedup_rule=dedup_rule, **options,
+        )
 
     def _system(
         self, batch: _Batch, group: Mapping[str, Any]

@@ -9,15 +9,41 @@ and its checkpoint (``state_dict`` holds torch's optimiser state plus ``"step"``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
 
 import ngdref
 
+if TYPE_CHECKING:
+    from typing import Required
+
 Batch = Any  # (inputs, targets), or a mapping of Hugging Face inputs holding "labels"
+
+
+class StepOptions(TypedDict, total=False):
+    """The keyword options every optimiser of :mod:`backends` takes (``**options``).
+
+    Their defaults live in one place, :class:`_SteppedOptimizer`'s ``__init__``.
+
+    Attributes
+    ----------
+    lr : float >= 0, required
+        eta; what it scales is the optimiser's (constant, or the first of a decaying step).
+    damping : float >= 0, required
+        lambda; what it damps is the optimiser's.
+    reduction : {"sum", "mean"} or float
+        R, default "sum" (the paper's L = sum_n l_n); see the optimiser's module docstring.
+    output_fn : callable, optional
+        Model output -> logits, passed to :class:`backends.TorchProvider`.
+    """
+
+    lr: Required[float]
+    damping: Required[float]
+    reduction: str | float
+    output_fn: Callable[[Any], torch.Tensor] | None
 
 
 def _check_seed(value: Any) -> None:
@@ -84,6 +110,39 @@ class _SteppedOptimizer(torch.optim.Optimizer):
     """
 
     _step: int
+    #: names of the hyperparameters kept in the parameter group (and in the state_dict)
+    _hyperparameters: tuple[str, ...] = ("lr", "damping", "reduction")
+    #: whether the parameter group keeps the parameters' names (and the state_dict with it)
+    _keeps_param_names: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: ngdref.LogitLoss,
+        *,
+        lr: float,
+        damping: float,
+        reduction: str | float = "sum",
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        **hyperparameters: Any,
+    ) -> None:
+        """Check model, loss and the hyperparameters (:class:`StepOptions` and the
+        method's own), then hold them in the single parameter group."""
+        unknown = sorted(set(hyperparameters) - set(self._hyperparameters))
+        if unknown:  # as Python says it of an explicit signature
+            raise TypeError(
+                f"{type(self).__name__}.__init__() got an unexpected keyword argument "
+                f"{unknown[0]!r}"
+            )
+        named = _trainable(model, loss)
+        group = {"lr": lr, "damping": damping, **hyperparameters, "reduction": reduction}
+        self._check_hyperparameters(group)
+        self._model, self._loss, self._output_fn = model, loss, output_fn
+        self._step = 0
+        #: diagnostics of the last successful step (empty before the first), see ``step``
+        self.diagnostics: dict[str, Any] = {}
+        params = named if self._keeps_param_names else [p for _, p in named]
+        super().__init__(params, group)
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise on a hyperparameter of ``group`` out of its range."""

@@ -99,17 +99,7 @@ def conjugate_gradient(
     CGResult
     """
     xp = namespace(b=b)
-    check_ndim(b, "b", 1, "(P,)")
-    check_finite(xp, b, "b")
-    damping = check_damping(damping)
-    if tol is None:
-        tol = default_cg_tol(xp, b.dtype)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if maxiter is None:
-        maxiter = 10 * b.shape[0]
-    if maxiter < 1:
-        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
+    damping, tol, maxiter = _checked_options(xp, b, damping, tol, maxiter)
 
     def op(v: Any) -> Any:
         out = matvec(v)
@@ -157,6 +147,24 @@ def conjugate_gradient(
         p = r + (rr_new / rr) * p
         rr = rr_new
     return result(maxiter, "maxiter")
+
+
+def _checked_options(
+    xp: Any, b: Any, damping: float, tol: float | None, maxiter: int | None
+) -> tuple[float, float, int]:
+    """Check b (P,) and return (damping, tol, maxiter) with the defaults filled in."""
+    check_ndim(b, "b", 1, "(P,)")
+    check_finite(xp, b, "b")
+    damping = check_damping(damping)
+    if tol is None:
+        tol = default_cg_tol(xp, b.dtype)
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if maxiter is None:
+        maxiter = 10 * b.shape[0]
+    if maxiter < 1:
+        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
+    return damping, tol, maxiter
 
 
 def not_converged_message(result: CGResult, tol: float, maxiter: int | None, b_norm: float) -> str:

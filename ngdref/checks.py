@@ -7,8 +7,9 @@ wrong dtype, shape, device or namespace is an error, never a silent cast.
 Two families:
 
 - array checks (:func:`namespace`, :func:`check_ndim`, :func:`check_floating`,
-  :func:`check_finite`, :func:`check_rows`, :func:`check_vector`,
-  :func:`check_grad_matrix`, :func:`check_same_dtype`), which take the array
+  :func:`check_finite`, :func:`check_array`, :func:`check_rows`, :func:`check_vector`,
+  :func:`check_grad_matrix`, :func:`check_logit_matrices`, :func:`check_same_dtype`),
+  which take the array
   namespace from their inputs;
 - option checks on plain Python values (:func:`check_int`, :func:`check_real`,
   :func:`check_choice`, :func:`check_damping`), which return the checked value.
@@ -27,12 +28,14 @@ import array_api_compat
 
 __all__ = [
     "NonFiniteError",
+    "check_array",
     "check_choice",
     "check_damping",
     "check_finite",
     "check_floating",
     "check_grad_matrix",
     "check_int",
+    "check_logit_matrices",
     "check_ndim",
     "check_real",
     "check_rows",
@@ -104,6 +107,22 @@ def check_finite(xp: Any, x: Any, name: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
     if not bool(xp.all(xp.isfinite(x))):
         raise NonFiniteError(f"{name} contains NaN or infinite values")
+
+
+#: what :func:`check_array` says of an empty first axis of samples
+EMPTY_BATCH = "an empty batch (N = 0): at least one sample is needed"
+
+
+def check_array(
+    xp: Any, x: Any, name: str, ndim: int, layout: str, *, empty: str = EMPTY_BATCH
+) -> None:
+    """Raise unless ``x`` has ``ndim`` axes, a real floating dtype, a non-empty first axis and
+    finite entries; ``empty`` completes ``"{name} is ..."`` for an empty first axis."""
+    check_ndim(x, name, ndim, layout)
+    check_floating(xp, x, name)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is {empty}")
+    check_finite(xp, x, name)
 
 
 def check_rows(x: Any, name: str, rows: int, reference: str) -> None:
@@ -189,7 +208,7 @@ def check_grad_matrix(
     check_ndim(per_sample_grads, name, 2, "(N, P)")
     check_floating(xp, per_sample_grads, name)
     if per_sample_grads.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (N = 0): at least one sample is needed")
+        raise ValueError(f"{name} is {EMPTY_BATCH}")
     if per_sample_grads.shape[1] == 0:
         raise ValueError(f"{name} has no parameters (P = 0)")
     if finite:
@@ -214,3 +233,16 @@ def check_same_dtype(x: Any, name: str, reference: Any, reference_name: str) -> 
         raise TypeError(
             f"{name} has dtype {x.dtype} but {reference_name} has dtype {reference.dtype}"
         )
+
+
+def check_logit_matrices(xp: Any, matrices: Any, name: str, jacobians: Any) -> None:
+    """Raise unless ``matrices`` are (N, C, C), one C x C matrix per sample of ``jacobians``
+    (N, C, P), in their dtype and finite."""
+    n, c, _ = jacobians.shape
+    if tuple(matrices.shape) != (n, c, c):
+        raise ValueError(
+            f"{name} must have shape {(n, c, c)} for jacobians of shape "
+            f"{tuple(jacobians.shape)}, got {tuple(matrices.shape)}"
+        )
+    check_same_dtype(matrices, name, jacobians, "jacobians")
+    check_finite(xp, matrices, name)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from ngdref.checks import (
+    check_array,
     check_finite,
-    check_floating,
     check_grad_matrix,
     check_int,
-    check_ndim,
+    check_logit_matrices,
     check_same_dtype,
     check_vector,
     namespace,
@@ -42,11 +42,7 @@ __all__ = [
 
 def _check_jacobians(jacobians: Any) -> Any:
     xp = namespace(jacobians=jacobians)
-    check_ndim(jacobians, "jacobians", 3, "(N, C, P)")
-    check_floating(xp, jacobians, "jacobians")
-    if jacobians.shape[0] == 0:
-        raise ValueError("jacobians is an empty batch (N = 0): at least one sample is needed")
-    check_finite(xp, jacobians, "jacobians")
+    check_array(xp, jacobians, "jacobians", 3, "(N, C, P)")
     return xp
 
 
@@ -72,14 +68,7 @@ def fisher_matrix(jacobians: Any, logit_hessians: Any) -> Any:
     """
     xp = _check_jacobians(jacobians)
     namespace(jacobians=jacobians, logit_hessians=logit_hessians)
-    n, c, _ = jacobians.shape
-    if tuple(logit_hessians.shape) != (n, c, c):
-        raise ValueError(
-            f"logit_hessians must have shape {(n, c, c)} for jacobians of shape "
-            f"{tuple(jacobians.shape)}, got {tuple(logit_hessians.shape)}"
-        )
-    check_same_dtype(logit_hessians, "logit_hessians", jacobians, "jacobians")
-    check_finite(xp, logit_hessians, "logit_hessians")
+    check_logit_matrices(xp, logit_hessians, "logit_hessians", jacobians)
     return _stacked_gram(xp, jacobians, xp.matmul(logit_hessians, jacobians))
 
 

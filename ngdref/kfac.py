@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ngdref.checks import (
+    check_array,
     check_choice,
     check_damping,
     check_finite,
@@ -127,11 +128,7 @@ def _positions(x: Any, name: str) -> tuple[Any, Any]:
     xp = namespace(**{name: x})
     if x.ndim == 2:
         x = x[:, None, :]
-    check_ndim(x, name, 3, "(N, T, d) or (N, d)")
-    check_floating(xp, x, name)
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (N = 0): at least one sample is needed")
-    check_finite(xp, x, name)
+    check_array(xp, x, name, 3, "(N, T, d) or (N, d)")
     return xp, xp.astype(x, xp.float64)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import array_api_compat
 
@@ -29,6 +29,9 @@ from ngdref.checks import (
 from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows, sq_row_norms
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 __all__ = [
     "QuadraticForm",
@@ -144,20 +147,21 @@ def gamma(
     return math.inf if slope == 0.0 else math.sqrt(curvature) / slope
 
 
-def gamma_ratio(
-    update: Any,
-    grad: Any,
-    *,
-    fisher_vp: Callable[[Any], Any] | None = None,
-    quadratic_form: Callable[[Any], Any] | None = None,
-    fisher: Any = None,
-) -> float:
+class _FisherForm(TypedDict, total=False):
+    """The three ways of giving F to :func:`gamma` (exactly one of them)."""
+
+    fisher_vp: Callable[[Any], Any]
+    quadratic_form: Callable[[Any], Any]
+    fisher: Any
+
+
+def gamma_ratio(update: Any, grad: Any, **fisher: Unpack[_FisherForm]) -> float:
     r""":math:`\gamma(d) / \gamma(g)`, the paper's ratio to SGD (< 1: better than SGD).
 
-    Takes F as :func:`gamma` does (exactly one of the three keywords); returns a float.
+    Takes F as :func:`gamma` does (exactly one of ``fisher_vp=``, ``quadratic_form=``,
+    ``fisher=``, keyword-only); returns a float.
     """
-    f = {"fisher_vp": fisher_vp, "quadratic_form": quadratic_form, "fisher": fisher}
-    return gamma(update, grad, **f) / gamma(grad, grad, **f)
+    return gamma(update, grad, **fisher) / gamma(grad, grad, **fisher)
 
 
 def fisher_vp(

@@ -41,8 +41,8 @@ from ngdref.checks import (
     check_damping,
     check_finite,
     check_floating,
+    check_logit_matrices,
     check_ndim,
-    check_same_dtype,
     check_vector,
     namespace,
 )
@@ -376,13 +376,7 @@ def _factor_rows(xp: Any, jacobians: Any, factors: Any | None) -> Any:
     """Rows of A with A^T A = sum_n J_n^T Q_n Q_n^T J_n: (Q_n^T J_n) stacked, (N*C, P)."""
     n, c, p = jacobians.shape
     if factors is not None:
-        if tuple(factors.shape) != (n, c, c):
-            raise ValueError(
-                f"logit_hessian_sqrt must have shape {(n, c, c)} for jacobians of shape "
-                f"{tuple(jacobians.shape)}, got {tuple(factors.shape)}"
-            )
-        check_same_dtype(factors, "logit_hessian_sqrt", jacobians, "jacobians")
-        check_finite(xp, factors, "logit_hessian_sqrt")
+        check_logit_matrices(xp, factors, "logit_hessian_sqrt", jacobians)
         jacobians = xp.matmul(xp.matrix_transpose(factors), jacobians)
     return xp.reshape(jacobians, (n * c, p))
 

@@ -244,6 +244,8 @@ TALL = [
     Case("seq_tall", "seq", n=4, c=2, p=8, seed=17, vocab=3),
 ]
 CASES = WIDE + TALL
+#: the dampings the update identities are checked at
+DAMPINGS = [1e-3, 0.1, 1.0, 10.0]
 #: one case per loss kind, for the slower or Monte Carlo tests
 ONE_PER_KIND = [WIDE[0], WIDE[2], WIDE[3], WIDE[5]]
 

@@ -274,40 +274,41 @@ def test_least_squares_closed_form_spec_numbers() -> None:
     np.testing.assert_allclose(closed.fisher @ np.asarray(closed.fisher_inv), np.eye(2), atol=0)
 
 
+#: (toy, its closed form, {dense quantity: closed-form field}) beyond the SHARED names
+SHARED = ("loss", "grad", "per_sample_grads", "fisher", "ngd", "ief", "ef")
+TOYS = [
+    (least_squares_toy, least_squares_toy_closed_form,
+     {"logit_grads": "residuals", "empirical_fisher": "empirical_fisher"}),
+    (logistic_toy, logistic_toy_closed_form,
+     {"logit_grads": "logit_grads", "gauss_newton": "gauss_newton"}),
+]
+
+
 @pytest.mark.parametrize("theta", THETAS)
-def test_least_squares_toy_closed_form(theta: tuple[float, float], backend: Backend) -> None:
-    provider, loss, targets = least_squares_toy(theta, backend.xp)
+@pytest.mark.parametrize(
+    ("toy", "closed_form", "fields"), TOYS, ids=["least_squares", "logistic"]
+)
+def test_toy_closed_form(
+    toy: Callable[..., Any], closed_form: Callable[..., Any], fields: dict[str, str],
+    theta: tuple[float, float], backend: Backend,
+) -> None:
+    provider, loss, targets = toy(theta, backend.xp)
     dense = _dense_quantities(provider, loss, targets, backend)
-    closed = least_squares_toy_closed_form(theta)
-    tol = tolerance()
-    np.testing.assert_allclose(dense["logit_grads"], closed.residuals, **tol)
-    np.testing.assert_allclose(dense["loss"], closed.loss, **tol)
-    np.testing.assert_allclose(dense["grad"], closed.grad, **tol)
-    np.testing.assert_allclose(dense["per_sample_grads"], closed.per_sample_grads, **tol)
-    np.testing.assert_allclose(dense["fisher"], closed.fisher, **tol)
-    np.testing.assert_allclose(dense["empirical_fisher"], closed.empirical_fisher, **tol)
-    np.testing.assert_allclose(dense["ngd"], closed.ngd, **tol)
-    np.testing.assert_allclose(dense["ief"], closed.ief, **tol)
-    np.testing.assert_allclose(dense["ef"], closed.ef, **tol)
+    closed = closed_form(theta)
+    for name, field in {**fields, **{f: f for f in SHARED}}.items():
+        np.testing.assert_allclose(dense[name], getattr(closed, field), **tolerance())
 
 
 @pytest.mark.parametrize("theta", THETAS)
-def test_logistic_toy_closed_form(theta: tuple[float, float], backend: Backend) -> None:
+def test_logistic_toy_ief_is_gauss_newton_not_ngd(
+    theta: tuple[float, float], backend: Backend
+) -> None:
     provider, loss, targets = logistic_toy(theta, backend.xp)
     dense = _dense_quantities(provider, loss, targets, backend)
     closed = logistic_toy_closed_form(theta)
     tol = tolerance()
-    np.testing.assert_allclose(dense["logit_grads"], closed.logit_grads, **tol)
-    np.testing.assert_allclose(dense["loss"], closed.loss, **tol)
-    np.testing.assert_allclose(dense["grad"], closed.grad, **tol)
-    np.testing.assert_allclose(dense["per_sample_grads"], closed.per_sample_grads, **tol)
-    np.testing.assert_allclose(dense["fisher"], closed.fisher, **tol)
-    np.testing.assert_allclose(dense["gauss_newton"], closed.gauss_newton, **tol)
     # Eq. 18: for a scalar output F_iEF = G_hat
     np.testing.assert_allclose(dense["ief_matrix"], dense["gauss_newton"], **tol)
-    np.testing.assert_allclose(dense["ngd"], closed.ngd, **tol)
-    np.testing.assert_allclose(dense["ief"], closed.ief, **tol)
-    np.testing.assert_allclose(dense["ef"], closed.ef, **tol)
     np.testing.assert_allclose(
         np.linalg.solve(dense["gauss_newton"], dense["grad"]), closed.ief, **tol
     )

@@ -71,30 +71,24 @@ def test_grad_and_hessian_match_closed_forms(case, backend):
     )
 
 
+#: (derivative, the function it differentiates); fd's columns hold d f / d z_nj, so a
+#: Hessian (N, C_i, C_j) = d e_ni / d z_nj is fd (N, C_j, C_i) with its last two axes swapped
+DERIVATIVES = [("grad", "value"), ("hessian", "grad")]
+
+
+@pytest.mark.parametrize(("derivative", "function"), DERIVATIVES, ids=["grad", "hessian"])
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_grad_is_finite_difference_of_value(case, backend):
+def test_derivative_is_finite_difference(case, derivative, function, backend):
     pr = case.build()
     targets = pr.on(backend).targets
 
-    def value(z):
-        return backend.to_numpy(pr.loss.value(backend.asarray(z), targets))
+    def f(z):
+        return backend.to_numpy(getattr(pr.loss, function)(backend.asarray(z), targets))
 
-    fd = _fd_columns(value, pr.logits)  # (N, C)
-    grad = backend.to_numpy(pr.loss.grad(backend.asarray(pr.logits), targets))
-    np.testing.assert_allclose(grad, fd, rtol=0, atol=FD_ATOL)
-
-
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_hessian_is_finite_difference_of_grad(case, backend):
-    pr = case.build()
-    targets = pr.on(backend).targets
-
-    def grad(z):
-        return backend.to_numpy(pr.loss.grad(backend.asarray(z), targets))
-
-    fd = _fd_columns(grad, pr.logits)  # (N, C_j, C_i) = d e_ni / d z_nj
-    hessian = backend.to_numpy(pr.loss.hessian(backend.asarray(pr.logits), targets))
-    np.testing.assert_allclose(hessian, np.swapaxes(fd, 1, 2), rtol=0, atol=FD_ATOL)
+    fd = _fd_columns(f, pr.logits)  # (N, C) or (N, C_j, C_i)
+    got = backend.to_numpy(getattr(pr.loss, derivative)(backend.asarray(pr.logits), targets))
+    expected = fd if derivative == "grad" else np.swapaxes(fd, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=FD_ATOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
