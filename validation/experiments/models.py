@@ -141,6 +141,20 @@ def _from_pretrained(cls: Any, name: str) -> nn.Module:
         ) from exc
 
 
+def _lora_config(peft_cfg: Mapping[str, Any], **extra: Any) -> Any:
+    """``peft.LoraConfig`` from the config's ``peft`` section (r, alpha, dropout, targets, bias)."""
+    import peft
+
+    return peft.LoraConfig(
+        r=peft_cfg["r"],
+        lora_alpha=peft_cfg["alpha"],
+        lora_dropout=peft_cfg["dropout"],
+        target_modules=list(peft_cfg["target_modules"]),
+        bias=peft_cfg["bias"],
+        **extra,
+    )
+
+
 # ---- T5 --------------------------------------------------------------------------------------
 def _tiny_t5(tiny: Mapping[str, Any], vocab_size: int) -> nn.Module:
     import transformers
@@ -226,15 +240,9 @@ def build_t5(
     torch.manual_seed(seed)
     kind = peft_cfg["type"]
     if kind == "lora":
-        config = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_2_SEQ_LM,
-            r=peft_cfg["r"],
-            lora_alpha=peft_cfg["alpha"],
-            lora_dropout=peft_cfg["dropout"],
-            target_modules=list(peft_cfg["target_modules"]),
-            bias=peft_cfg["bias"],
+        model = peft.get_peft_model(
+            base, _lora_config(peft_cfg, task_type=peft.TaskType.SEQ_2_SEQ_LM)
         )
-        model = peft.get_peft_model(base, config)
     elif kind == "prompt":
         if peft_cfg["init"] not in ("text", "random"):
             raise ValueError(f"peft.init must be 'text' or 'random'; got {peft_cfg['init']!r}")
@@ -316,14 +324,7 @@ def build_vit(model_cfg: Mapping[str, Any], peft_cfg: Mapping[str, Any], *, seed
             "5 names ViT's attention projections q_proj, k_proj, v_proj)"
         )
     torch.manual_seed(seed)
-    config = peft.LoraConfig(
-        r=peft_cfg["r"],
-        lora_alpha=peft_cfg["alpha"],
-        lora_dropout=peft_cfg["dropout"],
-        target_modules=list(peft_cfg["target_modules"]),
-        bias=peft_cfg["bias"],
-    )
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(base, _lora_config(peft_cfg))
     return model.to(torch_dtype(model_cfg["dtype"])).eval()
 
 
