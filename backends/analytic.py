@@ -23,7 +23,14 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref.checks import check_finite, check_floating, check_int, check_ndim, namespace
+from ngdref.checks import (
+    EMPTY_BATCH,
+    check_finite,
+    check_floating,
+    check_int,
+    check_ndim,
+    namespace,
+)
 from ngdref.losses import SigmoidBinaryCrossEntropy, SquaredError
 from ngdref.provider import JacobianProvider
 
@@ -80,7 +87,7 @@ class LinearProvider(JacobianProvider):
         check_finite(xp, weights, "weights")
         check_ndim(inputs, "inputs", 2, "(N, D)")
         if inputs.shape[0] == 0:
-            raise ValueError("inputs is an empty batch (N = 0): at least one sample is needed")
+            raise ValueError(f"inputs is {EMPTY_BATCH}")
         if inputs.shape[1] != weights.shape[1]:
             raise ValueError(
                 f"inputs has {inputs.shape[1]} columns but weights has {weights.shape[1]} "

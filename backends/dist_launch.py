@@ -1,18 +1,20 @@
 """Launching data-parallel runs: join a process group, share a batch, one writer.
 
-:func:`init_from_env` joins the group torchrun describes in the environment;
-:func:`join_local` and :func:`launch_local` run R processes of a module on one machine over
-gloo and the loopback interface (tests and benchmarks); :func:`shard_slice` is a rank's share
-of a global batch, :func:`is_writer` whether it writes files.
+:func:`init_from_env` joins the group torchrun describes in the environment and
+:func:`leave` tears it down; :func:`join_local` / :func:`local_group` and :func:`launch_local`
+run R processes of a module on one machine over gloo and the loopback interface (tests and
+benchmarks); :func:`shard_slice` is a rank's share of a global batch, :func:`is_writer`
+whether it writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +27,8 @@ __all__ = [
     "is_writer",
     "join_local",
     "launch_local",
+    "leave",
+    "local_group",
     "shard_slice",
     "world_and_rank",
 ]
@@ -117,12 +121,41 @@ def join_local(rank: int, world: int, folder: Path, timeout: float = 60.0) -> No
                             timeout=datetime.timedelta(seconds=timeout))
 
 
+def leave(*, synchronise: bool = True) -> None:
+    """Leave the default process group, if joined: a barrier, then ``destroy_process_group``.
+
+    The barrier (skipped with ``synchronise=False``, for a rank that failed and whose peers
+    may not reach it) keeps any rank from tearing its group down while a peer still talks to
+    it: without it, gloo aborted a rank at exit ("terminate called without an active
+    exception", SIGABRT) in about one run in three of two local ranks.
+    """
+    if not _up():
+        return
+    try:
+        if synchronise:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_group(rank: int, world: int, folder: Path, timeout: float = 60.0) -> Iterator[None]:
+    """:func:`join_local` for the body, then :func:`leave` (synchronised if the body succeeded)."""
+    join_local(rank, world, folder, timeout)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        leave(synchronise=ok)
+
+
 def launch_local(
     world: int, module: str, folder: Path, args: Sequence[str] = (), timeout: float = 300.0
 ) -> list[str]:
     """Run ``python -m module RANK WORLD FOLDER *args`` for every rank and wait.
 
-    Each process should call :func:`join_local` (and destroy the group when done). All are
+    Each process should run in :func:`local_group` (join, and leave together). All are
     killed after ``timeout`` seconds or when one fails; their outputs are returned.
 
     Raises
@@ -153,5 +186,8 @@ def launch_local(
                 proc.kill()
                 proc.communicate()
     if any(p.returncode != 0 for p in procs):
-        raise RuntimeError(f"{module}: a rank failed:\n" + "\n".join(logs))
+        raise RuntimeError(f"{module}: a rank failed:\n" + "\n".join(
+            f"rank {r} exited with {p.returncode}:\n{log}"
+            for r, (p, log) in enumerate(zip(procs, logs, strict=True))
+        ))
     return logs

@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from ngdref.checks import check_finite, check_floating, check_ndim, namespace
+from ngdref.checks import EMPTY_BATCH, check_finite, check_floating, check_ndim, namespace
 from ngdref.provider import JacobianProvider
 
 __all__ = ["MLPProvider", "mlp_apply", "mlp_init", "mlp_num_params"]
@@ -182,7 +182,7 @@ class MLPProvider(JacobianProvider):
         check_finite(xp, params, "params")
         check_finite(xp, inputs, "inputs")
         if inputs.shape[0] == 0:
-            raise ValueError("inputs is an empty batch (N = 0): at least one sample is needed")
+            raise ValueError(f"inputs is {EMPTY_BATCH}")
         self._xp = xp
         self.params = params
         self.inputs = inputs

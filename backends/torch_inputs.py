@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ngdref.checks import EMPTY_BATCH
+
 #: the key of a tensor passed positionally, ``model(inputs)``
 POSITIONAL = "<input>"
 
@@ -98,7 +100,7 @@ def _check_sizes(batched: Mapping[str, torch.Tensor], device: torch.device) -> t
                 f"parameters are on {device}"
             )
     if n == 0:
-        raise ValueError("inputs is an empty batch (N = 0): at least one sample is needed")
+        raise ValueError(f"inputs is {EMPTY_BATCH}")
     assert n is not None
     return first_key, n
 

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.dist_launch import join_local, launch_local  # noqa: E402
+from backends.dist_launch import launch_local, local_group  # noqa: E402
 from backends.optim import EF, IEF, NGD, SF  # noqa: E402
 
 D_IN, HIDDEN, POSITIONS, VOCAB = 4, 6, 2, 3
@@ -197,8 +197,7 @@ def _block_diagonal(world: int, rank: int) -> Any:
 def worker(rank: int, world: int, folder: Path) -> None:
     import torch.distributed as dist
 
-    join_local(rank, world, folder)
-    try:
+    with local_group(rank, world, folder):
         results: dict[str, Any] = {name: run_case(name, world, rank) for name in CASES}
         results["failures"] = {kind: _failure(world, rank, kind) for kind in FAILURES}
         results["block_diagonal"] = _block_diagonal(world, rank)
@@ -207,8 +206,6 @@ def worker(rank: int, world: int, folder: Path) -> None:
         if rank < 2:  # ranks 0 and 1 share the batch in SHARDS[2]; a third rank stays out
             results["ief_pair"] = run_case("ief", 2, rank, process_group=pair)
         torch.save(results, folder / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- the tests -----------------------------------------------------------------------------

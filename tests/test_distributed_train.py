@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from backends.dist_launch import join_local  # noqa: E402
+from backends.dist_launch import local_group  # noqa: E402
 from tests.test_distributed import spawn  # noqa: E402
 from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.evaluate import evaluate_run  # noqa: E402
@@ -53,10 +53,8 @@ def config(optimizer: str) -> dict[str, Any]:
 
 
 def worker(rank: int, world: int, folder: Path) -> None:
-    import torch.distributed as dist
 
-    join_local(rank, world, folder)
-    try:
+    with local_group(rank, world, folder):
         out = {}
         for name in OPTIMIZERS:
             run = folder / name
@@ -64,8 +62,6 @@ def worker(rank: int, world: int, folder: Path) -> None:
             out[name] = train(config(name), run, resume=True, progress=False, device="cpu").params
         evaluate_run(folder / "ief", **EVALUATION)  # the run's 3 checkpoints shared by 2 ranks
         torch.save(out, folder / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -107,11 +107,10 @@ def worker(rank: int, world: int, folder: Path, argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from backends.dist_launch import join_local, shard_slice
+    from backends.dist_launch import local_group, shard_slice
 
     args = _parse(argv)
-    join_local(rank, world, folder, timeout=args.timeout)
-    try:
+    with local_group(rank, world, folder, timeout=args.timeout):
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(args.batch, args.inputs, generator=gen)
         y = torch.randint(0, 10, (args.batch,), generator=gen)
@@ -131,8 +130,6 @@ def worker(rank: int, world: int, folder: Path, argv: list[str]) -> None:
             out = {name: {"median_s": statistics.median(t), "bytes": sent[name]}
                    for name, t in times.items()}
             (folder / "result.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,5 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _run_and_leave() -> int:
+    """:func:`main`; under torchrun, then leave the process group (all ranks together if the
+    command succeeded; :func:`backends.dist_launch.leave`)."""
+    code = 1
+    try:
+        code = main()
+        return code
+    finally:
+        if "torch.distributed" in sys.modules:  # no torch import for the commands without it
+            from backends.dist_launch import leave
+
+            leave(synchronise=code == 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run_and_leave())
