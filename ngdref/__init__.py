@@ -34,7 +34,6 @@ from ngdref.linalg import (
     GramSolve,
     SingularMatrixError,
     near_duplicate_mask,
-    solve_damped_gram,
 )
 from ngdref.losses import (
     LogitLoss,
@@ -121,5 +120,4 @@ __all__ = [
     "sf_matrix",
     "sf_update",
     "sgd_update",
-    "solve_damped_gram",
 ]

@@ -33,7 +33,6 @@ __all__ = [
     "SingularMatrixError",
     "near_duplicate_mask",
     "singular_rtol",
-    "solve_damped_gram",
 ]
 
 #: "absolute": lambda as given; "relative": lambda * max_n K_nn; "diagonal_only": the Gram
@@ -383,29 +382,3 @@ def _diag_matrix(xp: Any, like: Any, weights: Any) -> Any:
     """diag(weights) (or I when None), float64, shaped and placed like ``like``."""
     eye = xp.eye(like.shape[0], dtype=xp.float64, device=array_api_compat.device(like))
     return eye if weights is None else weights[:, None] * eye
-
-
-def solve_damped_gram(
-    rows: Any,
-    rhs: Any,
-    *,
-    damping: float,
-    damping_mode: str = "absolute",
-    sample_weights: Any = None,
-    dedup_threshold: float | None = None,
-    dedup_rule: str = "all_pairs",
-    rtol: float | None = None,
-    rows_name: str = "rows",
-) -> GramSolve:
-    r"""One solve of :math:`(A A^\top + \lambda W) c = b` in float64: :class:`DampedGram` once.
-
-    For several right-hand sides or damping values build a :class:`DampedGram` and call
-    its :meth:`~DampedGram.solve`, which reuses the Gram matrix and its factorisations.
-    Parameters as for :class:`DampedGram` and :meth:`DampedGram.solve`.
-    """
-    gram = DampedGram(
-        rows, dedup_threshold=dedup_threshold, dedup_rule=dedup_rule, rows_name=rows_name
-    )
-    return gram.solve(
-        rhs, damping=damping, damping_mode=damping_mode, sample_weights=sample_weights, rtol=rtol
-    )
