@@ -1,0 +1,83 @@
+"""TorchProvider's "hooks" route on the models it must not get wrong, in float64.
+
+The hooks route reads a trainable ``nn.Linear``'s input and output gradient per call and
+takes their leading axis as the samples. A call on a tensor computed from constants whose
+leading axis happens to have length N (a (T, d) table with T == N) is not per sample: its
+per-sample rows still sum to the batch gradient, so only a per-sample reference can catch
+them. Expected values are independent of the provider: row n is ``torch.autograd.grad`` of
+``u_n . z_n`` through the model's ordinary forward on the whole batch (the definition of
+``J_n^T u_n``), and the vmap route agrees with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from backends.torch_provider import TorchProvider  # noqa: E402
+from tests.torch_provider_cases import assert_close  # noqa: E402
+
+N, D, C = 4, 3, 2
+
+
+class _ConstantTable(nn.Module):
+    """A trainable Linear on the batch and on a constant (N, D) table averaged over its rows.
+
+    z_n = head(tanh(lin(x_n) + mean_t lin(table_t))): sample n depends on every table row
+    equally, so a route that takes table row n as sample n's gives wrong rows.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D, dtype=torch.float64)
+        self.head = nn.Linear(D, C, dtype=torch.float64)
+
+    def forward(self, x: Any) -> Any:
+        table = torch.arange(N * D, dtype=x.dtype).reshape(N, D) / (N * D)
+        return self.head(torch.tanh(self.lin(x) + self.lin(table).mean(0)))
+
+
+def _problem() -> tuple[nn.Module, Any, Any, Any]:
+    torch.manual_seed(11)
+    model = _ConstantTable()
+    x = torch.randn(N, D, dtype=torch.float64)
+    u = torch.randn(N, C, dtype=torch.float64)
+    return model, x, u, _batch_autograd_rows(model, x, u)
+
+
+def _batch_autograd_rows(model: nn.Module, x: Any, u: Any) -> Any:
+    """Row n: d(u_n . z_n)/d theta through the ordinary forward of the whole batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for n in range(x.shape[0]):
+        z = model(x)
+        grads = torch.autograd.grad((z[n] * u[n]).sum(), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def test_reference_agrees_with_vmap() -> None:
+    model, x, u, expected = _problem()
+    assert_close(TorchProvider(model, x, per_sample_method="vmap").vjp(u), expected)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(chunk_size: Any) -> None:
+    model, x, u, expected = _problem()
+    provider = TorchProvider(model, x, chunk_size=chunk_size)
+    assert provider.per_sample_method == "hooks"
+    assert_close(provider.vjp(u), expected)
+    assert_close(provider.vjp(u), expected)  # a second call: a new forward pass
+    assert_close(provider.per_sample_rows(u).gram(), expected @ expected.T)
+
+
+def test_explicit_hooks_refuse_a_linear_on_a_constant_table() -> None:
+    model, x, u, _ = _problem()
+    provider = TorchProvider(model, x, per_sample_method="hooks")
+    with pytest.raises(RuntimeError, match="per_sample_method='hooks'"):
+        provider.vjp(u)
