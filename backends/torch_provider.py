@@ -54,8 +54,9 @@ Forward mode
     kernel and falls back to a slow per-sample loop: "eager" is preferable.
 Per-sample gradients by hooks
     When every trainable parameter is the weight or bias of an ``nn.Linear``, one batched
-    backward pass with hooks gives the per-sample gradients, checked against the batch
-    gradient of the same pass (:mod:`backends.linear_hooks`).
+    backward pass with hooks gives the per-sample gradients; a parameter the hooks cannot
+    account for (tied, or a call on a tensor that is not per sample) is detected, not
+    guessed (:mod:`backends.linear_hooks`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows
 
 from .ghost_hooks import ROUTES, LayerPass
-from .linear_hooks import find_linear_slots, hooks_forward, vjp_hooks
+from .linear_hooks import hookable, vjp_hooks
 from .torch_inputs import POSITIONAL, hf_models, split_inputs, vmap_masks
 from .torch_params import ParamLayout
 
@@ -131,8 +132,8 @@ class TorchProvider(ParamLayout, JacobianProvider):
     per_sample_method : {"auto", "vmap", "hooks", "ghost"}
         Route of :meth:`vjp`. "hooks" needs every trainable parameter to be
         the weight or bias of an ``nn.Linear``; "auto" takes hooks when that
-        holds (falling back to vmap if the pass's sum check fails), vmap
-        otherwise. "ghost": per-layer factors from one forward and one
+        holds (falling back to vmap for a parameter the hooks cannot account
+        for), vmap otherwise. "ghost": per-layer factors from one forward and one
         backward pass with module hooks (:mod:`backends.ghost_hooks`), given
         by :meth:`per_sample_rows` without forming G; not with ``chunk_size``.
     layer_route : {"auto", "ghost", "materialise"}
@@ -190,17 +191,14 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self._hf = hf_models(model)
 
         check_choice(per_sample_method, "per_sample_method", _METHODS)
-        # only the Linear-hooks route needs the slots (walking the modules costs per step)
-        self._linear_slots = (
-            find_linear_slots(model, self.param_names, self._sizes)
-            if per_sample_method in ("auto", "hooks") else None
-        )
-        if per_sample_method == "hooks" and self._linear_slots is None:
+        # only the Linear-hooks route needs the check (walking the modules costs per step)
+        linear = per_sample_method in ("auto", "hooks") and hookable(model, self.param_names)
+        if per_sample_method == "hooks" and not linear:
             raise ValueError(
                 "per_sample_method='hooks' needs every trainable parameter to be the weight or "
                 "bias of an nn.Linear; use 'vmap' (or 'auto') for this model"
             )
-        # "auto" may still fall back to vmap if a hooks pass fails its sum check.
+        # "auto" may still fall back to vmap if a hooks pass cannot account for a parameter.
         if per_sample_method == "ghost":
             if chunk_size is not None:
                 raise ValueError(
@@ -212,7 +210,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self.layer_pass: LayerPass | None = None
         self._auto = per_sample_method == "auto"
         if self._auto:
-            per_sample_method = "hooks" if self._linear_slots is not None else "vmap"
+            per_sample_method = "hooks" if linear else "vmap"
         self.per_sample_method = per_sample_method
 
         self._logits = self._compute_logits()
@@ -265,15 +263,15 @@ class TorchProvider(ParamLayout, JacobianProvider):
         return self._batch_logits(theta, {k: t.unsqueeze(0) for k, t in sample.items()})[0]
 
     def _compute_logits(self) -> torch.Tensor:
-        self._pending: tuple | None = None
+        self._pending: LayerPass | None = None
         if self.per_sample_method == "ghost":
             self.layer_pass = LayerPass(self, self.layer_route)
             z = self.layer_pass.logits
         elif self.per_sample_method == "hooks" and self.chunk_size is None:
             # The forward the first hooks vjp needs anyway: keep its graph for that vjp (an
             # optimiser step then costs one forward, not two). Any other first use drops it.
-            self._pending = hooks_forward(self, self._batch(slice(None)))
-            z = self._pending[0].detach()
+            self._pending = LayerPass(self, "materialise")
+            z = self._pending.logits
         else:
             with torch.no_grad(), self._eval_mode():
                 z = torch.cat(
@@ -358,11 +356,10 @@ class TorchProvider(ParamLayout, JacobianProvider):
         if self.per_sample_method == "ghost":  # rows without G (ngdref takes PerSampleRows)
             return self.per_sample_rows(cotangents, keep_graph=True)
         if self.per_sample_method == "hooks":
-            result = vjp_hooks(self, cotangents)
-            if result is not None:
-                return result
-            # "auto" and the sum check failed: this model is not hook-friendly.
-            self.per_sample_method = "vmap"
+            grads, fallbacks = vjp_hooks(self, cotangents)
+            if fallbacks:  # "auto" (rows exact by vmap): this model is not hook-friendly
+                self.per_sample_method = "vmap"
+            return grads
         return self._vjp_vmap(cotangents)
 
     def _vjp_vmap(self, cotangents: torch.Tensor) -> torch.Tensor:
