@@ -22,11 +22,11 @@ from torch import nn  # noqa: E402
 from backends.torch_provider import TorchProvider  # noqa: E402
 from tests.torch_provider_cases import assert_close  # noqa: E402
 
-N, D, C = 4, 3, 2
+T, D, C = 4, 3, 2  # table rows, features, classes
 
 
 class _ConstantTable(nn.Module):
-    """A trainable Linear on the batch and on a constant (N, D) table averaged over its rows.
+    """A trainable Linear on the batch and on a constant (T, D) table averaged over its rows.
 
     z_n = head(tanh(lin(x_n) + mean_t lin(table_t))): sample n depends on every table row
     equally, so a route that takes table row n as sample n's gives wrong rows.
@@ -38,15 +38,15 @@ class _ConstantTable(nn.Module):
         self.head = nn.Linear(D, C, dtype=torch.float64)
 
     def forward(self, x: Any) -> Any:
-        table = torch.arange(N * D, dtype=x.dtype).reshape(N, D) / (N * D)
+        table = torch.arange(T * D, dtype=x.dtype).reshape(T, D) / (T * D)
         return self.head(torch.tanh(self.lin(x) + self.lin(table).mean(0)))
 
 
-def _problem() -> tuple[nn.Module, Any, Any, Any]:
+def _problem(num_samples: int = T) -> tuple[nn.Module, Any, Any, Any]:
     torch.manual_seed(11)
     model = _ConstantTable()
-    x = torch.randn(N, D, dtype=torch.float64)
-    u = torch.randn(N, C, dtype=torch.float64)
+    x = torch.randn(num_samples, D, dtype=torch.float64)
+    u = torch.randn(num_samples, C, dtype=torch.float64)
     return model, x, u, _batch_autograd_rows(model, x, u)
 
 
@@ -66,9 +66,12 @@ def test_reference_agrees_with_vmap() -> None:
     assert_close(TorchProvider(model, x, per_sample_method="vmap").vjp(u), expected)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
-def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(chunk_size: Any) -> None:
-    model, x, u, expected = _problem()
+# N == T, and chunks of T samples (each chunk's pass sees a batch of T), and chunks of 2 != T
+@pytest.mark.parametrize(("num_samples", "chunk_size"), [(T, None), (2 * T, T), (T, 2)])
+def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(
+    num_samples: int, chunk_size: Any
+) -> None:
+    model, x, u, expected = _problem(num_samples)
     provider = TorchProvider(model, x, chunk_size=chunk_size)
     assert provider.per_sample_method == "hooks"
     assert_close(provider.vjp(u), expected)
@@ -76,8 +79,11 @@ def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(chunk_size: Any)
     assert_close(provider.per_sample_rows(u).gram(), expected @ expected.T)
 
 
-def test_explicit_hooks_refuse_a_linear_on_a_constant_table() -> None:
-    model, x, u, _ = _problem()
-    provider = TorchProvider(model, x, per_sample_method="hooks")
+@pytest.mark.parametrize(("num_samples", "chunk_size"), [(T, None), (2 * T, T)])
+def test_explicit_hooks_refuse_a_linear_on_a_constant_table(
+    num_samples: int, chunk_size: Any
+) -> None:
+    model, x, u, _ = _problem(num_samples)
+    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
     with pytest.raises(RuntimeError, match="per_sample_method='hooks'"):
         provider.vjp(u)
