@@ -8,8 +8,9 @@ paper's code does: a layer with input a_n (T, in) and output gradient g_n (T, ou
 .. math:: \nabla_W l_n = \sum_{\text{positions}} g_n a_n^\top, \qquad
           \nabla_b l_n = \sum_{\text{positions}} g_n .
 
-The pass is :class:`backends.ghost_hooks.LayerPass` with materialised per-layer rows, the one
-home of per-sample hooks (the optimisers' ``per_sample="hooks"`` runs it too). It watches the
+The pass is :class:`backends.ghost_hooks.LayerPass`, the one home of per-sample hooks (the
+optimisers' ``per_sample="hooks"`` runs it too); its factors a_n, g_n are materialised
+straight into G. It watches the
 forward pass, so a weight used outside its layer's forward (tied), a layer's output changed in
 place, or a call on a tensor that is not per sample (one computed from constants whose leading
 axis happens to have length N) is detected rather than read as per sample. Such a parameter's
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .ghost import GhostRows
 from .ghost_hooks import LayerPass
 
 if TYPE_CHECKING:
@@ -51,12 +53,14 @@ def vjp_hooks(
     The provider's pending pass (the forward its logits came from) serves the first chunk.
     Raises ``RuntimeError`` for ``per_sample_method='hooks'`` when a parameter needed vmap.
     """
-    out, fallbacks = [], []
+    grads = torch.empty(provider.num_samples, provider.num_params, dtype=provider.dtype,
+                        device=provider.device)
+    fallbacks: list[str] = []
     for rows in provider._slices():
         if provider._pending is not None:
             hooked, provider._pending = provider._pending, None
         else:
-            hooked = LayerPass(_restricted(provider, rows), "materialise")
+            hooked = LayerPass(_restricted(provider, rows), "ghost")
         found = hooked.rows(cotangents[rows])
         if found.fallbacks and not provider._auto:
             raise RuntimeError(
@@ -64,9 +68,22 @@ def vjp_hooks(
                 f"trainable parameter ({found.fallbacks[0]}); use per_sample_method='vmap'"
             )
         fallbacks += found.fallbacks
-        out.append(found.materialise())
-    grads = out[0] if len(out) == 1 else torch.cat(out)
+        _materialise(found, grads[rows])
     return grads, tuple(dict.fromkeys(fallbacks))
+
+
+def _materialise(rows: GhostRows, out: torch.Tensor) -> None:
+    """The rows (n, P) written into ``out``: each Linear weight's b_n^T a_n straight into its
+    columns (``bmm`` with ``out=``, no (n, size) intermediate), the dense blocks copied."""
+    n = out.shape[0]
+    for f in rows.factors:
+        columns = out[:, f.offset:f.offset + f.size]
+        if f.embedding:  # a weight tied to an embedding that only the embedding used
+            columns.copy_(f.materialise())
+        else:
+            torch.bmm(f.b.transpose(1, 2), f.x, out=columns.view(n, f.shape[0], -1))
+    for d in rows.dense:
+        out[:, d.offset:d.offset + d.size] = d.rows
 
 
 def _restricted(provider: TorchProvider, rows: slice) -> TorchProvider:

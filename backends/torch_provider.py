@@ -270,7 +270,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
         elif self.per_sample_method == "hooks" and self.chunk_size is None:
             # The forward the first hooks vjp needs anyway: keep its graph for that vjp (an
             # optimiser step then costs one forward, not two). Any other first use drops it.
-            self._pending = LayerPass(self, "materialise")
+            self._pending = LayerPass(self, "ghost")  # factors: vjp writes them into G
             z = self._pending.logits
         else:
             with torch.no_grad(), self._eval_mode():

@@ -87,3 +87,27 @@ def test_explicit_hooks_refuse_a_linear_on_a_constant_table(
     provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
     with pytest.raises(RuntimeError, match="per_sample_method='hooks'"):
         provider.vjp(u)
+
+
+class _TiedEmbedding(nn.Module):
+    """A Linear's weight that only a tied nn.Embedding uses: hooks get embedding factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(D, 5, bias=False, dtype=torch.float64)  # named first: hookable
+        self.emb = nn.Embedding(5, D, dtype=torch.float64)
+        self.emb.weight = self.head.weight
+
+    def forward(self, tokens: Any) -> Any:
+        return torch.tanh(self.emb(tokens)).sum(1)
+
+
+def test_auto_on_a_linear_weight_that_only_an_embedding_uses() -> None:
+    torch.manual_seed(12)
+    model = _TiedEmbedding()
+    tokens = torch.randint(0, 5, (T, 3))
+    u = torch.randn(T, D, dtype=torch.float64)
+    provider = TorchProvider(model, tokens)
+    assert provider.per_sample_method == "hooks"
+    assert_close(provider.vjp(u), _batch_autograd_rows(model, tokens, u))
+    assert provider.per_sample_method == "hooks"  # no fallback was needed
