@@ -10,12 +10,12 @@ paper's code does: a layer with input a_n (T, in) and output gradient g_n (T, ou
 
 The pass is :class:`backends.ghost_hooks.LayerPass`, the one home of per-sample hooks (the
 optimisers' ``per_sample="hooks"`` runs it too); its factors a_n, g_n are materialised
-straight into G. It watches the
-forward pass, so a weight used outside its layer's forward (tied), a layer's output changed in
-place, or a call on a tensor that is not per sample (one computed from constants whose leading
-axis happens to have length N) is detected rather than read as per sample. Such a parameter's
-rows come from ``vmap``: "auto" returns those exact rows and takes ``vmap`` from then on,
-"hooks" raises. With ``chunk_size`` each chunk of samples has a pass of its own.
+straight into G. It watches the forward pass, so a weight used outside its layer's forward
+(tied), a layer's output changed in place, or a call on a tensor that is not per sample (one
+computed from constants whose leading axis happens to have length N) is detected rather than
+read as per sample. Such a parameter's rows come from ``vmap``: "auto" returns those exact
+rows and takes ``vmap`` from then on, "hooks" raises. With ``chunk_size`` each chunk of
+samples has a pass of its own.
 """
 
 from __future__ import annotations

@@ -111,3 +111,24 @@ def test_auto_on_a_linear_weight_that_only_an_embedding_uses() -> None:
     assert provider.per_sample_method == "hooks"
     assert_close(provider.vjp(u), _batch_autograd_rows(model, tokens, u))
     assert provider.per_sample_method == "hooks"  # no fallback was needed
+
+
+class _TwiceCalled(nn.Module):
+    """One Linear called twice per forward: its per-sample gradient sums both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D, dtype=torch.float64)
+
+    def forward(self, x: Any) -> Any:
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_hooks_sum_the_calls_of_a_linear_called_twice(chunk_size: Any) -> None:
+    torch.manual_seed(13)
+    model = _TwiceCalled()
+    x = torch.randn(2 * T, D, dtype=torch.float64)
+    u = torch.randn(2 * T, D, dtype=torch.float64)
+    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
+    assert_close(provider.vjp(u), _batch_autograd_rows(model, x, u))
