@@ -358,7 +358,9 @@ class LayerPass:
                 parts.setdefault(i, []).append(("rows", use, torch.zeros(
                     self._n, self._slots[i][2], dtype=self.provider.dtype,
                     device=self.provider.device)))
-        vmapped = {a: i for a, i in slots.items() if i in watch.module_vmap}
+        # a parameter also captured takes the whole-model vmap (the module's would count the
+        # captured uses inside it twice)
+        vmapped = {a: i for a, i in slots.items() if i in watch.module_vmap and i not in captured}
         if not vmapped:
             return []
         grads = self._module_vmap(index, use, vmapped)
