@@ -14,24 +14,31 @@ module (exact type, not subclasses)    per-sample gradient
                                        sum_t b_nt (materialised)
 ``nn.Embedding`` (prompt tuning too)   weight: factors (indices, b) or scattered rows
 ``nn.LayerNorm``, ``nn.RMSNorm``       sum_t b_nt * xhat_nt, sum_t b_nt (materialised)
+parameters broadcast over the batch    captured by :mod:`backends.ghost_watch` (x + s,
+(ViT's class and position embeddings,  x * s, s expanded or repeated over N): ds_n from
+T5's relative position bias and        dr_n, then one backward pass from s batched over n
+T5LayerNorm's ``weight * hidden``)     (materialised)
 any other module                       ``torch.func.vmap`` of that module alone on its
-                                       captured inputs (materialised, reported)
+                                       captured inputs, for the parameters the watch saw
+                                       used otherwise (materialised, reported)
 =====================================  ===================================================
 
 A weight used several times (tied) concatenates its uses along t (mixed kinds are
 materialised and summed). The backward pass asks autograd only for the hooked modules'
 output gradients b (``torch.autograd.grad`` with those outputs as inputs), so no weight
 gradient is ever formed: the weight-gradient work of an ordinary backward pass is replaced by
-the Gram matrix and by G^T c. A parameter that no hook can account for falls back to ``vmap``
-over the whole model for that parameter only: one used outside its own module's forward
-(watched during the forward pass by a ``TorchFunctionMode`` that sees every torch operation
-on the parameter tensors), one whose module's output is changed in place afterwards, or one
-of a call without the batch axis. The same watch marks the tensors the forward pass computes
-from no input and no parameter (``torch.arange`` and what follows from it): a call on such a
-tensor is not per sample even when its leading axis happens to have length N (T5's relative
-position bias on a (6, 6) table for a batch of 6). Every fallback is listed in
-:attr:`GhostRows.fallbacks`. Hooks that a user registered stay in place; ours run first (so
-they see the module's own output) and are removed after the forward pass, also on error.
+the Gram matrix and by G^T c. A parameter that neither a hook nor a capture can account for
+falls back to ``vmap`` over the whole model for that parameter only: one used outside its own
+module's forward in another way than a broadcast (the ``TorchFunctionMode`` of
+:mod:`backends.ghost_watch` sees every torch operation of the forward pass), one whose module's
+output or broadcast sum is changed in place afterwards, or one of a call without the batch
+axis whose output is not sample free. The watch also marks the tensors the forward pass
+computes from no input and no parameter (``torch.arange`` and what follows from it) and
+those computed from parameters and such constants only: a call on them is not per sample
+even when their leading axis happens to have length N (T5's relative position bias on a
+(6, 6) table for a batch of 6). Every fallback is listed in :attr:`GhostRows.fallbacks`.
+Hooks that a user registered stay in place; ours run first (so they see the module's own
+output) and are removed after the forward pass, also on error.
 """
 
 from __future__ import annotations
