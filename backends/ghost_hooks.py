@@ -198,7 +198,7 @@ class LayerPass:
             elif id(output) in self._watch.free:  # its uses are the watch's to split
                 use.failure, use.free = None, True
             return
-        if output.ndim == 0 or output.shape[0] != self._n:
+        if not self._watch.per_sample(output):  # sample free, or N by coincidence
             use.failure = f"{type(module).__name__} returned no batch axis"
             return
         use.x = self._features(module, use.kind, args, kwargs)
@@ -255,7 +255,8 @@ class LayerPass:
             self._z, outputs, grad_outputs=cotangents, retain_graph=keep_graph or derived,
             allow_unused=True,
         ) if outputs else []
-        self._grads = {i: g for (i, _), g in zip(live, found, strict=False) if g is not None}
+        self._grads = {i: g for (i, _), g in zip(live, found[:len(live)], strict=True)
+                       if g is not None}
         captured = capture_rows(captures, list(found[len(live):]), self._views, watch.watched,
                                 keep_graph=keep_graph)
         if not keep_graph:
@@ -283,7 +284,7 @@ class LayerPass:
 
     def _why(self, slot: int) -> str:
         if slot in self._watch.outside:
-            return "used outside its own module's forward"
+            return "used where neither its module's hook nor a broadcast capture splits it"
         if slot in self._watch.module_vmap:
             return "used both in a broadcast over the batch and otherwise"
         reasons = {u.failure for u in self._uses_of(slot) if u.failure}

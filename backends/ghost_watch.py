@@ -183,19 +183,20 @@ class UseWatch(TorchFunctionMode):
             return func(*args, **kwargs)
         self.touched |= slots
         result = func(*args, **kwargs)
+        frame = self.stack[-1] if self.stack else None
+        sources = all(id(t) in self.watched or id(t) in self.free or id(t) in self.constant
+                      for t in tensors)
+        if not sources and frame is not None and not frame.generic and all(
+            id(t) in frame.own for t in tensors if id(t) in self.watched or id(t) in self.free
+        ):
+            return result  # the module's own weights on per-sample inputs: its hook's work
         if self._capture(name, args, kwargs, result):
             return result
-        frame = self.stack[-1] if self.stack else None
-        if all(id(t) in self.watched or id(t) in self.free or id(t) in self.constant
-               for t in tensors):
+        if sources:
             for out in result if isinstance(result, (tuple, list)) else (result,):
                 if isinstance(out, torch.Tensor):
                     self.free[id(out)] = (out, slots, frame.call if frame else -1)
             return result
-        if frame is not None and not frame.generic and all(
-            id(t) in frame.own for t in tensors if id(t) in self.watched or id(t) in self.free
-        ):
-            return result  # the module's own weights on per-sample inputs: its hook's work
         self._escape(name, tensors, frame)
         return result
 
