@@ -14,24 +14,31 @@ module (exact type, not subclasses)    per-sample gradient
                                        sum_t b_nt (materialised)
 ``nn.Embedding`` (prompt tuning too)   weight: factors (indices, b) or scattered rows
 ``nn.LayerNorm``, ``nn.RMSNorm``       sum_t b_nt * xhat_nt, sum_t b_nt (materialised)
+parameters broadcast over the batch    captured by :mod:`backends.ghost_watch` (x + s,
+(ViT's class and position embeddings,  x * s, s expanded or repeated over N): ds_n from
+T5's relative position bias and        dr_n, then one backward pass from s batched over n
+T5LayerNorm's ``weight * hidden``)     (materialised)
 any other module                       ``torch.func.vmap`` of that module alone on its
-                                       captured inputs (materialised, reported)
+                                       captured inputs, for the parameters the watch saw
+                                       used otherwise (materialised, reported)
 =====================================  ===================================================
 
 A weight used several times (tied) concatenates its uses along t (mixed kinds are
 materialised and summed). The backward pass asks autograd only for the hooked modules'
 output gradients b (``torch.autograd.grad`` with those outputs as inputs), so no weight
 gradient is ever formed: the weight-gradient work of an ordinary backward pass is replaced by
-the Gram matrix and by G^T c. A parameter that no hook can account for falls back to ``vmap``
-over the whole model for that parameter only: one used outside its own module's forward
-(watched during the forward pass by a ``TorchFunctionMode`` that sees every torch operation
-on the parameter tensors), one whose module's output is changed in place afterwards, or one
-of a call without the batch axis. The same watch marks the tensors the forward pass computes
-from no input and no parameter (``torch.arange`` and what follows from it): a call on such a
-tensor is not per sample even when its leading axis happens to have length N (T5's relative
-position bias on a (6, 6) table for a batch of 6). Every fallback is listed in
-:attr:`GhostRows.fallbacks`. Hooks that a user registered stay in place; ours run first (so
-they see the module's own output) and are removed after the forward pass, also on error.
+the Gram matrix and by G^T c. A parameter that neither a hook nor a capture can account for
+falls back to ``vmap`` over the whole model for that parameter only: one used outside its own
+module's forward in another way than a broadcast (the ``TorchFunctionMode`` of
+:mod:`backends.ghost_watch` sees every torch operation of the forward pass), one whose module's
+output or broadcast sum is changed in place afterwards, or one of a call without the batch
+axis whose output is not sample free. The watch also marks the tensors the forward pass
+computes from no input and no parameter (``torch.arange`` and what follows from it) and
+those computed from parameters and such constants only: a call on them is not per sample
+even when their leading axis happens to have length N (T5's relative position bias on a
+(6, 6) table for a batch of 6). Every fallback is listed in :attr:`GhostRows.fallbacks`.
+Hooks that a user registered stay in place; ours run first (so they see the module's own
+output) and are removed after the forward pass, also on error.
 """
 
 from __future__ import annotations
@@ -45,11 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.func import vjp as func_vjp
-from torch.overrides import TorchFunctionMode
 
 from ngdref.checks import check_choice
 
 from .ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+from .ghost_watch import Frame, UseWatch, capture_rows
 
 if TYPE_CHECKING:  # the provider imports this module
     from .torch_provider import TorchProvider
@@ -86,116 +93,7 @@ class _Use:
     output: Any = None
     version: int = 0  # of the output when the module returned it (in-place changes after)
     failure: str | None = None
-
-
-#: tensor methods and properties that read metadata only (not a use of the values)
-_METADATA = frozenset({
-    "size", "dim", "numel", "is_floating_point", "element_size", "stride", "is_contiguous",
-    "data_ptr", "__len__", "type", "is_complex", "get_device", "__repr__", "__format__",
-    "__hash__", "requires_grad_", "shape", "dtype", "device", "requires_grad", "is_leaf",
-    "ndim", "layout", "is_cuda", "grad_fn", "_version", "is_sparse", "is_quantized",
-    "is_meta", "itemsize", "nbytes", "names", "grad", "_base", "is_nested", "output_nr",
-})
-
-
-def _operation(func: Any) -> str:
-    """The name of a torch function, or of the property a ``__get__`` reads."""
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        return getattr(getattr(func, "__self__", None), "__name__", name)
-    return name
-
-
-class _UseWatch(TorchFunctionMode):
-    """Watches every torch operation of the forward pass for two things.
-
-    A parameter used outside the innermost running hooked module (-> ``outside``), and the
-    output of a hooked call made for one sample and then repeated over the batch (peft's
-    prompt tuning: ``prompt_encoder(tokens[:1]).repeat(N, 1, 1)``): the repeated tensor
-    becomes that call's output, so its gradient is per sample. Any other use of the
-    one-sample output makes the call fail (-> the vmap fallback).
-    """
-
-    def __init__(self, watched: dict[int, int], num_samples: int) -> None:
-        super().__init__()
-        self.watched = watched  # id(parameter tensor as the modules see it) -> slot
-        self.stack: list[frozenset[int]] = []  # ids each running hooked module may use
-        self.outside: set[int] = set()
-        self.n = num_samples
-        #: id(one-sample output) -> (its use, the call's positional args, the output itself,
-        #: held so that its id stays its own during the forward pass)
-        self.single: dict[int, tuple[_Use, tuple, torch.Tensor]] = {}
-        self.done: set[int] = set()  # ids of the one-sample outputs already repeated
-        self.repeated: list[tuple[_Use, tuple, torch.Tensor]] = []
-        #: tensors computed in the forward pass from no input and no parameter (torch.arange
-        #: and what follows from it, such as T5's relative positions): their leading axis is
-        #: not the samples even when its length happens to be N
-        self.constant: dict[int, torch.Tensor] = {}
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-        kwargs = kwargs or {}
-        result = self._dispatch(func, args, kwargs)
-        flat = [*args, *kwargs.values()]
-        flat += [b for a in flat if type(a) in (list, tuple) for b in a]
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        if not all(id(t) in self.constant for t in tensors):
-            name = _operation(func)
-            if tensors and ((name.endswith("_") and not name.startswith("__"))
-                            or name in ("__setitem__", "__iadd__", "__imul__", "__isub__")):
-                self.constant.pop(id(tensors[0]), None)  # written in place from the batch
-            return result
-        if not (
-            # expanding a constant over the batch makes it per sample by intent
-            _operation(func) in ("expand", "repeat", "expand_as", "broadcast_to")
-            and tensors and tensors[0].ndim and tensors[0].shape[0] == 1
-            and isinstance(result, torch.Tensor) and result.ndim and result.shape[0] == self.n
-        ):
-            for out in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(out, torch.Tensor):
-                    self.constant[id(out)] = out
-        return result
-
-    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        # runs for every torch operation of the forward pass: the common case (no parameter
-        # among the arguments) is decided by C-level set operations
-        ids = self.watched.keys()
-        flat = (*args, *kwargs.values())
-        if ids.isdisjoint(map(id, flat)) and not any(type(a) in (list, tuple) for a in flat):
-            if not self.single or self.single.keys().isdisjoint(map(id, flat)):
-                return func(*args, **kwargs)
-            return self._single_use(func, args, kwargs)
-        watched = self.watched
-        hits = [a for a in flat if id(a) in watched]
-        for a in flat:
-            if type(a) in (list, tuple):
-                hits += [b for b in a if id(b) in watched]
-        if hits and _operation(func) not in _METADATA:
-            allowed = self.stack[-1] if self.stack else frozenset()
-            self.outside.update(watched[id(a)] for a in hits if id(a) not in allowed)
-        return func(*args, **kwargs)
-
-    def _single_use(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        """An operation on a one-sample output: its repeat over the batch, or a failure."""
-        result = func(*args, **kwargs)
-        name = _operation(func)
-        if name in _METADATA:
-            return result
-        first = args[0] if args else None
-        reps = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
-        if (
-            name == "repeat" and id(first) in self.single and id(first) not in self.done
-            and not kwargs and tuple(reps) == (self.n, *([1] * (first.ndim - 1)))
-        ):
-            self.done.add(id(first))
-            use, call_args, _ = self.single[id(first)]
-            self.repeated.append((use, call_args, result))
-            return result
-        for a in (*args, *kwargs.values()):
-            if id(a) in self.single:
-                use = self.single[id(a)][0]
-                use.failure = (f"{type(use.module).__name__}'s one-sample output is used "
-                               "other than by one repeat over the batch")
-        return result
+    free: bool = False  # a sample-free call (its output is watched, not hooked)
 
 
 class LayerPass:
@@ -249,7 +147,9 @@ class LayerPass:
         theta = p._theta.detach().requires_grad_(True)
         params = p.unflatten(theta)
         index = {name: i for i, (name, *_) in enumerate(self._slots)}
-        self._watch = _UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
+        self._watch = UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
+        self._views = [params[name] for name, *_ in self._slots]
+        self._calls = 0
         handles = []
         try:
             for m in self._owned:
@@ -262,7 +162,10 @@ class LayerPass:
         finally:
             for h in handles:
                 h.remove()
+        if id(z) in self._watch.free:  # logits computed from no input: nothing is per sample
+            self._watch.outside |= self._watch.free[id(z)][1]
         self._watch.constant.clear()  # only the forward pass's hooks needed them
+        self._watch.free.clear()
         for use, args, out in self._watch.repeated:  # one-sample calls repeated over the batch
             if use.failure.endswith("without the batch axis"):  # and not used otherwise
                 expanded = args[0].detach().expand(self._n, *args[0].shape[1:])
@@ -273,7 +176,9 @@ class LayerPass:
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         own = frozenset(id(module._parameters[a]) for a in self._owned[module])
-        self._watch.stack.append(own)
+        self._calls += 1
+        self._watch.stack.append(Frame(own, frozenset(self._owned[module].values()),
+                                       _kind(module) == "generic", self._calls))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._watch.stack:
@@ -284,16 +189,16 @@ class LayerPass:
             use.failure = f"{type(module).__name__} returned no differentiable tensor"
             return
         first = args[0] if args else None
-        batched = isinstance(first, torch.Tensor) and first.ndim >= 1 and (
-            first.shape[0] == self._n and id(first) not in self._watch.constant
-        )
-        if use.kind != "generic" and not batched:
+        if use.kind != "generic" and not self._watch.per_sample(first):
             use.failure = f"{type(module).__name__} got an input without the batch axis"
             if use.kind in ("linear", "embedding") and first is not None and first.ndim >= 1 \
                     and first.shape[0] == 1 and output.ndim and output.shape[0] == 1:
                 self._watch.single[id(output)] = (use, args, output)  # repeated later?
+                self._watch.free.pop(id(output), None)
+            elif id(output) in self._watch.free:  # its uses are the watch's to split
+                use.failure, use.free = None, True
             return
-        if output.ndim == 0 or output.shape[0] != self._n:
+        if not self._watch.per_sample(output):  # sample free, or N by coincidence
             use.failure = f"{type(module).__name__} returned no batch axis"
             return
         use.x = self._features(module, use.kind, args, kwargs)
@@ -319,8 +224,7 @@ class LayerPass:
                     xhat = F.rms_norm(a, shape, None, module.eps)
             return xhat.reshape(n, -1, math.prod(shape))
         def dim(v: Any) -> int | None:  # vmapped over: tensors with the samples first
-            per_sample = v.ndim and v.shape[0] == n and id(v) not in self._watch.constant
-            return 0 if per_sample else None
+            return 0 if self._watch.per_sample(v) else None
 
         def keep(v: Any) -> tuple[Any, int | None]:
             return (v.detach(), dim(v)) if isinstance(v, torch.Tensor) else (v, None)
@@ -335,23 +239,31 @@ class LayerPass:
         """
         if self._z is None:
             raise RuntimeError("LayerPass.rows: the forward graph was released by an earlier call")
-        live = [
-            (i, u) for i, u in enumerate(self._uses)
-            if u.failure is None and u.output._version == u.version
-        ]
+        watch = self._watch
         for u in self._uses:
-            if u.failure is None and u.output._version != u.version:
+            if u.failure is None and not u.free and u.output._version != u.version:
                 u.failure = f"{type(u.module).__name__}'s output was changed in place"
+        live = [(i, u) for i, u in enumerate(self._uses) if u.failure is None and not u.free]
+        captures = [c for c in watch.captures if c.intact()]
+        for c in watch.captures:
+            if not c.intact():
+                watch.outside |= c.slots
+        derived = any(id(c.s) not in watch.watched for c in captures)
         # only the hooked outputs' gradients: autograd forms no weight gradient at all
+        outputs = [u.output for _, u in live] + [c.r for c in captures]
         found = torch.autograd.grad(
-            self._z, [u.output for _, u in live], grad_outputs=cotangents,
-            retain_graph=keep_graph, allow_unused=True,
-        ) if live else []
+            self._z, outputs, grad_outputs=cotangents, retain_graph=keep_graph or derived,
+            allow_unused=True,
+        ) if outputs else []
+        self._grads = {i: g for (i, _), g in zip(live, found[:len(live)], strict=True)
+                       if g is not None}
+        captured = capture_rows(captures, list(found[len(live):]), self._views, watch.watched,
+                                keep_graph=keep_graph)
         if not keep_graph:
             self._z = None
-        self._grads = {i: g for (i, _), g in zip(live, found, strict=True) if g is not None}
-        factors, dense, failed, notes = self._blocks()
-        failed |= self._watch.outside
+            watch.captures = []
+        factors, dense, failed, notes = self._blocks(captured)
+        failed |= watch.outside | (watch.module_vmap & captured.keys())
         for i in sorted(failed):
             notes.append(f"{self._slots[i][0]}: whole-model vmap ({self._why(i)})")
         blocks = [DenseBlock(self._slots[i][1], r) for i, r in dense.items() if i not in failed]
@@ -372,7 +284,9 @@ class LayerPass:
 
     def _why(self, slot: int) -> str:
         if slot in self._watch.outside:
-            return "used outside its own module's forward"
+            return "used where neither its module's hook nor a broadcast capture splits it"
+        if slot in self._watch.module_vmap:
+            return "used both in a broadcast over the batch and otherwise"
         reasons = {u.failure for u in self._uses_of(slot) if u.failure}
         return "; ".join(sorted(reasons)) or "no hooked module used it"
 
@@ -400,26 +314,29 @@ class LayerPass:
             b = b * (use.x != padding)[..., None]
         return b
 
-    def _blocks(self) -> tuple[list[FactorBlock], dict[int, torch.Tensor], set[int], list[str]]:
-        """Factor blocks, materialised rows per slot, failed slots, fallback notes."""
-        parts: dict[int, list[tuple[str, _Use, Any]]] = {}
+    def _blocks(
+        self, captured: dict[int, torch.Tensor],
+    ) -> tuple[list[FactorBlock], dict[int, torch.Tensor], set[int], list[str]]:
+        """Factor blocks, materialised rows per slot, failed slots, fallback notes.
+
+        ``captured``: the per-sample gradients (N, size) the watch's broadcast captures give.
+        """
+        parts: dict[int, list[tuple[str, _Use | None, Any]]] = {
+            slot: [("rows", None, rows)] for slot, rows in captured.items()}
         failed: set[int] = set()
         notes: list[str] = []
         for index, use in enumerate(self._uses):
             slots = self._owned[use.module]
-            if use.failure is not None:
-                failed.update(slots.values())
+            if use.free:
                 continue
             if use.kind == "generic":
-                names = ", ".join(self._slots[i][0] for i in slots.values())
-                notes.append(f"{type(use.module).__name__} ({names}): per-module vmap")
-                grads = self._module_vmap(index, use)
+                notes += self._generic_parts(index, use, captured, parts, failed)
+            elif use.failure is not None:
+                failed.update(slots.values())
+            else:
+                b = self._output_grad(index, use)
                 for attr, slot in slots.items():
-                    parts.setdefault(slot, []).append(("rows", use, grads[attr]))
-                continue
-            b = self._output_grad(index, use)
-            for attr, slot in slots.items():
-                parts.setdefault(slot, []).append((attr, use, b))
+                    parts.setdefault(slot, []).append((attr, use, b))
         factors: list[FactorBlock] = []
         dense: dict[int, torch.Tensor] = {}
         for slot in range(len(self._slots)):
@@ -435,12 +352,36 @@ class LayerPass:
                 dense[slot] = block
         return factors, dense, failed, list(dict.fromkeys(notes))
 
-    def _slot_block(self, slot: int, parts: list[tuple[str, _Use, Any]]) -> Any:
+    def _generic_parts(
+        self, index: int, use: _Use, captured: dict[int, torch.Tensor],
+        parts: dict[int, list[tuple[str, _Use | None, Any]]], failed: set[int],
+    ) -> list[str]:
+        """A generic module's own parameters: captured, unread (zero), or its vmap."""
+        watch, slots = self._watch, self._owned[use.module]
+        if use.failure is not None:  # its vmap cannot run: only captures can stand
+            failed.update(i for i in slots.values() if i in watch.module_vmap or i not in captured)
+            return []
+        for i in slots.values():
+            if i not in watch.touched:  # no operation read it: its gradient is zero
+                parts.setdefault(i, []).append(("rows", use, torch.zeros(
+                    self._n, self._slots[i][2], dtype=self.provider.dtype,
+                    device=self.provider.device)))
+        # a parameter also captured takes the whole-model vmap (the module's would count the
+        # captured uses inside it twice)
+        vmapped = {a: i for a, i in slots.items() if i in watch.module_vmap and i not in captured}
+        if not vmapped:
+            return []
+        grads = self._module_vmap(index, use, vmapped)
+        for attr, slot in vmapped.items():
+            parts.setdefault(slot, []).append(("rows", use, grads[attr]))
+        names = ", ".join(self._slots[i][0] for i in vmapped.values())
+        return [f"{type(use.module).__name__} ({names}): per-module vmap"]
+
+    def _slot_block(self, slot: int, parts: list[tuple[str, _Use | None, Any]]) -> Any:
         _, offset, _, shape = self._slots[slot]
         factorable = all(a == "weight" and u.kind in ("linear", "conv2d", "embedding")
                          for a, u, _ in parts)
-        families = {u.kind == "embedding" for _, u, _ in parts}
-        if factorable and len(families) == 1:
+        if factorable and len({u.kind == "embedding" for _, u, _ in parts}) == 1:
             block = FactorBlock(offset, tuple(shape), torch.cat([u.x for _, u, _ in parts], 1),
                                 torch.cat([b for _, _, b in parts], 1))
             n, t, d_out = block.b.shape
@@ -456,7 +397,7 @@ class LayerPass:
             total = piece if total is None else total + piece
         return total
 
-    def _materialise(self, attr: str, use: _Use, b: Any, offset: int, shape: tuple) -> Any:
+    def _materialise(self, attr: str, use: _Use | None, b: Any, offset: int, shape: tuple) -> Any:
         if attr == "rows":
             return b
         if attr == "bias":
@@ -465,8 +406,13 @@ class LayerPass:
             return (b * use.x).sum(dim=1)
         return FactorBlock(offset, shape, use.x, b).materialise()
 
-    def _module_vmap(self, index: int, use: _Use) -> dict[str, torch.Tensor]:
-        """Per-sample gradients of one module's own parameters: vmap over its captured inputs."""
+    def _module_vmap(
+        self, index: int, use: _Use, wanted: dict[str, int],
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample gradients of some of a module's own parameters (``wanted``: attr -> slot).
+
+        vmap over the call's captured inputs; its other parameters enter as constants.
+        """
         g = self._grads.get(index)
         arg_pairs, kw_pairs = use.x
         args, arg_dims = tuple(v for v, _ in arg_pairs), tuple(d for _, d in arg_pairs)
@@ -474,7 +420,9 @@ class LayerPass:
             k: d for k, (_, d) in kw_pairs.items()}
         own = self._owned[use.module]
         values = self.provider.unflatten(self._theta.detach())
-        params = {attr: values[self._slots[slot][0]] for attr, slot in own.items()}
+        params = {attr: values[self._slots[slot][0]] for attr, slot in wanted.items()}
+        fixed = {attr: values[self._slots[slot][0]] for attr, slot in own.items()
+                 if attr not in wanted}
         if g is None:
             return {a: torch.zeros(self._n, p.numel(), dtype=p.dtype, device=p.device)
                     for a, p in params.items()}
@@ -482,7 +430,7 @@ class LayerPass:
         def one(p: dict, a: tuple, kw: dict, b: torch.Tensor) -> dict:
             a = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, arg_dims, strict=True))
             kw = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kw.items()}
-            _, pull = func_vjp(lambda q: functional_call(use.module, q, a, kw), p)
+            _, pull = func_vjp(lambda q: functional_call(use.module, {**fixed, **q}, a, kw), p)
             return pull(b.unsqueeze(0))[0]
 
         with self.provider._eval_mode():

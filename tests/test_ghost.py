@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # ---- models with every layer kind --------------------------------------------------------------
 class Scale(nn.Module):
-    """A module kind the hooks do not know: per-module vmap fallback."""
+    """A module kind the hooks do not know, its weight broadcast over the batch: captured."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -46,6 +46,18 @@ class Scale(nn.Module):
 
     def forward(self, h: Any) -> Any:
         return h * self.gain
+
+
+class Mix(nn.Module):
+    """A module kind the hooks do not know, its weight not broadcast: per-module vmap."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(width))
+        self.unread = nn.Parameter(torch.randn(2))  # never read: zero rows, no fallback
+
+    def forward(self, h: Any) -> Any:
+        return h @ torch.diag(self.gain)  # a sample-free tensor meeting the batch in a matmul
 
 
 class Tagger(nn.Module):
@@ -59,6 +71,7 @@ class Tagger(nn.Module):
         self.ln = nn.LayerNorm(width)
         self.rms = nn.RMSNorm(width)
         self.scale = Scale(width)
+        self.mix = Mix(width)
         self.twice = nn.Linear(width, width)  # used twice per forward: tied along t
         self.head = nn.Linear(width, vocab)
         if tie:  # the output layer shares the embedding matrix (mixed kinds)
@@ -68,7 +81,7 @@ class Tagger(nn.Module):
         h = self.emb(ids)
         h = h + h.mean(dim=1, keepdim=True)  # mixes positions: padding positions get gradients
         h = torch.tanh(self.inner(h))
-        h = self.scale(self.rms(self.ln(self.frozen(h))))
+        h = self.mix(self.scale(self.rms(self.ln(self.frozen(h)))))
         h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
         return self.head(h)
 
@@ -199,8 +212,8 @@ CASES = [
     Case("mlp_frozen_middle", lambda: _mlp(4)),
     Case("mlp_batch_of_one", lambda: _mlp(1)),
     Case("cnn", _cnn),
-    Case("sequence_tagger", _tagger(False), ("per-module vmap",)),
-    Case("tied_embedding_head", _tagger(True), ("per-module vmap",)),
+    Case("sequence_tagger", _tagger(False), ("Mix (mix.gain): per-module vmap",)),
+    Case("tied_embedding_head", _tagger(True), ("Mix (mix.gain): per-module vmap",)),
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
     Case("output_changed_in_place", _in_place, ("changed in place",)),
     Case("one_sample_call_repeated", _prompted(False)),
@@ -246,10 +259,29 @@ def _t5_full_square() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
     return model, batch, labels, loss
 
 
-T5_FALLBACKS = ("T5LayerNorm", "relative_attention_bias")
+def _vit_full() -> tuple[nn.Module, Any, Any, ngdref.LogitLoss]:
+    """ViT with every parameter trainable: the class token is expanded over the batch and
+    the position embeddings added to it, both inside ViTEmbeddings' own forward."""
+    transformers = pytest.importorskip("transformers")
+    from validation.tiny_models import tiny_vit_config
+
+    torch.manual_seed(8)
+    model = transformers.ViTForImageClassification(tiny_vit_config(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=5,
+    )).double()
+    generator = torch.Generator().manual_seed(9)
+    pixels = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=generator)
+    return model, {"pixel_values": pixels}, torch.randint(0, 5, (4,), generator=generator), (
+        ngdref.SoftmaxCrossEntropy())
+
+
 ALL_CASES = {c.name: c for c in [
-    *CASES, *HF_CASES, Case("t5_all_parameters", _t5_full, T5_FALLBACKS),
-    Case("t5_all_parameters_batch_as_long_as_input", _t5_full_square, T5_FALLBACKS),
+    # T5's relative position bias (an embedding of a constant bucket table, added to every
+    # sample's attention scores) and T5LayerNorm's weight * hidden are broadcast captures
+    *CASES, *HF_CASES, Case("t5_all_parameters", _t5_full),
+    Case("t5_all_parameters_batch_as_long_as_input", _t5_full_square),
+    Case("vit_all_parameters", _vit_full),
 ]}
 
 
@@ -285,7 +317,12 @@ def _scale(rows: Any) -> float:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", list(ALL_CASES))
 def test_gram_cross_gram_and_products_equal_the_loop(name: str, route: str) -> None:
-    model, inputs, targets, loss = ALL_CASES[name].build()
+    check_against_the_loop(ALL_CASES[name], route)
+
+
+def check_against_the_loop(case: Case, route: str) -> None:
+    """Gram, cross Gram, G^T w, G v, the gradient and the fallback notes of one case."""
+    model, inputs, targets, loss = case.build()
     model.eval()
     provider = TorchProvider(model, inputs, per_sample_method="ghost", layer_route=route)
     logits = provider.logits()
@@ -308,7 +345,7 @@ def test_gram_cross_gram_and_products_equal_the_loop(name: str, route: str) -> N
     assert float(torch.linalg.norm(rows.grad - g.sum(0))) <= BOUND * sg
     # exactly the expected fallbacks: a hooked layer computed wrongly would fail the sum check
     # and fall back silently correct, so an unexpected note is a bug too
-    expected = ALL_CASES[name].fallbacks
+    expected = case.fallbacks
     assert all(any(e in note for note in rows.fallbacks) for e in expected), rows.fallbacks
     assert all(any(e in note for e in expected) for note in rows.fallbacks), rows.fallbacks
 

@@ -78,7 +78,8 @@ class _Gain(nn.Module):
         self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width, dtype=torch.float64))
 
     def forward(self, h: Any) -> Any:
-        return h * self.gain
+        # a matmul: ``h * self.gain`` is a broadcast the ghost route splits without a fallback
+        return h @ torch.diag(self.gain)
 
 
 def test_a_fallback_is_reported_in_the_diagnostics_and_warned_once() -> None:
