@@ -79,14 +79,36 @@ def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(
     assert_close(provider.per_sample_rows(u).gram(), expected @ expected.T)
 
 
+class _ConstantGram(nn.Module):
+    """The Linear's output on the constant table meets the batch through a matmul:
+    h_n = lin(x_n) + x_n M / T with M = lin(table)^T lin(table) (D, D), which no hook can split
+    per sample (the broadcast captures are sums and products, not matmuls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D, dtype=torch.float64)
+        self.head = nn.Linear(D, C, dtype=torch.float64)
+
+    def forward(self, x: Any) -> Any:
+        table = torch.arange(T * D, dtype=x.dtype).reshape(T, D) / (T * D)
+        h = self.lin(table)
+        return self.head(torch.tanh(self.lin(x) + x @ (h.T @ h) / T))
+
+
+# explicit "hooks" gives exact rows where the hooks can split the table's term (a sum), and
+# refuses where they cannot (a matmul) instead of taking table row n as sample n's
 @pytest.mark.parametrize(("num_samples", "chunk_size"), [(T, None), (2 * T, T)])
-def test_explicit_hooks_refuse_a_linear_on_a_constant_table(
-    num_samples: int, chunk_size: Any
-) -> None:
-    model, x, u, _ = _problem(num_samples)
+def test_explicit_hooks_on_a_constant_table(num_samples: int, chunk_size: Any) -> None:
+    model, x, u, expected = _problem(num_samples)
+    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
+    assert_close(provider.vjp(u), expected)
+    torch.manual_seed(11)
+    model = _ConstantGram()
     provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
     with pytest.raises(RuntimeError, match="per_sample_method='hooks'"):
         provider.vjp(u)
+    auto = TorchProvider(model, x, chunk_size=chunk_size)
+    assert_close(auto.vjp(u), _batch_autograd_rows(model, x, u))
 
 
 class _TiedEmbedding(nn.Module):
