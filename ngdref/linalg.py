@@ -140,13 +140,18 @@ def singular_rtol(xp: Any, size: int, dtype: Any, damping: float) -> float:
 
 
 def _lower_inverse(xp: Any, lower: Any) -> Any:
-    """Inverse of a lower-triangular matrix by 2 x 2 block recursion (matmuls only).
+    """Inverse of a lower-triangular matrix: torch's triangular solver where the namespace
+    is torch's, else by 2 x 2 block recursion (matmuls only).
 
     [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]; the blocked method is as
     stable as substitution (Du Croz and Higham 1992) and needs no triangular solver,
-    which the array API lacks.
+    which the array API lacks. Its 2m - 1 calls cost about a millisecond of dispatch at
+    m = 32 on torch, where one ``solve_triangular`` (substitution) takes microseconds.
     """
     m = lower.shape[0]
+    if array_api_compat.is_torch_namespace(xp):
+        eye = xp.eye(m, dtype=lower.dtype, device=array_api_compat.device(lower))
+        return xp.linalg.solve_triangular(lower, eye, upper=False)
     if m == 1:
         return 1.0 / lower
     h = m // 2

@@ -7,6 +7,7 @@ kept rows, and direct NumPy computations of the diagnostics.
 
 from __future__ import annotations
 
+import array_api_compat
 import mpmath
 import numpy as np
 import pytest
@@ -223,3 +224,27 @@ def test_sf_damping_sweep_reuses_one_sampled_gram(backend):
         assert_close_norm(backend.to_numpy(d), np.linalg.solve(dense, g), solve_rtol(dense))
         assert info.damping == 2 * damping  # K lambda in the (N K)-sized Woodbury system
     assert rows.gram_calls == 1
+
+
+def test_lower_inverse_by_torch_solver_equals_the_block_recursion():
+    """torch's namespace takes ``solve_triangular``; NumPy's the 2 x 2 block recursion.
+
+    Error analysis: both are backward stable triangular inverses (substitution, and the blocked
+    method of Du Croz and Higham 1992), each within kappa(L) m eps of L^-1 relatively; so they
+    differ by at most 2 SAFETY kappa(L) m eps, and each times L is I to m eps ||L|| ||X||.
+    """
+    torch = pytest.importorskip("torch")
+    rows, _, _ = _row_scaled(n=13, p=40)  # odd size: uneven blocks in the recursion
+    matrix = rows @ rows.T
+    scale = 1 / np.sqrt(matrix.diagonal())
+    lower = np.linalg.cholesky(scale[:, None] * matrix * scale[None, :])
+    m = lower.shape[0]
+    kappa = np.linalg.cond(lower)
+    by_recursion = ngdref.linalg._lower_inverse(np, lower)
+    xp = array_api_compat.array_namespace(torch.asarray(lower))
+    by_torch = ngdref.linalg._lower_inverse(xp, torch.asarray(lower)).numpy()
+    assert np.array_equal(np.triu(by_torch, 1), np.zeros((m, m)))
+    for inverse in (by_recursion, by_torch):
+        identity_error = np.linalg.norm(inverse @ lower - np.eye(m))
+        assert identity_error <= SAFETY * m * EPS * np.linalg.norm(lower) * np.linalg.norm(inverse)
+    assert _relative(by_torch, by_recursion) <= 2 * SAFETY * kappa * m * EPS
