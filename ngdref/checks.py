@@ -104,8 +104,18 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(xp: Any, x: Any, name: str) -> None:
-    """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
-    if not bool(xp.all(xp.isfinite(x))):
+    """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity.
+
+    A torch floating tensor is checked by sum(x - x): x - x is exactly 0 at a finite entry and
+    NaN at a NaN or an infinity, so the sum is 0 if and only if every entry is finite. That is
+    one pass; torch's ``isfinite`` and ``all`` take several (10 ms against 1 ms on 3.2 million
+    float32 values, twice per SF step on a 3.2M-parameter model).
+    """
+    if array_api_compat.is_torch_namespace(xp) and x.dtype.is_floating_point:
+        finite = bool(xp.sum(x - x) == 0)
+    else:
+        finite = bool(xp.all(xp.isfinite(x)))
+    if not finite:
         raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 

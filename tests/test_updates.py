@@ -366,3 +366,19 @@ def test_float32_gram_with_tiny_damping_is_solved_but_undamped_is_refused() -> N
     # large and cancels, so the bound is stated explicitly rather than as an rtol.
     bound = (n + 1) * np.finfo(np.float32).eps * (np.abs(g64).T @ np.abs(coefficients))
     assert np.all(np.abs(got - expected) <= bound)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_check_finite_flags_any_nan_or_infinity_and_passes_finite_extremes(dtype, backend):
+    """The torch route sums x - x (0 exactly at finite entries, NaN at NaN and +-inf), the
+    others use isfinite; both must pass the largest finite values (whose squares or sum
+    overflow, so a norm-based check would fail there) and refuse a single bad entry anywhere."""
+    info = np.finfo(dtype)
+    finite = np.array([info.max, -info.max, info.max, info.tiny, 0.0, -0.0, 1.0], dtype=dtype)
+    xp = ngdref.rows.rows_namespace(ngdref.as_rows(backend.asarray(finite[None, :])), "x")
+    ngdref.checks.check_finite(xp, backend.asarray(finite), "x")
+    for bad, where in itertools.product([np.nan, np.inf, -np.inf], [0, 3, finite.size - 1]):
+        x = finite.copy()
+        x[where] = bad
+        with pytest.raises(ngdref.NonFiniteError, match="x contains NaN or infinite values"):
+            ngdref.checks.check_finite(xp, backend.asarray(x), "x")
