@@ -19,6 +19,7 @@ from tests.cases import (
     SAFETY,
     TALL,
     WIDE,
+    ProductsOnlyRows,
     assert_close_norm,
     gram_rtol,
     ids,
@@ -338,6 +339,39 @@ def test_float32_updates_and_limits(case, backend):
     ).astype(np.float64)
     _assert_interpolates(g_rows, ef, np.ones(pr.n), eps32)
     _assert_interpolates(g_rows, ief, s, eps32)
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=ids(F32_CASES))
+def test_float32_woodbury_on_product_rows_stays_in_float32(case, backend):
+    """SF on float32 rows that only offer products (as the torch optimisers' rows do): A g and
+    A^T c come in float32, the M x M solve in float64, g - A^T c and the division in float32.
+
+    Error analysis (eps = float32 unit roundoff, A (M, P), M = A A^T + lambda I, c = M^-1 A g,
+    d = (g - A^T c) / lambda the exact (A^T A + lambda I)^-1 g): the float32 A g is off by
+    e1 <= p eps || |A| |g| ||, which moves A^T c by ||A^T M^-1|| e1; the float32 A^T c adds
+    e2 <= p eps || |A|^T |c| ||; the difference and the division round twice (2 eps ||d||).
+    So ||dd|| <= (||A^T M^-1|| e1 + e2) / lambda + 2 eps ||d||, times SAFETY.
+    """
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("the float32 variant runs on numpy and torch")
+    pr = case.build()
+    eps32 = float(np.finfo(np.float32).eps)
+    rows = _sampled_rows(pr, 1).astype(np.float32)
+    a = rows.astype(np.float64)
+    g = pr.grad.astype(np.float32).astype(np.float64)
+    for damping in (1e-3, 0.1, 1.0):
+        matrix = a @ a.T + damping * np.eye(a.shape[0])
+        c = np.linalg.solve(matrix, a @ g)
+        expected = np.linalg.solve(a.T @ a + damping * np.eye(pr.p), g)
+        d = ngdref.sf_update(
+            ProductsOnlyRows(backend.asarray(rows)), backend.asarray(g, "float32"), damping=damping
+        )
+        got = _check_result(backend, d, pr.p, "float32").astype(np.float64)
+        e1 = pr.p * eps32 * np.linalg.norm(np.abs(a) @ np.abs(g))
+        e2 = pr.p * eps32 * np.linalg.norm(np.abs(a).T @ np.abs(c))
+        spread = np.linalg.norm(a.T @ np.linalg.inv(matrix), 2) * e1 + e2
+        bound = SAFETY * (spread / damping + 2 * eps32 * np.linalg.norm(expected))
+        assert np.linalg.norm(got - expected) <= bound
 
 
 def test_float32_gram_with_tiny_damping_is_solved_but_undamped_is_refused() -> None:
