@@ -104,6 +104,27 @@ def test_damped_gram_forms_the_gram_once_and_factorises_once_per_damping(backend
     assert factorisations == dampings
 
 
+@pytest.mark.parametrize("statistic", ["max_min", "tail_10"])
+def test_grad_norm_imbalance_of_a_damped_gram_reuses_its_gram(statistic, backend):
+    """The optimisers read the imbalance off their solver: the same number as from the rows
+    (bitwise: diag(G G^T) of the one Gram matrix), without forming G G^T again; dense rows
+    keep their own float64 row sums. The reference is NumPy's norms of the rows."""
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((12, 30)) * np.logspace(0, 3, 12)[:, None]
+    norms = np.sort(np.linalg.norm(g, axis=1))
+    expected = norms[-1] / norms[0]  # N = 12: tail_10's k = max(1, N // 10) is 1 as well
+    rows = ProductsOnlyRows(backend.asarray(g))
+    solver = ngdref.DampedGram(rows)
+    got = ngdref.grad_norm_imbalance(solver, statistic=statistic)
+    assert rows.gram_calls == 1
+    assert got == ngdref.grad_norm_imbalance(rows, statistic=statistic)
+    assert got == pytest.approx(expected, rel=SAFETY * 30 * EPS)
+    dense = ngdref.DampedGram(backend.asarray(g))
+    assert ngdref.grad_norm_imbalance(dense, statistic=statistic) == (
+        ngdref.grad_norm_imbalance(backend.asarray(g), statistic=statistic)
+    )
+
+
 def test_singular_systems_are_refused_with_a_clear_message(backend):
     rng = np.random.default_rng(2)
     g = rng.standard_normal((4, 10))
