@@ -276,8 +276,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
                 f"update contains NaN or infinite values at step {self._step} (increase damping);"
                 " the parameters were not changed"
             )
-        if self._normalised and norm > 0:
-            update = update / norm
+        # eta_t d = (eta_t / ||u||) u for EF and SF: folded into the write, no P-length u / ||u||
+        scale = lr / norm if self._normalised and norm > 0 else lr
         fallbacks = list(getattr(batch.rows, "fallbacks", ()))
         imbalance = diagnostics.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
         diagnostics = {
@@ -297,7 +297,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             for param, piece in zip(
                 group["params"], provider.unflatten(update).values(), strict=True
             ):
-                param.add_(piece, alpha=-lr)
+                param.add_(piece, alpha=-scale)
         self.diagnostics = diagnostics
         self._step += 1
         self._warn(fallbacks)
