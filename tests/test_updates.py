@@ -416,3 +416,9 @@ def test_check_finite_flags_any_nan_or_infinity_and_passes_finite_extremes(dtype
         x[where] = bad
         with pytest.raises(ngdref.NonFiniteError, match="x contains NaN or infinite values"):
             ngdref.checks.check_finite(xp, backend.asarray(x), "x")
+    # past the torch route's first block of 2**20 entries, in a transposed (strided) matrix
+    long = np.zeros((2**11, 2**9 + 1), dtype=dtype)
+    ngdref.checks.check_finite(xp, backend.asarray(long).T, "x")
+    long[-1, -1] = np.inf
+    with pytest.raises(ngdref.NonFiniteError, match="x contains NaN or infinite values"):
+        ngdref.checks.check_finite(xp, backend.asarray(long).T, "x")
