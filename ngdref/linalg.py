@@ -278,7 +278,13 @@ class DampedGram:
             self._index = xp.nonzero(self.kept)[0]
             if self._index.shape[0] == 0:
                 raise SingularMatrixError(f"every row of {rows_name} is zero: nothing to solve")
-            self._kept_gram = xp.take(xp.take(self.gram, self._index, axis=0), self._index, axis=1)
+            if self._index.shape[0] == m:  # all kept (the usual case): no gather or scatter
+                self._index = None
+                self._kept_gram = self.gram
+            else:
+                self._kept_gram = xp.take(
+                    xp.take(self.gram, self._index, axis=0), self._index, axis=1
+                )
         self._factors: dict[tuple, _Factor] = {}
 
     def _take(self, v: Any) -> Any:
