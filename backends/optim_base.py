@@ -21,7 +21,7 @@ from torch import nn
 import ngdref
 from ngdref.checks import check_choice, check_int, check_real
 from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
-from ngdref.updates import DAMPING_SPACES
+from ngdref.updates import DAMPING_SPACES, gram_solver
 
 from .distributed import IgnoredShardLoss, communicator
 from .optim_common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
@@ -276,15 +276,18 @@ class _LogitLossOptimizer(_SteppedOptimizer):
                 f"update contains NaN or infinite values at step {self._step} (increase damping);"
                 " the parameters were not changed"
             )
-        if self._normalised and norm > 0:
-            update = update / norm
+        # eta_t d = (eta_t / ||u||) u for EF and SF: folded into the write, no P-length u / ||u||
+        scale = lr / norm if self._normalised and norm > 0 else lr
         fallbacks = list(getattr(batch.rows, "fallbacks", ()))
+        imbalance = diagnostics.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
         diagnostics = {
             "step": self._step,
             "loss": batch.loss,
             "lr": lr,
             "update_norm": norm,
-            "grad_norm_imbalance": ngdref.grad_norm_imbalance(batch.rows),
+            "grad_norm_imbalance": (
+                ngdref.grad_norm_imbalance(batch.rows) if imbalance is None else imbalance
+            ),
             "per_sample": self.per_sample,
             "fallbacks": fallbacks,
             **diagnostics,
@@ -294,7 +297,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             for param, piece in zip(
                 group["params"], provider.unflatten(update).values(), strict=True
             ):
-                param.add_(piece, alpha=-lr)
+                param.add_(piece, alpha=-scale)
         self.diagnostics = diagnostics
         self._step += 1
         self._warn(fallbacks)
@@ -398,14 +401,13 @@ class _GramOptimizer(_LogitLossOptimizer):
         self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
     ) -> Update:
         rhs, weights = self._system(batch, group)
+        solver = gram_solver(batch.rows, group["dedup_threshold"], group["dedup_rule"])
         update, solve = ngdref.gram_update(
-            batch.rows,
+            solver,
             rhs,
             damping=group["damping"],
             damping_mode=group["damping_mode"],
             sample_weights=weights,
-            dedup_threshold=group["dedup_threshold"],
-            dedup_rule=group["dedup_rule"],
         )
         kept = solve.kept
         # the interpolation condition G u = b of the undamped limit (Eq. 6-7) on the kept rows,
@@ -414,6 +416,7 @@ class _GramOptimizer(_LogitLossOptimizer):
         misfit = (solve.gram @ solve.coefficients - b)[kept]
         residual = float(torch.linalg.vector_norm(misfit) / torch.mean(b[kept]))
         return update, {
+            "grad_norm_imbalance": ngdref.grad_norm_imbalance(solver),  # its G G^T, not again
             "damping": solve.damping,
             "residual": residual,
             "kept": int(kept.sum()),

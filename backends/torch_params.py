@@ -51,7 +51,7 @@ class ParamLayout:
 
         if params is None:
             with torch.no_grad():
-                theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+                theta = torch.cat([p.detach().reshape(-1) for _, p in named])  # a new tensor
         else:
             self._check_flat(params, "params")
             theta = params.detach().clone()

@@ -103,9 +103,25 @@ class NonFiniteError(ValueError):
     """An input or an intermediate result holds NaN or infinity (a diverged model, say)."""
 
 
+#: entries per block of :func:`check_finite`'s torch route
+_FINITE_BLOCK = 2**20
+
+
 def check_finite(xp: Any, x: Any, name: str) -> None:
-    """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
-    if not bool(xp.all(xp.isfinite(x))):
+    """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity.
+
+    A torch floating tensor is checked by sum(x - x): x - x is exactly 0 at a finite entry and
+    NaN at a NaN or an infinity, so the sum is 0 if and only if every entry is finite. That is
+    one pass, in blocks of 2**20 entries (a bounded temporary, whatever the size of x); torch's
+    ``isfinite`` and ``all`` take several (10 ms against 0.6 ms on 3.2 million float32 values,
+    twice per SF step on a 3.2M-parameter model).
+    """
+    if array_api_compat.is_torch_namespace(xp) and x.dtype.is_floating_point:
+        blocks = x.reshape(-1).split(_FINITE_BLOCK)
+        finite = bool(sum((b - b).sum() for b in blocks) == 0)
+    else:
+        finite = bool(xp.all(xp.isfinite(x)))
+    if not finite:
         raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 

@@ -140,13 +140,18 @@ def singular_rtol(xp: Any, size: int, dtype: Any, damping: float) -> float:
 
 
 def _lower_inverse(xp: Any, lower: Any) -> Any:
-    """Inverse of a lower-triangular matrix by 2 x 2 block recursion (matmuls only).
+    """Inverse of a lower-triangular matrix: torch's triangular solver where the namespace
+    is torch's, else by 2 x 2 block recursion (matmuls only).
 
     [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]; the blocked method is as
     stable as substitution (Du Croz and Higham 1992) and needs no triangular solver,
-    which the array API lacks.
+    which the array API lacks. Its 2m - 1 calls cost about a millisecond of dispatch at
+    m = 32 on torch, where one ``solve_triangular`` (substitution) takes microseconds.
     """
     m = lower.shape[0]
+    if array_api_compat.is_torch_namespace(xp):
+        eye = xp.eye(m, dtype=lower.dtype, device=array_api_compat.device(lower))
+        return xp.linalg.solve_triangular(lower, eye, upper=False)
     if m == 1:
         return 1.0 / lower
     h = m // 2
@@ -273,7 +278,13 @@ class DampedGram:
             self._index = xp.nonzero(self.kept)[0]
             if self._index.shape[0] == 0:
                 raise SingularMatrixError(f"every row of {rows_name} is zero: nothing to solve")
-            self._kept_gram = xp.take(xp.take(self.gram, self._index, axis=0), self._index, axis=1)
+            if self._index.shape[0] == m:  # all kept (the usual case): no gather or scatter
+                self._index = None
+                self._kept_gram = self.gram
+            else:
+                self._kept_gram = xp.take(
+                    xp.take(self.gram, self._index, axis=0), self._index, axis=1
+                )
         self._factors: dict[tuple, _Factor] = {}
 
     def _take(self, v: Any) -> Any:

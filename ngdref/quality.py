@@ -26,6 +26,7 @@ from ngdref.checks import (
     check_ndim,
     namespace,
 )
+from ngdref.linalg import DampedGram
 from ngdref.losses import LogitLoss, reduction_factor
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows, sq_row_norms
@@ -252,7 +253,9 @@ def grad_norm_imbalance(
 
     Parameters
     ----------
-    per_sample_grads : array (N, P) or PerSampleRows
+    per_sample_grads : array (N, P), PerSampleRows or DampedGram
+        A :class:`~ngdref.linalg.DampedGram`'s Gram matrix is reused (its rows' diagonal,
+        which rows without a dense array would otherwise form again).
     statistic : {"max_min", "tail_10"}
     kept : array of bool, shape (N,), optional
         Only these rows (e.g. :attr:`ngdref.GramSolve.kept` after the duplicate filter).
@@ -263,9 +266,12 @@ def grad_norm_imbalance(
         +inf when the denominator is a zero norm.
     """
     check_choice(statistic, "statistic", IMBALANCE_STATISTICS)
-    rows = as_rows(per_sample_grads)
+    if isinstance(per_sample_grads, DampedGram):
+        rows, gram = per_sample_grads.rows, per_sample_grads.gram
+    else:
+        rows, gram = as_rows(per_sample_grads), None
     xp = rows.array_namespace()
-    sq = sq_row_norms(rows)
+    sq = sq_row_norms(rows, gram)
     check_finite(xp, sq, "per_sample_grads")
     if kept is not None:
         namespace(per_sample_grads=sq, kept=kept)

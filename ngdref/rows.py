@@ -215,8 +215,12 @@ def ones_like_rows(rows: PerSampleRows) -> Any:
     return xp.ones(rows.shape[0], dtype=rows.dtype, device=rows_device(rows))
 
 
-def sq_row_norms(rows: Any) -> Any:
-    """Squared row norms ||g_n||^2 (N,), float64: O(N P) for dense rows, else diag(G G^T)."""
+def sq_row_norms(rows: Any, gram: Any = None) -> Any:
+    """Squared row norms ||g_n||^2 (N,), float64: O(N P) for dense rows, else diag(G G^T).
+
+    ``gram``, the rows' Gram matrix when the caller has formed it already, stands in for
+    ``rows.gram()`` (the same matrix, not formed twice); dense rows do not use it.
+    """
     rows = as_rows(rows)
     if isinstance(rows, DenseRows):
         xp, a = rows.array_namespace(), rows.array
@@ -227,4 +231,4 @@ def sq_row_norms(rows: Any) -> Any:
             sums = xp.sum(part * part, axis=1)
             total = sums if total is None else total + sums
         return total
-    return rows.array_namespace().linalg.diagonal(rows.gram())
+    return rows.array_namespace().linalg.diagonal(rows.gram() if gram is None else gram)

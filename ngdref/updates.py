@@ -284,7 +284,7 @@ def ief_update(
 def _damped_inverse_apply(
     rows: Any, grad: Any, damping: float, rows_name: str
 ) -> tuple[Any, GramSolve]:
-    r"""(A^T A + lambda I_P)^{-1} g for A = ``rows`` (M, P), in float64, and the solve.
+    r"""(A^T A + lambda I_P)^{-1} g for A = ``rows`` (M, P), and the solve (in float64).
 
     Uses the P x P system (the Gram matrix of A's columns) when P <= M and A is
     dense, else the Woodbury identity (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g],
@@ -296,11 +296,10 @@ def _damped_inverse_apply(
     rows = as_rows(rows, name=rows_name) if solver is None else solver.rows
     xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
     m, p = rows.shape
-    g64 = xp.astype(grad, xp.float64, copy=False)
     dense = solver is None and isinstance(rows, DenseRows)
     if dense and p <= m:
         columns = DampedGram(xp.matrix_transpose(rows.array), rows_name=rows_name)
-        info = columns.solve(g64, damping=damping)
+        info = columns.solve(xp.astype(grad, xp.float64, copy=False), damping=damping)
         return xp.astype(info.coefficients, grad.dtype), info
     if damping == 0:
         raise SingularMatrixError(
@@ -313,10 +312,14 @@ def _damped_inverse_apply(
     if solver is None:
         solver = DampedGram(rows, rows_name=rows_name)
     # products in the rows' own dtype (a float32 PerSampleRows need not take float64 input)
-    ag = xp.astype(rows.matvec(xp.astype(grad, rows.dtype)), xp.float64)
+    ag = xp.astype(rows.matvec(xp.astype(grad, rows.dtype, copy=False)), xp.float64)
     info = solver.solve(ag, damping=damping)
-    back = xp.astype(rows.rmatvec(info.coefficients), xp.float64)
-    return xp.astype((g64 - back) / damping, grad.dtype), info
+    # g - A^T c in the dtype of A^T c: where it cancels (g, A^T c within a factor 2) a float32
+    # difference is exact (Sterbenz), elsewhere it adds one float32 rounding, all that float64
+    # copies of g and A^T c (P-length passes) would save; dense rows are float64 here already
+    back = rows.rmatvec(info.coefficients)
+    update = (xp.astype(grad, back.dtype, copy=False) - back) / damping
+    return xp.astype(update, grad.dtype, copy=False), info
 
 
 def sf_update(
@@ -368,7 +371,8 @@ def sf_update(
     damping = check_damping(damping)
     source = sampled_grads if isinstance(sampled_grads, DampedGram) else rows
     update, info = _damped_inverse_apply(source, grad, num_samples * damping, "sampled_grads")
-    update = num_samples * update
+    if num_samples != 1:  # K = 1 (the paper's) would only copy
+        update = num_samples * update
     return (update, info) if return_info else update
 
 

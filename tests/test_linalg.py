@@ -7,6 +7,7 @@ kept rows, and direct NumPy computations of the diagnostics.
 
 from __future__ import annotations
 
+import array_api_compat
 import mpmath
 import numpy as np
 import pytest
@@ -101,6 +102,27 @@ def test_damped_gram_forms_the_gram_once_and_factorises_once_per_damping(backend
                 assert_close_norm(backend.to_numpy(info.coefficients), c, gram_rtol(g, matrix, c))
     assert rows.gram_calls == 1
     assert factorisations == dampings
+
+
+@pytest.mark.parametrize("statistic", ["max_min", "tail_10"])
+def test_grad_norm_imbalance_of_a_damped_gram_reuses_its_gram(statistic, backend):
+    """The optimisers read the imbalance off their solver: the same number as from the rows
+    (bitwise: diag(G G^T) of the one Gram matrix), without forming G G^T again; dense rows
+    keep their own float64 row sums. The reference is NumPy's norms of the rows."""
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((12, 30)) * np.logspace(0, 3, 12)[:, None]
+    norms = np.sort(np.linalg.norm(g, axis=1))
+    expected = norms[-1] / norms[0]  # N = 12: tail_10's k = max(1, N // 10) is 1 as well
+    rows = ProductsOnlyRows(backend.asarray(g))
+    solver = ngdref.DampedGram(rows)
+    got = ngdref.grad_norm_imbalance(solver, statistic=statistic)
+    assert rows.gram_calls == 1
+    assert got == ngdref.grad_norm_imbalance(rows, statistic=statistic)
+    assert got == pytest.approx(expected, rel=SAFETY * 30 * EPS)
+    dense = ngdref.DampedGram(backend.asarray(g))
+    assert ngdref.grad_norm_imbalance(dense, statistic=statistic) == (
+        ngdref.grad_norm_imbalance(backend.asarray(g), statistic=statistic)
+    )
 
 
 def test_singular_systems_are_refused_with_a_clear_message(backend):
@@ -223,3 +245,27 @@ def test_sf_damping_sweep_reuses_one_sampled_gram(backend):
         assert_close_norm(backend.to_numpy(d), np.linalg.solve(dense, g), solve_rtol(dense))
         assert info.damping == 2 * damping  # K lambda in the (N K)-sized Woodbury system
     assert rows.gram_calls == 1
+
+
+def test_lower_inverse_by_torch_solver_equals_the_block_recursion():
+    """torch's namespace takes ``solve_triangular``; NumPy's the 2 x 2 block recursion.
+
+    Error analysis: both are backward stable triangular inverses (substitution, and the blocked
+    method of Du Croz and Higham 1992), each within kappa(L) m eps of L^-1 relatively; so they
+    differ by at most 2 SAFETY kappa(L) m eps, and each times L is I to m eps ||L|| ||X||.
+    """
+    torch = pytest.importorskip("torch")
+    rows, _, _ = _row_scaled(n=13, p=40)  # odd size: uneven blocks in the recursion
+    matrix = rows @ rows.T
+    scale = 1 / np.sqrt(matrix.diagonal())
+    lower = np.linalg.cholesky(scale[:, None] * matrix * scale[None, :])
+    m = lower.shape[0]
+    kappa = np.linalg.cond(lower)
+    by_recursion = ngdref.linalg._lower_inverse(np, lower)
+    xp = array_api_compat.array_namespace(torch.asarray(lower))
+    by_torch = ngdref.linalg._lower_inverse(xp, torch.asarray(lower)).numpy()
+    assert np.array_equal(np.triu(by_torch, 1), np.zeros((m, m)))
+    for inverse in (by_recursion, by_torch):
+        identity_error = np.linalg.norm(inverse @ lower - np.eye(m))
+        assert identity_error <= SAFETY * m * EPS * np.linalg.norm(lower) * np.linalg.norm(inverse)
+    assert _relative(by_torch, by_recursion) <= 2 * SAFETY * kappa * m * EPS

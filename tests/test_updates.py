@@ -19,6 +19,7 @@ from tests.cases import (
     SAFETY,
     TALL,
     WIDE,
+    ProductsOnlyRows,
     assert_close_norm,
     gram_rtol,
     ids,
@@ -340,6 +341,39 @@ def test_float32_updates_and_limits(case, backend):
     _assert_interpolates(g_rows, ief, s, eps32)
 
 
+@pytest.mark.parametrize("case", F32_CASES, ids=ids(F32_CASES))
+def test_float32_woodbury_on_product_rows_stays_in_float32(case, backend):
+    """SF on float32 rows that only offer products (as the torch optimisers' rows do): A g and
+    A^T c come in float32, the M x M solve in float64, g - A^T c and the division in float32.
+
+    Error analysis (eps = float32 unit roundoff, A (M, P), M = A A^T + lambda I, c = M^-1 A g,
+    d = (g - A^T c) / lambda the exact (A^T A + lambda I)^-1 g): the float32 A g is off by
+    e1 <= p eps || |A| |g| ||, which moves A^T c by ||A^T M^-1|| e1; the float32 A^T c adds
+    e2 <= p eps || |A|^T |c| ||; the difference and the division round twice (2 eps ||d||).
+    So ||dd|| <= (||A^T M^-1|| e1 + e2) / lambda + 2 eps ||d||, times SAFETY.
+    """
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("the float32 variant runs on numpy and torch")
+    pr = case.build()
+    eps32 = float(np.finfo(np.float32).eps)
+    rows = _sampled_rows(pr, 1).astype(np.float32)
+    a = rows.astype(np.float64)
+    g = pr.grad.astype(np.float32).astype(np.float64)
+    for damping in (1e-3, 0.1, 1.0):
+        matrix = a @ a.T + damping * np.eye(a.shape[0])
+        c = np.linalg.solve(matrix, a @ g)
+        expected = np.linalg.solve(a.T @ a + damping * np.eye(pr.p), g)
+        d = ngdref.sf_update(
+            ProductsOnlyRows(backend.asarray(rows)), backend.asarray(g, "float32"), damping=damping
+        )
+        got = _check_result(backend, d, pr.p, "float32").astype(np.float64)
+        e1 = pr.p * eps32 * np.linalg.norm(np.abs(a) @ np.abs(g))
+        e2 = pr.p * eps32 * np.linalg.norm(np.abs(a).T @ np.abs(c))
+        spread = np.linalg.norm(a.T @ np.linalg.inv(matrix), 2) * e1 + e2
+        bound = SAFETY * (spread / damping + 2 * eps32 * np.linalg.norm(expected))
+        assert np.linalg.norm(got - expected) <= bound
+
+
 def test_float32_gram_with_tiny_damping_is_solved_but_undamped_is_refused() -> None:
     """The paper's near-zero damping on float32 gradients must work (the solve is float64).
 
@@ -366,3 +400,25 @@ def test_float32_gram_with_tiny_damping_is_solved_but_undamped_is_refused() -> N
     # large and cancels, so the bound is stated explicitly rather than as an rtol.
     bound = (n + 1) * np.finfo(np.float32).eps * (np.abs(g64).T @ np.abs(coefficients))
     assert np.all(np.abs(got - expected) <= bound)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_check_finite_flags_any_nan_or_infinity_and_passes_finite_extremes(dtype, backend):
+    """The torch route sums x - x (0 exactly at finite entries, NaN at NaN and +-inf), the
+    others use isfinite; both must pass the largest finite values (whose squares or sum
+    overflow, so a norm-based check would fail there) and refuse a single bad entry anywhere."""
+    info = np.finfo(dtype)
+    finite = np.array([info.max, -info.max, info.max, info.tiny, 0.0, -0.0, 1.0], dtype=dtype)
+    xp = ngdref.rows.rows_namespace(ngdref.as_rows(backend.asarray(finite[None, :])), "x")
+    ngdref.checks.check_finite(xp, backend.asarray(finite), "x")
+    for bad, where in itertools.product([np.nan, np.inf, -np.inf], [0, 3, finite.size - 1]):
+        x = finite.copy()
+        x[where] = bad
+        with pytest.raises(ngdref.NonFiniteError, match="x contains NaN or infinite values"):
+            ngdref.checks.check_finite(xp, backend.asarray(x), "x")
+    # past the torch route's first block of 2**20 entries, in a transposed (strided) matrix
+    long = np.zeros((2**11, 2**9 + 1), dtype=dtype)
+    ngdref.checks.check_finite(xp, backend.asarray(long).T, "x")
+    long[-1, -1] = np.inf
+    with pytest.raises(ngdref.NonFiniteError, match="x contains NaN or infinite values"):
+        ngdref.checks.check_finite(xp, backend.asarray(long).T, "x")
