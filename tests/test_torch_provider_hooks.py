@@ -79,15 +79,10 @@ def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(
     assert_close(provider.per_sample_rows(u).gram(), expected @ expected.T)
 
 
-class _ConstantGram(nn.Module):
+class _ConstantGram(_ConstantTable):
     """The Linear's output on the constant table meets the batch through a matmul:
     h_n = lin(x_n) + x_n M / T with M = lin(table)^T lin(table) (D, D), which no hook can split
     per sample (the broadcast captures are sums and products, not matmuls)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, D, dtype=torch.float64)
-        self.head = nn.Linear(D, C, dtype=torch.float64)
 
     def forward(self, x: Any) -> Any:
         table = torch.arange(T * D, dtype=x.dtype).reshape(T, D) / (T * D)
