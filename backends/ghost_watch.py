@@ -54,6 +54,8 @@ _METADATA = frozenset({
     "ndim", "layout", "is_cuda", "grad_fn", "_version", "is_sparse", "is_quantized",
     "is_meta", "itemsize", "nbytes", "names", "grad", "_base", "is_nested", "output_nr",
 })
+#: the metadata reads that return no tensor: the watch lets them through untouched
+_PASS = _METADATA - {"grad", "_base", "type", "requires_grad_"}
 _ADD = frozenset({"add", "__add__", "__radd__"})
 _MUL = frozenset({"mul", "__mul__", "__rmul__"})
 _EXPAND = frozenset({"expand", "expand_as", "broadcast_to"})
@@ -65,6 +67,21 @@ def _operation(func: Any) -> str:
     if name == "__get__":
         return getattr(getattr(func, "__self__", None), "__name__", name)
     return name
+
+
+#: func -> _operation(func), filled as the forward passes meet torch functions
+_NAMES: dict[Any, str] = {}
+
+
+def _name(func: Any) -> str:
+    """``_operation(func)``, cached per torch function (unhashable ones are named anew)."""
+    try:
+        return _NAMES[func]
+    except KeyError:
+        name = _NAMES[func] = _operation(func)
+        return name
+    except TypeError:
+        return _operation(func)
 
 
 def _in_place(name: str) -> bool:
@@ -144,18 +161,41 @@ class UseWatch(TorchFunctionMode):
             id(t) not in self.constant and id(t) not in self.free and id(t) not in self.watched)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        # runs for every torch operation of the forward pass (the hooks' own included): the
+        # common cases return at once. A metadata read is no use of the values and marks
+        # nothing; an operation whose arguments are tensors and values none of which is a
+        # parameter, a sample-free, constant or one-sample tensor, or a list, marks nothing
+        # either (decided by C-level set operations on the argument ids)
+        name = _name(func)
+        if name in _PASS:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        result = self._dispatch(func, args, kwargs)
+        flat = (*args, *kwargs.values()) if kwargs else args
+        ids = list(map(id, flat))
+        if (
+            flat and isinstance(flat[0], torch.Tensor)
+            and self.watched.keys().isdisjoint(ids) and self.free.keys().isdisjoint(ids)
+            and self.constant.keys().isdisjoint(ids)
+            and (not self.single or self.single.keys().isdisjoint(ids))
+        ):
+            kinds = set(map(type, flat))
+            if list not in kinds and tuple not in kinds:
+                return func(*args, **kwargs)
+        return self._marking(func, name, args, kwargs)
+
+    def _marking(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        """Runs an operation that may mark a tensor: sample free, constant, captured, escaped."""
+        result = self._dispatch(func, name, args, kwargs)
         flat = [*args, *kwargs.values()]
         flat += [b for a in flat if type(a) in (list, tuple) for b in a]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if not all(id(t) in self.constant for t in tensors):
-            if tensors and _in_place(_operation(func)):
+            if tensors and _in_place(name):
                 self.constant.pop(id(tensors[0]), None)  # written in place from the batch
             return result
         if not (
             # expanding a constant over the batch makes it per sample by intent
-            _operation(func) in ("expand", "repeat", "expand_as", "broadcast_to")
+            name in ("expand", "repeat", "expand_as", "broadcast_to")
             and tensors and tensors[0].ndim and tensors[0].shape[0] == 1
             and isinstance(result, torch.Tensor) and result.ndim and result.shape[0] == self.n
         ):
@@ -164,21 +204,18 @@ class UseWatch(TorchFunctionMode):
                     self.constant[id(out)] = out
         return result
 
-    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        # runs for every torch operation of the forward pass: the common case (no parameter
-        # and no sample-free tensor among the arguments) is decided by C-level set operations
+    def _dispatch(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
         flat = (*args, *kwargs.values())
         ids = list(map(id, flat))
         nested = any(type(a) in (list, tuple) for a in flat)
         if not nested and self.watched.keys().isdisjoint(ids) and self.free.keys().isdisjoint(ids):
             if not self.single or self.single.keys().isdisjoint(ids):
                 return func(*args, **kwargs)
-            return self._single_use(func, args, kwargs)
+            return self._single_use(func, name, args, kwargs)
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         tensors += [b for a in flat if type(a) in (list, tuple) for b in a
                     if isinstance(b, torch.Tensor)]
         slots = self._slots_of(tensors)
-        name = _operation(func)
         if not slots or name in _METADATA:
             return func(*args, **kwargs)
         self.touched |= slots
@@ -254,10 +291,9 @@ class UseWatch(TorchFunctionMode):
         if tensors and _in_place(name):
             self.free.pop(id(tensors[0]), None)  # written in place from the batch
 
-    def _single_use(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def _single_use(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
         """An operation on a one-sample output: its repeat over the batch, or a failure."""
         result = func(*args, **kwargs)
-        name = _operation(func)
         if name in _METADATA:
             return result
         first = args[0] if args else None
