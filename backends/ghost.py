@@ -111,13 +111,16 @@ class FactorBlock:
         image = w[self.x] if self.embedding else torch.matmul(self.x, w.T)
         return (image * self.b).sum(dim=(1, 2))
 
-    def rmatvec(self, weights: torch.Tensor) -> torch.Tensor:
-        """sum_n w_n g_n flattened, (size,)."""
+    def rmatvec(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_n w_n g_n flattened, (size,), written into ``out`` (size,) when given."""
         wb = (weights[:, None, None] * self.b).reshape(-1, self.b.shape[-1])
+        if out is None:
+            out = torch.empty(self.size, dtype=self.b.dtype, device=self.b.device)
         if self.embedding:
-            out = torch.zeros(self.shape, dtype=self.b.dtype, device=self.b.device)
-            return out.index_add_(0, self.x.reshape(-1), wb).reshape(-1)
-        return torch.matmul(wb.T, self.x.reshape(-1, self.x.shape[-1])).reshape(-1)
+            out.zero_().view(self.shape).index_add_(0, self.x.reshape(-1), wb)
+            return out
+        torch.mm(wb.T, self.x.reshape(-1, self.x.shape[-1]), out=out.view(self.shape[0], -1))
+        return out
 
     def cross(self, other: FactorBlock) -> torch.Tensor:
         r"""<g_n, h_m> = <A_n A'_m^T, B_n B'_m^T>_F in float64, (N, M), in row chunks."""
@@ -274,10 +277,10 @@ class GhostRows:
         self._check(weights, self.shape[0], "weights", "N")
         weights = weights.to(self.dtype)
         out = torch.empty(self.shape[1], dtype=self.dtype, device=self.device)
-        for f in self.factors:
-            out[f.offset:f.offset + f.size] = f.rmatvec(weights)
+        for f in self.factors:  # each block written in place into its slice
+            f.rmatvec(weights, out[f.offset:f.offset + f.size])
         for d in self.dense:
-            out[d.offset:d.offset + d.size] = torch.matmul(weights, d.rows)
+            torch.mv(d.rows.T, weights, out=out[d.offset:d.offset + d.size])
         return out
 
     def materialise(self) -> torch.Tensor:
