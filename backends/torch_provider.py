@@ -228,12 +228,14 @@ class TorchProvider(ParamLayout, JacobianProvider):
     def _eval_mode(self) -> Iterator[None]:
         """Run with every submodule in eval mode, then restore each one's flag."""
         modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        if any(training for _, training in modes):  # eval() walks the model once more
+            self.model.eval()
         try:
             yield
         finally:
             for m, training in modes:
-                m.training = training
+                if m.training != training:  # Module.__setattr__ costs per module
+                    m.training = training
 
     def _call(
         self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
