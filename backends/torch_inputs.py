@@ -105,8 +105,11 @@ def _check_sizes(batched: Mapping[str, torch.Tensor], device: torch.device) -> t
     return first_key, n
 
 
-def split_inputs(model: nn.Module, inputs: Any, device: torch.device) -> ModelInputs:
-    """Sort inputs into batched tensors, static values and the targets (checked)."""
+def split_inputs(hf: list[nn.Module], inputs: Any, device: torch.device) -> ModelInputs:
+    """Sort inputs into batched tensors, static values and the targets (checked).
+
+    ``hf``: the model's :func:`hf_models` (walked once by the caller, which keeps them).
+    """
     positional, batched, static, targets = _sort(inputs)
     first_key, n = _check_sizes(batched, device)
     if targets is not None and (targets.ndim == 0 or targets.shape[0] != n):
@@ -119,14 +122,13 @@ def split_inputs(model: nn.Module, inputs: Any, device: torch.device) -> ModelIn
         and "decoder_input_ids" not in batched
         and "decoder_inputs_embeds" not in batched
     ):
-        prepare = _decoder_input_preparer(model)
+        prepare = _decoder_input_preparer(hf)
         if prepare is not None:
             batched["decoder_input_ids"] = prepare(labels=targets)
     return ModelInputs(positional, batched, static, targets, int(n))
 
 
-def _decoder_input_preparer(model: nn.Module) -> Callable[..., torch.Tensor] | None:
-    hf = hf_models(model)
+def _decoder_input_preparer(hf: list[nn.Module]) -> Callable[..., torch.Tensor] | None:
     if not hf or not getattr(hf[0].config, "is_encoder_decoder", False):
         return None
     return getattr(hf[0], "prepare_decoder_input_ids_from_labels", None)

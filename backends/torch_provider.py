@@ -182,13 +182,13 @@ class TorchProvider(ParamLayout, JacobianProvider):
         super().__init__(model, params)
         self.chunk_size = check_int(chunk_size, "chunk_size", optional=True)
 
-        batch = split_inputs(model, inputs, self.device)
+        self._hf = hf_models(model)
+        batch = split_inputs(self._hf, inputs, self.device)
         self.targets: torch.Tensor | None = batch.targets
         self._positional, self._batched, self._static = (
             batch.positional, batch.batched, batch.static
         )
         self._n = batch.num_samples
-        self._hf = hf_models(model)
 
         check_choice(per_sample_method, "per_sample_method", _METHODS)
         # only the Linear-hooks route needs the check (walking the modules costs per step)
