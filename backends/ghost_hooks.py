@@ -121,9 +121,7 @@ class LayerPass:
         sizes = [int(math.prod(s)) for s in provider._shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self._slots = list(zip(provider.param_names, offsets, sizes, provider._shapes, strict=True))
-        by_id = {id(p): i for i, (_, p) in enumerate(
-            (name, p) for name, p in provider.model.named_parameters() if p.requires_grad
-        )}
+        by_id = {id(p): i for i, p in enumerate(provider._trainable)}
         #: module -> {attr: slot index} for its own trainable parameters (tied ones included)
         self._owned: dict[nn.Module, dict[str, int]] = {}
         for module in provider.model.modules():

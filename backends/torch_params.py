@@ -45,6 +45,8 @@ class ParamLayout:
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.param_names: tuple[str, ...] = tuple(name for name, _ in named)
+        #: the trainable parameter tensors themselves, in theta's order (for module walks)
+        self._trainable = tuple(p for _, p in named)
         self._shapes = tuple(tuple(p.shape) for _, p in named)
         self._sizes = tuple(p.numel() for _, p in named)
         self.num_params = int(sum(self._sizes))
