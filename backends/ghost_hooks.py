@@ -179,6 +179,13 @@ class LayerPass:
                                        _kind(module) == "generic", self._calls))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # the hook's own reads and copies are no use of the model's tensors: the watch (a
+        # torch function mode) would only pay for dispatching them
+        with torch._C.DisableTorchFunction():
+            self._record(module, args, kwargs, output)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """A hooked call's input features and output (or why it cannot be hooked)."""
         if self._watch.stack:
             self._watch.stack.pop()
         use = _Use(module, _kind(module))
