@@ -44,6 +44,8 @@ __all__ = ["DenseBlock", "FactorBlock", "GhostRows", "ghost_is_cheaper", "stack_
 
 #: entries of one (rows x columns) chunk of the ghost kernels (32 MiB in float64)
 _CHUNK = 2**22
+#: float64 entries of one column chunk of a materialised block's Gram (2 MiB)
+_GRAM_CHUNK = 2**18
 
 
 def ghost_is_cheaper(n: int, t: int, d_in: int, d_out: int, vocab: int | None = None) -> bool:
@@ -154,8 +156,23 @@ class DenseBlock:
         return int(self.rows.shape[1])
 
 
-def _gram64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(a.to(torch.float64), b.to(torch.float64).T)
+def _add_gram64(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a b^T in float64; float32 columns are converted a chunk at a time.
+
+    A fresh float64 copy of a large (N, size) block costs more (page faults, cache misses)
+    than its product; the chunks reuse two small buffers (the sums are regrouped by chunk:
+    float64 rounding, the conversion is exact).
+    """
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        total.addmm_(a, b.T)
+        return
+    step = max(1, _GRAM_CHUNK // max(a.shape[0], b.shape[0]))
+    bufs = [torch.empty(t.shape[0], min(step, t.shape[1]), dtype=torch.float64,
+                        device=t.device) for t in ((a,) if b is a else (a, b))]
+    for start in range(0, a.shape[1], step):
+        pieces = [buf[:, :min(step, a.shape[1] - start)].copy_(t[:, start:start + step])
+                  for buf, t in zip(bufs, (a, b), strict=False)]
+        total.addmm_(pieces[0], pieces[-1].T)
 
 
 class GhostRows:
@@ -228,7 +245,7 @@ class GhostRows:
             for f in self.factors:
                 total += f.cross(f)
             for d in self.dense:
-                total += _gram64(d.rows, d.rows)
+                _add_gram64(total, d.rows, d.rows)
             self._gram = total
         return self._gram
 
@@ -241,7 +258,7 @@ class GhostRows:
             for f, g in zip(self.factors, other.factors, strict=True):
                 total += f.cross(g)
             for d, e in zip(self.dense, other.dense, strict=True):
-                total += _gram64(d.rows, e.rows)
+                _add_gram64(total, d.rows, e.rows)
             return total
         if tuple(getattr(other, "shape", ()))[1:] != self.shape[1:]:
             raise ValueError(
