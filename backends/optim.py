@@ -320,9 +320,10 @@ class SF(_LogitLossOptimizer):
             )
             for i in range(k)
         ]
+        # g = G^T 1 is never formed: A g from the cross-Gram, u from both sets of rows
         update = ngdref.sf_update(
-            self._comm.rows(stack_rows(rows)), batch.grad, damping=group["damping"],
-            num_samples=k,
+            self._comm.rows(stack_rows(rows)), None, damping=group["damping"], num_samples=k,
+            per_sample_grads=batch.rows,
         )
         return update, {"damping": group["damping"]}
 
