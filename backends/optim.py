@@ -108,6 +108,7 @@ from .optim_base import (
 )
 from .optim_common import _split_batch as _split_batch  # re-exported: kfac_optim used it
 from .optim_common import _step_key
+from .optim_sf import PairedRows, cross_gram_is_cheaper
 from .torch_provider import TorchProvider
 
 if TYPE_CHECKING:
@@ -321,51 +322,17 @@ class SF(_LogitLossOptimizer):
             for i in range(k)
         ]
         sampled = self._comm.rows(stack_rows(rows))
-        if _cross_gram_is_cheaper(batch.rows, sampled.shape[0]):
+        if cross_gram_is_cheaper(batch.rows, sampled.shape[0]):
             # g = G^T 1 never formed: A g from the cross-Gram, u from both sets of rows
             update = ngdref.sf_update(
                 sampled, None, damping=group["damping"], num_samples=k,
-                per_sample_grads=batch.rows,
+                per_sample_grads=_paired(batch.rows),
             )
         else:
             update = ngdref.sf_update(
                 sampled, batch.grad, damping=group["damping"], num_samples=k
             )
         return update, {"damping": group["damping"]}
-
-
-def _cross_gram_is_cheaper(rows: Any, m: int) -> bool:
-    r"""Whether SF's A g is cheaper from the (M, N) cross-Gram (A G^T) 1 than as A (G^T 1).
-
-    Multiply-adds against the M rows A that the cross-Gram route saves (the A g pass and the
-    P-length g - A^T c; g's own pass is replaced by the rmatvec of G in u = [G; A]^T w):
-
-    ================  ===========================  ==========================
-    block             cross-Gram                   saved
-    ================  ===========================  ==========================
-    factors           N M T^2 (d_in + d_out)       M T d_in d_out + size
-    materialised      N M size                     M size + size
-    ================  ===========================  ==========================
-
-    (an embedding's d_in counts as 1: its products are gathers). Dense rows (vmap) and any
-    rows that are not :class:`backends.ghost.GhostRows` take A (G^T 1); a
-    :class:`backends.dist_rows.DistributedRows` is judged by its rank's shard.
-    """
-    local = getattr(rows, "local", rows)
-    if not isinstance(local, GhostRows):
-        return False
-    n = rows.shape[0]
-    cross = saved = 0
-    for f in local.factors:
-        t, d_out = f.b.shape[1], f.b.shape[-1]
-        d_in = 1 if f.embedding else f.size // d_out
-        cross += n * m * t * t * (d_in + d_out)
-        saved += m * t * d_in * d_out + f.size
-    for d in local.dense:
-        cross += n * m * d.size
-        saved += (m + 1) * d.size
-    return cross < saved
-
 
 class NGD(_LogitLossOptimizer):
     r"""Exact natural gradient descent by matrix-free conjugate gradient, constant step.
@@ -432,3 +399,10 @@ class NGD(_LogitLossOptimizer):
             callback=count,
         )
         return update, {"damping": group["damping"], "cg_iterations": iterations}
+
+
+
+def _paired(rows: Any) -> Any:
+    """Local true-label GhostRows as :class:`~backends.optim_sf.PairedRows` (one product
+    for u); distributed rows as they are."""
+    return PairedRows.of(rows) if isinstance(rows, GhostRows) else rows

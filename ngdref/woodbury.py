@@ -83,7 +83,9 @@ def true_rows_inverse_apply(
     Same conventions and result as :func:`damped_inverse_apply` with g = G^T 1 (the P x P
     route, dense A with P <= M, forms g and takes it). ``rows`` may be a DampedGram of A;
     ``true_rows`` must share A's namespace, dtype and P. A NaN or infinity in G is caught in
-    A G^T 1 and reported as ``per_sample_grads``.
+    A G^T 1 and reported as ``per_sample_grads``. Rows that offer the optional method
+    ``true_rows.rmatvec_pair(a, w, v)`` = G^T w + A^T v get u from it (a backend whose two
+    sets of rows share factors, :class:`backends.optim_sf.PairedRows`, needs one product).
     """
     solver = rows if isinstance(rows, DampedGram) else None
     a = as_rows(rows, name=rows_name) if solver is None else solver.rows
@@ -110,7 +112,12 @@ def true_rows_inverse_apply(
     weights = xp.full(true_rows.shape[0], 1.0 / damping, dtype=xp.float64, device=device(ag))
     # each product in its rows' dtype; where the two cancel the float32 sum is exact
     # (Sterbenz), elsewhere one rounding, as in damped_inverse_apply's g - A^T c
-    update = true_rows.rmatvec(weights) + a.rmatvec(info.coefficients / (-damping))
+    other = info.coefficients / (-damping)
+    pair = getattr(true_rows, "rmatvec_pair", None)  # optional: both in one pass
+    update = (
+        pair(a, weights, other) if pair is not None
+        else true_rows.rmatvec(weights) + a.rmatvec(other)
+    )
     return xp.astype(update, dtype, copy=False), info
 
 
