@@ -322,7 +322,10 @@ class SF(_LogitLossOptimizer):
             for i in range(k)
         ]
         sampled = self._comm.rows(stack_rows(rows))
-        if cross_gram_is_cheaper(batch.rows, sampled.shape[0]):
+        # local ghost rows choose per block (PairedRows); other rows as a whole
+        if isinstance(batch.rows, GhostRows) or cross_gram_is_cheaper(
+            batch.rows, sampled.shape[0]
+        ):
             # g = G^T 1 never formed: A g from the cross-Gram, u from both sets of rows
             update = ngdref.sf_update(
                 sampled, None, damping=group["damping"], num_samples=k,

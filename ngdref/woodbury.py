@@ -83,9 +83,10 @@ def true_rows_inverse_apply(
     Same conventions and result as :func:`damped_inverse_apply` with g = G^T 1 (the P x P
     route, dense A with P <= M, forms g and takes it). ``rows`` may be a DampedGram of A;
     ``true_rows`` must share A's namespace, dtype and P. A NaN or infinity in G is caught in
-    A G^T 1 and reported as ``per_sample_grads``. Rows that offer the optional method
-    ``true_rows.rmatvec_pair(a, w, v)`` = G^T w + A^T v get u from it (a backend whose two
-    sets of rows share factors, :class:`backends.optim_sf.PairedRows`, needs one product).
+    A G^T 1 and reported as ``per_sample_grads``. Rows with the optional methods
+    ``true_rows.cross_row_sums(a)`` = A G^T 1 (M,) float64 and ``true_rows.rmatvec_pair(a,
+    w, v)`` = G^T w + A^T v are asked for these instead (a backend that can choose per
+    block, or whose two sets of rows share factors: :class:`backends.optim_sf.PairedRows`).
     """
     solver = rows if isinstance(rows, DampedGram) else None
     a = as_rows(rows, name=rows_name) if solver is None else solver.rows
@@ -106,12 +107,14 @@ def true_rows_inverse_apply(
         true_rows = DenseRows(xp.astype(true_rows.array, xp.float64, copy=False))
     if solver is None:
         solver = DampedGram(a, rows_name=rows_name)
-    ag = xp.sum(a.cross_gram(true_rows), axis=1)  # A G^T 1, (M,) float64
+    sums = getattr(true_rows, "cross_row_sums", None)  # optional: A G^T 1 by other means
+    ag = sums(a) if sums is not None else xp.sum(a.cross_gram(true_rows), axis=1)  # (M,) f64
     check_finite(xp, ag, "per_sample_grads")
     info = solver.solve(ag, damping=damping)
     weights = xp.full(true_rows.shape[0], 1.0 / damping, dtype=xp.float64, device=device(ag))
     # each product in its rows' dtype; where the two cancel the float32 sum is exact
-    # (Sterbenz), elsewhere one rounding, as in damped_inverse_apply's g - A^T c
+    # (Sterbenz), elsewhere one rounding, as in damped_inverse_apply's g - A^T c (a paired
+    # product combines them before its one product: the same float32 rounding per term)
     other = info.coefficients / (-damping)
     pair = getattr(true_rows, "rmatvec_pair", None)  # optional: both in one pass
     update = (

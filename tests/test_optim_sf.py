@@ -52,6 +52,17 @@ def test_rmatvec_pair_is_the_two_products_summed(name: str, route: str) -> None:
     # rows of another layout (dense): the two rmatvecs summed
     dense = PairedRows.of(rows).rmatvec_pair(ngdref.as_rows(h), w, v)
     assert float(torch.linalg.vector_norm(dense - expected)) <= BOUND * scale
+    # A G^T 1 block by block (cross-Gram or A_b g_b), then u with SF's constant w reusing g_b
+    paired = PairedRows.of(rows)
+    sums = paired.cross_row_sums(other)
+    ones = torch.ones(n, dtype=torch.float64)
+    assert float(torch.linalg.vector_norm(sums - h @ (g.T @ ones))) <= BOUND * float(
+        h.norm(dim=1).sum() * g.norm(dim=1).sum())
+    constant = torch.full((n,), 0.5, dtype=torch.float64)
+    got = paired.rmatvec_pair(other, constant, v)
+    expected = constant @ g + v @ h
+    scale = float(0.5 * g.norm(dim=1).sum() + (v.abs() * h.norm(dim=1)).sum())
+    assert float(torch.linalg.vector_norm(got - expected)) <= BOUND * scale
 
 
 # float64: the routes agree to ~1e-15 relative in every product; the damped solves (condition

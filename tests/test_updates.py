@@ -160,7 +160,8 @@ def test_sf_update_from_true_rows_equals_dense(case, num_samples, products_only,
     rows = _sampled_rows(pr, num_samples)
     f_sf = np_sum_outer(rows) / num_samples
     wrap = ProductsOnlyRows if products_only else (lambda x: x)
-    for damping in DAMPINGS:
+    tall = case in TALL and num_samples == 3 and not products_only  # the P x P route
+    for damping in DAMPINGS + ([0.0] if tall else []):
         d = ngdref.sf_update(
             wrap(backend.asarray(rows)),
             None,
@@ -172,6 +173,23 @@ def test_sf_update_from_true_rows_equals_dense(case, num_samples, products_only,
         assert_close_norm(
             _check_result(backend, d, pr.p), np.linalg.solve(dense, pr.grad), solve_rtol(dense)
         )
+
+
+@pytest.mark.parametrize("case", WIDE, ids=ids(WIDE))
+def test_sf_update_from_true_rows_reuses_a_damped_gram(case, backend):
+    """A DampedGram of the sampled rows with per_sample_grads: the grad route's step (same
+    Gram, same factorisation; A g by the cross-Gram), within the bound of the test above."""
+    pr = case.build()
+    rows = _sampled_rows(pr, 2)
+    solver = ngdref.DampedGram(backend.asarray(rows))
+    dense = np_sum_outer(rows) / 2 + 0.1 * np.eye(pr.p)
+    d = ngdref.sf_update(
+        solver, None, damping=0.1, num_samples=2,
+        per_sample_grads=backend.asarray(pr.per_sample_grads),
+    )
+    assert_close_norm(
+        _check_result(backend, d, pr.p), np.linalg.solve(dense, pr.grad), solve_rtol(dense)
+    )
 
 
 def test_sf_update_takes_one_of_grad_and_true_rows():
