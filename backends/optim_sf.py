@@ -58,14 +58,16 @@ class PairedRows(GhostRows):
     """The true-label :class:`~backends.ghost.GhostRows` G (the same blocks, no copy), with
     the two optional products ngdref's ``true_rows_inverse_apply`` uses when present."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sums: dict[int, torch.Tensor] = {}  # offset -> g_b, blocks taken as A_b g_b
+
     @classmethod
     def of(cls, rows: GhostRows) -> PairedRows:
-        paired = cls(
+        return cls(
             rows.shape[0], rows.shape[1], factors=rows.factors, dense=rows.dense,
             dtype=rows.dtype, device=rows.device, fallbacks=rows.fallbacks,
         )
-        paired._sums: dict[int, torch.Tensor] = {}  # offset -> g_b, blocks taken as A_b g_b
-        return paired
 
     def cross_row_sums(self, other: Any) -> torch.Tensor:
         """A G^T 1 (M,) float64, A = ``other``, block by block the cheaper way."""
