@@ -95,7 +95,7 @@ from torch import nn
 import ngdref
 from ngdref.updates import check_damping_options, ief_damping_weights
 
-from .ghost import stack_rows
+from .ghost import GhostRows, stack_rows
 from .optim_base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
 from .optim_base import (
     GramOptions,
@@ -108,6 +108,7 @@ from .optim_base import (
 )
 from .optim_common import _split_batch as _split_batch  # re-exported: kfac_optim used it
 from .optim_common import _step_key
+from .optim_sf import PairedRows, cross_gram_is_cheaper
 from .torch_provider import TorchProvider
 
 if TYPE_CHECKING:
@@ -320,12 +321,21 @@ class SF(_LogitLossOptimizer):
             )
             for i in range(k)
         ]
-        update = ngdref.sf_update(
-            self._comm.rows(stack_rows(rows)), batch.grad, damping=group["damping"],
-            num_samples=k,
-        )
+        sampled = self._comm.rows(stack_rows(rows))
+        # local ghost rows choose per block (PairedRows); other rows as a whole
+        if isinstance(batch.rows, GhostRows) or cross_gram_is_cheaper(
+            batch.rows, sampled.shape[0]
+        ):
+            # g = G^T 1 never formed: A g from the cross-Gram, u from both sets of rows
+            update = ngdref.sf_update(
+                sampled, None, damping=group["damping"], num_samples=k,
+                per_sample_grads=_paired(batch.rows),
+            )
+        else:
+            update = ngdref.sf_update(
+                sampled, batch.grad, damping=group["damping"], num_samples=k
+            )
         return update, {"damping": group["damping"]}
-
 
 class NGD(_LogitLossOptimizer):
     r"""Exact natural gradient descent by matrix-free conjugate gradient, constant step.
@@ -392,3 +402,10 @@ class NGD(_LogitLossOptimizer):
             callback=count,
         )
         return update, {"damping": group["damping"], "cg_iterations": iterations}
+
+
+
+def _paired(rows: Any) -> Any:
+    """Local true-label GhostRows as :class:`~backends.optim_sf.PairedRows` (one product
+    for u); distributed rows as they are."""
+    return PairedRows.of(rows) if isinstance(rows, GhostRows) else rows

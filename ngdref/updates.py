@@ -47,8 +47,9 @@ from ngdref.checks import (
     namespace,
 )
 from ngdref.curvature import _check_jacobians, _check_num_samples
-from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
+from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve
 from ngdref.rows import DenseRows, as_rows, ones_like_rows, rows_namespace
+from ngdref.woodbury import damped_inverse_apply, true_rows_inverse_apply
 
 __all__ = [
     "check_damping_options",
@@ -281,47 +282,6 @@ def ief_update(
     return (update, info) if return_info else update
 
 
-def _damped_inverse_apply(
-    rows: Any, grad: Any, damping: float, rows_name: str
-) -> tuple[Any, GramSolve]:
-    r"""(A^T A + lambda I_P)^{-1} g for A = ``rows`` (M, P), and the solve (in float64).
-
-    Uses the P x P system (the Gram matrix of A's columns) when P <= M and A is
-    dense, else the Woodbury identity (1/lambda) [g - A^T (A A^T + lambda I_M)^{-1} A g],
-    which needs lambda > 0. ``rows`` may be a :class:`~ngdref.linalg.DampedGram` of A
-    (always Woodbury; its Gram matrix and factorisations are reused). A NaN or infinity
-    in ``rows`` is caught in the small matrix, reported as ``rows_name``.
-    """
-    solver = rows if isinstance(rows, DampedGram) else None
-    rows = as_rows(rows, name=rows_name) if solver is None else solver.rows
-    xp = rows_namespace(rows, rows_name, rows_first=False, grad=grad)
-    m, p = rows.shape
-    dense = solver is None and isinstance(rows, DenseRows)
-    if dense and p <= m:
-        columns = DampedGram(xp.matrix_transpose(rows.array), rows_name=rows_name)
-        info = columns.solve(xp.astype(grad, xp.float64, copy=False), damping=damping)
-        return xp.astype(info.coefficients, grad.dtype), info
-    if damping == 0:
-        raise SingularMatrixError(
-            f"damping=0 but the curvature matrix has rank at most {min(m, p)} < P = {p} "
-            "(or its rows come as a DampedGram, solved by Woodbury): its undamped inverse "
-            "is not available; use damping > 0"
-        )
-    if dense:  # A g and A^T c in float64: g - A^T c cancels when lambda is small
-        rows = DenseRows(xp.astype(rows.array, xp.float64, copy=False), name=rows_name)
-    if solver is None:
-        solver = DampedGram(rows, rows_name=rows_name)
-    # products in the rows' own dtype (a float32 PerSampleRows need not take float64 input)
-    ag = xp.astype(rows.matvec(xp.astype(grad, rows.dtype, copy=False)), xp.float64)
-    info = solver.solve(ag, damping=damping)
-    # g - A^T c in the dtype of A^T c: where it cancels (g, A^T c within a factor 2) a float32
-    # difference is exact (Sterbenz), elsewhere it adds one float32 rounding, all that float64
-    # copies of g and A^T c (P-length passes) would save; dense rows are float64 here already
-    back = rows.rmatvec(info.coefficients)
-    update = (xp.astype(grad, back.dtype, copy=False) - back) / damping
-    return xp.astype(update, grad.dtype, copy=False), info
-
-
 def sf_update(
     sampled_grads: Any,
     grad: Any,
@@ -329,6 +289,7 @@ def sf_update(
     damping: float,
     num_samples: int = 1,
     return_info: bool = False,
+    per_sample_grads: Any = None,
 ) -> Any:
     r"""Sampled Fisher direction (Eq. 49), :math:`(F_{SF} + \lambda I_P)^{-1} g`.
 
@@ -346,31 +307,48 @@ def sf_update(
         Rows are gradients of -log p_n(yhat_nk) with yhat_nk drawn from the model. A
         :class:`~ngdref.linalg.DampedGram` of them is reused across calls (a damping
         sweep forms their Gram matrix once and factorises once per damping).
-    grad : array, shape (P,)
-        g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`).
+    grad : array, shape (P,), or None
+        g = G^T 1, in the convention of ``sampled_grads`` (see :mod:`ngdref.directions`);
+        None when ``per_sample_grads`` is given (exactly one of the two).
     damping : float > 0 (0 only when N*K >= P, the rows are dense and F_SF is invertible)
     num_samples : int
         K.
     return_info : bool
         Also return the :class:`~ngdref.linalg.GramSolve` of the (N*K)-sized Woodbury
         system (of the P x P one when P <= N*K), whose damping is K lambda.
+    per_sample_grads : array (N, P) or PerSampleRows, optional
+        The true-label rows G instead of ``grad`` (then ``sf_update(A, None, ...,
+        per_sample_grads=G)``) (same namespace, dtype and convention as
+        ``sampled_grads``). g is then never formed: A g = (A G^T) 1 comes from the
+        (N*K, N) cross-Gram and d = [G; A]^T [1; -c] / lambda from the rows directly
+        (:func:`ngdref.woodbury.true_rows_inverse_apply`), which saves g's own product, the
+        A g product and a P-length subtraction. The same d to rounding.
 
     Returns
     -------
-    array, shape (P,), namespace, device and dtype of ``grad``; with ``return_info``,
-    ``(update, GramSolve)``.
+    array, shape (P,), namespace, device and dtype of ``grad`` (of ``per_sample_grads``);
+    with ``return_info``, ``(update, GramSolve)``.
     """
     rows = (
         sampled_grads.rows
         if isinstance(sampled_grads, DampedGram)
         else as_rows(sampled_grads, name="sampled_grads")
     )
-    xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
-    check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)
-    _check_num_samples(num_samples, rows.shape[0])
-    damping = check_damping(damping)
+    if (grad is None) == (per_sample_grads is None):
+        raise TypeError("sf_update takes exactly one of grad and per_sample_grads")
     source = sampled_grads if isinstance(sampled_grads, DampedGram) else rows
-    update, info = _damped_inverse_apply(source, grad, num_samples * damping, "sampled_grads")
+    if grad is None:
+        _check_num_samples(num_samples, rows.shape[0])
+        damping = check_damping(damping)
+        update, info = true_rows_inverse_apply(
+            source, per_sample_grads, num_samples * damping, "sampled_grads"
+        )
+    else:
+        xp = rows_namespace(rows, "sampled_grads", rows_first=False, grad=grad)
+        check_vector(xp, grad, "grad", rows.shape[1], "sampled_grads columns", rows.dtype)
+        _check_num_samples(num_samples, rows.shape[0])
+        damping = check_damping(damping)
+        update, info = damped_inverse_apply(source, grad, num_samples * damping, "sampled_grads")
     if num_samples != 1:  # K = 1 (the paper's) would only copy
         update = num_samples * update
     return (update, info) if return_info else update
@@ -412,7 +390,7 @@ def ngd_update(jacobians: Any, logit_hessian_sqrt: Any, grad: Any, *, damping: f
     namespace(jacobians=jacobians, logit_hessian_sqrt=logit_hessian_sqrt, grad=grad)
     check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
     damping = check_damping(damping)
-    update, _ = _damped_inverse_apply(
+    update, _ = damped_inverse_apply(
         _factor_rows(xp, jacobians, logit_hessian_sqrt), grad, damping, "jacobians"
     )
     return update
@@ -437,7 +415,7 @@ def gn_update(jacobians: Any, grad: Any, *, damping: float) -> Any:
     namespace(jacobians=jacobians, grad=grad)
     check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
     damping = check_damping(damping)
-    update, _ = _damped_inverse_apply(_factor_rows(xp, jacobians, None), grad, damping, "jacobians")
+    update, _ = damped_inverse_apply(_factor_rows(xp, jacobians, None), grad, damping, "jacobians")
     return update
 
 

@@ -144,6 +144,68 @@ def test_sf_update_equals_dense(case, num_samples, backend):
         )
 
 
+@pytest.mark.parametrize("products_only", [False, True])
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_sf_update_from_true_rows_equals_dense(case, num_samples, products_only, backend):
+    """per_sample_grads=G instead of grad=G^T 1: A g from the cross-Gram, d from [G; A]^T w.
+
+    The same Woodbury algebra as the grad route in float64, with A g = (A G^T) 1 summed from
+    the cross-Gram instead of A (G^T 1): both perturb A g by O(P eps ||A|| ||G||_F sqrt(N)),
+    which the Woodbury solve carries like the grad route's rounding, so the grad route's
+    bound, 2 * 10 * P * cond(F_SF + lambda I) * eps (tests/cases.py), holds for both. The
+    P x P route (tall, dense) forms g and is the grad route itself.
+    """
+    pr = case.build()
+    rows = _sampled_rows(pr, num_samples)
+    f_sf = np_sum_outer(rows) / num_samples
+    wrap = ProductsOnlyRows if products_only else (lambda x: x)
+    tall = case in TALL and num_samples == 3 and not products_only  # the P x P route
+    for damping in DAMPINGS + ([0.0] if tall else []):
+        d = ngdref.sf_update(
+            wrap(backend.asarray(rows)),
+            None,
+            damping=damping,
+            num_samples=num_samples,
+            per_sample_grads=wrap(backend.asarray(pr.per_sample_grads)),
+        )
+        dense = f_sf + damping * np.eye(pr.p)
+        assert_close_norm(
+            _check_result(backend, d, pr.p), np.linalg.solve(dense, pr.grad), solve_rtol(dense)
+        )
+
+
+@pytest.mark.parametrize("case", WIDE, ids=ids(WIDE))
+def test_sf_update_from_true_rows_reuses_a_damped_gram(case, backend):
+    """A DampedGram of the sampled rows with per_sample_grads: the grad route's step (same
+    Gram, same factorisation; A g by the cross-Gram), within the bound of the test above."""
+    pr = case.build()
+    rows = _sampled_rows(pr, 2)
+    solver = ngdref.DampedGram(backend.asarray(rows))
+    dense = np_sum_outer(rows) / 2 + 0.1 * np.eye(pr.p)
+    d = ngdref.sf_update(
+        solver, None, damping=0.1, num_samples=2,
+        per_sample_grads=backend.asarray(pr.per_sample_grads),
+    )
+    assert_close_norm(
+        _check_result(backend, d, pr.p), np.linalg.solve(dense, pr.grad), solve_rtol(dense)
+    )
+
+
+def test_sf_update_takes_one_of_grad_and_true_rows():
+    rows = np.ones((2, 3))
+    with pytest.raises(TypeError, match="exactly one of grad and per_sample_grads"):
+        ngdref.sf_update(rows, None, damping=0.1)
+    with pytest.raises(TypeError, match="exactly one of grad and per_sample_grads"):
+        ngdref.sf_update(rows, np.ones(3), damping=0.1, per_sample_grads=rows)
+    with pytest.raises(ValueError, match="per_sample_grads has 4 columns"):
+        ngdref.sf_update(rows, None, damping=0.1, per_sample_grads=np.ones((2, 4)))
+    with pytest.raises(TypeError, match="per_sample_grads has dtype"):
+        ngdref.sf_update(rows, None, damping=0.1, per_sample_grads=np.ones((2, 3), np.float32))
+    with pytest.raises(ngdref.NonFiniteError, match="per_sample_grads"):
+        ngdref.sf_update(rows, None, damping=0.1, per_sample_grads=np.full((2, 3), np.nan))
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_gn_and_ngd_updates_equal_dense(case, backend):
     pr = case.build()
