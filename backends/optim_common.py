@@ -9,6 +9,7 @@ and its checkpoint (``state_dict`` holds torch's optimiser state plus ``"step"``
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -103,6 +104,25 @@ def _trainable(model: Any, loss: Any) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
+def _merged_signature(cls: type) -> inspect.Signature:
+    """``cls(model, loss, *, ...)`` with every keyword its ``__init__`` chain takes by name.
+
+    The shared options travel as typed ``**options`` from one ``__init__`` to the next (one
+    home for their defaults); this spells them out for ``help()``, ``inspect.signature`` and
+    editors: the shared ones first (lr, damping, ...), the method's own last.
+    """
+    params: dict[str, inspect.Parameter] = {}
+    for klass in reversed(cls.__mro__[: cls.__mro__.index(_SteppedOptimizer) + 1]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in list(inspect.signature(init).parameters.values())[1:]:  # without self
+            if p.kind is not inspect.Parameter.VAR_KEYWORD:
+                params[p.name] = p
+    ordered = sorted(params.values(), key=lambda p: p.kind)  # positional before keyword-only
+    return inspect.Signature(ordered)
+
+
 class _SteppedOptimizer(torch.optim.Optimizer):
     """One parameter group of checked hyperparameters and a step counter in the checkpoint.
 
@@ -114,6 +134,10 @@ class _SteppedOptimizer(torch.optim.Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "damping", "reduction")
     #: whether the parameter group keeps the parameters' names (and the state_dict with it)
     _keeps_param_names: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _merged_signature(cls)
 
     def __init__(
         self,

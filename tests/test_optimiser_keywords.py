@@ -3,11 +3,13 @@
 The optimisers take their shared options as typed ``**options`` (``backends.optim_common.
 StepOptions`` and ``backends.optim_base.RowOptions`` / ``GramOptions``), with the defaults in
 one base ``__init__``; this table pins what a user gets when passing only the required
-keywords, and that a misspelt keyword is refused as by an explicit signature.
+keywords, that a misspelt keyword is refused as by an explicit signature, and that
+``inspect.signature`` (``help()``, editors) spells every keyword out with its default.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -66,3 +68,26 @@ def test_an_unknown_keyword_is_a_type_error(cls: type, required: dict, defaults:
 def test_lr_and_damping_are_required(cls: type) -> None:
     with pytest.raises(TypeError, match="'lr' and 'damping'"):
         cls(nn.Linear(3, 2), ngdref.SoftmaxCrossEntropy())
+
+
+#: the keywords every optimiser takes, and those of the four with per-sample rows
+STEP = {"lr": inspect.Parameter.empty, "damping": inspect.Parameter.empty, "reduction": "sum",
+        "output_fn": None}
+ROWS = {"per_sample": "auto", "per_sample_method": None, "chunk_size": None,
+        "distributed": None, "process_group": None}
+
+
+@pytest.mark.parametrize(("cls", "required", "defaults"), DEFAULTS, ids=IDS)
+def test_signature_spells_out_every_keyword(cls: type, required: dict, defaults: dict) -> None:
+    signature = inspect.signature(cls)
+    params = signature.parameters
+    assert list(params)[:2] == ["model", "loss"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[2:])
+    expected = {**STEP, **dict.fromkeys(required, inspect.Parameter.empty), **defaults}
+    if cls in (IEF, EF, SF, NGD):
+        expected |= ROWS
+    else:
+        expected["strict"] = False
+    assert {name: p.default for name, p in list(params.items())[2:]} == expected
+    with pytest.raises(TypeError, match="dampnig"):
+        signature.bind(None, None, lr=0.1, damping=1e-3, dampnig=1.0, **required)
