@@ -113,9 +113,13 @@ class FactorBlock:
         image = w[self.x] if self.embedding else torch.matmul(self.x, w.T)
         return (image * self.b).sum(dim=(1, 2))
 
-    def rmatvec(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_n w_n g_n flattened, (size,), written into ``out`` (size,) when given."""
-        wb = (weights[:, None, None] * self.b).reshape(-1, self.b.shape[-1])
+    def rmatvec(
+        self, weights: torch.Tensor | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sum_n w_n g_n flattened, (size,), written into ``out`` (size,) when given;
+        ``weights=None``: w_n = 1 (the sum of the rows, with no product by ones)."""
+        b = self.b if weights is None else weights[:, None, None] * self.b
+        wb = b.reshape(-1, self.b.shape[-1])
         if out is None:
             out = torch.empty(self.size, dtype=self.b.dtype, device=self.b.device)
         if self.embedding:
@@ -154,6 +158,12 @@ class DenseBlock:
     @property
     def size(self) -> int:
         return int(self.rows.shape[1])
+
+    def rmatvec(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_n w_n (row n), (size,), written into ``out`` (size,) when given."""
+        if out is None:
+            return torch.mv(self.rows.T, weights)
+        return torch.mv(self.rows.T, weights, out=out)
 
 
 def _add_gram64(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -294,10 +304,8 @@ class GhostRows:
         self._check(weights, self.shape[0], "weights", "N")
         weights = weights.to(self.dtype)
         out = torch.empty(self.shape[1], dtype=self.dtype, device=self.device)
-        for f in self.factors:  # each block written in place into its slice
-            f.rmatvec(weights, out[f.offset:f.offset + f.size])
-        for d in self.dense:
-            torch.mv(d.rows.T, weights, out=out[d.offset:d.offset + d.size])
+        for block in (*self.factors, *self.dense):  # each written in place into its slice
+            block.rmatvec(weights, out[block.offset:block.offset + block.size])
         return out
 
     def materialise(self) -> torch.Tensor:

@@ -75,7 +75,6 @@ class PairedRows(GhostRows):
             return other.cross_gram(self).sum(dim=1)
         n, m = self.shape[0], other.shape[0]
         out = torch.zeros(m, dtype=torch.float64, device=self.device)
-        ones = torch.ones(n, dtype=self.dtype, device=self.device)
         for mine, theirs in zip((*self.factors, *self.dense), (*other.factors, *other.dense),
                                 strict=True):
             cross, direct = block_costs(mine, n, m)
@@ -83,7 +82,7 @@ class PairedRows(GhostRows):
                 out += theirs.cross(mine).sum(dim=1)
                 continue
             if isinstance(mine, FactorBlock):
-                g = mine.rmatvec(ones)
+                g = mine.rmatvec(None)
                 image = FactorBlock(0, theirs.shape, theirs.x, theirs.b).matvec(g)
             else:
                 g = mine.rows.sum(dim=0)
@@ -113,31 +112,13 @@ class PairedRows(GhostRows):
             piece = out[mine.offset:mine.offset + mine.size]
             kept = self._sums.get(mine.offset)
             if kept is not None and constant is not None:
-                back = _block_rmatvec(theirs, v)
-                torch.add(back, kept, alpha=constant, out=piece)
+                torch.add(theirs.rmatvec(v), kept, alpha=constant, out=piece)
             elif isinstance(mine, FactorBlock) and (
                 mine.x is theirs.x or torch.equal(mine.x, theirs.x)  # 1/d_out of the product
             ):
                 b = w[:, None, None] * mine.b + v[:, None, None] * theirs.b
-                _factor_rmatvec(mine, b, piece)
+                FactorBlock(mine.offset, mine.shape, mine.x, b).rmatvec(None, piece)
             else:
-                torch.add(_block_rmatvec(mine, w), _block_rmatvec(theirs, v), out=piece)
+                torch.add(mine.rmatvec(w), theirs.rmatvec(v), out=piece)
         return out
 
-
-def _block_rmatvec(block: FactorBlock | DenseBlock, weights: torch.Tensor) -> torch.Tensor:
-    """sum_n w_n (row n of the block), (size,)."""
-    if isinstance(block, FactorBlock):
-        return block.rmatvec(weights)
-    return torch.matmul(weights, block.rows)
-
-
-def _factor_rmatvec(block: FactorBlock, b: torch.Tensor, out: torch.Tensor) -> None:
-    """sum_n vec(b_n^T x_n) of ``block``'s inputs and the output gradients ``b`` into ``out``
-    (the slice of the weight), written in place for a linear map (no (size,) temporary)."""
-    if block.embedding:
-        ones = torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
-        out.copy_(FactorBlock(block.offset, block.shape, block.x, b).rmatvec(ones))
-        return
-    x = block.x.reshape(-1, block.x.shape[-1])
-    torch.matmul(b.reshape(-1, b.shape[-1]).T, x, out=out.view(b.shape[-1], x.shape[1]))
