@@ -12,7 +12,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from ngdref.checks import check_finite
+from ngdref.checks import check_finite, check_same_dtype
 from ngdref.linalg import DampedGram, GramSolve, SingularMatrixError
 from ngdref.rows import DenseRows, PerSampleRows, as_rows, ones_like_rows, rows_namespace
 
@@ -135,7 +135,4 @@ def _check_true_rows(xp: Any, a: PerSampleRows, true_rows: PerSampleRows, name: 
         raise ValueError(
             f"per_sample_grads has {true_rows.shape[1]} columns but {name} has {a.shape[1]}"
         )
-    if true_rows.dtype != a.dtype:
-        raise TypeError(
-            f"per_sample_grads has dtype {true_rows.dtype} but {name} has dtype {a.dtype}"
-        )
+    check_same_dtype(true_rows, "per_sample_grads", a, name)
