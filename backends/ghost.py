@@ -97,15 +97,20 @@ class FactorBlock:
         piece = vector[self.offset:self.offset + self.size]
         return piece.view(self.shape[0], -1) if not self.embedding else piece.view(self.shape)
 
-    def materialise(self) -> torch.Tensor:
-        """Per-sample gradients of this weight, (N, size)."""
+    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample gradients of this weight, (N, size), written into ``out`` (N, size)
+        when given (a weight's bmm straight into it, e.g. its columns of a whole G)."""
         n, _, d = self.b.shape
         if not self.embedding:
-            return torch.bmm(self.b.transpose(1, 2), self.x).reshape(n, -1)
+            if out is None:
+                return torch.bmm(self.b.transpose(1, 2), self.x).reshape(n, -1)
+            torch.bmm(self.b.transpose(1, 2), self.x, out=out.view(n, self.shape[0], -1))
+            return out
         vocab = self.shape[0]
         rows = (self.x + vocab * torch.arange(n, device=self.x.device)[:, None]).reshape(-1)
-        out = torch.zeros(n * vocab, d, dtype=self.b.dtype, device=self.b.device)
-        return out.index_add_(0, rows, self.b.reshape(-1, d)).view(n, -1)
+        grads = torch.zeros(n * vocab, d, dtype=self.b.dtype, device=self.b.device)
+        grads = grads.index_add_(0, rows, self.b.reshape(-1, d)).view(n, -1)
+        return grads if out is None else out.copy_(grads)
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """(G v)_n over this weight's slice, (N,)."""
@@ -308,11 +313,13 @@ class GhostRows:
             block.rmatvec(weights, out[block.offset:block.offset + block.size])
         return out
 
-    def materialise(self) -> torch.Tensor:
-        """G as a dense (N, P) tensor (for tests and small models only)."""
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """G as a dense (N, P) tensor, written into ``out`` (N, P) when given (small models,
+        tests, and TorchProvider's hooks route)."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for f in self.factors:
-            out[:, f.offset:f.offset + f.size] = f.materialise()
+            f.materialise(out[:, f.offset:f.offset + f.size])
         for d in self.dense:
             out[:, d.offset:d.offset + d.size] = d.rows
         return out

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .ghost import GhostRows
 from .ghost_hooks import LayerPass
 
 if TYPE_CHECKING:
@@ -68,22 +67,8 @@ def vjp_hooks(
                 f"trainable parameter ({found.fallbacks[0]}); use per_sample_method='vmap'"
             )
         fallbacks += found.fallbacks
-        _materialise(found, grads[rows])
+        found.materialise(grads[rows])
     return grads, tuple(dict.fromkeys(fallbacks))
-
-
-def _materialise(rows: GhostRows, out: torch.Tensor) -> None:
-    """The rows (n, P) written into ``out``: each Linear weight's b_n^T a_n straight into its
-    columns (``bmm`` with ``out=``, no (n, size) intermediate), the dense blocks copied."""
-    n = out.shape[0]
-    for f in rows.factors:
-        columns = out[:, f.offset:f.offset + f.size]
-        if f.embedding:  # a weight tied to an embedding that only the embedding used
-            columns.copy_(f.materialise())
-        else:
-            torch.bmm(f.b.transpose(1, 2), f.x, out=columns.view(n, f.shape[0], -1))
-    for d in rows.dense:
-        out[:, d.offset:d.offset + d.size] = d.rows
 
 
 def _restricted(provider: TorchProvider, rows: slice) -> TorchProvider:
