@@ -240,6 +240,10 @@ def test_r_ranks_take_the_single_process_step(ranks: Any, name: str) -> None:
         for key in COMPARED:
             if key in want:  # equal infinities: the imbalance with an all-ignored sample
                 close = abs(got[key] - want[key]) <= rtol * abs(want[key])
+                if key == "cg_iterations":  # the stopping test ||r_k|| <= tol compares a
+                    # rounded norm with a threshold: a sum in another order may cross it one
+                    # iteration earlier or later, while the step still agrees to rtol above
+                    close = abs(got[key] - want[key]) <= 1
                 assert got[key] == want[key] or close, (key, got[key], want[key])
         assert got["world_size"] == world and got["num_samples"] == N
         assert got["bytes_sent"] > 0
