@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import ngdref
-from tests.backends import Backend
+from tests.array_backends import Backend
 
 IGNORE = -100
 

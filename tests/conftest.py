@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.backends import BACKENDS, Backend, tolerance
+from tests.array_backends import BACKENDS, Backend, tolerance
 
 
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])

@@ -15,7 +15,7 @@ torch): 5.7e-10 in float64 and 4.3e-4 in float32, for entries of size up to
 on the absolute term alone, and stay far below the error a wrong column, sign
 or parameter layout causes (order 1e-1 on these problems).
 
-Exact-versus-exact comparisons use :func:`tests.backends.tolerance` instead.
+Exact-versus-exact comparisons use :func:`tests.array_backends.tolerance` instead.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch import nn
 
 import ngdref
 from backends.optim import EF, IEF, SF
-from tests.backends import tolerance
+from tests.array_backends import tolerance
 from validation.tiny_models import T5_LORA_TARGETS, lora, tiny_t5_config
 
 N = 4

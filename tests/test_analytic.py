@@ -23,7 +23,7 @@ from backends.analytic import (
 )
 from backends.mlp import MLPProvider, mlp_init
 from ngdref.provider import JacobianProvider
-from tests.backends import Backend, tolerance
+from tests.array_backends import Backend, tolerance
 
 # ---- LinearProvider against the Kronecker product ------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ngdref
-from tests.backends import BACKENDS, Backend
+from tests.array_backends import BACKENDS, Backend
 from tests.cases import assert_close_norm, gram_rtol
 
 N, C, P = 4, 3, 6

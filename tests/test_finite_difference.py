@@ -24,7 +24,7 @@ from backends.analytic import LinearProvider
 from backends.finite_difference import FiniteDifferenceProvider, default_relative_step
 from backends.mlp import MLPProvider, mlp_apply, mlp_init
 from ngdref.provider import JacobianProvider
-from tests.backends import Backend, tolerance
+from tests.array_backends import Backend, tolerance
 from tests.fd_tolerances import fd_tolerance
 
 # ---- cases: an exact provider and the same model as a plain function ------------------------

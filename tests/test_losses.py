@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ngdref
-from tests.backends import BACKENDS, tolerance
+from tests.array_backends import BACKENDS, tolerance
 from tests.cases import (
     CASES,
     IGNORE,

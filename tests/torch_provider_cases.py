@@ -28,7 +28,7 @@ from torch import nn
 
 import ngdref
 from backends.torch_provider import TorchProvider
-from tests.backends import tolerance
+from tests.array_backends import tolerance
 from validation.tiny_models import (
     VIT_LORA_TARGETS,
     lora,
