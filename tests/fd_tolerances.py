@@ -1,7 +1,7 @@
 """Per-dtype tolerances for comparing a finite-difference result with an exact one (one place).
 
 A central difference with the default relative step ``h = eps ** (1/3)`` (see
-:func:`backends.finite_difference.default_relative_step`) has truncation error
+:func:`backends.arrays.finite_difference.default_relative_step`) has truncation error
 ``h^2 |f'''| / 6`` and rounding error about ``eps |f| / h``; both are
 ``O(eps ** (2/3))``: 3.7e-11 in float64 and 2.4e-5 in float32. The test
 problems (linear models, tanh MLPs with LeCun initialisation, inputs of unit

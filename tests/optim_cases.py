@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ngdref
-from backends.optim import EF, IEF, SF
+from backends.torch.optim.methods import EF, IEF, SF
 from tests.array_backends import tolerance
 from validation.tiny_models import T5_LORA_TARGETS, lora, tiny_t5_config
 

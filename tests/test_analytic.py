@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backends.analytic import (
+from backends.arrays.analytic import (
     LinearProvider,
     least_squares_toy,
     least_squares_toy_closed_form,
     logistic_toy,
     logistic_toy_closed_form,
 )
-from backends.mlp import MLPProvider, mlp_init
+from backends.arrays.mlp import MLPProvider, mlp_init
 from ngdref.provider import JacobianProvider
 from tests.array_backends import Backend, tolerance
 

@@ -1,4 +1,4 @@
-"""Data-parallel optimisers (backends.distributed): R ranks take the single-process step.
+"""Data-parallel optimisers (backends.torch.distributed.comm): R ranks take the single-process step.
 
 R = 2 and 3 processes on gloo over 127.0.0.1 (a FileStore rendezvous in a temporary folder,
 so no port has to be guessed; gloo's pair sockets bind to the loopback interface) are
@@ -24,8 +24,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.dist_launch import launch_local, local_group  # noqa: E402
-from backends.optim import EF, IEF, NGD, SF  # noqa: E402
+from backends.torch.distributed.launch import launch_local, local_group  # noqa: E402
+from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 
 D_IN, HIDDEN, POSITIONS, VOCAB = 4, 6, 2, 3
 IGNORE = -100

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from backends.dist_launch import local_group  # noqa: E402
+from backends.torch.distributed.launch import local_group  # noqa: E402
 from tests.test_distributed import spawn  # noqa: E402
 from validation.experiments.config import load_config  # noqa: E402
 from validation.experiments.evaluate import evaluate_run  # noqa: E402

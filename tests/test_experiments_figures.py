@@ -1,7 +1,8 @@
 """Figures and the CPU reproduction (validation/experiments/figures.py, reproduce.py).
 
 Expected values come from other routes: the toy fields are checked against the closed forms of
-backends.analytic (derived by hand, SPEC §7), not against ngdref.updates; the claim statements
+backends.arrays.analytic (derived by hand, SPEC §7), not against ngdref.updates; the claim
+statements
 against synthetic evaluation / sweep / summary data whose answer is known by construction; the
 figure functions against small synthetic files in the runner's and the evaluator's formats.
 """
@@ -20,7 +21,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from backends.analytic import (
+from backends.arrays.analytic import (
     least_squares_toy_closed_form,
     logistic_toy_closed_form,
 )

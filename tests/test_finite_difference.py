@@ -1,8 +1,8 @@
 """FiniteDifferenceProvider against exact providers, on every backend.
 
 Expected values come from other routes than finite differences: the closed-form
-:class:`~backends.analytic.LinearProvider`, the hand-written backprop of
-:class:`~backends.mlp.MLPProvider` (itself checked against torch autograd in
+:class:`~backends.arrays.analytic.LinearProvider`, the hand-written backprop of
+:class:`~backends.arrays.mlp.MLPProvider` (itself checked against torch autograd in
 ``test_mlp.py``), dense NumPy contractions, and for the step rule a cubic whose
 central difference has a known error.
 """
@@ -20,9 +20,9 @@ import array_api_compat
 import numpy as np
 import pytest
 
-from backends.analytic import LinearProvider
-from backends.finite_difference import FiniteDifferenceProvider, default_relative_step
-from backends.mlp import MLPProvider, mlp_apply, mlp_init
+from backends.arrays.analytic import LinearProvider
+from backends.arrays.finite_difference import FiniteDifferenceProvider, default_relative_step
+from backends.arrays.mlp import MLPProvider, mlp_apply, mlp_init
 from ngdref.provider import JacobianProvider
 from tests.array_backends import Backend, tolerance
 from tests.fd_tolerances import fd_tolerance
@@ -410,11 +410,11 @@ def test_unknown_attribute_of_backends() -> None:
 @pytest.mark.parametrize(
     ("name", "module"),
     [
-        ("TorchProvider", "backends.torch_provider"),
-        ("IEF", "backends.optim"),
-        ("EF", "backends.optim"),
-        ("SF", "backends.optim"),
-        ("NGD", "backends.optim"),
+        ("TorchProvider", "backends.torch.provider"),
+        ("IEF", "backends.torch.optim.methods"),
+        ("EF", "backends.torch.optim.methods"),
+        ("SF", "backends.torch.optim.methods"),
+        ("NGD", "backends.torch.optim.methods"),
     ],
 )
 def test_lazy_attributes(name: str, module: str) -> None:

@@ -1,4 +1,5 @@
-"""GhostRows (backends/ghost.py, backends/ghost_hooks.py) against single-sample backward passes.
+"""GhostRows (backends/torch/per_sample/rows.py, backends/torch/per_sample/layer_pass.py) against
+single-sample backward passes.
 
 The expected per-sample gradients come from a Python loop of single-sample forward passes
 through the model's ordinary ``__call__`` and ``torch.autograd.grad`` (no hooks, no vmap):
@@ -27,9 +28,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.ghost import ghost_is_cheaper  # noqa: E402
-from backends.ghost_hooks import ROUTES  # noqa: E402
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.per_sample.layer_pass import ROUTES  # noqa: E402
+from backends.torch.per_sample.rows import ghost_is_cheaper  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 
 BOUND = 1e-12
 IGNORE = -100

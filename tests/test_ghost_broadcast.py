@@ -1,4 +1,5 @@
-"""Parameters broadcast over the batch (backends/ghost_watch.py) against independent routes.
+"""Parameters broadcast over the batch (backends/torch/per_sample/watch.py) against independent
+routes.
 
 Each model below reads parameters outside any hooked module's per-sample call: added to the
 batch, multiplied into it, repeated over it, or looked up at a constant table. The float64
@@ -24,8 +25,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.ghost_hooks import ROUTES  # noqa: E402
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.per_sample.layer_pass import ROUTES  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.test_ghost import ALL_CASES, Case, check_against_the_loop  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

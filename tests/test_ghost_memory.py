@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     import ngdref
-    from backends.optim import IEF
+    from backends.torch.optim.methods import IEF
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

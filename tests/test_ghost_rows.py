@@ -1,4 +1,5 @@
-"""GhostRows's blocks (backends/ghost.py) on hand-made factors and rows, in place and in chunks.
+"""GhostRows's blocks (backends/torch/per_sample/rows.py) on hand-made factors and rows, in place
+and in chunks.
 
 The references are the blocks' materialised rows multiplied out densely in float64: the same
 exact products of float32 (or float64) entries, summed in another order, so they agree to
@@ -11,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import backends.ghost as ghost  # noqa: E402
-from backends.ghost import DenseBlock, FactorBlock, GhostRows  # noqa: E402
+import backends.torch.per_sample.rows as ghost  # noqa: E402
+from backends.torch.per_sample.rows import DenseBlock, FactorBlock, GhostRows  # noqa: E402
 
 
 @pytest.mark.parametrize("embedding", [False, True])

@@ -1,4 +1,4 @@
-"""backends.kfac and the K-FAC optimisers on torch models.
+"""backends.torch.kfac.curvature and the K-FAC optimisers on torch models.
 
 Independent routes: curvlinops (validation.kfac_oracles, tolerances derived there),
 exact iEF on a one-layer, one-sample network, and Python loops of single-sample
@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.kfac import kfac_curvature, kfac_directions, merge_curvatures  # noqa: E402
-from backends.kfac_optim import EKFAC, IEKFAC, KFAC  # noqa: E402
+from backends.torch.kfac.curvature import kfac_curvature, kfac_directions, merge_curvatures  # noqa: E402
+from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC  # noqa: E402
 from validation.kfac_oracles import KFAC_PROBLEMS, iekfac_ief_check, kfac_checks  # noqa: E402
 from validation.oracles import unavailable  # noqa: E402
 

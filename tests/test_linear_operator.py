@@ -1,4 +1,4 @@
-"""The SciPy LinearOperators of backends.linear_operator against dense ngdref.curvature.
+"""The SciPy LinearOperators of backends.scipy.operators against dense ngdref.curvature.
 
 The expected matrices come from another route: the dense (N, C, P) Jacobian of the MLP
 (one backward pass per logit) fed to :mod:`ngdref.curvature`, while the operators use
@@ -26,7 +26,7 @@ from scipy.sparse.linalg import eigsh, minres
 
 import ngdref
 from backends import MLPProvider, mlp_init
-from backends.linear_operator import (
+from backends.scipy.operators import (
     OPERATOR_METHODS,
     curvature_operator,
     ef_operator,
@@ -314,10 +314,11 @@ def test_readme_example_runs():
 @pytest.mark.parametrize("corrected", [False, True], ids=["kron", "eigen-corrected"])
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "iekfac"])
 def test_kfac_curvature_operator_matches_torch_dense(method, corrected):
-    """From backends.kfac's torch curvature (Kronecker and LayerNorm fallback diagonal blocks)."""
+    """From backends.torch.kfac.curvature's torch curvature (Kronecker and LayerNorm fallback
+    diagonal blocks)."""
     torch = pytest.importorskip("torch")
-    from backends.kfac import kfac_curvature
-    from backends.linear_operator import kfac_curvature_operator
+    from backends.scipy.operators import kfac_curvature_operator
+    from backends.torch.kfac.curvature import kfac_curvature
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),

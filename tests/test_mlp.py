@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backends.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
+from backends.arrays.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 from tests.array_backends import Backend, tolerance
 
 SIZES = [(3, 2), (3, 5, 2), (2, 4, 4, 3, 3), (4, 6, 5, 1)]

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.optim import NGD  # noqa: E402
+from backends.torch.optim.methods import NGD  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

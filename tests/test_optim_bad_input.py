@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.optim import EF, IEF, NGD, SF  # noqa: E402
+from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 from tests.optim_cases import (  # noqa: E402
     IGNORE,
     ROUTE_OPTIMISERS,

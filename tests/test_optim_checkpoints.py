@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.optim import EF, IEF, NGD, SF  # noqa: E402
+from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 from tests.optim_cases import N, mlp_problem  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from backends.optim import IEF  # noqa: E402
+from backends.torch.optim.methods import IEF  # noqa: E402
 from tests.optim_cases import (  # noqa: E402
     CASES,
     PROBLEMS,

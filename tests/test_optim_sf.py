@@ -1,4 +1,4 @@
-"""SF's paired products over the true and the sampled rows (backends.optim_sf), and SF's
+"""SF's paired products over the true and the sampled rows (backends.torch.optim.sf_rows), and SF's
 single-sample steps across the per-sample routes (the route that takes them)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import ngdref  # noqa: E402
-from backends.ghost import DenseBlock, FactorBlock, GhostRows  # noqa: E402
-from backends.optim import SF  # noqa: E402
-from backends.optim_sf import PairedRows, cross_gram_is_cheaper  # noqa: E402
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.optim.methods import SF  # noqa: E402
+from backends.torch.optim.sf_rows import PairedRows, cross_gram_is_cheaper  # noqa: E402
+from backends.torch.per_sample.rows import DenseBlock, FactorBlock, GhostRows  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.optim_cases import CASES, PROBLEMS, mlp_problem, take_step  # noqa: E402
 from tests.test_ghost import ALL_CASES  # noqa: E402
 

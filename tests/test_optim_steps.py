@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.optim import EF, IEF, NGD, SF  # noqa: E402
+from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 from tests.optim_cases import (  # noqa: E402
     CASES,
     IGNORE,
@@ -165,7 +165,8 @@ def test_ngd_step_is_a_dense_fisher_solve(name: str, reduction: str) -> None:
 
 # ---- conventions ----------------------------------------------------------------------------
 # (optimiser, options, lr factor, damping factor): a mean-convention run with lr * N**a and
-# damping * N**b takes the sum-convention run's steps (module docstring of backends.optim).
+# damping * N**b takes the sum-convention run's steps (module docstring of
+# backends.torch.optim.methods).
 SCALINGS = [
     (IEF, {}, 1, -2),
     (IEF, {"damping_space": "parameter"}, 1, 0),

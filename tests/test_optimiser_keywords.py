@@ -1,7 +1,7 @@
 """The keyword defaults of every optimiser of :mod:`backends`, as data.
 
-The optimisers take their shared options as typed ``**options`` (``backends.optim_common.
-StepOptions`` and ``backends.optim_base.RowOptions`` / ``GramOptions``), with the defaults in
+The optimisers take their shared options as typed ``**options`` (``backends.torch.optim.common.
+StepOptions`` and ``backends.torch.optim.base.RowOptions`` / ``GramOptions``), with the defaults in
 one base ``__init__``; this table pins what a user gets when passing only the required
 keywords, that a misspelt keyword is refused as by an explicit signature, and that
 ``inspect.signature`` (``help()``, editors) spells every keyword out with its default.
@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.kfac_optim import EKFAC, IEKFAC, KFAC  # noqa: E402
-from backends.optim import EF, IEF, NGD, SF  # noqa: E402
+from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC  # noqa: E402
+from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 
 GRAM = {"damping_mode": "absolute", "dedup_threshold": 0.99, "dedup_rule": "all_pairs"}
 KFAC_FAMILY = {

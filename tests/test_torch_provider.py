@@ -1,4 +1,4 @@
-"""TorchProvider (backends/torch_provider.py) against independent routes, in float64.
+"""TorchProvider (backends/torch/provider.py) against independent routes, in float64.
 
 Expected values never come from the provider's own machinery (the cases and references are in
 :mod:`tests.torch_provider_cases`):
@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.torch_provider_cases import (  # noqa: E402
     CASES,
     EXACT_FORWARD_MODE,

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.torch_provider_cases import case, vit_case  # noqa: E402
 
 

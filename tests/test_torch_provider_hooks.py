@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from backends.torch_provider import TorchProvider  # noqa: E402
+from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.torch_provider_cases import assert_close  # noqa: E402
 
 T, D, C = 4, 3, 2  # table rows, features, classes

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import ngdref
-from backends.arrays import unavailable
+from backends.arrays.adapters import unavailable
 from validation.__main__ import main
 from validation.crosscheck import QUANTITIES, REFERENCE, runs
 from validation.independent import sampled_logit_grads, sf_uniforms
@@ -236,7 +236,7 @@ def test_corrupted_vjp_fails_the_crosscheck(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Every TorchProvider VJP off by a relative 1e-6: far below what a test by eye sees."""
-    from backends.torch_provider import TorchProvider
+    from backends.torch.provider import TorchProvider
 
     vjp = TorchProvider.vjp
 

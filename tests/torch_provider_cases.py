@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.torch_provider import TorchProvider
+from backends.torch.provider import TorchProvider
 from tests.array_backends import tolerance
 from validation.tiny_models import (
     VIT_LORA_TARGETS,

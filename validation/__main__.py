@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any
 
-from backends.arrays import unavailable
+from backends.arrays.adapters import unavailable
 from validation.cases import Problem, problems
 from validation.crosscheck import (
     CG_TOLERANCES,

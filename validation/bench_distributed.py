@@ -5,11 +5,12 @@
     python -m validation.bench_distributed                      # R = 1, 2 on gloo, loopback
     python -m validation.bench_distributed --world-sizes 1 2 4 --batch 64 --hidden 512
 
-For each R, R local processes (gloo over 127.0.0.1, :func:`backends.dist_launch.launch_local`)
+For each R, R local processes (gloo over 127.0.0.1,
+:func:`backends.torch.distributed.launch.launch_local`)
 share one global batch of ``--batch`` samples of a float32 MLP (``--inputs`` -> ``--hidden``
 x ``--depth`` -> 10, softmax cross-entropy, mean reduction), in contiguous shards. In every
 process each method's model takes a step in turn (alternating, after ``--warmup`` rounds),
-``--repeats`` times: the per-sample optimisers through :mod:`backends.distributed`, and
+``--repeats`` times: the per-sample optimisers through :mod:`backends.torch.distributed.comm`, and
 DDP-wrapped AdamW (one gradient all-reduce per step). Printed per R and method: the median
 wall time of a step on rank 0 (all ranks start it together after a barrier), the bytes one
 rank sent in it (``diagnostics["bytes_sent"]``; DDP: its gradient all-reduce, 2 (R - 1) P 4 / R),
@@ -66,7 +67,7 @@ def _steppers(args: argparse.Namespace, x: Any, y: Any) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
     import ngdref
-    from backends.optim import EF, IEF, SF
+    from backends.torch.optim.methods import EF, IEF, SF
 
     loss = ngdref.SoftmaxCrossEntropy()
     common = {"reduction": "mean", "per_sample": args.per_sample}
@@ -107,7 +108,7 @@ def worker(rank: int, world: int, folder: Path, argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from backends.dist_launch import local_group, shard_slice
+    from backends.torch.distributed.launch import local_group, shard_slice
 
     args = _parse(argv)
     with local_group(rank, world, folder, timeout=args.timeout):
@@ -133,7 +134,7 @@ def worker(rank: int, world: int, folder: Path, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backends.dist_launch import launch_local
+    from backends.torch.distributed.launch import launch_local
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)

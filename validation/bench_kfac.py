@@ -26,10 +26,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 import ngdref
-from backends.kfac import kfac_directions
-from backends.kfac_optim import EKFAC, IEKFAC, KFAC
-from backends.optim import IEF
-from backends.torch_provider import TorchProvider
+from backends.torch.kfac.curvature import kfac_directions
+from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC
+from backends.torch.optim.methods import IEF
+from backends.torch.provider import TorchProvider
 from ngdref import kfac as K
 from validation.bench_torch import LR, _median_times, _ngd_step, _plain_step
 from validation.bench_torch_report import _machine

@@ -8,7 +8,8 @@ after a warm-up, the median time of
 
 * a plain forward + backward (the model's own mean loss), an AdamW step and an SGD step
   (forward + backward + ``optimizer.step()``);
-* one step of :class:`backends.optim.IEF`, ``EF`` and ``SF`` on every ``per_sample`` route
+* one step of :class:`backends.torch.optim.methods.IEF`, ``EF`` and ``SF`` on every ``per_sample``
+route
   ("auto": ghost or materialised per layer by the cost model, "ghost", "hooks": materialised
   per layer, "vmap": dense G);
 * on the LoRA workloads and the small MLP, the parts of an iEF step: building the
@@ -63,8 +64,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 import ngdref
-from backends.optim import EF, IEF, PER_SAMPLE, SF
-from backends.torch_provider import TorchProvider
+from backends.torch.optim.methods import EF, IEF, PER_SAMPLE, SF
+from backends.torch.provider import TorchProvider
 from validation.bench_torch_memory import (
     _cuda_peak,
     _live_tensor_peak,

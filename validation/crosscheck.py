@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import ngdref
-from backends.arrays import LIBRARIES, to_numpy, unavailable
+from backends.arrays.adapters import LIBRARIES, to_numpy, unavailable
 from validation.cases import Problem
 from validation.independent import error_message, sf_key
 

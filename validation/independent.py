@@ -54,7 +54,7 @@ import numpy as np
 import scipy.linalg
 
 import ngdref
-from backends.arrays import to_numpy
+from backends.arrays.adapters import to_numpy
 
 __all__ = [
     "EPS64",
@@ -323,7 +323,7 @@ def guarded(
 
 
 def library_of(array: Any) -> str:
-    """The :data:`backends.arrays.LIBRARIES` name of ``array``'s namespace."""
+    """The :data:`backends.arrays.adapters.LIBRARIES` name of ``array``'s namespace."""
     import array_api_compat
 
     xp = array_api_compat.array_namespace(array)
@@ -339,7 +339,7 @@ def library_of(array: Any) -> str:
 
 def sf_key(provider: Any, loss: Any) -> Any:
     """The uniforms of :func:`sf_uniforms` in the provider's library and dtype (ngdref's SF key)."""
-    from backends.arrays import from_numpy
+    from backends.arrays.adapters import from_numpy
 
     logits = provider.logits()
     dtype = "float32" if to_numpy(logits).dtype == np.float32 else "float64"

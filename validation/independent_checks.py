@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import ngdref
-from backends.arrays import to_numpy
+from backends.arrays.adapters import to_numpy
 from validation.independent import (
     EPS32,
     EPS64,

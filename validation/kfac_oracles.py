@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import ngdref
-from backends.kfac import KFACCurvature, kfac_curvature
+from backends.torch.kfac.curvature import KFACCurvature, kfac_curvature
 from ngdref import kfac as K
 from validation.oracles import unavailable
 from validation.oracles_setup import OracleCheck
@@ -320,7 +320,7 @@ def _corrected_checks(
 
 def iekfac_ief_check(damping: float = DAMPING) -> list[OracleCheck]:
     """ieKFAC = exact iEF with parameter-space damping: one bias-free layer, N = 1, T = 1."""
-    from backends.torch_provider import TorchProvider
+    from backends.torch.provider import TorchProvider
 
     torch.manual_seed(4)
     model = nn.Linear(4, 3, bias=False).double()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import ngdref
-from backends.arrays import from_numpy, to_numpy
+from backends.arrays.adapters import from_numpy, to_numpy
 from validation.independent import Verdict, library_of
 
 __all__ = [

@@ -66,7 +66,7 @@ def call(module: Any, inputs: Any) -> Any:
 
 def logits_of(module: Any, inputs: Any) -> Any:
     """The logits tensor of ``module`` on ``inputs`` (a Hugging Face output's ``.logits``)."""
-    from backends.torch_provider import default_output_fn
+    from backends.torch.provider import default_output_fn
 
     return default_output_fn(call(module, inputs))
 

@@ -109,7 +109,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "best_validation": result.best,
         "test": result.test,
     }
-    from backends.dist_launch import is_writer
+    from backends.torch.distributed.launch import is_writer
 
     if is_writer():  # torchrun: one summary, from rank 0
         print(json.dumps(summary, indent=2, allow_nan=True))
@@ -228,14 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_and_leave() -> int:
     """:func:`main`; under torchrun, then leave the process group (all ranks together if the
-    command succeeded; :func:`backends.dist_launch.leave`)."""
+    command succeeded; :func:`backends.torch.distributed.launch.leave`)."""
     code = 1
     try:
         code = main()
         return code
     finally:
         if "torch.distributed" in sys.modules:  # no torch import for the commands without it
-            from backends.dist_launch import leave
+            from backends.torch.distributed.launch import leave
 
             leave(synchronise=code == 0)
 

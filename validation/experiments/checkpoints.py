@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from backends import dist_launch
+from backends.torch.distributed import launch as dist_launch
 from validation.experiments import io
 from validation.experiments.config import ConfigError, config_diff
 

@@ -60,8 +60,8 @@ SETUPS: dict[str, tuple[str, ...]] = {
 }
 #: torch / transformers optimisers, trained on the Hugging Face mean loss
 BASELINE_OPTIMIZERS = ("adam", "adamw", "adafactor", "sgd")
-#: the :mod:`backends.optim` optimisers, built from per-sample quantities
-#: the K-FAC family of App. D.2.2 (:mod:`backends.kfac_optim`); lr and damping are ngdref
+#: the :mod:`backends.torch.optim.methods` optimisers, built from per-sample quantities
+#: the K-FAC family of App. D.2.2 (:mod:`backends.torch.optim.kfac`); lr and damping are ngdref
 #: choices (the paper gives none), see the ``_doc`` of their config sections
 KFAC_OPTIMIZERS = ("kfac", "ekfac", "iekfac")
 PER_SAMPLE_OPTIMIZERS = ("ief", "ef", "sf", "ngd", *KFAC_OPTIMIZERS)

@@ -48,7 +48,7 @@ The K-FAC family (App. D.2.2; ``methods`` "kfac", "ekfac", "iekfac", scored by d
 with the same g and F; their ratios are gamma_m / gamma_iEF ("kfac/ief", "ekfac/ief",
 "iekfac/ief"). Damping convention: the blocks approximate the EF-type matrix of the rows
 R g_n, i.e. R^2 K_sum, so lambda (the convention of R) is lambda / R^2 in the sum convention,
-as for EF, iEF and SF (SPEC §9). (The training optimisers :mod:`backends.kfac_optim` damp
+as for EF, iEF and SF (SPEC §9). (The training optimisers :mod:`backends.torch.optim.kfac` damp
 R K_sum instead, lambda / R; a mean-loss optimiser's lambda is not the evaluation's.)
 They cost one forward and two backward passes per micro-batch (true and sampled labels; a
 per-sample gradient pass for parameters outside supported layers): 1.2x the exact methods'

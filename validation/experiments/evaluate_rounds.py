@@ -68,7 +68,7 @@ def over_checkpoints(
     and calls ``advance()`` after each batch (the progress bar). The file is rewritten
     atomically after each checkpoint, so a killed evaluation loses at most one.
     """
-    from backends import dist_launch
+    from backends.torch.distributed import launch as dist_launch
 
     dist_launch.init_from_env()  # torchrun: the checkpoints are shared out among the ranks
     world, rank = dist_launch.world_and_rank()

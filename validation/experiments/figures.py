@@ -20,9 +20,9 @@ function                          what it shows
 
 The toy fields are computed with :mod:`ngdref` (:func:`ngdref.ef_update`,
 :func:`ngdref.ief_update`, :func:`ngdref.ngd_update`, undamped, sum convention) on the
-closed-form providers of :mod:`backends.analytic`; :func:`least_squares_toy_updates` and
+closed-form providers of :mod:`backends.arrays.analytic`; :func:`least_squares_toy_updates` and
 :func:`logistic_toy_updates` return the raw vectors so that they can be checked against the
-closed forms (:func:`backends.analytic.least_squares_toy_closed_form`).
+closed forms (:func:`backends.arrays.analytic.least_squares_toy_closed_form`).
 
 Command line::
 

@@ -23,8 +23,8 @@ def least_squares_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
         g = G^\top 1, \quad d_{NGD} = F^{-1} g, \quad d_{iEF} = G^\top (G G^\top)^{-1} s,
         \quad d_{EF} = G^\top (G G^\top)^{-1} 1
 
-    computed with :mod:`ngdref` on :func:`backends.analytic.least_squares_toy`. The closed forms
-    (SPEC §7) are NGD = iEF = theta and EF = (1/r_1, 1/r_2 - 1/r_1).
+    computed with :mod:`ngdref` on :func:`backends.arrays.analytic.least_squares_toy`. The closed
+    forms (SPEC §7) are NGD = iEF = theta and EF = (1/r_1, 1/r_2 - 1/r_1).
 
     Parameters
     ----------
@@ -43,7 +43,7 @@ def least_squares_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
         A zero residual.
     """
     import ngdref
-    from backends.analytic import least_squares_toy
+    from backends.arrays.analytic import least_squares_toy
 
     provider, loss, targets = least_squares_toy(theta, np)
     return _toy_updates(provider, loss, targets, ngdref)
@@ -52,7 +52,8 @@ def least_squares_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
 def logistic_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
     r"""SGD, NGD, iEF and EF updates of the logistic toy at ``theta`` (undamped, sum).
 
-    Computed with :mod:`ngdref` on :func:`backends.analytic.logistic_toy`. For this scalar-output
+    Computed with :mod:`ngdref` on :func:`backends.arrays.analytic.logistic_toy`. For this
+    scalar-output
     model iEF equals the Gauss-Newton update :math:`\hat G^{-1} g` (Eq. 18) and differs from
     NGD :math:`F^{-1} g`.
 
@@ -66,7 +67,7 @@ def logistic_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
         Keys "sgd", "ngd", "ief", "ef".
     """
     import ngdref
-    from backends.analytic import logistic_toy
+    from backends.arrays.analytic import logistic_toy
 
     provider, loss, targets = logistic_toy(theta, np)
     return _toy_updates(provider, loss, targets, ngdref)
@@ -263,7 +264,7 @@ def plot_least_squares_toy(
     list of Path
         The PNG and the PDF.
     """
-    from backends.analytic import least_squares_toy_closed_form
+    from backends.arrays.analytic import least_squares_toy_closed_form
 
     def loss_at(theta: tuple[float, float]) -> float:
         r1, r2 = theta[0], theta[0] + theta[1]
@@ -310,7 +311,7 @@ def plot_logistic_toy(
     -------
     list of Path
     """
-    from backends.analytic import logistic_toy_closed_form
+    from backends.arrays.analytic import logistic_toy_closed_form
 
     def loss_at(theta: tuple[float, float]) -> float:
         return logistic_toy_closed_form(theta).loss

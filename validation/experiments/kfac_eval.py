@@ -1,10 +1,10 @@
 r"""The K-FAC family (KFAC, eKFAC, ieKFAC; App. D.2.2) in the evaluation framework.
 
 On each evaluation batch the K-FAC curvature of the M samples is built per micro-batch
-(:func:`backends.kfac.kfac_curvature`, sum convention, ``normalisation="mean"``,
+(:func:`backends.torch.kfac.curvature.kfac_curvature`, sum convention, ``normalisation="mean"``,
 ``convention="expand"``, separate bias blocks, KFAC's B from one sampled label per sample)
-and combined with :func:`backends.kfac.merge_curvatures`, which is exact: the result does not
-depend on the micro-batch size except through KFAC's label draws (micro-batch i draws with
+and combined with :func:`backends.torch.kfac.curvature.merge_curvatures`, which is exact: the result
+does not depend on the micro-batch size except through KFAC's label draws (micro-batch i draws with
 the key ``SeedSequence([key, i])``). No eigenvalue correction: corrected curvatures cannot be
 merged. The update of method m is
 
@@ -33,7 +33,7 @@ import numpy as np
 from ngdref.kfac import KFAC_METHODS
 
 if TYPE_CHECKING:
-    from backends.kfac import KFACCurvature
+    from backends.torch.kfac.curvature import KFACCurvature
     from validation.experiments.train import Batch, Setup
 
 __all__ = [
@@ -77,7 +77,7 @@ def batch_kfac_curvature(
     micro_batch : int or None
         Samples per pass (None: all M in one).
     """
-    from backends.kfac import kfac_curvature, merge_curvatures
+    from backends.torch.kfac.curvature import kfac_curvature, merge_curvatures
     from validation.experiments.protocols import evaluation_inputs
 
     inputs, loss, targets, output_fn = evaluation_inputs(setup, batch)

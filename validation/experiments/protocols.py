@@ -63,8 +63,8 @@ from ngdref.quality import IMBALANCE_STATISTICS
 if TYPE_CHECKING:
     import torch
 
-    from backends.kfac import KFACCurvature
-    from backends.torch_provider import TorchProvider
+    from backends.torch.kfac.curvature import KFACCurvature
+    from backends.torch.provider import TorchProvider
     from validation.experiments.train import Batch, Setup
 
 __all__ = [
@@ -168,7 +168,7 @@ class BatchScorer:
         Rows the EF / iEF updates use.
     factor : float
         R.
-    kfac : backends.kfac.KFACCurvature or None
+    kfac : backends.torch.kfac.curvature.KFACCurvature or None
         The batch's K-FAC curvatures in the sum convention
         (:func:`validation.experiments.kfac_eval.batch_kfac_curvature`).
     """
@@ -309,7 +309,7 @@ def sf_key(seed: int, step: int, index: int) -> int:
 
 def first_label_token(output: Any) -> torch.Tensor:
     """T5 logits of the first label position only: ``output.logits[:, 0]``, (N, V)."""
-    from backends.torch_provider import default_output_fn
+    from backends.torch.provider import default_output_fn
 
     return default_output_fn(output)[:, 0]
 
@@ -397,7 +397,7 @@ def evaluation_problem(
     EvaluationError
         If a T5 sample's first label position is padding (-100).
     """
-    from backends.torch_provider import TorchProvider
+    from backends.torch.provider import TorchProvider
 
     inputs, loss, targets, output_fn = evaluation_inputs(setup, batch)
     provider = TorchProvider(

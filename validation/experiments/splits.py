@@ -3,8 +3,8 @@ feature vectors.
 
 A :class:`Split` has a length, class labels, and ``make(indices)`` building a :class:`Batch` on
 the model's device: the model's keyword inputs including ``"labels"`` (what the
-:mod:`backends.optim` closures and :class:`backends.TorchProvider` take) and the class indices
-for the metrics. :func:`validation.experiments.setup.build_setup` builds them from a
+:mod:`backends.torch.optim.methods` closures and :class:`backends.TorchProvider` take) and the class
+indices for the metrics. :func:`validation.experiments.setup.build_setup` builds them from a
 configuration.
 """
 
@@ -37,7 +37,7 @@ class Batch:
     inputs : dict of str to torch.Tensor
         The model's keyword inputs including ``"labels"``, the loss targets (T5: label word + EOS
         token ids, -100 padded, shape (N, T); classifiers: class indices (N,)). This is what
-        the :mod:`backends.optim` closures and :class:`backends.TorchProvider` take.
+        the :mod:`backends.torch.optim.methods` closures and :class:`backends.TorchProvider` take.
     class_labels : torch.Tensor, int64, shape (N,)
         Class indices for the metrics (T5: the label word's index in the task's label words).
     """

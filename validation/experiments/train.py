@@ -15,7 +15,7 @@ Optimisers
 ``adam``, ``adamw``, ``sgd`` (torch) and ``adafactor`` (transformers) minimise the Hugging Face
 mean loss (T5: the token mean of the cross-entropy over label word + EOS; classifiers: the batch
 mean) by ordinary backpropagation. ``ief``, ``ef``, ``sf`` and ``ngd`` are the
-:mod:`backends.optim` optimisers on the per-sample loss of :attr:`Setup.loss`
+:mod:`backends.torch.optim.methods` optimisers on the per-sample loss of :attr:`Setup.loss`
 (:class:`ngdref.SequenceSoftmaxCrossEntropy` over the T5 vocabulary,
 :class:`ngdref.SoftmaxCrossEntropy` otherwise) with ``reduction="hf"``: R = 1 / (label tokens
 of the batch) for T5 and 1/N for the classifiers, so that their loss and gradient, and hence
@@ -60,7 +60,8 @@ identical runs).
 Data parallel (torchrun)
 ------------------------
 ``torchrun --nproc_per_node=R -m validation.experiments train ...`` joins a process group
-(gloo on CPU, NCCL on GPUs, :func:`backends.dist_launch.init_from_env`); every rank builds the
+(gloo on CPU, NCCL on GPUs, :func:`backends.torch.distributed.launch.init_from_env`); every rank
+builds the
 same global batch, the per-sample optimisers (iEF, EF, SF, NGD) take its exact step with each
 rank computing on a contiguous 1/R of it, baselines repeat the whole step on every rank, and
 rank 0 alone writes logs and checkpoints. The metrics equal a single-process run's to float
@@ -113,7 +114,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends import dist_launch as dist_mod
+from backends.torch.distributed import launch as dist_mod
 from validation.experiments.checkpoints import (
     Checkpoint,
     CheckpointError,

@@ -86,7 +86,7 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
     ``param_groups[0]["reduction"] = setup.reduction(batch)`` (1 / label tokens) before each
     step; do the same when stepping it yourself.
     """
-    import backends.optim as ngd_optim
+    import backends.torch.optim.methods as ngd_optim
 
     cfg = setup.config
     name = cfg["optimizer"]
@@ -123,7 +123,7 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
             num_samples=o["num_samples"], seed=int(cfg["seed"]), **common,
         )
     if name in KFAC_OPTIMIZERS:
-        from backends import kfac_optim
+        from backends.torch.optim import kfac as kfac_optim
 
         cls = {"kfac": kfac_optim.KFAC, "ekfac": kfac_optim.EKFAC, "iekfac": kfac_optim.IEKFAC}
         extra = {"seed": int(cfg["seed"])} if name == "kfac" else {}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import ngdref
-from backends import dist_launch as dist_mod
+from backends.torch.distributed import launch as dist_mod
 from validation.experiments.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,

@@ -43,7 +43,7 @@ Labels, attention masks under ``vmap``
     A ``"labels"`` entry of dict inputs is kept as :attr:`TorchProvider.targets`, not
     passed to the model; during the ``vmap`` passes a 2-D ``attention_mask`` of an encoder
     or encoder-decoder Hugging Face model becomes a 4-D additive one
-    (:mod:`backends.torch_inputs`).
+    (:mod:`backends.torch.inputs`).
 Forward mode
     :meth:`TorchProvider.jvp` needs every operation to support forward-mode
     AD; PyTorch's ``scaled_dot_product_attention`` does not, so Hugging Face
@@ -56,7 +56,7 @@ Per-sample gradients by hooks
     When every trainable parameter is the weight or bias of an ``nn.Linear``, one batched
     backward pass with hooks gives the per-sample gradients; a parameter the hooks cannot
     account for (tied, or a call on a tensor that is not per sample) is detected, not
-    guessed (:mod:`backends.linear_hooks`).
+    guessed (:mod:`backends.torch.per_sample.linear_hooks`).
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ from ngdref.checks import NonFiniteError, check_choice, check_int
 from ngdref.provider import JacobianProvider
 from ngdref.rows import as_rows
 
-from .ghost_hooks import ROUTES, LayerPass
-from .linear_hooks import hookable, vjp_hooks
-from .torch_inputs import POSITIONAL, hf_models, split_inputs, vmap_masks
-from .torch_params import ParamLayout
+from .inputs import POSITIONAL, hf_models, split_inputs, vmap_masks
+from .params import ParamLayout
+from .per_sample.layer_pass import ROUTES, LayerPass
+from .per_sample.linear_hooks import hookable, vjp_hooks
 
 __all__ = ["TorchProvider", "default_output_fn"]
 
@@ -134,11 +134,11 @@ class TorchProvider(ParamLayout, JacobianProvider):
         the weight or bias of an ``nn.Linear``; "auto" takes hooks when that
         holds (falling back to vmap for a parameter the hooks cannot account
         for), vmap otherwise. "ghost": per-layer factors from one forward and one
-        backward pass with module hooks (:mod:`backends.ghost_hooks`), given
+        backward pass with module hooks (:mod:`backends.torch.per_sample.layer_pass`), given
         by :meth:`per_sample_rows` without forming G; not with ``chunk_size``.
     layer_route : {"auto", "ghost", "materialise"}
         For "ghost": per weight the cheaper route by the cost model of
-        :func:`backends.ghost.ghost_is_cheaper`, factors wherever possible, or
+        :func:`backends.torch.per_sample.rows.ghost_is_cheaper`, factors wherever possible, or
         materialised per-layer rows everywhere.
 
     Attributes
@@ -346,8 +346,8 @@ class TorchProvider(ParamLayout, JacobianProvider):
 
         With ``u = loss.grad(logits, targets)`` row n is ``grad_theta l_n``
         (sum convention, no reduction factor). Route: :attr:`per_sample_method`; "ghost"
-        returns a :class:`backends.ghost.GhostRows` (an ``ngdref.PerSampleRows``, G never
-        formed; ``.materialise()`` gives the tensor).
+        returns a :class:`backends.torch.per_sample.rows.GhostRows` (an ``ngdref.PerSampleRows``, G
+        never formed; ``.materialise()`` gives the tensor).
 
         Parameters
         ----------
@@ -379,9 +379,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
     def per_sample_rows(self, cotangents: torch.Tensor, *, keep_graph: bool = True) -> Any:
         r"""The per-sample rows u_n^T J_n (N, P) as an ``ngdref.PerSampleRows``.
 
-        "ghost": :class:`backends.ghost.GhostRows` from one backward pass through the hooked
-        forward (a new forward if an earlier call released it, ``keep_graph=False``); other
-        routes: ``ngdref.as_rows(self.vjp(cotangents))``.
+        "ghost": :class:`backends.torch.per_sample.rows.GhostRows` from one backward pass through
+        the hooked forward (a new forward if an earlier call released it, ``keep_graph=False``);
+        other routes: ``ngdref.as_rows(self.vjp(cotangents))``.
         """
         self._check_cotangents(cotangents)
         if self.per_sample_method != "ghost":

@@ -48,9 +48,9 @@ Per-sample gradients
 ``per_sample`` chooses how G (N, P) is obtained; every choice gives the same step (to rounding):
 
 * ``"auto"`` (default): one forward and one backward pass with module hooks; per weight the
-  ghost factors or the materialised per-layer rows, whichever :func:`backends.ghost.
-  ghost_is_cheaper` says costs less (:mod:`backends.ghost_hooks`); G is never formed, the
-  update is G^T c from the stored layer quantities;
+  ghost factors or the materialised per-layer rows, whichever :func:`backends.torch.per_sample.rows.
+  ghost_is_cheaper` says costs less (:mod:`backends.torch.per_sample.layer_pass`); G is never
+  formed, the update is G^T c from the stored layer quantities;
 * ``"ghost"``: the same with factors for every weight that allows them;
 * ``"hooks"``: the same with materialised per-layer rows everywhere;
 * ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G.
@@ -62,7 +62,8 @@ Data parallel
 -------------
 Under ``torch.distributed`` (torchrun) each rank's closure returns its own shard and every
 rank takes the step of the concatenated batch ("mean" divides by the global N); what is sent
-is documented in :mod:`backends.distributed` and counted in ``diagnostics["bytes_sent"]``.
+is documented in :mod:`backends.torch.distributed.comm` and counted in
+``diagnostics["bytes_sent"]``.
 
 For a sequence loss (:class:`ngdref.SequenceSoftmaxCrossEntropy`) "mean" divides by the number
 of sequences N, not of label tokens; a float R = 1/number-of-label-tokens reproduces Hugging
@@ -95,9 +96,10 @@ from torch import nn
 import ngdref
 from ngdref.updates import check_damping_options, ief_damping_weights
 
-from .ghost import GhostRows, stack_rows
-from .optim_base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
-from .optim_base import (
+from ..per_sample.rows import GhostRows, stack_rows
+from ..provider import TorchProvider
+from .base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
+from .base import (
     GramOptions,
     Group,
     RowOptions,
@@ -106,10 +108,9 @@ from .optim_base import (
     _GramOptimizer,
     _LogitLossOptimizer,
 )
-from .optim_common import _split_batch as _split_batch  # re-exported: kfac_optim used it
-from .optim_common import _step_key
-from .optim_sf import PairedRows, cross_gram_is_cheaper
-from .torch_provider import TorchProvider
+from .common import _split_batch as _split_batch  # re-exported: kfac_optim used it
+from .common import _step_key
+from .sf_rows import PairedRows, cross_gram_is_cheaper
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -130,9 +131,9 @@ class IEF(_GramOptimizer):
 
     The options every optimiser here takes (``lr``, ``damping``, ``reduction``,
     ``output_fn`` and the per-sample ones below) arrive as ``**options``, typed by
-    :class:`backends.optim_base.RowOptions`, with one set of defaults for all four; those of
+    :class:`backends.torch.optim.base.RowOptions`, with one set of defaults for all four; those of
     IEF and EF's Gram solve (``damping_mode``, ``dedup_threshold``, ``dedup_rule``) by
-    :class:`backends.optim_base.GramOptions`.
+    :class:`backends.torch.optim.base.GramOptions`.
 
     Parameters
     ----------
@@ -165,7 +166,7 @@ class IEF(_GramOptimizer):
     distributed : bool, optional
         None (default): when ``torch.distributed`` is initialised, the batch is the union of
         the ranks' shards and every rank takes the single-process step on it
-        (:mod:`backends.distributed`); False: local steps; True: require it.
+        (:mod:`backends.torch.distributed.comm`); False: local steps; True: require it.
     process_group : torch.distributed.ProcessGroup, optional
         The ranks that share the batch (default: the whole world).
 
@@ -406,6 +407,6 @@ class NGD(_LogitLossOptimizer):
 
 
 def _paired(rows: Any) -> Any:
-    """Local true-label GhostRows as :class:`~backends.optim_sf.PairedRows` (one product
+    """Local true-label GhostRows as :class:`~backends.torch.optim.sf_rows.PairedRows` (one product
     for u); distributed rows as they are."""
     return PairedRows.of(rows) if isinstance(rows, GhostRows) else rows

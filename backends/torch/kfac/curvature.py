@@ -49,8 +49,8 @@ import ngdref
 from ngdref import kfac as K
 from ngdref.checks import check_choice
 
-from .kfac_hooks import run_passes
-from .torch_provider import TorchProvider
+from ..provider import TorchProvider
+from .capture import run_passes
 
 __all__ = [
     "KFACBlock",

@@ -1,6 +1,6 @@
 r"""SF's products over the true-label rows G and the sampled rows A of one step.
 
-:class:`backends.optim.SF` computes (ngdref.woodbury.true_rows_inverse_apply)
+:class:`backends.torch.optim.methods.SF` computes (ngdref.woodbury.true_rows_inverse_apply)
 
 .. math:: u = G^\top w + A^\top v, \quad w = 1/\lambda, \quad v = -c/\lambda, \qquad
     (A A^\top + \lambda I) c = A G^\top 1.
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .ghost import DenseBlock, FactorBlock, GhostRows
+from ..per_sample.rows import DenseBlock, FactorBlock, GhostRows
 
 __all__ = ["PairedRows", "block_costs", "cross_gram_is_cheaper"]
 
@@ -55,8 +55,8 @@ def cross_gram_is_cheaper(rows: Any, m: int) -> bool:
 
 
 class PairedRows(GhostRows):
-    """The true-label :class:`~backends.ghost.GhostRows` G (the same blocks, no copy), with
-    the two optional products ngdref's ``true_rows_inverse_apply`` uses when present."""
+    """The true-label :class:`~backends.torch.per_sample.rows.GhostRows` G (the same blocks, no
+    copy), with the two optional products ngdref's ``true_rows_inverse_apply`` uses when present."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

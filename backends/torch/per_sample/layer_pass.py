@@ -1,4 +1,4 @@
-r"""One forward and one backward pass with module hooks -> :class:`backends.ghost.GhostRows`.
+r"""One forward and one backward pass with module hooks -> :class:`.rows.GhostRows`.
 
 :class:`LayerPass` runs the model once (eval mode, through the provider's functional call at
 theta) with a forward hook on every module that holds a trainable parameter of its own, and
@@ -10,11 +10,11 @@ output, the per-sample output gradient. Per parameter:
 module (exact type, not subclasses)    per-sample gradient
 =====================================  ===================================================
 ``nn.Linear`` (peft LoRA's A and B)    weight: factors (ghost) or b^T a (materialised), by
-``nn.Conv2d`` (groups=1, via unfold)   :func:`backends.ghost.ghost_is_cheaper`; bias:
+``nn.Conv2d`` (groups=1, via unfold)   :func:`.rows.ghost_is_cheaper`; bias:
                                        sum_t b_nt (materialised)
 ``nn.Embedding`` (prompt tuning too)   weight: factors (indices, b) or scattered rows
 ``nn.LayerNorm``, ``nn.RMSNorm``       sum_t b_nt * xhat_nt, sum_t b_nt (materialised)
-parameters broadcast over the batch    captured by :mod:`backends.ghost_watch` (x + s,
+parameters broadcast over the batch    captured by :mod:`backends.torch.per_sample.watch` (x + s,
 (ViT's class and position embeddings,  x * s, s expanded or repeated over N): ds_n from
 T5's relative position bias and        dr_n, then one backward pass from s batched over n
 T5LayerNorm's ``weight * hidden``)     (materialised)
@@ -30,8 +30,8 @@ gradient is ever formed: the weight-gradient work of an ordinary backward pass i
 the Gram matrix and by G^T c. A parameter that neither a hook nor a capture can account for
 falls back to ``vmap`` over the whole model for that parameter only: one used outside its own
 module's forward in another way than a broadcast (the ``TorchFunctionMode`` of
-:mod:`backends.ghost_watch` sees every torch operation of the forward pass), one whose module's
-output or broadcast sum is changed in place afterwards, or one of a call without the batch
+:mod:`backends.torch.per_sample.watch` sees every torch operation of the forward pass), one whose
+module's output or broadcast sum is changed in place afterwards, or one of a call without the batch
 axis whose output is not sample free. The watch also marks the tensors the forward pass
 computes from no input and no parameter (``torch.arange`` and what follows from it) and
 those computed from parameters and such constants only: a call on them is not per sample
@@ -55,11 +55,11 @@ from torch.func import vjp as func_vjp
 
 from ngdref.checks import check_choice
 
-from .ghost import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
-from .ghost_watch import Frame, UseWatch, capture_rows
+from .rows import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+from .watch import Frame, UseWatch, capture_rows
 
 if TYPE_CHECKING:  # the provider imports this module
-    from .torch_provider import TorchProvider
+    from ..provider import TorchProvider
 
 __all__ = ["ROUTES", "LayerPass"]
 
@@ -104,7 +104,7 @@ class LayerPass:
     provider : backends.TorchProvider
         Supplies the model, the batch, theta (P,) and eval mode.
     route : {"auto", "ghost", "materialise"}
-        Per weight: the cheaper by :func:`backends.ghost.ghost_is_cheaper`, factors
+        Per weight: the cheaper by :func:`backends.torch.per_sample.rows.ghost_is_cheaper`, factors
         wherever the layer kind allows, or materialised per-layer rows everywhere.
 
     Attributes

@@ -34,7 +34,7 @@ Why here and not ``ngdref.linear_operator`` (issue 12's name): the design card k
 and SciPy is a NumPy-only library, so the operators live with the other backends
 and are imported lazily: ``from backends import curvature_operator`` imports SciPy,
 ``import backends`` does not. (The function is not named ``linear_operator`` because
-that is this module's name: ``backends.linear_operator`` would be the module or the
+that is this module's name: ``backends.scipy.operators`` would be the module or the
 function depending on import order.)
 """
 
@@ -369,10 +369,11 @@ def kfac_operator(
 
 
 def kfac_curvature_operator(curvature: Any, method: str) -> CurvatureOperator:
-    """One method's block-diagonal curvature of a :class:`backends.kfac.KFACCurvature`.
+    """One method's block-diagonal curvature of a
+    :class:`backends.torch.kfac.curvature.KFACCurvature`.
 
-    The torch curvature of :func:`backends.kfac.kfac_curvature` (CPU tensors, converted
-    to NumPy once) as a float64 operator over its flat (P,) theta, the same matrix as
+    The torch curvature of :func:`backends.torch.kfac.curvature.kfac_curvature` (CPU tensors,
+    converted to NumPy once) as a float64 operator over its flat (P,) theta, the same matrix as
     ``curvature.dense(method)`` without forming it.
 
     Parameters

@@ -14,7 +14,7 @@ holds, layer after layer, W_l flattened row-major and then b_l:
 ``P = sum_l sizes[l] * (sizes[l-1] + 1)``.
 
 :func:`mlp_apply` is the forward pass, usable with any namespace and with
-:class:`~backends.finite_difference.FiniteDifferenceProvider`;
+:class:`~backends.arrays.finite_difference.FiniteDifferenceProvider`;
 :class:`MLPProvider` adds an exact hand-written backward and forward mode.
 """
 

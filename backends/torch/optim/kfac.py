@@ -6,7 +6,7 @@ Every step takes one batch and writes
 .. math:: \theta \leftarrow \theta - \eta\, (K + \tfrac{\lambda}{R} I)^{-1} g
 
 with g = sum_n grad l_n, K the block-diagonal Kronecker-factored curvature of
-the method (:func:`backends.kfac.kfac_curvature`, sum convention) and R the
+the method (:func:`backends.torch.kfac.curvature.kfac_curvature`, sum convention) and R the
 reduction factor (1 for ``reduction="sum"``, 1/N for ``"mean"``): a
 mean-convention run with (lr', lambda') = (lr, R lambda) takes the steps of
 a sum-convention run with (lr, lambda), since (R K + R lambda I)^-1 R g is the
@@ -20,7 +20,7 @@ factor into the previous ones, F <- beta F_old + (1 - beta) F_new. The factors
 are not part of :meth:`state_dict`: after loading, the next step recomputes them.
 
 Parameters outside supported layers get the diagonal fallback of
-:mod:`backends.kfac`; their names and the reasons are in
+:mod:`backends.torch.kfac.curvature`; their names and the reasons are in
 ``diagnostics["fallback"]`` after each step (``strict=True`` refuses them).
 """
 
@@ -38,9 +38,9 @@ import ngdref
 from ngdref import kfac as K
 from ngdref.checks import check_choice, check_int, check_real
 
-from .kfac import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
-from .optim_common import _check_seed, _split_batch, _step_key, _SteppedOptimizer
-from .torch_provider import TorchProvider
+from ..kfac.curvature import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
+from ..provider import TorchProvider
+from .common import _check_seed, _split_batch, _step_key, _SteppedOptimizer
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
 
@@ -108,7 +108,7 @@ class _KFACOptimizer(_SteppedOptimizer):
         strict: bool = False,
         **options: Any,
     ) -> None:
-        """``options``: :class:`~backends.optim_common.StepOptions` (and KFAC's own)."""
+        """``options``: :class:`~backends.torch.optim.common.StepOptions` (and KFAC's own)."""
         super().__init__(
             model, loss, update_interval=update_interval, running_average=running_average,
             damped_inverse=damped_inverse, convention=convention, normalisation=normalisation,
@@ -227,7 +227,7 @@ class EKFAC(_KFACOptimizer):
     bias : {"separate", "joint"}
     reduction : "sum", "mean" or float
     output_fn, strict
-        See :func:`backends.kfac.kfac_curvature`.
+        See :func:`backends.torch.kfac.curvature.kfac_curvature`.
     """
 
     method = "ekfac"

@@ -1,9 +1,9 @@
-r"""The step the paper's optimisers share (:mod:`backends.optim`): one joint update of all
-trainable parameters from one batch's per-sample rows, in the reduction convention, on one
+r"""The step the paper's optimisers share (:mod:`backends.torch.optim.methods`): one joint update of
+all trainable parameters from one batch's per-sample rows, in the reduction convention, on one
 process or data parallel, with its diagnostics; and the sample-space (Gram) solve of IEF and EF.
 
-See :mod:`backends.optim` for the methods, the reduction and damping convention and the
-``per_sample`` routes (:data:`PER_SAMPLE`).
+See :mod:`backends.torch.optim.methods` for the methods, the reduction and damping convention and
+the ``per_sample`` routes (:data:`PER_SAMPLE`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from ngdref.checks import check_choice, check_int, check_real
 from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, gram_solver
 
-from .distributed import IgnoredShardLoss, communicator
-from .optim_common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
-from .torch_provider import TorchProvider
+from ..distributed.comm import IgnoredShardLoss, communicator
+from ..provider import TorchProvider
+from .common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
 
 
 class RowOptions(StepOptions, total=False):
     """The keyword options of :class:`backends.IEF`, ``EF``, ``SF`` and ``NGD`` beyond
-    :class:`~backends.optim_common.StepOptions`: how the per-sample rows are computed and
+    :class:`~backends.torch.optim.common.StepOptions`: how the per-sample rows are computed and
     shared. Documented in :class:`backends.IEF`; their defaults are those of
     :class:`_LogitLossOptimizer`'s ``__init__``.
     """
@@ -178,7 +178,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             "chunk_size": chunk_size,
         }
         self._warned: set[str] = set()
-        # torch.distributed: the batch is the union of the ranks' shards (backends.distributed)
+        # torch.distributed: the batch is the union of the ranks' shards
+        # (backends.torch.distributed.comm)
         self._comm = communicator(distributed, process_group)
         self._names = tuple(self.param_groups[0]["param_names"])
 

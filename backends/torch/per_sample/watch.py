@@ -1,4 +1,4 @@
-r"""The watch over the forward pass of :class:`backends.ghost_hooks.LayerPass`.
+r"""The watch over the forward pass of :class:`backends.torch.per_sample.layer_pass.LayerPass`.
 
 :class:`UseWatch` is a ``TorchFunctionMode``: it sees every torch operation of the forward
 pass and sorts each use of a trainable parameter tensor.

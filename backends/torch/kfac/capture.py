@@ -1,4 +1,4 @@
-"""The hooked passes behind :func:`backends.kfac.kfac_curvature`.
+"""The hooked passes behind :func:`backends.torch.kfac.curvature.kfac_curvature`.
 
 One forward pass with a forward hook on every supported layer (it keeps the layer's inputs
 as (N, T, d_in) positions and puts a hook on its output tensor that keeps the output
@@ -18,7 +18,7 @@ from torch import nn
 
 import ngdref
 
-from .torch_provider import TorchProvider
+from ..provider import TorchProvider
 
 __all__ = ["Passes", "Recorder", "run_passes"]
 

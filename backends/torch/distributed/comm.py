@@ -62,7 +62,7 @@ import array_api_compat
 import torch
 import torch.distributed as dist
 
-from .dist_rows import DistributedRows, pad
+from .rows import DistributedRows, pad
 
 __all__ = [
     "DistributedRows",

@@ -163,7 +163,7 @@ def launch_local(
     RuntimeError
         A process exited with an error or ran out of time (the outputs are in the message).
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[3]  # above backends/
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

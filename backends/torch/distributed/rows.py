@@ -1,8 +1,8 @@
 r"""The per-sample gradients of a batch shared by the ranks of a process group.
 
 :class:`DistributedRows` implements ngdref's ``PerSampleRows`` for the concatenation of every
-rank's rows (see :mod:`backends.distributed` for what is sent): the Gram matrix from layer
-pieces gathered to an owner rank per layer, G v and G^T w from each rank's own rows.
+rank's rows (see :mod:`backends.torch.distributed.comm` for what is sent): the Gram matrix from
+layer pieces gathered to an owner rank per layer, G v and G^T w from each rank's own rows.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 
 from ngdref.rows import DenseRows, as_rows, rows_device
 
-from .ghost import DenseBlock, FactorBlock, GhostRows, stack_rows
+from ..per_sample.rows import DenseBlock, FactorBlock, GhostRows, stack_rows
 
 if TYPE_CHECKING:
-    from .distributed import ProcessGroupComm
+    from .comm import ProcessGroupComm
 
 __all__ = ["DistributedRows", "pad"]
 
@@ -111,8 +111,8 @@ class DistributedRows:
     r"""The per-sample gradients G (N, P) of the whole group, from each rank's shard G_r.
 
     Implements ngdref's ``PerSampleRows`` (rows in rank order). Rank r holds its own rows
-    (any ``PerSampleRows``: the ghost route's :class:`~backends.ghost.GhostRows` or dense);
-    ``gram`` all-gathers the others' ghost factors / materialised layer rows once, forms
+    (any ``PerSampleRows``: the ghost route's :class:`~backends.torch.per_sample.rows.GhostRows` or
+    dense); ``gram`` all-gathers the others' ghost factors / materialised layer rows once, forms
     its block row :math:`G_r G^\top` and all-gathers the block rows; ``matvec`` all-gathers
     the shards' :math:`G_r v`; ``rmatvec`` all-reduces :math:`G_r^\top w_r`. Every method
     is a collective: all ranks must call it in the same order.

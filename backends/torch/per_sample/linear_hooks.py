@@ -8,8 +8,8 @@ paper's code does: a layer with input a_n (T, in) and output gradient g_n (T, ou
 .. math:: \nabla_W l_n = \sum_{\text{positions}} g_n a_n^\top, \qquad
           \nabla_b l_n = \sum_{\text{positions}} g_n .
 
-The pass is :class:`backends.ghost_hooks.LayerPass`, the one home of per-sample hooks (the
-optimisers' ``per_sample="hooks"`` runs it too); its factors a_n, g_n are materialised
+The pass is :class:`backends.torch.per_sample.layer_pass.LayerPass`, the one home of per-sample
+hooks (the optimisers' ``per_sample="hooks"`` runs it too); its factors a_n, g_n are materialised
 straight into G. It watches the forward pass, so a weight used outside its layer's forward
 (tied), a layer's output changed in place, or a call on a tensor that is not per sample (one
 computed from constants whose leading axis happens to have length N) is detected rather than
@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .ghost_hooks import LayerPass
+from .layer_pass import LayerPass
 
 if TYPE_CHECKING:
-    from .torch_provider import TorchProvider
+    from ..provider import TorchProvider
 
 __all__ = ["hookable", "vjp_hooks"]
 

@@ -1,5 +1,5 @@
 """What every ``torch.optim.Optimizer`` of :mod:`backends` shares: the paper's optimisers
-(:mod:`backends.optim`) and the K-FAC family (:mod:`backends.kfac_optim`).
+(:mod:`backends.torch.optim.methods`) and the K-FAC family (:mod:`backends.torch.optim.kfac`).
 
 One home for the closure's batch ``(inputs, targets)`` or Hugging Face inputs with
 ``"labels"`` (:func:`_split_batch`), the checks of the model and the loss, the step counter
