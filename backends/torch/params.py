@@ -16,7 +16,20 @@ from torch import nn
 
 class ParamLayout:
     """The layout of theta: names, shapes and sizes of the trainable parameters, dtype,
-    device and P (:attr:`num_params`), and theta itself (a copy, or ``params``)."""
+    device and P (:attr:`num_params`), and theta itself (a copy, or ``params``).
+
+    Attributes
+    ----------
+    param_names : tuple of str
+        The trainable parameters' names, in theta's order.
+    param_shapes : tuple of tuple of int
+        Their shapes, in theta's order.
+    param_tensors : tuple of torch.Tensor
+        The trainable parameter tensors themselves (the model's, not copies), in theta's
+        order: what a walk over the model's modules finds them by.
+    num_params : int
+        P.
+    """
 
     def __init__(self, model: nn.Module, params: torch.Tensor | None) -> None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -45,9 +58,8 @@ class ParamLayout:
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.param_names: tuple[str, ...] = tuple(name for name, _ in named)
-        #: the trainable parameter tensors themselves, in theta's order (for module walks)
-        self._trainable = tuple(p for _, p in named)
-        self._shapes = tuple(tuple(p.shape) for _, p in named)
+        self.param_tensors: tuple[torch.Tensor, ...] = tuple(p for _, p in named)
+        self.param_shapes: tuple[tuple[int, ...], ...] = tuple(tuple(p.shape) for _, p in named)
         self._sizes = tuple(p.numel() for _, p in named)
         self.num_params = int(sum(self._sizes))
 
@@ -63,6 +75,12 @@ class ParamLayout:
         """theta, shape (P,): a copy of the parameters the provider evaluates the model at."""
         return self._theta.clone()
 
+    @property
+    def theta(self) -> torch.Tensor:
+        """theta, shape (P,), itself: the provider's own tensor, not a copy (never change it in
+        place; :meth:`params_vector` gives a copy)."""
+        return self._theta
+
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a (P,) vector into ``{name: tensor of the parameter's shape}`` (views).
 
@@ -71,7 +89,7 @@ class ParamLayout:
         self._check_flat(vector, "vector")
         out = {}
         for name, shape, piece in zip(
-            self.param_names, self._shapes, torch.split(vector, self._sizes), strict=True
+            self.param_names, self.param_shapes, torch.split(vector, self._sizes), strict=True
         ):
             out[name] = piece.view(shape)
         return out
@@ -91,7 +109,7 @@ class ParamLayout:
                 f"missing {missing}, unexpected {extra}"
             )
         pieces = []
-        for name, shape in zip(self.param_names, self._shapes, strict=True):
+        for name, shape in zip(self.param_names, self.param_shapes, strict=True):
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"tensors[{name!r}] has shape {tuple(t.shape)}, expected {shape}")

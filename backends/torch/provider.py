@@ -62,6 +62,7 @@ Per-sample gradients by hooks
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -147,6 +148,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
         P.
     param_names : tuple of str
         Names of the trainable parameters, in theta order.
+    param_shapes, param_tensors, theta
+        Their shapes, the parameter tensors themselves and theta (P,)
+        (:class:`~backends.torch.params.ParamLayout`).
     targets : torch.Tensor or None
         The ``labels`` entry of dict inputs, unchanged (e.g. (N, T) token ids
         with -100 padding for a seq2seq model, to pair with
@@ -215,17 +219,34 @@ class TorchProvider(ParamLayout, JacobianProvider):
 
         self._logits = self._compute_logits()
 
-    def _slices(self) -> Iterator[slice]:
+    def chunks(self) -> Iterator[slice]:
+        """The samples of each pass: consecutive slices of ``chunk_size`` (one if None)."""
         step = self._n if self.chunk_size is None else self.chunk_size
         for start in range(0, self._n, step):
             yield slice(start, min(start + step, self._n))
 
-    def _batch(self, rows: slice) -> dict[str, torch.Tensor]:
+    def batch(self, rows: slice) -> dict[str, torch.Tensor]:
+        """The batch's per-sample model inputs (name -> tensor) of the samples ``rows``;
+        what :meth:`batch_logits` takes."""
         return {key: t[rows] for key, t in self._batched.items()}
+
+    def restricted(self, rows: slice) -> TorchProvider:
+        """The provider on the samples ``rows`` only, unchunked: a shallow copy that shares the
+        model, theta and the inputs (sliced, not copied); no forward pass. ``self`` for all."""
+        if rows == slice(0, self._n):
+            return self
+        part = copy.copy(self)
+        part._batched = self.batch(rows)
+        part._n = rows.stop - rows.start
+        part._logits = self._logits[rows]
+        part.chunk_size = None
+        part._pending = None
+        part.layer_pass = None
+        return part
 
     # ------------------------------------------------------------- forwards
     @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def eval_mode(self) -> Iterator[None]:
         """Run with every submodule in eval mode, then restore each one's flag."""
         modes = [(m, m.training) for m in self.model.modules()]
         if any(training for _, training in modes):  # eval() walks the model once more
@@ -245,10 +266,12 @@ class TorchProvider(ParamLayout, JacobianProvider):
             return functional_call(self.model, params, (batched[POSITIONAL],), self._static)
         return functional_call(self.model, params, (), {**batched, **self._static})
 
-    def _batch_logits(
+    def batch_logits(
         self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
     ) -> Any:
-        """Logits (n, C) of a batch of n samples (``params``: ``unflatten(theta)`` if given)."""
+        """Logits (n, C) of a batch of n samples (``batched``: from :meth:`batch`) at ``theta``
+        (P,), in the caller's grad mode and train/eval mode (``params``: ``unflatten(theta)`` if
+        given)."""
         z = self.output_fn(self._call(theta, batched, params))
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"output_fn must return a tensor, got {type(z).__name__}")
@@ -262,7 +285,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
 
     def _sample_logits(self, theta: torch.Tensor, sample: Mapping[str, torch.Tensor]) -> Any:
         """Logits (C,) of one sample (no batch axis), for ``vmap``."""
-        return self._batch_logits(theta, {k: t.unsqueeze(0) for k, t in sample.items()})[0]
+        return self.batch_logits(theta, {k: t.unsqueeze(0) for k, t in sample.items()})[0]
 
     def _compute_logits(self) -> torch.Tensor:
         self._pending: LayerPass | None = None
@@ -275,9 +298,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
             self._pending = LayerPass(self, "ghost")  # factors: vjp writes them into G
             z = self._pending.logits
         else:
-            with torch.no_grad(), self._eval_mode():
+            with torch.no_grad(), self.eval_mode():
                 z = torch.cat(
-                    [self._batch_logits(self._theta, self._batch(s)) for s in self._slices()]
+                    [self.batch_logits(self._theta, self.batch(s)) for s in self.chunks()]
                 )
         if not torch.is_floating_point(z):
             raise TypeError(f"logits: output_fn returned dtype {z.dtype}, need floating point")
@@ -321,12 +344,12 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self._check_vector(vector)
         self._check_forward_ad()
         out = []
-        with self._eval_mode():
-            for rows in self._slices():
-                batch = self._batch(rows)
+        with self.eval_mode():
+            for rows in self.chunks():
+                batch = self.batch(rows)
                 try:
                     _, tangent = func_jvp(
-                        lambda th, b=batch: self._batch_logits(th, b), (self._theta,), (vector,)
+                        lambda th, b=batch: self.batch_logits(th, b), (self._theta,), (vector,)
                     )
                 except NotImplementedError as err:
                     if "forward AD" not in str(err):
@@ -358,7 +381,8 @@ class TorchProvider(ParamLayout, JacobianProvider):
         if self.per_sample_method == "ghost":  # rows without G (ngdref takes PerSampleRows)
             return self.per_sample_rows(cotangents, keep_graph=True)
         if self.per_sample_method == "hooks":
-            grads, fallbacks = vjp_hooks(self, cotangents)
+            pending, self._pending = self._pending, None  # its forward serves this vjp only
+            grads, fallbacks = vjp_hooks(self, cotangents, pending=pending, strict=not self._auto)
             if fallbacks:  # "auto" (rows exact by vmap): this model is not hook-friendly
                 self.per_sample_method = "vmap"
             return grads
@@ -371,9 +395,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
 
         per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
         out = []
-        with self._eval_mode(), vmap_masks(self._hf):
-            for rows in self._slices():
-                out.append(per_sample(self._theta, self._batch(rows), cotangents[rows]).detach())
+        with self.eval_mode(), vmap_masks(self._hf):
+            for rows in self.chunks():
+                out.append(per_sample(self._theta, self.batch(rows), cotangents[rows]).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def per_sample_rows(self, cotangents: torch.Tensor, *, keep_graph: bool = True) -> Any:
@@ -419,9 +443,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
         per_sample = vmap(one, in_dims=(None, self._in_dims(), 0))
         primals = tuple(self._theta[o:o + s] for o, s in cuts)
         out: list[list[torch.Tensor]] = [[] for _ in cuts]
-        with self._eval_mode(), vmap_masks(self._hf):
-            for rows in self._slices():
-                for i, g in enumerate(per_sample(primals, self._batch(rows), cotangents[rows])):
+        with self.eval_mode(), vmap_masks(self._hf):
+            for rows in self.chunks():
+                for i, g in enumerate(per_sample(primals, self.batch(rows), cotangents[rows])):
                     out[i].append(g.detach())
         by_range = {cut: torch.cat(parts) for cut, parts in zip(cuts, out, strict=True)}
         return [by_range[r] for r in ranges]
@@ -438,10 +462,10 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self._pending = None  # the retained logits graph is only for a hooks vjp
         self._check_cotangents(cotangents)
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-        with self._eval_mode(), torch.enable_grad():
-            for rows in self._slices():
+        with self.eval_mode(), torch.enable_grad():
+            for rows in self.chunks():
                 theta = self._theta.detach().requires_grad_(True)
-                z = self._batch_logits(theta, self._batch(rows))
+                z = self.batch_logits(theta, self.batch(rows))
                 (g,) = torch.autograd.grad(z, theta, grad_outputs=cotangents[rows])
                 total += g
         return total
@@ -454,9 +478,9 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self._pending = None  # the retained logits graph is only for a hooks vjp
         per_sample = vmap(jacrev(self._sample_logits), in_dims=(None, self._in_dims()))
         out = []
-        with self._eval_mode(), vmap_masks(self._hf):
-            for rows in self._slices():
-                out.append(per_sample(self._theta, self._batch(rows)).detach())
+        with self.eval_mode(), vmap_masks(self._hf):
+            for rows in self.chunks():
+                out.append(per_sample(self._theta, self.batch(rows)).detach())
         return out[0] if len(out) == 1 else torch.cat(out)
 
     # ------------------------------------------------------------ validation

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -17,10 +17,35 @@ from ngdref.rows import DenseRows, as_rows, rows_device
 
 from ..per_sample.rows import DenseBlock, FactorBlock, GhostRows, stack_rows
 
-if TYPE_CHECKING:
-    from .comm import ProcessGroupComm
+__all__ = ["Collectives", "DistributedRows", "pad"]
 
-__all__ = ["DistributedRows", "pad"]
+
+class Collectives(Protocol):
+    """What :class:`DistributedRows` needs of a communicator (e.g.
+    :class:`~backends.torch.distributed.comm.ProcessGroupComm`): this rank, the number of
+    ranks, and the collectives it sends the rows with. Every call is a collective: all ranks
+    make it in the same order."""
+
+    rank: int
+    world: int
+
+    def gather(self, tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along axis 0 (rank r's: ``sizes[r]`` rows)."""
+        ...
+
+    def gather_to(
+        self, owner: int, flat: torch.Tensor, lengths: Sequence[int]
+    ) -> list[torch.Tensor] | None:
+        """Every rank's 1-d ``flat`` at rank ``owner``, one tensor per rank (None elsewhere)."""
+        ...
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's ``tensor``, on every rank."""
+        ...
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank."""
+        ...
 
 
 def _blocks(rows: Any) -> list[Any]:
@@ -118,7 +143,7 @@ class DistributedRows:
     is a collective: all ranks must call it in the same order.
     """
 
-    def __init__(self, local: Any, comm: ProcessGroupComm) -> None:
+    def __init__(self, local: Any, comm: Collectives) -> None:
         self.local = as_rows(local, name="rows")
         self.comm = comm
         n, p = self.local.shape

@@ -153,9 +153,9 @@ def run_passes(
     recorder = Recorder(layers, provider.num_samples)
     handles = [m.register_forward_hook(recorder.hook(name)) for name, m in layers.items()]
     try:
-        with provider._eval_mode(), torch.enable_grad():
+        with provider.eval_mode(), torch.enable_grad():
             theta = provider.params_vector().requires_grad_(True)
-            z = provider._batch_logits(theta, provider._batch(slice(None)))
+            z = provider.batch_logits(theta, provider.batch(slice(None)))
     finally:
         for handle in handles:
             handle.remove()

@@ -44,8 +44,10 @@ output) and are removed after the forward pass, also on error.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +60,60 @@ from ngdref.checks import check_choice
 from .rows import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
 from .watch import Frame, UseWatch, capture_rows
 
-if TYPE_CHECKING:  # the provider imports this module
-    from ..provider import TorchProvider
-
-__all__ = ["ROUTES", "LayerPass"]
+__all__ = ["ROUTES", "LayerPass", "ModelBatch"]
 
 #: per-layer choice: cost model, ghost wherever possible, materialised everywhere
 ROUTES = ("auto", "ghost", "materialise")
+
+
+class ModelBatch(Protocol):
+    """What :class:`LayerPass` needs of a provider (e.g. :class:`backends.TorchProvider`): a
+    model on one batch of N samples at theta (P,), the trainable parameters' layout, and the
+    provider's own forward call, so that the hooks see exactly the provider's forward.
+    """
+
+    model: nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    num_params: int
+    #: the trainable parameters: names, shapes and the tensors themselves, in theta's order
+    param_names: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
+    param_tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def num_samples(self) -> int:
+        """N."""
+        ...
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """theta (P,), the point the model is evaluated at (not to be changed in place)."""
+        ...
+
+    def batch(self, rows: slice) -> dict[str, torch.Tensor]:
+        """The per-sample model inputs of the samples ``rows``."""
+        ...
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(P,) -> {parameter name: view of the parameter's shape}, differentiable."""
+        ...
+
+    def eval_mode(self) -> AbstractContextManager[Any]:
+        """Every submodule in eval mode inside, each one's own flag restored after."""
+        ...
+
+    def batch_logits(
+        self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
+    ) -> torch.Tensor:
+        """Logits (n, C) of ``batched`` at ``theta`` (``params``: ``unflatten(theta)``)."""
+        ...
+
+    def vjp_ranges(
+        self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Per-sample J_n^T u_n restricted to the (offset, size) slices of theta, by vmap."""
+        ...
 
 
 def _kind(module: nn.Module) -> str:
@@ -101,8 +150,9 @@ class LayerPass:
 
     Parameters
     ----------
-    provider : backends.TorchProvider
-        Supplies the model, the batch, theta (P,) and eval mode.
+    provider : ModelBatch
+        Supplies the model, the batch, theta (P,), eval mode and the forward call (e.g.
+        :class:`backends.TorchProvider`).
     route : {"auto", "ghost", "materialise"}
         Per weight: the cheaper by :func:`backends.torch.per_sample.rows.ghost_is_cheaper`, factors
         wherever the layer kind allows, or materialised per-layer rows everywhere.
@@ -113,15 +163,17 @@ class LayerPass:
         Detached logits of the forward pass.
     """
 
-    def __init__(self, provider: TorchProvider, route: str = "auto") -> None:
+    def __init__(self, provider: ModelBatch, route: str = "auto") -> None:
         check_choice(route, "route", ROUTES)
         self.provider = provider
         self.route = route
         self._n = provider.num_samples
-        sizes = [int(math.prod(s)) for s in provider._shapes]
+        sizes = [int(math.prod(s)) for s in provider.param_shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self._slots = list(zip(provider.param_names, offsets, sizes, provider._shapes, strict=True))
-        by_id = {id(p): i for i, p in enumerate(provider._trainable)}
+        self._slots = list(
+            zip(provider.param_names, offsets, sizes, provider.param_shapes, strict=True)
+        )
+        by_id = {id(p): i for i, p in enumerate(provider.param_tensors)}
         #: module -> {attr: slot index} for its own trainable parameters (tied ones included)
         self._owned: dict[nn.Module, dict[str, int]] = {}
         for module in provider.model.modules():
@@ -142,7 +194,7 @@ class LayerPass:
     # ---- forward -------------------------------------------------------------------------
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.provider
-        theta = p._theta.detach().requires_grad_(True)
+        theta = p.theta.detach().requires_grad_(True)
         params = p.unflatten(theta)
         index = {name: i for i, (name, *_) in enumerate(self._slots)}
         self._watch = UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
@@ -155,8 +207,8 @@ class LayerPass:
                 handles.append(
                     m.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
                 )
-            with p._eval_mode(), torch.enable_grad(), self._watch:
-                z = p._batch_logits(theta, p._batch(slice(None)), params)
+            with p.eval_mode(), torch.enable_grad(), self._watch:
+                z = p.batch_logits(theta, p.batch(slice(None)), params)
         finally:
             for h in handles:
                 h.remove()
@@ -438,6 +490,6 @@ class LayerPass:
             _, pull = func_vjp(lambda q: functional_call(use.module, {**fixed, **q}, a, kw), p)
             return pull(b.unsqueeze(0))[0]
 
-        with self.provider._eval_mode():
+        with self.provider.eval_mode():
             out = vmap(one, in_dims=(None, arg_dims, kw_dims, 0))(params, args, kwargs, g)
         return {a: t.reshape(self._n, -1).detach() for a, t in out.items()}

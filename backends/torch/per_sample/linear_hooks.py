@@ -20,19 +20,29 @@ samples has a pass of its own.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from .layer_pass import LayerPass
+from .layer_pass import LayerPass, ModelBatch
 
-if TYPE_CHECKING:
-    from ..provider import TorchProvider
+__all__ = ["ChunkedModelBatch", "hookable", "vjp_hooks"]
 
-__all__ = ["hookable", "vjp_hooks"]
+
+class ChunkedModelBatch(ModelBatch, Protocol):
+    """What :func:`vjp_hooks` needs of a provider (e.g. :class:`backends.TorchProvider`): a
+    :class:`~.layer_pass.ModelBatch` split into chunks of samples, each of which it can be
+    restricted to."""
+
+    def chunks(self) -> Iterator[slice]:
+        """The samples of each pass, consecutive slices covering the batch."""
+        ...
+
+    def restricted(self, rows: slice) -> ModelBatch:
+        """The same model and theta on the samples ``rows`` only (no forward pass)."""
+        ...
 
 
 def hookable(model: nn.Module, param_names: Sequence[str]) -> bool:
@@ -45,23 +55,25 @@ def hookable(model: nn.Module, param_names: Sequence[str]) -> bool:
 
 
 def vjp_hooks(
-    provider: TorchProvider, cotangents: torch.Tensor
+    provider: ChunkedModelBatch, cotangents: torch.Tensor, *, pending: LayerPass | None,
+    strict: bool,
 ) -> tuple[torch.Tensor, tuple[str, ...]]:
     """G (N, P) from one hooked backward pass per chunk, and the parameters vmap had to take.
 
-    The provider's pending pass (the forward its logits came from) serves the first chunk.
-    Raises ``RuntimeError`` for ``per_sample_method='hooks'`` when a parameter needed vmap.
+    ``pending``: the pass whose forward the provider's logits came from, if it is kept; it
+    serves the first chunk. Raises ``RuntimeError`` if ``strict`` (``per_sample_method='hooks'``)
+    and a parameter needed vmap.
     """
     grads = torch.empty(provider.num_samples, provider.num_params, dtype=provider.dtype,
                         device=provider.device)
     fallbacks: list[str] = []
-    for rows in provider._slices():
-        if provider._pending is not None:
-            hooked, provider._pending = provider._pending, None
+    for rows in provider.chunks():
+        if pending is not None:
+            hooked, pending = pending, None
         else:
-            hooked = LayerPass(_restricted(provider, rows), "ghost")
+            hooked = LayerPass(provider.restricted(rows), "ghost")
         found = hooked.rows(cotangents[rows])
-        if found.fallbacks and not provider._auto:
+        if found.fallbacks and strict:
             raise RuntimeError(
                 "per_sample_method='hooks': the nn.Linear hooks cannot account for every "
                 f"trainable parameter ({found.fallbacks[0]}); use per_sample_method='vmap'"
@@ -69,17 +81,3 @@ def vjp_hooks(
         fallbacks += found.fallbacks
         found.materialise(grads[rows])
     return grads, tuple(dict.fromkeys(fallbacks))
-
-
-def _restricted(provider: TorchProvider, rows: slice) -> TorchProvider:
-    """The provider on the samples ``rows`` only, unchunked (a shallow copy: no forward)."""
-    if rows == slice(0, provider.num_samples):
-        return provider
-    part = copy.copy(provider)
-    part._batched = provider._batch(rows)
-    part._n = rows.stop - rows.start
-    part._logits = provider._logits[rows]
-    part.chunk_size = None
-    part._pending = None
-    part.layer_pass = None
-    return part
