@@ -2,7 +2,7 @@
 
 Smoke tests only: the timings are noise at this size and are never asserted (the brief: speed
 is measured side by side by the benchmarks themselves). What can fail is the plumbing, which
-did: ``python -m validation.bench_kfac`` raised TypeError after the workload builders gained a
+did: ``python -m validation.bench.kfac`` raised TypeError after the workload builders gained a
 ``device`` argument, and nothing ran it.
 """
 
@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: (module, smallest arguments, what its output must contain, packages it needs)
 BENCHMARKS = [
-    ("validation.bench", ["--max-p", "1000", "--dense-max-p", "1000", "--repeats", "1"],
+    ("validation.bench.timing", ["--max-p", "1000", "--dense-max-p", "1000", "--repeats", "1"],
      ["dense/gram"], ()),
-    ("validation.bench_torch",
+    ("validation.bench.steps",
      ["--quick", "--repeats", "1", "--warmup", "0", "--no-memory", "--workloads", "mlp"],
      ["iEF step (auto) / AdamW step", "FVP vs GGN matvec"], ("torch", "curvlinops")),
-    ("validation.bench_kfac", ["--quick", "--repeats", "1", "--workload", "mlp"],
+    ("validation.bench.kfac", ["--quick", "--repeats", "1", "--workload", "mlp"],
      ["ieKFAC / AdamW", "gamma / gamma_SGD"], ("torch", "curvlinops")),
-    ("validation.bench_distributed",
+    ("validation.bench.distributed",
      ["--world-sizes", "1", "2", "--methods", "ief", "--batch", "8", "--repeats", "1",
       "--warmup", "0"],
      ["same at R=1"], ("torch",)),

@@ -1,6 +1,6 @@
 """backends.torch.kfac.curvature and the K-FAC optimisers on torch models.
 
-Independent routes: curvlinops (validation.kfac_oracles, tolerances derived there),
+Independent routes: curvlinops (validation.oracles.kfac, tolerances derived there),
 exact iEF on a one-layer, one-sample network, and Python loops of single-sample
 backward passes for the diagonal fallback (agreement to 8 N eps relative: a sum of
 N squares of back-propagated values computed by the same kernels one sample at a time).
@@ -18,8 +18,8 @@ from torch import nn  # noqa: E402
 import ngdref  # noqa: E402
 from backends.torch.kfac.curvature import kfac_curvature, kfac_directions, merge_curvatures  # noqa: E402
 from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC  # noqa: E402
-from validation.kfac_oracles import KFAC_PROBLEMS, iekfac_ief_check, kfac_checks  # noqa: E402
-from validation.oracles import unavailable  # noqa: E402
+from validation.oracles.kfac import KFAC_PROBLEMS, iekfac_ief_check, kfac_checks  # noqa: E402
+from validation.oracles.peers import unavailable  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 EPS = 2.0**-52
@@ -248,7 +248,7 @@ def test_optimisers_descend_on_every_setup(problem, cls) -> None:
 @pytest.mark.parametrize("normalisation", ["mean", "sum"])
 def test_merged_micro_batches_equal_the_full_batch(convention: str, normalisation: str) -> None:
     """Factors are sums (B, diagonal) and term-weighted means (A): merging is exact."""
-    from validation.kfac_oracles import SequenceNet
+    from validation.oracles.kfac import SequenceNet
 
     torch.manual_seed(6)
     model = nn.Sequential(SequenceNet(), nn.LayerNorm(3)).double()

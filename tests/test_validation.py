@@ -27,9 +27,9 @@ import ngdref
 from backends.arrays.adapters import unavailable
 from validation.__main__ import main
 from validation.crosscheck import QUANTITIES, REFERENCE, runs
-from validation.independent import sampled_logit_grads, sf_uniforms
-from validation.independent_checks import toy_closed_forms
-from validation.oracles_curvlinops import MC_SIGMAS, fisher_mc_tolerance
+from validation.independent.checks import toy_closed_forms
+from validation.independent.references import sampled_logit_grads, sf_uniforms
+from validation.oracles.curvlinops import MC_SIGMAS, fisher_mc_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = ["mlp-sequence-ce", "linear-softmax-ce", "torch-mlp"]  # in problems() order
@@ -264,7 +264,7 @@ def test_corrupted_vjp_fails_the_crosscheck(
 def test_corrupted_fisher_product_fails_the_oracles(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from validation import oracles
+    from validation.oracles import peers as oracles
 
     products = oracles.ngdref_fisher_products
     monkeypatch.setattr(

@@ -1,4 +1,4 @@
-"""Benchmark and gamma table of the K-FAC family (issue 11) on the workloads of ``bench_torch``.
+"""Benchmark and gamma table of the K-FAC family (issue 11) on the workloads of ``bench.steps``.
 
 Two parts, per workload (T5 + LoRA, ViT + LoRA, MLP; float32, eval mode):
 
@@ -11,7 +11,7 @@ Two parts, per workload (T5 + LoRA, ViT + LoRA, MLP; float32, eval mode):
    leaves open (``damped_inverse`` "exact" / "pi" x ``normalisation`` "mean" / "sum"), at
    several dampings (sum convention; EF and iEF damped in sample space as in the paper).
 
-Usage: ``python -m validation.bench_kfac [--quick] [--repeats 5] [--threads 1] [--no-gamma]``
+Usage: ``python -m validation.bench.kfac [--quick] [--repeats 5] [--threads 1] [--no-gamma]``
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC
 from backends.torch.optim.methods import IEF
 from backends.torch.provider import TorchProvider
 from ngdref import kfac as K
-from validation.bench_torch import LR, _median_times, _ngd_step, _plain_step
-from validation.bench_torch_report import _machine
-from validation.bench_torch_workloads import BUILDERS, WORKLOADS, Workload
+from validation.bench.report import _machine
+from validation.bench.steps import LR, _median_times, _ngd_step, _plain_step
+from validation.bench.workloads import BUILDERS, WORKLOADS, Workload
 
 KFAC_DAMPING = 1e-3  # absolute, sum convention
 GAMMA_DAMPINGS = (1e-6, 1e-3, 1.0)

@@ -6,7 +6,7 @@ sequences, as curvlinops treats each token as a sample); the mean of
 :data:`MC_RUNS` independent ``FisherMCLinearOperator`` products against F V
 (sequences: with the ignored tokens kept), to the statistical tolerance of
 :func:`fisher_mc_tolerance`. Conventions: the docstring of
-:mod:`validation.oracles`.
+:mod:`validation.oracles.peers`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import array_api_compat
 import numpy as np
 
 import ngdref
-from validation.independent import relative
-from validation.oracles_setup import (
+from validation.independent.references import relative
+from validation.oracles.conversions import batch_size, output_model, torch_loss, trainable
+from validation.oracles.setup import (
     OracleCheck,
     OracleSetup,
     ngdref_fisher_products,
     per_token_grads,
 )
-from validation.oracles_torch import batch_size, output_model, torch_loss, trainable
 
 __all__ = ["MC_RUNS", "MC_SAMPLES", "MC_SIGMAS", "curvlinops_checks", "fisher_mc_tolerance"]
 

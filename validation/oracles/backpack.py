@@ -5,7 +5,7 @@
 ``SqrtGGNExact`` (as V_bp^T (V_bp v)) against :func:`ngdref.fisher_vp`.
 BackPACK runs on the models it supports (``nn.Linear``, ``nn.Conv2d``,
 ``nn.Tanh``, ``nn.Flatten`` stacks) on deep copies (``extend`` installs
-hooks for good). Conventions: the docstring of :mod:`validation.oracles`.
+hooks for good). Conventions: the docstring of :mod:`validation.oracles.peers`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
-from validation.independent import relative
-from validation.oracles_setup import OracleCheck, OracleSetup
-from validation.oracles_torch import TorchLoss, batch_size, logits_of, torch_loss, trainable
+from validation.independent.references import relative
+from validation.oracles.conversions import TorchLoss, batch_size, logits_of, torch_loss, trainable
+from validation.oracles.setup import OracleCheck, OracleSetup
 
 __all__ = ["backpack_checks"]
 

@@ -2,8 +2,8 @@
 
 ::
 
-    python -m validation.bench_distributed                      # R = 1, 2 on gloo, loopback
-    python -m validation.bench_distributed --world-sizes 1 2 4 --batch 64 --hidden 512
+    python -m validation.bench.distributed                      # R = 1, 2 on gloo, loopback
+    python -m validation.bench.distributed --world-sizes 1 2 4 --batch 64 --hidden 512
 
 For each R, R local processes (gloo over 127.0.0.1,
 :func:`backends.torch.distributed.launch.launch_local`)
@@ -34,7 +34,7 @@ METHODS = ("ief", "ef", "sf", "adamw")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m validation.bench_distributed")
+    parser = argparse.ArgumentParser(prog="python -m validation.bench.distributed")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch", type=int, default=32, help="global batch N")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[int, dict[str, Any]] = {}
     for world in args.world_sizes:
         with tempfile.TemporaryDirectory() as folder:
-            launch_local(world, "validation.bench_distributed", Path(folder), argv,
+            launch_local(world, "validation.bench.distributed", Path(folder), argv,
                          timeout=args.timeout)
             results[world] = json.loads((Path(folder) / "result.json").read_text())
     print(f"{'R':>2} {'method':>7} {'step ms':>9} {'MB sent':>9} {'/ DDP+AdamW':>12} "

@@ -1,9 +1,10 @@
-r"""The checks of :mod:`validation.independent`: the reference run's updates against dense solves.
+r"""The checks of :mod:`validation.independent.references`: the reference run's updates against
+dense solves.
 
 :func:`independent_checks` is what ``python -m validation`` prints in each
 problem's "independent references" section. Every check names its quantity
 and the dense route, and carries its own bound (see
-:func:`validation.independent.update_bound` and the docstrings below); a
+:func:`validation.independent.references.update_bound` and the docstrings below); a
 check that raises is a failure naming the exception.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 import ngdref
 from backends.arrays.adapters import to_numpy
-from validation.independent import (
+from validation.independent.references import (
     EPS32,
     EPS64,
     FLOAT32_OPS,
@@ -329,7 +330,8 @@ def toy_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
 
 
 def independent_checks(run: ReferenceRun) -> list[IndependentCheck]:
-    """Every independent check of ``run`` (see the module docstring of validation.independent)."""
+    """Every independent check of ``run`` (see the module docstring of
+    validation.independent.references)."""
     try:
         dense = dense_problem(run)
     except Exception as err:  # the dense reference itself failed: one failing check

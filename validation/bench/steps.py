@@ -1,6 +1,6 @@
 """Benchmark: the torch optimisers and Fisher products against plain training steps and curvlinops.
 
-Six workloads, float32, one batch each (:mod:`validation.bench_torch_workloads`): a small T5
+Six workloads, float32, one batch each (:mod:`validation.bench.workloads`): a small T5
 with LoRA on q and v (per-sequence loss over label word + EOS), a small ViT with LoRA on q_proj
 and v_proj, and, with ALL parameters trainable, a small MLP, an MLP of 3.2 million parameters,
 the same T5 and the same ViT. On each, in this one process, alternating within every repeat
@@ -38,7 +38,7 @@ asserted: these are measurements, and the targets are printed next to them with 
 ``--device cuda`` runs the timings on the GPU (peak memory from ``torch.cuda``'s allocator);
 without CUDA it says so and runs on the CPU.
 
-Usage: ``python -m validation.bench_torch [--quick] [--repeats 7] [--threads 2] [--no-memory]
+Usage: ``python -m validation.bench.steps [--quick] [--repeats 7] [--threads 2] [--no-memory]
 [--device cpu|cuda] [--workloads t5,mlp_big,...]``
 """
 
@@ -66,13 +66,13 @@ import torch
 import ngdref
 from backends.torch.optim.methods import EF, IEF, PER_SAMPLE, SF
 from backends.torch.provider import TorchProvider
-from validation.bench_torch_memory import (
+from validation.bench.memory import (
     _cuda_peak,
     _live_tensor_peak,
     _peak_rss_increase,
 )
-from validation.bench_torch_report import _device, _load, _machine, _ms, _ratio, _table, _verdict
-from validation.bench_torch_workloads import BUILDERS, FULL_PARAMETER, WORKLOADS, Workload
+from validation.bench.report import _device, _load, _machine, _ms, _ratio, _table, _verdict
+from validation.bench.workloads import BUILDERS, FULL_PARAMETER, WORKLOADS, Workload
 
 LR = 1e-12  # see the module docstring: steps cost the same, parameters stay put
 DAMPING = 1e-6  # relative (x max_n ||grad l_n||^2) for the Gram methods
@@ -275,7 +275,7 @@ def _measure_memory(
 ) -> dict[str, Any]:
     """Run :func:`_memory_child` in a fresh interpreter (its own RSS, nothing left over)."""
     command = [
-        sys.executable, "-m", "validation.bench_torch", "--memory-child", workload, thing,
+        sys.executable, "-m", "validation.bench.steps", "--memory-child", workload, thing,
         "--threads", str(threads), *(["--quick"] if quick else []),
     ]
     done = subprocess.run(

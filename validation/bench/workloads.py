@@ -1,4 +1,4 @@
-"""The models and batches of ``python -m validation.bench_torch`` (float32, eval mode).
+"""The models and batches of ``python -m validation.bench.steps`` (float32, eval mode).
 
 LoRA workloads (a small T5 with LoRA on q and v, a small ViT with LoRA on q_proj and v_proj)
 and full-parameter ones (a small MLP, an MLP of a few million parameters, and the same T5 and

@@ -1,4 +1,4 @@
-"""The report helpers of ``python -m validation.bench_torch``: machine, load, table cells.
+"""The report helpers of ``python -m validation.bench.steps``: machine, load, table cells.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ Conventions bridged here (all of ngdref is in the paper's sum convention):
   module applied to the model output itself, so it is skipped for sequences.
 
 Tolerances (relative Frobenius differences, one place:
-:data:`validation.oracles_setup.TOLERANCES`):
+:data:`validation.oracles.setup.TOLERANCES`):
 products only, no solves, so float64 models agree to rounding, a few eps
 times sqrt(N*C*P) terms, < 1e-12: 1e-10 leaves a margin. Hugging Face models
 compute parts of their forward in float32 (T5LayerNorm's variance, ViT's
@@ -51,11 +51,11 @@ eager softmax), so any two routes through them differ by float32 rounding,
 eps_32 = 1.2e-7 relative, amplified by the products: 1e-5. The MC Fisher's
 tolerance is statistical, from the spread of curvlinops' own independent
 estimates (not from ngdref's sampled gradients), see
-:func:`validation.oracles_curvlinops.fisher_mc_tolerance`.
+:func:`validation.oracles.curvlinops.fisher_mc_tolerance`.
 
-Modules: :mod:`validation.oracles_setup` (the check row, the setup, ngdref's
-side), :mod:`validation.oracles_torch` (the torch losses and models),
-:mod:`validation.oracles_curvlinops` and :mod:`validation.oracles_backpack`
+Modules: :mod:`validation.oracles.setup` (the check row, the setup, ngdref's
+side), :mod:`validation.oracles.conversions` (the torch losses and models),
+:mod:`validation.oracles.curvlinops` and :mod:`validation.oracles.backpack`
 (the two libraries' checks); this one runs them.
 """
 
@@ -66,10 +66,10 @@ import math
 import warnings
 from collections.abc import Callable
 
-from validation.independent import error_message
-from validation.oracles_backpack import backpack_checks
-from validation.oracles_curvlinops import curvlinops_checks
-from validation.oracles_setup import (
+from validation.independent.references import error_message
+from validation.oracles.backpack import backpack_checks
+from validation.oracles.curvlinops import curvlinops_checks
+from validation.oracles.setup import (
     OracleCheck,
     OracleSetup,
     ngdref_fisher_products,

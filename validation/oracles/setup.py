@@ -5,7 +5,7 @@ validation``; :class:`OracleSetup` is a model on one batch as the peer
 libraries need it, with ngdref's reference provider; the functions here
 compute the ngdref side of each comparison (F V, the per-token gradients of a
 sequence loss) from that provider. Conventions and tolerances: the docstring
-of :mod:`validation.oracles`.
+of :mod:`validation.oracles.peers`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 import ngdref
 from backends.arrays.adapters import from_numpy, to_numpy
-from validation.independent import Verdict, library_of
+from validation.independent.references import Verdict, library_of
 
 __all__ = [
     "NUM_VECTORS",
@@ -29,7 +29,7 @@ __all__ = [
     "random_vectors",
 ]
 
-#: relative tolerance per float32_internals; see the docstring of validation.oracles
+#: relative tolerance per float32_internals; see the docstring of validation.oracles.peers
 TOLERANCES = {False: 1e-10, True: 1e-5}
 #: how many random vectors V (P, NUM_VECTORS) every product is compared on
 NUM_VECTORS = 3

@@ -6,7 +6,7 @@ F_iEF + lambda I_P and solves it (parameter-space damping, so both compute
 the same vector); it runs only while the P x P matrix fits the memory budget.
 Nothing is asserted: these are measurements.
 
-Usage: ``python -m validation.bench [--max-p 1000000] [--dense-max-p 4096] [--repeats 5]``
+Usage: ``python -m validation.bench.timing [--max-p 1000000] [--dense-max-p 4096] [--repeats 5]``
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Peak-memory probes of ``python -m validation.bench_torch``: live tensors, RSS, CUDA.
+"""Peak-memory probes of ``python -m validation.bench.steps``: live tensors, RSS, CUDA.
 
-Run in a child process per measured step (see ``bench_torch._measure_memory``).
+Run in a child process per measured step (see ``steps._measure_memory``).
 """
 
 from __future__ import annotations

@@ -53,9 +53,9 @@ from torch import nn
 import ngdref
 from backends.torch.kfac.curvature import KFACCurvature, kfac_curvature
 from ngdref import kfac as K
-from validation.oracles import unavailable
-from validation.oracles_setup import OracleCheck
-from validation.oracles_torch import trainable
+from validation.oracles.conversions import trainable
+from validation.oracles.peers import unavailable
+from validation.oracles.setup import OracleCheck
 
 __all__ = [
     "KFAC_PROBLEMS",
