@@ -21,9 +21,9 @@ from tests.experiment_cases import require_hf_stack
 
 torch = require_hf_stack()
 
-from validation.experiments.config import load_config  # noqa: E402
-from validation.experiments.evaluate import EVALUATION_FILE, SWEEP_FILE, evaluate_run  # noqa: E402
-from validation.experiments.train import train  # noqa: E402
+from validation.experiments.config.load import load_config  # noqa: E402
+from validation.experiments.evaluate.framework import EVALUATION_FILE, SWEEP_FILE, evaluate_run  # noqa: E402
+from validation.experiments.train.runner import train  # noqa: E402
 
 #: the marks of every evaluation test module: one torch thread, the Hugging Face warnings off
 PYTESTMARK = [

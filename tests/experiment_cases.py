@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:
-    from validation.experiments.data import GlueExample
+    from validation.experiments.data.glue import GlueExample
 
 
 def require_hf_stack() -> ModuleType:
@@ -107,7 +107,7 @@ def fixture_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def fixture_tokenizer() -> Any:
     """The offline tiny T5 tokenizer (GLUE label words and templates as whole-word pieces)."""
     pytest.importorskip("transformers")
-    from validation.experiments.data import tiny_t5_tokenizer
+    from validation.experiments.data.glue import tiny_t5_tokenizer
 
     return tiny_t5_tokenizer(["Hello"])
 
@@ -146,7 +146,7 @@ def tiny_overrides(setup: str, dirs: dict[str, Path]) -> list[str]:
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
     """The run's logged training steps (metrics.jsonl records of kind 'train')."""
-    from validation.experiments.train import read_metrics
+    from validation.experiments.train.runner import read_metrics
 
     return read_metrics(run_dir, "train")
 

@@ -23,9 +23,9 @@ pytest.importorskip("sklearn")
 
 from backends.torch.distributed.launch import local_group  # noqa: E402
 from tests.test_distributed import spawn  # noqa: E402
-from validation.experiments.config import load_config  # noqa: E402
-from validation.experiments.evaluate import evaluate_run  # noqa: E402
-from validation.experiments.train import read_metrics, train  # noqa: E402
+from validation.experiments.config.load import load_config  # noqa: E402
+from validation.experiments.evaluate.framework import evaluate_run  # noqa: E402
+from validation.experiments.train.runner import read_metrics, train  # noqa: E402
 
 OVERRIDES = [
     "model.hidden_sizes=[16]", "model.dtype=float64", "train.batch_size=7",

@@ -26,12 +26,12 @@ from tests.experiment_cases import (
 torch = require_hf_stack()
 
 from validation.experiments.__main__ import main  # noqa: E402
-from validation.experiments.config import (  # noqa: E402
+from validation.experiments.config.load import (  # noqa: E402
     ConfigError,
     apply_overrides,
     load_config,
 )
-from validation.experiments.train import (  # noqa: E402
+from validation.experiments.train.runner import (  # noqa: E402
     CheckpointError,
     ResumeWarning,
     build_setup,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.experiment_cases import install_fake_datasets, write_cifar100
-from validation.experiments import images
-from validation.experiments.data import (
+from validation.experiments.data import images
+from validation.experiments.data.glue import (
     cifar_eval_transform,
     cifar_train_transform,
     load_cifar100,

@@ -1,4 +1,4 @@
-"""The experiments' configuration (validation/experiments/config.py) and its command line.
+"""The experiments' configuration (validation/experiments/config/load.py) and its command line.
 
 Overrides parsed from ``key=value``, per-task defaults, the paper's and the released code's
 values as named presets, errors that name the key, and the ``config`` command's labels.
@@ -18,7 +18,7 @@ from tests.experiment_cases import require_hf_stack
 require_hf_stack()
 
 from validation.experiments.__main__ import main  # noqa: E402
-from validation.experiments.config import (  # noqa: E402
+from validation.experiments.config.load import (  # noqa: E402
     ConfigError,
     apply_overrides,
     default_config,
@@ -105,7 +105,7 @@ def test_cli_config_command_and_errors(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize("setup", ["t5-lora", "t5-prompt", "vit-lora", "mlp", "mlp-cifar10"])
 def test_the_override_example_of_messages_and_help_is_a_key_of_every_setup(setup: str) -> None:
     from validation.experiments.__main__ import build_parser
-    from validation.experiments.config import OVERRIDE_EXAMPLE
+    from validation.experiments.config.load import OVERRIDE_EXAMPLE
 
     with pytest.raises(ConfigError, match=re.escape(OVERRIDE_EXAMPLE)):
         parse_override("train.batch_size")
@@ -118,7 +118,7 @@ def test_the_override_example_of_messages_and_help_is_a_key_of_every_setup(setup
 def test_mlp_config_is_the_readme_digits_setup() -> None:
     """README's digits set-up is the reproduction's plan: MLP 64-128-128-10 on digits, batch 64,
     20 epochs, x0.1 step after a quarter of them (the plan sets its own dtype)."""
-    from validation.experiments.reproduce import FULL
+    from validation.experiments.reproduce.driver import FULL
 
     config = load_config("mlp")
     assert (config["task"], config["model"]["input_dim"], config["model"]["num_classes"]) == (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation.experiments.data import load_digits
+from validation.experiments.data.glue import load_digits
 
 
 def test_digits_splits() -> None:

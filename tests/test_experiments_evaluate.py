@@ -1,4 +1,5 @@
-"""The evaluation framework (validation/experiments/evaluate.py) on tiny runs of the runner.
+"""The evaluation framework (validation/experiments/evaluate/framework.py) on tiny runs of the
+runner.
 
 Runs are trained here by the runner itself: an MLP on scikit-learn's digits (2 epochs, Adam) and
 a tiny random T5 + LoRA on an SST-2 file in GLUE's TSV format (1 epoch). Here: the file format,
@@ -31,8 +32,8 @@ from tests.evaluate_cases import (  # noqa: F401  (fixtures)
 )
 from tests.experiment_cases import write_sst2
 from validation.experiments.__main__ import main
-from validation.experiments.config import load_config
-from validation.experiments.evaluate import (
+from validation.experiments.config.load import load_config
+from validation.experiments.evaluate.framework import (
     EVALUATION_FILE,
     RATIOS,
     SWEEP_FILE,
@@ -41,8 +42,8 @@ from validation.experiments.evaluate import (
     evaluation_problem,
     sweep_run,
 )
-from validation.experiments.evaluate_settings import DEFAULT_DAMPING
-from validation.experiments.train import build_setup, load_checkpoint, load_run_config, train
+from validation.experiments.evaluate.settings import DEFAULT_DAMPING
+from validation.experiments.train.runner import build_setup, load_checkpoint, load_run_config, train
 
 pytestmark = PYTESTMARK
 
@@ -320,8 +321,8 @@ def test_cli_defaults_are_the_documented_ones() -> None:
     """``evaluate`` and ``sweep`` default to DEFAULT_BATCHES / DEFAULT_SWEEP_BATCHES (not the
     paper's 100, which took minutes per digits checkpoint), protocol ngdref, float64, and a
     progress bar when stderr is a terminal."""
-    from validation.experiments import evaluate as ev
     from validation.experiments.__main__ import build_parser
+    from validation.experiments.evaluate import framework as ev
 
     parser = build_parser()
     args = parser.parse_args(["evaluate", "RUN"])

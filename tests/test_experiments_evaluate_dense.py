@@ -1,5 +1,5 @@
-"""gamma of the evaluator (validation/experiments/evaluate.py) against a dense, independent
-recomputation on tiny digits-MLP runs of the runner.
+"""gamma of the evaluator (validation/experiments/evaluate/framework.py) against a dense,
+independent recomputation on tiny digits-MLP runs of the runner.
 
 Every gamma of the MLP from a dense Fisher (``torch.autograd.functional.jacobian`` and the
 softmax-CE Hessian written out here), per-sample gradients from a loop of single-sample
@@ -31,9 +31,9 @@ from tests.evaluate_cases import (  # noqa: F401  (fixtures)
     torch,
     train_mlp_run,
 )
-from validation.experiments.evaluate import RATIOS, evaluate_run
-from validation.experiments.evaluate_settings import DEFAULT_DAMPING
-from validation.experiments.train import build_setup, load_checkpoint, load_run_config
+from validation.experiments.evaluate.framework import RATIOS, evaluate_run
+from validation.experiments.evaluate.settings import DEFAULT_DAMPING
+from validation.experiments.train.runner import build_setup, load_checkpoint, load_run_config
 
 pytestmark = PYTESTMARK
 
@@ -275,7 +275,7 @@ def test_sf_duplicate_filter_matches_the_authors_loop(duplicates: str) -> None:
     """``authors_sf_rows`` against the transcription of ``remove_J_C_duplicates``: rows with
     planted near-duplicates (a chain a ~ b ~ c and an exact copy), compared as the set of
     rows kept and their Gram matrix G_hat^T G_hat (order-free), to 1e-12."""
-    from validation.experiments.protocols import authors_sf_rows
+    from validation.experiments.evaluate.protocols import authors_sf_rows
 
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 9))

@@ -1,10 +1,10 @@
-"""Figures and the CPU reproduction (validation/experiments/figures.py, reproduce.py).
+"""Figures and the CPU reproduction (validation/experiments/figures/, reproduce/).
 
 Expected values come from other routes: the toy fields are checked against the closed forms of
 backends.arrays.analytic (derived by hand, SPEC §7), not against ngdref.updates; the claim
-statements
-against synthetic evaluation / sweep / summary data whose answer is known by construction; the
-figure functions against small synthetic files in the runner's and the evaluator's formats.
+statements against synthetic evaluation / sweep / summary data whose answer is known by
+construction; the figure functions against small synthetic files in the runner's and the
+evaluator's formats.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from backends.arrays.analytic import (
     least_squares_toy_closed_form,
     logistic_toy_closed_form,
 )
-from validation.experiments import figures, reproduce, reproduce_plan, reproduce_report
+from validation.experiments.figures import plots as figures
+from validation.experiments.reproduce import driver as reproduce
+from validation.experiments.reproduce import plan as reproduce_plan
+from validation.experiments.reproduce import report as reproduce_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIOS = ("ef/sgd", "ief/sgd", "sf/ief", "sf/ef")
@@ -318,16 +321,17 @@ def test_final_training_loss() -> None:
 def test_reproduce_fails_clearly_without_the_evaluator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "validation.experiments.evaluate", None)
-    with pytest.raises(reproduce_plan.ReproduceError, match=r"evaluate\.py"):
+    monkeypatch.setitem(sys.modules, "validation.experiments.evaluate.framework", None)
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"evaluate/framework\.py"):
         reproduce.reproduce(tmp_path / "out", reproduce_plan.QUICK)
     assert not (tmp_path / "out").exists()  # nothing was trained
 
 
 def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip(
-        "validation.experiments.evaluate",
-        reason="validation/experiments/evaluate.py (the evaluation framework) is not there yet",
+        "validation.experiments.evaluate.framework",
+        reason="validation/experiments/evaluate/framework.py (the evaluation framework) is "
+        "not there yet",
     )
     from validation.experiments.__main__ import main
 
@@ -356,14 +360,14 @@ def test_reproduce_quick_end_to_end(tmp_path: Path) -> None:
         reproduce.reproduce(out, dataclasses.replace(plan, epochs=plan.epochs + 1))
 
 
-# ---- the LoRA reproduction (validation/experiments/lora_digits.py) -----------------------------
+# ---- the LoRA reproduction (validation/experiments/reproduce/lora_digits.py) -----------------
 def test_lora_digits_data_and_model(tmp_path: Path) -> None:
     """Pretraining sees digits 0-4 only, fine-tuning 5-9 only; the fine-tuned model trains the
     LoRA adapters and nothing else, starts as the pretrained network (B = 0), and a base file
     that is not the one the configuration names is refused."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from validation.experiments import lora_digits as ld
+    from validation.experiments.reproduce import lora_digits as ld
 
     for split in ("train", "validation", "test"):
         _, y_pre = ld.digits_subset(split, ld.PRETRAIN_CLASSES)
@@ -397,8 +401,8 @@ def test_reproduce_lora_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     """``reproduce --setup digits-lora --quick``: every stage at tiny scale, with a progress bar;
     the evaluation is the AdamW run's, under the authors' protocol, in float64."""
     pytest.importorskip("peft")
-    from validation.experiments import lora_digits as ld
     from validation.experiments.__main__ import main
+    from validation.experiments.reproduce import lora_digits as ld
 
     out = tmp_path / "lora"
     assert main(["reproduce", "--setup", "digits-lora", "--quick", "--out", str(out),

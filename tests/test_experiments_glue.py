@@ -16,8 +16,8 @@ from tests.experiment_cases import (
     fixture_tokenizer,  # noqa: F401  (a fixture)
     glue_triples,
 )
-from validation.experiments import data
-from validation.experiments.data import (
+from validation.experiments.data import glue as data
+from validation.experiments.data.glue import (
     GLUE_TASKS,
     encode_glue,
     get_glue_task,

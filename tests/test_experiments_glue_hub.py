@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.experiment_cases import glue_triples, install_fake_datasets
-from validation.experiments.data import load_glue
+from validation.experiments.data.glue import load_glue
 
 
 def test_hub_failure_names_data_source_and_the_offline_choice(

@@ -59,7 +59,7 @@ def test_read_jsonl_missing_file(tmp_path):
 
 def test_checkpoint_writer_writes_on_the_writing_rank_only(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from validation.experiments import checkpoints
+    from validation.experiments.train import checkpoints
 
     path = tmp_path / "x.json"
     monkeypatch.setattr(checkpoints.dist_launch, "is_writer", lambda: False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation.experiments.data import GLUE_TASKS, tiny_t5_tokenizer
+from validation.experiments.data.glue import GLUE_TASKS, tiny_t5_tokenizer
 from validation.experiments.metrics import (
     accuracy,
     f1_score,

@@ -23,11 +23,11 @@ from tests.experiment_cases import (
 
 torch = require_hf_stack()
 
-from validation.experiments.config import (  # noqa: E402
+from validation.experiments.config.load import (  # noqa: E402
     default_config,
     load_config,
 )
-from validation.experiments.train import build_setup  # noqa: E402
+from validation.experiments.train.runner import build_setup  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -57,7 +57,7 @@ def test_offline_tokenizer_failure_names_model_name_and_the_choices() -> None:
 # ---- the paper's models: trainable parameter counts (meta device, no weights) -----------------
 def test_paper_model_trainable_counts_and_module_names() -> None:
     """884,736 (T5 LoRA), 15,360 (prompt) and 313,344 (ViT LoRA incl. q/v biases), App. H."""
-    from validation.experiments import models
+    from validation.experiments.models import builders as models
 
     t5 = {"d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12, "d_kv": 64,
           "init_seed": 0}
@@ -163,7 +163,7 @@ def test_left_and_right_padding_agree_for_lora_only(
 
 
 def test_sf_draws_only_the_label_word_by_default(dirs: dict[str, Path]) -> None:
-    from validation.experiments.train import LabelWordSampledCE, build_optimizer
+    from validation.experiments.train.runner import LabelWordSampledCE, build_optimizer
 
     config = load_config("t5-lora", [*tiny_overrides("t5-lora", dirs), "optimizer=sf"])
     assert config["optimizers"]["sf"]["sample_positions"] == "label_word"
@@ -205,7 +205,7 @@ def test_sf_rows_are_gradients_of_the_loss_on_the_drawn_labels(
     CORE's) must be parallel to it: cos = 1 within float64 rounding of two gradient routes
     (1e-10). With 'all' the EOS is redrawn too."""
     from backends import TorchProvider
-    from validation.experiments.train import LabelWordSampledCE
+    from validation.experiments.train.runner import LabelWordSampledCE
 
     config = load_config("t5-lora", [*tiny_overrides("t5-lora", dirs), "model.dtype=float64"])
     setup = build_setup(config, "cpu")

@@ -1,7 +1,7 @@
-"""The damping sweep (``sweep_run``, validation/experiments/evaluate.py) on a tiny digits-MLP
-run of the runner: its file, its equality with ``evaluate_run`` at each damping of the grid
-(the factorised solves against evaluate's library calls at the same damping), the Gram
-matrices formed once per batch, and resume.
+"""The damping sweep (``sweep_run``, validation/experiments/evaluate/framework.py) on a tiny
+digits-MLP run of the runner: its file, its equality with ``evaluate_run`` at each damping of the
+grid (the factorised solves against evaluate's library calls at the same damping), the Gram matrices
+formed once per batch, and resume.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from tests.evaluate_cases import (  # noqa: F401  (fixtures)
     copy_run,
     fixture_mlp_run,
 )
-from validation.experiments.evaluate import METHODS, RATIOS, SWEEP_FILE, evaluate_run, sweep_run
+from validation.experiments.evaluate.framework import (
+    METHODS,
+    RATIOS,
+    SWEEP_FILE,
+    evaluate_run,
+    sweep_run,
+)
 
 pytestmark = PYTESTMARK
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.experiment_cases import fixture_tokenizer  # noqa: F401  (a fixture)
-from validation.experiments.data import (
+from validation.experiments.data.glue import (
     GLUE_TASKS,
     GlueExample,
     encode_glue,

@@ -1,4 +1,4 @@
-"""The training loop of the experiments' runner (validation/experiments/train.py).
+"""The training loop of the experiments' runner (validation/experiments/train/runner.py).
 
 Offline, tiny random models (T5 with the tiny tokenizer, ViT, MLP) on small data files written in
 the loaders' real formats (tests/experiment_cases.py) and on scikit-learn's digits. Expected values
@@ -26,8 +26,8 @@ from tests.experiment_cases import (
 
 torch = require_hf_stack()
 
-from validation.experiments.config import load_config  # noqa: E402
-from validation.experiments.train import (  # noqa: E402
+from validation.experiments.config.load import load_config  # noqa: E402
+from validation.experiments.train.runner import (  # noqa: E402
     build_setup,
     epoch_permutation,
     read_metrics,
@@ -152,7 +152,7 @@ def test_per_sample_loss_is_hugging_face_token_mean(
     tokens = int((batch.targets != -100).sum())
     assert tokens == 2 * batch.size  # one-token label words + EOS
     assert setup.reduction(batch) == pytest.approx(1.0 / tokens)
-    from validation.experiments.train import build_optimizer
+    from validation.experiments.train.runner import build_optimizer
 
     optimizer = build_optimizer(setup, total_steps=1)
     optimizer.param_groups[0]["reduction"] = setup.reduction(batch)

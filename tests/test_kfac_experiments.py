@@ -33,9 +33,9 @@ from tests.evaluate_cases import (  # noqa: E402
     drawn_labels,
     train_mlp_run,
 )
-from validation.experiments.config import KFAC_OPTIMIZERS, load_config  # noqa: E402
-from validation.experiments.evaluate import evaluate_run  # noqa: E402
-from validation.experiments.train import (  # noqa: E402
+from validation.experiments.config.load import KFAC_OPTIMIZERS, load_config  # noqa: E402
+from validation.experiments.evaluate.framework import evaluate_run  # noqa: E402
+from validation.experiments.train.runner import (  # noqa: E402
     build_setup,
     load_checkpoint,
     load_run_config,
@@ -164,7 +164,7 @@ def test_kfac_gamma_equals_a_dense_recomputation(mlp_run: Path) -> None:
 
 
 def _lora_digits_config(optimizer: str, out: Path) -> dict[str, Any]:
-    from validation.experiments import lora_digits as ld
+    from validation.experiments.reproduce import lora_digits as ld
 
     ld.pretrain(out, ld.QUICK_LORA)
     return ld.run_config(ld.QUICK_LORA, optimizer, 0.1, 0, out)
@@ -177,7 +177,7 @@ def test_every_setup_trains_with_the_kfac_optimizers(
 ) -> None:
     """Two steps of the runner with its config defaults: finite losses, the optimiser's
     diagnostics logged (parameters outside supported layers reported, e.g. prompt tokens)."""
-    from validation.experiments.lora_digits import setup_for_run
+    from validation.experiments.reproduce.lora_digits import setup_for_run
 
     steps = 2
     if setup == "digits-lora":
@@ -217,7 +217,7 @@ def _kfac_evaluation(rows: list[tuple[float, float, float]]) -> dict[str, Any]:
 ])
 def test_kfac_claim(rows: list[tuple[float, float, float]], held: bool) -> None:
     """ieKFAC ~ iEF (within 2x) and KFAC, eKFAC >= 2x worse than ieKFAC at most checkpoints."""
-    from validation.experiments.kfac_eval import kfac_claim
+    from validation.experiments.evaluate.kfac import kfac_claim
 
     assert kfac_claim(_kfac_evaluation(rows))[0] is held
     assert kfac_claim({"checkpoints": [{"ratios": {}}]})[0] is None

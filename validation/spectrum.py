@@ -3,7 +3,7 @@ r"""Top eigenvalues of F, EF, iEF, SF, eKFAC, ieKFAC on the digits MLP, matrix-f
 ``python -m validation.spectrum [--quick] [--out spectrum.png] [--force]`` trains the NumPy
 tanh MLP of :mod:`backends.arrays.mlp` (64-32-32-10, P = 3,466) with SGD on scikit-learn's 8x8
 digits (the seeded, standardised 1,077-image train split of
-:func:`validation.experiments.images.load_digits`), and at initialisation and after
+:func:`validation.experiments.data.images.load_digits`), and at initialisation and after
 training takes one batch of N training samples (160, the paper's evaluation batch) and
 computes, matrix-free with :func:`backends.scipy.operators.curvature_operator` and
 ``scipy.sparse.linalg.eigsh``, the top-k eigenpairs of
@@ -71,7 +71,7 @@ class Spectrum:
 def _digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
     import torch  # the digits loader's, and backends.torch.kfac.curvature's: only when run
 
-    from validation.experiments.images import load_digits
+    from validation.experiments.data.images import load_digits
 
     split = load_digits("train", seed=seed, dtype=torch.float64)
     return split.inputs.numpy(), split.labels.numpy()

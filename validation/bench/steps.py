@@ -9,8 +9,7 @@ after a warm-up, the median time of
 * a plain forward + backward (the model's own mean loss), an AdamW step and an SGD step
   (forward + backward + ``optimizer.step()``);
 * one step of :class:`backends.torch.optim.methods.IEF`, ``EF`` and ``SF`` on every ``per_sample``
-route
-  ("auto": ghost or materialised per layer by the cost model, "ghost", "hooks": materialised
+  route ("auto": ghost or materialised per layer by the cost model, "ghost", "hooks": materialised
   per layer, "vmap": dense G);
 * on the LoRA workloads and the small MLP, the parts of an iEF step: building the
   :class:`backends.TorchProvider`, G by hooks and by vmap, and the Gram solve;
