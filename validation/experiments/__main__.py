@@ -190,7 +190,7 @@ def register_checkpoints(subparsers: Any) -> None:
     parser.set_defaults(func=_run_checkpoints)
 
 
-from validation.experiments.evaluate.framework import register_evaluate, register_sweep  # noqa: E402
+from validation.experiments.evaluate.cli import register_evaluate, register_sweep  # noqa: E402
 from validation.experiments.figures.plots import register_figures  # noqa: E402
 from validation.experiments.reproduce.driver import register_reproduce  # noqa: E402
 

@@ -120,7 +120,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from validation.experiments.evaluate.checkpoint import evaluate_checkpoint, sweep_checkpoint
-from validation.experiments.evaluate.cli import register_evaluate, register_sweep
 from validation.experiments.evaluate.protocols import (
     EvaluationError,
     EvaluationProblem,
@@ -169,8 +168,6 @@ __all__ = [
     "evaluate_run",
     "evaluation_problem",
     "first_label_token",
-    "register_evaluate",
-    "register_sweep",
     "resolve_checkpoints",
     "sf_key",
     "sweep_run",

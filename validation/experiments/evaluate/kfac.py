@@ -24,7 +24,7 @@ draws gamma_m / gamma_iEF over the checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +33,10 @@ import numpy as np
 from ngdref.kfac import KFAC_METHODS
 
 if TYPE_CHECKING:
+    import torch
+
+    import ngdref
     from backends.torch.kfac.curvature import KFACCurvature
-    from validation.experiments.train.runner import Batch, Setup
 
 __all__ = [
     "KFAC_RATIOS",
@@ -56,10 +58,13 @@ def _key(key: int, index: int) -> int:
 
 
 def batch_kfac_curvature(
-    setup: Setup,
-    batch: Batch,
+    model: torch.nn.Module,
+    inputs: Mapping[str, Any],
+    loss: ngdref.LogitLoss,
+    targets: torch.Tensor,
     methods: Sequence[str],
     *,
+    output_fn: Callable[[Any], torch.Tensor] | None,
     key: int,
     micro_batch: int | None,
 ) -> KFACCurvature:
@@ -67,10 +72,11 @@ def batch_kfac_curvature(
 
     Parameters
     ----------
-    setup : Setup
-        Parameters loaded (in the evaluation's dtype).
-    batch : Batch
-        The evaluation batch (M samples).
+    model : torch.nn.Module
+        The setup's model, parameters loaded (in the evaluation's dtype).
+    inputs, loss, targets, output_fn
+        The evaluation batch (M samples) under the evaluator's conventions
+        (:func:`~validation.experiments.evaluate.protocols.evaluation_inputs`).
     methods : subset of ("kfac", "ekfac", "iekfac")
     key : int
         KFAC's label draws (micro-batch i: ``SeedSequence([key, i])``'s first word).
@@ -78,9 +84,7 @@ def batch_kfac_curvature(
         Samples per pass (None: all M in one).
     """
     from backends.torch.kfac.curvature import kfac_curvature, merge_curvatures
-    from validation.experiments.evaluate.protocols import evaluation_inputs
 
-    inputs, loss, targets, output_fn = evaluation_inputs(setup, batch)
     size = int(targets.shape[0])
     step = size if micro_batch is None else int(micro_batch)
     parts = []
@@ -88,7 +92,7 @@ def batch_kfac_curvature(
         sl = slice(start, start + step)
         chunk = {k: v[sl] if hasattr(v, "shape") else v for k, v in inputs.items()}
         parts.append(kfac_curvature(
-            setup.model, loss, chunk, targets[sl], methods=tuple(methods), key=_key(key, i),
+            model, loss, chunk, targets[sl], methods=tuple(methods), key=_key(key, i),
             output_fn=output_fn,
         ))
     return parts[0] if len(parts) == 1 else merge_curvatures(parts)

@@ -451,8 +451,10 @@ def batch_scorer(
     if kfac_methods:
         from validation.experiments.evaluate.kfac import batch_kfac_curvature
 
+        inputs, kfac_loss, targets, output_fn = evaluation_inputs(setup, batch)
         scorer.kfac = batch_kfac_curvature(
-            setup, batch, kfac_methods, key=key, micro_batch=settings["micro_batch"]
+            setup.model, inputs, kfac_loss, targets, kfac_methods, output_fn=output_fn, key=key,
+            micro_batch=settings["micro_batch"],
         )
     return scorer
 
