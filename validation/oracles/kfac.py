@@ -1,7 +1,7 @@
 r"""K-FAC oracles: ngdref's KFAC / eKFAC / ieKFAC against curvlinops and exact iEF.
 
 Run by ``python -m validation`` (section "K-FAC oracles") and by
-``tests/test_kfac_torch.py``. Everything in float64, sum convention,
+``tests/backends/torch/kfac/test_kfac.py``. Everything in float64, sum convention,
 ``normalisation="mean"`` (curvlinops' convention for a sum-reduced loss:
 A averaged over the N T (expand) or N (reduce) terms, B summed).
 
