@@ -149,8 +149,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
     param_names : tuple of str
         Names of the trainable parameters, in theta order.
     param_shapes, param_tensors, theta
-        Their shapes, the parameter tensors themselves and theta (P,)
-        (:class:`~backends.torch.params.ParamLayout`).
+        Their shapes and tensors, and theta (P,) (:class:`~backends.torch.params.ParamLayout`).
     targets : torch.Tensor or None
         The ``labels`` entry of dict inputs, unchanged (e.g. (N, T) token ids
         with -100 padding for a seq2seq model, to pair with
@@ -226,8 +225,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
             yield slice(start, min(start + step, self._n))
 
     def batch(self, rows: slice) -> dict[str, torch.Tensor]:
-        """The batch's per-sample model inputs (name -> tensor) of the samples ``rows``;
-        what :meth:`batch_logits` takes."""
+        """The per-sample model inputs (name -> tensor) of the samples ``rows``."""
         return {key: t[rows] for key, t in self._batched.items()}
 
     def restricted(self, rows: slice) -> TorchProvider:
@@ -269,9 +267,8 @@ class TorchProvider(ParamLayout, JacobianProvider):
     def batch_logits(
         self, theta: torch.Tensor, batched: Mapping[str, torch.Tensor], params: Any = None
     ) -> Any:
-        """Logits (n, C) of a batch of n samples (``batched``: from :meth:`batch`) at ``theta``
-        (P,), in the caller's grad mode and train/eval mode (``params``: ``unflatten(theta)`` if
-        given)."""
+        """Logits (n, C) of n samples (``batched``: from :meth:`batch`) at ``theta`` (P,), in the
+        caller's grad and eval modes (``params``: ``unflatten(theta)`` if given)."""
         z = self.output_fn(self._call(theta, batched, params))
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"output_fn must return a tensor, got {type(z).__name__}")

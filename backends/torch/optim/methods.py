@@ -108,7 +108,7 @@ from .base import (
     _GramOptimizer,
     _LogitLossOptimizer,
 )
-from .common import _split_batch as _split_batch  # re-exported: kfac_optim used it
+from .common import _split_batch as _split_batch  # re-exported: optim.kfac used it
 from .common import _step_key
 from .sf_rows import PairedRows, cross_gram_is_cheaper
 
