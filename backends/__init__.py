@@ -7,13 +7,13 @@ Always available (array-API generic; stdlib and array_api_compat only):
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider` and
-:func:`default_output_fn` (a model's output -> its logits; ``backends.torch_provider``),
-:class:`GhostRows` (``backends.ghost``: per-sample gradients as per-layer factors), the
-optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
-(``backends.optim``) and :class:`KFAC`, :class:`EKFAC`, :class:`IEKFAC`
-(``backends.kfac_optim``). ``import backends`` never imports torch. The SciPy
+:func:`default_output_fn` (a model's output -> its logits; ``backends.torch.provider``),
+:class:`GhostRows` (``backends.torch.per_sample.rows``: per-sample gradients as per-layer factors),
+the optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
+(``backends.torch.optim.methods``) and :class:`KFAC`, :class:`EKFAC`, :class:`IEKFAC`
+(``backends.torch.optim.kfac``). ``import backends`` never imports torch. The SciPy
 ``LinearOperator`` s :func:`curvature_operator`, :func:`kfac_operator`
-(``backends.linear_operator``) are lazy too.
+(``backends.scipy.operators``) are lazy too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .analytic import (
+from .arrays.analytic import (
     LeastSquaresToyClosedForm,
     LinearProvider,
     LogisticToyClosedForm,
@@ -30,26 +30,26 @@ from .analytic import (
     logistic_toy,
     logistic_toy_closed_form,
 )
-from .finite_difference import FiniteDifferenceProvider, default_relative_step
-from .mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
+from .arrays.finite_difference import FiniteDifferenceProvider, default_relative_step
+from .arrays.mlp import MLPProvider, mlp_apply, mlp_init, mlp_num_params
 
 #: attribute name -> the module that defines it (relative to this package: it is installed
 #: as ``ngdref.backends``), imported on first access
 _LAZY = {
-    "TorchProvider": ".torch_provider",
-    "default_output_fn": ".torch_provider",
-    "GhostRows": ".ghost",
-    "IEF": ".optim",
-    "EF": ".optim",
-    "SF": ".optim",
-    "NGD": ".optim",
-    "KFAC": ".kfac_optim",
-    "EKFAC": ".kfac_optim",
-    "IEKFAC": ".kfac_optim",
-    "CurvatureOperator": ".linear_operator",
-    "curvature_operator": ".linear_operator",
-    "kfac_operator": ".linear_operator",
-    "kfac_curvature_operator": ".linear_operator",
+    "TorchProvider": ".torch.provider",
+    "default_output_fn": ".torch.provider",
+    "GhostRows": ".torch.per_sample.rows",
+    "IEF": ".torch.optim.methods",
+    "EF": ".torch.optim.methods",
+    "SF": ".torch.optim.methods",
+    "NGD": ".torch.optim.methods",
+    "KFAC": ".torch.optim.kfac",
+    "EKFAC": ".torch.optim.kfac",
+    "IEKFAC": ".torch.optim.kfac",
+    "CurvatureOperator": ".scipy.operators",
+    "curvature_operator": ".scipy.operators",
+    "kfac_operator": ".scipy.operators",
+    "kfac_curvature_operator": ".scipy.operators",
 }
 
 __all__ = [

@@ -86,7 +86,8 @@ def true_rows_inverse_apply(
     A G^T 1 and reported as ``per_sample_grads``. Rows with the optional methods
     ``true_rows.cross_row_sums(a)`` = A G^T 1 (M,) float64 and ``true_rows.rmatvec_pair(a,
     w, v)`` = G^T w + A^T v are asked for these instead (a backend that can choose per
-    block, or whose two sets of rows share factors: :class:`backends.optim_sf.PairedRows`).
+    block, or whose two sets of rows share factors:
+    :class:`backends.torch.optim.sf_rows.PairedRows`).
     """
     solver = rows if isinstance(rows, DampedGram) else None
     a = as_rows(rows, name=rows_name) if solver is None else solver.rows

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.arrays import LIBRARIES, from_numpy, to_numpy, unavailable
+from backends.arrays.adapters import LIBRARIES, from_numpy, to_numpy, unavailable
 
 #: (rtol, atol) per dtype name for comparisons of two exact routes to one value.
 TOLERANCES = {"float64": (1e-9, 1e-11), "float32": (2e-4, 1e-5)}

@@ -13,11 +13,11 @@ reference updates to SGD:
   differences.
 
 Each problem then gets an "independent references" section
-(:mod:`validation.independent_checks`): every update of the reference run
+(:mod:`validation.independent.checks`): every update of the reference run
 (SGD, EF, iEF with both dampings, SF, GN, NGD), its gamma ratios, the
 lambda -> 0 limits G d = 1 and G d = s, the mean-reduction convention and the
 toy problems' closed forms against dense P x P solves in NumPy that share no
-code with ngdref's updates; and an "oracles" section (:mod:`validation.oracles`):
+code with ngdref's updates; and an "oracles" section (:mod:`validation.oracles.peers`):
 curvlinops' GGN, EF and MC-Fisher products and BackPACK's per-sample
 gradients and GGN products against ngdref's. The full numbers go to a JSON
 report; the exit code is 1 if any run, independent check or oracle is beyond
@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any
 
-from backends.arrays import unavailable
+from backends.arrays.adapters import unavailable
 from validation.cases import Problem, problems
 from validation.crosscheck import (
     CG_TOLERANCES,
@@ -54,10 +54,10 @@ from validation.crosscheck import (
     torch_crosscheck,
     torch_reference_label,
 )
-from validation.independent import IndependentCheck, Verdict, error_message
-from validation.independent_checks import ReferenceRun, independent_checks
-from validation.oracles import oracle_checks, oracles_skipped
-from validation.oracles_setup import OracleCheck, OracleSetup
+from validation.independent.checks import ReferenceRun, independent_checks
+from validation.independent.references import IndependentCheck, Verdict, error_message
+from validation.oracles.peers import oracle_checks, oracles_skipped
+from validation.oracles.setup import OracleCheck, OracleSetup
 from validation.torch_cases import TorchProblem, torch_problems
 
 
@@ -373,7 +373,7 @@ def _validate(
         print(f"  ({entry['seconds']:.1f} s)", flush=True)
         report.append(entry)
     if with_kfac:  # K-FAC family vs curvlinops and exact iEF (issue 11)
-        from validation.kfac_oracles import kfac_entry
+        from validation.oracles.kfac import kfac_entry
 
         report.append(kfac_entry(_format_oracles))
     failed = [item for entry in report for item in failed_items(entry)]

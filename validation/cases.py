@@ -29,8 +29,8 @@ import numpy as np
 
 import ngdref
 from backends import FiniteDifferenceProvider, LinearProvider, MLPProvider, mlp_apply, mlp_init
-from backends.analytic import LEAST_SQUARES_TOY_X, LOGISTIC_TOY_X
-from backends.arrays import from_numpy
+from backends.arrays.adapters import from_numpy
+from backends.arrays.analytic import LEAST_SQUARES_TOY_X, LOGISTIC_TOY_X
 
 
 def _linear_apply(params: Any, inputs: Any, num_outputs: int) -> Any:

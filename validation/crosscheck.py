@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 import ngdref
-from backends.arrays import LIBRARIES, to_numpy, unavailable
+from backends.arrays.adapters import LIBRARIES, to_numpy, unavailable
 from validation.cases import Problem
-from validation.independent import error_message, sf_key
+from validation.independent.references import error_message, sf_key
 
 UPDATES = ("sgd", "ef", "ief", "ief-param", "sf", "gn", "ngd", "ngd-cg")
 QUANTITIES = ("jacobian", "per_sample_grads", "s", *UPDATES)
@@ -334,7 +334,7 @@ def torch_crosscheck(problem: Any) -> TorchRuns:
     TorchRuns
         ``rows`` holds the hooks row (or a skipped row when the route does not
         apply), then the fd row; the reference itself is checked by
-        :mod:`validation.independent_checks`, not against itself.
+        :mod:`validation.independent.checks`, not against itself.
     """
     from backends import FiniteDifferenceProvider, TorchProvider
     from validation.torch_cases import flat_logits_function

@@ -1,15 +1,15 @@
 r"""Top eigenvalues of F, EF, iEF, SF, eKFAC, ieKFAC on the digits MLP, matrix-free (eigsh).
 
 ``python -m validation.spectrum [--quick] [--out spectrum.png] [--force]`` trains the NumPy
-tanh MLP of :mod:`backends.mlp` (64-32-32-10, P = 3,466) with SGD on scikit-learn's 8x8
+tanh MLP of :mod:`backends.arrays.mlp` (64-32-32-10, P = 3,466) with SGD on scikit-learn's 8x8
 digits (the seeded, standardised 1,077-image train split of
-:func:`validation.experiments.images.load_digits`), and at initialisation and after
+:func:`validation.experiments.data.images.load_digits`), and at initialisation and after
 training takes one batch of N training samples (160, the paper's evaluation batch) and
-computes, matrix-free with :func:`backends.linear_operator.curvature_operator` and
+computes, matrix-free with :func:`backends.scipy.operators.curvature_operator` and
 ``scipy.sparse.linalg.eigsh``, the top-k eigenpairs of
 
     F = sum_n J_n^T H_n J_n,  F_EF = G^T G,  F_iEF = G^T diag(s)^-1 G,  F_SF (one draw),
-    eKFAC and ieKFAC (block-diagonal, from backends.kfac on a torch copy of the MLP)
+    eKFAC and ieKFAC (block-diagonal, from backends.torch.kfac.curvature on a torch copy of the MLP)
 
 (sum convention), one batch and one operator per method, never a P x P matrix. It
 prints, per method, lambda_1, the decay lambda_k / lambda_1, and the overlap
@@ -44,7 +44,7 @@ from scipy.sparse.linalg import eigsh
 
 import ngdref
 from backends import MLPProvider, mlp_init
-from backends.linear_operator import (
+from backends.scipy.operators import (
     CurvatureOperator,
     curvature_operator,
     kfac_curvature_operator,
@@ -69,9 +69,9 @@ class Spectrum:
 
 
 def _digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch  # the digits loader's, and backends.kfac's: only when run
+    import torch  # the digits loader's, and backends.torch.kfac.curvature's: only when run
 
-    from validation.experiments.images import load_digits
+    from validation.experiments.data.images import load_digits
 
     split = load_digits("train", seed=seed, dtype=torch.float64)
     return split.inputs.numpy(), split.labels.numpy()
@@ -98,7 +98,8 @@ def _accuracy(params: np.ndarray, x: np.ndarray, y: np.ndarray, sizes: tuple[int
 
 
 def torch_mlp(params: np.ndarray, sizes: tuple[int, ...]) -> Any:
-    """The same tanh MLP in torch (float64): backends.mlp's theta layout is named_parameters'."""
+    """The same tanh MLP in torch (float64): backends.arrays.mlp's theta layout is
+    named_parameters'."""
     import torch
 
     layers: list[torch.nn.Module] = []
@@ -115,7 +116,7 @@ def operators(
     """Every method's matrix-free operator on one batch (eKFAC, ieKFAC from the torch twin)."""
     import torch
 
-    from backends.kfac import kfac_curvature
+    from backends.torch.kfac.curvature import kfac_curvature
 
     loss = ngdref.SoftmaxCrossEntropy()
     ops = {m: curvature_operator(m, provider, loss, targets, key=seed) for m in METHODS[:4]}

@@ -12,7 +12,7 @@ hooks route, central differences through :func:`flat_logits_function` (a
 flat-parameter wrapper of the model's ordinary forward by
 ``torch.func.functional_call``, independent of the provider's own
 unflattening and input handling) and the peer-library oracles of
-:mod:`validation.oracles`.
+:mod:`validation.oracles.peers`.
 
 The Hugging Face models (T5, ViT) compute parts of their forward in float32
 even after ``.double()`` (T5LayerNorm's variance, the eager ViT attention's

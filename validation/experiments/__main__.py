@@ -41,7 +41,7 @@ __all__ = ["COMMANDS", "build_parser", "config_from_args", "main"]
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by every command that builds a configuration."""
-    from validation.experiments.config import OVERRIDE_EXAMPLE
+    from validation.experiments.config.load import OVERRIDE_EXAMPLE
 
     parser.add_argument(
         "setup",
@@ -68,7 +68,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved configuration of ``args`` (setup, shorthand flags, then ``--set``)."""
-    from validation.experiments.config import load_config
+    from validation.experiments.config.load import load_config
 
     overrides: list[tuple[str, Any]] = []
     for key, flag in (
@@ -92,7 +92,7 @@ def _default_run_dir(config: dict[str, Any]) -> Path:
 
 # ---- train -----------------------------------------------------------------------------------
 def _run_train(args: argparse.Namespace) -> int:
-    from validation.experiments.train import train
+    from validation.experiments.train.runner import train
 
     config = config_from_args(args)
     run_dir = Path(args.out) if args.out else _default_run_dir(config)
@@ -109,7 +109,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "best_validation": result.best,
         "test": result.test,
     }
-    from backends.dist_launch import is_writer
+    from backends.torch.distributed.launch import is_writer
 
     if is_writer():  # torchrun: one summary, from rank 0
         print(json.dumps(summary, indent=2, allow_nan=True))
@@ -140,8 +140,8 @@ def register_train(subparsers: Any) -> None:
 
 # ---- config ----------------------------------------------------------------------------------
 def _run_config(args: argparse.Namespace) -> int:
-    from validation.experiments.config import SETUPS, load_config
-    from validation.experiments.provenance import provenance
+    from validation.experiments.config.load import SETUPS, load_config
+    from validation.experiments.config.provenance import provenance
 
     config = config_from_args(args)
     if args.json:
@@ -176,7 +176,7 @@ def register_config(subparsers: Any) -> None:
 
 # ---- checkpoints -----------------------------------------------------------------------------
 def _run_checkpoints(args: argparse.Namespace) -> int:
-    from validation.experiments.train import list_checkpoints
+    from validation.experiments.train.runner import list_checkpoints
 
     for info in list_checkpoints(args.run_dir):
         print(f"{info.name:<12} kind={info.kind:<7} epoch={info.epoch:<4} step={info.step}")
@@ -190,9 +190,9 @@ def register_checkpoints(subparsers: Any) -> None:
     parser.set_defaults(func=_run_checkpoints)
 
 
-from validation.experiments.evaluate import register_evaluate, register_sweep  # noqa: E402
-from validation.experiments.figures import register_figures  # noqa: E402
-from validation.experiments.reproduce import register_reproduce  # noqa: E402
+from validation.experiments.evaluate.cli import register_evaluate, register_sweep  # noqa: E402
+from validation.experiments.figures.plots import register_figures  # noqa: E402
+from validation.experiments.reproduce.driver import register_reproduce  # noqa: E402
 
 #: the commands, in help order; each adds one subparser
 COMMANDS: list[Callable[[Any], None]] = [
@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; config, file and model-loading errors exit with 2."""
-    from validation.experiments.checkpoints import CheckpointError
-    from validation.experiments.config import ConfigError
+    from validation.experiments.config.load import ConfigError
+    from validation.experiments.train.checkpoints import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
@@ -228,14 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_and_leave() -> int:
     """:func:`main`; under torchrun, then leave the process group (all ranks together if the
-    command succeeded; :func:`backends.dist_launch.leave`)."""
+    command succeeded; :func:`backends.torch.distributed.launch.leave`)."""
     code = 1
     try:
         code = main()
         return code
     finally:
         if "torch.distributed" in sys.modules:  # no torch import for the commands without it
-            from backends.dist_launch import leave
+            from backends.torch.distributed.launch import leave
 
             leave(synchronise=code == 0)
 

@@ -1,6 +1,6 @@
 r"""Metrics of the paper's experiments (SPEC §6 and §8) and T5 label-word predictions.
 
-Predictions are label indices (:attr:`~validation.experiments.data.GlueTask.label_words` order)
+Predictions are label indices (:attr:`~validation.experiments.data.glue.GlueTask.label_words` order)
 with -1 for "no label word": T5 predicts over its full vocabulary, and an output that is none of
 the task's label words is wrong. The binary metrics score such a prediction as the class opposite
 to the truth, which is what the released evaluator's confusion counts do: a wrong answer on a
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from validation.experiments.data import GlueTask, get_glue_task
+from validation.experiments.data.glue import GlueTask, get_glue_task
 
 __all__ = [
     "accuracy",

@@ -1,0 +1,2 @@
+"""``torch.optim`` optimisers: the paper's (``methods``: IEF, EF, SF, NGD, on the shared step of
+``base`` and ``common``, SF's paired rows in ``sf_rows``) and the K-FAC family (``kfac``)."""
