@@ -170,6 +170,8 @@ def downstream_violations(built: Built, logits_where: BatchAxis) -> tuple[list[s
               for k, spec in built.inputs.items()}  # float inputs join the graph
     r = run(built, values, restore)
     logits = batch_first(r.named["logits"], logits_where, n)
+    if not logits.requires_grad:  # integer results, or computed without the float inputs
+        return [], 0
     seen: set[int] = set()
     watched = []
     for e in r.recorder.log:

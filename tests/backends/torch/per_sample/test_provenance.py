@@ -12,6 +12,7 @@ from backends.torch.axes import BatchAxis  # noqa: E402
 from backends.torch.per_sample.provenance import NotPerSample  # noqa: E402
 
 from .provenance_cases import CASES, Case  # noqa: E402
+from .provenance_ops import OPS, Op  # noqa: E402
 from .provenance_probe import downstream_violations, matches, run, upstream_violations  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -73,3 +74,14 @@ def test_the_probe_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch) -> None
     assert any("softmax" in v for v in upstream_violations(built))
     found, _ = downstream_violations(built, BatchAxis(0))
     assert found  # on softmax's input: every sample's loss now reaches every row of it
+
+
+@pytest.mark.parametrize("op", OPS, ids=[o.name for o in OPS])
+def test_each_rule_on_one_operation(op: Op) -> None:
+    built = op.build()
+    r = run(built, {k: spec.value for k, spec in built.inputs.items()}, [])
+    got = r.recorder.axis_of(r.named["logits"])
+    assert matches(got, op.expected), f"expected {op.expected}, got {got}"
+    assert upstream_violations(built) == []
+    if type(op.expected) is BatchAxis:
+        assert downstream_violations(built, op.expected)[0] == []
