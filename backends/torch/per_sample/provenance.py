@@ -76,7 +76,7 @@ METADATA = frozenset({
 #: operations that read tensor values into Python
 VALUE_READS = frozenset({
     "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy",
-    "equal", "allclose", "is_nonzero", "__array__",
+    "equal", "allclose", "is_nonzero", "__array__", "__contains__",
 })
 #: in-place operations whose name does not end in "_", by the operation they perform
 INPLACE = {
@@ -231,12 +231,14 @@ class ProvenanceTracker(TorchFunctionMode):
         name : str
             :func:`operation_name` of the torch function.
         args, kwargs
-            The operation's arguments, as the mode received them.
+            The operation's arguments, as the mode received them (kwargs may be None).
         result
             What the operation returned.
         """
         if name in METADATA:
             return
+        if kwargs is None:
+            kwargs = {}
         written = None
         base = INPLACE.get(name)
         if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
@@ -271,6 +273,8 @@ class ProvenanceTracker(TorchFunctionMode):
                 return NotPerSample(f"{name}: an operation the rules do not know, on a tensor "
                                     "that carries samples")
             return next(s for s in states if type(s) is NotPerSample)
+        if "axis" in kwargs:  # torch's numpy alias of dim, which the rules read
+            kwargs = {("dim" if k == "axis" else k): v for k, v in kwargs.items()}
         try:
             return rule(self, args, kwargs, result)
         except Exception as e:  # a rule that cannot read these arguments proves nothing

@@ -46,7 +46,8 @@ def window(
 
 
 def _entries(index: Any, ndim: int) -> list[tuple] | None:
-    """The index as ("dim", axis, slice), ("drop", axis), ("new",), ("adv", tensor, axes)."""
+    """The index as ("dim", axis, slice), ("drop", axis), ("new",) or ("adv", tensor, axes,
+    whether it was a list: a constant)."""
     items = list(index) if isinstance(index, tuple) else [index]
     width = 0
     for e in items:
@@ -76,7 +77,7 @@ def _entries(index: Any, ndim: int) -> list[tuple] | None:
             if t.dtype == torch.bool and t.ndim == 0:
                 return None
             w = t.ndim if t.dtype == torch.bool else 1
-            out.append(("adv", t, tuple(range(d, d + w))))
+            out.append(("adv", t, tuple(range(d, d + w)), isinstance(e, list)))
             d += w
         elif e is not False and hasattr(e, "__index__"):
             out.append(("drop", d))
@@ -130,6 +131,10 @@ def _layout_of(ctx: Context, x: torch.Tensor, index: Any, shape: torch.Size | No
     return coupled(ctx, f"an index the rules do not follow ({type(index).__name__})")
 
 
+def _index_state(ctx: Context, entry: tuple) -> Provenance:
+    return SAMPLE_FREE if entry[3] else ctx.state(entry[1])
+
+
 def _identity_axis(t: torch.Tensor, length: int) -> int | None:
     """The axis along which ``t`` holds 0, 1, .., length - 1 (its other axes of length 1)."""
     if t.dtype == torch.bool or t.numel() != length or t.ndim == 0:
@@ -149,7 +154,7 @@ def _x_claim(ctx: Context, x: torch.Tensor, s: BatchAxis, entries: list, axes: l
             return coupled(ctx, f"selects one index of the batch axis {s.axis}")
         if e[0] == "adv" and s.axis in e[2]:
             a = _identity_axis(e[1], x.shape[s.axis])
-            if a is None or ctx.state(e[1]) is not SAMPLE_FREE:
+            if a is None or _index_state(ctx, e) is not SAMPLE_FREE:
                 return coupled(ctx, f"indexes across the batch axis {s.axis}")
             width = sum(f[0] == "adv" for f in axes)
             start = next(i for i, f in enumerate(axes) if f[0] == "adv")
@@ -170,7 +175,7 @@ def getitem(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
     start = next((i for i, e in enumerate(axes) if e[0] == "adv"), 0)
     width = sum(e[0] == "adv" for e in axes)
     for e in entries:
-        if e[0] != "adv" or (st := ctx.state(e[1])) is SAMPLE_FREE:
+        if e[0] != "adv" or (st := _index_state(ctx, e)) is SAMPLE_FREE:
             continue
         if type(st) is BatchAxis and e[1].dtype == torch.bool:
             st = coupled(ctx, "a mask that depends on the batch selects a data-dependent count")
@@ -194,7 +199,7 @@ def setitem(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
         sv = BatchAxis(e[1], sv.outer, sv.inner)
     claims.append(sv)
     for e in entries:
-        if e[0] != "adv" or (st := ctx.state(e[1])) is SAMPLE_FREE:
+        if e[0] != "adv" or (st := _index_state(ctx, e)) is SAMPLE_FREE:
             continue
         if type(st) is BatchAxis and e[1].dtype == torch.bool:  # masked_fill by another name
             st = BatchAxis(e[2][st.axis], st.outer, st.inner)
