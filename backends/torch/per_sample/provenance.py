@@ -246,12 +246,12 @@ class ProvenanceTracker(TorchFunctionMode):
             base = None if name in RESHAPING_INPLACE else (base or name[:-1])
         else:
             base = name
-        out = kwargs.get("out")
-        if isinstance(out, torch.Tensor):
-            written = out
+        if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
+            written = kwargs["out"]
         if _all_free((*args, *kwargs.values()) if kwargs else args, self._states):
             state: Any = SAMPLE_FREE
-        elif written is None and not any(True for _ in tensors([result])):
+        elif written is None and not isinstance(result, torch.Tensor) and not any(
+                True for _ in tensors([result])):
             if name in VALUE_READS:
                 self.leaks.append(name)
             return
@@ -297,7 +297,8 @@ class ProvenanceTracker(TorchFunctionMode):
         if isinstance(result, torch.Tensor):
             entry = self._states.get(id(result))
             new = self._fit(state, result)
-            if entry is not None and entry[1] != new:  # an operand returned, changed in place
+            if entry is not None and entry[1] is not new and entry[1] != new:
+                # an operand returned as the result (in place, or a no-op view), now changed
                 self._write(result, new)
             else:
                 self._states[id(result)] = (result, new)
@@ -315,7 +316,7 @@ class ProvenanceTracker(TorchFunctionMode):
         entry = self._states.get(id(t))
         new = self._fit(state, t)
         self._states[id(t)] = (t, new)
-        if entry is None or entry[1] == new:
+        if entry is None or entry[1] is new or entry[1] == new:
             return
         why = NotPerSample(f"{self.name}: shares memory with a tensor written in place")
         key = _storage(t)

@@ -158,8 +158,26 @@ def aligned(ctx: Context, values: Iterable[Any], ndim: int) -> Provenance:
 
 def broadcast(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
     """Elementwise with broadcasting: every operand right-aligned to the result's axes."""
-    nd = out_ndim(result) if result is not None else args[0].ndim
-    return aligned(ctx, (*args, *kwargs.values()), nd)
+    nd = result.ndim if isinstance(result, torch.Tensor) else (
+        out_ndim(result) if result is not None else args[0].ndim)
+    found = None
+    # the most frequent rule, so a plain loop rather than aligned() over generators
+    for v in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(v, torch.Tensor):
+            s = ctx.state(v)
+            if s is SAMPLE_FREE:
+                continue
+            if type(s) is NotPerSample:
+                return s
+            if v.ndim != nd:
+                s = BatchAxis(s.axis + nd - v.ndim, s.outer, s.inner)
+            if found is None:
+                found = s
+            elif s != found:
+                return coupled(ctx, f"operands carry the samples on different axes ({found}, {s})")
+        elif isinstance(v, (list, tuple)):
+            return aligned(ctx, (*args, *kwargs.values()), nd)
+    return SAMPLE_FREE if found is None else found
 
 
 def first_only(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
