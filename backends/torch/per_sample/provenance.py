@@ -85,6 +85,7 @@ INPLACE = {
     "__ipow__": "pow", "__iand__": "__and__", "__ior__": "__or__", "__ixor__": "__xor__",
     "__ilshift__": "__lshift__", "__irshift__": "__rshift__", "__imatmul__": "matmul",
     "__setitem__": "__setitem__",
+    "__set__": "copy",  # a property set: x.data = y
 }
 #: in-place operations that change their tensor's shape: the rules need the old one
 RESHAPING_INPLACE = frozenset({
@@ -123,6 +124,8 @@ def _all_free(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Prove
             if entry is None or entry[1] is not SAMPLE_FREE:
                 return False
         elif isinstance(v, (list, tuple)) and not _all_free(v, states):
+            return False
+        elif isinstance(v, slice) and not _all_free((v.start, v.stop, v.step), states):
             return False
     return True
 

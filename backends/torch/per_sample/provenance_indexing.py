@@ -122,6 +122,10 @@ def index_layout(shape: torch.Size, entries: list[tuple]) -> tuple[list[tuple], 
 
 def _layout_of(ctx: Context, x: torch.Tensor, index: Any, shape: torch.Size | None):
     """(entries, axes) of x[index], or a refusal when the rules do not follow the index."""
+    bounds = [b for e in (index if isinstance(index, tuple) else (index,)) if isinstance(e, slice)
+              for b in (e.start, e.stop, e.step) if isinstance(b, torch.Tensor)]
+    if any(ctx.state(b) is not SAMPLE_FREE for b in bounds):
+        return coupled(ctx, "a slice whose bounds were computed from the batch")
     entries = _entries(index, x.ndim)
     if entries is not None:
         axes, sizes = index_layout(x.shape, entries)
@@ -140,7 +144,7 @@ def _identity_axis(t: torch.Tensor, length: int) -> int | None:
     if t.dtype == torch.bool or t.numel() != length or t.ndim == 0:
         return None
     axes = [a for a, size in enumerate(t.shape) if size == length]
-    if len(axes) != 1 or not torch.equal(t.reshape(-1).cpu(), torch.arange(length)):
+    if len(axes) != 1 or not bool((t.reshape(-1) == torch.arange(length, device=t.device)).all()):
         return None
     return axes[0]
 

@@ -196,6 +196,16 @@ def first_keeps(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provena
     return ctx.state(args[0])
 
 
+def data_copy(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
+    """``torch.tensor(data)``, ``as_tensor``, ``x.new_tensor(data)``: the layout of a tensor
+    ``data``; data holding tensors in lists are refused unless sample free."""
+    data = arg(args, kwargs, 1 if ctx.name == "new_tensor" else 0, "data")
+    if isinstance(data, torch.Tensor):
+        return ctx.state(data)
+    return join(ctx, [coupled(ctx, "builds a tensor from tensors that carry samples")
+                      if type(s) is BatchAxis else s for s in map(ctx.state, tensors([data]))])
+
+
 def sample_free(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
     """A new tensor whose values do not read its tensor arguments (``zeros_like``, ``new_ones``)."""
     return SAMPLE_FREE
@@ -210,14 +220,16 @@ def along(ctx: Context, x: torch.Tensor, dims: Iterable[int], what: str) -> Prov
 
 
 def scan(position: int, default: int | None) -> Rule:
-    """An operation along one axis that keeps the shape (softmax, cumsum, sort, topk)."""
+    """An operation along one axis that keeps the number of axes (softmax, cumsum, sort, topk,
+    ``diff`` with its sample-free ``prepend``/``append``)."""
 
     def rule(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
         x = args[0]
         d = arg(args, kwargs, position, "dim", default)
         if d is None:  # the legacy implicit softmax axis
             d = 0 if x.ndim in (0, 1, 3) else 1
-        return along(ctx, x, [d], "mixes the entries along")
+        s = first_keeps(ctx, args, kwargs, result)
+        return along(ctx, x, [d], "mixes the entries along") if type(s) is BatchAxis else s
 
     return rule
 
@@ -231,7 +243,8 @@ def _reduced_dims(x: torch.Tensor, d: Any) -> list[int] | None:
 
 def reduction(position: int = 1, default: int | None = None) -> Rule:
     """A reduction over ``dim`` (all axes when None), with or without ``keepdim`` (read from
-    the result: the old ``std(dim, unbiased, keepdim)`` puts it elsewhere).
+    the result: the old ``std(dim, unbiased, keepdim)`` puts it elsewhere). ``quantile``'s 1-d
+    ``q`` puts a new axis in front.
 
     ``torch.max(a, b)`` and ``torch.min(a, b)`` with a tensor ``b`` are elementwise.
     """
@@ -243,15 +256,17 @@ def reduction(position: int = 1, default: int | None = None) -> Rule:
             return broadcast(ctx, args, kwargs, result)
         if isinstance(d, bool):  # std(x, unbiased) of old
             d = None
-        s = ctx.state(x)
+        s = first_keeps(ctx, args, kwargs, result)
         if type(s) is not BatchAxis:
             return s
         dims = _reduced_dims(x, d)
         if dims is None or s.axis in dims:
             return coupled(ctx, f"reduces over the batch axis {s.axis}")
-        if out_ndim(result) == x.ndim:  # keepdim
-            return s
-        return shifted(s, -sum(e < s.axis for e in dims))
+        q = arg(args, kwargs, 1, "q") if "quantile" in ctx.name else None
+        lead = int(isinstance(q, torch.Tensor) and q.ndim == 1)
+        if out_ndim(result) - lead == x.ndim:  # keepdim
+            return shifted(s, lead)
+        return shifted(s, lead - sum(e < s.axis for e in dims))
 
     return rule
 
@@ -467,7 +482,8 @@ GENERIC_RULES: dict[str, Rule] = {
     "where": where,
     **dict.fromkeys(("to", "type", "type_as", "data", "requires_grad_"), first_only),
     **dict.fromkeys(("one_hot", "prelu", "view_as_real"), first_keeps),
-    **dict.fromkeys(("new_tensor", "new_zeros", "new_ones", "new_full", "new_empty",
+    **dict.fromkeys(("tensor", "as_tensor", "asarray", "new_tensor"), data_copy),
+    **dict.fromkeys(("new_zeros", "new_ones", "new_full", "new_empty",
                      "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
                      "randn_like", "randint_like"), sample_free),
     **dict.fromkeys(RESHAPES, reshape),

@@ -212,3 +212,16 @@ OPS = [
     # operations the rules do not know
     Op("unknown_operation", (((N, 4), B0),), lambda x: torch.cdist(x, x), "do not know"),
 ]
+
+OPS += [
+    Op("quantile_vector_q", (((N, 4), B0),), lambda x: x.quantile(torch.tensor([0.2, 0.8],
+                                                                               dtype=DT), 1),
+       B1),  # the q axis goes in front
+    Op("quantile_scalar_q", (((N, 4), B0),), lambda x: x.quantile(0.5, 1), B0),
+    Op("diff_with_sample_free_prepend", (S,), lambda x: x.diff(dim=2, prepend=const(2, N, 1)),
+       B1),
+    Op("new_tensor_copies_its_data", (S,), lambda x: x.new_tensor(x), B1),
+    Op("as_tensor_keeps_the_tensor", (S,), lambda x: torch.as_tensor(x) * 2, B1),
+    Op("slice_bound_from_the_batch", (S,), lambda x: x[..., :x.argmax() * 0 + 2], "slice"),
+    Op("slice_bound_free_tensor", (S,), lambda x: x[..., :torch.tensor(2)], B1),
+]

@@ -128,6 +128,14 @@ def test_writing_samples_through_an_alias_refuses_the_other_views() -> None:
         assert "shares memory" in tracker.axis_of(t).reason
 
 
+def test_replacing_data_through_the_property_is_a_write() -> None:
+    x = torch.randn(4, 3)
+    with ProvenanceTracker(4, [(x, BatchAxis(0))]) as tracker:
+        buf = torch.zeros(4, 3)
+        buf.data = x.sum(0, keepdim=True).expand(4, 3)
+    assert "reduces over the batch" in tracker.axis_of(buf).reason
+
+
 def test_one_sample_takes_any_layout_that_fits() -> None:
     x = torch.randn(1, 3)
     with ProvenanceTracker(1, [(x, BatchAxis(0))]) as tracker:
