@@ -1,11 +1,11 @@
-r"""The rules of batch-axis provenance for tensor operations: elementwise, views, indexing,
-joining, reductions and contractions.
+r"""The states of batch-axis provenance, and the rules of elementwise operations, reductions,
+scans, views, reshapes and axis permutations.
 
 A tensor computed in a forward pass is in one of three states:
 
 * :class:`~backends.torch.axes.BatchAxis` ``(k, outer, inner)``: index i of axis k belongs to
   sample :math:`n(i) = \lfloor i / \mathrm{inner} \rfloor \bmod N`, and the slice at i was
-  computed from sample n(i)'s inputs and from sample-free tensors only;
+  computed from sample n(i)'s slices of the operands and from sample-free tensors only;
 * :data:`SAMPLE_FREE`: computed without the batch's inputs, whatever its shape (a parameter,
   ``torch.arange(N)``, T5's relative position table);
 * :class:`NotPerSample`: anything else, with the reason: samples coupled (a reduction or a
@@ -14,8 +14,10 @@ A tensor computed in a forward pass is in one of three states:
 A rule maps an operation's arguments and result to the result's state. Rules are conservative:
 where a rule cannot prove a layout it answers :class:`NotPerSample`, never a guess. A
 sample-free operand goes with any layout; two operands carrying samples on different axes of
-the result are coupled. The layer rules (linear, convolutions, norms, attention, recurrent
-layers, losses) are in :mod:`backends.torch.per_sample.provenance_layers`.
+the result are coupled. Indexing, joining and splitting are in
+:mod:`backends.torch.per_sample.provenance_indexing`; contractions and layers (linear,
+convolutions, norms, attention, recurrent layers, losses) in
+:mod:`backends.torch.per_sample.provenance_layers`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ result and the state claimed for it then; runs are matched operation by operatio
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,7 +88,6 @@ class Recorder(ProvenanceTracker):
 class Run:
     named: dict[str, torch.Tensor]
     recorder: Recorder
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run(built: Built, values: dict[str, torch.Tensor], restore: list[torch.Tensor]) -> Run:
