@@ -57,6 +57,7 @@ __all__ = [
     "Provenance",
     "ProvenanceTracker",
     "SampleFree",
+    "held_tensors",
     "operation_name",
 ]
 
@@ -117,6 +118,28 @@ def _name_of(func: Any) -> str:
     return name
 
 
+def held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors ``model`` holds before a forward pass: every submodule's parameters,
+    buffers and tensor attributes (also inside dicts, lists and tuples: peft's prompt tokens).
+
+    Computed before the batch is seen, they are sample free, unless a caller stored batch data
+    on the model (then declare it an input instead).
+    """
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        stack = [*module._parameters.values(), *module._buffers.values(), *(
+            v for k, v in vars(module).items() if k not in ("_parameters", "_buffers"))]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                found.setdefault(id(v), v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+    return list(found.values())
+
+
 def _all_free(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Provenance]]) -> bool:
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -141,8 +164,9 @@ class ProvenanceTracker(TorchFunctionMode):
         The batch's tensors (features, token ids, masks, labels), each with the axis of its
         samples: ``BatchAxis(0)`` batch first, ``BatchAxis(1)`` sequence first (T, N, ...).
     free : iterable of torch.Tensor
-        Tensors computed without the batch (the parameters and buffers as the forward pass
-        reads them). Any other tensor the tracker did not see computed is not per sample.
+        Tensors computed without the batch: the parameters and buffers as the forward pass
+        reads them, e.g. :func:`held_tensors` of the model. Any other tensor the tracker did
+        not see computed is not per sample.
 
     Attributes
     ----------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.torch.axes import BatchAxis
-from backends.torch.per_sample.provenance import SAMPLE_FREE, Provenance
+from backends.torch.per_sample.provenance import SAMPLE_FREE, Provenance, held_tensors
 
 from .provenance_probe import Built, Input
 
@@ -40,7 +40,7 @@ def _randn(*shape: int) -> torch.Tensor:
 
 
 def _free(*modules: nn.Module) -> list[torch.Tensor]:
-    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return [t for m in modules for t in held_tensors(m)]
 
 
 @contextmanager
@@ -236,6 +236,32 @@ def _t5(n: int) -> Callable[[], Built]:
         highs = {"input_ids": 40, "attention_mask": 2, "labels": 40}
         return Built(forward, {k: Input(t, B0, highs[k]) for k, t in batch.items()},
                      _free(model), n)
+
+    return build
+
+
+def _t5_adapter(adapter: str) -> Callable[[], Built]:
+    def build() -> Built:
+        transformers = pytest.importorskip("transformers")
+        pytest.importorskip("peft")
+        from validation.tiny_models import t5_adapter, tiny_t5_batch, tiny_t5_config
+
+        torch.manual_seed(2)
+        base = transformers.T5ForConditionalGeneration(tiny_t5_config(
+            vocab_size=40, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+        model = t5_adapter(base, adapter).double().eval()
+        batch = tiny_t5_batch(40, seed=3)
+        names = ["prompt_encoder.default"] if adapter == "prompt" else [
+            "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.default"]
+
+        def forward(v):
+            with _outputs(model, names) as got:
+                out = model(**v)
+            return {**got, "logits": out.logits}
+
+        highs = {"input_ids": 40, "attention_mask": 2, "labels": 40}
+        return Built(forward, {k: Input(t, B0, highs[k]) for k, t in batch.items()},
+                     _free(model), 4)
 
     return build
 
@@ -454,6 +480,13 @@ CASES = [
                         T5_NAMES[3]: B0, T5_NAMES[4]: B0, "logits": B0}),
     Case("t5_n_equals_length", _t5(6),
          {T5_NAMES[0]: B0, T5_NAMES[1]: SAMPLE_FREE, T5_NAMES[2]: B0, "logits": B0}),
+    # peft: LoRA's A and B; prompt tuning's virtual tokens (a one-sample call expanded over
+    # the batch: sample free), held in a plain dict on the model, not as a buffer
+    Case("t5_lora", _t5_adapter("lora"),
+         {"base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.default": B0,
+          "logits": B0}),
+    Case("t5_prompt_tuning", _t5_adapter("prompt"),
+         {"prompt_encoder.default": SAMPLE_FREE, "logits": B0}),
     Case("vit", _vit, {VIT_NAMES[0]: B0, VIT_NAMES[1]: B0, VIT_NAMES[2]: B0, VIT_NAMES[3]: B0,
                        "logits": B0}),
     Case("embedding_tied", _embedding_tied, {"h": B0, "logits": B0}),
