@@ -266,10 +266,11 @@ class ProvenanceTracker(TorchFunctionMode):
             return
         if kwargs is None:
             kwargs = {}
-        written = None
+        written: Any = None
         base = INPLACE.get(name)
         if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
-            written = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            # the written tensor, or the list a _foreach_ operation writes
+            written = args[0] if args and isinstance(args[0], (torch.Tensor, list, tuple)) else None
             base = None if name in RESHAPING_INPLACE else (base or name[:-1])
         else:
             base = name
@@ -284,10 +285,14 @@ class ProvenanceTracker(TorchFunctionMode):
             return
         else:
             state = self._rule(name, base, args, kwargs, result)
-        if written is not None:
+        if isinstance(written, torch.Tensor):
             self._write(written, state if not isinstance(state, tuple) else state[0])
             if result is None or result is written:
                 return
+        elif written is not None:
+            for t in tensors(written):
+                self._write(t, state if not isinstance(state, tuple) else state[0])
+            return
         self._assign(result, state)
 
     def _rule(self, name: str, base: str | None, args: tuple, kwargs: dict, result: Any) -> Any:

@@ -136,6 +136,14 @@ def test_replacing_data_through_the_property_is_a_write() -> None:
     assert "reduces over the batch" in tracker.axis_of(buf).reason
 
 
+def test_a_foreach_write_reaches_every_tensor_of_its_list() -> None:
+    x = torch.randn(4, 3)
+    with ProvenanceTracker(4, [(x, BatchAxis(0))]) as tracker:
+        a, b = torch.zeros(3), torch.zeros(3)
+        torch._foreach_add_([a, b], [x.sum(0), x.sum(0)])
+    assert all("reduces over the batch" in tracker.axis_of(t).reason for t in (a, b))
+
+
 def test_one_sample_takes_any_layout_that_fits() -> None:
     x = torch.randn(1, 3)
     with ProvenanceTracker(1, [(x, BatchAxis(0))]) as tracker:
