@@ -189,12 +189,16 @@ def first_only(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenan
 
 def first_keeps(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
     """The first operand's layout, its axes kept in front; the other operands sample free."""
-    for t in tensors((*args[1:], *kwargs.values())):
-        s = ctx.state(t)
-        if type(s) is NotPerSample:
-            return s
-        if s is not SAMPLE_FREE:
-            return coupled(ctx, "an operand other than the input carries samples")
+    for v in (*args[1:], *kwargs.values()) if kwargs else args[1:]:
+        if isinstance(v, torch.Tensor):
+            s = ctx.state(v)
+            if s is SAMPLE_FREE:
+                continue
+            return s if type(s) is NotPerSample else coupled(
+                ctx, "an operand other than the input carries samples")
+        if isinstance(v, (list, tuple)) and any(ctx.state(t) is not SAMPLE_FREE
+                                                for t in tensors(v)):
+            return first_keeps(ctx, (args[0], *tensors(v)), {}, result)
     return ctx.state(args[0])
 
 
