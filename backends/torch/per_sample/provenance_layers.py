@@ -207,14 +207,18 @@ def running_norm(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Proven
         own = True
     if not own:
         return first_keeps(ctx, args, kwargs, result)
-    for t in stats:
-        if t is not None and ctx.state(x) is not SAMPLE_FREE:
-            ctx.written(t, coupled(ctx, "running statistics updated from the batch"))
+    sx = ctx.state(x)
     if ctx.name == "batch_norm":
-        return join(ctx, [ctx.state(x), coupled(ctx, "normalises with the batch's statistics")]) \
-            if ctx.state(x) is not SAMPLE_FREE else SAMPLE_FREE
-    s = first_keeps(ctx, args, kwargs, result)
-    return along(ctx, x, range(2, x.ndim), "normalises over") if type(s) is BatchAxis else s
+        s = sx if type(sx) is not BatchAxis else coupled(
+            ctx, "normalises with the batch's statistics")
+    else:
+        s = first_keeps(ctx, args, kwargs, result)
+        s = along(ctx, x, range(2, x.ndim), "normalises over") if type(s) is BatchAxis else s
+    if sx is not SAMPLE_FREE:  # after the result's state: the update follows the normalisation
+        for t in stats:
+            if t is not None:
+                ctx.written(t, coupled(ctx, "running statistics updated from the batch"))
+    return s
 
 
 def embedding(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:

@@ -38,12 +38,14 @@ class Op:
     inputs: tuple[tuple[tuple[int, ...], BatchAxis] | Input, ...]
     fn: Callable[..., torch.Tensor]
     expected: Provenance | str
+    modules: tuple[torch.nn.Module, ...] = ()  # their parameters are declared sample free
 
     def build(self) -> Built:
         torch.manual_seed(3)
         specs = {f"x{j}": s if isinstance(s, Input) else Input(torch.randn(*s[0], dtype=DT), s[1])
                  for j, s in enumerate(self.inputs)}
-        return Built(lambda v: {"logits": self.fn(*v.values())}, specs, [], N)
+        free = [p for m in self.modules for p in m.parameters()]
+        return Built(lambda v: {"logits": self.fn(*v.values())}, specs, free, N)
 
 
 S = ((2, N, 4), B1)  # sequence first, T = 2, d = 4
@@ -224,4 +226,54 @@ OPS += [
     Op("as_tensor_keeps_the_tensor", (S,), lambda x: torch.as_tensor(x) * 2, B1),
     Op("slice_bound_from_the_batch", (S,), lambda x: x[..., :x.argmax() * 0 + 2], "slice"),
     Op("slice_bound_free_tensor", (S,), lambda x: x[..., :torch.tensor(2)], B1),
+]
+
+
+torch.manual_seed(0)
+MHA = torch.nn.MultiheadAttention(4, 2).double()
+RNN = torch.nn.RNN(4, 3, nonlinearity="relu").double()
+
+
+HEADS_MASK = Input(torch.zeros(N * 2, 2, 2, dtype=DT).normal_(generator=torch.Generator()
+                                                              .manual_seed(9)),
+                   BatchAxis(0, inner=2))  # (N H, T, T): row n H + h belongs to sample n
+
+OPS += [
+    Op("conv_transpose1d", (((N, N, 5), B0),), lambda x: F.conv_transpose1d(x, const(N, 2, 3)),
+       B0),
+    Op("adaptive_avg_pool1d", (((2, N, 6), B1),), lambda x: F.adaptive_avg_pool1d(x, 2), B1),
+    Op("fold", (((N, 4, 4), B0),), lambda x: F.fold(x, (3, 3), 2), B0),
+    Op("embedding_max_norm_writes_its_table", (TOKENS,),
+       lambda t: (lambda w: (F.embedding(t, w, max_norm=1.0), w * 1)[1])(const(6, 2) * 3),
+       "renormalised"),
+    Op("mha_with_per_sample_head_masks", (((2, N, 4), B1), HEADS_MASK),
+       lambda x, mask: MHA(x, x, x, attn_mask=mask)[0], B1, (MHA,)),
+    Op("mha_samples_on_time", (((N, 2, 4), B0),), lambda x: MHA(x, x, x)[0],
+       "not along its batch axis", (MHA,)),
+    Op("sdpa_grouped_heads", (((N, 4, 3, 2), B0),),
+       lambda q: F.scaled_dot_product_attention(q, q[:, :2], q[:, :2], enable_gqa=True), B0),
+    Op("sdpa_grouped_samples_as_heads", (((2, N, 3, 2), B1),),
+       lambda q: F.scaled_dot_product_attention(q, const(2, 1, 3, 2), const(2, 1, 3, 2),
+                                                enable_gqa=True), "groups the heads"),
+    Op("rnn_relu_sequence_first", (((3, N, 4), B1),), lambda x: RNN(x)[0], B1, (RNN,)),
+    Op("addr", (((N,), B0),), lambda v: torch.addr(const(N, 5), v, const(5)), B0),
+    Op("baddbmm", (BATCH,), lambda x: torch.baddbmm(const(1, 2, 3), x, const(N, 4, 3)), B0),
+    Op("rmatmul", (S,), lambda x: x.mT.__rmatmul__(const(5, 4)), B2),
+    Op("fliplr_batch", (S,), lambda x: x.fliplr(), "moves entries along"),
+    Op("flipud_time", (S,), lambda x: x.flipud(), B1),
+    Op("prelu_samples_on_channels", (S,), lambda x: F.prelu(x, const(N)), B1),
+    Op("where_positions", (S,), lambda x: torch.where(x.abs() >= 0)[0], "positions"),
+    Op("repeat_interleave_counts", (S,), lambda x: x.repeat_interleave(torch.tensor([1, 2, 1]),
+                                                                       dim=1), "different number"),
+    Op("cross_entropy_class_weights", (((N, 5), B0), Input(ids(N, high=5), B0, 5)),
+       lambda z, y: F.cross_entropy(z, y, const(5).abs(), reduction="none"), B0),
+    Op("instance_norm_running_stats", (IMAGE,), lambda x: F.instance_norm(
+        x, torch.zeros(N, dtype=DT), torch.ones(N, dtype=DT), use_input_stats=True), B0),
+    Op("instance_norm_writes_running_stats", (IMAGE,), lambda x: (lambda m: (F.instance_norm(
+        x, m, torch.ones(N, dtype=DT), use_input_stats=True), m * 1)[1])(torch.zeros(N, dtype=DT)),
+       "running statistics"),
+    Op("select_time", (S,), lambda x: x.select(0, 1), B0),
+    Op("select_batch", (S,), lambda x: x.select(1, 0), "one index"),
+    Op("data_property", (S,), lambda x: x.data * 2, B1),
+    Op("to_like_other", (S,), lambda x: x.to(const(1)), B1),
 ]

@@ -84,7 +84,8 @@ def test_the_probe_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize("op", OPS, ids=[o.name for o in OPS])
 def test_each_rule_on_one_operation(op: Op) -> None:
     built = op.build()
-    r = run(built, {k: spec.value for k, spec in built.inputs.items()}, [])
+    r = run(built, {k: spec.value for k, spec in built.inputs.items()},
+            [t.detach().clone() for t in built.free])
     got = r.recorder.axis_of(r.named["logits"])
     assert matches(got, op.expected), f"expected {op.expected}, got {got}"
     assert upstream_violations(built) == []
