@@ -20,8 +20,11 @@ operation's name, as a ``TorchFunctionMode`` sees it (``add`` for both ``torch.a
 operands' states. An in-place operation (``add_``, ``__iadd__``, ``__setitem__``, or a result
 that is its own operand) gives the written tensor the join of its old state and the operands';
 when that changes its state, every other tensor sharing its memory becomes not per sample.
-Values read into Python from tensors that carry samples (``item``, ``__bool__``: control flow
-that may depend on the batch) are listed in :attr:`ProvenanceTracker.leaks`.
+Values read into Python from tensors that are not sample free (``item``, ``tolist``,
+``__bool__``) are listed in :attr:`ProvenanceTracker.leaks`, not refused: the tracker cannot
+follow them, so a tensor built from such a value is claimed sample free, and a branch taken on
+one is taken for the whole batch. A caller that needs the strict guarantee refuses a pass with
+leaks (HF T5 has two, both ``__bool__`` of the shortcut that skips an all-ones mask).
 
 Run it as a mode around the forward pass, or call :meth:`ProvenanceTracker.record` from
 another mode's ``__torch_function__`` after running each operation there.
