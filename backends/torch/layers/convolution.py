@@ -57,8 +57,8 @@ def unfold(x: torch.Tensor, kernel: Sequence[int], dilation: Sequence[int],
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, *spatial) -> (B, T, C), T the spatial positions row-major."""
-    return t.flatten(2).transpose(1, 2)
+    """(B, C, *spatial) -> (B, T, C), T the spatial positions row-major (T = 1 for (B, C))."""
+    return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
 
 def _pads(module: nn.Module) -> list[tuple[int, int]]:

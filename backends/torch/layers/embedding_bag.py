@@ -113,17 +113,18 @@ class EmbeddingBag(LayerKind):
                                                             num_samples)))
 
     def _winners(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
-        """The rows that won each (bag, dimension) of ``mode="max"``, (B, d); -1: empty bag."""
+        """The rows that won each (bag, dimension) of ``mode="max"``, (B, d); -1 for a bag
+        with no non-padding position (torch reports row 0 there and passes it nothing)."""
         call = _SIGNATURE.bind(module, *args, **kwargs).arguments
         index, offsets = call["input"], call.get("offsets")
         if index.ndim == 2:
             offsets = torch.arange(0, index.numel(), index.shape[1], device=index.device)
             index = index.reshape(-1)
-        padding = -1 if module.padding_idx is None else module.padding_idx
         with torch.no_grad():
             found = torch.embedding_bag(module.weight, index, offsets, False, _MODES["max"],
-                                        False, None, module.include_last_offset, padding)
-        return found[3]
+                                        False, None, module.include_last_offset,
+                                        module.padding_idx)
+        return found[3].masked_fill(found[2][:, None] == 0, -1)
 
     def factors(self, module: nn.Module, inputs: Captured, grads: Mapping[str, torch.Tensor],
                 wanted: frozenset[str] | None = None) -> dict[str, Grad]:
