@@ -163,11 +163,17 @@ def assemble(
 
 
 def _dense(uses: Sequence[Grad], shape: tuple[int, ...]) -> torch.Tensor:
+    """The uses materialised and summed, (N, prod(shape)); each part at its own rows."""
     total = None
     for use in uses:
-        rows = torch.cat([materialise(p, shape) for p in use], dim=1)
-        if rows.shape[1] != math.prod(shape):
-            raise ValueError(f"parts cover {sum(part_size(p, shape) for p in use)} entries "
-                             f"of a parameter of shape {tuple(shape)}")
-        total = rows if total is None else total + rows
+        for p in use:
+            rows = materialise(p, shape)
+            if total is None:
+                total = rows.new_zeros(rows.shape[0], math.prod(shape))
+            first = 0 if isinstance(p, Rows) else p.start * (
+                1 if p.v is None or p.lookup else int(p.v.shape[-1]))
+            if first + part_size(p, shape) > total.shape[1]:
+                raise ValueError(f"a part at row {first} of {part_size(p, shape)} entries "
+                                 f"overruns a parameter of shape {tuple(shape)}")
+            total[:, first:first + rows.shape[1]] += rows
     return total

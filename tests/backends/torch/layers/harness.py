@@ -90,16 +90,33 @@ class Case:
     def single(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.sample is not None:
             return self.sample(i, args, kwargs)
-        a = tuple(x if ax is None else one(x, ax, self.n, i)
-                  for x, ax in zip(args, self.axes, strict=False))
+        sliced: dict[int, torch.Tensor] = {}  # one tensor passed twice stays one (q is k is v)
+
+        def part(x: Any, ax: BatchAxis | None) -> Any:
+            if ax is None:
+                return x
+            return sliced.setdefault(id(x), one(x, ax, self.n, i))
+
+        a = tuple(part(x, ax) for x, ax in zip(args, self.axes, strict=False))
         a += args[len(self.axes):]
-        kw = {k: v if self.kwaxes.get(k) is None else one(v, self.kwaxes[k], self.n, i)
-              for k, v in kwargs.items()}
+        kw = {k: part(v, self.kwaxes.get(k)) for k, v in kwargs.items()}
         return a, kw
 
 
 def _cast(v: Any, dtype: torch.dtype) -> Any:
     return v.to(dtype) if isinstance(v, torch.Tensor) and torch.is_floating_point(v) else v
+
+
+def cast(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Floating arguments in ``dtype``; one tensor passed twice stays one tensor."""
+    done: dict[int, Any] = {}
+
+    def f(v: Any) -> Any:
+        if id(v) not in done:
+            done[id(v)] = _cast(v, dtype)
+        return done[id(v)]
+
+    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
 
 
 def models(case: Case, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
@@ -114,8 +131,7 @@ def models(case: Case, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
 def inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
     """The batch in ``dtype``; the loop casts the same values back to float64."""
     torch.manual_seed(1)
-    args, kwargs = case.batch()
-    return tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kwargs.items()}
+    return cast(*case.batch(), dtype)
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -139,8 +155,7 @@ def reference_rows(case: Case, model: nn.Module, args: tuple, kwargs: dict) -> t
     params = [p for _, p in trainable(model)]
     rows = []
     for i in range(case.n):
-        a, kw = case.single(i, tuple(_cast(x, torch.float64) for x in args),
-                            {k: _cast(v, torch.float64) for k, v in kwargs.items()})
+        a, kw = case.single(i, *cast(args, kwargs, torch.float64))
         y = model(*a, **kw)
         grads = torch.autograd.grad(loss(case, case.outputs(y), 1, [i]), params,
                                     allow_unused=True)
