@@ -28,7 +28,7 @@ import torch
 
 from ...ghost import DenseBlock, FactorBlock
 from .cost import BALANCE, PartShape, factor_cost
-from .parts import Grad, Outer, Rows, materialise, part_size
+from .parts import Grad, Outer, Rows, along_positions, materialise, part_size
 
 __all__ = ["ROUTES", "SplitBlock", "assemble", "shapes_of"]
 
@@ -119,8 +119,8 @@ def shapes_of(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, 
 
 
 def _factor_block(offset: int, shape: tuple[int, ...], parts: Sequence[Outer]) -> FactorBlock:
-    u = torch.cat([p.u for p in parts], dim=1)
-    v = torch.cat([p.v for p in parts], dim=1)
+    u = along_positions([p.u for p in parts])
+    v = along_positions([p.v for p in parts])
     if parts[0].lookup:
         return FactorBlock(offset, tuple(shape), u, v)
     d_u, d_v = u.shape[-1], v.shape[-1]

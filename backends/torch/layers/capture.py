@@ -84,7 +84,9 @@ class Recorder:
         try:
             for m, kind in self.kinds.items():
                 if kind.hookable:
-                    handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+                    # first in line, so that the hook sees the module's own output
+                    handles.append(m.register_forward_hook(self._hook, with_kwargs=True,
+                                                           prepend=True))
                 else:
                     if "forward" in vars(m):
                         raise RuntimeError(f"{describe(m)} has an instance-level forward")

@@ -34,7 +34,7 @@ import torch
 from ngdref import kfac as K
 from ngdref.checks import check_choice
 
-from .parts import Grad, Outer, Rows, materialise
+from .parts import Grad, Outer, Rows, along_positions, materialise
 
 __all__ = ["KroneckerPart", "diagonal", "grad_factors", "input_factors", "kronecker",
            "kronecker_ready"]
@@ -68,8 +68,8 @@ def kronecker_ready(uses: Sequence[Grad]) -> bool:
 def _joined(uses: Sequence[Grad]) -> list[Outer]:
     if not kronecker_ready(uses):
         raise ValueError("the uses have no common Kronecker form (use diagonal())")
-    return [Outer(torch.cat([p.u for p in ps], 1),
-                  None if ps[0].v is None else torch.cat([p.v for p in ps], 1),
+    return [Outer(along_positions([p.u for p in ps]),
+                  None if ps[0].v is None else along_positions([p.v for p in ps]),
                   ps[0].start, ps[0].grad) for ps in zip(*uses, strict=True)]
 
 

@@ -25,11 +25,12 @@ scales, where a factor form saves nothing).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Grad", "Outer", "Part", "Rows", "materialise", "part_size"]
+__all__ = ["Grad", "Outer", "Part", "Rows", "along_positions", "materialise", "part_size"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class Rows:
 Part = Outer | Rows
 #: the per-sample gradient of one parameter from one call: parts covering it, by start
 Grad = tuple[Part, ...]
+
+
+def along_positions(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One factor of several uses concatenated along T (axis 1; no copy for a single use)."""
+    return factors[0] if len(factors) == 1 else torch.cat(list(factors), dim=1)
 
 
 def part_size(part: Part, shape: tuple[int, ...]) -> int:
