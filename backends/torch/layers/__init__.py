@@ -39,6 +39,7 @@ from .kronecker import (
     diagonal,
     grad_factors,
     input_factors,
+    joint,
     kronecker,
     kronecker_ready,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "factor_cost",
     "grad_factors",
     "input_factors",
+    "joint",
     "kind_of",
     "kronecker",
     "kronecker_ready",

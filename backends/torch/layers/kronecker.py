@@ -36,7 +36,7 @@ from ngdref.checks import check_choice
 
 from .parts import Grad, Outer, Rows, along_positions, materialise
 
-__all__ = ["KroneckerPart", "diagonal", "grad_factors", "input_factors", "kronecker",
+__all__ = ["KroneckerPart", "diagonal", "grad_factors", "input_factors", "joint", "kronecker",
            "kronecker_ready"]
 
 
@@ -137,6 +137,24 @@ def kronecker(
         row_factor, col_factor = (b, a) if p.grad == "u" else (a, b)
         out.append(KroneckerPart(p.start * d_v, (rows, d_v),
                                  K.KroneckerFactors(col_factor, row_factor), terms))
+    return out
+
+
+def joint(weight: Sequence[Grad], bias: Sequence[Grad]) -> list[Grad]:
+    """The uses of [W, b] as one (rows, d_v + 1) matrix (``bias="joint"`` of
+    ``backends/kfac.py``): a column of ones appended to the weight's input side.
+
+    Needs, per use, one linear part of the weight and the bias part of the same call (the
+    same gradient side u: ``nn.Linear``, an ungrouped convolution).
+    """
+    out: list[Grad] = []
+    for w, b in zip(weight, bias, strict=True):
+        p = w[0]
+        if len(w) != 1 or len(b) != 1 or not isinstance(p, Outer) or p.lookup or \
+                p.grad != "u" or not isinstance(b[0], Outer) or b[0].u is not p.u:
+            raise ValueError("joint weight and bias blocks need, per use, one linear part of "
+                             "the weight and the bias part of the same call")
+        out.append((Outer(p.u, torch.cat([p.v, torch.ones_like(p.v[..., :1])], dim=-1)),))
     return out
 
 

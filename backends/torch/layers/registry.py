@@ -20,7 +20,9 @@ on a module's type. An engine uses a kind in four steps per call of a module:
 
 ``axis`` is the :class:`~backends.torch.axes.BatchAxis` of the call's first argument:
 where its samples lie, known from how it was computed (never from a dimension that
-happens to have length N). Conventions: sum over positions; the per-sample gradient of
+happens to have length N). One exception: an ``nn.EmbeddingBag`` called on a 1-D input
+with offsets takes the axis of its bags (its output's axis 0), which nothing in the flat
+indices shows. Conventions: sum over positions; the per-sample gradient of
 sample n is that of l_n, whatever scale the cotangents of the backward pass carried.
 """
 

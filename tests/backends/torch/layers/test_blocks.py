@@ -24,6 +24,7 @@ from backends.torch.layers import (  # noqa: E402
     diagonal,
     factor_cost,
     input_factors,
+    joint,
     register,
 )
 
@@ -158,6 +159,17 @@ def test_kronecker_factors_refuse_mixed_uses_and_diagonal_serves_them() -> None:
     w = torch.rand(N, dtype=torch.float64)
     assert_close(diagonal(uses, (2, 2), weights=w), (w[:, None] * rows**2).sum(0),
                  torch.float64, "diagonal")
+
+
+def test_joint_needs_the_bias_of_the_same_call() -> None:
+    b, x = torch.randn(N, 2, 3), torch.randn(N, 2, 4)
+    (use,) = joint([(Outer(b, x),)], [(Outer(b, None),)])
+    assert torch.equal(use[0].v[..., -1], torch.ones(N, 2)) and use[0].u is b
+    with pytest.raises(ValueError, match="the bias part of the same call"):
+        joint([(Outer(b, x),)], [(Outer(b.clone(), None),)])
+    index = torch.zeros(N, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="one linear part of the weight"):
+        joint([(Outer(index, x, 0, "v"),)], [(Outer(b, None),)])
 
 
 def test_register_refuses_taken_types_and_non_modules() -> None:

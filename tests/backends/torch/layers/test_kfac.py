@@ -45,6 +45,7 @@ from backends.torch.layers import (  # noqa: E402
     diagonal,
     grad_factors,
     input_factors,
+    joint,
     kronecker,
     kronecker_ready,
 )
@@ -288,8 +289,9 @@ class Net(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+@pytest.mark.parametrize("bias", ["separate", "joint"])
 @pytest.mark.parametrize("convention", ["expand", "reduce"])
-def test_factors_reproduce_backends_kfac(convention) -> None:
+def test_factors_reproduce_backends_kfac(convention, bias) -> None:
     """The integrator's switch-over: the same A and B as backends/kfac.py for its layers."""
     from backends.kfac import kfac_curvature
 
@@ -298,7 +300,7 @@ def test_factors_reproduce_backends_kfac(convention) -> None:
     x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
     loss_fn = ngdref.SoftmaxCrossEntropy()
     today = kfac_curvature(model, loss_fn, x, y, methods=("ekfac", "iekfac"),
-                           convention=convention)
+                           convention=convention, bias=bias)
     recorder = Recorder(model, lambda m, a, k: BATCH_FIRST, 5)
     with recorder.recording():
         z = model(x)
@@ -308,11 +310,12 @@ def test_factors_reproduce_backends_kfac(convention) -> None:
     for block in today.blocks:
         module = model.get_submodule(block.name.removesuffix(".bias").removesuffix("bias"))
         p = module.bias if block.name.endswith("bias") else module.weight
-        shape = tuple(p.shape)
+        mine = joint(uses[p], uses[module.bias]) if bias == "joint" else uses[p]
+        shape = block.shape
         for method, w in (("ekfac", None), ("iekfac", 1 / s)):
-            a = input_factors(uses[p], shape, convention=convention)
-            b = grad_factors(uses[p], weights=w, convention=convention)
-            (part,) = kronecker(uses[p], shape, a, b, convention=convention)
+            a = input_factors(mine, shape, convention=convention)
+            b = grad_factors(mine, weights=w, convention=convention)
+            (part,) = kronecker(mine, shape, a, b, convention=convention)
             want = block.factors[method]
             assert_close(part.factors.grad_factor, want.grad_factor, torch.float64, "B")
             if want.input_factor is not None:
