@@ -110,7 +110,8 @@ class LayerKind:
         num_samples: int,
     ) -> Any:
         """The detached per-sample input features of one call (whatever :meth:`factors`
-        of this kind reads). Called right after the call, once :meth:`refuse_call` passed."""
+        of this kind reads, in :attr:`Captured.x`). Called right after the call, once
+        :meth:`refuse_call` passed."""
         raise NotImplementedError
 
     def factors(

@@ -25,6 +25,7 @@ from backends.torch.layers import (  # noqa: E402
     factor_cost,
     input_factors,
     joint,
+    kind_of,
     register,
 )
 
@@ -170,6 +171,14 @@ def test_joint_needs_the_bias_of_the_same_call() -> None:
     index = torch.zeros(N, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="one linear part of the weight"):
         joint([(Outer(index, x, 0, "v"),)], [(Outer(b, None),)])
+
+
+def test_default_forward_is_the_modules_own_with_its_output_tapped() -> None:
+    """What an engine that substitutes every forward gets from a hookable kind."""
+    module, x = nn.Linear(3, 2), torch.randn(4, 3)
+    taps = {}
+    out = kind_of(module).forward(module, (x,), {}, lambda name, t: taps.setdefault(name, t))
+    assert torch.equal(out, module(x)) and taps["output"] is out
 
 
 def test_register_refuses_taken_types_and_non_modules() -> None:
