@@ -1,0 +1,179 @@
+r"""One block per parameter from the parts of all its uses: ghost factors or materialised rows.
+
+:func:`assemble` is the one place where parts (:mod:`.parts`) become the blocks of
+:class:`backends.ghost.GhostRows`:
+
+* every use of the parameter has the same layout of :class:`~.parts.Outer` parts (same
+  starts and widths; a weight used k times, tied weights): the uses are concatenated
+  along positions, part by part,
+
+  .. math:: g_n = \sum_{k} \operatorname{vec}(U_{nk}^\top V_{nk})
+      = \operatorname{vec}\big([U_{n1}; \dots; U_{nK}]^\top [V_{n1}; \dots; V_{nK}]\big),
+
+  giving a :class:`~backends.ghost.FactorBlock` (one part) or a :class:`SplitBlock`
+  (contiguous row blocks: a grouped convolution's groups, attention's q, k, v rows), kept
+  as factors when the route or the cost model (:mod:`.cost`) says so;
+* otherwise (a bias, :class:`~.parts.Rows`, uses of different forms such as an embedding
+  tied to an output layer) each use is materialised and the uses are summed into one
+  :class:`~backends.ghost.DenseBlock`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...ghost import DenseBlock, FactorBlock
+from .cost import BALANCE, PartShape, factor_cost
+from .parts import Grad, Outer, Rows, along_positions, materialise, part_size
+
+__all__ = ["ROUTES", "SplitBlock", "assemble", "shapes_of"]
+
+#: per-parameter choice: the cost model, factors wherever possible, materialised everywhere
+ROUTES = ("auto", "ghost", "materialise")
+
+
+@dataclass
+class SplitBlock:
+    """A parameter whose rows are contiguous blocks, each a :class:`FactorBlock` (the
+    per-sample gradient of each block is its own outer product). Offers what GhostRows
+    asks of a factor block: ``materialise``, ``matvec``, ``rmatvec``, ``cross``."""
+
+    offset: int
+    shape: tuple[int, ...]
+    parts: tuple[FactorBlock, ...]
+    size: int = field(init=False)
+    embedding = False
+
+    def __post_init__(self) -> None:
+        self.size = math.prod(self.shape)
+        if sum(p.size for p in self.parts) != self.size:
+            raise ValueError(f"SplitBlock parts cover {sum(p.size for p in self.parts)} "
+                             f"entries of a parameter of shape {self.shape}")
+
+    def _slice(self, p: FactorBlock) -> slice:
+        return slice(p.offset - self.offset, p.offset - self.offset + p.size)
+
+    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample gradients (N, size), written into ``out`` when given."""
+        if out is None:
+            n = self.parts[0].b.shape[0]
+            out = torch.empty(n, self.size, dtype=self.parts[0].b.dtype,
+                              device=self.parts[0].b.device)
+        for p in self.parts:
+            p.materialise(out[:, self._slice(p)])
+        return out
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """(G v)_n over this parameter's slice of the (P,) ``vector``, (N,)."""
+        return sum(p.matvec(vector) for p in self.parts)
+
+    def rmatvec(self, weights: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_n w_n g_n, (size,), into ``out`` when given (``weights=None``: w_n = 1)."""
+        if out is None:
+            out = torch.empty(self.size, dtype=self.parts[0].b.dtype,
+                              device=self.parts[0].b.device)
+        for p in self.parts:
+            p.rmatvec(weights, out[self._slice(p)])
+        return out
+
+    def cross(self, other: SplitBlock) -> torch.Tensor:
+        """<g_n, h_m> (N, M) float64: the parts are disjoint coordinates, so their sum."""
+        if [(p.offset, p.size) for p in self.parts] != [(q.offset, q.size) for q in other.parts]:
+            raise ValueError("SplitBlock.cross needs the other block's parts at the same rows")
+        return sum(p.cross(q) for p, q in zip(self.parts, other.parts, strict=True))
+
+
+def _layout(use: Grad) -> tuple:
+    return tuple(
+        ("rows",) if isinstance(p, Rows) else
+        ("outer", p.start, p.lookup, p.v is None, p.u.shape[-1] if not p.lookup else 0,
+         None if p.v is None else p.v.shape[-1])
+        for p in use)
+
+
+def _factorable(uses: Sequence[Grad]) -> bool:
+    first = _layout(uses[0])
+    return all(_layout(u) == first for u in uses) and all(
+        x[0] == "outer" and not x[3] for x in first)
+
+
+def shapes_of(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, ...]:
+    """The :class:`PartShape` s of a parameter's block (its uses concatenated along T)."""
+    if not _factorable(uses):
+        total = math.prod(shape)
+        t = sum(max((p.positions for p in use if isinstance(p, Outer)), default=1)
+                for use in uses)
+        return (PartShape(t, total, 0),)
+    out = []
+    for parts in zip(*uses, strict=True):
+        t = sum(p.positions for p in parts)
+        p = parts[0]
+        d_u = shape[0] if p.lookup else int(p.u.shape[-1])
+        out.append(PartShape(t, d_u, int(p.v.shape[-1]), p.lookup))
+    return tuple(out)
+
+
+def _factor_block(offset: int, shape: tuple[int, ...], parts: Sequence[Outer]) -> FactorBlock:
+    u = along_positions([p.u for p in parts])
+    v = along_positions([p.v for p in parts])
+    if parts[0].lookup:
+        return FactorBlock(offset, tuple(shape), u, v)
+    d_u, d_v = u.shape[-1], v.shape[-1]
+    return FactorBlock(offset + parts[0].start * d_v, (d_u, d_v), v, u)
+
+
+def assemble(
+    offset: int,
+    shape: tuple[int, ...],
+    uses: Sequence[Grad],
+    *,
+    route: str = "auto",
+    balance: float = BALANCE,
+) -> FactorBlock | SplitBlock | DenseBlock:
+    """The block of one parameter (at ``offset`` in theta, of ``shape``) from its uses.
+
+    Parameters
+    ----------
+    uses : sequence of Grad
+        Per call that used the parameter, its parts (:meth:`LayerKind.factors`).
+    route : {"auto", "ghost", "materialise"}
+        "auto": factors where :func:`.cost.factor_cost` estimates them cheaper (time =
+        multiply-adds + ``balance`` x bytes); "ghost": factors wherever the uses allow.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if not uses:
+        raise ValueError("assemble needs at least one use of the parameter")
+    if _factorable(uses):
+        groups = list(zip(*uses, strict=True))
+        blocks = [_factor_block(offset, shape, parts) for parts in groups]
+        block = blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape), tuple(blocks))
+        n = int(uses[0][0].u.shape[0])
+        itemsize = uses[0][0].v.element_size()
+        if route == "ghost" or (route == "auto" and factor_cost(
+                n, shapes_of(uses, shape), itemsize).ghost_cheaper(balance)):
+            return block
+        return DenseBlock(offset, block.materialise())
+    return DenseBlock(offset, _dense(uses, shape))
+
+
+def _dense(uses: Sequence[Grad], shape: tuple[int, ...]) -> torch.Tensor:
+    """The uses materialised and summed, (N, prod(shape)); each part at its own rows."""
+    total = None
+    for use in uses:
+        for p in use:
+            rows = materialise(p, shape)
+            if total is None:
+                total = rows.new_zeros(rows.shape[0], math.prod(shape))
+            first = 0 if isinstance(p, Rows) else p.start * (
+                1 if p.v is None or p.lookup else int(p.v.shape[-1]))
+            if first + part_size(p, shape) > total.shape[1]:
+                raise ValueError(f"a part at row {first} of {part_size(p, shape)} entries "
+                                 f"overruns a parameter of shape {tuple(shape)}")
+            total[:, first:first + rows.shape[1]] += rows
+    return total
