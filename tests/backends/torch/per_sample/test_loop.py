@@ -159,7 +159,8 @@ def test_batch_dependent_output_is_refused_by_name() -> None:
 
 BAD = [  # (what, call, exception, message)
     ("cotangents rows", lambda a, u: loop_vjp(a, u[1:]), ValueError, "cotangents has 4 rows"),
-    ("cotangents 1-d", lambda a, u: loop_vjp(a, u[0]), ValueError, r"cotangents must be .*\(N, C\)"),
+    ("cotangents 1-d", lambda a, u: loop_vjp(a, u[0]), ValueError,
+     r"cotangents must be .*\(N, C\)"),
     ("cotangents dtype", lambda a, u: loop_vjp(a, u.float()), TypeError, "cotangents has dtype"),
     ("cotangents width", lambda a, u: loop_vjp(a, u[:, 1:]), ValueError, "C = 2 per sample"),
     ("ranges empty", lambda a, u: loop_vjp_ranges(a, u, []), ValueError, "ranges must be"),
