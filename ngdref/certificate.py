@@ -197,6 +197,7 @@ def certify_products(
     *,
     route: str,
     unit_roundoff: float,
+    first_sample: int = 0,
 ) -> Certificate:
     r"""Accept the rows' products :math:`r = G_{rows} v` if :math:`|r_n - r^*_n| \le b_n` for
     every n, else raise :class:`RowsCertificateError`.
@@ -213,6 +214,8 @@ def certify_products(
         The reference's route, reported.
     unit_roundoff : float
         u of the bounds, reported.
+    first_sample : int >= 0
+        The batch index of entry 0 (a caller certifying a window of the batch), reported.
 
     Returns
     -------
@@ -233,6 +236,7 @@ def certify_products(
         check_floating(xp, a, name)
         if a.shape[0] != n:
             raise ValueError(f"{name} has {a.shape[0]} entries but reference has {n}")
+    check_int(first_sample, "first_sample", minimum=0)
     check_finite(xp, reference, "reference")
     check_finite(xp, bounds, "bounds")
     f64 = xp.float64
@@ -244,9 +248,9 @@ def certify_products(
     positive = bounds > 0
     ratios = xp.where(positive, errors / xp.where(positive, bounds, xp.ones_like(bounds)),
                       xp.where(errors > 0, inf, xp.zeros_like(errors)))
-    worst = int(xp.argmax(ratios))
-    error, bound = float(errors[worst]), float(bounds[worst])
-    if not float(ratios[worst]) <= 1.0:
+    i = int(xp.argmax(ratios))
+    error, bound, worst = float(errors[i]), float(bounds[i]), i + first_sample
+    if not float(ratios[i]) <= 1.0:
         bad = int(xp.sum(xp.astype(ratios > 1.0, xp.int64)))
         raise RowsCertificateError(
             f"per-sample rows failed their certificate: |(G_rows v)_n - (G v)_n| = "

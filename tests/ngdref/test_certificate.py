@@ -56,6 +56,10 @@ def test_products_within_their_bounds_pass_and_report_the_worst_sample(backend: 
                               backend.asarray(bounds), route="forward", unit_roundoff=1e-4)
     assert isinstance(result, Certificate)
     assert result.sample == 1
+    shifted = certify_products(backend.asarray(reference + offsets), backend.asarray(reference),
+                               backend.asarray(bounds), route="forward", unit_roundoff=1e-4,
+                               first_sample=7)
+    assert shifted.sample == 8  # the caller's batch index of a window's entry 1
     assert result.route == "forward"
     assert math.isclose(result.bound, bounds[1], rel_tol=RTOL)
     assert math.isclose(result.error, abs(offsets[1]), rel_tol=1e-9)  # ulps of 2 vs 1e-3
@@ -123,6 +127,8 @@ def test_bad_products_are_refused_by_name(backend: Backend) -> None:
     with pytest.raises(ValueError, match="products has 3 entries but reference has 4"):
         certify_products(backend.asarray(np.ones(3)), ones, ones, route="forward",
                          unit_roundoff=1e-16)
+    with pytest.raises(ValueError, match="first_sample must be an int >= 0"):
+        certify_products(ones, ones, ones, route="forward", unit_roundoff=1e-16, first_sample=-1)
     with pytest.raises(ValueError, match="bounds must have 1 axes"):
         certify_products(ones, ones, backend.asarray(np.ones((4, 1))), route="forward",
                          unit_roundoff=1e-16)

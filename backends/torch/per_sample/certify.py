@@ -58,7 +58,7 @@ from typing import Any
 import array_api_compat
 import torch
 from torch import nn
-from torch.func import jvp as func_jvp
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -142,27 +142,25 @@ class _Watch(TorchFunctionMode):
 
 def gaussian_vector(size: int, *, seed: int, dtype: torch.dtype,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """v ~ N(0, I) (size,), drawn on the CPU by a ``torch.Generator`` seeded with ``seed`` (the
-    same v on every device), then moved to ``device``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(size, generator=generator, dtype=dtype).to(device)
+    """v ~ N(0, I) (size,), drawn on ``device`` by a ``torch.Generator`` of that device seeded
+    with ``seed`` (reproducible per device type; a P-vector is not drawn on the CPU and
+    copied to an accelerator)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(size, generator=generator, dtype=dtype, device=device)
 
 
-def _logits_fn(model: BatchModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    everything = slice(0, model.num_samples)
-    return lambda theta: model.sub_batch_logits(model.unflatten(theta), everything)
+def _forward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
+             vector: torch.Tensor) -> torch.Tensor:
+    # forward-mode AD without a graph: cheaper than torch.func.jvp (no functorch wrapping)
+    with torch.no_grad(), forward_ad.dual_level():
+        return forward_ad.unpack_dual(logits(forward_ad.make_dual(theta, vector))).tangent
 
 
-def _forward(model: BatchModel, theta: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    _, tangents = func_jvp(_logits_fn(model), (theta,), (vector,))
-    return tangents
-
-
-def _double_backward(model: BatchModel, theta: torch.Tensor,
+def _double_backward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
                      vector: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         leaf = theta.detach().requires_grad_(True)
-        z = _logits_fn(model)(leaf)
+        z = logits(leaf)
         dummy = torch.zeros_like(z, requires_grad=True)
         (t,) = torch.autograd.grad(z, leaf, grad_outputs=dummy, create_graph=True)
         (tangents,) = torch.autograd.grad(t, dummy, grad_outputs=vector)
@@ -170,9 +168,10 @@ def _double_backward(model: BatchModel, theta: torch.Tensor,
 
 
 def reference_tangents(
-    model: BatchModel, vector: torch.Tensor, *, route: str = "auto"
+    model: BatchModel, vector: torch.Tensor, *, route: str = "auto",
+    theta: torch.Tensor | None = None, rows: slice | None = None,
 ) -> tuple[torch.Tensor, str, _Watch]:
-    r"""J v (N, C) of the batch's logits along ``vector`` (P,), by one batched pass.
+    r"""J v (n, C) of the logits of the samples ``rows`` along ``vector`` (P,), one pass.
 
     Parameters
     ----------
@@ -180,11 +179,15 @@ def reference_tangents(
     vector : torch.Tensor, shape (P,)
     route : {"auto", "forward", "double-backward"}
         See the module docstring.
+    theta : torch.Tensor, shape (P,), optional
+        ``model.params_vector()`` if the caller has it.
+    rows : slice, optional
+        The samples (default all N): one pass over them as a batch.
 
     Returns
     -------
-    tangents : torch.Tensor, shape (N, C)
-        Row n is :math:`J_n v` (detached).
+    tangents : torch.Tensor, shape (n, C)
+        Row i is :math:`J_{n_i} v` (detached).
     route : str
         The route taken.
     watch : _Watch
@@ -192,14 +195,19 @@ def reference_tangents(
         :meth:`_Watch.unit_roundoff`.
     """
     check_choice(route, "route", REFERENCES)
-    theta = model.params_vector().detach()
+    theta = (model.params_vector() if theta is None else theta).detach()
+    rows = slice(0, model.num_samples) if rows is None else rows
+
+    def logits(th: torch.Tensor) -> torch.Tensor:
+        return model.sub_batch_logits(model.unflatten(th), rows)
+
     watch = _Watch()
     # the math kernel of scaled_dot_product_attention has both rules; the fused CPU and CUDA
     # kernels have neither (nn.MultiheadAttention, Hugging Face's "sdpa" attention)
     with model.module_mode(), sdpa_kernel(SDPBackend.MATH), watch:
         if route != "double-backward":
             try:
-                tangents = _forward(model, theta, vector)
+                tangents = _forward(logits, theta, vector)
                 route = "forward"
             except (NotImplementedError, RuntimeError) as err:
                 # no forward rule (mkldnn's LSTM, packed sequences, ...): try the other route,
@@ -209,7 +217,7 @@ def reference_tangents(
                 forward_error = err
         if route != "forward":
             try:
-                tangents = _double_backward(model, theta, vector)
+                tangents = _double_backward(logits, theta, vector)
             except (NotImplementedError, RuntimeError) as err:
                 if route == "auto":
                     raise err from forward_error
@@ -218,15 +226,40 @@ def reference_tangents(
     return tangents.detach().reshape(tangents.shape[0], -1), route, watch
 
 
-def _check_rows(rows: Any, n: int, p: int, theta: torch.Tensor) -> Any:
+def _check_rows(rows: Any, n: int, theta: torch.Tensor) -> Any:
     rows = as_rows(rows, name="rows")
     if not array_api_compat.is_torch_namespace(rows.array_namespace()):
         raise TypeError("rows must be torch rows (a tensor or a PerSampleRows of torch)")
-    if tuple(rows.shape) != (n, p):
-        raise ValueError(f"rows has shape {tuple(rows.shape)}, expected (N, P) = {(n, p)}")
+    if tuple(rows.shape) != (n, theta.numel()):
+        raise ValueError(f"rows has shape {tuple(rows.shape)}, expected (N, P) = "
+                         f"{(n, theta.numel())}")
     if rows.dtype != theta.dtype:
         raise TypeError(f"rows has dtype {rows.dtype} but the parameters have {theta.dtype}")
     return rows
+
+
+def _check_inputs(cotangents: Any, row_sq_norms: Any, n: int, theta: torch.Tensor) -> None:
+    if not isinstance(cotangents, torch.Tensor) or cotangents.ndim != 2 or \
+            cotangents.shape[0] != n:
+        got = tuple(cotangents.shape) if isinstance(cotangents, torch.Tensor) else cotangents
+        raise ValueError(f"cotangents must be a torch.Tensor of shape (N = {n}, C), got {got!r}")
+    if cotangents.dtype != theta.dtype or cotangents.device != theta.device:
+        raise TypeError(f"cotangents has dtype {cotangents.dtype} on {cotangents.device}; the "
+                        f"parameters have {theta.dtype} on {theta.device}")
+    if row_sq_norms is not None and (
+        not isinstance(row_sq_norms, torch.Tensor) or tuple(row_sq_norms.shape) != (n,)
+        or not row_sq_norms.is_floating_point()
+    ):
+        raise ValueError(f"row_sq_norms must be a floating torch.Tensor of shape (N = {n},)")
+
+
+def _window(n: int, samples: int | None, seed: int) -> slice:
+    """``samples`` consecutive samples from a seeded offset, or all N."""
+    if samples is None or samples >= n:
+        return slice(0, n)
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(0, n - samples + 1, (1,), generator=generator))
+    return slice(start, start + samples)
 
 
 def certify_rows(
@@ -237,6 +270,7 @@ def certify_rows(
     seed: int = 0,
     route: str = "auto",
     row_sq_norms: torch.Tensor | None = None,
+    samples: int | None = None,
 ) -> Certificate:
     r"""Certify per-sample rows :math:`G_{n,:} = u_n^\top J_n` against an independent G v.
 
@@ -249,12 +283,17 @@ def certify_rows(
     cotangents : torch.Tensor, shape (N, C)
         u, the cotangents the rows were computed with, theta's dtype and device.
     seed : int >= 0
-        Seed of the Gaussian v (:func:`gaussian_vector`).
+        Seed of the Gaussian v (:func:`gaussian_vector`) and of the window of ``samples``.
     route : {"auto", "forward", "double-backward"}
         The reference's route (:func:`reference_tangents`).
     row_sq_norms : torch.Tensor, shape (N,), optional
         :math:`\|g_n\|^2` if the caller has them (the diagonal of the Gram it formed);
         default ``ngdref.rows.sq_row_norms(rows)``.
+    samples : int >= 1, optional
+        Certify only this many consecutive samples, from an offset drawn with ``seed``: the
+        reference pass runs on them alone (its cost scales with samples / N). A route that
+        is wrong for the model is wrong on every sample and still caught; a single wrong row
+        is caught only if it is in the window. Default: all N.
 
     Returns
     -------
@@ -267,38 +306,37 @@ def certify_rows(
         The rows are wrong beyond rounding (the exception carries error, bound, sample and
         route).
     ValueError, TypeError
-        Bad rows, cotangents, seed or route (named), before any pass.
+        Bad rows, cotangents, seed, route, row_sq_norms or samples (named), before any pass.
     """
     start = time.perf_counter()
     check_int(seed, "seed", minimum=0)
+    check_int(samples, "samples", optional=True)
     check_choice(route, "route", REFERENCES)
     theta = model.params_vector().detach()
-    n, p = model.num_samples, theta.numel()
-    rows = _check_rows(rows, n, p, theta)
-    if not isinstance(cotangents, torch.Tensor) or cotangents.ndim != 2 or \
-            cotangents.shape[0] != n:
-        got = tuple(cotangents.shape) if isinstance(cotangents, torch.Tensor) else cotangents
-        raise ValueError(f"cotangents must be a torch.Tensor of shape (N = {n}, C), got {got!r}")
-    if cotangents.dtype != theta.dtype or cotangents.device != theta.device:
-        raise TypeError(f"cotangents has dtype {cotangents.dtype} on {cotangents.device}; the "
-                        f"parameters have {theta.dtype} on {theta.device}")
-    vector = gaussian_vector(p, seed=seed, dtype=theta.dtype, device=theta.device)
-    products = rows.matvec(vector)
-    tangents, used, watch = reference_tangents(model, vector, route=route)
-    if tuple(tangents.shape) != tuple(cotangents.shape):
+    n = model.num_samples
+    rows = _check_rows(rows, n, theta)
+    _check_inputs(cotangents, row_sq_norms, n, theta)
+    window = _window(n, samples, seed)
+    vector = gaussian_vector(theta.numel(), seed=seed, dtype=theta.dtype, device=theta.device)
+    products = rows.matvec(vector)[window]
+    tangents, used, watch = reference_tangents(model, vector, route=route, theta=theta,
+                                               rows=window)
+    u64 = cotangents[window].to(torch.float64)
+    if tuple(tangents.shape) != tuple(u64.shape):
         raise ValueError(f"cotangents has shape {tuple(cotangents.shape)} but the model's "
-                         f"logits have {tuple(tangents.shape)}")
-    u64 = cotangents.to(torch.float64)
+                         f"logits have {(n, *tuple(tangents.shape[1:]))}")
     reference = (tangents.to(torch.float64) * u64).sum(dim=1)
     norms = sq_row_norms(rows) if row_sq_norms is None else row_sq_norms
     u = max(unit_roundoff(torch, theta.dtype, rows.dtype), watch.unit_roundoff())
     bounds = product_bounds(
-        norms.to(torch.float64), float(torch.linalg.vector_norm(vector.to(torch.float64))),
+        norms[window].to(torch.float64),
+        float(torch.linalg.vector_norm(vector.to(torch.float64))),
         torch.linalg.vector_norm(u64, dim=1),
         torch.linalg.vector_norm(tangents.to(torch.float64), dim=1), unit_roundoff=u,
         depth=max(1, watch.depth),
     )
-    result = certify_products(products, reference, bounds, route=used, unit_roundoff=u)
+    result = certify_products(products, reference, bounds, route=used, unit_roundoff=u,
+                              first_sample=window.start)
     return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
 
@@ -410,6 +448,7 @@ def certified_rows(
     ledger: Ledger = LEDGER,
     seed: int = 0,
     reference: str = "auto",
+    samples: int | None = None,
 ) -> CertifiedRows:
     """The rows of a step under the ``certify`` / ``on_mismatch`` policy (module docstring).
 
@@ -434,6 +473,8 @@ def certified_rows(
         Seed of the certificate's v (an optimiser may pass its step counter).
     reference : {"auto", "forward", "double-backward"}
         Route of the reference G v.
+    samples : int >= 1, optional
+        Certify a seeded window of this many samples (:func:`certify_rows`); default all N.
 
     Raises
     ------
@@ -444,6 +485,7 @@ def certified_rows(
     check_choice(on_mismatch, "on_mismatch", ON_MISMATCH)
     check_int(seed, "seed", minimum=0)
     check_choice(reference, "reference", REFERENCES)
+    check_int(samples, "samples", optional=True)
     names = list(routes)
     if not names:
         raise ValueError("routes must hold at least one route")
@@ -458,7 +500,8 @@ def certified_rows(
     for name in names[start:]:
         rows = routes[name]()
         try:
-            result = certify_rows(model, rows, cotangents, seed=seed, route=reference)
+            result = certify_rows(model, rows, cotangents, seed=seed, route=reference,
+                                  samples=samples)
         except RowsCertificateError as err:
             if on_mismatch == "raise":
                 raise
