@@ -9,8 +9,8 @@ materialised blocks, vmap or loop rows, or a dense (N, P) tensor) and compares i
 where :math:`J v` (N, C) comes from the batched forward pass and nothing per sample:
 
 ``"forward"``
-    one ``torch.func.jvp`` of the batch's logits at theta along v (about 1.5-3 forward
-    passes of cost);
+    one forward-mode pass (``torch.autograd.forward_ad``, no graph) of the batch's logits at
+    theta along v: about 3 forward passes of cost on CPU (every matmul carries its tangent);
 ``"double-backward"``
     where forward mode is unsupported: with a dummy W (N, C) requiring grad,
     :math:`t(W) = \nabla_\theta \sum_{n} W_n \cdot z_n = J^\top W` (a backward pass that
@@ -19,15 +19,19 @@ where :math:`J v` (N, C) comes from the batched forward pass and nothing per sam
 ``"auto"``
     forward mode, and the double backward pass if an operation has no forward-mode rule.
 
-The comparison and its rounding bound are :mod:`ngdref.certificate` (derivation there):
-:math:`|r_n - r^*_n| \le c\,u\,(\|g_n\|\|v\| + \|u_n\|\|J_n v\|)` per sample, u the unit
-roundoff of the least precise floating dtype the reference pass computed in (a
+Both run ``scaled_dot_product_attention`` on its math kernel (the fused kernels have neither
+rule). The comparison and its rounding bound are :mod:`ngdref.certificate` (derivation
+there): :math:`|r_n - r^*_n| \le c\,u\,(\|g_n\|\|v\| + \sqrt{L}\,\|u_n\|\|J_n v\|)` per
+sample, with u the unit roundoff of the least precise arithmetic the reference pass ran (a
 ``TorchFunctionMode`` sees every result: T5's layer norm takes its variance in float32 even
-in a float64 model), :math:`\|g_n\|` from the rows' Gram diagonal (or ``row_sq_norms`` if
-the step has it). v is Gaussian, not Rademacher: a wrong row is then caught with probability
-one (a Rademacher v misses a row error :math:`e_1 - e_2` half the time), the miss probability
-below the bound is explicit (:mod:`ngdref.certificate`), and v is an exact input of both
-routes, so its rounding to the dtype does not matter.
+in a float64 model; float32 convolutions and matmuls count as TF32 or bfloat16 where torch's
+flags allow those), L the number of its floating-point torch functions, and
+:math:`\|g_n\|` from the rows' Gram diagonal (or ``row_sq_norms`` if the step has it).
+
+v is Gaussian, not Rademacher: a wrong row is then caught with probability one (a
+Rademacher v misses a row error :math:`e_1 - e_2` half the time), the miss probability below
+the bound is explicit (:mod:`ngdref.certificate`), and v is an exact input of both routes, so
+its rounding to the dtype does not matter.
 
 Options for ``TorchProvider`` and the optimisers
 -------------------------------------------------
@@ -42,6 +46,10 @@ Options for ``TorchProvider`` and the optimisers
     ``"fallback"``: the rows are redone by the next exact route (ghost -> vmap -> loop, as
     the caller orders them), certified in turn, and the failed route is reported in
     :attr:`CertifiedRows.fallbacks` (an optimiser's ``diagnostics["fallbacks"]``).
+``certify_samples=None | k`` (default None: all N)
+    certify a seeded window of k samples per step, the reference pass over them alone:
+    what makes ``"always"`` affordable (a route wrong for the model is wrong on every
+    sample; a single wrong row outside the window goes unseen that step).
 
 :func:`certified_rows` runs that policy over a caller's routes.
 """
