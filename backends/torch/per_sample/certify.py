@@ -383,9 +383,9 @@ LEDGER = Ledger()
 
 
 def _signature(value: Any) -> Hashable:
-    """Shapes, dtypes and devices of tensors (recursively in containers); other values as
-    (type, value) when hashable (a flag such as ``output_hidden_states=True`` can change the
-    forward pass), else their type."""
+    """Shapes, dtypes and devices of tensors (recursively in containers); functions by their
+    code; other values as (type, value) when hashable (a flag such as
+    ``output_hidden_states=True`` can change the forward pass), else their type."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
     if isinstance(value, nn.utils.rnn.PackedSequence):
@@ -394,6 +394,8 @@ def _signature(value: Any) -> Hashable:
         return ("mapping", tuple((k, _signature(v)) for k, v in value.items()))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(_signature(v) for v in value))
+    if callable(value) and hasattr(value, "__code__"):  # a function by its code: a lambda
+        return ("function", value.__code__)  # built anew at every step is the same function
     try:
         hash(value)
     except TypeError:
@@ -415,7 +417,7 @@ def structure_key(model: nn.Module, inputs: Any, *options: Hashable) -> Hashable
                     for name, m in model.named_modules())
     params = tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
                    for name, p in model.named_parameters())
-    return (modules, params, _signature(inputs), options)
+    return (modules, params, _signature(inputs), _signature(options))
 
 
 @dataclass(frozen=True)

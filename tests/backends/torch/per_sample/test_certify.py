@@ -449,6 +449,10 @@ def test_structure_key_tracks_structure_and_shapes_not_values() -> None:
     assert structure_key(model, x.double(), "eval") != key
     assert structure_key(model, {"x": x}, "eval") != key
     assert structure_key(model, x, "train") != key
+    fns = [lambda out: out for _ in range(2)]  # one lambda built anew (each step's closure)
+    assert fns[0] is not fns[1]
+    assert structure_key(model, x, fns[0]) == structure_key(model, x, fns[1])
+    assert structure_key(model, x, fns[0]) != structure_key(model, x, lambda out: out.logits)
     model[0].weight.requires_grad_(False)
     assert structure_key(model, x, "eval") != key
     model[0].weight.requires_grad_(True)
