@@ -65,6 +65,7 @@ from typing import Any
 
 import array_api_compat
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -109,8 +110,11 @@ _MATMULS = frozenset({
 
 
 class _Watch(TorchFunctionMode):
-    """Counts the floating-point torch functions of a pass (its depth L) and records the
-    dtypes they return and where a float32 convolution or matmul ran (device type)."""
+    """The reference pass's mode: counts its floating-point torch functions (its depth L),
+    records the dtypes they return and where a float32 convolution or matmul ran, and gives
+    forward mode torch's reverse-mode convention for ``F.embedding(..., padding_idx=i)``:
+    row i is not trained, so its tangent is zero (forward mode would otherwise carry it into
+    the padding positions' outputs, and G v would disagree with every reverse route)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,7 +123,10 @@ class _Watch(TorchFunctionMode):
         self.float32_ops: set[tuple[str, str]] = set()  # (device type, "conv" | "matmul")
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            args, kwargs = _untrained_padding_row(tuple(args), dict(kwargs))
+        out = func(*args, **kwargs)
         floating = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
                     if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if floating:
@@ -146,6 +153,21 @@ class _Watch(TorchFunctionMode):
             if kind == "matmul":
                 u = max(u, lowered)
         return u
+
+
+def _untrained_padding_row(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``F.embedding``'s arguments with the forward tangent of row ``padding_idx`` zeroed."""
+    weight = kwargs["weight"] if "weight" in kwargs else args[1]
+    padding = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
+    primal, tangent = forward_ad.unpack_dual(weight)
+    if padding is None or tangent is None:
+        return args, kwargs
+    tangent = tangent.clone()
+    tangent[padding] = 0
+    weight = forward_ad.make_dual(primal, tangent)
+    if "weight" in kwargs:
+        return args, {**kwargs, "weight": weight}
+    return (args[0], weight, *args[2:]), kwargs
 
 
 def gaussian_vector(size: int, *, seed: int, dtype: torch.dtype,

@@ -56,7 +56,7 @@ DTYPES = [torch.float32, torch.float64]
 CORRUPTION = {torch.float32: 1e-2, torch.float64: 1e-3}
 #: reference routes a case cannot take (torch has no rule), with "auto" taking the other
 NO_FORWARD = {("lstm-batch-first-T=N", torch.float32), ("lstm-seq-first", torch.float32)}
-NO_DOUBLE_BACKWARD = {("tied-frozen-sparse-embedding-d=N", None)}
+NO_DOUBLE_BACKWARD = {("tied-frozen-sparse-padded-embedding-d=N", None)}
 
 
 def _unsupported(table: set, name: str, dtype: torch.dtype) -> bool:
@@ -156,7 +156,7 @@ def _swapped(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 CORRUPT_CASES = [c for c in CASES if c.name in (
     "mlp-dropout", "encoder-seq-first-T=d=N", "lstm-batch-first-T=N", "gru-packed",
-    "zero-state-cell-T=N", "tied-frozen-sparse-embedding-d=N")]
+    "zero-state-cell-T=N", "tied-frozen-sparse-padded-embedding-d=N")]
 
 
 @pytest.mark.parametrize("reference", ["auto", "forward", "double-backward"])

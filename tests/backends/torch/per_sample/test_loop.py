@@ -96,7 +96,7 @@ RANGES = [
 
 
 @pytest.mark.parametrize("ranges", RANGES)
-@pytest.mark.parametrize("name", ["gru-seq-first-T=N", "tied-frozen-sparse-embedding-d=N"])
+@pytest.mark.parametrize("name", ["gru-seq-first-T=N", "tied-frozen-sparse-padded-embedding-d=N"])
 def test_ranges_are_the_columns_of_the_reference_rows(name: str, ranges: list) -> None:
     case = next(c for c in CASES if c.name == name)
     (model, inputs, axes), adapter, u = _setup(case)
