@@ -78,7 +78,7 @@ from ngdref.certificate import (
     product_bounds,
     unit_roundoff,
 )
-from ngdref.checks import check_choice, check_int
+from ngdref.checks import NonFiniteError, check_choice, check_int
 from ngdref.rows import as_rows, sq_row_norms
 
 from .loop import BatchModel
@@ -357,6 +357,9 @@ def certify_rows(
                          f"logits have {(n, *tuple(tangents.shape[1:]))}")
     reference = (tangents.to(torch.float64) * u64).sum(dim=1)
     norms = sq_row_norms(rows) if row_sq_norms is None else row_sq_norms
+    if not bool(torch.isfinite(norms).all()):  # the rows' fault, named as the steps name them
+        raise NonFiniteError("per_sample_grads contain NaN or infinite values (their squared "
+                             "norms do): the certificate cannot compare them")
     u = max(unit_roundoff(torch, theta.dtype, rows.dtype), watch.unit_roundoff())
     bounds = product_bounds(
         norms[window].to(torch.float64),

@@ -350,6 +350,13 @@ BAD = [  # (what, call, exception, message)
 ]
 
 
+def test_non_finite_rows_are_named() -> None:
+    adapter, u, rows = _model_case(CASES[0], torch.float64)
+    rows[2, 3] = torch.inf
+    with pytest.raises(ngdref.NonFiniteError, match="per_sample_grads contain NaN or inf"):
+        certify_rows(adapter, rows, u)
+
+
 @pytest.mark.parametrize(("what", "call", "error", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_refused_by_name(what: str, call: Any, error: type, message: str) -> None:
     adapter, u, rows = _model_case(CASES[0], torch.float64)
