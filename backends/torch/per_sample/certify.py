@@ -245,6 +245,7 @@ def reference_tangents(
                 if route == "forward":
                     raise
                 forward_error = err
+                watch.depth = 0  # the depth of the pass that completes
         if route != "forward":
             try:
                 tangents = _double_backward(logits, theta, vector)

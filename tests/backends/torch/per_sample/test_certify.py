@@ -186,8 +186,10 @@ def test_one_wrong_ghost_factor_is_caught(name: str, dtype: torch.dtype) -> None
     rows = ROUTES["ghost-factors"](model, inputs, adapter, u)
     assert rows.factors, "layer_route='ghost' keeps factors for these models"
     certify_rows(adapter, rows, u)
+    # T5 and ViT compute parts of a float64 model in float32: their certificate is float32's
+    relative = CORRUPTION[torch.float32 if name != "mlp_ce" else dtype]
     for block in rows.factors:
-        block.b[2] *= 1 + CORRUPTION[dtype]
+        block.b[2] *= 1 + relative
     with pytest.raises(RowsCertificateError, match="at sample n = 2 "):
         certify_rows(adapter, rows, u)
 
