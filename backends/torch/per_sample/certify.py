@@ -1,0 +1,553 @@
+r"""Certify the per-sample rows of a step: their G v against an independent G v, in torch.
+
+:func:`certify_rows` draws a Gaussian v (P,) from a seeded ``torch.Generator``, takes
+:math:`r = G_{rows} v` from the rows under test (any ``ngdref.PerSampleRows``: ghost factors,
+materialised blocks, vmap or loop rows, or a dense (N, P) tensor) and compares it with
+
+.. math:: r^*_n = u_n \cdot (J_n v), \qquad n = 1, \dots, N,
+
+where :math:`J v` (N, C) comes from the batched forward pass and nothing per sample:
+
+``"forward"``
+    one forward-mode pass (``torch.autograd.forward_ad``, no graph) of the batch's logits at
+    theta along v: about 3 forward passes of cost on CPU (every matmul carries its tangent);
+``"double-backward"``
+    where forward mode is unsupported: with a dummy W (N, C) requiring grad,
+    :math:`t(W) = \nabla_\theta \sum_{n} W_n \cdot z_n = J^\top W` (a backward pass that
+    builds its own graph), then :math:`J v = \nabla_W (t(W) \cdot v)`; W of shape (N, C)
+    rather than (N,) costs nothing more and gives the tangents t_n = J_n v the bound needs;
+``"auto"``
+    forward mode, and the double backward pass if an operation has no forward-mode rule.
+
+Both run ``scaled_dot_product_attention`` on its math kernel (the fused kernels have neither
+rule). The comparison and its rounding bound are :mod:`ngdref.certificate` (derivation
+there): :math:`|r_n - r^*_n| \le c\,u\,(\|g_n\|\|v\| + \sqrt{L}\,\|u_n\|\|J_n v\|)` per
+sample, with u the unit roundoff of the least precise arithmetic the reference pass ran (a
+``TorchFunctionMode`` sees every result: T5's layer norm takes its variance in float32 even
+in a float64 model; float32 convolutions and matmuls count as TF32 or bfloat16 where torch's
+flags allow those), L the number of its floating-point torch functions, and
+:math:`\|g_n\|` from the rows' Gram diagonal (or ``row_sq_norms`` if the step has it).
+
+v is Gaussian, not Rademacher: a wrong row is then caught with probability one (a
+Rademacher v misses a row error :math:`e_1 - e_2` half the time), the miss probability below
+the bound is explicit (:mod:`ngdref.certificate`), and v is an exact input of both routes, so
+its rounding to the dtype does not matter.
+
+Options for ``TorchProvider`` and the optimisers
+-------------------------------------------------
+``certify="first" | "always" | "never"`` (default ``"first"``)
+    ``"first"``: certify the rows of the first step of each model structure and input shapes
+    (:func:`structure_key`), recorded in a :class:`Ledger` keyed weakly by the model (the
+    process-wide :data:`LEDGER` by default: providers are built anew at every step, the
+    model lives on); later steps with the same key take the route that passed, uncertified.
+    ``"always"``: every step. ``"never"``: no certificate.
+``on_mismatch="raise" | "fallback"`` (default ``"raise"``)
+    ``"raise"``: :class:`ngdref.certificate.RowsCertificateError` (the step changes nothing);
+    ``"fallback"``: the rows are redone by the next exact route (ghost -> vmap -> loop, as
+    the caller orders them), certified in turn, and the failed route is reported in
+    :attr:`CertifiedRows.fallbacks` (an optimiser's ``diagnostics["fallbacks"]``).
+``certify_samples=None | k`` (default None: all N)
+    certify a seeded window of k samples per step, the reference pass over them alone:
+    what makes ``"always"`` affordable (a route wrong for the model is wrong on every
+    sample; a single wrong row outside the window goes unseen that step).
+
+:func:`certified_rows` runs that policy over a caller's routes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from ngdref.certificate import (
+    Certificate,
+    RowsCertificateError,
+    certify_products,
+    product_bounds,
+    unit_roundoff,
+)
+from ngdref.checks import NonFiniteError, check_choice, check_int
+from ngdref.rows import as_rows, sq_row_norms
+
+from .loop import BatchModel
+
+__all__ = [
+    "CERTIFY",
+    "LEDGER",
+    "ON_MISMATCH",
+    "REFERENCES",
+    "CertifiedRows",
+    "Ledger",
+    "certified_rows",
+    "certify_rows",
+    "gaussian_vector",
+    "reference_tangents",
+    "structure_key",
+]
+
+CERTIFY = ("first", "always", "never")
+ON_MISMATCH = ("raise", "fallback")
+REFERENCES = ("auto", "forward", "double-backward")
+
+
+#: torch functions whose float32 kernels may round to TF32 / bfloat16 (backend flags)
+_MATMULS = frozenset({
+    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "addbmm",
+    "mv", "addmv", "einsum", "bilinear", "tensordot", "scaled_dot_product_attention",
+})
+
+
+class _Watch(TorchFunctionMode):
+    """The reference pass's mode: counts its floating-point torch functions (its depth L),
+    records the dtypes they return and where a float32 convolution or matmul ran, and gives
+    forward mode torch's reverse-mode convention for ``F.embedding(..., padding_idx=i)``:
+    row i is not trained, so its tangent is zero (forward mode would otherwise carry it into
+    the padding positions' outputs, and G v would disagree with every reverse route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.dtypes: set[torch.dtype] = set()
+        self.float32_ops: set[tuple[str, str]] = set()  # (device type, "conv" | "matmul")
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            args, kwargs = _untrained_padding_row(tuple(args), dict(kwargs))
+        out = func(*args, **kwargs)
+        floating = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if floating:
+            self.depth += 1
+            self.dtypes.update(t.dtype for t in floating)
+            name = getattr(func, "__name__", "")
+            kind = "conv" if name.startswith("conv") else "matmul" if name in _MATMULS else None
+            if kind and floating[0].dtype == torch.float32:
+                self.float32_ops.add((floating[0].device.type, kind))
+        return out
+
+    def unit_roundoff(self) -> float:
+        """u of the least precise arithmetic seen: the dtypes, and TF32 (u = 2^-11) or
+        bfloat16 (2^-8) inside float32 convolutions and matmuls where torch's flags allow
+        them (cuDNN's TF32 convolutions are on by default on CUDA)."""
+        u = unit_roundoff(torch, *self.dtypes) if self.dtypes else 0.0
+        precision = torch.get_float32_matmul_precision()  # "highest", "high" (TF32), "medium"
+        lowered = {"high": 2.0**-11, "medium": 2.0**-8}.get(precision, 0.0)
+        for device, kind in self.float32_ops:
+            if device == "cuda" and kind == "conv" and torch.backends.cudnn.allow_tf32:
+                u = max(u, 2.0**-11)
+            if device == "cuda" and kind == "matmul" and torch.backends.cuda.matmul.allow_tf32:
+                u = max(u, 2.0**-11)
+            if kind == "matmul":
+                u = max(u, lowered)
+        return u
+
+
+def _untrained_padding_row(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``F.embedding``'s arguments with the forward tangent of row ``padding_idx`` zeroed."""
+    weight = kwargs["weight"] if "weight" in kwargs else args[1]
+    padding = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
+    primal, tangent = forward_ad.unpack_dual(weight)
+    if padding is None or tangent is None:
+        return args, kwargs
+    tangent = tangent.clone()
+    tangent[padding] = 0
+    weight = forward_ad.make_dual(primal, tangent)
+    if "weight" in kwargs:
+        return args, {**kwargs, "weight": weight}
+    return (args[0], weight, *args[2:]), kwargs
+
+
+def gaussian_vector(size: int, *, seed: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """v ~ N(0, I) (size,), drawn on ``device`` by a ``torch.Generator`` of that device seeded
+    with ``seed`` (reproducible per device type; a P-vector is not drawn on the CPU and
+    copied to an accelerator)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(size, generator=generator, dtype=dtype, device=device)
+
+
+def _forward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
+             vector: torch.Tensor) -> torch.Tensor:
+    # forward-mode AD without a graph: cheaper than torch.func.jvp (no functorch wrapping)
+    with torch.no_grad(), forward_ad.dual_level():
+        return forward_ad.unpack_dual(logits(forward_ad.make_dual(theta, vector))).tangent
+
+
+def _double_backward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
+                     vector: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        z = logits(leaf)
+        dummy = torch.zeros_like(z, requires_grad=True)
+        (t,) = torch.autograd.grad(z, leaf, grad_outputs=dummy, create_graph=True)
+        (tangents,) = torch.autograd.grad(t, dummy, grad_outputs=vector)
+    return tangents
+
+
+def reference_tangents(
+    model: BatchModel, vector: torch.Tensor, *, route: str = "auto",
+    theta: torch.Tensor | None = None, rows: slice | None = None,
+) -> tuple[torch.Tensor, str, _Watch]:
+    r"""J v (n, C) of the logits of the samples ``rows`` along ``vector`` (P,), one pass.
+
+    Parameters
+    ----------
+    model : BatchModel
+    vector : torch.Tensor, shape (P,)
+    route : {"auto", "forward", "double-backward"}
+        See the module docstring.
+    theta : torch.Tensor, shape (P,), optional
+        ``model.params_vector()`` if the caller has it.
+    rows : slice, optional
+        The samples (default all N): one pass over them as a batch.
+
+    Returns
+    -------
+    tangents : torch.Tensor, shape (n, C)
+        Row i is :math:`J_{n_i} v` (detached).
+    route : str
+        The route taken.
+    watch : _Watch
+        What the pass computed in: its depth (floating-point torch functions), dtypes and
+        :meth:`_Watch.unit_roundoff`.
+    """
+    check_choice(route, "route", REFERENCES)
+    theta = (model.params_vector() if theta is None else theta).detach()
+    rows = slice(0, model.num_samples) if rows is None else rows
+
+    def logits(th: torch.Tensor) -> torch.Tensor:
+        return model.sub_batch_logits(model.unflatten(th), rows)
+
+    watch = _Watch()
+    # the math kernel of scaled_dot_product_attention has both rules; the fused CPU and CUDA
+    # kernels have neither (nn.MultiheadAttention, Hugging Face's "sdpa" attention)
+    with model.module_mode(), sdpa_kernel(SDPBackend.MATH), watch:
+        if route != "double-backward":
+            try:
+                tangents = _forward(logits, theta, vector)
+                route = "forward"
+            except (NotImplementedError, RuntimeError) as err:
+                # no forward rule (mkldnn's LSTM, packed sequences, ...): try the other route,
+                # and report both if the model itself is at fault
+                if route == "forward":
+                    raise
+                forward_error = err
+                watch.depth = 0  # the depth of the pass that completes
+        if route != "forward":
+            try:
+                tangents = _double_backward(logits, theta, vector)
+            except (NotImplementedError, RuntimeError) as err:
+                if route == "auto":
+                    raise err from forward_error
+                raise
+            route = "double-backward"
+    return tangents.detach().reshape(tangents.shape[0], -1), route, watch
+
+
+def _check_rows(rows: Any, n: int, theta: torch.Tensor) -> Any:
+    rows = as_rows(rows, name="rows")
+    if not array_api_compat.is_torch_namespace(rows.array_namespace()):
+        raise TypeError("rows must be torch rows (a tensor or a PerSampleRows of torch)")
+    if tuple(rows.shape) != (n, theta.numel()):
+        raise ValueError(f"rows has shape {tuple(rows.shape)}, expected (N, P) = "
+                         f"{(n, theta.numel())}")
+    if rows.dtype != theta.dtype:
+        raise TypeError(f"rows has dtype {rows.dtype} but the parameters have {theta.dtype}")
+    return rows
+
+
+def _check_inputs(cotangents: Any, row_sq_norms: Any, n: int, theta: torch.Tensor) -> None:
+    if not isinstance(cotangents, torch.Tensor) or cotangents.ndim != 2 or \
+            cotangents.shape[0] != n:
+        got = tuple(cotangents.shape) if isinstance(cotangents, torch.Tensor) else cotangents
+        raise ValueError(f"cotangents must be a torch.Tensor of shape (N = {n}, C), got {got!r}")
+    if cotangents.dtype != theta.dtype or cotangents.device != theta.device:
+        raise TypeError(f"cotangents has dtype {cotangents.dtype} on {cotangents.device}; the "
+                        f"parameters have {theta.dtype} on {theta.device}")
+    if row_sq_norms is not None and (
+        not isinstance(row_sq_norms, torch.Tensor) or tuple(row_sq_norms.shape) != (n,)
+        or not row_sq_norms.is_floating_point()
+    ):
+        raise ValueError(f"row_sq_norms must be a floating torch.Tensor of shape (N = {n},)")
+
+
+def _window(n: int, samples: int | None, seed: int) -> slice:
+    """``samples`` consecutive samples from a seeded offset, or all N."""
+    if samples is None or samples >= n:
+        return slice(0, n)
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(0, n - samples + 1, (1,), generator=generator))
+    return slice(start, start + samples)
+
+
+def certify_rows(
+    model: BatchModel,
+    rows: Any,
+    cotangents: torch.Tensor,
+    *,
+    seed: int = 0,
+    route: str = "auto",
+    row_sq_norms: torch.Tensor | None = None,
+    samples: int | None = None,
+) -> Certificate:
+    r"""Certify per-sample rows :math:`G_{n,:} = u_n^\top J_n` against an independent G v.
+
+    Parameters
+    ----------
+    model : BatchModel
+        The provider the rows were computed from (same batch, theta and mode).
+    rows : ngdref.PerSampleRows or torch.Tensor, shape (N, P)
+        The rows under test, in the cotangents' convention (sum: row n = grad l_n).
+    cotangents : torch.Tensor, shape (N, C)
+        u, the cotangents the rows were computed with, theta's dtype and device.
+    seed : int >= 0
+        Seed of the Gaussian v (:func:`gaussian_vector`) and of the window of ``samples``.
+    route : {"auto", "forward", "double-backward"}
+        The reference's route (:func:`reference_tangents`).
+    row_sq_norms : torch.Tensor, shape (N,), optional
+        :math:`\|g_n\|^2` if the caller has them (the diagonal of the Gram it formed);
+        default ``ngdref.rows.sq_row_norms(rows)``.
+    samples : int >= 1, optional
+        Certify only this many consecutive samples, from an offset drawn with ``seed``: the
+        reference pass runs on them alone (its cost scales with samples / N). A route that
+        is wrong for the model is wrong on every sample and still caught; a single wrong row
+        is caught only if it is in the window. Default: all N.
+
+    Returns
+    -------
+    ngdref.certificate.Certificate
+        error and bound at the worst sample, the route, u, and the seconds it took.
+
+    Raises
+    ------
+    ngdref.certificate.RowsCertificateError
+        The rows are wrong beyond rounding (the exception carries error, bound, sample and
+        route).
+    ValueError, TypeError
+        Bad rows, cotangents, seed, route, row_sq_norms or samples (named), before any pass.
+    """
+    start = time.perf_counter()
+    check_int(seed, "seed", minimum=0)
+    check_int(samples, "samples", optional=True)
+    check_choice(route, "route", REFERENCES)
+    theta = model.params_vector().detach()
+    n = model.num_samples
+    rows = _check_rows(rows, n, theta)
+    _check_inputs(cotangents, row_sq_norms, n, theta)
+    window = _window(n, samples, seed)
+    vector = gaussian_vector(theta.numel(), seed=seed, dtype=theta.dtype, device=theta.device)
+    products = rows.matvec(vector)[window]
+    tangents, used, watch = reference_tangents(model, vector, route=route, theta=theta,
+                                               rows=window)
+    u64 = cotangents[window].to(torch.float64)
+    if tuple(tangents.shape) != tuple(u64.shape):
+        raise ValueError(f"cotangents has shape {tuple(cotangents.shape)} but the model's "
+                         f"logits have {(n, *tuple(tangents.shape[1:]))}")
+    reference = (tangents.to(torch.float64) * u64).sum(dim=1)
+    norms = sq_row_norms(rows) if row_sq_norms is None else row_sq_norms
+    if not bool(torch.isfinite(norms).all()):  # the rows' fault, named as the steps name them
+        raise NonFiniteError("per_sample_grads contain NaN or infinite values (their squared "
+                             "norms do): the certificate cannot compare them")
+    u = max(unit_roundoff(torch, theta.dtype, rows.dtype), watch.unit_roundoff())
+    bounds = product_bounds(
+        norms[window].to(torch.float64),
+        float(torch.linalg.vector_norm(vector.to(torch.float64))),
+        torch.linalg.vector_norm(u64, dim=1),
+        torch.linalg.vector_norm(tangents.to(torch.float64), dim=1), unit_roundoff=u,
+        depth=max(1, watch.depth),
+    )
+    result = certify_products(products, reference, bounds, route=used, unit_roundoff=u,
+                              first_sample=window.start)
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ the policy of a step
+class Ledger:
+    """Which rows route passed its certificate, per model and :func:`structure_key`.
+
+    Keyed weakly by the ``nn.Module``: an entry goes when the model does, and a provider
+    (built anew at every step) need not live on.
+    """
+
+    def __init__(self) -> None:
+        self._routes: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def route(self, model: nn.Module, key: Hashable) -> str | None:
+        """The route certified for ``key`` on ``model``, or None."""
+        return self._routes.get(model, {}).get(key)
+
+    def record(self, model: nn.Module, key: Hashable, route: str) -> None:
+        """Remember that ``route`` passed for ``key`` on ``model``."""
+        self._routes.setdefault(model, {})[key] = route
+
+    def forget(self, model: nn.Module) -> None:
+        """Drop every entry of ``model`` (its next step is certified again)."""
+        self._routes.pop(model, None)
+
+    def __len__(self) -> int:
+        """The number of live models with an entry."""
+        return len(self._routes)
+
+
+#: the process-wide ledger of ``certify="first"``
+LEDGER = Ledger()
+
+
+def _signature(value: Any) -> Hashable:
+    """Shapes, dtypes and devices of tensors (recursively in containers); functions by their
+    code; other values as (type, value) when hashable (a flag such as
+    ``output_hidden_states=True`` can change the forward pass), else their type."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        return ("packed", _signature(value.data), tuple(value.batch_sizes.tolist()))
+    if isinstance(value, Mapping):
+        return ("mapping", tuple((k, _signature(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if callable(value) and hasattr(value, "__code__"):  # a function by its code: a lambda
+        return ("function", value.__code__)  # built anew at every step is the same function
+    try:
+        hash(value)
+    except TypeError:
+        return ("value", type(value).__qualname__)
+    return ("value", type(value).__qualname__, value)
+
+
+def structure_key(model: nn.Module, inputs: Any, *options: Hashable) -> Hashable:
+    """The key of ``certify="first"``: the model's structure and the inputs' shapes.
+
+    Structure: every submodule's path and class, every parameter's name, shape, dtype,
+    device and ``requires_grad`` (a toggled adapter, a swapped head or a cast model is a new
+    structure; tied parameters appear once). Inputs: :func:`_signature` (shapes, dtypes,
+    devices; hashable static values). ``options``: whatever else selects the passes (the
+    mode policy, ``output_fn``, the configured route). Data values are not part of it: a
+    model whose Python control flow depends on the data needs ``certify="always"``.
+    """
+    modules = tuple((name, type(m).__module__, type(m).__qualname__)
+                    for name, m in model.named_modules())
+    params = tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
+                   for name, p in model.named_parameters())
+    return (modules, params, _signature(inputs), _signature(options))
+
+
+@dataclass(frozen=True)
+class CertifiedRows:
+    """The rows a step uses and how they were vouched for.
+
+    Attributes
+    ----------
+    rows : ngdref.PerSampleRows or torch.Tensor
+    route : str
+        The name of the route that made them (a key of ``routes``).
+    certificate : ngdref.certificate.Certificate or None
+        None where no certificate ran this step ("never", or "first" after the first).
+    fallbacks : tuple of str
+        Routes whose rows failed their certificate, and why (``diagnostics["fallbacks"]``).
+    """
+
+    rows: Any
+    route: str
+    certificate: Certificate | None
+    fallbacks: tuple[str, ...]
+
+
+def _failed(route: str, err: RowsCertificateError) -> str:
+    return (f"per_sample={route!r}: rows failed their certificate (|G_rows v - G v| = "
+            f"{err.error:.2e} > {err.bound:.2e} at sample {err.sample}); next exact route")
+
+
+def certified_rows(
+    model: BatchModel,
+    cotangents: torch.Tensor,
+    routes: Mapping[str, Callable[[], Any]],
+    *,
+    owner: nn.Module,
+    key: Hashable,
+    certify: str = "first",
+    on_mismatch: str = "raise",
+    ledger: Ledger = LEDGER,
+    seed: int = 0,
+    reference: str = "auto",
+    samples: int | None = None,
+) -> CertifiedRows:
+    """The rows of a step under the ``certify`` / ``on_mismatch`` policy (module docstring).
+
+    Parameters
+    ----------
+    model : BatchModel
+        The provider of the step (its batch, theta and mode).
+    cotangents : torch.Tensor, shape (N, C)
+        u, the cotangents every route computes the rows with.
+    routes : mapping of str to callable () -> rows
+        The exact routes in fallback order, the configured one first (e.g. "ghost", then
+        "vmap", then "loop"); each builds its rows when called.
+    owner : torch.nn.Module
+        The model the :class:`Ledger` entry belongs to.
+    key : hashable
+        :func:`structure_key` of this step.
+    certify : {"first", "always", "never"}
+    on_mismatch : {"raise", "fallback"}
+    ledger : Ledger
+        Default :data:`LEDGER`.
+    seed : int >= 0
+        Seed of the certificate's v (an optimiser may pass its step counter).
+    reference : {"auto", "forward", "double-backward"}
+        Route of the reference G v.
+    samples : int >= 1, optional
+        Certify a seeded window of this many samples (:func:`certify_rows`); default all N.
+
+    Raises
+    ------
+    ngdref.certificate.RowsCertificateError
+        On a mismatch with ``on_mismatch="raise"``, or when every route failed.
+    """
+    check_choice(certify, "certify", CERTIFY)
+    check_choice(on_mismatch, "on_mismatch", ON_MISMATCH)
+    check_int(seed, "seed", minimum=0)
+    check_choice(reference, "reference", REFERENCES)
+    check_int(samples, "samples", optional=True)
+    names = list(routes)
+    if not names:
+        raise ValueError("routes must hold at least one route")
+    known = ledger.route(owner, key)
+    start = names.index(known) if known in names else 0
+    skipped = tuple(f"per_sample={name!r}: its rows failed their certificate on an earlier "
+                    "step of this model structure" for name in names[:start])
+    if certify == "never" or (certify == "first" and known is not None):
+        name = names[start] if certify == "first" else names[0]
+        return CertifiedRows(routes[name](), name, None, skipped if certify == "first" else ())
+    fallbacks: list[str] = list(skipped)
+    for name in names[start:]:
+        rows = routes[name]()
+        try:
+            result = certify_rows(model, rows, cotangents, seed=seed, route=reference,
+                                  samples=samples)
+        except RowsCertificateError as err:
+            if on_mismatch == "raise":
+                raise
+            fallbacks.append(_failed(name, err))
+            last = err
+            continue
+        ledger.record(owner, key, name)
+        return CertifiedRows(rows, name, result, tuple(fallbacks))
+    raise RowsCertificateError(
+        f"the rows of every route {names[start:]} failed their certificate: "
+        + "; ".join(fallbacks), error=last.error, bound=last.bound, sample=last.sample,
+        route=last.route,
+    ) from last
