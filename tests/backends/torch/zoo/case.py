@@ -22,6 +22,8 @@ IGNORE = -100
 VOCAB = 6
 #: limits of torch.func on a case (checked by tests/backends/torch/zoo/test_coverage.py)
 NO_VMAP, NO_FORWARD_AD = "torch.func.vmap unsupported", "forward-mode AD unsupported"
+LIMIT_VMAP, LIMIT_FORWARD_AD = frozenset({NO_VMAP}), frozenset({NO_FORWARD_AD})
+LIMIT_BOTH = LIMIT_VMAP | LIMIT_FORWARD_AD
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,15 @@ def torch_nn_classes() -> list[type[nn.Module]]:
 
 def build(cls: type[nn.Module]) -> nn.Module:
     """One instance of ``cls``: its constructor from :data:`CONSTRUCTORS`, or sizes 2."""
-    if cls.__name__ in CONSTRUCTORS:
-        return CONSTRUCTORS[cls.__name__]()
-    signature = inspect.signature(cls.__init__)
-    params = list(signature.parameters.values())[1:]
-    args = [2 for p in params if p.default is p.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    options = {name: True for name in _PARAMETER_OPTIONS if name in signature.parameters}
-    with warnings.catch_warnings():  # lazy modules warn that they are experimental
+    with warnings.catch_warnings():  # lazy modules are "experimental", empty inits "no-ops"
         warnings.simplefilter("ignore")
+        if cls.__name__ in CONSTRUCTORS:
+            return CONSTRUCTORS[cls.__name__]()
+        signature = inspect.signature(cls.__init__)
+        params = list(signature.parameters.values())[1:]
+        args = [2 for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        options = {name: True for name in _PARAMETER_OPTIONS if name in signature.parameters}
         return cls(*args, **options)
 
 

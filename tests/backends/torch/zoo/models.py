@@ -35,8 +35,9 @@ from .blocks import (
 )
 from .case import (
     LENGTHS,
-    NO_FORWARD_AD,
-    NO_VMAP,
+    LIMIT_BOTH,
+    LIMIT_FORWARD_AD,
+    LIMIT_VMAP,
     VOCAB,
     Case,
     constant,
@@ -78,7 +79,7 @@ def _linear() -> list[Case]:
                                           nn.Linear(4, 4)),
              keywords(x=x(3), y=x(4)), 4, ("Bilinear",)),
         Case("linear_weight_norm", seq(weight_norm, tanh, lazy(nn.Linear, 4, 4)), x(4), 4,
-             ("weight_norm", "parametrizations"), limits=frozenset({NO_FORWARD_AD})),
+             ("weight_norm", "parametrizations"), limits=LIMIT_FORWARD_AD),
     ]
 
 
@@ -141,25 +142,23 @@ def _embedding() -> list[Case]:
         Case("embedding_max_norm", emb(max_norm=1.0), tokens(4), 4, ("Embedding", "max_norm"),
              refuse="the forward pass renormalises the weight rows in place, so the "
                     "parameters change and the rows depend on which samples came first",
-             prepare=long_rows,
-             limits=frozenset({NO_VMAP})),
+             prepare=long_rows, limits=LIMIT_VMAP),
         Case("embedding_sparse", emb(sparse=True), tokens(4), 4, ("Embedding", "sparse"),
-             limits=frozenset({NO_VMAP})),
+             limits=LIMIT_VMAP),
         Case("embedding_bag_offsets",
              lambda: Keywords(BagWithOffsets(nn.EmbeddingBag(VOCAB, 4, mode="sum")), nn.Tanh(),
                               nn.Linear(4, 4)),
              keywords(tokens=tokens(5), lengths=constant(LENGTHS)), 4, ("EmbeddingBag",),
-             limits=frozenset({NO_VMAP, NO_FORWARD_AD})),
+             limits=LIMIT_BOTH),
         Case("embedding_bag_mean_padding", bag(mode="mean", padding_idx=0),
-             tokens(4, padded=True), 4, ("EmbeddingBag",),
-             limits=frozenset({NO_FORWARD_AD})),
+             tokens(4, padded=True), 4, ("EmbeddingBag",), limits=LIMIT_FORWARD_AD),
         Case("embedding_bag_max", bag(mode="max"), tokens(4), 4, ("EmbeddingBag",),
-             limits=frozenset({NO_FORWARD_AD})),
+             limits=LIMIT_FORWARD_AD),
         Case("embedding_bag_weights",
              lambda: Keywords(WeightedBag(nn.EmbeddingBag(VOCAB, 4, mode="sum")), nn.Tanh(),
                               nn.Linear(4, 4)),
              keywords(tokens=tokens(4), weights=x(4)), 4, ("EmbeddingBag", "per_sample_weights"),
-             limits=frozenset({NO_FORWARD_AD})),
+             limits=LIMIT_FORWARD_AD),
     ]
 
 
@@ -173,8 +172,6 @@ def _norms() -> list[Case]:
                        lazy(nn.Linear, 4, 4))
         return seq(lazy(nn.Linear, 4, 4), *norm, tanh, lazy(Mean, 1), lazy(nn.Linear, 4, 4))
 
-    bn_train = ("batch statistics couple the samples: a sample's output depends on the others "
-                "in the batch")
     return [
         Case("layer_norm", tokens_through(lazy(nn.LayerNorm, 4)), x(4, 4), 4, ("LayerNorm",)),
         Case("layer_norm_seq_first", tokens_through(lazy(nn.LayerNorm, 4), seq_first=True),
@@ -202,6 +199,16 @@ def _norms() -> list[Case]:
         Case("instance_norm_running_stats",
              seq(lazy(nn.InstanceNorm1d, 4, affine=True, track_running_stats=True), tanh, flat,
                  lazy(nn.Linear, 20, 3)), x(4, 5), 3, ("InstanceNorm1d",), prepare=running_stats),
+    ]
+
+
+def _batch_norms() -> list[Case]:
+    """BatchNorm in eval mode (running statistics moved away from (0, 1)) and in train mode
+    (no per-sample meaning); also PReLU and train-mode Dropout (eval policy)."""
+    tanh, flat = lazy(nn.Tanh), lazy(Flat)
+    bn_train = ("batch statistics couple the samples: a sample's output depends on the others "
+                "in the batch")
+    return [
         Case("batch_norm1d_eval", seq(lazy(nn.Linear, 4, 4), lazy(nn.BatchNorm1d, 4), tanh,
                                       lazy(nn.Linear, 4, 4)), x(4), 4, ("BatchNorm1d",),
              prepare=running_stats),
@@ -229,5 +236,5 @@ def _norms() -> list[Case]:
 #: every case of the zoo, by name
 CASES: dict[str, Case] = {
     case.name: case
-    for case in (*_linear(), *_conv(), *_embedding(), *_norms(), *SEQUENCE_CASES)
+    for case in (*_linear(), *_conv(), *_embedding(), *_norms(), *_batch_norms(), *SEQUENCE_CASES)
 }

@@ -34,9 +34,10 @@ from .blocks import (
 )
 from .case import (
     LENGTHS,
+    LIMIT_BOTH,
+    LIMIT_FORWARD_AD,
+    LIMIT_VMAP,
     MHA,
-    NO_FORWARD_AD,
-    NO_VMAP,
     SEQ_MASK,
     VOCAB,
     Case,
@@ -67,70 +68,69 @@ def _decoder_layer(**kw: object) -> nn.Module:
     return nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.0, **kw)
 
 
+def _pair(module: Callable[[], nn.Module], *, seq_first: bool) -> Callable[[], nn.Module]:
+    """Keyword inputs x and y through a two-input module, pooled, a Linear head."""
+    return lambda: Keywords(TwoInputs(module(), seq_first=seq_first), nn.Tanh(), Mean(1),
+                            nn.Linear(4, 4))
+
+
+def _masked(module: Callable[[], nn.Module], name: str) -> Callable[[], nn.Module]:
+    """Keyword inputs x and mask through a module taking the mask as ``name``, pooled."""
+    return lambda: Keywords(Masked(module(), name), nn.Tanh(), Mean(1), nn.Linear(4, 4))
+
+
 def _attention() -> list[Case]:
     def mha(**kw: object) -> Callable[[], nn.Module]:
         causal = bool(kw.pop("causal", False))
         return lambda: Attention(MHA(4, 2, **kw), causal=causal)
 
-    def pair(module: Callable[[], nn.Module], *, seq_first: bool) -> Callable[[], nn.Module]:
-        return lambda: Keywords(TwoInputs(module(), seq_first=seq_first), nn.Tanh(),
-                                Mean(1), nn.Linear(4, 4))
-
-    def masked(module: Callable[[], nn.Module], name: str) -> Callable[[], nn.Module]:
-        return lambda: Keywords(Masked(module(), name), nn.Tanh(), Mean(1), nn.Linear(4, 4))
-
-    two = keywords(x=x(4, 4), y=x(3, 4))
     return [
         Case("mha_batch_first", _pooled(mha(batch_first=True), seq_first=False), x(4, 4), 4,
-             ("MultiheadAttention",),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("MultiheadAttention",), limits=LIMIT_FORWARD_AD),
         Case("mha_seq_first", _pooled(mha(), seq_first=True), x(4, 4), 4,
-             ("MultiheadAttention",),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("MultiheadAttention",), limits=LIMIT_FORWARD_AD),
         Case("mha_seq_first_t3", _pooled(mha(), seq_first=True), x(3, 4), 4,
-             ("MultiheadAttention",),
-             limits=frozenset({NO_FORWARD_AD})),
-        Case("mha_key_padding_mask", masked(mha(batch_first=True), "mask"),
+             ("MultiheadAttention",), limits=LIMIT_FORWARD_AD),
+        Case("mha_key_padding_mask", _masked(mha(batch_first=True), "mask"),
              keywords(x=x(4, 4), mask=constant(SEQ_MASK)), 4,
-             ("MultiheadAttention", "key_padding_mask"),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("MultiheadAttention", "key_padding_mask"), limits=LIMIT_FORWARD_AD),
         Case("mha_causal_bias_kv_seq_first",
              _pooled(mha(add_bias_kv=True, add_zero_attn=True, causal=True), seq_first=True),
              x(4, 4), 4, ("MultiheadAttention", "attn_mask", "add_bias_kv"),
-             limits=frozenset({NO_FORWARD_AD})),
-        Case("mha_kdim_vdim", pair(lambda: Attention(MHA(4, 2, kdim=3, vdim=3,
+             limits=LIMIT_FORWARD_AD),
+        Case("mha_kdim_vdim", _pair(lambda: Attention(MHA(4, 2, kdim=3, vdim=3,
                                                          batch_first=True)), seq_first=False),
              keywords(x=x(4, 4), y=x(3, 3)), 4, ("MultiheadAttention", "kdim", "vdim"),
-             limits=frozenset({NO_FORWARD_AD})),
+             limits=LIMIT_FORWARD_AD),
+    ]
+
+
+def _transformers() -> list[Case]:
+    two = keywords(x=x(4, 4), y=x(3, 4))
+    return [
         Case("encoder_layer_seq_first", _pooled(_encoder_layer, seq_first=True), x(4, 4), 4,
-             ("TransformerEncoderLayer",),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("TransformerEncoderLayer",), limits=LIMIT_FORWARD_AD),
         Case("encoder_layer_batch_first_norm_first",
              _pooled(lambda: _encoder_layer(batch_first=True, norm_first=True,
                                             activation="gelu"), seq_first=False),
-             x(4, 4), 4, ("TransformerEncoderLayer",),
-             limits=frozenset({NO_FORWARD_AD})),
-        Case("decoder_layer_seq_first", pair(_decoder_layer, seq_first=True), two, 4,
-             ("TransformerDecoderLayer",),
-             limits=frozenset({NO_FORWARD_AD})),
-        Case("decoder_layer_batch_first", pair(lambda: _decoder_layer(batch_first=True),
+             x(4, 4), 4, ("TransformerEncoderLayer",), limits=LIMIT_FORWARD_AD),
+        Case("decoder_layer_seq_first", _pair(_decoder_layer, seq_first=True), two, 4,
+             ("TransformerDecoderLayer",), limits=LIMIT_FORWARD_AD),
+        Case("decoder_layer_batch_first", _pair(lambda: _decoder_layer(batch_first=True),
                                                seq_first=False), two, 4,
-             ("TransformerDecoderLayer",),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("TransformerDecoderLayer",), limits=LIMIT_FORWARD_AD),
         Case("encoder_padding_mask",
-             masked(lambda: nn.TransformerEncoder(
+             _masked(lambda: nn.TransformerEncoder(
                  _encoder_layer(batch_first=True), 2, norm=nn.LayerNorm(4),
                  enable_nested_tensor=False), "src_key_padding_mask"),
              keywords(x=x(4, 4), mask=constant(SEQ_MASK)), 4,
-             ("TransformerEncoder", "src_key_padding_mask"),
-             limits=frozenset({NO_FORWARD_AD})),
+             ("TransformerEncoder", "src_key_padding_mask"), limits=LIMIT_FORWARD_AD),
         Case("decoder_stack_seq_first",
-             pair(lambda: nn.TransformerDecoder(_decoder_layer(), 1, norm=nn.LayerNorm(4)),
-                  seq_first=True), two, 4, ("TransformerDecoder",),
-             limits=frozenset({NO_FORWARD_AD})),
+             _pair(lambda: nn.TransformerDecoder(_decoder_layer(), 1, norm=nn.LayerNorm(4)),
+                  seq_first=True), two, 4, ("TransformerDecoder",), limits=LIMIT_FORWARD_AD),
         Case("transformer_seq2seq_seq_first", lambda: Seq2Seq(VOCAB, 4, batch_first=False),
              keywords(x=tokens(3), y=tokens(4)), VOCAB, ("Transformer", "Embedding"), positions=4,
-             limits=frozenset({NO_FORWARD_AD})),
+             limits=LIMIT_FORWARD_AD),
     ]
 
 
@@ -152,25 +152,24 @@ def _recurrent() -> list[Case]:
         name = kind.__name__.lower()
         cases += [
             Case(f"{name}_batch_first", rnn(kind, seq_first=False, **extra), x(4, 4), 4,
-                 (kind.__name__,), limits=frozenset({NO_VMAP})),
+                 (kind.__name__,), limits=LIMIT_VMAP),
             Case(f"{name}_seq_first_bidirectional",
                  rnn(kind, seq_first=True, bidirectional=True), x(4, 4), 4, (kind.__name__,),
-                 limits=frozenset({NO_VMAP})),
+                 limits=LIMIT_VMAP),
         ]
     return [
         *cases,
         Case("lstm_proj", rnn(nn.LSTM, seq_first=False, proj_size=2), x(4, 4), 4, ("LSTM",),
-             limits=frozenset({NO_VMAP})),
+             limits=LIMIT_VMAP),
         Case("lstm_packed", lambda: Keywords(PackedLSTM(nn.LSTM(4, 4, batch_first=True)),
                                              nn.Linear(4, 4)),
              keywords(x=x(4, 4), lengths=constant(LENGTHS)), 4, ("LSTM", "PackedSequence"),
-             limits=frozenset({NO_VMAP, NO_FORWARD_AD})),
-        Case("rnn_cell", cell(nn.RNNCell, False), x(4, 4), 4, ("RNNCell",),
-             limits=frozenset({NO_VMAP})),
+             limits=LIMIT_BOTH),
+        Case("rnn_cell", cell(nn.RNNCell, False), x(4, 4), 4, ("RNNCell",), limits=LIMIT_VMAP),
         Case("gru_cell_zero_state", cell(nn.GRUCell, True), x(4, 4), 4, ("GRUCell",),
-             limits=frozenset({NO_VMAP})),
+             limits=LIMIT_VMAP),
         Case("lstm_cell_zero_state", cell(nn.LSTMCell, True), x(4, 4), 4, ("LSTMCell",),
-             limits=frozenset({NO_VMAP})),
+             limits=LIMIT_VMAP),
         Case("hand_cell_zero_state", seq(lambda: HandCell(4, 4), _HEAD), x(4, 4), 4,
              ("HandCell",)),
         Case("raw_cell_zero_state", seq(lambda: RawCell(4, 4), _HEAD), x(4, 4), 4,
@@ -195,4 +194,5 @@ def _parameters() -> list[Case]:
     ]
 
 
-SEQUENCE_CASES: list[Case] = [*_attention(), *_recurrent(), *_parameters()]
+SEQUENCE_CASES: list[Case] = [*_attention(), *_transformers(), *_recurrent(),
+                               *_parameters()]
