@@ -20,6 +20,8 @@ from torch import nn
 
 import backends
 import ngdref
+from backends.optim import IEF
+from backends.torch_provider import TorchProvider
 
 from .case import Case
 from .reference import trainable
@@ -150,9 +152,6 @@ def trained(case: Case) -> frozenset[str]:
 def route_exists(kind: str, route: str) -> bool:
     """Whether ``TorchProvider(per_sample_method=route)`` (kind "rows") or the optimisers'
     ``per_sample=route`` (kind "steps") is accepted at all, tried on a plain nn.Linear."""
-    from backends.optim import IEF
-    from backends.torch_provider import TorchProvider
-
     model = nn.Linear(2, 2).double()
     x = torch.zeros(3, 2, dtype=torch.float64)
     try:
