@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ghost import DenseBlock, FactorBlock
+from ..per_sample.rows import DenseBlock, FactorBlock
 from .cost import BALANCE, PartShape, factor_cost
 from .parts import Grad, Outer, Rows, along_positions, materialise, part_size
 

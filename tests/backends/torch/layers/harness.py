@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.ghost import DenseBlock, GhostRows
+from backends.torch.per_sample.rows import DenseBlock, GhostRows
 from backends.torch.axes import BATCH_FIRST, BatchAxis, batch_first
 from backends.torch.layers import Recorder, assemble
 

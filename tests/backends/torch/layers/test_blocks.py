@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from backends.ghost import DenseBlock, FactorBlock  # noqa: E402
+from backends.torch.per_sample.rows import DenseBlock, FactorBlock  # noqa: E402
 from backends.torch.layers import (  # noqa: E402
     LayerKind,
     Outer,

@@ -293,7 +293,7 @@ class Net(nn.Module):
 @pytest.mark.parametrize("convention", ["expand", "reduce"])
 def test_factors_reproduce_backends_kfac(convention, bias) -> None:
     """The integrator's switch-over: the same A and B as backends/kfac.py for its layers."""
-    from backends.kfac import kfac_curvature
+    from backends.torch.kfac.curvature import kfac_curvature
 
     torch.manual_seed(4)
     model = Net().double()

@@ -29,15 +29,11 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
-from backends.torch.per_sample.certify import (  # noqa: E402
-    Ledger,
-    certified_rows,
-    certify_rows,
-    structure_key,
-)
+from backends.torch.per_sample.certify import certify_rows  # noqa: E402
 from backends.torch.per_sample.loop import loop_vjp  # noqa: E402
-from backends.torch_inputs import POSITIONAL, hf_models, split_inputs  # noqa: E402
-from backends.torch_provider import TorchProvider, default_output_fn  # noqa: E402
+from backends.torch.per_sample.policy import Ledger, certified_rows, structure_key  # noqa: E402
+from backends.torch.inputs import POSITIONAL, hf_models, split_inputs  # noqa: E402
+from backends.torch.provider import TorchProvider, default_output_fn  # noqa: E402
 from ngdref.certificate import RowsCertificateError  # noqa: E402
 from tests.backends.torch.per_sample.models import (  # noqa: E402
     CASES,

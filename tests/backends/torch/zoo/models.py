@@ -1,7 +1,7 @@
 """The zoo as data: every trainable ``torch.nn`` layer in a tiny float64 model (:data:`CASES`).
 
 Layers that exist in batch-first and sequence-first layouts appear in both (the model takes
-batch-first inputs, as :class:`backends.torch_provider.TorchProvider` wants them, and
+batch-first inputs, as :class:`backends.torch.provider.TorchProvider` wants them, and
 transposes inside); sizes collide on purpose (T == N, d == N, C == N, channels == N); the
 options that change what a per-sample gradient is (groups, dilation, stride, string padding,
 padding modes, padding_idx, bags, masks, packed sequences, initial states) each have a case.

@@ -20,8 +20,8 @@ from torch import nn
 
 import backends
 import ngdref
-from backends.optim import IEF
-from backends.torch_provider import TorchProvider
+from backends.torch.optim.methods import IEF
+from backends.torch.provider import TorchProvider
 
 from .case import Case
 from .reference import trainable

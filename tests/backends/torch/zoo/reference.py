@@ -9,7 +9,7 @@ dense float64 NumPy written here, not ngdref's:
 - the logit gradients e_n = dl_n/dz_n and s_n = ||e_n||^2 of softmax cross-entropy (per label
   position for a sequence loss, ignored positions zero), in the sum convention;
 - G = [J_n^T e_n]_n (N, P), and the sampled rows A of SF from labels drawn as
-  :class:`backends.optim.SF` documents it (:func:`sampled_labels`);
+  :class:`backends.torch.optim.methods.SF` documents it (:func:`sampled_labels`);
 - G G^T, G v, G^T w and the updates by dense solves (:func:`ief_update`, :func:`ef_update`,
   :func:`sf_update`) with the error bounds they are compared within (:func:`bounds`).
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from backends.kfac_optim import EKFAC, IEKFAC, KFAC
+from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC
 
 from .defects import KFAC_METHODS, NO_ROUTE, params
 from .models import CASES

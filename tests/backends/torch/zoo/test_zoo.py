@@ -35,8 +35,8 @@ import pytest
 import torch
 from torch import nn
 
-from backends.optim import EF, IEF, SF
-from backends.torch_provider import TorchProvider
+from backends.torch.optim.methods import EF, IEF, SF
+from backends.torch.provider import TorchProvider
 
 from .case import Case
 from .defects import (
