@@ -43,20 +43,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ngdref.certificate import (
     Certificate,
-    RowsCertificateError,
     certify_products,
     product_bounds,
     unit_roundoff,

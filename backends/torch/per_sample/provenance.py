@@ -50,6 +50,7 @@ from .provenance_rules import (
     SampleFree,
     tensors,
 )
+from .provenance_views import VIEW_RULES
 
 __all__ = [
     "INPLACE",
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 #: name -> rule: the state of an operation's result from its operands' states
-RULES: dict[str, Rule] = {**GENERIC_RULES, **INDEXING_RULES, **LAYER_RULES}
+RULES: dict[str, Rule] = {**GENERIC_RULES, **VIEW_RULES, **INDEXING_RULES, **LAYER_RULES}
 
 #: operations that read metadata only: no result to follow, no value read
 METADATA = frozenset({

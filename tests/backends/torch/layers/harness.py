@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.torch.per_sample.rows import DenseBlock, GhostRows
 from backends.torch.axes import BATCH_FIRST, BatchAxis, batch_first
 from backends.torch.layers import Recorder, assemble
+from backends.torch.per_sample.rows import DenseBlock, GhostRows
 
 #: machine epsilon (unit roundoff 2^-p) per dtype, and the bound's constant (module docstring)
 EPS = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}

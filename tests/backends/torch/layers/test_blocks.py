@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from backends.torch.per_sample.rows import DenseBlock, FactorBlock  # noqa: E402
 from backends.torch.layers import (  # noqa: E402
     LayerKind,
     Outer,
@@ -28,6 +27,7 @@ from backends.torch.layers import (  # noqa: E402
     kind_of,
     register,
 )
+from backends.torch.per_sample.rows import DenseBlock, FactorBlock  # noqa: E402
 
 from .harness import assert_close  # noqa: E402
 

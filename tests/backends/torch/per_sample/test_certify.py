@@ -29,10 +29,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
+from backends.torch.inputs import POSITIONAL, hf_models, split_inputs  # noqa: E402
 from backends.torch.per_sample.certify import certify_rows  # noqa: E402
 from backends.torch.per_sample.loop import loop_vjp  # noqa: E402
 from backends.torch.per_sample.policy import Ledger, certified_rows, structure_key  # noqa: E402
-from backends.torch.inputs import POSITIONAL, hf_models, split_inputs  # noqa: E402
 from backends.torch.provider import TorchProvider, default_output_fn  # noqa: E402
 from ngdref.certificate import RowsCertificateError  # noqa: E402
 from tests.backends.torch.per_sample.models import (  # noqa: E402
@@ -88,7 +88,7 @@ def test_loop_rows_pass_by_every_reference_route(case: Case, dtype: torch.dtype)
 # ---- rows of today's provider on the tiny models -------------------------------------------------
 def _provider_case(name: str, dtype: torch.dtype) -> tuple[Any, Adapter, Any, torch.Tensor]:
     """(model, provider inputs, adapter, cotangents R dl/dz) of a TorchProvider test case."""
-    from tests.torch_provider_cases import case
+    from tests.backends.torch.provider_cases import case
 
     c = case(name)
     model = copy.deepcopy(c.model).to(dtype)  # the cases are cached: never cast them

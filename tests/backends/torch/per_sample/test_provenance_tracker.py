@@ -20,7 +20,7 @@ from backends.torch.per_sample.provenance import (  # noqa: E402
     ProvenanceTracker,
     operation_name,
 )
-from backends.torch.per_sample.provenance_rules import reshape_axis  # noqa: E402
+from backends.torch.per_sample.provenance_views import reshape_axis  # noqa: E402
 
 from .provenance_cases import CASES  # noqa: E402
 from .provenance_probe import run  # noqa: E402
