@@ -16,7 +16,9 @@ Each T5 sample is an input of 48 tokens (right padded to a random length of at l
 two label tokens, a label word and EOS, as in the paper's T5 tasks; each ViT sample an image of
 100 classes (CIFAR-100, the paper's ViT task). Dropout is 0 in every configuration, so that
 train mode (which Opacus' hooks need) and eval mode (the paper's steps) compute the same
-function.
+function. For a seq2seq model peft allocates prompt rows for the encoder and the decoder
+(2 x 20 x d_model trainable parameters) but feeds only the encoder's 20: the decoder's rows get
+no gradient, in every step alike.
 
 Hugging Face offline: models are built from configurations only, with random weights.
 """
