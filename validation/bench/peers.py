@@ -279,10 +279,13 @@ def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[]
     return run
 
 
-def compare(w: Workload, repeats: int, warmup: int) -> tuple[dict[str, float], list[str]]:
-    """Medians (wall seconds) of the steps of :data:`COLUMNS` and "AdamW step" on ``w``.
+def compare(
+    w: Workload, repeats: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """Medians of the steps of :data:`COLUMNS` and "AdamW step" on ``w``, in seconds.
 
-    Returns the medians and the notes: the peers that cannot run, with why.
+    Returns the wall-clock medians, the process-CPU-time medians (all threads) and the
+    notes: the peers that cannot run, with why.
     """
     ours = steps(w, ("auto",))
     fns = {name: ours[name] for name in ("forward+backward", "AdamW step", "iEF step (auto)")}
@@ -295,8 +298,8 @@ def compare(w: Workload, repeats: int, warmup: int) -> tuple[dict[str, float], l
             fns[name] = _quiet(peer.run)
     device = w.trainable[0].device
     fns = {name: _synchronised(fn, device) for name, fn in fns.items()}
-    wall, _ = _median_times(fns, repeats, warmup)
-    return wall, notes
+    wall, cpu = _median_times(fns, repeats, warmup)
+    return wall, cpu, notes
 
 
 def _quiet(fn: Callable[[], object]) -> Callable[[], object]:
@@ -351,18 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load average at start {_load()}")
     print(f"# float32, lr={LR}, {device}; per-call medians of {repeats} alternating repeats "
           f"after {warmup} warm-up round(s); ratios to the AdamW step of the same run")
-    header = ("| workload | P | AdamW [ms] | " + " | ".join(label for label, _ in COLUMNS)
-              + " |")
-    rows, notes = [header, "|" + "---|" * (header.count("|") - 1)], []
+    tables: dict[str, list[str]] = {"wall clock": [], "process CPU time": []}
+    notes: list[str] = []
     for name in args.workloads.split(","):
         w = build(name, quick=args.quick, full_shapes=args.full_shapes, device=device)
-        wall, why = compare(w, repeats, warmup)
-        rows.append(_row(w, wall))
+        wall, cpu, why = compare(w, repeats, warmup)
+        tables["wall clock"].append(_row(w, wall))
+        tables["process CPU time"].append(_row(w, cpu))
         notes += [f"- {name}: {w.description}"] + [f"  - {n}" for n in why]
-        print(rows[-1], flush=True)
+        print(tables["wall clock"][-1], flush=True)
         del w
         gc.collect()
-    print("\n" + "\n".join(rows) + "\n\n" + "\n".join(notes))
+    header = ("| workload | P | AdamW [ms] | " + " | ".join(label for label, _ in COLUMNS)
+              + " |")
+    for kind, rows in tables.items():
+        print(f"\n{kind}: step / AdamW step\n\n{header}\n|" + "---|" * (header.count("|") - 1))
+        print("\n".join(rows))
+    print("\n" + "\n".join(notes))
     print(f"\n# load average at the end {_load()}")
     return 0
 
