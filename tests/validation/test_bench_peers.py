@@ -181,6 +181,7 @@ def float64_throughout():
 
 @pytest.fixture(params=PEER_CASES, ids=[c.workload for c in PEER_CASES], scope="module")
 def case_and_peers(request, float64_throughout):
+    pytest.importorskip("opacus")  # .ci/setup installs it with the other peers
     case: PeerCase = request.param
     w = paper_workloads.build(case.workload, quick=True, dtype=torch.float64)
     if case.ragged_labels:
@@ -223,6 +224,7 @@ def test_ghost_step_has_the_loop_norms_and_gradient(case_and_peers):
 
 # ---- the preview ------------------------------------------------------------------------------
 def test_quick_preview_prints_the_table(capsys):
+    pytest.importorskip("opacus")
     names = "t5_small_full,vit_s16_lora,mlp_paper"
     assert peers.main(["--quick", "--threads", "1", "--workloads", names]) == 0
     out = capsys.readouterr().out
