@@ -89,7 +89,8 @@ class Peer:
     name : str
         One of :data:`PEERS`.
     run : callable or None
-        One training step (forward, backward, ``optimizer.step()``); None if it cannot run.
+        One training step (forward, backward, ``optimizer.step()``), Opacus' warnings
+        silenced; None if it cannot run.
     reason : str
         Why ``run`` is None ("" otherwise): Opacus' error, with what it means here.
     module : torch.nn.Module or None
@@ -212,6 +213,15 @@ def _rows_missing(peer: Peer, num_samples: int) -> str:
     return ""
 
 
+def _quiet(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    return run
+
+
 def _reason(err: Exception) -> str:
     message = (str(err).strip().splitlines() or [""])[0]
     why = next((text for key, text in _WHY.items() if key in message), "")
@@ -247,8 +257,9 @@ def opacus_peers(w: Workload, *, lr: float = LR) -> dict[str, Peer]:
                 peer = make(w, lr)
                 peer.run()  # type: ignore[misc]
             missing = _rows_missing(peer, w.num_samples)
-            if missing:
-                peer = Peer(name, None, missing)
+            peer = Peer(name, None, missing) if missing else peer
+            if peer.run is not None:  # Opacus warns on every step about secure RNG and hooks
+                peer.run = _quiet(peer.run)
         except Exception as err:  # a peer that cannot run is reported, not fatal
             peer = Peer(name, None, _reason(err))
         out[name] = peer
@@ -295,20 +306,11 @@ def compare(
         if peer.run is None:
             notes.append(f"{name}: - ({peer.reason})")
         else:
-            fns[name] = _quiet(peer.run)
+            fns[name] = peer.run
     device = w.trainable[0].device
     fns = {name: _synchronised(fn, device) for name, fn in fns.items()}
     wall, cpu = _median_times(fns, repeats, warmup)
     return wall, cpu, notes
-
-
-def _quiet(fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return run
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
