@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import validation.bench
 from tests.array_backends import tolerance
-
-# Until validation/bench.py moves to validation/bench/timing.py (issue 17), the module
-# validation.bench shadows the folder validation/bench/; a __path__ lets it hold submodules.
-# The integrator deletes these lines with the move.
-if not hasattr(validation.bench, "__path__"):
-    validation.bench.__path__ = [str(Path(validation.bench.__file__).with_suffix(""))]
-paper_workloads = importlib.import_module("validation.bench.paper_workloads")
-peers = importlib.import_module("validation.bench.peers")
+from validation.bench import paper_workloads, peers
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

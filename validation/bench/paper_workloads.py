@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import ngdref
-from validation.bench_torch_workloads import Workload, _LogitsOf, _to
+from validation.bench.workloads import Workload, _LogitsOf, _to
 from validation.tiny_models import (
     T5_LORA_TARGETS,
     VIT_LORA_TARGETS,
@@ -256,7 +256,7 @@ def _mlp(
 
 
 #: name -> builder(quick, device, *, full_shapes=False, dtype=torch.float32); the first two
-#: arguments are those of :data:`validation.bench_torch_workloads.BUILDERS`
+#: arguments are those of :data:`validation.bench.workloads.BUILDERS`
 PAPER_BUILDERS: dict[str, Callable[..., Workload]] = {
     **{f"{family}_{variant}": partial(_t5, family, variant)
        for family in T5_WIDTHS for variant in ("lora", "prompt", "full")},

@@ -1,7 +1,7 @@
 r"""Opacus as a peer of the step bench: its per-sample step and its ghost-clipping step.
 
 Opacus is the per-sample gradient engine that DP-SGD users already know. On a workload of the
-step bench (:class:`validation.bench_torch_workloads.Workload`) it gives two training steps,
+step bench (:class:`validation.bench.workloads.Workload`) it gives two training steps,
 each a callable the bench times in its alternated loop:
 
 ``"Opacus per-sample step"``
@@ -56,9 +56,9 @@ from torch import nn
 
 from backends import default_output_fn
 from validation.bench.paper_workloads import PAPER_WORKLOADS, build
-from validation.bench_torch import LR, _median_times, steps
-from validation.bench_torch_report import _device, _load, _machine
-from validation.bench_torch_workloads import Workload
+from validation.bench.report import _device, _load, _machine
+from validation.bench.steps import LR, _median_times, steps
+from validation.bench.workloads import Workload
 
 __all__ = ["MAX_GRAD_NORM", "PEERS", "Peer", "opacus_peers", "per_sample_losses"]
 
