@@ -249,7 +249,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         After a step :attr:`diagnostics` holds ``step`` (t), ``loss``, ``lr`` (eta_t),
         ``damping`` (the absolute lambda used), ``update_norm`` (||u||, before EF's and SF's
         normalisation; a zero u has no direction and leaves the parameters as they are),
-        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||), ``per_sample``
+        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||; +inf when some
+        sample's gradient is exactly zero, e.g. every label of it ignored), ``per_sample``
         (the route) and ``fallbacks`` (parameters whose per-sample gradients came from
         ``torch.func.vmap``, and why); IEF and EF add ``residual`` (||G u - b|| / mean(b) on
         the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the damped Gram
@@ -286,7 +287,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             "lr": lr,
             "update_norm": norm,
             "grad_norm_imbalance": (
-                ngdref.grad_norm_imbalance(batch.rows) if imbalance is None else imbalance
+                ngdref.grad_norm_imbalance(batch.rows, zero_rows="inf")
+                if imbalance is None else imbalance
             ),
             "per_sample": self.per_sample,
             "fallbacks": fallbacks,
@@ -416,7 +418,8 @@ class _GramOptimizer(_LogitLossOptimizer):
         misfit = (solve.gram @ solve.coefficients - b)[kept]
         residual = float(torch.linalg.vector_norm(misfit) / torch.mean(b[kept]))
         return update, {
-            "grad_norm_imbalance": ngdref.grad_norm_imbalance(solver),  # its G G^T, not again
+            # its G G^T, not again; +inf when a sample's gradient is zero (step docstring)
+            "grad_norm_imbalance": ngdref.grad_norm_imbalance(solver, zero_rows="inf"),
             "damping": solve.damping,
             "residual": residual,
             "kept": int(kept.sum()),

@@ -272,8 +272,9 @@ def score_batch(
     )
     kept = solver.kept if protocol == "authors" else None
     grad = rows.sum(dim=0) if kept is None else rows[kept].sum(dim=0)
-    stats = {
-        k: ngdref.grad_norm_imbalance(rows, statistic=k, kept=kept) for k in IMBALANCE_STATISTICS
+    stats = {  # +inf when a row in the denominator is zero (a sample fitted exactly)
+        k: ngdref.grad_norm_imbalance(rows, statistic=k, kept=kept, zero_rows="inf")
+        for k in IMBALANCE_STATISTICS
     }
     sampled = None
     if sampled_grads is not None:
