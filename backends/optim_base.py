@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -182,6 +182,9 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         self._comm = communicator(distributed, process_group)
         self._names = tuple(self.param_groups[0]["param_names"])
 
+    #: checks of this class that replace :data:`_CHECKS`' of the same name
+    _own_checks: ClassVar[Mapping[str, Callable[[Any], None]]] = {}
+
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         given = set(group) - {"params", "param_names"}
         if given != set(self._hyperparameters):
@@ -189,8 +192,9 @@ class _LogitLossOptimizer(_SteppedOptimizer):
                 f"{type(self).__name__} takes the hyperparameters {sorted(self._hyperparameters)},"
                 f" got {sorted(given)}"
             )
+        checks = {**_CHECKS, **self._own_checks}
         for name in self._hyperparameters:
-            _CHECKS[name](group[name])
+            checks[name](group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the update couples all trainable parameters."""
