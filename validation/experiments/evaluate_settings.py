@@ -20,7 +20,12 @@ import numpy as np
 
 import ngdref
 from validation.experiments.kfac_eval import KFAC_RATIOS
-from validation.experiments.protocols import PROTOCOLS, SF_DUPLICATES, EvaluationError
+from validation.experiments.protocols import (
+    DAMPING_SCALES,
+    PROTOCOLS,
+    SF_DUPLICATES,
+    EvaluationError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +70,8 @@ DTYPES = ("float64", "float32")
 DEFAULT_SWEEP_DAMPINGS: tuple[float, ...] = tuple(float(f"1e{k}") for k in range(-12, 3))
 #: settings that may differ between a run and its resumption
 _RESUMABLE = ("checkpoints", "device")
+#: settings added after files were written without them: their value in such a file
+_ADDED_LATER = {"damping_scale": "absolute", "dedup_zero_rows": "drop"}
 _WORDS = ("first", "middle", "last")
 
 
@@ -232,6 +239,7 @@ def load_previous(path: Path, settings: Mapping[str, Any], overwrite: bool) -> l
             f"run_dir: {str(path)!r} exists but is not a file of this evaluator ({exc}); "
             "delete it or pass overwrite=True (--overwrite)"
         ) from None
+    old = {**_ADDED_LATER, **old}
     changed = sorted(
         k for k in set(old) | set(settings)
         if k not in _RESUMABLE and old.get(k) != settings.get(k)
@@ -285,6 +293,8 @@ class CommonOptions(TypedDict, total=False):
     num_samples: int
     dtype: str
     sf_duplicates: str
+    damping_scale: str
+    dedup_zero_rows: str
     device: str | torch.device | None
 
 
@@ -300,11 +310,19 @@ def common_settings(
     num_samples: int = 1,
     dtype: str = "float64",
     sf_duplicates: str = "drop",
+    damping_scale: str = "absolute",
+    dedup_zero_rows: str = "drop",
     device: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """The checked settings shared by :func:`evaluate_run` and :func:`sweep_run`."""
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for name, value, allowed in (
+        ("damping_scale", damping_scale, DAMPING_SCALES),
+        ("dedup_zero_rows", dedup_zero_rows, ngdref.linalg.ZERO_ROWS),
+    ):
+        if value not in allowed:
+            raise EvaluationError(f"{name} must be one of {allowed}, got {value!r}")
     if dtype not in DTYPES:
         raise EvaluationError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if sf_duplicates not in SF_DUPLICATES:
@@ -329,6 +347,8 @@ def common_settings(
         "num_samples": positive_int("num_samples", num_samples),
         "dtype": dtype,
         "sf_duplicates": sf_duplicates if protocol == "authors" else None,
+        "damping_scale": damping_scale,
+        "dedup_zero_rows": dedup_zero_rows,
         "checkpoints": None,
         "device": None if device is None else str(device),
     }
