@@ -24,7 +24,14 @@ from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
 from ngdref.updates import DAMPING_SPACES, gram_solver
 
 from .distributed import IgnoredShardLoss, communicator
-from .optim_common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
+from .optim_common import (
+    Batch,
+    StepOptions,
+    _check_seed,
+    _check_step_scale,
+    _split_batch,
+    _SteppedOptimizer,
+)
 from .torch_provider import TorchProvider
 
 
@@ -283,6 +290,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             )
         # eta_t d = (eta_t / ||u||) u for EF and SF: folded into the write, no P-length u / ||u||
         scale = lr / norm if self._normalised and norm > 0 else lr
+        _check_step_scale(scale, lr, group["params"], self._step)
         fallbacks = list(getattr(batch.rows, "fallbacks", ()))
         imbalance = diagnostics.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
         diagnostics = {
