@@ -24,8 +24,10 @@ and a damaged checkpoint that is skipped is renamed (:func:`move_aside`), never 
 
 from __future__ import annotations
 
+import io as stdio
 import json
 import os
+import pickle
 import random
 import re
 import warnings
@@ -167,6 +169,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _refused(path: Path, exc: pickle.UnpicklingError) -> str:
+    """Why a file was refused, without torch's advice on how to load it unsafely."""
+    # torch's message opens with how to load the file without the safeguard: never passed on
+    lines = [line.strip() for line in str(exc).splitlines()]
+    code = next((line for line in lines if "GLOBAL" in line), None)
+    if code is None:
+        found = [line for line in lines if line.startswith(("Unsupported", "Trying"))]
+        return (f"checkpoint {str(path)!r} cannot be read: it is truncated, damaged or not a "
+                f"checkpoint of this runner (UnpicklingError: {found[0] if found else 'bad data'})")
+    return (
+        f"checkpoint {str(path)!r} was refused and not loaded: it holds a pickled object that "
+        f"loading would execute ({code}), not only tensors, numbers, strings and containers; "
+        "this runner never writes such a file, so it is not one of its checkpoints"
+    )
+
+
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, Any]:
     """The whole dictionary stored in a checkpoint file of this runner.
 
@@ -193,7 +211,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_refused(path, exc)) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ...
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be read: it is truncated, damaged or not a "
             f"checkpoint of this runner ({_first_line(exc)})"
