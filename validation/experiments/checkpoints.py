@@ -40,7 +40,7 @@ import torch
 
 from backends import dist_launch
 from validation.experiments import io
-from validation.experiments.config import ConfigError, config_diff
+from validation.experiments.config import ConfigError, config_diff, with_new_defaults
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -118,8 +118,16 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 
 
 def save_checkpoint(path: Path, obj: Mapping[str, Any]) -> None:
-    """``torch.save`` a checkpoint dictionary atomically (its values must be weights-only safe)."""
-    atomic_write(path, lambda fh: torch.save(dict(obj), fh))
+    """``torch.save`` a checkpoint dictionary atomically (its values must be weights-only safe).
+
+    It is serialised in memory first: torch turns an ``OSError`` of the file it writes into
+    a RuntimeError ("unexpected pos ..."), so a full disk would not be reported as such.
+    """
+    if not dist_launch.is_writer():
+        return
+    buffer = stdio.BytesIO()
+    torch.save(dict(obj), buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 # ---- RNG states as weights-only types --------------------------------------------------------
@@ -377,13 +385,15 @@ def find_resume_state(ckpt_dir: Path) -> ResumePoint:
 
 
 def has_run(run: Path) -> bool:
-    """Whether ``run`` holds anything a fresh start would lose."""
+    """Whether ``run`` holds anything a fresh start would lose: a checkpoint or a log line.
+
+    A ``config.json`` alone (a start that failed before its first checkpoint) holds no run:
+    a fresh start there overwrites it, so a refused or crashed start never blocks its retry.
+    """
     log = run / "metrics.jsonl"
     ckpts = run / "checkpoints"
-    return (
-        (run / "config.json").exists()
-        or (log.exists() and log.stat().st_size > 0)
-        or (ckpts.is_dir() and any(ckpts.glob("*.pt")))
+    return (log.exists() and log.stat().st_size > 0) or (
+        ckpts.is_dir() and any(ckpts.glob("*.pt"))
     )
 
 
@@ -414,7 +424,7 @@ def resume_point(
         raise FileNotFoundError(
             f"resume: {str(stored)!r} does not exist; run_dir {str(run)!r} is not a complete run"
         )
-    changed = config_diff(_stored_config(stored), dict(config))
+    changed = config_diff(with_new_defaults(_stored_config(stored)), dict(config))
     if changed:
         raise ConfigError(
             f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "

@@ -118,7 +118,8 @@ def _common_arguments(parser: Any, default_checkpoints: str | None, batches: int
     )
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
-        help="tqdm bar and a line per checkpoint (auto: when stderr is a terminal)",
+        help="auto: a tqdm bar on a terminal, else a line per checkpoint and a summary (log "
+        "files); on: the bar; off: neither",
     )
 
 

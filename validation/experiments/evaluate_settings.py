@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -382,5 +381,8 @@ def progress_bar(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, disable=not enabled, desc=desc, unit="batch", dynamic_ncols=True)
 
 
-def resolve_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else bool(progress)
+def resolve_progress(progress: bool | None) -> str:
+    """"bar", "lines" or "off" (:func:`validation.experiments.progress.mode`)."""
+    from validation.experiments.progress import mode
+
+    return mode(progress)
