@@ -128,3 +128,25 @@ def test_growth_past_the_divergence_factor_stops_and_is_recorded(tmp_path: Path)
                 tmp_path / "off", progress=False, device="cpu")
     losses = [r["loss"] for r in read_metrics(tmp_path / "off", "train")]
     assert max(losses) > 1000 * losses[0] and off.step > result.step
+
+
+def test_two_real_ranks_refuse_together_before_anything_exists(tmp_path: Path) -> None:
+    """Two gloo ranks (the torchrun path): a batch of 1 is refused on both before any file,
+    and a run directory locked by a third process is refused on both, rank 0 naming it."""
+    from backends.dist_launch import launch_local
+    from tests.experiments.run_processes import finish, hold
+
+    (tmp_path / "locked").mkdir()
+    holder = hold(tmp_path / "locked")
+    try:
+        launch_local(2, "tests.experiments.rank_start", tmp_path, timeout=300)
+    finally:
+        finish(holder)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in got:
+        assert rank["batch"].startswith("ConfigError: config key 'train.batch_size' is 1 but "
+                                        "2 ranks share each batch")
+        assert rank["locked"].startswith("RunLockedError: ")
+    assert f"pid {holder.pid}" in got[0]["locked"]
+    assert not (tmp_path / "batch").exists()
+    assert sorted(p.name for p in (tmp_path / "locked").iterdir()) == []
