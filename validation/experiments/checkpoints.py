@@ -468,5 +468,5 @@ def move_aside(path: Path) -> Path:
         k += 1
         aside = path.with_name(f"{path.name}.damaged-{k}")
     if dist_launch.is_writer():
-        os.replace(path, aside)
+        io.rename(path, aside)
     return aside

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "make_dir",
     "read_jsonl",
+    "rename",
     "storage_hint",
 ]
 
@@ -123,6 +124,14 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb")
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise _storage_error(path, exc) from exc
+
+
+def rename(source: PathLike, target: PathLike) -> None:
+    """``os.replace``; a failure is a :class:`StorageError` naming ``target``."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise _storage_error(Path(target), exc) from exc
 
 
 def make_dir(path: PathLike) -> None:
