@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class _Fault:
         return True
 
     def error(self, target: str) -> OSError:
-        return OSError(self.code, __import__("os").strerror(self.code), target)
+        return OSError(self.code, os.strerror(self.code), target)
 
     def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         fh = builtins.open(file, mode, *args, **kwargs)
@@ -171,3 +172,29 @@ def test_the_command_line_prints_one_line(
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: cannot write") and "last.pt" in line and "--out" in line
+
+
+def test_a_read_only_run_directory_is_one_line_for_evaluate(
+    whole: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The first write of evaluate is its lock file: EROFS there is the same one line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(whole.run_dir, run)
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    code = main(["evaluate", str(run), "--batches", "1", "--batch-size", "8",
+                 "--micro-batch", "8", "--methods", "sgd,ef", "--progress", "off"])
+    monkeypatch.undo()
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot write") and "EROFS" in line and str(run) in line
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in whole.run_dir.iterdir())

@@ -37,6 +37,7 @@ __all__ = [
     "make_dir",
     "read_jsonl",
     "rename",
+    "storage_error",
     "storage_hint",
 ]
 
@@ -79,7 +80,8 @@ def storage_hint(text: str) -> Iterator[None]:
         _HINT.reset(token)
 
 
-def _storage_error(path: Path, exc: OSError) -> StorageError:
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """The :class:`StorageError` of ``exc``, raised while writing ``path``."""
     error = StorageError(exc.errno or errno.EIO, exc.strerror or str(exc), str(path))
     error.hint = _HINT.get()
     return error
@@ -123,7 +125,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb")
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise _storage_error(path, exc) from exc
+        raise storage_error(path, exc) from exc
 
 
 def rename(source: PathLike, target: PathLike) -> None:
@@ -131,7 +133,7 @@ def rename(source: PathLike, target: PathLike) -> None:
     try:
         os.replace(source, target)
     except OSError as exc:
-        raise _storage_error(Path(target), exc) from exc
+        raise storage_error(Path(target), exc) from exc
 
 
 def make_dir(path: PathLike) -> None:
@@ -140,7 +142,7 @@ def make_dir(path: PathLike) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _storage_error(path, exc) from exc
+        raise storage_error(path, exc) from exc
 
 
 def append_text(path: PathLike, text: str) -> None:
@@ -162,7 +164,7 @@ def append_text(path: PathLike, text: str) -> None:
                     fh.truncate(size)  # no partial line after the complete ones
                 raise
     except OSError as exc:
-        raise _storage_error(path, exc) from exc
+        raise storage_error(path, exc) from exc
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
