@@ -325,6 +325,7 @@ def _train_locked(
         state.restore(point)
     else:
         _start(run, state)
+    state.say(f"{'continuing' if point is not None else 'started'} in {str(run)!r}")
     try:
         if not state.finished:
             state.run(stop_after, callback)

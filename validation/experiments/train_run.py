@@ -154,9 +154,10 @@ class _Run:
         """One progress line (mode "lines": stderr is not a terminal)."""
         if self.mode == "lines":
             cfg = self.config
+            loss = f"loss {self.last_loss:.4g}, " if math.isfinite(self.last_loss) else ""
             notice(f"{cfg['setup']}/{cfg['task']}/{self.name}: step {self.step}/{self.total}, "
-                   f"epoch {self.epoch + self.position / self.n_train:.2f}, loss "
-                   f"{self.last_loss:.4g}, {what} [{self.elapsed():.0f} s]")
+                   f"epoch {self.epoch + self.position / self.n_train:.2f}, {loss}{what} "
+                   f"[{self.elapsed():.0f} s]")
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
