@@ -115,3 +115,12 @@ def test_evaluate_is_refused_while_another_process_writes_its_file(tmp_path: Pat
                "--micro-batch", "8", "--methods", "sgd,ef", "--checkpoints", "last")
     assert done.returncode == 0, done.stderr
     assert (run / "evaluation.json").is_file()
+
+
+def test_the_lock_of_a_directory_is_inside_it_whatever_its_name(tmp_path: Path) -> None:
+    dotted = tmp_path / "lr1e-3.seed0"  # a run directory whose name has a suffix
+    dotted.mkdir()
+    assert lock_path(dotted) == dotted / ".lock"
+    assert lock_path(dotted / "evaluation.json") == dotted / ".evaluation.json.lock"
+    with RunLock(dotted, "train"):
+        assert (dotted / ".lock").is_file()

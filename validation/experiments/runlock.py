@@ -57,11 +57,10 @@ class RunLockedError(OSError):
 
 
 def lock_path(target: str | os.PathLike[str]) -> Path:
-    """The lock file of a run directory (``DIR/.lock``) or of a file (``DIR/.NAME.lock``)."""
+    """The lock file of an existing directory (``DIR/.lock``) or of a file, existing or not
+    (``DIR/.NAME.lock`` beside it)."""
     target = Path(target)
-    if target.suffix:  # a file such as evaluation.json
-        return target.with_name(f".{target.name}.lock")
-    return target / ".lock"
+    return target / ".lock" if target.is_dir() else target.with_name(f".{target.name}.lock")
 
 
 def _describe(record: dict[str, Any] | None) -> str:
@@ -88,7 +87,8 @@ class RunLock:
     Parameters
     ----------
     target : path
-        A run directory (it must exist), or a file in an existing directory.
+        A run directory (it must exist: a path that is not a directory is taken as a file),
+        or a file in an existing directory.
     what : str
         What the holder does, recorded for a refused writer ("train", "evaluate", ...).
 

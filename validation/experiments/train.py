@@ -297,7 +297,8 @@ def train(
     _check_batches(config, len(setup.train))
     with io.storage_hint("choose another run directory with --out (run_dir)"), _locked(run):
         return _train_locked(
-            setup, run, resume or resume_or_start, resume_or_start, mode, stop_after, callback
+            config, setup, run, resume or resume_or_start, resume_or_start, mode, stop_after,
+            callback,
         )
 
 
@@ -308,12 +309,11 @@ _HOLDS_A_RUN = (
 
 
 def _train_locked(
-    setup: Setup, run: Path, continuing: bool, start_if_missing: bool, mode: str,
-    stop_after: int | None, callback: Callable[[dict[str, Any]], None] | None,
+    config: dict[str, Any], setup: Setup, run: Path, continuing: bool, start_if_missing: bool,
+    mode: str, stop_after: int | None, callback: Callable[[dict[str, Any]], None] | None,
 ) -> TrainResult:
     """:func:`train` once it holds ``run``'s lock: check again, then start or resume, run,
     test."""
-    config = setup.config
     point = None
     if continuing:
         point = resume_point(run, config, start_if_missing=start_if_missing)
@@ -324,7 +324,7 @@ def _train_locked(
     if point is not None:
         state.restore(point)
     else:
-        _start(run, state)
+        _start(run, state, config)
     state.say(f"{'continuing' if point is not None else 'started'} in {str(run)!r}")
     try:
         if not state.finished:
@@ -341,13 +341,13 @@ def _train_locked(
     )
 
 
-def _start(run: Path, state: _Run) -> None:
+def _start(run: Path, state: _Run, config: Mapping[str, Any]) -> None:
     """A fresh start's files: config.json, an empty log, epoch-0.pt. If the first checkpoint
     cannot be written, the files this start wrote are removed: nothing blocks a retry."""
     if (run / "config.json").exists():
         notice(f"run_dir {str(run)!r} holds a start that never wrote its first checkpoint "
                "(config.json only): starting afresh there")
-    text = json.dumps(state.config, indent=2) + "\n"
+    text = json.dumps(config, indent=2) + "\n"
     written: list[Path] = []
     try:
         for path, content in ((run / "config.json", text), (state.log_path, "")):
