@@ -22,6 +22,7 @@ GN/NGD(lambda) = GN/NGD_sum(lambda / R).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,18 @@ def batch_quantities(
     )
 
 
+def _check_key(key: Any) -> Any:
+    """An int seed (any integer type, as an int) or an array of uniforms, else TypeError."""
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return int(key)
+    if isinstance(key, bool) or not array_api_compat.is_array_api_obj(key):
+        raise TypeError(
+            f"key must be an int seed or an array of uniforms in [0, 1) (see LogitLoss.sample), "
+            f"got {type(key).__name__} {key!r}"
+        )
+    return key
+
+
 def sampled_grads(
     provider: JacobianProvider,
     loss: LogitLoss,
@@ -121,6 +134,7 @@ def sampled_grads(
     (:meth:`ngdref.losses.LogitLoss.sample`).
     Feed to :func:`ngdref.updates.sf_update` with the same ``num_samples``.
     """
+    key = _check_key(key)
     logits = provider.logits()
     factor = reduction_factor(reduction, logits.shape[0])
     drawn = loss.sample(logits, key, num_samples=num_samples, targets=targets)
@@ -150,6 +164,7 @@ def directions(
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
     dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "drop",
     ngd_solver: str = "woodbury",
     cg_tol: float | None = None,
     cg_maxiter: int | None = None,
@@ -176,7 +191,7 @@ def directions(
         Convention of the loss (default the paper's sum).
     damping_space
         For iEF (EF's two damping spaces agree); see :func:`ngdref.updates.ief_update`.
-    damping_mode, dedup_threshold, dedup_rule
+    damping_mode, dedup_threshold, dedup_rule, dedup_zero_rows
         For EF and iEF; see :func:`ngdref.updates.ief_update`. EF and iEF share
         one :class:`~ngdref.linalg.DampedGram` (one Gram matrix and filter).
     ngd_solver : {"woodbury", "cg"}
@@ -195,8 +210,12 @@ def directions(
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods!r}")
     check_choice(ngd_solver, "ngd_solver", NGD_SOLVERS)
-    if "sf" in methods and key is None:
-        raise ValueError("key is required for method 'sf' (an int seed or an array of uniforms)")
+    if "sf" in methods:
+        if key is None:
+            raise ValueError(
+                "key is required for method 'sf' (an int seed or an array of uniforms)"
+            )
+        key = _check_key(key)  # before any pass over the model
     q = batch_quantities(provider, loss, targets, reduction=reduction)
     gram_options = {"damping": damping, "damping_mode": damping_mode}
     out: dict[str, Any] = {}
@@ -204,7 +223,7 @@ def directions(
         out["sgd"] = q.grad
     if "ef" in methods or "ief" in methods:
         check_damping_options(damping_space, damping_mode)
-        solver = gram_solver(q.per_sample_grads, dedup_threshold, dedup_rule)
+        solver = gram_solver(q.per_sample_grads, dedup_threshold, dedup_rule, dedup_zero_rows)
     if "ef" in methods:
         out["ef"] = ef_update(solver, **gram_options)
     if "ief" in methods:

@@ -28,6 +28,7 @@ from ngdref.rows import PerSampleRows, as_rows, rows_namespace
 __all__ = [
     "DAMPING_MODES",
     "DEDUP_RULES",
+    "ZERO_ROWS",
     "DampedGram",
     "GramSolve",
     "SingularMatrixError",
@@ -41,6 +42,9 @@ __all__ = [
 DAMPING_MODES = ("absolute", "relative", "diagonal_only", "levenberg_marquardt")
 #: "all_pairs": the authors' rule; "greedy": keep a row unless close to an already kept one.
 DEDUP_RULES = ("all_pairs", "greedy")
+#: what the duplicate filter does with an all-zero row: "drop" it, or "keep" it (the authors'
+#: code, where its cosines are 0/0 = NaN and compare as not close)
+ZERO_ROWS = ("drop", "keep")
 
 
 class SingularMatrixError(ValueError):
@@ -77,14 +81,24 @@ class GramSolve:
     condition: float
 
 
-def near_duplicate_mask(gram: Any, *, threshold: float, rule: str = "all_pairs") -> Any:
+def near_duplicate_mask(
+    gram: Any, *, threshold: float, rule: str = "all_pairs", zero_rows: str = "drop"
+) -> Any:
     r"""Rows to keep after dropping near duplicates (:math:`|\cos| >` ``threshold``).
 
     ``rule="all_pairs"`` (the authors' code): every pair of rows with
     :math:`|\cos| >` threshold drops its smaller-norm row (of equal norms, the later
     one). ``rule="greedy"``: rows in decreasing norm, each kept unless it is close to
     an already kept row. On a chain a~b~c (a, c not close; norms a > b > c) all pairs
-    keep {a}, greedy keeps {a, c}. Zero rows are always dropped.
+    keep {a}, greedy keeps {a, c}.
+
+    An all-zero row has no direction, so it is close to no row and no row is close to it;
+    ``zero_rows`` says whether it is dropped anyway ("drop", the default: it adds nothing
+    to G^T c and makes an undamped Gram matrix singular) or kept as any other row ("keep",
+    what the authors' code does: their cosine 0/0 is NaN and never exceeds the threshold).
+    Keeping one changes nothing in a damped EF or iEF update, but it counts among the kept
+    rows, and in the statistics taken over them (a median of their squared norms, the
+    max/min imbalance).
 
     Parameters
     ----------
@@ -94,6 +108,7 @@ def near_duplicate_mask(gram: Any, *, threshold: float, rule: str = "all_pairs")
     threshold : float in (0, 1]
         0.99 in the paper's training code, 0.95 in its evaluation.
     rule : {"all_pairs", "greedy"}
+    zero_rows : {"drop", "keep"}
 
     Returns
     -------
@@ -104,6 +119,8 @@ def near_duplicate_mask(gram: Any, *, threshold: float, rule: str = "all_pairs")
     if not 0 < threshold <= 1:
         raise ValueError(f"dedup_threshold must be in (0, 1], got {threshold}")
     check_choice(rule, "dedup_rule", DEDUP_RULES)
+    check_choice(zero_rows, "dedup_zero_rows", ZERO_ROWS)
+    keep_zero = zero_rows == "keep"
     if not array_api_compat.is_array_api_obj(gram):
         gram = as_rows(gram, name="gram").gram()
     xp = array_api_compat.array_namespace(gram)
@@ -115,12 +132,12 @@ def near_duplicate_mask(gram: Any, *, threshold: float, rule: str = "all_pairs")
         partner_wins = (norms[None, :] > norms[:, None]) | (
             (norms[None, :] == norms[:, None]) & (index[None, :] < index[:, None])
         )
-        dropped = xp.any(close & partner_wins, axis=1) | (norms == 0.0)
-        return xp.logical_not(dropped)
+        dropped = xp.any(close & partner_wins, axis=1)
+        return xp.logical_not(dropped if keep_zero else dropped | (norms == 0.0))
     index = xp.arange(m, device=array_api_compat.device(gram))
     kept = xp.zeros(m, dtype=xp.bool, device=array_api_compat.device(gram))
     for i in [int(i) for i in xp.argsort(norms, descending=True, stable=True)]:
-        if float(norms[i]) > 0.0 and not bool(xp.any(close[i, :] & kept)):
+        if (keep_zero or float(norms[i]) > 0.0) and not bool(xp.any(close[i, :] & kept)):
             kept = kept | (index == i)  # no item assignment: not every namespace has it
     return kept
 
@@ -242,6 +259,8 @@ class DampedGram:
     dedup_threshold : float in (0, 1], optional
         Drop near-duplicate rows first (see :func:`near_duplicate_mask`); None: off.
     dedup_rule : {"all_pairs", "greedy"}
+    dedup_zero_rows : {"drop", "keep"}
+        Whether the filter drops all-zero rows (see :func:`near_duplicate_mask`).
     rows_name : str
         The caller's name for ``rows`` in error messages; a NaN or infinity in the
         rows is detected in the M x M Gram matrix (M/P of the cost of scanning them).
@@ -259,6 +278,7 @@ class DampedGram:
         *,
         dedup_threshold: float | None = None,
         dedup_rule: str = "all_pairs",
+        dedup_zero_rows: str = "drop",
         rows_name: str = "rows",
     ) -> None:
         self.rows: PerSampleRows = as_rows(rows, name=rows_name)
@@ -270,11 +290,14 @@ class DampedGram:
         dev = array_api_compat.device(self.gram)
         if dedup_threshold is None:
             check_choice(dedup_rule, "dedup_rule", DEDUP_RULES)
+            check_choice(dedup_zero_rows, "dedup_zero_rows", ZERO_ROWS)
             self.kept = xp.ones(m, dtype=xp.bool, device=dev)
             self._index = None
             self._kept_gram = self.gram
         else:
-            self.kept = near_duplicate_mask(self.gram, threshold=dedup_threshold, rule=dedup_rule)
+            self.kept = near_duplicate_mask(
+                self.gram, threshold=dedup_threshold, rule=dedup_rule, zero_rows=dedup_zero_rows
+            )
             self._index = xp.nonzero(self.kept)[0]
             if self._index.shape[0] == 0:
                 raise SingularMatrixError(f"every row of {rows_name} is zero: nothing to solve")

@@ -238,7 +238,8 @@ IMBALANCE_STATISTICS = ("max_min", "tail_10")
 
 
 def grad_norm_imbalance(
-    per_sample_grads: Any, *, statistic: str = "max_min", kept: Any = None
+    per_sample_grads: Any, *, statistic: str = "max_min", kept: Any = None,
+    zero_rows: str = "raise",
 ) -> float:
     r"""Gradient-norm imbalance of the per-sample gradients (SPEC §4, §9).
 
@@ -259,13 +260,25 @@ def grad_norm_imbalance(
     statistic : {"max_min", "tail_10"}
     kept : array of bool, shape (N,), optional
         Only these rows (e.g. :attr:`ngdref.GramSolve.kept` after the duplicate filter).
+    zero_rows : {"raise", "inf"}
+        What an all-zero row in the denominator's tail gives: the ratio is then unbounded.
+        "raise" (default): a ``ValueError`` naming the zero rows; "inf": +inf, for a caller
+        that records it as such (an optimiser's diagnostics: a sample fitted exactly, or
+        one whose every label is ignored, has a zero gradient). To measure the other rows,
+        leave the zero ones out with ``kept``.
 
     Returns
     -------
     float
-        +inf when the denominator is a zero norm.
+        >= 1; +inf only under ``zero_rows="inf"``.
+
+    Raises
+    ------
+    ValueError
+        A zero row in the denominator under ``zero_rows="raise"`` (the rows are named).
     """
     check_choice(statistic, "statistic", IMBALANCE_STATISTICS)
+    check_choice(zero_rows, "zero_rows", ("raise", "inf"))
     if isinstance(per_sample_grads, DampedGram):
         rows, gram = per_sample_grads.rows, per_sample_grads.gram
     else:
@@ -281,14 +294,27 @@ def grad_norm_imbalance(
                 f"kept must be a bool mask of {sq.shape[0]} entries, got shape "
                 f"{tuple(kept.shape)} and dtype {kept.dtype}"
             )
-        sq = xp.take(sq, xp.nonzero(kept)[0])
-        if sq.shape[0] == 0:
+        rows_index = xp.nonzero(kept)[0]
+        if rows_index.shape[0] == 0:
             raise ValueError("kept selects no rows")
+        sq = xp.take(sq, rows_index)
     norms = xp.sort(xp.sqrt(sq))
     k = 1 if statistic == "max_min" else max(1, norms.shape[0] // 10)
     smallest = float(xp.mean(norms[:k]))
     largest = float(xp.mean(norms[-k:]))
-    return math.inf if smallest == 0.0 else largest / smallest
+    if smallest > 0.0:
+        return largest / smallest
+    if zero_rows == "inf":
+        return math.inf
+    zero = xp.nonzero(sq == 0.0)[0]
+    if kept is not None:  # number them as the caller's rows
+        zero = xp.take(rows_index, zero)
+    raise ValueError(
+        f"per_sample_grads: rows {[int(zero[i]) for i in range(min(10, zero.shape[0]))]} are "
+        f"all zero, so the "
+        f"{statistic} imbalance is unbounded; leave them out with kept, or pass "
+        "zero_rows='inf' to record +inf"
+    )
 
 
 def loss_reductions(per_sample_grads: Any, update: Any) -> Any:

@@ -47,7 +47,7 @@ from ngdref.checks import (
     namespace,
 )
 from ngdref.curvature import _check_jacobians, _check_num_samples
-from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve
+from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
 from ngdref.rows import DenseRows, as_rows, ones_like_rows, rows_namespace
 from ngdref.woodbury import damped_inverse_apply, true_rows_inverse_apply
 
@@ -59,6 +59,7 @@ __all__ = [
     "gram_update",
     "ief_damping_weights",
     "ief_update",
+    "median_damping",
     "ngd_update",
     "ngd_update_cg",
     "sf_update",
@@ -90,25 +91,31 @@ def sgd_update(per_sample_grads: Any) -> Any:
 
 
 def gram_solver(
-    per_sample_grads: Any, dedup_threshold: float | None = None, dedup_rule: str = "all_pairs"
+    per_sample_grads: Any,
+    dedup_threshold: float | None = None,
+    dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "drop",
 ) -> DampedGram:
     """A :class:`~ngdref.linalg.DampedGram` of ``per_sample_grads``; one passed in is reused.
 
     Passing a DampedGram to the Gram-form updates (:func:`ef_update`, :func:`ief_update`,
     :func:`gram_update`) shares its Gram matrix, filter and factorisations between them;
     its filter is fixed at construction, so ``dedup_threshold`` must then be None.
+    ``dedup_zero_rows`` ("drop" or "keep") is the filter's rule for all-zero rows
+    (:func:`ngdref.linalg.near_duplicate_mask`).
     """
     if isinstance(per_sample_grads, DampedGram):
-        if dedup_threshold is not None:
+        if dedup_threshold is not None or dedup_zero_rows != "drop":
             raise ValueError(
-                "dedup_threshold must be None when per_sample_grads is a DampedGram: "
-                "its near-duplicate filter is chosen when it is built"
+                "dedup_threshold must be None when per_sample_grads is a DampedGram (and "
+                "dedup_zero_rows 'drop'): its near-duplicate filter is chosen when it is built"
             )
         return per_sample_grads
     return DampedGram(
         per_sample_grads,
         dedup_threshold=dedup_threshold,
         dedup_rule=dedup_rule,
+        dedup_zero_rows=dedup_zero_rows,
         rows_name="per_sample_grads",
     )
 
@@ -122,6 +129,7 @@ def gram_update(
     sample_weights: Any = None,
     dedup_threshold: float | None = None,
     dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "drop",
 ) -> tuple[Any, GramSolve]:
     r"""The shared Gram-form update :math:`d = G^\top (G G^\top + \lambda W)^{-1} b`.
 
@@ -137,16 +145,70 @@ def gram_update(
     rhs : array, shape (N,)
     damping, damping_mode, sample_weights
         See :meth:`ngdref.linalg.DampedGram.solve`.
-    dedup_threshold, dedup_rule
+    dedup_threshold, dedup_rule, dedup_zero_rows
         See :class:`ngdref.linalg.DampedGram`.
     """
-    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule, dedup_zero_rows)
     rows = solver.rows
     xp = rows_namespace(rows, "per_sample_grads", rhs=rhs, sample_weights=sample_weights)
     check_vector(xp, rhs, "rhs", rows.shape[0], "per_sample_grads rows", rows.dtype)
     return solver.update(
         rhs, damping=damping, damping_mode=damping_mode, sample_weights=sample_weights
     )
+
+
+def median_damping(
+    per_sample_grads: Any,
+    damping: float,
+    *,
+    dedup_threshold: float | None = 0.99,
+    dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "keep",
+) -> float:
+    r"""SF's relative damping: lambda times the median squared norm of the kept true rows.
+
+    .. math:: \lambda_{\text{abs}} = \lambda \operatorname{median}_{n \in \text{kept}}
+        \|g_n\|^2 = \lambda \operatorname{median} \operatorname{diag}(G G^\top)_{\text{kept}}
+
+    The authors' SF optimiser reads a negative damping -lambda this way: its scale is the
+    median of the diagonal of the true-label rows' Gram matrix, over the rows its duplicate
+    filter keeps (every pair with |cos| > 0.99 drops its smaller-norm row; an all-zero row
+    is kept, its cosines being NaN there). For an even count the median is the lower of the
+    two middle values, as ``torch.median`` returns. The rows are in the convention of the
+    step (R g_n under a reduction R), so the result damps like an absolute lambda there.
+
+    Parameters
+    ----------
+    per_sample_grads : array (N, P), PerSampleRows or DampedGram
+        The true-label rows G; a DampedGram's own filter is used (``dedup_threshold`` None).
+    damping : float >= 0
+        lambda, relative.
+    dedup_threshold, dedup_rule, dedup_zero_rows
+        The filter (:func:`ngdref.linalg.near_duplicate_mask`); the defaults are the
+        authors'. None: every row counts.
+
+    Returns
+    -------
+    float
+        The absolute damping.
+
+    Raises
+    ------
+    SingularMatrixError
+        If the median is 0 (half the kept rows or more are zero): the damping would be 0.
+    """
+    damping = check_damping(damping)
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule, dedup_zero_rows)
+    xp = solver.rows.array_namespace()
+    diagonal = xp.take(xp.linalg.diagonal(solver.gram), xp.nonzero(solver.kept)[0])
+    ordered = xp.sort(diagonal)
+    median = float(ordered[(ordered.shape[0] - 1) // 2])
+    if not median > 0:
+        raise SingularMatrixError(
+            f"the median squared norm of the {ordered.shape[0]} kept per_sample_grads rows is "
+            f"{median}: the relative (median) damping would be 0; use an absolute damping"
+        )
+    return damping * median
 
 
 def check_damping_options(damping_space: str, damping_mode: str) -> None:
@@ -188,6 +250,7 @@ def ef_update(
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
     dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "drop",
     return_info: bool = False,
 ) -> Any:
     r"""Empirical Fisher direction (Eq. 5).
@@ -209,6 +272,9 @@ def ef_update(
     dedup_threshold : float, optional
         Drop near-duplicate per-sample gradients (|cos| above it) first.
     dedup_rule : {"all_pairs", "greedy"}
+    dedup_zero_rows : {"drop", "keep"}
+        Whether the filter drops all-zero rows (the authors' code keeps them; with
+        damping > 0 a kept zero row leaves the update unchanged).
     return_info : bool
         Also return the solve's :class:`~ngdref.linalg.GramSolve` (residual, rows kept,
         condition, damping used).
@@ -219,7 +285,7 @@ def ef_update(
     ``(update, GramSolve)``.
     """
     check_damping_options("sample", damping_mode)
-    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule, dedup_zero_rows)
     ones = ones_like_rows(solver.rows)
     update, info = solver.update(ones, damping=damping, damping_mode=damping_mode)
     return (update, info) if return_info else update
@@ -234,6 +300,7 @@ def ief_update(
     damping_mode: str = "absolute",
     dedup_threshold: float | None = None,
     dedup_rule: str = "all_pairs",
+    dedup_zero_rows: str = "drop",
     return_info: bool = False,
 ) -> Any:
     r"""Improved empirical Fisher direction (Wu et al. 2024, Eq. 8).
@@ -257,6 +324,8 @@ def ief_update(
     damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
     dedup_threshold : float, optional
     dedup_rule : {"all_pairs", "greedy"}
+    dedup_zero_rows : {"drop", "keep"}
+        See :func:`ef_update`.
     return_info : bool
         Also return the :class:`~ngdref.linalg.GramSolve`.
 
@@ -266,7 +335,7 @@ def ief_update(
     ``(update, GramSolve)``.
     """
     check_damping_options(damping_space, damping_mode)
-    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule)
+    solver = gram_solver(per_sample_grads, dedup_threshold, dedup_rule, dedup_zero_rows)
     rows = solver.rows
     xp = rows_namespace(rows, "per_sample_grads", logit_grad_sq_norms=logit_grad_sq_norms)
     check_vector(

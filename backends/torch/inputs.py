@@ -79,8 +79,16 @@ def _sort(inputs: Any) -> tuple[bool, dict[str, torch.Tensor], dict[str, Any], A
     return False, batched, static, batched.pop("labels", None)
 
 
-def _check_sizes(batched: Mapping[str, torch.Tensor], device: torch.device) -> tuple[str, int]:
-    """The first key and N, after checking that every tensor has N samples on ``device``."""
+def _check_sizes(
+    batched: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[str, int]:
+    """The first key and N, after checking that every tensor has N samples on ``device`` and
+    that floating tensors other than masks (which models convert themselves) are ``dtype``."""
+    if device.type == "meta":
+        raise ValueError(
+            "model: its trainable parameters are on the meta device (shapes without values); "
+            "materialise them first, e.g. model.to_empty(device='cpu') and load its weights"
+        )
     if not batched:
         raise ValueError("inputs holds no tensor: at least one batched tensor is needed")
     sizes = {key: (t.shape[0] if t.ndim else None) for key, t in batched.items()}
@@ -99,19 +107,31 @@ def _check_sizes(batched: Mapping[str, torch.Tensor], device: torch.device) -> t
                 f"{label} is on device {batched[key].device} but the model's trainable "
                 f"parameters are on {device}"
             )
+        value = batched[key]
+        if dtype is not None and value.is_floating_point() and "mask" not in key.lower() and (
+            value.dtype != dtype
+        ):
+            raise TypeError(
+                f"{label} has dtype {value.dtype} but the model's trainable parameters are "
+                f"{dtype}: cast the inputs (or the model) so that they agree"
+            )
     if n == 0:
         raise ValueError(f"inputs is {EMPTY_BATCH}")
     assert n is not None
     return first_key, n
 
 
-def split_inputs(hf: list[nn.Module], inputs: Any, device: torch.device) -> ModelInputs:
+def split_inputs(
+    hf: list[nn.Module], inputs: Any, device: torch.device, dtype: torch.dtype | None = None
+) -> ModelInputs:
     """Sort inputs into batched tensors, static values and the targets (checked).
 
     ``hf``: the model's :func:`hf_models` (walked once by the caller, which keeps them).
+    ``dtype``: the trainable parameters'; floating inputs other than masks must match it,
+    unless the model is a Hugging Face one (they cast their float inputs themselves).
     """
     positional, batched, static, targets = _sort(inputs)
-    first_key, n = _check_sizes(batched, device)
+    first_key, n = _check_sizes(batched, device, None if hf else dtype)
     if targets is not None and (targets.ndim == 0 or targets.shape[0] != n):
         raise ValueError(
             f"inputs['labels'] has shape {tuple(targets.shape)} but "

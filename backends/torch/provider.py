@@ -186,7 +186,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self.chunk_size = check_int(chunk_size, "chunk_size", optional=True)
 
         self._hf = hf_models(model)
-        batch = split_inputs(self._hf, inputs, self.device)
+        batch = split_inputs(self._hf, inputs, self.device, self.dtype)
         self.targets: torch.Tensor | None = batch.targets
         self._positional, self._batched, self._static = (
             batch.positional, batch.batched, batch.static

@@ -265,11 +265,17 @@ def test_ef_projections_are_inversely_scaled(backend):
     assert_close_norm(kappa, expected, residual / norms.min() / np.linalg.norm(expected))
 
 
-def test_grad_norm_imbalance_is_infinite_with_a_zero_gradient(backend):
+def test_grad_norm_imbalance_with_a_zero_gradient_is_refused_or_an_asked_for_inf(backend):
+    """No silent inf: a zero row names itself, unless the caller asks for +inf."""
     rows = np.random.default_rng(7).standard_normal((3, 5))
     rows[1] = 0.0
-    assert ngdref.grad_norm_imbalance(backend.asarray(rows)) == float("inf")
-    assert ngdref.grad_norm_imbalance(backend.asarray(rows), statistic="tail_10") == float("inf")
+    for statistic in ("max_min", "tail_10"):
+        with pytest.raises(ValueError, match=r"rows \[1\] are all zero"):
+            ngdref.grad_norm_imbalance(backend.asarray(rows), statistic=statistic)
+        got = ngdref.grad_norm_imbalance(
+            backend.asarray(rows), statistic=statistic, zero_rows="inf"
+        )
+        assert got == float("inf")
     with pytest.raises(ValueError, match="statistic must be one of"):
         ngdref.grad_norm_imbalance(backend.asarray(rows), statistic="max/min")
 

@@ -106,6 +106,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "steps": result.step,
         "epochs": result.epoch,
         "diverged": result.diverged,
+        "diverged_step": result.diverged_step,
         "best_validation": result.best,
         "test": result.test,
     }
@@ -130,10 +131,13 @@ def register_train(subparsers: Any) -> None:
         "--resume-or-start", action="store_true",
         help="as --resume, but start a new run when --out is missing or empty",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps"
+    )
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
-        help="tqdm progress bar (auto: when stderr is a terminal)",
+        help="auto: a tqdm bar on a terminal, else a line per epoch and checkpoint (log "
+        "files); on: the bar; off: neither",
     )
     parser.set_defaults(func=_run_train)
 

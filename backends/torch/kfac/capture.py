@@ -20,7 +20,7 @@ import ngdref
 
 from ..provider import TorchProvider
 
-__all__ = ["Passes", "Recorder", "run_passes"]
+__all__ = ["Passes", "Recorder", "Use", "run_passes"]
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
@@ -89,23 +89,59 @@ class Recorder:
         return out
 
 
-def _layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Supported modules with a trainable weight or bias, and the reasons for the others."""
-    layers, reasons = {}, {}
+@dataclass(frozen=True)
+class Use:
+    """The modules that call one trainable parameter, and its role there ("weight"/"bias")."""
+
+    role: str
+    modules: tuple[str, ...]
+
+
+def _layers(
+    model: nn.Module,
+) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, Use]]:
+    """The supported modules to hook, the fallback reasons, and the Kronecker parameters.
+
+    Parameters are named as ``named_parameters()`` names them (a tied parameter once, under
+    its first name). A parameter shared by several modules gets one block: it is Kronecker
+    factored when every module using it is a supported layer of one type and uses it in one
+    role (its calls are then concatenated along the positions, as the k calls of one layer
+    are), else it falls back to the diagonal block, which sums every use by construction.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    layers: dict[str, nn.Module] = {}
+    reasons: dict[str, str] = {}
+    found: dict[str, list[tuple[str, str, nn.Module]]] = {}
     for module_name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        reason = _unsupported_reason(module)
-        for pname, _ in own:
-            full = f"{module_name}.{pname}" if module_name else pname
-            if reason is not None:
-                reasons[full] = reason
-            elif pname not in ("weight", "bias"):
-                reasons[full] = f"{pname!r} of a supported layer is neither weight nor bias"
-        if reason is None:
+        for pname, p in own:
+            found.setdefault(canonical[id(p)], []).append((module_name, pname, module))
+        if own and _unsupported_reason(module) is None:
             layers[module_name] = module
-    return layers, reasons
+    kronecker: dict[str, Use] = {}
+    for name, uses in found.items():
+        reason = _shared_reason(name, uses)
+        if reason is None:
+            kronecker[name] = Use(uses[0][1], tuple(m for m, _, _ in uses))
+        else:
+            reasons[name] = reason
+    used = {m for use in kronecker.values() for m in use.modules}
+    return {m: mod for m, mod in layers.items() if m in used}, reasons, kronecker
+
+
+def _shared_reason(name: str, uses: list[tuple[str, str, nn.Module]]) -> str | None:
+    """None if every use of parameter ``name`` is a supported layer's weight (or bias) in
+    modules of one type, else why its block is the diagonal fallback."""
+    for module_name, pname, module in uses:
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            return reason if len(uses) == 1 else f"used by {module_name!r}: {reason}"
+        if pname not in ("weight", "bias"):
+            return f"{pname!r} of a supported layer is neither weight nor bias"
+    where = [f"{m!r} ({type(mod).__name__}.{p})" for m, p, mod in uses]
+    if len({p for _, p, _ in uses}) > 1 or len({type(mod) for _, _, mod in uses}) > 1:
+        return f"shared by {', '.join(where)} in different roles or layer types"
+    return None
 
 
 def _sampled_cotangents(
@@ -129,6 +165,8 @@ class Passes:
     recorder: Recorder
     layers: dict[str, nn.Module]
     reasons: dict[str, str]
+    #: Kronecker-factored parameter name -> its role and the modules that call it
+    kronecker: dict[str, Use]
     grad: torch.Tensor
     loss: float
     logit_grad_sq_norms: torch.Tensor
@@ -149,7 +187,7 @@ def run_passes(
 ) -> Passes:
     """One hooked forward, the true-label backward and (for "kfac") the sampled ones."""
     model = provider.model
-    layers, reasons = _layers(model)
+    layers, reasons, kronecker = _layers(model)
     recorder = Recorder(layers, provider.num_samples)
     handles = [m.register_forward_hook(recorder.hook(name)) for name, m in layers.items()]
     try:
@@ -166,9 +204,11 @@ def run_passes(
         if not reason:
             continue
         del layers[name]
-        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            if p.requires_grad:
-                reasons[f"{name}.{pname}" if name else pname] = reason
+        for pname, use in list(kronecker.items()):
+            if name in use.modules:  # every use of a shared parameter falls back with it
+                del kronecker[pname]
+                shared = len(use.modules) > 1
+                reasons[pname] = f"used by {name!r}: {reason}" if shared else reason
     if strict and reasons:
         raise ValueError(f"model has trainable parameters outside supported layers: {reasons}")
     logits = z.detach()
@@ -189,7 +229,8 @@ def run_passes(
     if not bool(torch.isfinite(grad).all()):
         raise ngdref.NonFiniteError("grad: the batch gradient contains NaN or infinite values")
     return Passes(
-        recorder, layers, reasons, grad, value, torch.sum(e * e, dim=1), rows, output_grads
+        recorder, layers, reasons, kronecker, grad, value, torch.sum(e * e, dim=1), rows,
+        output_grads,
     )
 
 

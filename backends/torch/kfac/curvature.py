@@ -16,6 +16,14 @@ Supported layers
     positions are the output pixels, a_n the unfolded patches, d_in = C_in kh kw,
     matching ``weight.reshape(C_out, -1)``). A layer called k times in one forward
     pass concatenates its k calls along T.
+Shared (tied) parameters
+    A parameter used by several modules has ONE block, named as ``named_parameters()``
+    names it, in which every use is summed: when all its modules are supported layers
+    of one type using it in one role (two ``nn.Linear`` sharing a weight), their
+    positions are concatenated along T like the calls of one layer; when any use is
+    elsewhere (a T5 output layer tied to its ``nn.Embedding``), the whole parameter
+    takes the diagonal fallback below, whose per-sample gradients sum every use.
+    ``bias="joint"`` refuses a shared weight whose modules do not share one bias.
 Biases
     ``bias="separate"`` (default, curvlinops' ``separate_weight_and_bias=True``):
     a bias has its own block B (no input factor); ``"joint"``: a column of ones
@@ -50,7 +58,7 @@ from ngdref import kfac as K
 from ngdref.checks import check_choice
 
 from ..provider import TorchProvider
-from .capture import run_passes
+from .capture import Passes, Use, run_passes
 
 __all__ = [
     "KFACBlock",
@@ -201,35 +209,72 @@ def _method_factors(
     return out
 
 
-def _layer_blocks(
-    name: str,
+def _inputs_of(passes: Passes, use: Use) -> torch.Tensor:
+    """The inputs (N, T, d_in) of every module that calls a parameter, concatenated along T."""
+    return torch.cat([passes.recorder.layer_inputs(m) for m in use.modules], dim=1)
+
+
+def _grads_of(passes: Passes, use: Use, source: str) -> list[torch.Tensor]:
+    """Per backward pass of ``source``, the output gradients (N, T, d_out) of every module
+    that calls a parameter, concatenated along T in the order of :func:`_inputs_of`."""
+    per_module = [passes.output_grads[source][m] for m in use.modules]
+    return [torch.cat(calls, dim=1) for calls in zip(*per_module, strict=True)]
+
+
+def _kronecker_blocks(
+    passes: Passes,
     index: dict[str, torch.Tensor],
-    a: torch.Tensor,
-    rows: dict[str, list[torch.Tensor]],
+    source: dict[str, str],
     weights: dict[str, torch.Tensor | None],
     options: dict[str, Any],
 ) -> list[KFACBlock]:
-    """The blocks of one supported layer from its inputs a (N, T, d_in) and each method's rows."""
-    prefix = f"{name}." if name else ""
-    w_index = index.get(prefix + "weight")
-    b_index = index.get(prefix + "bias")
+    """One block per Kronecker-factored parameter (a joint bias: one with its weight).
+
+    A weight block is named after the first module that calls it, a bias block after the
+    bias parameter, and a parameter shared by several modules sums their uses (their
+    positions are concatenated along T).
+    """
+    joint = _joint_biases(passes.kronecker) if options["bias"] == "joint" else {}
     blocks = []
-    if w_index is not None:
-        w_index = w_index.reshape(w_index.shape[0], -1)
-        if b_index is not None and options["bias"] == "joint":
+    for pname, use in passes.kronecker.items():
+        if use.role == "bias" and pname in joint.values():
+            continue  # in its weight's block
+        rows = {m: _grads_of(passes, use, source[m]) for m in weights}
+        if use.role == "bias":
+            blocks.append(KFACBlock(
+                pname, index[pname], tuple(index[pname].shape),
+                factors=_method_factors(None, rows, weights, options),
+            ))
+            continue
+        a = _inputs_of(passes, use)
+        w_index = index[pname].reshape(index[pname].shape[0], -1)
+        if pname in joint:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            w_index, b_index = torch.cat([w_index, b_index[:, None]], dim=1), None
+            w_index = torch.cat([w_index, index[joint[pname]][:, None]], dim=1)
         terms = a.shape[0] * (a.shape[1] if options["convention"] == "expand" else 1)
         blocks.append(KFACBlock(
-            name, w_index.reshape(-1), tuple(w_index.shape),
+            use.modules[0], w_index.reshape(-1), tuple(w_index.shape),
             factors=_method_factors(a, rows, weights, options), input_terms=terms,
         ))
-    if b_index is not None:
-        blocks.append(KFACBlock(
-            prefix + "bias", b_index, tuple(b_index.shape),
-            factors=_method_factors(None, rows, weights, options),
-        ))
     return blocks
+
+
+def _joint_biases(kronecker: Mapping[str, Use]) -> dict[str, str]:
+    """Weight name -> the bias that ``bias="joint"`` puts in its block (called by exactly the
+    same modules); a weight whose modules have other biases is refused by name."""
+    biases = {use.modules: name for name, use in kronecker.items() if use.role == "bias"}
+    out = {}
+    for name, use in kronecker.items():
+        if use.role != "weight":
+            continue
+        if use.modules in biases:
+            out[name] = biases[use.modules]
+        elif any(m in b for b in biases for m in use.modules):
+            raise ValueError(
+                f"bias='joint': weight {name!r} is shared by the modules {list(use.modules)}, "
+                "whose biases are not one shared parameter; use bias='separate'"
+            )
+    return out
 
 
 def kfac_curvature(
@@ -288,11 +333,7 @@ def kfac_curvature(
     options = {"convention": convention, "normalisation": normalisation, "bias": bias,
                "eigenvalue_correction": eigenvalue_correction}
     index = _param_index(model)
-    blocks = []
-    for name in passes.layers:
-        rows = {m: passes.output_grads[source[m]][name] for m in methods}
-        a = passes.recorder.layer_inputs(name)
-        blocks += _layer_blocks(name, index, a, rows, weights, options)
+    blocks = _kronecker_blocks(passes, index, source, weights, options)
     blocks += _fallback_blocks(provider, index, passes.reasons, passes.rows, weights, source)
     return KFACCurvature(
         blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params,

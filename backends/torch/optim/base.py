@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +25,14 @@ from ngdref.updates import DAMPING_SPACES, gram_solver
 
 from ..distributed.comm import IgnoredShardLoss, communicator
 from ..provider import TorchProvider
-from .common import Batch, StepOptions, _check_seed, _split_batch, _SteppedOptimizer
+from .common import (
+    Batch,
+    StepOptions,
+    _check_seed,
+    _check_step_scale,
+    _split_batch,
+    _SteppedOptimizer,
+)
 
 
 class RowOptions(StepOptions, total=False):
@@ -183,6 +190,9 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         self._comm = communicator(distributed, process_group)
         self._names = tuple(self.param_groups[0]["param_names"])
 
+    #: checks of this class that replace :data:`_CHECKS`' of the same name
+    _own_checks: ClassVar[Mapping[str, Callable[[Any], None]]] = {}
+
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         given = set(group) - {"params", "param_names"}
         if given != set(self._hyperparameters):
@@ -190,8 +200,9 @@ class _LogitLossOptimizer(_SteppedOptimizer):
                 f"{type(self).__name__} takes the hyperparameters {sorted(self._hyperparameters)},"
                 f" got {sorted(given)}"
             )
+        checks = {**_CHECKS, **self._own_checks}
         for name in self._hyperparameters:
-            _CHECKS[name](group[name])
+            checks[name](group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the update couples all trainable parameters."""
@@ -250,7 +261,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         After a step :attr:`diagnostics` holds ``step`` (t), ``loss``, ``lr`` (eta_t),
         ``damping`` (the absolute lambda used), ``update_norm`` (||u||, before EF's and SF's
         normalisation; a zero u has no direction and leaves the parameters as they are),
-        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||), ``per_sample``
+        ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||; +inf when some
+        sample's gradient is exactly zero, e.g. every label of it ignored), ``per_sample``
         (the route) and ``fallbacks`` (parameters whose per-sample gradients came from
         ``torch.func.vmap``, and why); IEF and EF add ``residual`` (||G u - b|| / mean(b) on
         the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the damped Gram
@@ -279,6 +291,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             )
         # eta_t d = (eta_t / ||u||) u for EF and SF: folded into the write, no P-length u / ||u||
         scale = lr / norm if self._normalised and norm > 0 else lr
+        _check_step_scale(scale, lr, group["params"], self._step)
         fallbacks = list(getattr(batch.rows, "fallbacks", ()))
         imbalance = diagnostics.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
         diagnostics = {
@@ -287,7 +300,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             "lr": lr,
             "update_norm": norm,
             "grad_norm_imbalance": (
-                ngdref.grad_norm_imbalance(batch.rows) if imbalance is None else imbalance
+                ngdref.grad_norm_imbalance(batch.rows, zero_rows="inf")
+                if imbalance is None else imbalance
             ),
             "per_sample": self.per_sample,
             "fallbacks": fallbacks,
@@ -417,7 +431,8 @@ class _GramOptimizer(_LogitLossOptimizer):
         misfit = (solve.gram @ solve.coefficients - b)[kept]
         residual = float(torch.linalg.vector_norm(misfit) / torch.mean(b[kept]))
         return update, {
-            "grad_norm_imbalance": ngdref.grad_norm_imbalance(solver),  # its G G^T, not again
+            # its G G^T, not again; +inf when a sample's gradient is zero (step docstring)
+            "grad_norm_imbalance": ngdref.grad_norm_imbalance(solver, zero_rows="inf"),
             "damping": solve.damping,
             "residual": residual,
             "kept": int(kept.sum()),

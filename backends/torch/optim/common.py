@@ -58,6 +58,18 @@ def _step_key(seed: int, step: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _check_step_scale(scale: float, lr: float, params: list[torch.Tensor], step: int) -> None:
+    """Refuse a step multiplier the parameters' dtype cannot hold (torch would raise its raw
+    'value cannot be converted to type float without overflow' inside ``add_``)."""
+    largest = min(torch.finfo(p.dtype).max for p in params)
+    if not abs(scale) <= largest:
+        raise ngdref.NonFiniteError(
+            f"lr: the step multiplier {scale:.3g} at step {step} (lr={lr:.3g}) overflows the "
+            f"parameters' dtype (largest {largest:.3g}); lower lr. The parameters were not "
+            "changed"
+        )
+
+
 def _split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
     """(inputs, targets) from what the closure returned; targets None: the provider's labels."""
     if isinstance(batch, Mapping):

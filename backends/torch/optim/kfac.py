@@ -40,7 +40,13 @@ from ngdref.checks import check_choice, check_int, check_real
 
 from ..kfac.curvature import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
 from ..provider import TorchProvider
-from .common import _check_seed, _split_batch, _step_key, _SteppedOptimizer
+from .common import (
+    _check_seed,
+    _check_step_scale,
+    _split_batch,
+    _step_key,
+    _SteppedOptimizer,
+)
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
 
@@ -179,6 +185,7 @@ class _KFACOptimizer(_SteppedOptimizer):
             raise ngdref.NonFiniteError(
                 f"update contains NaN or infinite values at step {self._step}; nothing changed"
             )
+        _check_step_scale(group["lr"], group["lr"], group["params"], self._step)
         with torch.no_grad():
             for param, piece in zip(group["params"], _split(update, group["params"]), strict=True):
                 param.add_(piece, alpha=-group["lr"])

@@ -87,14 +87,15 @@ Hugging Face dict inputs, the dict with its ``"labels"``::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 import ngdref
-from ngdref.updates import check_damping_options, ief_damping_weights
+from ngdref.checks import check_choice
+from ngdref.updates import check_damping_options, ief_damping_weights, median_damping
 
 from ..per_sample.rows import GhostRows, stack_rows
 from ..provider import TorchProvider
@@ -115,7 +116,10 @@ from .sf_rows import PairedRows, cross_gram_is_cheaper
 if TYPE_CHECKING:
     from typing import Unpack
 
-__all__ = ["EF", "IEF", "NGD", "SF"]
+__all__ = ["EF", "IEF", "NGD", "SF", "SF_DAMPING_MODES"]
+
+#: how :class:`SF` reads its damping: "absolute", or "median" (the authors' negative damping)
+SF_DAMPING_MODES = ("absolute", "median")
 
 
 class IEF(_GramOptimizer):
@@ -272,7 +276,16 @@ class SF(_LogitLossOptimizer):
     lr : float >= 0
         eta, the step length of the first step.
     damping : float >= 0
-        lambda, absolute, in parameter space.
+        lambda, in parameter space, read as ``damping_mode`` says.
+    damping_mode : {"absolute", "median"}
+        "absolute" (default): lambda as given. "median": the authors' negative SF damping,
+        lambda times the median squared norm of this step's true-label rows R g_n (the
+        median of the diagonal of their Gram matrix) over the rows their duplicate filter
+        keeps: every pair with |cos| > 0.99 drops its smaller-norm row and all-zero rows
+        stay, the lower middle value for an even count
+        (:func:`ngdref.updates.median_damping`). The damping follows the gradients' scale
+        from step to step; ``diagnostics["damping"]`` is the absolute value used. It costs
+        the true rows' N x N Gram matrix.
     total_steps : int >= 1
         T; a step beyond it raises ``ValueError``.
     num_samples : int >= 1
@@ -282,10 +295,14 @@ class SF(_LogitLossOptimizer):
 
     _hyperparameters = (
         *_LogitLossOptimizer._hyperparameters,
+        "damping_mode",
         "total_steps",
         "num_samples",
         "seed",
     )
+    _own_checks: ClassVar[Mapping[str, Callable[[Any], None]]] = {
+        "damping_mode": lambda v: check_choice(v, "damping_mode", SF_DAMPING_MODES)
+    }
     _normalised = True
     _reuses_forward = True
 
@@ -297,11 +314,21 @@ class SF(_LogitLossOptimizer):
         total_steps: int,
         num_samples: int = 1,
         seed: int = 0,
+        damping_mode: str = "absolute",
         **options: Unpack[RowOptions],
     ) -> None:
         super().__init__(
-            model, loss, total_steps=total_steps, num_samples=num_samples, seed=seed, **options
+            model, loss, total_steps=total_steps, num_samples=num_samples, seed=seed,
+            damping_mode=damping_mode, **options,
         )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As every optimiser's; a state from before ``damping_mode`` existed is "absolute"."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping)
+                and "damping_mode" not in groups[0]):
+            state_dict = {**state_dict, "param_groups": [{**groups[0], "damping_mode": "absolute"}]}
+        super().load_state_dict(state_dict)
 
     def sampling_key(self, step: int) -> int:
         """The integer key (for :meth:`ngdref.LogitLoss.sample`) of the labels drawn at ``step``."""
@@ -323,20 +350,21 @@ class SF(_LogitLossOptimizer):
             for i in range(k)
         ]
         sampled = self._comm.rows(stack_rows(rows))
+        damping = group["damping"]
+        if group["damping_mode"] == "median":  # the authors' filter on the true rows
+            damping = median_damping(batch.rows, damping)
         # local ghost rows choose per block (PairedRows); other rows as a whole
         if isinstance(batch.rows, GhostRows) or cross_gram_is_cheaper(
             batch.rows, sampled.shape[0]
         ):
             # g = G^T 1 never formed: A g from the cross-Gram, u from both sets of rows
             update = ngdref.sf_update(
-                sampled, None, damping=group["damping"], num_samples=k,
+                sampled, None, damping=damping, num_samples=k,
                 per_sample_grads=_paired(batch.rows),
             )
         else:
-            update = ngdref.sf_update(
-                sampled, batch.grad, damping=group["damping"], num_samples=k
-            )
-        return update, {"damping": group["damping"]}
+            update = ngdref.sf_update(sampled, batch.grad, damping=damping, num_samples=k)
+        return update, {"damping": damping}
 
 class NGD(_LogitLossOptimizer):
     r"""Exact natural gradient descent by matrix-free conjugate gradient, constant step.

@@ -110,7 +110,7 @@ def test_evaluation_json_format(mlp_run: Path, mlp_evaluation: dict[str, Any]) -
         "methods": ["sgd", "ef", "ief", "sf", "kfac", "ekfac", "iekfac"],
         "checkpoints": ["epoch-0", "epoch-1", "epoch-2"],
         "reduction": "mean", "num_samples": 1, "dtype": "float64", "sf_duplicates": None,
-        "device": "cpu",
+        "damping_scale": "absolute", "dedup_zero_rows": "drop", "device": "cpu",
     }
     assert DEFAULT_DAMPING == {
         "ef": 1e-7, "ief": 1e-12, "sf": 1e-7, "kfac": 1e-7, "ekfac": 1e-7, "iekfac": 1e-12,

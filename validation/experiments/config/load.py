@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "resolve_config",
+    "with_new_defaults",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -348,7 +350,37 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     _resolve_task_values(cfg)
     _check_choices(cfg)
     _check_optimizer(cfg)
+    _check_seeds_and_source(cfg)
     return cfg
+
+
+#: the largest finite value of each model dtype (an lr above it overflows every step)
+_DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+#: the seeds a run feeds to numpy, torch and Python: ints in [0, 2**63)
+_SEED_KEYS = ("seed", "data.split_seed", "model.init_seed", "model.tiny.init_seed")
+
+
+def _check_seeds_and_source(cfg: Mapping[str, Any]) -> None:
+    """Seeds in [0, 2**63); data.source only where the task reads it; the divergence factor."""
+    for key in _SEED_KEYS:
+        present, value = _lookup(cfg, key)
+        if not present or (value is None and key != "seed"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ConfigError(f"config key {key!r} must be an int in [0, 2**63); got {value!r}")
+    if cfg["setup"] == "mlp" and cfg["task"] == "digits" and cfg["data"]["source"] is not None:
+        raise ConfigError(
+            f"config key 'data.source' is {cfg['data']['source']!r} but task 'digits' reads no "
+            "source (scikit-learn ships the digits); leave it unset, or choose task cifar10"
+        )
+    present, factor = _lookup(cfg, "train.divergence_factor")
+    if present and factor is not None and not (
+        isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        and math.isfinite(factor) and factor > 1
+    ):
+        raise ConfigError(
+            f"config key 'train.divergence_factor' must be null or a number > 1; got {factor!r}"
+        )
 
 
 def _resolve_task_values(cfg: dict[str, Any]) -> None:
@@ -387,8 +419,14 @@ def _check_optimizer(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"config key '{prefix}.schedule' must be one of {SCHEDULES}; got {opt['schedule']!r}"
         )
-    if "lr" in opt and (not isinstance(opt["lr"], (int, float)) or opt["lr"] < 0):
-        raise ConfigError(f"config key '{prefix}.lr' must be a number >= 0; got {opt['lr']!r}")
+    if "lr" in opt:
+        lr, dtype = opt["lr"], cfg["model"]["dtype"]
+        largest = _DTYPE_MAX.get(dtype, _DTYPE_MAX["float64"])
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr <= largest:
+            raise ConfigError(
+                f"config key '{prefix}.lr' must be a finite number >= 0 that model.dtype "
+                f"{dtype} can hold (<= {largest:.4g}); got {lr!r}"
+            )
     if "reduction" in opt:
         red = opt["reduction"]
         ok = red in ("hf", "mean", "sum") or (
@@ -430,6 +468,16 @@ def _check_choices(cfg: Mapping[str, Any]) -> None:
         present, value = _lookup(cfg, key)
         if present and value not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}; got {value!r}")
+
+
+def with_new_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored (resolved) configuration with every key its setup's schema gained since it was
+    written at the schema's default (a run started before ``train.divergence_factor`` existed
+    compares equal to the same run now); the stored values are kept as they are."""
+    setup = stored.get("setup")
+    if not isinstance(setup, str) or not (CONFIG_DIR / f"{setup}.json").is_file():
+        return dict(stored)
+    return _merge(default_config(setup), stored)
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -91,6 +91,8 @@ _MLP: list[tuple[str, str, str]] = [
     ("train.epochs", "ngdref", "digits: README's CPU set-up (the paper: 60 on CIFAR-10)"),
     ("model.hidden_sizes", "ngdref", "digits: README's CPU set-up (the paper: 2048, 2048)"),
     ("model.activation", "ngdref", "not stated in the paper"),
+    ("model.dtype", "ngdref", "float64 for a CPU reference run; the paper does not say and the "
+     "released code has no MLP (its T5 and ViT runs are float32)"),
     ("optimizers.adam", "paper", "App. H: 1e-4, x0.1 step"),
     ("optimizers.adam.milestones", "ngdref", "a quarter of the epochs, as the paper's 15 of 60"),
     ("optimizers.sgd.milestones", "ngdref", "a quarter of the epochs, as the paper's 15 of 60"),

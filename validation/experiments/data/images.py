@@ -125,6 +125,9 @@ def _cifar_hub(
         raise ImportError(
             "source='hub' needs the `datasets` package: pip install datasets"
         ) from exc
+    from validation.experiments.hub import before_hub_access
+
+    before_hub_access("data.source", f"hub ({hub_id})", dataset=True)
     table = datasets.load_dataset(hub_id, split=split)
     column = f"{label_set}_label"
     images, labels = [], []

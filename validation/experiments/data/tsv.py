@@ -140,6 +140,9 @@ def _hub_rows(task: GlueTask, part: str, hub_id: str) -> list[_Row]:
             "source='hub' needs the `datasets` package: pip install datasets "
             "(or ngdref[experiments])"
         ) from exc
+    from validation.experiments.hub import before_hub_access
+
+    before_hub_access("data.source", f"hub ({hub_id})", dataset=True)
     try:
         table = datasets.load_dataset(hub_id, task.name, split=_HUB_SPLIT[part])
     except Exception as exc:  # offline, not cached, renamed: datasets raises many types

@@ -61,7 +61,7 @@ def evaluate_checkpoint(
         try:
             state = batch_scorer(
                 setup, rows, key=sf_key(seed, info.step, b), settings=settings,
-                with_sf="sf" in methods,
+                with_sf="sf" in methods or settings.get("damping_scale") == "sampled_max",
                 kfac_methods=tuple(m for m in methods if m in KFAC_METHODS),
             )
             for method in methods:

@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from validation.experiments.evaluate.protocols import PROTOCOLS, SF_DUPLICATES, EvaluationError
+from validation.experiments.evaluate.protocols import (
+    DAMPING_SCALES,
+    PROTOCOLS,
+    SF_DUPLICATES,
+    EvaluationError,
+)
 from validation.experiments.evaluate.settings import (
     AUTHORS_DAMPING,
     DEFAULT_BATCHES,
@@ -97,13 +102,24 @@ def _common_arguments(parser: Any, default_checkpoints: str | None, batches: int
         help="authors protocol: SF's near-duplicate sampled rows dropped (their released "
         "code) or merged (its intent)",
     )
+    parser.add_argument(
+        "--damping-scale", choices=DAMPING_SCALES, default="absolute",
+        help="sampled_max: every damping is relative to the largest squared norm of SF's "
+        "kept sampled rows (the authors' evaluator's negative damping); default absolute",
+    )
+    parser.add_argument(
+        "--dedup-zero-rows", choices=("drop", "keep"), default="drop",
+        help="whether the duplicate filter drops all-zero per-sample gradients (the "
+        "authors' keeps them)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument(
         "--overwrite", action="store_true", help="start afresh instead of resuming"
     )
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
-        help="tqdm bar and a line per checkpoint (auto: when stderr is a terminal)",
+        help="auto: a tqdm bar on a terminal, else a line per checkpoint and a summary (log "
+        "files); on: the bar; off: neither",
     )
 
 
@@ -118,7 +134,8 @@ def _common_kwargs(args: Any) -> dict[str, Any]:
         "micro_batch": args.micro_batch, "seed": args.seed,
         "dedup_threshold": args.dedup_threshold, "checkpoints": args.checkpoints,
         "reduction": args.reduction, "num_samples": args.num_samples, "dtype": args.dtype,
-        "sf_duplicates": args.sf_duplicates, "device": args.device,
+        "sf_duplicates": args.sf_duplicates, "damping_scale": args.damping_scale,
+        "dedup_zero_rows": args.dedup_zero_rows, "device": args.device,
         "overwrite": args.overwrite,
         "progress": None if args.progress == "auto" else args.progress == "on",
     }

@@ -198,9 +198,9 @@ def evaluate_run(
     (:mod:`validation.experiments.evaluate.protocols`). Writes ``run_dir/evaluation.json`` after
     each checkpoint (atomically) and skips the checkpoints it already holds when rerun with the
     same settings. ``protocol``, ``batch_size``, ``micro_batch``, ``seed``, ``dedup_threshold``,
-    ``reduction``, ``num_samples``, ``dtype``, ``sf_duplicates`` and ``device`` are the
-    keywords shared with :func:`sweep_run` (``**options``,
-    :class:`~validation.experiments.evaluate.settings.CommonOptions`).
+    ``reduction``, ``num_samples``, ``dtype``, ``sf_duplicates``, ``damping_scale``,
+    ``dedup_zero_rows`` and ``device`` are the keywords shared with :func:`sweep_run`
+    (``**options``, :class:`~validation.experiments.evaluate.settings.CommonOptions`).
 
     Parameters
     ----------
@@ -243,6 +243,15 @@ def evaluate_run(
     sf_duplicates : {"drop", "merge"}
         "authors" only: SF's near-duplicate sampled rows dropped (what the released code
         computes) or merged (what it was written to do); see the protocols module.
+    damping_scale : {"absolute", "sampled_max"}
+        "sampled_max": every damping (EF, iEF, SF, the K-FAC family) is lambda times the
+        largest squared norm of the batch's SF rows as the protocol keeps them, the
+        authors' evaluator's reading of a negative damping (their ``damping < 0``); SF's
+        rows are then computed even when "sf" is not among ``methods``. Default "absolute".
+    dedup_zero_rows : {"drop", "keep"}
+        Whether the true rows' duplicate filter drops all-zero rows (default "drop"); the
+        authors' keeps them, which changes ``rows_kept`` and makes the max/min imbalance
+        +inf.
     device : str or torch.device, optional
         Where the model runs ("cpu", "cuda", "auto").
     overwrite : bool
@@ -328,7 +337,7 @@ def sweep_run(
     batches : int
         B per checkpoint (default :data:`DEFAULT_SWEEP_BATCHES`).
     protocol, batch_size, micro_batch, seed, dedup_threshold, reduction, num_samples, dtype,
-    sf_duplicates, device, overwrite, progress
+    sf_duplicates, damping_scale, dedup_zero_rows, device, overwrite, progress
         As in :func:`evaluate_run`.
     checkpoints : optional
         Default "first,middle,last" (the first, middle and last epoch checkpoints);

@@ -27,6 +27,13 @@ SF's sampled rows      all K M                                     near-duplicat
 F in gamma             all M samples                               all M samples
 =====================  ==========================================  ==========================
 
+Two options of either protocol reproduce the authors' remaining conventions:
+``damping_scale="sampled_max"`` reads every damping relative to the largest squared norm of
+SF's kept sampled rows (their evaluator's negative damping, one scale per batch for every
+method), and ``dedup_zero_rows="keep"`` keeps all-zero true rows through the duplicate filter
+(their filter's cosines of a zero row are NaN, never above the threshold). Defaults:
+"absolute" and "drop".
+
 The authors' rules are those of ``update_generation`` and ``remove_J_C_duplicates`` in
 ``example_glue_sst2_preconditioner.py`` / ``glue_sst2_utils.py`` of their release. Their SF
 filter scans the sampled rows in decreasing norm and removes every later row with
@@ -69,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTHORS_SF_DEDUP_THRESHOLD",
+    "DAMPING_SCALES",
     "IMBALANCE_STATISTICS",
     "PROTOCOLS",
     "SF_DUPLICATES",
@@ -88,6 +96,9 @@ __all__ = [
 
 PROTOCOLS = ("ngdref", "authors")
 SF_DUPLICATES = ("drop", "merge")
+#: how a damping value is read: "absolute", or "sampled_max" (relative to the largest squared
+#: norm of SF's kept sampled rows, the authors' evaluator's negative damping)
+DAMPING_SCALES = ("absolute", "sampled_max")
 #: the authors' threshold for SF's sampled rows (``remove_J_C_duplicates(thresh=0.99)``)
 AUTHORS_SF_DEDUP_THRESHOLD = 0.99
 
@@ -171,6 +182,9 @@ class BatchScorer:
     kfac : backends.torch.kfac.curvature.KFACCurvature or None
         The batch's K-FAC curvatures in the sum convention
         (:func:`validation.experiments.evaluate.kfac.batch_kfac_curvature`).
+    scale : float
+        What every damping value is multiplied by before use: 1 ("absolute"), or the
+        largest squared norm of ``sampled``'s rows ("sampled_max", :func:`score_batch`).
     """
 
     solver: ngdref.DampedGram
@@ -183,6 +197,7 @@ class BatchScorer:
     kept: int
     factor: float = 1.0
     kfac: KFACCurvature | None = None
+    scale: float = 1.0
 
     def gamma(self, update: torch.Tensor) -> float:
         r""":math:`\sqrt{d^\top F d} / |d^\top g|` with this batch's F and g."""
@@ -195,8 +210,9 @@ class BatchScorer:
         EF-type matrix of the rows R g_n, R^2 K_sum, so lambda in the convention of R is
         lambda / R^2 in the sum convention, as for EF, iEF and SF (SPEC §9):
         ``(K_sum + lambda / R^2 I)^-1 g`` (a positive multiple of ``(R^2 K_sum + lambda I)^-1 g``,
-        the same gamma).
+        the same gamma). ``damping`` is multiplied by :attr:`scale` first, for every method.
         """
+        damping = damping * self.scale
         if method in KFAC_METHODS:
             if self.kfac is None:
                 raise ValueError(f"method {method!r} needs the batch's K-FAC curvature")
@@ -243,8 +259,10 @@ def score_batch(
     dedup_threshold: float | None,
     num_samples: int,
     sf_duplicates: str = "drop",
+    damping_scale: str = "absolute",
+    dedup_zero_rows: str = "drop",
 ) -> BatchScorer:
-    """A :class:`BatchScorer` from sum-convention quantities (module docstring's table).
+    r"""A :class:`BatchScorer` from sum-convention quantities (module docstring's table).
 
     Parameters
     ----------
@@ -261,19 +279,33 @@ def score_batch(
         K.
     sf_duplicates : {"drop", "merge"}
         "authors" only, see :func:`authors_sf_rows`.
+    damping_scale : {"absolute", "sampled_max"}
+        "absolute": each damping as given. "sampled_max": every method's damping lambda
+        (EF, iEF, SF and the K-FAC family alike) is read relative to the batch's sampled
+        rows, :math:`\lambda \max_k \|R \hat g_k\|^2` over SF's rows as kept here (the
+        largest diagonal entry of their Gram matrix), as the authors' evaluator reads a
+        negative damping. Needs ``sampled_grads``.
+    dedup_zero_rows : {"drop", "keep"}
+        Whether the true rows' duplicate filter drops all-zero rows (the authors' keeps them;
+        :func:`ngdref.near_duplicate_mask`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if damping_scale not in DAMPING_SCALES:
+        raise ValueError(f"damping_scale must be one of {DAMPING_SCALES}, got {damping_scale!r}")
+    if damping_scale == "sampled_max" and sampled_grads is None:
+        raise ValueError("damping_scale='sampled_max' needs the sampled gradients")
     r = float(factor)
     rows, s = r * per_sample_grads, (r * r) * logit_grad_sq_norms
     solver = ngdref.DampedGram(
         rows, dedup_threshold=dedup_threshold, dedup_rule="all_pairs",
-        rows_name="per_sample_grads",
+        dedup_zero_rows=dedup_zero_rows, rows_name="per_sample_grads",
     )
     kept = solver.kept if protocol == "authors" else None
     grad = rows.sum(dim=0) if kept is None else rows[kept].sum(dim=0)
-    stats = {
-        k: ngdref.grad_norm_imbalance(rows, statistic=k, kept=kept) for k in IMBALANCE_STATISTICS
+    stats = {  # +inf when a row in the denominator is zero (a sample fitted exactly)
+        k: ngdref.grad_norm_imbalance(rows, statistic=k, kept=kept, zero_rows="inf")
+        for k in IMBALANCE_STATISTICS
     }
     sampled = None
     if sampled_grads is not None:
@@ -281,8 +313,12 @@ def score_batch(
             sampled, num_samples = _authors_sampled(r * sampled_grads, sf_duplicates), 1
         else:
             sampled = ngdref.DampedGram(r * sampled_grads, rows_name="sampled_grads")
+    scale = 1.0
+    if damping_scale == "sampled_max":
+        scale = float(sampled.gram.diagonal().max())
     return BatchScorer(
-        solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum()), r
+        solver, s, grad, sampled, form_sum(r), num_samples, stats, int(solver.kept.sum()), r,
+        scale=scale,
     )
 
 
@@ -447,6 +483,8 @@ def batch_scorer(
         q.per_sample_grads, q.logit_grad_sq_norms, sampled, form, protocol=protocol,
         factor=factor, dedup_threshold=settings["dedup_threshold"], num_samples=k,
         sf_duplicates=settings.get("sf_duplicates", "drop"),
+        damping_scale=settings.get("damping_scale", "absolute"),
+        dedup_zero_rows=settings.get("dedup_zero_rows", "drop"),
     )
     if kfac_methods:
         from validation.experiments.evaluate.kfac import batch_kfac_curvature

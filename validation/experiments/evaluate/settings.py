@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -20,7 +19,12 @@ import numpy as np
 
 import ngdref
 from validation.experiments.evaluate.kfac import KFAC_RATIOS
-from validation.experiments.evaluate.protocols import PROTOCOLS, SF_DUPLICATES, EvaluationError
+from validation.experiments.evaluate.protocols import (
+    DAMPING_SCALES,
+    PROTOCOLS,
+    SF_DUPLICATES,
+    EvaluationError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +69,8 @@ DTYPES = ("float64", "float32")
 DEFAULT_SWEEP_DAMPINGS: tuple[float, ...] = tuple(float(f"1e{k}") for k in range(-12, 3))
 #: settings that may differ between a run and its resumption
 _RESUMABLE = ("checkpoints", "device")
+#: settings added after files were written without them: their value in such a file
+_ADDED_LATER = {"damping_scale": "absolute", "dedup_zero_rows": "drop"}
 _WORDS = ("first", "middle", "last")
 
 
@@ -232,6 +238,7 @@ def load_previous(path: Path, settings: Mapping[str, Any], overwrite: bool) -> l
             f"run_dir: {str(path)!r} exists but is not a file of this evaluator ({exc}); "
             "delete it or pass overwrite=True (--overwrite)"
         ) from None
+    old = {**_ADDED_LATER, **old}
     changed = sorted(
         k for k in set(old) | set(settings)
         if k not in _RESUMABLE and old.get(k) != settings.get(k)
@@ -285,6 +292,8 @@ class CommonOptions(TypedDict, total=False):
     num_samples: int
     dtype: str
     sf_duplicates: str
+    damping_scale: str
+    dedup_zero_rows: str
     device: str | torch.device | None
 
 
@@ -300,11 +309,19 @@ def common_settings(
     num_samples: int = 1,
     dtype: str = "float64",
     sf_duplicates: str = "drop",
+    damping_scale: str = "absolute",
+    dedup_zero_rows: str = "drop",
     device: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """The checked settings shared by :func:`evaluate_run` and :func:`sweep_run`."""
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for name, value, allowed in (
+        ("damping_scale", damping_scale, DAMPING_SCALES),
+        ("dedup_zero_rows", dedup_zero_rows, ngdref.linalg.ZERO_ROWS),
+    ):
+        if value not in allowed:
+            raise EvaluationError(f"{name} must be one of {allowed}, got {value!r}")
     if dtype not in DTYPES:
         raise EvaluationError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if sf_duplicates not in SF_DUPLICATES:
@@ -329,6 +346,8 @@ def common_settings(
         "num_samples": positive_int("num_samples", num_samples),
         "dtype": dtype,
         "sf_duplicates": sf_duplicates if protocol == "authors" else None,
+        "damping_scale": damping_scale,
+        "dedup_zero_rows": dedup_zero_rows,
         "checkpoints": None,
         "device": None if device is None else str(device),
     }
@@ -362,5 +381,8 @@ def progress_bar(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, disable=not enabled, desc=desc, unit="batch", dynamic_ncols=True)
 
 
-def resolve_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else bool(progress)
+def resolve_progress(progress: bool | None) -> str:
+    """"bar", "lines" or "off" (:func:`validation.experiments.progress.mode`)."""
+    from validation.experiments.progress import mode
+
+    return mode(progress)

@@ -209,18 +209,38 @@ def read_json(path: PathLike, keys: Sequence[str] = ("settings", "checkpoints"))
     FileNotFoundError
         No such file.
     """
+    wanted = "an evaluation.json or sweep.json (written by the evaluate / sweep commands)"
+    if Path(path).is_dir():
+        raise FiguresError(f"{os.fspath(path)!r} is a directory; give {wanted} in it")
     text = Path(path).read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if _is_json_lines(text):
+            raise FiguresError(
+                f"{os.fspath(path)!r} holds one JSON record per line (JSON Lines, such as a "
+                f"run's metrics.jsonl), not {wanted}: give RUN_DIR/evaluation.json, or plot a "
+                "run's training curves with --runs RUN_DIR"
+            ) from None
         raise FiguresError(
             f"{os.fspath(path)}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
             "the file is damaged or truncated: rerun the command that wrote it"
         ) from None
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
-        raise FiguresError(f"{os.fspath(path)}: missing {missing}; not a file of the evaluator")
+        raise FiguresError(f"{os.fspath(path)}: missing {missing}; it is not {wanted}")
     return data
+
+
+def _is_json_lines(text: str) -> bool:
+    """Whether every non-blank line of ``text`` (two or more) is a JSON object."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        return all(isinstance(json.loads(line), dict) for line in lines)
+    except json.JSONDecodeError:
+        return False
 
 
 def _imbalance_series(checkpoints: Sequence[Mapping[str, Any]]) -> dict[str, tuple]:

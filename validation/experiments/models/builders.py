@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from validation.experiments.hub import before_hub_access
+
 __all__ = [
     "MLP",
     "build_mlp",
@@ -86,6 +88,8 @@ def load_t5_tokenizer(model_cfg: Mapping[str, Any]) -> Any:
     key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name"
     name = model_cfg.get("tokenizer") or model_cfg["name"]
     check_model_name(key, name)
+    if not _looks_like_path(name):
+        before_hub_access(key, name)
     try:
         return load_tokenizer(name)
     except (OSError, ValueError) as exc:
@@ -133,6 +137,8 @@ def check_model_name(key: str, name: str) -> None:
 def _from_pretrained(cls: Any, name: str) -> nn.Module:
     """``cls.from_pretrained(name, attn_implementation="eager")`` with errors naming model.name."""
     check_model_name("model.name", name)
+    if not _looks_like_path(name):
+        before_hub_access("model.name", name)
     try:
         return cls.from_pretrained(os.path.expanduser(name), attn_implementation="eager")
     except (OSError, ValueError) as exc:

@@ -296,16 +296,49 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` / "auto": CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    """``None`` / "auto": CUDA when available, else CPU; otherwise ``torch.device(device)``,
+    checked to exist here.
+
+    Raises
+    ------
+    ConfigError
+        ``device`` is not a device name torch knows (``"tpu"``), or names a CUDA (or MPS)
+        device this machine does not have; the message names the value and the choices.
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device (--device) {device!r} is not a torch device; use auto, cpu, cuda or "
+            "cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            have = f"{count} CUDA device(s)" if count else (
+                "no CUDA (this torch " + ("has no CUDA build" if torch.version.cuda is None
+                                          else "finds no GPU") + ")"
+            )
+            raise ConfigError(
+                f"device (--device) {device!r}: this machine has {have}; use cpu or auto"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device (--device) {device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(
+            f"device (--device) {device!r}: the runner runs on cpu, cuda or mps, not "
+            f"{dev.type!r}"
+        )
+    return dev
 
 
 def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Setup:
     dcfg, task = cfg["data"], cfg["task"]
     tokenizer = load_t5_tokenizer(cfg["model"])
     model = build_t5(cfg["model"], cfg["peft"], tokenizer, seed=int(cfg["seed"])).to(dev)
+    _check_vocabulary(cfg["model"], len(tokenizer), int(model.config.vocab_size))
     glue = data_mod.get_glue_task(task)
     causal = cfg["peft"]["type"] == "prompt" and cfg["peft"]["task_type"] == "causal_lm"
     prefix = cfg["peft"]["num_virtual_tokens"] if causal else 0
@@ -343,6 +376,18 @@ def _build_t5(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Set
         task,
         label_words=glue.label_words,
     )
+
+
+def _check_vocabulary(model_cfg: Mapping[str, Any], tokens: int, vocab: int) -> None:
+    """Token ids (inputs, label words) must index the model's vocabulary: a tokenizer larger
+    than the model's embedding would reach it with an index it does not have."""
+    if tokens > vocab:
+        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name"
+        raise ConfigError(
+            f"config key {key!r}: its tokenizer has {tokens} tokens but model.name="
+            f"{model_cfg['name']!r} has a vocabulary of {vocab}: token ids (labels included) "
+            f"up to {tokens - 1} would index past its embedding; use the model's own tokenizer"
+        )
 
 
 def _build_vit(cfg: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> Setup:

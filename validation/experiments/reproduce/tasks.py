@@ -33,7 +33,8 @@ def train_task(config: dict[str, Any], directory: str) -> float:
     run = Path(directory)
     if not (run / "results.json").is_file():
         setup = setup_for_run(config, run, "cpu")  # None: the runner builds it
-        train(config, run, resume=(run / "config.json").is_file(), progress=False, setup=setup)
+        # a killed run continues; one that never wrote its first checkpoint starts afresh
+        train(config, run, resume_or_start=True, progress=False, setup=setup)
     return time.perf_counter() - started
 
 

@@ -24,8 +24,10 @@ and a damaged checkpoint that is skipped is renamed (:func:`move_aside`), never 
 
 from __future__ import annotations
 
+import io as stdio
 import json
 import os
+import pickle
 import random
 import re
 import warnings
@@ -38,7 +40,7 @@ import torch
 
 from backends.torch.distributed import launch as dist_launch
 from validation.experiments import io
-from validation.experiments.config.load import ConfigError, config_diff
+from validation.experiments.config.load import ConfigError, config_diff, with_new_defaults
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -116,8 +118,16 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 
 
 def save_checkpoint(path: Path, obj: Mapping[str, Any]) -> None:
-    """``torch.save`` a checkpoint dictionary atomically (its values must be weights-only safe)."""
-    atomic_write(path, lambda fh: torch.save(dict(obj), fh))
+    """``torch.save`` a checkpoint dictionary atomically (its values must be weights-only safe).
+
+    It is serialised in memory first: torch turns an ``OSError`` of the file it writes into
+    a RuntimeError ("unexpected pos ..."), so a full disk would not be reported as such.
+    """
+    if not dist_launch.is_writer():
+        return
+    buffer = stdio.BytesIO()
+    torch.save(dict(obj), buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 # ---- RNG states as weights-only types --------------------------------------------------------
@@ -167,6 +177,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _refused(path: Path, exc: pickle.UnpicklingError) -> str:
+    """Why a file was refused, without torch's advice on how to load it unsafely."""
+    # torch's message opens with how to load the file without the safeguard: never passed on
+    lines = [line.strip() for line in str(exc).splitlines()]
+    code = next((line for line in lines if "GLOBAL" in line), None)
+    if code is None:
+        found = [line for line in lines if line.startswith(("Unsupported", "Trying"))]
+        return (f"checkpoint {str(path)!r} cannot be read: it is truncated, damaged or not a "
+                f"checkpoint of this runner (UnpicklingError: {found[0] if found else 'bad data'})")
+    return (
+        f"checkpoint {str(path)!r} was refused and not loaded: it holds a pickled object that "
+        f"loading would execute ({code}), not only tensors, numbers, strings and containers; "
+        "this runner never writes such a file, so it is not one of its checkpoints"
+    )
+
+
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, Any]:
     """The whole dictionary stored in a checkpoint file of this runner.
 
@@ -193,7 +219,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_refused(path, exc)) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ...
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be read: it is truncated, damaged or not a "
             f"checkpoint of this runner ({_first_line(exc)})"
@@ -357,13 +385,15 @@ def find_resume_state(ckpt_dir: Path) -> ResumePoint:
 
 
 def has_run(run: Path) -> bool:
-    """Whether ``run`` holds anything a fresh start would lose."""
+    """Whether ``run`` holds anything a fresh start would lose: a checkpoint or a log line.
+
+    A ``config.json`` alone (a start that failed before its first checkpoint) holds no run:
+    a fresh start there overwrites it, so a refused or crashed start never blocks its retry.
+    """
     log = run / "metrics.jsonl"
     ckpts = run / "checkpoints"
-    return (
-        (run / "config.json").exists()
-        or (log.exists() and log.stat().st_size > 0)
-        or (ckpts.is_dir() and any(ckpts.glob("*.pt")))
+    return (log.exists() and log.stat().st_size > 0) or (
+        ckpts.is_dir() and any(ckpts.glob("*.pt"))
     )
 
 
@@ -394,7 +424,7 @@ def resume_point(
         raise FileNotFoundError(
             f"resume: {str(stored)!r} does not exist; run_dir {str(run)!r} is not a complete run"
         )
-    changed = config_diff(_stored_config(stored), dict(config))
+    changed = config_diff(with_new_defaults(_stored_config(stored)), dict(config))
     if changed:
         raise ConfigError(
             f"resume: the configuration differs from {str(stored)!r} in {changed}; resume "
@@ -438,5 +468,5 @@ def move_aside(path: Path) -> Path:
         k += 1
         aside = path.with_name(f"{path.name}.damaged-{k}")
     if dist_launch.is_writer():
-        os.replace(path, aside)
+        io.rename(path, aside)
     return aside

@@ -46,16 +46,31 @@ Run directory
     checkpoints/best.pt     the best-validation parameters so far
     checkpoints/last.pt     the full resumable state (every train.checkpoint_every steps, at
                             each epoch end and at the end)
+    .lock                   while a process writes the run: its lock and its pid, host, start
 
-Checkpoints load with ``torch.load(weights_only=True)`` (their format:
-:mod:`validation.experiments.train.checkpoints`). Every file is written atomically (a temporary
-file, then ``os.replace``). ``metrics.jsonl`` lines have ``kind`` "train" (``step`` = steps taken,
+One process writes a run directory at a time: ``train`` holds its lock
+(:mod:`validation.experiments.runlock`) from the checks before the first write to the end, and
+a second ``train`` (or ``--resume``) into the same directory is refused at once with the holder
+named; the lock goes with its holder, however it ends. Checkpoints load with
+``torch.load(weights_only=True)`` (their format: :mod:`validation.experiments.train.checkpoints`).
+Every file is written atomically (a temporary file, then ``os.replace``); a full disk, a
+read-only file system or a quota is one :class:`~validation.experiments.io.StorageError` line
+naming the file and ``--out``, and leaves the files written before as they were (so the run
+resumes once there is room). ``metrics.jsonl`` lines have ``kind`` "train" (``step`` = steps taken,
 ``epoch`` = fractional epochs, ``loss`` = the batch's mean loss before the update, ``lr``, and
 for the per-sample optimisers their diagnostics: ``update_norm``, ``grad_norm_imbalance``,
 ``residual``, ``kept``, ``damping``), "validation" (the task's metrics, ``loss``, ``score`` =
-the selection score, ``best``), "test" (the best checkpoint's test metrics) or "diverged"; every
-line has ``time``, the wall seconds of the run so far (the only field that differs between
-identical runs).
+the selection score, ``best``), "test" (the best checkpoint's test metrics) or "diverged"
+(``step``: the steps taken, ``message``: why); every line has ``time``, the wall seconds of the
+run so far (the only field that differs between identical runs).
+
+Divergence: a step whose loss is NaN or infinite, whose update is, or whose loss exceeds
+``train.divergence_factor`` (default 1000; null: off) times the first step's loss ends the
+training (``train.on_divergence="stop"``: logged, ``results.json`` has ``"diverged": true`` and
+``"diverged_step"``, the best earlier checkpoint is tested; "raise": an exception).
+
+Progress: a tqdm bar when stderr is a terminal; otherwise (a log file) one line per
+validation, checkpoint and epoch end, and a last one when the run finishes or diverges.
 
 Data parallel (torchrun)
 ------------------------
@@ -78,9 +93,10 @@ the lines up to that step. The data order and the CIFAR augmentation draws are f
 same steps, reaches the same parameters bitwise and writes the same log (``time`` aside) as an
 uninterrupted one.
 
-It never starts from zero: a missing or empty run directory, or one without any checkpoint, is
-an error (``resume_or_start=True`` / ``--resume-or-start`` starts a new run when the directory
-is missing or empty). A configuration different from ``config.json``, a checkpoint of another
+A resumed run says "resumed from CHECKPOINT at step N" on stderr. It never starts from zero:
+a missing or empty run directory, or one without any checkpoint, is an error
+(``resume_or_start=True`` / ``--resume-or-start`` starts a new run when the directory is
+missing or empty). A configuration different from ``config.json``, a checkpoint of another
 configuration or model, or a log shorter than the checkpoint's is an error too, and a failed
 resume changes no file.
 
@@ -101,11 +117,11 @@ Evaluation framework API
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +129,10 @@ import numpy as np
 import torch
 
 from backends.torch.distributed import launch as dist_mod
+from validation.experiments import io
 from validation.experiments.config.load import (
+    PER_SAMPLE_OPTIMIZERS,
+    ConfigError,
     load_config,
 )
 from validation.experiments.data.splits import IGNORE_INDEX, Batch, Split
@@ -123,6 +142,9 @@ from validation.experiments.models.setup import (
     build_setup,
     resolve_device,
 )
+from validation.experiments.progress import mode as progress_mode
+from validation.experiments.progress import notice
+from validation.experiments.runlock import RunLock
 from validation.experiments.train.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -195,26 +217,36 @@ def train(
 ) -> TrainResult:
     """Train, validate, checkpoint and test one configuration.
 
+    Everything that can be checked is checked before anything is written: the configuration
+    (:func:`config.load_config`), the device, the batch size against the torchrun ranks, the
+    model and data (:func:`build_setup`, which refuses e.g. a tokenizer larger than the
+    model's vocabulary), and whether ``run_dir`` may be started or resumed. The run then
+    holds ``run_dir``'s lock (:mod:`validation.experiments.runlock`) until it returns or
+    raises: a second writer is refused with the holder named.
+
     Parameters
     ----------
     config : mapping
         A resolved configuration (:func:`config.load_config`).
     run_dir : path
         Where the run's files go (module docstring). Without ``resume`` it must not hold a run
-        already.
+        already; a directory left by a start that never wrote its first checkpoint (a
+        ``config.json`` alone) holds none and is started afresh, with a notice.
     resume : bool
         Continue the run in ``run_dir`` from its newest intact checkpoint: ``last.pt``, or,
         when that is damaged, the newest readable ``epoch-k.pt`` (a :class:`ResumeWarning` says
         so and the damaged file is renamed ``*.damaged``, not overwritten). The configuration
         must equal the stored ``config.json`` and the checkpoint's own. It never starts from
-        zero: a missing or empty ``run_dir`` is an error.
+        zero: a missing or empty ``run_dir`` is an error. "resumed from CHECKPOINT at step N"
+        is printed on stderr.
     resume_or_start : bool
         As ``resume``, but start a new run when ``run_dir`` is missing or holds nothing (no
-        ``config.json``, checkpoint or log lines).
+        checkpoint or log lines).
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
     progress : bool, optional
-        tqdm progress bar (step, loss, ETA); default: when stderr is a terminal.
+        True: a tqdm bar (step, loss, ETA); False: nothing; None (default): the bar when
+        stderr is a terminal, else a line per validation, checkpoint and epoch (log files).
     stop_after : int, optional
         Abandon the run right after this many steps, writing nothing more (simulates a kill;
         for tests). The periodic checkpoints written before remain.
@@ -229,55 +261,158 @@ def train(
 
     Raises
     ------
+    ConfigError
+        A value that is not allowed (seed, lr, device, batch size against the ranks, ...),
+        or resuming with a configuration that differs from the stored one (keys named).
     FileExistsError
         ``run_dir`` holds a run and neither ``resume`` nor ``resume_or_start`` is set.
     FileNotFoundError
         ``resume`` on a missing or empty ``run_dir``, or one without checkpoints.
-    ConfigError
-        Resuming with a configuration that differs from the stored one (the keys are named).
     CheckpointError
         Resuming when no checkpoint is intact, or the newest intact one belongs to another
         configuration or model, or the log is shorter than the checkpoint's. No file is
         changed when resuming fails.
+    RunLockedError
+        Another process writes ``run_dir`` (it is named).
+    StorageError
+        A run file could not be written (no space, read-only, quota): the message names the
+        file and ``--out``; the files written before are unchanged.
     """
     dist_mod.init_from_env()  # torchrun: join the process group (module docstring)
     config = dict(config)
     run = Path(run_dir)
-    point = None
-    if resume or resume_or_start:
-        point = resume_point(run, config, start_if_missing=resume_or_start)
-    elif has_run(run):
-        raise FileExistsError(
-            f"run_dir {str(run)!r} already holds a run; pass resume=True (--resume) to "
-            "continue it or choose another directory"
-        )
-    dist_mod.barrier()  # every rank has checked run_dir before rank 0 writes to it
-    if progress is None:
-        progress = sys.stderr.isatty()
-    progress = progress and dist_mod.is_writer()
+    dev = resolve_device(device)
+    _check_ranks(config)
+    if resume and not has_run(run):
+        resume_point(run, config, start_if_missing=False)  # raises: nothing to resume
+    if not (resume or resume_or_start) and has_run(run):
+        raise FileExistsError(_HOLDS_A_RUN.format(run=str(run)))
+    mode = progress_mode(progress) if dist_mod.is_writer() else "off"
     torch.manual_seed(int(config["seed"]))
     np.random.seed(int(config["seed"]) % 2**32)  # noqa: NPY002
     random.seed(int(config["seed"]))
     if setup is None:
-        setup = build_setup(config, device)
-    state = _Run(setup, run, progress)
+        setup = build_setup(config, dev)
+    _check_batches(config, len(setup.train))
+    with io.storage_hint("choose another run directory with --out (run_dir)"), _locked(run):
+        return _train_locked(
+            config, setup, run, resume or resume_or_start, resume_or_start, mode, stop_after,
+            callback,
+        )
+
+
+_HOLDS_A_RUN = (
+    "run_dir {run!r} already holds a run; pass resume=True (--resume) to continue it or "
+    "choose another directory"
+)
+
+
+def _train_locked(
+    config: dict[str, Any], setup: Setup, run: Path, continuing: bool, start_if_missing: bool,
+    mode: str, stop_after: int | None, callback: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    """:func:`train` once it holds ``run``'s lock: check again, then start or resume, run,
+    test."""
+    point = None
+    if continuing:
+        point = resume_point(run, config, start_if_missing=start_if_missing)
+    elif has_run(run):  # another writer finished a run here while this one was being built
+        raise FileExistsError(_HOLDS_A_RUN.format(run=str(run)))
+    dist_mod.barrier()  # every rank has checked run_dir before rank 0 writes to it
+    state = _Run(setup, run, mode)
     if point is not None:
         state.restore(point)
     else:
-        run.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(config, indent=2) + "\n"
-        atomic_write(run / "config.json", lambda fh: fh.write(text), mode="w")
-        atomic_write(state.log_path, lambda fh: fh.write(""), mode="w")
-        state.save_resume("epoch")
+        _start(run, state, config)
+    state.say(f"{'continuing' if point is not None else 'started'} in {str(run)!r}")
     try:
         if not state.finished:
             state.run(stop_after, callback)
     except _Stop:
         return TrainResult(
             run, state.step, state.epoch, False, state.diverged, state.best,
-            params=setup.params(),
+            params=setup.params(), diverged_step=state.diverged_step,
         )
     test = state.test()
     return TrainResult(
-        run, state.step, state.epoch, True, state.diverged, state.best, test, setup.params()
+        run, state.step, state.epoch, True, state.diverged, state.best, test, setup.params(),
+        diverged_step=state.diverged_step,
     )
+
+
+def _start(run: Path, state: _Run, config: Mapping[str, Any]) -> None:
+    """A fresh start's files: config.json, an empty log, epoch-0.pt. If the first checkpoint
+    cannot be written, the files this start wrote are removed: nothing blocks a retry."""
+    if (run / "config.json").exists():
+        notice(f"run_dir {str(run)!r} holds a start that never wrote its first checkpoint "
+               "(config.json only): starting afresh there")
+    text = json.dumps(config, indent=2) + "\n"
+    written: list[Path] = []
+    try:
+        for path, content in ((run / "config.json", text), (state.log_path, "")):
+            atomic_write(path, lambda fh, content=content: fh.write(content), mode="w")
+            written.append(path)
+        state.save_resume("epoch")
+    except BaseException:
+        if dist_mod.is_writer():
+            for path in written:
+                path.unlink(missing_ok=True)
+            _remove_if_empty(state.ckpt_dir)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty, or gone: leave it
+        folder.rmdir()
+
+
+@contextlib.contextmanager
+def _locked(run: Path) -> Iterator[None]:
+    """Hold ``run``'s lock (rank 0 under torchrun; every rank raises if it cannot); a run
+    directory created here is removed again if it is still empty at the end."""
+    created = not run.exists()
+    lock, error = None, None
+    if dist_mod.is_writer():
+        try:
+            io.make_dir(run)
+            lock = RunLock(run, "train").acquire()
+        except OSError as exc:
+            error = exc
+    failures = [e for e in dist_mod.gather_objects(error) if e is not None]
+    if failures:
+        if created and dist_mod.is_writer():
+            _remove_if_empty(run)
+        raise error if error is not None else failures[0]
+    if lock is not None and lock.stale is not None:
+        notice(str(lock.describe_stale()))
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and dist_mod.is_writer():
+            _remove_if_empty(run)
+
+
+def _check_ranks(config: Mapping[str, Any]) -> None:
+    """torchrun: every rank gets a share of each batch of the per-sample optimisers."""
+    world, _ = dist_mod.world_and_rank()
+    batch = config["train"]["batch_size"]
+    if world > 1 and config["optimizer"] in PER_SAMPLE_OPTIMIZERS and batch < world:
+        raise ConfigError(
+            f"config key 'train.batch_size' is {batch} but {world} ranks share each batch: "
+            f"use a batch size of at least {world}, or fewer processes"
+        )
+
+
+def _check_batches(config: Mapping[str, Any], num_train: int) -> None:
+    """The last (partial) batch of an epoch must also reach every rank."""
+    world, _ = dist_mod.world_and_rank()
+    batch = config["train"]["batch_size"]
+    last = num_train % batch
+    if world > 1 and config["optimizer"] in PER_SAMPLE_OPTIMIZERS and 0 < last < world:
+        raise ConfigError(
+            f"the training split has {num_train} rows: with train.batch_size={batch} each "
+            f"epoch ends with a batch of {last}, fewer than the {world} ranks that share it; "
+            "change train.batch_size or data.max_train_samples"
+        )

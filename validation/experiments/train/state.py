@@ -20,15 +20,18 @@ import torch
 
 import ngdref
 from backends.torch.distributed import launch as dist_mod
+from validation.experiments import io
 from validation.experiments.config.load import (
     PER_SAMPLE_OPTIMIZERS,
     config_diff,
+    with_new_defaults,
 )
 from validation.experiments.data.splits import Batch
 from validation.experiments.models.setup import (
     Setup,
     _eval_mode,
 )
+from validation.experiments.progress import notice
 from validation.experiments.train.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -61,13 +64,16 @@ class TrainResult:
     finished : bool
         False when stopped early by ``stop_after`` (a simulated kill).
     diverged : bool
-        True when training stopped at a non-finite loss or update (``on_divergence="stop"``).
+        True when training stopped at a non-finite loss or update, or at a loss above
+        ``train.divergence_factor`` times the first step's (``on_divergence="stop"``).
     best : dict
         ``score``, ``step``, ``epoch``, ``metrics`` of the best validation.
     test : dict
         Test metrics of the best checkpoint (empty if not tested).
     params : dict
         The final trainable parameters (CPU).
+    diverged_step : int or None
+        The steps taken when divergence stopped the run.
     """
 
     run_dir: Path
@@ -78,6 +84,7 @@ class TrainResult:
     best: dict[str, Any]
     test: dict[str, Any] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    diverged_step: int | None = None
 
 
 class ResumeWarning(UserWarning):
@@ -103,7 +110,7 @@ def _shard(batch: Batch) -> Batch:
 class _Run:
     """The mutable state of one training run (see :func:`train`)."""
 
-    def __init__(self, setup: Setup, run_dir: Path, progress: bool) -> None:
+    def __init__(self, setup: Setup, run_dir: Path, mode: str) -> None:
         self.setup = setup
         self.config = setup.config
         self.run_dir = run_dir
@@ -126,9 +133,12 @@ class _Run:
         self.log_lines = 0
         self.finished = False
         self.diverged = False
+        self.diverged_step: int | None = None
+        self.first_loss: float | None = None  # the yardstick of train.divergence_factor
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
-        self.progress = progress
+        self.mode = mode  # "bar", "lines" or "off" (validation.experiments.progress)
+        self.last_loss = math.nan
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -139,8 +149,16 @@ class _Run:
         self.log_lines += 1
         if not dist_mod.is_writer():  # under torchrun rank 0 alone writes files
             return
-        with self.log_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, allow_nan=True) + "\n")
+        io.append_text(self.log_path, json.dumps(record, allow_nan=True) + "\n")
+
+    def say(self, what: str) -> None:
+        """One progress line (mode "lines": stderr is not a terminal)."""
+        if self.mode == "lines":
+            cfg = self.config
+            loss = f"loss {self.last_loss:.4g}, " if math.isfinite(self.last_loss) else ""
+            notice(f"{cfg['setup']}/{cfg['task']}/{self.name}: step {self.step}/{self.total}, "
+                   f"epoch {self.epoch + self.position / self.n_train:.2f}, {loss}{what} "
+                   f"[{self.elapsed():.0f} s]")
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
@@ -166,6 +184,8 @@ class _Run:
             "log_lines": self.log_lines,
             "finished": self.finished,
             "diverged": self.diverged,
+            "diverged_step": self.diverged_step,
+            "first_loss": self.first_loss,
             "elapsed": self.elapsed(),
             "total_steps": self.total,
         }
@@ -179,7 +199,7 @@ class _Run:
     def restore(self, point: ResumePoint) -> None:
         """Continue from ``point``; every check runs before any file is changed."""
         path, state = point.path, point.state
-        changed = config_diff(state["config"], self.config)
+        changed = config_diff(with_new_defaults(state["config"]), self.config)
         if changed:
             raise CheckpointError(
                 f"resume: checkpoint {str(path)!r} was written with a configuration that "
@@ -215,11 +235,14 @@ class _Run:
         self.best, self.best_params = resume["best"], resume["best_params"]
         self.last_eval_step = int(resume["last_eval_step"])
         self.finished, self.diverged = bool(resume["finished"]), bool(resume["diverged"])
+        self.diverged_step = resume.get("diverged_step")
+        self.first_loss = resume.get("first_loss", _first_loss(records))  # older checkpoints
         self.elapsed_before = float(resume["elapsed"])
         self.started = time.perf_counter()
         # keep the log lines written before the checkpoint: the later ones are written again
         self.log_lines = int(resume["log_lines"])
         atomic_write(self.log_path, lambda fh: fh.write(records), mode="w")
+        notice(f"resumed from {str(path)!r} at step {self.step} (epoch {self.epoch})")
 
     # ---- one step ---------------------------------------------------------------------------
     def take_step(self, batch: Batch) -> dict[str, Any]:
@@ -250,8 +273,10 @@ class _Run:
         limit = None  # max_eval_samples already trimmed the split
         metrics = self.setup.evaluate(self.setup.validation, limit)
         score = self.setup.score(metrics)
-        # a model with non-finite outputs (a diverged baseline) never becomes the best
-        improved = math.isfinite(metrics["loss"]) and score > self.best["score"]
+        # a diverged model (non-finite outputs, or a loss grown past divergence_factor)
+        # never becomes the best
+        improved = (not self.diverged and math.isfinite(metrics["loss"])
+                    and score > self.best["score"])
         if improved:
             self.best = {
                 "score": score,
@@ -264,6 +289,7 @@ class _Run:
             best["metrics"] = metrics
             save_checkpoint(self.ckpt_dir / "best.pt", best)
         self.last_eval_step = self.step
+        self.say(f"validation score {score:.4g}{' (best so far: best.pt)' if improved else ''}")
         self.log(
             {
                 "kind": "validation",
@@ -278,34 +304,16 @@ class _Run:
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, stop_after: int | None, callback: Callable[[dict], None] | None) -> None:
         tcfg = self.config["train"]
-        batch_size = tcfg["batch_size"]
         eval_every = tcfg["eval_every"]
-        bar = _progress_bar(self.total, self.step, self.progress, self.config)
+        bar = _progress_bar(self.total, self.step, self.mode == "bar", self.config)
         try:
             while self.step < self.total and not self.diverged:
                 if self.permutation is None:
                     self.permutation = epoch_permutation(self.seed, self.epoch, self.n_train)
                 while self.position < self.n_train and self.step < self.total:
-                    rows = self.permutation[self.position : self.position + batch_size]
-                    generator = _augment_generator(self.seed, self.epoch, self.step)
-                    batch = self.setup.train.make(rows, generator)
-                    try:
-                        record = self.take_step(batch)
-                    except (ngdref.NonFiniteError, ngdref.SingularMatrixError) as exc:
-                        if tcfg["on_divergence"] == "raise":
-                            raise
-                        self._diverge(str(exc))
+                    record = self._step()
+                    if record is None:  # diverged
                         break
-                    self.step += 1
-                    self.position += len(rows)
-                    record = {
-                        "kind": "train",
-                        "step": self.step,
-                        "epoch": self.epoch + self.position / self.n_train,
-                        **record,
-                    }
-                    if self.step % tcfg["log_every"] == 0 or self.step == self.total:
-                        self.log(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
                     if callback is not None:
@@ -314,6 +322,7 @@ class _Run:
                         self.validate()
                     if self.step % tcfg["checkpoint_every"] == 0:
                         self.save_resume()
+                        self.say("checkpoint last.pt")
                     if stop_after is not None and self.step >= stop_after:
                         raise _Stop
                 if self.diverged:
@@ -326,18 +335,55 @@ class _Run:
                         self.validate()
                     self.save_resume("epoch")
                     self.save_resume()
+                    self.say(f"end of epoch {self.epoch}: checkpoints epoch-{self.epoch}.pt, "
+                             "last.pt")
         finally:
             bar.close()
         if self.last_eval_step != self.step:
             self.validate()
         self.finished = True
         self.save_resume()
+        self.say("diverged: stopped" if self.diverged else "finished")
+
+    def _step(self) -> dict[str, Any] | None:
+        """Take, count and log the next step; None when it diverged (logged as such)."""
+        tcfg = self.config["train"]
+        assert self.permutation is not None
+        rows = self.permutation[self.position : self.position + tcfg["batch_size"]]
+        generator = _augment_generator(self.seed, self.epoch, self.step)
+        batch = self.setup.train.make(rows, generator)
+        try:
+            record = self.take_step(batch)
+        except (ngdref.NonFiniteError, ngdref.SingularMatrixError) as exc:
+            if tcfg["on_divergence"] == "raise":
+                raise
+            self._diverge(str(exc))
+            return None
+        self.step += 1
+        self.position += len(rows)
+        record = {"kind": "train", "step": self.step,
+                  "epoch": self.epoch + self.position / self.n_train, **record}
+        if self.step % tcfg["log_every"] == 0 or self.step == self.total:
+            self.log(record)
+        self.last_loss = loss = float(record["loss"])
+        if self.first_loss is None:
+            self.first_loss = loss
+        factor = tcfg.get("divergence_factor")
+        if factor is not None and loss > factor * self.first_loss:
+            self._diverge(
+                f"loss {loss:.4g} at step {self.step} is above train.divergence_factor="
+                f"{factor:g} times the first step's loss {self.first_loss:.4g}"
+            )
+            return None
+        return record
 
     def _diverge(self, message: str) -> None:
         if self.config["train"]["on_divergence"] == "raise":
             raise FloatingPointError(message)
         self.diverged = True
+        self.diverged_step = self.step
         self.log({"kind": "diverged", "step": self.step, "message": message})
+        self.say(f"diverged: {message}")
 
     def test(self) -> dict[str, Any]:
         """Test the best-validation parameters (if any), restore the final ones, write results.
@@ -362,6 +408,7 @@ class _Run:
             "steps": self.step,
             "epochs": self.epoch,
             "diverged": self.diverged,
+            "diverged_step": self.diverged_step,
             "num_trainable": self.setup.num_trainable,
             "best_validation": {**self.best, "score": (
                 self.best["score"] if math.isfinite(self.best["score"]) else None
@@ -371,6 +418,16 @@ class _Run:
         text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
         atomic_write(self.run_dir / "results.json", lambda fh: fh.write(text), mode="w")
         return results
+
+
+def _first_loss(log: str) -> float | None:
+    """The first train record's loss in the text of a log (checkpoints from before
+    ``first_loss`` was kept)."""
+    for line in log.splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            return float(record["loss"])
+    return None
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, config: Mapping[str, Any]) -> Any:

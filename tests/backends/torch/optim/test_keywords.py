@@ -31,7 +31,7 @@ KFAC_FAMILY = {
 DEFAULTS = [
     (IEF, {}, {**GRAM, "damping_space": "sample"}),
     (EF, {"total_steps": 3}, GRAM),
-    (SF, {"total_steps": 3}, {"num_samples": 1, "seed": 0}),
+    (SF, {"total_steps": 3}, {"num_samples": 1, "seed": 0, "damping_mode": "absolute"}),
     (NGD, {}, {"cg_tol": None, "cg_maxiter": None}),  # cg_tol: by dtype (test_ngd_defaults)
     (EKFAC, {}, KFAC_FAMILY),
     (IEKFAC, {}, KFAC_FAMILY),
