@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.experiment_cases import fixture_dirs, require_hf_stack, tiny_overrides  # noqa: F401
+from tests.experiments.cases import fixture_dirs, require_hf_stack, tiny_overrides  # noqa: F401
 
 torch = require_hf_stack()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.experiment_cases import require_hf_stack, without_time
+from tests.experiments.cases import require_hf_stack, without_time
 from tests.experiments.run_processes import cli, finish, hold, start_cli
 
 torch = require_hf_stack()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.experiment_cases import require_hf_stack, without_time
+from tests.experiments.cases import require_hf_stack, without_time
 
 torch = require_hf_stack()
 
