@@ -2,8 +2,8 @@ r"""The K-FAC optimisers (KFAC, EKFAC, IEKFAC) on every zoo case with a layer K-
 (Linear, convolutions, embeddings): each step runs or refuses by name.
 
 What runs is checked where no Kronecker factor is needed (the factors against dense ones
-are :mod:`tests.backends.torch.kfac.test_kfac`'s job): with a damping lambda far above the curvature, one
-step with lr = lambda moves theta by
+are :mod:`tests.backends.torch.kfac.test_kfac`'s job): with a damping lambda far above the
+curvature, one step with lr = lambda moves theta by
 
 .. math:: -\lambda (K + \lambda I)^{-1} g = -(g - K g / \lambda + \dots)
 
