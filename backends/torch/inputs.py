@@ -180,3 +180,34 @@ def vmap_masks(hf: list[nn.Module]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def default_output_fn(output: Any) -> torch.Tensor:
+    """The model output if it is a tensor, else its ``.logits`` (Hugging Face outputs)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"output_fn: the model returned {type(output).__name__}, which is neither a tensor "
+        "nor has a .logits tensor; pass output_fn=... mapping it to logits of shape (N, ...)"
+    )
+
+
+def check_forward_ad(hf: list[nn.Module]) -> None:
+    """Refuse forward-mode AD for Hugging Face models whose attention has no forward rule.
+
+    Raises
+    ------
+    ValueError
+        An ``attn_implementation`` other than "eager" (e.g. "sdpa"), named.
+    """
+    for model in hf:
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            raise ValueError(
+                f"jvp uses forward-mode AD, which attn_implementation={impl!r} of "
+                f"{type(model).__name__} does not support; load the model with "
+                "attn_implementation='eager'"
+            )

@@ -4,8 +4,9 @@ Each kind (one module per kind below) holds what the per-sample routes and K-FAC
 its layer: refusals (``refuse``, ``refuse_call``), per-sample input features (``inputs``),
 per-sample gradient parts (``factors``: :class:`Outer` factors or materialised
 :class:`Rows`), and a cost entry (``cost``). :func:`assemble` turns the parts of every use of
-a parameter into one block of :class:`backends.ghost.GhostRows`; :mod:`.kronecker` turns
-them into K-FAC factors; :class:`Recorder` is a reference engine driving the contract.
+a parameter into one block of :class:`backends.torch.per_sample.rows.GhostRows`;
+:mod:`.kronecker` turns them into K-FAC factors; :class:`Recorder` is a reference engine
+driving the contract.
 
 ================================  ==============================  ==========================
 module                            per-sample gradient             kind
@@ -26,7 +27,7 @@ module                            per-sample gradient             kind
 from __future__ import annotations
 
 from .attention import Attention
-from .blocks import ROUTES, SplitBlock, assemble, shapes_of
+from .blocks import ROUTES, DenseBlock, FactorBlock, SplitBlock, assemble, shapes_of
 from .capture import Call, Recorder
 from .channel_norm import BatchNorm, GroupNorm, InstanceNorm
 from .conv_transpose import TransposedConvolution
@@ -68,8 +69,10 @@ __all__ = [
     "Captured",
     "Convolution",
     "Cost",
+    "DenseBlock",
     "Embedding",
     "EmbeddingBag",
+    "FactorBlock",
     "Grad",
     "GroupNorm",
     "InstanceNorm",

@@ -93,6 +93,14 @@ class EmbeddingBag(LayerKind):
     def refuse(self, module: nn.Module, mode: str) -> str | None:
         return refuse_lookup(module)
 
+    def first_input(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                    output: Any = None) -> torch.Tensor | None:
+        """The indices of a 2-D call; the output (its bags) of a 1-D call with offsets."""
+        index = _SIGNATURE.bind(module, *args, **kwargs).arguments["input"]
+        if index.ndim == 2:
+            return index
+        return output if isinstance(output, torch.Tensor) else None
+
     def refuse_call(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                     axis: BatchAxis) -> str | None:
         if axis.axis != 0:

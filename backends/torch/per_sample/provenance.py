@@ -32,7 +32,7 @@ another mode's ``__torch_function__`` after running each operation there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -171,6 +171,10 @@ class ProvenanceTracker(TorchFunctionMode):
         Tensors computed without the batch: the parameters and buffers as the forward pass
         reads them, e.g. :func:`held_tensors` of the model. Any other tensor the tracker did
         not see computed is not per sample.
+    held : callable () -> iterable of torch.Tensor, optional
+        More sample-free tensors, asked for once, the first time a tensor the tracker has not
+        seen is classified (e.g. ``lambda: held_tensors(model)``, a walk over every module's
+        attributes that a forward pass reading only declared tensors never pays for).
 
     Attributes
     ----------
@@ -192,6 +196,7 @@ class ProvenanceTracker(TorchFunctionMode):
     def __init__(
         self, num_samples: int, inputs: Iterable[tuple[torch.Tensor, BatchAxis]], *,
         free: Iterable[torch.Tensor] = (),
+        held: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -200,6 +205,7 @@ class ProvenanceTracker(TorchFunctionMode):
         self.name = ""  # the operation whose rule runs (the rules' Context)
         self.leaks: list[str] = []
         self._states: dict[int, tuple[torch.Tensor, Provenance]] = {}
+        self._held = held
         self._unseen = NotPerSample("computed where the tracker did not see it: neither an "
                                     "input, nor declared sample free, nor computed in the pass")
         inputs = list(inputs)
@@ -231,17 +237,36 @@ class ProvenanceTracker(TorchFunctionMode):
         """The state of ``t``: its BatchAxis, SAMPLE_FREE, or NotPerSample with the reason."""
         return self.state(t)
 
+    def mark(self, t: torch.Tensor, where: BatchAxis) -> None:
+        """Declares that ``t`` carries the samples along ``where`` from now on: a tensor the
+        caller treats as per sample by its own rule (copy n of a sample-free tensor repeated
+        over the batch taken to be sample n's). Every later result follows from it, so a use
+        that contradicts the claim (a sum over those copies) comes out not per sample."""
+        self._states[id(t)] = (t, self._fit(where, t))
+
     def state(self, t: Any) -> Provenance:
         """:meth:`axis_of` for a tensor; SAMPLE_FREE for any other value (the rules' Context)."""
         if not isinstance(t, torch.Tensor):
             return SAMPLE_FREE
         entry = self._states.get(id(t))
+        if entry is None and self._load_held():
+            entry = self._states.get(id(t))
         return self._unseen if entry is None else entry[1]
+
+    def _load_held(self) -> bool:
+        """Declares the ``held`` tensors sample free (once); whether there were any to load."""
+        if self._held is None:
+            return False
+        held, self._held = self._held, None
+        for t in held():
+            self._states.setdefault(id(t), (t, SAMPLE_FREE))
+        return True
 
     def clear(self) -> None:
         """Forgets every tensor (and releases the references that kept their ids unique)."""
         self._states.clear()
         self.leaks.clear()
+        self._held = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -280,7 +305,9 @@ class ProvenanceTracker(TorchFunctionMode):
             base = name
         if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
             written = kwargs["out"]
-        if _all_free((*args, *kwargs.values()) if kwargs else args, self._states):
+        values = (*args, *kwargs.values()) if kwargs else args
+        if _all_free(values, self._states) or (
+                self._held is not None and self._load_held() and _all_free(values, self._states)):
             state: Any = SAMPLE_FREE
         elif written is None and not isinstance(result, torch.Tensor) and not any(
                 True for _ in tensors([result])):
