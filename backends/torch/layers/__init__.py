@@ -19,7 +19,7 @@ module                            per-sample gradient             kind
 ``nn.LayerNorm``, ``nn.RMSNorm``  rows sum_t b xhat, sum_t b      ``LastAxesNorm``
 ``nn.GroupNorm``                  rows per channel                ``GroupNorm``
 ``nn.InstanceNorm1d/2d/3d``       rows per channel                ``InstanceNorm``
-``nn.BatchNorm1d/2d/3d`` (eval)   rows per channel                ``BatchNorm``
+``nn.(Sync)BatchNorm*`` (eval)   rows per channel                ``BatchNorm``
 ``nn.MultiheadAttention``         q, k, v row blocks (decomposed) ``Attention``
 ================================  ==============================  ==========================
 """

@@ -358,7 +358,7 @@ class LayerPass:
                          for v in args)
         kw_dims = {k: in_dim(state(v)) if isinstance(v, torch.Tensor) else None
                    for k, v in kwargs.items()}
-        bad = [f"its output {d[len('an argument '):]}" for d in out_dims if isinstance(d, str)]
+        bad = [d.replace("an argument", "its output", 1) for d in out_dims if isinstance(d, str)]
         bad += ["an output of it is sample free" for d in out_dims if d is None]
         bad += [d for d in (*arg_dims, *kw_dims.values()) if isinstance(d, str)]
         if bad:

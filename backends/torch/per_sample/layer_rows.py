@@ -111,10 +111,10 @@ class Use:
 def why_not(state: Provenance, what: str) -> str:
     """A failure message for a tensor without a (plain) batch axis."""
     if state is SAMPLE_FREE:
-        return f"{what} carries no samples (sample free)"
+        return f"{what}: no samples (sample free)"
     if type(state) is NotPerSample:
-        return f"{what} is not per sample ({state.reason})"
-    return f"{what} carries its samples merged with other axes ({state})"
+        return f"{what}: not per sample by provenance ({state.reason})"
+    return f"{what}: samples merged with other axes ({state})"
 
 
 def in_dim(state: Provenance) -> int | str | None:

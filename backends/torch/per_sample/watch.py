@@ -198,12 +198,16 @@ class UseWatch(TorchFunctionMode):
         frame = self.stack[-1] if self.stack else None
         state = self.tracker.state
         sources = all(state(t) is SAMPLE_FREE for t in tensors)
-        if frame is not None and not frame.generic and all(
-                self._own(t, frame) for t in tensors if id(t) in self.watched
-                or id(t) in self.free):
-            if sources:  # e.g. a row block of the module's own weight
-                self._mark_free(result, slots, frame)
-            return result  # the module's own weights on its inputs: its layer kind's work
+        if frame is not None and not frame.generic:
+            others = [t for t in tensors if (id(t) in self.watched or id(t) in self.free)
+                      and not self._own(t, frame)]
+            if not others:
+                if sources:  # e.g. a row block of the module's own weight
+                    self._mark_free(result, slots, frame)
+                return result  # the module's own weights on its inputs: its layer kind's work
+            if not sources:  # the kind accounts for its own; the others escape
+                self._escape(name, others, frame)
+                return result
         if self._capture(name, args, kwargs, result):
             return result
         if sources:
