@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,9 @@ from ngdref.checks import EMPTY_BATCH
 POSITIONAL = "<input>"
 
 
-def hf_models(model: nn.Module) -> list[nn.Module]:
-    """The Hugging Face ``PreTrainedModel`` submodules, outermost first ([] without HF).
+def hf_models(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[nn.Module]:
+    """The Hugging Face ``PreTrainedModel`` submodules, outermost first ([] without HF);
+    ``modules``: ``model.modules()`` if the caller has them already.
 
     A model built from transformers has imported it already; importing it here for a plain
     torch model would cost seconds, so an unimported transformers means no HF submodule.
@@ -45,7 +46,8 @@ def hf_models(model: nn.Module) -> list[nn.Module]:
         return []
     from transformers import PreTrainedModel
 
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return [m for m in (model.modules() if modules is None else modules)
+            if isinstance(m, PreTrainedModel)]
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,8 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self.output_fn = default_output_fn if output_fn is None else output_fn
         if not callable(self.output_fn):
             raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
-        super().__init__(model, params)
+        self._modules = list(model.named_modules())  # one walk for every use of this step
+        super().__init__(model, params, modules=self._modules)
         self.chunk_size = check_int(chunk_size, "chunk_size", optional=True)
         self.per_sample, deprecated = resolve_per_sample(per_sample, per_sample_method,
                                                          layer_route)
@@ -200,14 +201,14 @@ class TorchProvider(ParamLayout, JacobianProvider):
         self.on_mismatch = check_choice(on_mismatch, "on_mismatch", ON_MISMATCH)
         self.certify_samples = check_int(certify_samples, "certify_samples", optional=True)
         self.certify_seed = check_int(certify_seed, "certify_seed", minimum=0)
-        self._hf = hf_models(model)
+        self._hf = hf_models(model, (m for _, m in self._modules))
         batch = split_inputs(self._hf, inputs, self.device, self.dtype)
         self.targets: torch.Tensor | None = batch.targets
         self._positional, self._batched, self._static = (
             batch.positional, batch.batched, batch.static
         )
         self._n = batch.num_samples
-        refuse_semantics(model, self.mode)  # before any pass: nothing has changed yet
+        refuse_semantics(model, self.mode, modules=self._modules)  # before any pass
         self.certified: CertifiedRows | None = None
         self.layer_pass: LayerPass | None = None
         self._layer_failure: str | None = None
@@ -243,10 +244,14 @@ class TorchProvider(ParamLayout, JacobianProvider):
         return self._n
 
     # ---- forwards ------------------------------------------------------------------------
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        """``model.named_modules()``, walked once for the provider's life (one step)."""
+        return self._modules
+
     def module_mode(self) -> AbstractContextManager[None]:
         """The context of every pass: the mode policy applied to every submodule, each one's
         own flag restored after (:func:`~backends.torch.per_sample.semantics.applied_mode`)."""
-        return applied_mode(self.model, self.mode)
+        return applied_mode(self.model, self.mode, modules=[m for _, m in self._modules])
 
     def eval_mode(self) -> AbstractContextManager[None]:
         """:meth:`module_mode` under its earlier name (it applies ``mode``, eval by default)."""
@@ -453,18 +458,13 @@ class TorchProvider(ParamLayout, JacobianProvider):
 
     def vjp_ranges(self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
                    ) -> list[torch.Tensor]:
-        r"""Per-sample ``J_n^T u_n`` restricted to slices of theta: one (N, size) per range.
-
-        ``ranges`` holds (offset, size) pairs; the rest of theta is held fixed, so only
-        N x sum(sizes) is formed (:meth:`dense_ranges`).
-        """
+        r"""Per-sample ``J_n^T u_n`` on the (offset, size) slices ``ranges`` of theta, one
+        (N, size) each, the rest of theta held fixed (:meth:`dense_ranges`)."""
         self._check_cotangents(cotangents)
         return self.dense_ranges(cotangents, ranges)[0]
 
     def vjp_sum(self, cotangents: torch.Tensor) -> torch.Tensor:
-        r"""Summed vector-Jacobian product ``sum_n J_n^T u_n``; shape (P,).
-
-        .. math:: g = \sum_n J_n^\top u_n
+        r"""Summed vector-Jacobian product :math:`g = \sum_n J_n^\top u_n`; shape (P,).
 
         One ordinary forward and backward pass (per chunk if ``chunk_size`` is set), no
         ``vmap``. With ``u = loss.grad(...)`` this is the gradient of the summed loss.

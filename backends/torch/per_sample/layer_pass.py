@@ -112,6 +112,10 @@ class ModelBatch(Protocol):
         """The mode policy applied to every submodule inside, each one's flag restored."""
         ...
 
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        """``model.named_modules()`` (the provider may walk the model once per step)."""
+        ...
+
     def eval_mode(self) -> AbstractContextManager[Any]:
         """The same context under its earlier name (the K-FAC capture uses it)."""
         ...
@@ -122,17 +126,11 @@ class ModelBatch(Protocol):
         """Logits (n, C) of ``batched`` at ``theta`` (``params``: ``unflatten(theta)``)."""
         ...
 
-    def vjp_ranges(
-        self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
-    ) -> list[torch.Tensor]:
-        """Per-sample J_n^T u_n restricted to the (offset, size) slices of theta."""
-        ...
-
     def dense_ranges(
         self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
     ) -> tuple[list[torch.Tensor], str, str | None]:
-        """:meth:`vjp_ranges` by the whole-model routes: (rows per range, "vmap" or "loop",
-        why vmap could not run them, or None)."""
+        """Per-sample J_n^T u_n restricted to the (offset, size) slices of theta by the
+        whole-model routes: (rows per range, "vmap" or "loop", why vmap could not, or None)."""
         ...
 
 
@@ -180,7 +178,7 @@ class LayerPass:
     def decisions(self) -> list[tuple[str, str, Any]]:
         """Per recorded call, in order: (module path, decision, axis / in_dims / reason)
         (:meth:`.layer_rows.Use.decision`): the pass's routing as data."""
-        path = {m: name for name, m in self.provider.model.named_modules()}
+        path = {m: name for name, m in self.provider.named_modules()}
         return [(path.get(u.module, "?"), *u.decision()) for u in self._uses]
 
     # ---- setup ---------------------------------------------------------------------------
@@ -191,7 +189,7 @@ class LayerPass:
         owned: dict[nn.Module, dict[str, int]] = {}
         kinds: dict[nn.Module, LayerKind | None] = {}
         held: list[torch.Tensor] = []
-        for module in provider.model.modules():
+        for _, module in provider.named_modules():
             own = {}
             for attr, p in module._parameters.items():
                 if p is not None:

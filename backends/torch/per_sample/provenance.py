@@ -144,17 +144,39 @@ def held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def _all_free(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Provenance]]) -> bool:
+#: name -> (the operation whose rule applies, None for an in-place reshaping; whether the
+#: operation writes its first argument in place), filled as the passes meet operations
+_KINDS: dict[str, tuple[str | None, bool]] = {}
+
+
+def _kind_of(name: str) -> tuple[str | None, bool]:
+    base = INPLACE.get(name)
+    if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
+        kind = (None if name in RESHAPING_INPLACE else (base or name[:-1]), True)
+    else:
+        kind = (name, False)
+    _KINDS[name] = kind
+    return kind
+
+
+def _freeness(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Provenance]]
+              ) -> bool | None:
+    """True: every tensor among ``values`` (and in their lists, tuples and slices) is sample
+    free; False: one is known not to be; None: some have no state yet, the others are free."""
+    unseen = False
     for v in values:
         if isinstance(v, torch.Tensor):
             entry = states.get(id(v))
-            if entry is None or entry[1] is not SAMPLE_FREE:
+            if entry is None:
+                unseen = True
+            elif entry[1] is not SAMPLE_FREE:
                 return False
-        elif isinstance(v, (list, tuple)) and not _all_free(v, states):
-            return False
-        elif isinstance(v, slice) and not _all_free((v.start, v.stop, v.step), states):
-            return False
-    return True
+        elif isinstance(v, (list, tuple, slice)):
+            inner = _freeness((v.start, v.stop, v.step) if isinstance(v, slice) else v, states)
+            if inner is False:
+                return False
+            unseen = unseen or inner is None
+    return None if unseen else True
 
 
 class ProvenanceTracker(TorchFunctionMode):
@@ -295,19 +317,18 @@ class ProvenanceTracker(TorchFunctionMode):
             return
         if kwargs is None:
             kwargs = {}
+        kind = _KINDS.get(name) or _kind_of(name)
+        base = kind[0]
         written: Any = None
-        base = INPLACE.get(name)
-        if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
-            # the written tensor, or the list a _foreach_ operation writes
+        if kind[1]:  # the written tensor, or the list a _foreach_ operation writes
             written = args[0] if args and isinstance(args[0], (torch.Tensor, list, tuple)) else None
-            base = None if name in RESHAPING_INPLACE else (base or name[:-1])
-        else:
-            base = name
         if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
             written = kwargs["out"]
         values = (*args, *kwargs.values()) if kwargs else args
-        if _all_free(values, self._states) or (
-                self._held is not None and self._load_held() and _all_free(values, self._states)):
+        free = _freeness(values, self._states)
+        if free is None and self._load_held():
+            free = _freeness(values, self._states)
+        if free:
             state: Any = SAMPLE_FREE
         elif written is None and not isinstance(result, torch.Tensor) and not any(
                 True for _ in tensors([result])):

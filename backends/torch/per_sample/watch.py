@@ -65,6 +65,7 @@ _ADD = frozenset({"add", "__add__", "__radd__"})
 _IADD = frozenset({"add_", "__iadd__"})
 _MUL = frozenset({"mul", "__mul__", "__rmul__"})
 _EXPAND = frozenset({"expand", "expand_as", "broadcast_to", "repeat"})
+_NESTED = frozenset({list, tuple})
 
 
 def _in_place(name: str) -> bool:
@@ -151,6 +152,8 @@ class UseWatch(TorchFunctionMode):
                  num_samples: int) -> None:
         super().__init__()
         self.watched = watched
+        #: ids of the watched and free tensors: an operation on none of them is only recorded
+        self.hot: set[int] = set(watched)
         self.tracker = tracker
         self.n = num_samples
         self.stack: list[Frame] = []
@@ -170,9 +173,7 @@ class UseWatch(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         flat = (*args, *kwargs.values()) if kwargs else args
-        ids = list(map(id, flat))
-        if (self.watched.keys().isdisjoint(ids) and self.free.keys().isdisjoint(ids)
-                and list not in map(type, flat) and tuple not in map(type, flat)):
+        if self.hot.isdisjoint(map(id, flat)) and not _NESTED.intersection(map(type, flat)):
             result = func(*args, **kwargs)
             if name == "__iter__":
                 return self._iterate(args, result)
@@ -226,6 +227,7 @@ class UseWatch(TorchFunctionMode):
         for out in result if isinstance(result, (tuple, list)) else (result,):
             if isinstance(out, torch.Tensor):
                 self.free[id(out)] = (out, slots, frame.call if frame else -1)
+                self.hot.add(id(out))
 
     def _slots_of(self, tensors: list[torch.Tensor]) -> frozenset[int]:
         slots = {self.watched[id(t)] for t in tensors if id(t) in self.watched}
@@ -301,13 +303,14 @@ class UseWatch(TorchFunctionMode):
                 inside = frame is not None and frame.generic and call == frame.call and (
                     slots <= frame.slots)
                 (self.module_vmap if inside else self.outside).update(slots)
-        if tensors and _in_place(name):
-            self.free.pop(id(tensors[0]), None)  # written in place from the batch
+        if tensors and _in_place(name) and self.free.pop(id(tensors[0]), None) is not None:
+            self.hot.discard(id(tensors[0]))  # written in place from the batch
 
     def clear(self) -> None:
         """Drops what only the forward pass needed (the tracker's states, the free tensors)."""
         self.tracker.clear()
         self.free.clear()
+        self.hot.clear()
         self.stack.clear()
 
 
