@@ -32,6 +32,7 @@ another mode's ``__torch_function__`` after running each operation there.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,6 +49,7 @@ from .provenance_rules import (
     Provenance,
     Rule,
     SampleFree,
+    broadcast,
     tensors,
 )
 from .provenance_views import VIEW_RULES
@@ -159,15 +161,20 @@ def _kind_of(name: str) -> tuple[str | None, bool]:
     return kind
 
 
-def _freeness(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Provenance]]
-              ) -> bool | None:
+#: id(tensor) -> (a weak reference to it, its state): the tracker keeps no tensor alive, so
+#: a forward pass frees its intermediates as it would unwatched; an entry whose reference
+#: no longer gives the same tensor (it died and its id was reused) is no entry
+States = dict[int, tuple[weakref.ref, Provenance]]
+
+
+def _freeness(values: Iterable[Any], states: States) -> bool | None:
     """True: every tensor among ``values`` (and in their lists, tuples and slices) is sample
     free; False: one is known not to be; None: some have no state yet, the others are free."""
     unseen = False
     for v in values:
         if isinstance(v, torch.Tensor):
             entry = states.get(id(v))
-            if entry is None:
+            if entry is None or entry[0]() is not v:
                 unseen = True
             elif entry[1] is not SAMPLE_FREE:
                 return False
@@ -211,8 +218,9 @@ class ProvenanceTracker(TorchFunctionMode):
 
     Notes
     -----
-    The tracker holds a reference to every tensor it classified (so that ``id`` stays unique)
-    until :meth:`clear`.
+    The tracker keeps weak references only: an intermediate the forward pass drops is freed
+    as without the tracker (holding them would keep every activation of the pass alive), and
+    a tensor whose id once belonged to a dead one is not taken for it.
     """
 
     def __init__(
@@ -226,7 +234,7 @@ class ProvenanceTracker(TorchFunctionMode):
         self.num_samples = num_samples
         self.name = ""  # the operation whose rule runs (the rules' Context)
         self.leaks: list[str] = []
-        self._states: dict[int, tuple[torch.Tensor, Provenance]] = {}
+        self._states: States = {}
         self._held = held
         self._unseen = NotPerSample("computed where the tracker did not see it: neither an "
                                     "input, nor declared sample free, nor computed in the pass")
@@ -236,7 +244,7 @@ class ProvenanceTracker(TorchFunctionMode):
         for t in free:
             self.mark_free(t)
         for t, where in inputs:
-            self._states[id(t)] = (t, where)
+            self._states[id(t)] = (weakref.ref(t), where)
 
     def _check_input(self, j: int, pair: Any) -> None:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
@@ -253,7 +261,7 @@ class ProvenanceTracker(TorchFunctionMode):
 
     def mark_free(self, t: torch.Tensor) -> None:
         """Declares ``t`` computed without the batch (a parameter, a buffer)."""
-        self._states[id(t)] = (t, SAMPLE_FREE)
+        self._states[id(t)] = (weakref.ref(t), SAMPLE_FREE)
 
     def axis_of(self, t: torch.Tensor) -> Provenance:
         """The state of ``t``: its BatchAxis, SAMPLE_FREE, or NotPerSample with the reason."""
@@ -264,16 +272,18 @@ class ProvenanceTracker(TorchFunctionMode):
         caller treats as per sample by its own rule (copy n of a sample-free tensor repeated
         over the batch taken to be sample n's). Every later result follows from it, so a use
         that contradicts the claim (a sum over those copies) comes out not per sample."""
-        self._states[id(t)] = (t, self._fit(where, t))
+        self._states[id(t)] = (weakref.ref(t), self._fit(where, t))
 
     def state(self, t: Any) -> Provenance:
         """:meth:`axis_of` for a tensor; SAMPLE_FREE for any other value (the rules' Context)."""
         if not isinstance(t, torch.Tensor):
             return SAMPLE_FREE
         entry = self._states.get(id(t))
-        if entry is None and self._load_held():
-            entry = self._states.get(id(t))
-        return self._unseen if entry is None else entry[1]
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if self._load_held():
+            return self.state(t)
+        return self._unseen
 
     def _load_held(self) -> bool:
         """Declares the ``held`` tensors sample free (once); whether there were any to load."""
@@ -281,11 +291,13 @@ class ProvenanceTracker(TorchFunctionMode):
             return False
         held, self._held = self._held, None
         for t in held():
-            self._states.setdefault(id(t), (t, SAMPLE_FREE))
+            entry = self._states.get(id(t))
+            if entry is None or entry[0]() is not t:
+                self._states[id(t)] = (weakref.ref(t), SAMPLE_FREE)
         return True
 
     def clear(self) -> None:
-        """Forgets every tensor (and releases the references that kept their ids unique)."""
+        """Forgets every tensor."""
         self._states.clear()
         self.leaks.clear()
         self._held = None
@@ -315,9 +327,19 @@ class ProvenanceTracker(TorchFunctionMode):
         """
         if name in METADATA:
             return
+        kind = _KINDS.get(name) or _kind_of(name)
+        if not kwargs and not kind[1] and type(result) is torch.Tensor and (
+                RULES.get(kind[0]) is broadcast):
+            state = self._elementwise(args, result)
+            if state is not None:  # the common case, without the general path's calls
+                entry = self._states.get(id(result))
+                if entry is None or entry[0]() is not result or entry[1] is state:
+                    self._states[id(result)] = (weakref.ref(result), state)
+                    return
+                self._assign(result, state)  # an operand returned as the result, changed
+                return
         if kwargs is None:
             kwargs = {}
-        kind = _KINDS.get(name) or _kind_of(name)
         base = kind[0]
         written: Any = None
         if kind[1]:  # the written tensor, or the list a _foreach_ operation writes
@@ -346,6 +368,34 @@ class ProvenanceTracker(TorchFunctionMode):
                 self._write(t, state if not isinstance(state, tuple) else state[0])
             return
         self._assign(result, state)
+
+    def _elementwise(self, args: tuple, result: torch.Tensor) -> Provenance | None:
+        """:func:`~.provenance_rules.broadcast`'s state for plain tensor arguments whose states
+        are known, checked against the result's shape; None: take the general path."""
+        found, nd = None, result.ndim
+        for v in args:
+            if isinstance(v, torch.Tensor):
+                entry = self._states.get(id(v))
+                if entry is None or entry[0]() is not v:
+                    return None
+                s = entry[1]
+                if s is SAMPLE_FREE:
+                    continue
+                if type(s) is not BatchAxis:
+                    return s
+                if v.ndim != nd:
+                    s = BatchAxis(s.axis + nd - v.ndim, s.outer, s.inner)
+                if found is None:
+                    found = s
+                elif s != found:
+                    return None
+            elif isinstance(v, (list, tuple)):
+                return None
+        if found is None:
+            return SAMPLE_FREE
+        fits = found.axis < nd and result.shape[found.axis] == (
+            found.outer * self.num_samples * found.inner)
+        return found if fits else None
 
     def _rule(self, name: str, base: str | None, args: tuple, kwargs: dict, result: Any) -> Any:
         """The state(s) the rule of ``base`` gives, or why there is none."""
@@ -381,11 +431,12 @@ class ProvenanceTracker(TorchFunctionMode):
         if isinstance(result, torch.Tensor):
             entry = self._states.get(id(result))
             new = self._fit(state, result)
-            if entry is not None and entry[1] is not new and entry[1] != new:
+            if entry is not None and entry[0]() is result and entry[1] is not new and (
+                    entry[1] != new):
                 # an operand returned as the result (in place, or a no-op view), now changed
                 self._write(result, new)
             else:
-                self._states[id(result)] = (result, new)
+                self._states[id(result)] = (weakref.ref(result), new)
         elif isinstance(result, (list, tuple)):
             each = state if isinstance(state, tuple) else [state] * len(result)
             for r, s in zip(result, each, strict=True):
@@ -399,15 +450,16 @@ class ProvenanceTracker(TorchFunctionMode):
         """t's values were written in place; a changed state reaches every alias of t."""
         entry = self._states.get(id(t))
         new = self._fit(state, t)
-        self._states[id(t)] = (t, new)
-        if entry is None or entry[1] is new or entry[1] == new:
+        self._states[id(t)] = (weakref.ref(t), new)
+        if entry is None or entry[0]() is not t or entry[1] is new or entry[1] == new:
             return
         why = NotPerSample(f"{self.name}: shares memory with a tensor written in place")
         key = _storage(t)
-        for k, (u, s) in list(self._states.items()):
-            if u is not t and type(s) is not NotPerSample and u.numel() and (
+        for k, (ref, s) in list(self._states.items()):
+            u = ref()
+            if u is not None and u is not t and type(s) is not NotPerSample and u.numel() and (
                     key is None or _storage(u) in (key, None)):
-                self._states[k] = (u, why)
+                self._states[k] = (ref, why)
 
 
 def _storage(t: torch.Tensor) -> int | None:
