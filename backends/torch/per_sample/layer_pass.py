@@ -300,6 +300,7 @@ class LayerPass:
         if use.failure is None:
             use.axis = axis
             use.captured = kind.inputs(m, args, kwargs, axis, self._n)
+            use.keep(args, kwargs)
             for name, t in taps.items():
                 use.tap(name, t)
 
@@ -366,6 +367,7 @@ class LayerPass:
         use.captured = (tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()},
                         (arg_dims, kw_dims), tuple(positions))
         use.out_dims = tuple(out_dims)
+        use.keep(args, kwargs)
         for i, o in enumerate(outs):
             use.tap(str(i), o)
 

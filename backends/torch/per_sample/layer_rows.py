@@ -84,16 +84,25 @@ class Use:
     out_dims: tuple[int, ...] = ()
     failure: str | None = None
     free: bool = False
+    #: the call's tensor arguments and their versions (its captured inputs may be views)
+    arguments: tuple[tuple[torch.Tensor, int], ...] = ()
 
     def tap(self, name: str, t: torch.Tensor) -> None:
         self.taps[name] = t
         self.versions[name] = t._version
 
+    def keep(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """Remember the versions of the call's tensor arguments."""
+        self.arguments = tuple((t, t._version) for t in (*args, *kwargs.values())
+                               if isinstance(t, torch.Tensor))
+
     def changed(self) -> str | None:
-        """Why a tapped tensor is no longer what the call returned, or None."""
+        """Why a tapped tensor or an argument is no longer what the call saw, or None."""
         for name, t in self.taps.items():
             if t._version != self.versions[name]:
                 return f"{type(self.module).__name__}'s output was changed in place"
+        if any(t._version != v for t, v in self.arguments):
+            return f"{type(self.module).__name__}'s input was changed in place after the call"
         return None
 
     def decision(self) -> tuple[str, Any]:

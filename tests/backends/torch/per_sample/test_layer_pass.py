@@ -116,6 +116,32 @@ class InPlace(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class Gate(nn.Module):
+    """A module kind the hooks do not know (per-module vmap), gated by a second argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, h: Any, level: Any) -> Any:
+        return torch.where(level > 0, h @ torch.diag(self.gain), h)
+
+
+class ArgumentChanged(nn.Module):
+    """The gate's level (per sample, not saved by autograd) changed in place after the call:
+    the per-module vmap would read the new values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.head = Gate(), nn.Linear(4, 3)
+
+    def forward(self, x: Any) -> Any:
+        level = x.detach().clone()
+        h = self.gate(x, level)
+        level.neg_()
+        return self.head(torch.tanh(h) + level)
+
+
 class Prompted(nn.Module):
     """Virtual tokens embedded for one sample and repeated over the batch (peft's way)."""
 
@@ -220,6 +246,10 @@ CASES = [
     Case("tied_embedding_head", _tagger(True), ("Mix (mix.gain): per-module vmap",)),
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
     Case("output_changed_in_place", _in_place, ("changed in place",)),
+    Case("argument_changed_in_place", lambda: (
+        ArgumentChanged().double(), torch.randn(4, 4, dtype=torch.float64),
+        torch.randint(0, 3, (4,)), ngdref.SoftmaxCrossEntropy()),
+        ("gate.gain: whole-model vmap (Gate's input was changed in place",)),
     Case("one_sample_call_repeated", _prompted(False)),
     Case("tensor_created_then_filled_from_the_batch", lambda: (
         Filled().double(), torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)),
