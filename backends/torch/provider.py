@@ -438,7 +438,7 @@ class TorchProvider(ParamLayout, JacobianProvider):
                 parts.append(part._dense_rows("vmap", cotangents[rows], why))
             else:
                 parts.append(part.layer_pass.rows(cotangents[rows], keep_graph=keep_graph))
-        return stack_rows(parts)
+        return parts[0] if len(parts) == 1 else stack_rows(parts)
 
     def _dense_rows(self, route: str, cotangents: torch.Tensor, why: str | None) -> RoutedRows:
         (rows,), used, vmap_failed = dense_ranges(self, cotangents, [(0, self.num_params)],

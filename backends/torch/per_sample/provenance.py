@@ -57,6 +57,7 @@ from .provenance_views import VIEW_RULES
 __all__ = [
     "INPLACE",
     "METADATA",
+    "NAMES",
     "RULES",
     "SAMPLE_FREE",
     "NotPerSample",
@@ -100,20 +101,21 @@ RESHAPING_INPLACE = frozenset({
     "resize_as_", "as_strided_", "set_",
 })
 
-#: func -> operation_name(func), filled as the forward passes meet torch functions
-_NAMES: dict[Any, str] = {}
+#: func -> operation_name(func), filled as the forward passes meet torch functions (a mode
+#: in the hot path may read it directly before calling operation_name)
+NAMES: dict[Any, str] = {}
 
 
 def operation_name(func: Any) -> str:
     """The name a ``TorchFunctionMode`` sees: ``func.__name__``, or the property's name for a
     getter (``Tensor.T.__get__`` -> ``"T"``). Cached per torch function."""
     try:
-        return _NAMES[func]
+        return NAMES[func]
     except KeyError:
         pass
     except TypeError:  # unhashable: named anew
         return _name_of(func)
-    name = _NAMES[func] = _name_of(func)
+    name = NAMES[func] = _name_of(func)
     return name
 
 
@@ -147,16 +149,17 @@ def held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 #: name -> (the operation whose rule applies, None for an in-place reshaping; whether the
-#: operation writes its first argument in place), filled as the passes meet operations
-_KINDS: dict[str, tuple[str | None, bool]] = {}
+#: operation writes its first argument in place; whether its rule is the elementwise one),
+#: filled as the passes meet operations
+_KINDS: dict[str, tuple[str | None, bool, bool]] = {}
 
 
-def _kind_of(name: str) -> tuple[str | None, bool]:
+def _kind_of(name: str) -> tuple[str | None, bool, bool]:
     base = INPLACE.get(name)
     if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
-        kind = (None if name in RESHAPING_INPLACE else (base or name[:-1]), True)
+        kind = (None if name in RESHAPING_INPLACE else (base or name[:-1]), True, False)
     else:
-        kind = (name, False)
+        kind = (name, False, RULES.get(name) is broadcast)
     _KINDS[name] = kind
     return kind
 
@@ -328,8 +331,7 @@ class ProvenanceTracker(TorchFunctionMode):
         if name in METADATA:
             return
         kind = _KINDS.get(name) or _kind_of(name)
-        if not kwargs and not kind[1] and type(result) is torch.Tensor and (
-                RULES.get(kind[0]) is broadcast):
+        if kind[2] and not kwargs and type(result) is torch.Tensor:
             state = self._elementwise(args, result)
             if state is not None:  # the common case, without the general path's calls
                 entry = self._states.get(id(result))
@@ -430,7 +432,7 @@ class ProvenanceTracker(TorchFunctionMode):
     def _assign(self, result: Any, state: Any) -> None:
         if isinstance(result, torch.Tensor):
             entry = self._states.get(id(result))
-            new = self._fit(state, result)
+            new = self._fit(state, result) if type(state) is BatchAxis else state
             if entry is not None and entry[0]() is result and entry[1] is not new and (
                     entry[1] != new):
                 # an operand returned as the result (in place, or a no-op view), now changed

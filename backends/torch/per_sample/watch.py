@@ -48,7 +48,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..axes import BatchAxis, batch_first
-from .provenance import SAMPLE_FREE, ProvenanceTracker, operation_name
+from .provenance import NAMES, SAMPLE_FREE, ProvenanceTracker, operation_name
 
 __all__ = ["Capture", "Frame", "UseWatch", "capture_rows"]
 
@@ -168,7 +168,10 @@ class UseWatch(TorchFunctionMode):
         # every operation of the forward pass (the hooks' own run with torch functions off):
         # the tracker records it; only operations on parameters and on sample-free tensors
         # read from them are sorted further (decided by set operations on argument ids)
-        name = operation_name(func)
+        try:
+            name = NAMES[func]
+        except (KeyError, TypeError):
+            name = operation_name(func)
         if name in _PASS:
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
