@@ -219,6 +219,10 @@ def shapes_of(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, 
         t = sum(max((p.positions for p in use if isinstance(p, Outer)), default=1)
                 for use in uses)
         return (PartShape(t, total, 0),)
+    return _outer_shapes(uses, shape)
+
+
+def _outer_shapes(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, ...]:
     out = []
     for parts in zip(*uses, strict=True):
         t = sum(p.positions for p in parts)
@@ -259,21 +263,21 @@ def assemble(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not uses:
         raise ValueError("assemble needs at least one use of the parameter")
-    if _factorable(uses):
-        groups = list(zip(*uses, strict=True))
-        blocks = [_factor_block(offset, shape, parts) for parts in groups]
-        block = blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape), tuple(blocks))
-        n = int(uses[0][0].u.shape[0])
-        itemsize = uses[0][0].v.element_size()
-        if route == "ghost" or (route == "auto" and factor_cost(
-                n, shapes_of(uses, shape), itemsize).ghost_cheaper(balance)):
-            return block
-        return DenseBlock(offset, block.materialise())
+    if route != "materialise" and _factorable(uses):
+        first = uses[0][0]
+        if route == "ghost" or factor_cost(int(first.u.shape[0]), _outer_shapes(uses, shape),
+                                           first.v.element_size()).ghost_cheaper(balance):
+            blocks = [_factor_block(offset, shape, parts) for parts in zip(*uses, strict=True)]
+            return blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape),
+                                                                tuple(blocks))
     return DenseBlock(offset, _dense(uses, shape))
 
 
 def _dense(uses: Sequence[Grad], shape: tuple[int, ...]) -> torch.Tensor:
     """The uses materialised and summed, (N, prod(shape)); each part at its own rows."""
+    if len(uses) == 1 and len(uses[0]) == 1 and part_size(uses[0][0], shape) == math.prod(
+            shape) and (isinstance(uses[0][0], Rows) or uses[0][0].start == 0):
+        return materialise(uses[0][0], shape)  # one part, the whole parameter: as it is
     total = None
     for use in uses:
         for p in use:
