@@ -43,6 +43,7 @@ from ngdref.losses import (
     SquaredError,
     reduction_factor,
 )
+from ngdref.ngd import gn_update, ngd_update, ngd_update_cg
 from ngdref.provider import JacobianProvider
 from ngdref.quality import (
     QuadraticForm,
@@ -57,11 +58,8 @@ from ngdref.quality import (
 from ngdref.rows import DenseRows, PerSampleRows, as_rows, gram_matrix
 from ngdref.updates import (
     ef_update,
-    gn_update,
     gram_update,
     ief_update,
-    ngd_update,
-    ngd_update_cg,
     sf_update,
     sgd_update,
 )

@@ -30,16 +30,14 @@ import array_api_compat
 
 from ngdref.checks import check_choice
 from ngdref.losses import LogitLoss, reduction_factor
+from ngdref.ngd import gn_update, ngd_update, ngd_update_cg
 from ngdref.provider import JacobianProvider
 from ngdref.quality import fisher_vp
 from ngdref.updates import (
     check_damping_options,
     ef_update,
-    gn_update,
     gram_solver,
     ief_update,
-    ngd_update,
-    ngd_update_cg,
     sf_update,
     sgd_update,
 )

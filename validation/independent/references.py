@@ -1,6 +1,6 @@
 r"""Independent references for every update of a reference run: dense P x P solves in NumPy.
 
-Nothing here calls :mod:`ngdref.updates`, :mod:`ngdref.linalg`,
+Nothing here calls :mod:`ngdref.updates`, :mod:`ngdref.ngd`, :mod:`ngdref.linalg`,
 :mod:`ngdref.directions` or ngdref's loss classes' formulas. From the
 reference provider's dense Jacobian J (N, C, P) and logits z (N, C), the
 logit-level gradient e_n, Hessian H_n and the labels drawn for SF are written

@@ -275,7 +275,7 @@ def test_sf_duplicate_filter_matches_the_authors_loop(duplicates: str) -> None:
     """``authors_sf_rows`` against the transcription of ``remove_J_C_duplicates``: rows with
     planted near-duplicates (a chain a ~ b ~ c and an exact copy), compared as the set of
     rows kept and their Gram matrix G_hat^T G_hat (order-free), to 1e-12."""
-    from validation.experiments.evaluate.protocols import authors_sf_rows
+    from validation.experiments.evaluate.authors_sf import authors_sf_rows
 
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 9))

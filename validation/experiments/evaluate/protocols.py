@@ -73,9 +73,9 @@ if TYPE_CHECKING:
     from backends.torch.kfac.curvature import KFACCurvature
     from backends.torch.provider import TorchProvider
     from validation.experiments.train.runner import Batch, Setup
+from validation.experiments.evaluate.authors_sf import AUTHORS_SF_DEDUP_THRESHOLD, authors_sf_rows
 
 __all__ = [
-    "AUTHORS_SF_DEDUP_THRESHOLD",
     "DAMPING_SCALES",
     "IMBALANCE_STATISTICS",
     "PROTOCOLS",
@@ -83,7 +83,6 @@ __all__ = [
     "BatchScorer",
     "EvaluationError",
     "EvaluationProblem",
-    "authors_sf_rows",
     "batch_rows",
     "batch_scorer",
     "evaluation_inputs",
@@ -99,58 +98,8 @@ SF_DUPLICATES = ("drop", "merge")
 #: how a damping value is read: "absolute", or "sampled_max" (relative to the largest squared
 #: norm of SF's kept sampled rows, the authors' evaluator's negative damping)
 DAMPING_SCALES = ("absolute", "sampled_max")
-#: the authors' threshold for SF's sampled rows (``remove_J_C_duplicates(thresh=0.99)``)
-AUTHORS_SF_DEDUP_THRESHOLD = 0.99
-
-
 class EvaluationError(ValueError):
     """Bad input to the evaluation framework; the message names the argument."""
-
-
-def _abs_cosines(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sq = np.clip(np.diag(gram), 0.0, None)
-    norms = np.sqrt(sq)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.abs(gram) / np.outer(norms, norms)
-    return np.nan_to_num(cos, nan=0.0), sq
-
-
-def authors_sf_rows(
-    gram: np.ndarray, threshold: float, duplicates: str
-) -> tuple[np.ndarray, np.ndarray]:
-    r"""SF's sampled rows after the authors' filter: (indices kept, scale of each).
-
-    Rows in decreasing norm; for each row a not marked exactly duplicate, every later row b
-    (not marked) with ``|cos| > threshold`` is removed and its squared norm added to a's
-    accumulator (b is marked when the compared norms are equal). ``"drop"``: scales 1 (the
-    released code, whose accumulator aliases the norms it is compared with); ``"merge"``: a
-    kept row is scaled by sqrt(accumulated / own squared norm), the code's intent.
-    """
-    cos, sq = _abs_cosines(gram)
-    order = np.argsort(-sq, kind="stable")
-    close = np.triu(cos[np.ix_(order, order)] > threshold, k=1)
-    own = sq[order]
-    acc = own.copy()
-    # the released code compares (and adds) the accumulated norms, its intent the own ones
-    compared = acc if duplicates == "drop" else own
-    removed: set[int] = set()
-    exact: set[int] = set()
-    for a in range(order.size):
-        if a in exact:
-            continue
-        for b in np.flatnonzero(close[a]):
-            if b in exact:
-                continue
-            removed.add(int(b))
-            if compared[a] == compared[b]:
-                exact.add(int(b))
-            acc[a] += compared[b]
-    kept = np.array([a for a in range(order.size) if a not in removed], dtype=np.int64)
-    scale = np.ones(kept.size)
-    if duplicates == "merge":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where(own[kept] > 0, np.sqrt(acc[kept] / own[kept]), 1.0)
-    return order[kept], scale
 
 
 @dataclass

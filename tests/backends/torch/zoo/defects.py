@@ -90,9 +90,6 @@ def _defects() -> dict[tuple[str, str, str], str]:
         # vmap: "operators that can support dynamic shape"; layer pass: "offsets[0] has to
         # be 0" (offsets built in the forward pass from the batch)
         **_family(("embedding_bag_offsets",), _EVERY, internal.format("EmbeddingBag offsets")),
-        **_family(("tied_embeddings",), [(NO_ROUTE, m) for m in KFAC_METHODS],
-                  "K-FAC capture: KeyError 'b.weight' on two Embeddings sharing one weight "
-                  "(issue 16.5)"),
         **{
             (name, "hooks", q): "provider per_sample_method='hooks' refuses a model that is "
                                 "not all nn.Linear without naming a parameter or layer"
