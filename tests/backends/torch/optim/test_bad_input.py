@@ -224,3 +224,26 @@ def test_bad_batches_are_refused_naming_the_argument(case: str, route: str) -> N
     for cls, options in ROUTE_OPTIMISERS.values():
         opt = cls(problem.model, problem.loss, per_sample=route, **options)
         assert_refused(problem, opt, lambda b=batch: b, ValueError, match)
+
+
+def test_a_refused_kfac_step_keeps_its_factors() -> None:
+    """An lr the float32 parameters cannot hold is refused after the factors were recomputed
+    and blended: the kept factors, the count and the next step are those of a run that never
+    tried it."""
+    runs = []
+    for attempt_failing_step in (False, True):
+        problem = mlp_problem()
+        problem.model.float()
+        x, y = problem.batch
+        batch = (x.float(), y)
+        opt = EKFAC(problem.model, problem.loss, lr=0.1, damping=1e-2, running_average=0.5)
+        opt.step(batch=batch)
+        kept = opt.state_dict()["state"][0]["curvature"]
+        if attempt_failing_step:
+            opt.param_groups[0]["lr"] = 1e300
+            assert_refused(problem, opt, {"batch": batch}, ngdref.NonFiniteError, "overflows")
+            assert opt.state_dict()["state"][0]["curvature"] is kept
+            opt.param_groups[0]["lr"] = 0.1
+        opt.step(batch=batch)
+        runs.append([p.detach().clone() for p in problem.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
