@@ -142,8 +142,9 @@ class _SteppedOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
-            names = list(inspect.signature(cls).parameters)[2:]  # after model, loss
+        names = list(inspect.signature(cls).parameters)[2:]  # after model, loss
+        # a user's subclass with keywords of its own keeps its parent's hyperparameters
+        if not cls.__name__.startswith("_") and set(names) <= set(cls._options):
             cls._hyperparameters = tuple(n for n in names if cls._options[n].hyperparameter)
             document(cls, cls._options)
 

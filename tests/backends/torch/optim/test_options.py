@@ -150,3 +150,16 @@ def test_every_option_has_one_table_entry() -> None:
     assert {n for n, o in OPTIONS.items() if not o.hyperparameter} == CONSTRUCTION | {
         "model", "loss"
     }
+
+
+def test_a_users_subclass_with_keywords_of_its_own_works() -> None:
+    """torch users subclass optimisers; an ``__init__`` of their own is not the table's."""
+
+    class Scheduled(IEF):
+        def __init__(self, model: nn.Module, loss: Any, warmup: int = 3, **kwargs: Any) -> None:
+            super().__init__(model, loss, **kwargs)
+            self.warmup = warmup
+
+    opt = Scheduled(nn.Linear(3, 2), ngdref.SoftmaxCrossEntropy(), lr=0.1, damping=1e-3)
+    assert opt.warmup == 3 and Scheduled._hyperparameters == IEF._hyperparameters
+    assert opt.param_groups[0]["damping_space"] == "sample"
