@@ -160,3 +160,27 @@ def test_load_state_dict_refuses_another_optimiser() -> None:
     with pytest.raises(ValueError, match="lr"):
         opt.load_state_dict(bad)
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_kept_curvature_survives_a_save_with_every_field() -> None:
+    """Every field of the blocks travels, an eigenvalue-corrected block's eigenvalues too: the
+    reloaded curvature applies its inverse bitwise as the original."""
+    from backends.torch.kfac.curvature import kfac_curvature
+    from backends.torch.optim.kfac import _packed, _unpacked
+
+    model = _model(torch.float64)
+    x, y = _data(torch.float64)[0]
+    curvature = kfac_curvature(model, CE, x, y, methods=("ekfac",), eigenvalue_correction=True)
+    corrected = [b for b in curvature.blocks if b.factors is not None]
+    assert corrected and all(
+        b.factors["ekfac"].corrected_eigenvalues is not None for b in corrected
+    )
+    buffer = io.BytesIO()
+    torch.save(_packed(curvature), buffer)
+    buffer.seek(0)
+    loaded = _unpacked(torch.load(buffer, weights_only=True))
+    v = torch.randn(curvature.num_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.inverse_apply("ekfac", v, damping=1e-2),
+                       curvature.inverse_apply("ekfac", v, damping=1e-2))
+    assert loaded.fallback == curvature.fallback and loaded.num_params == curvature.num_params
