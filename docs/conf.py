@@ -66,7 +66,6 @@ numpydoc_validation_checks: set[str] = set()
 DOCSTRING_REPAIRS: dict[str, tuple[str, str]] = {
     # "|cos|" is read as a substitution reference (an undefined one: an error)
     "ef_update": ("(|cos| above it)", r"(\|cos\| above it)"),
-    "IEF": ("(|cos| above it)", r"(\|cos\| above it)"),
     # "*targets_shape" opens an emphasis that never closes
     "LogitLoss.sample": ("(K, *targets_shape)", r"(K, \*targets_shape)"),
 }
