@@ -42,6 +42,7 @@ class Side:
     name: str
     first: int
     rows_are_inputs: bool
+    onehot: bool
     pairs: list[list[list[tuple]]] = field(default_factory=list)
 
 
@@ -96,7 +97,8 @@ def _collect(sides: dict, calls: list, found: tuple, names: dict, i: int, k: int
     for (role, p, start, func, call_args, result), g in zip(calls, found, strict=False):
         for row, xs, ys in _sides(role, func, call_args, result, g, p, start):
             key = (names[id(p)], row, role)
-            side = sides.setdefault(key, Side(names[id(p)], row, func in _ROWS_ARE_INPUTS))
+            side = sides.setdefault(key, Side(names[id(p)], row, func in _ROWS_ARE_INPUTS,
+                                              func is F.embedding))
             while len(side.pairs) <= i:
                 side.pairs.append([])
             while len(side.pairs[i]) <= k:
@@ -157,3 +159,53 @@ def dense(ref: Reference, model: nn.Module, convention: str, diagonal_names: set
         block = torch.kron(a, b) if side.rows_are_inputs else torch.kron(b, a)
         out[idx[:, None], idx[None, :]] = block
     return out
+
+
+def _basis(factor: torch.Tensor | None, identity: bool, size: int) -> tuple[torch.Tensor, float]:
+    """(eigenvectors, ||factor|| / smallest gap between its eigenvalues above rounding)."""
+    if factor is None or identity:
+        return torch.eye(size, dtype=torch.float64), 1.0
+    values, vectors = torch.linalg.eigh(factor)
+    scale = float(values.abs().max())
+    gaps = torch.diff(values)
+    gaps = gaps[gaps > 64 * size * 2.0**-52 * scale]
+    return vectors, scale / float(gaps.min()) if gaps.numel() else 1.0
+
+
+def corrected_dense(ref: Reference, model: nn.Module,
+                    diagonal_names: set[str]) -> tuple[torch.Tensor, float]:
+    r"""The eigenvalue-corrected block-diagonal matrix ("expand"), and the largest
+    ||factor|| / eigen-gap (the eigenbasis is only that accurate): per row block
+    (U (x) V) diag(E) (U (x) V)^T with E = sum_n w_n sum_k (U^T G_nk V)^2, G_nk = sum_t y x^T,
+    U, V the eigenvectors of B, A (the identity for one-hot inputs)."""
+    out = dense(ref, model, "expand", diagonal_names, {})
+    params, spread = dict(model.named_parameters()), 1.0
+    for (name, row, _), side in ref.sides.items():
+        if name in diagonal_names:
+            continue
+        a, b = factors(side, ref.weights, "expand")
+        u, su = _basis(b, False, b.shape[0])
+        v, sv = _basis(a, side.onehot, 1 if a is None else a.shape[0])
+        spread = max(spread, su, sv)
+        grads = [[sum(y.T @ (torch.ones(y.shape[0], 1, dtype=y.dtype) if x is None else x)
+                      for x, y in calls) for calls in per] for per in side.pairs]
+        e = sum(w * sum((u.T @ g @ v) ** 2 for g in per)
+                for w, per in zip(ref.weights, grads, strict=True))
+        q = torch.kron(u.contiguous(), v.contiguous())
+        block = q @ torch.diag(e.reshape(-1)) @ q.T  # in the (y, x) layout
+        idx = _indices(ref, params[name], name, row, b.shape[0], None if a is None else
+                       a.shape[0], side.rows_are_inputs)
+        out[idx[:, None], idx[None, :]] = block
+    return out, spread
+
+
+def _indices(ref: Reference, p: nn.Parameter, name: str, row: int, d_y: int, d_x: int | None,
+             rows_are_inputs: bool) -> torch.Tensor:
+    """The entries of theta of a row block, in its (y, x) layout."""
+    at = ref.offsets[name]
+    if d_x is None:
+        return at + row + torch.arange(d_y)
+    cols = p.numel() // p.shape[0]
+    n_rows = d_x if rows_are_inputs else d_y
+    idx = at + (row + torch.arange(n_rows))[:, None] * cols + torch.arange(cols)[None, :]
+    return (idx.T if rows_are_inputs else idx).reshape(-1)

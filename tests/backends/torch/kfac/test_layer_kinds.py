@@ -22,7 +22,15 @@ from ngdref.kfac_diagonal import dense_factor  # noqa: E402
 from tests.backends.torch.layers.harness import assert_close, rtol  # noqa: E402
 
 from .cases import CASES, JOINT, KCase  # noqa: E402
-from .reference import CE, Reference, dense, diagonal, factors, reference  # noqa: E402
+from .reference import (  # noqa: E402
+    CE,
+    Reference,
+    corrected_dense,
+    dense,
+    diagonal,
+    factors,
+    reference,
+)
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"),
               pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
@@ -106,3 +114,20 @@ def test_blocks_match_single_sample_loop(case: KCase, method: str, convention: s
 @pytest.mark.parametrize("case", JOINT, ids=str)
 def test_joint_bias_blocks_match_single_sample_loop(case: KCase, method: str) -> None:
     _run(case, method, "expand", bias="joint")
+
+
+@pytest.mark.parametrize("method", ["ekfac", "iekfac"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_eigenvalue_corrected_blocks_match_single_sample_loop(case: KCase, method: str) -> None:
+    """EK-FAC (expand): (U (x) V) diag(E) (U (x) V)^T per block against the loop's, V the
+    identity for a lookup table's diagonal A. The eigenbasis is accurate to
+    eps ||factor|| / (its smallest eigen-gap) (null spaces excepted: E is 0 there in every
+    basis), so the bound is rtol times the largest such ratio."""
+    model, x, y = case.batch()
+    curvature = kfac_curvature(model, CE, x, y, methods=(method,), eigenvalue_correction=True)
+    want, spread = corrected_dense(reference(model, x, y, method), model, set(case.diagonal))
+    got = curvature.dense(method)
+    error = float(torch.linalg.norm(got - want))
+    assert error <= spread * rtol(F64) * float(torch.linalg.norm(want)), (
+        f"corrected matrix off by {error:.3g} (||want|| {float(torch.linalg.norm(want)):.3g}, "
+        f"spread {spread:.3g})")
