@@ -4,8 +4,8 @@ turns it into an XPASS failure until the entry is deleted: the table can only sh
 
 Routes: "auto", "ghost", "hooks", "vmap", "loop" (:mod:`.test_zoo`), and "-" for the K-FAC
 family, which has none (:mod:`.test_kfac_zoo`). Quantities: gram, gv, gtw (the rows),
-ief, ef, sf (optimiser steps), kfac, ekfac, iekfac (the K-FAC optimisers' steps) and blocks
-(the K-FAC curvature's blocks against the per-sample gradients).
+ief, ef, sf (optimiser steps), kfac, ekfac, iekfac (the K-FAC optimisers' steps; "ekfac" also
+marks the eKFAC curvature's blocks against the per-sample gradients).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ ROUTES = ("auto", "ghost", "hooks", "vmap", "loop")
 ROW_QUANTITIES = ("gram", "gv", "gtw")
 STEP_QUANTITIES = ("ief", "ef", "sf")
 KFAC_METHODS = ("kfac", "ekfac", "iekfac")
-KFAC_RUNS = (*KFAC_METHODS, "blocks")
 NO_ROUTE = "-"
 
 _RUNS = (*ROW_QUANTITIES, *STEP_QUANTITIES)
@@ -34,7 +33,7 @@ _ROUTES = tuple(
     if not (route == "hooks" and quantity in ROW_QUANTITIES)
 )
 #: ... and the K-FAC family's runs
-_EVERY = _ROUTES + tuple((NO_ROUTE, run) for run in KFAC_RUNS)
+_EVERY = _ROUTES + tuple((NO_ROUTE, method) for method in KFAC_METHODS)
 #: the optimisers' routes through the layer pass (one forward and one backward pass)
 _LAYER_PASS_STEPS = tuple((route, q) for route in ("auto", "ghost", "hooks")
                           for q in STEP_QUANTITIES)

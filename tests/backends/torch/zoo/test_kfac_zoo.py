@@ -105,7 +105,7 @@ def test_kfac_step(name: str, route: str, quantity: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "route", "quantity"),
-                         params(KFAC_CASES, ("blocks",), routes=(NO_ROUTE,)))
+                         params(KFAC_CASES, ("ekfac",), routes=(NO_ROUTE,)))
 def test_kfac_blocks_hold_every_per_sample_gradient(name: str, route: str,
                                                      quantity: str) -> None:
     case = CASES[name]
