@@ -313,18 +313,26 @@ def test_readme_example_runs():
 
 @pytest.mark.parametrize("corrected", [False, True], ids=["kron", "eigen-corrected"])
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "iekfac"])
-def test_kfac_curvature_operator_matches_torch_dense(method, corrected):
-    """From backends.torch.kfac.curvature's torch curvature (Kronecker and LayerNorm fallback
-    diagonal blocks)."""
+@pytest.mark.parametrize("model", ["mlp", "embedding"])
+def test_kfac_curvature_operator_matches_torch_dense(method, corrected, model):
+    """From backends.torch.kfac.curvature's torch curvature: Kronecker blocks, LayerNorm's
+    diagonal blocks, and an embedding's Kronecker block whose input factor is a (V,)
+    diagonal (never formed V x V)."""
     torch = pytest.importorskip("torch")
     from backends.scipy.operators import kfac_curvature_operator
     from backends.torch.kfac.curvature import kfac_curvature
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
-                                torch.nn.Linear(5, 3)).double()
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    curvature = kfac_curvature(model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
+    if model == "mlp":
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
+                                  torch.nn.Linear(5, 3)).double()
+        x = torch.randn(6, 4, dtype=torch.float64)
+    else:  # tokens (N, T) -> embeddings summed over T -> logits
+        net = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Flatten(),
+                                  torch.nn.Linear(12, 3)).double()
+        x = torch.randint(0, 7, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    curvature = kfac_curvature(net, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
                                eigenvalue_correction=corrected)
     dense = curvature.dense(method).numpy()
     op = kfac_curvature_operator(curvature, method)

@@ -3,8 +3,9 @@ why today's code fails that run. Each entry marks its test ``xfail(strict=True)`
 turns it into an XPASS failure until the entry is deleted: the table can only shrink.
 
 Routes: "auto", "ghost", "hooks", "vmap", "loop" (:mod:`.test_zoo`), and "-" for the K-FAC
-optimisers, which have none (:mod:`.test_kfac_zoo`). Quantities: gram, gv, gtw (the rows),
-ief, ef, sf (optimiser steps), kfac, ekfac, iekfac.
+family, which has none (:mod:`.test_kfac_zoo`). Quantities: gram, gv, gtw (the rows),
+ief, ef, sf (optimiser steps), kfac, ekfac, iekfac (the K-FAC optimisers' steps; "ekfac" also
+marks the eKFAC curvature's blocks against the per-sample gradients).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ _RUNS = (*ROW_QUANTITIES, *STEP_QUANTITIES)
 #: every run of one case but "loop" (skipped while it does not exist) and the provider's
 #: nn.Linear-hooks rows (their own entry below: on a model that is not all nn.Linear they
 #: refuse without naming anything)
-_EVERY = tuple(
+_ROUTES = tuple(
     (route, quantity) for route in ROUTES if route != "loop" for quantity in _RUNS
     if not (route == "hooks" and quantity in ROW_QUANTITIES)
-) + tuple((NO_ROUTE, method) for method in KFAC_METHODS)
+)
+#: ... and the K-FAC family's runs
+_EVERY = _ROUTES + tuple((NO_ROUTE, method) for method in KFAC_METHODS)
 #: the optimisers' routes through the layer pass (one forward and one backward pass)
 _LAYER_PASS_STEPS = tuple((route, q) for route in ("auto", "ghost", "hooks")
                           for q in STEP_QUANTITIES)
@@ -69,7 +72,7 @@ def _defects() -> dict[tuple[str, str, str], str]:
         # the optimisers and the provider force eval mode: running statistics, silently
         **_family(("batch_norm1d_train", "batch_norm2d_train"), _EVERY,
                   coupled.format("BatchNorm in train mode")),
-        **_family(("embedding_scale_grad_by_freq",), _EVERY,
+        **_family(("embedding_scale_grad_by_freq",), _ROUTES,
                   coupled.format("Embedding(scale_grad_by_freq=True)")),
         # vmap: "output with shape [1, H] doesn't match the broadcast shape [N, 1, H]" (an
         # in-place update of a batch-of-one state); GRUCell's zero state in the layer pass's
@@ -78,18 +81,17 @@ def _defects() -> dict[tuple[str, str, str], str]:
         **_family(("rnn_batch_first", "rnn_seq_first_bidirectional", "gru_batch_first",
                    "gru_seq_first_bidirectional", "lstm_batch_first",
                    "lstm_seq_first_bidirectional", "lstm_proj", "rnn_cell",
-                   "gru_cell_zero_state", "lstm_cell_zero_state"), _EVERY,
+                   "gru_cell_zero_state", "lstm_cell_zero_state"), _ROUTES,
                   rnn.format("nn.RNN, nn.GRU, nn.LSTM or their cells")),
-        **_family(("lstm_packed",), _EVERY, rnn.format("packed sequences")),
+        **_family(("lstm_packed",), _ROUTES, rnn.format("packed sequences")),
         # vmap: "embedding_renorm_ is not possible"; layer pass: "a view ... has been
         # modified inplace" (the forward renormalises the weight in place)
-        **_family(("embedding_max_norm",), _EVERY, internal.format("Embedding(max_norm=...)")),
-        # "Could not run aten::view with arguments from the SparseCPU backend"; K-FAC:
-        # "reshape is not implemented for sparse tensors"
-        **_family(("embedding_sparse",), _EVERY, internal.format("Embedding(sparse=True)")),
+        **_family(("embedding_max_norm",), _ROUTES, internal.format("Embedding(max_norm=...)")),
+        # "Could not run aten::view with arguments from the SparseCPU backend"
+        **_family(("embedding_sparse",), _ROUTES, internal.format("Embedding(sparse=True)")),
         # vmap: "operators that can support dynamic shape"; layer pass: "offsets[0] has to
         # be 0" (offsets built in the forward pass from the batch)
-        **_family(("embedding_bag_offsets",), _EVERY, internal.format("EmbeddingBag offsets")),
+        **_family(("embedding_bag_offsets",), _ROUTES, internal.format("EmbeddingBag offsets")),
         **{
             (name, "hooks", q): "provider per_sample_method='hooks' refuses a model that is "
                                 "not all nn.Linear without naming a parameter or layer"
