@@ -17,7 +17,7 @@ def _ten_line_example() -> str:
 
 
 def test_ten_line_example_runs_and_ngd_has_the_smallest_gamma() -> None:
-    """gamma is minimised by the (damped) natural gradient (Cauchy-Schwarz, SPEC section 4), so
+    """gamma is minimised by the (damped) natural gradient (Cauchy-Schwarz; :ref:`conv-gamma`), so
     NGD's ratio to SGD must be below every other method's, and below 1."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

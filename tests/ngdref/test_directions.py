@@ -143,7 +143,8 @@ def _authors(pr, backend, lam: float, r: float) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("case", ONE_PER_KIND, ids=ids(ONE_PER_KIND))
 def test_mean_reduction_one_damping_damps_ef_ief_and_sf_alike(case, backend):
-    """SPEC §9: under a mean (R = 1/N) with one lambda, as the paper and the authors' code,
+    """:ref:`conv-damping-reduction`: under a mean (R = 1/N) with one lambda, as the paper and
+    the authors' code,
 
         iEF(lambda) = R iEF_sum(lambda / R^2),  EF(lambda) = EF_sum(lambda / R^2) / R,
         SF(lambda) = SF_sum(lambda / R^2) / R;  GN, NGD(lambda) = GN, NGD_sum(lambda / R).

@@ -1,4 +1,4 @@
-r"""Metrics of the paper's experiments (SPEC §6 and §8) and T5 label-word predictions.
+r"""Metrics of the paper's experiments (:ref:`experiments-setups`) and T5 label-word predictions.
 
 Predictions are label indices (:attr:`~validation.experiments.data.glue.GlueTask.label_words` order)
 with -1 for "no label word": T5 predicts over its full vocabulary, and an output that is none of

@@ -4,7 +4,8 @@ Nothing here calls :mod:`ngdref.updates`, :mod:`ngdref.linalg`,
 :mod:`ngdref.directions` or ngdref's loss classes' formulas. From the
 reference provider's dense Jacobian J (N, C, P) and logits z (N, C), the
 logit-level gradient e_n, Hessian H_n and the labels drawn for SF are written
-out again from SPEC §1-2 (:func:`logit_terms`, :func:`sampled_logit_grads`),
+out again from their definitions (:ref:`conv-notation`, :ref:`conv-curvature`;
+:func:`logit_terms`, :func:`sampled_logit_grads`),
 the curvature matrices are formed as P x P matrices and every update is
 solved as (M + lambda I_P) d = b by a Cholesky factorisation
 (``scipy.linalg.cho_factor``) in float64:
@@ -25,11 +26,11 @@ gamma_ratio        sqrt(d^T F d) / |d^T g| over that of SGD, dense F
 
 and three more families that call ``ngdref.directions`` again on the
 reference provider: the lambda -> 0 limits G d = 1 (EF) and G d = s (iEF)
-(SPEC §3), the mean-reduction convention of the team brief (SPEC §9: rows
+(:ref:`conv-updates`), the mean-reduction convention (:ref:`conv-damping-reduction`: rows
 R G, s -> R^2 s, g -> R g and SF's sampled rows R Ghat with one lambda:
 EF(lambda) = EF_sum(lambda/R^2)/R, iEF(lambda) = R iEF_sum(lambda/R^2),
 SF(lambda) = SF_sum(lambda/R^2)/R), and the closed forms of the toy problems
-(SPEC §7) at lambda = 0.
+(:ref:`conv-toys`) at lambda = 0.
 
 Tolerances (:func:`update_bound`, first-order perturbation theory, norm-wise):
 a backward-stable solve of A d = b with A = M + lambda I_P has relative
@@ -115,7 +116,7 @@ class IndependentCheck(Verdict):
     error: str = ""
 
 
-# ---- the losses, again, in NumPy (SPEC §1) ------------------------------------------------------
+# ---- the losses, again, in NumPy (conventions page, Notation) ------------------------------------
 def _softmax(z: np.ndarray) -> np.ndarray:
     w = np.exp(z - z.max(axis=-1, keepdims=True))
     return w / w.sum(axis=-1, keepdims=True)

@@ -318,7 +318,8 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
 
     - ``train.epochs == "task"`` and ``train.eval_every == "task"``: the GLUE task's values
       (App. H, Table 3; CIFAR-100: 5 epochs, every 1000 steps).
-    - ``peft.init_text == "task"``: the task's prompt-tuning initialisation (SPEC §8).
+    - ``peft.init_text == "task"``: the task's prompt-tuning initialisation
+      (:ref:`experiments-setups`).
 
     Returns
     -------

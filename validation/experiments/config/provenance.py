@@ -76,7 +76,7 @@ _T5: list[tuple[str, str, str]] = [
     ("peft.bias", "released", "peft's LoraConfig default"),
     ("peft.task_type", "released", "PromptTuningConfig(task_type=CAUSAL_LM) on the T5 model"),
     ("peft.init", "released", "PromptTuningInit.TEXT"),
-    ("peft.init_text", "released", "the released task strings (SPEC section 8)"),
+    ("peft.init_text", "released", "the released task strings"),
     ("optimizers.sf.sample_positions", "released", "fisher_sampling draws labels[:, 0] only"),
 ]
 _VIT: list[tuple[str, str, str]] = [

@@ -29,7 +29,7 @@ framework's Fisher-vector products) does not support PyTorch's fused attention, 
 it falls back to a per-sample loop.
 
 The LoRA dropout is configured as the paper's 0.1 but never active: every training step and
-evaluation runs in eval mode (SPEC §3).
+evaluation runs in eval mode (:ref:`conv-eval-mode`).
 """
 
 from __future__ import annotations
