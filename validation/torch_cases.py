@@ -41,10 +41,10 @@ IGNORE_INDEX = -100
 T5_VOCAB = 16
 
 #: Relative central-difference step for models with float32 internals. Their
-#: logits carry float32 rounding noise, delta ~ 2e-7 |z| (a few eps_32), that is
+#: logits carry float32 rounding noise, ``delta ~ 2e-7 |z|`` (a few eps_32), that is
 #: not smooth in theta; a central difference with step h then errs by about
-#: h^2 |z'''| / 6 (truncation) + delta / h (noise), smallest near
-#: h = (3 delta / |z'''|)^(1/3) ~ eps_32^(1/3) = 5e-3 when z and its derivatives
+#: ``h^2 |z'''| / 6`` (truncation) + delta / h (noise), smallest near
+#: ``h = (3 delta / |z'''|)^(1/3)`` ~ eps_32^(1/3) = 5e-3 when z and its derivatives
 #: are of one scale, where both terms are ~ eps_32^(2/3) = 2.4e-5 relative. The
 #: float64 default eps_64^(1/3) = 6e-6 would leave a noise term of
 #: 2e-7 / 6e-6 = 3e-2. A model whose logits are more curved in theta takes a

@@ -255,7 +255,7 @@ def _mlp(
     )
 
 
-#: name -> builder(quick, device, *, full_shapes=False, dtype=torch.float32); the first two
+#: name -> ``builder(quick, device, *, full_shapes=False, dtype=torch.float32)``; the first two
 #: arguments are those of :data:`validation.bench.workloads.BUILDERS`
 PAPER_BUILDERS: dict[str, Callable[..., Workload]] = {
     **{f"{family}_{variant}": partial(_t5, family, variant)

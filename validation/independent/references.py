@@ -21,7 +21,7 @@ ief                (G^T G + lambda I_P)^-1 G^T s  (= Eq. 8, sample damping)
 ief-param          (G^T diag(s)^-1 G + lambda I_P)^-1 g
 sf                 (Ghat^T Ghat / K + lambda I_P)^-1 g, labels drawn here
 gn, ngd, ngd-cg    (sum_n J_n^T J_n + lambda I)^-1 g, (sum_n J_n^T H_n J_n + lambda I)^-1 g
-gamma_ratio        sqrt(d^T F d) / |d^T g| over that of SGD, dense F
+gamma_ratio        ``sqrt(d^T F d) / |d^T g|`` over that of SGD, dense F
 =================  ==========================================================
 
 and three more families that call ``ngdref.directions`` again on the
@@ -258,7 +258,7 @@ class Dense:
         An entry of J carries FLOAT32_OPS eps_model relative rounding from the
         model's arithmetic, and J_n^T e_n adds C eps_64 (a C-term dot product);
         relative to the result this is multiplied by the cancellation ratio
-        || sum |w_n| |J_n|^T |e_n| || / || sum w_n J_n^T e_n ||.
+        ``|| sum |w_n| |J_n|^T |e_n| || / || sum w_n J_n^T e_n ||``.
         """
         c = self.jacobians.shape[1]
         unit = FLOAT32_OPS * self.eps_model + c * EPS64
