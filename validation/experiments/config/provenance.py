@@ -88,8 +88,8 @@ _VIT: list[tuple[str, str, str]] = [
 ]
 _MLP: list[tuple[str, str, str]] = [
     ("train.batch_size", "paper", "64 (App. H)"),
-    ("train.epochs", "ngdref", "digits: README's CPU set-up (the paper: 60 on CIFAR-10)"),
-    ("model.hidden_sizes", "ngdref", "digits: README's CPU set-up (the paper: 2048, 2048)"),
+    ("train.epochs", "ngdref", "digits: the CPU reproduction (the paper: 60 on CIFAR-10)"),
+    ("model.hidden_sizes", "ngdref", "digits: the CPU reproduction (the paper: 2048, 2048)"),
     ("model.activation", "ngdref", "not stated in the paper"),
     ("model.dtype", "ngdref", "float64 for a CPU reference run; the paper does not say and the "
      "released code has no MLP (its T5 and ViT runs are float32)"),
