@@ -5,6 +5,7 @@ Build: ``.venv/bin/python -m sphinx -W --keep-going -b html docs docs/_build/htm
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import api_pages  # noqa: E402  (needs the path above)
 
-api_pages.write_pages(DOCS / "api")
+ALIASES = api_pages.write_pages(DOCS / "api")
 
 project = "ngdref"
 author = "the ngdref developers"
@@ -114,6 +115,8 @@ def setup(app):
     # before numpydoc (priority 500) reshapes the sections
     app.connect("autodoc-process-docstring", _repair_docstrings, priority=400)
     app.connect("autodoc-process-signature", _no_signature, priority=400)
+    # a docstring's reference by another path than the object's home (api_pages.aliases)
+    app.connect("missing-reference", functools.partial(api_pages.resolve_alias, ALIASES))
     # Sphinx counts a warning in its handler's filters: this one goes first
     for handler in logging.getLogger("sphinx").handlers:
         if type(handler).__name__ == "WarningStreamHandler":

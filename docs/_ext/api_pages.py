@@ -17,6 +17,10 @@ a module added, moved or removed, or a name added to an ``__all__``, needs no do
 - ``commands.rst``: every command (a module of validation with a ``main``) with its ``--help``
   and that of its subcommands, read from the argparse parsers that ``main`` builds: parsing is
   stopped before anything runs.
+
+A docstring may name an object by any path it is reachable under (``ngdref.updates.ief_update``,
+or ``ief_update`` inside ``ngdref.updates``); :func:`resolve_alias` points such a reference at the
+object's home, where Sphinx alone would leave it unresolved.
 """
 
 from __future__ import annotations
@@ -220,7 +224,7 @@ def ngdref_page(tops: dict[str, list[str]], modules: list[ModuleType]) -> str:
         "The math, written once against the array API standard: every function takes its "
         "namespace from its inputs and returns arrays of that namespace, device and dtype. "
         "The conventions these functions follow are on one page, :doc:`/conventions`.\n",
-        ".. automodule:: ngdref\n   :no-members:\n   :no-index:\n",
+        ".. automodule:: ngdref\n   :no-members:\n",
         _grouped(NGDREF_GROUPS, tops["ngdref"], "ngdref"),
         _title("Modules", "-"),
         "Each module's page: its docstring, the names above that live there (linked), and its "
@@ -236,6 +240,7 @@ def backends_page(tops: dict[str, list[str]], modules: list[ModuleType]) -> str:
         "per-sample engine and the SciPy operators. In a checkout the package is "
         "``backends``; installed, it is ``ngdref.backends`` (the same modules). The torch "
         "names are imported on first access, so ``import backends`` never imports torch.\n",
+        ".. automodule:: backends\n   :no-members:\n",
         _grouped(BACKENDS_GROUPS, tops["backends"], "backends"),
         _title("Modules", "-"),
         "One page per module, package by package: the NumPy-side providers (``arrays``), the "
@@ -380,9 +385,54 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def write_pages(api_dir: Path) -> None:
+# ---- references by another path ----------------------------------------------------------
+def aliases(modules: list[ModuleType], home: dict[Any, str]) -> dict[str, str]:
+    """Every full name an object is reachable under (each module that exports it, the module
+    that defines it) -> the full name it is documented under."""
+    out: dict[str, str] = {}
+    for module in modules:
+        for n in module_names(module):
+            value = getattr(module, n)
+            full = home[_key(n, value)]
+            out.setdefault(f"{module.__name__}.{n}", full)
+            defined = getattr(value, "__module__", None)
+            if _kind(value) != "data" and isinstance(defined, str):
+                out.setdefault(f"{defined}.{value.__qualname__}", full)
+    return {name: full for name, full in out.items() if name != full}
+
+
+def resolve_alias(table: dict[str, str], app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    """Sphinx's ``missing-reference`` for the Python domain: the target, read in the module (and
+    class) the reference was written in, with its longest known prefix replaced by the home;
+    else the one documented object whose name ends with the target, if there is exactly one."""
+    if node.get("refdomain") != "py" or node.get("reftype") == "mod":
+        return None
+    target = node["reftarget"].lstrip("~.")
+    module, cls = node.get("py:module"), node.get("py:class")
+    candidates = [target]
+    if module:
+        candidates += [f"{module}.{cls}.{target}"] * bool(cls) + [f"{module}.{target}"]
+    domain = env.get_domain("py")
+    for name in candidates:
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            full = table.get(".".join(parts[:end]))
+            if full is not None:
+                new = ".".join([full, *parts[end:]])
+                found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
+                                            new, node, contnode)
+                if found is not None:
+                    return found
+    matches = domain.find_obj(env, module, cls, target, node["reftype"], 1)
+    if len(matches) == 1:
+        return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
+                                   matches[0][0], node, contnode)
+    return None
+
+
+def write_pages(api_dir: Path) -> dict[str, str]:
     """Write every page into ``api_dir`` (the module pages into ``api_dir/modules``, where a
-    page of a module that no longer exists is removed)."""
+    page of a module that no longer exists is removed); return :func:`aliases`."""
     modules = public_modules()
     tops = top_level()
     home = homes(modules, tops)
@@ -402,3 +452,4 @@ def write_pages(api_dir: Path) -> None:
         (folder / stale).unlink()
     for filename, module in pages.items():
         _write(folder / filename, module_page(module, home, modules, taken))
+    return aliases(modules, home)
