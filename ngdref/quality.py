@@ -260,7 +260,7 @@ def grad_norm_imbalance(
         which rows without a dense array would otherwise form again).
     statistic : {"max_min", "tail_10"}
     kept : array of bool, shape (N,), optional
-        Only these rows (e.g. :attr:`ngdref.GramSolve.kept` after the duplicate filter).
+        Only these rows (e.g. ``kept`` of :class:`ngdref.GramSolve` after the duplicate filter).
     zero_rows : {"raise", "inf"}
         What an all-zero row in the denominator's tail gives: the ratio is then unbounded.
         "raise" (default): a ``ValueError`` naming the zero rows; "inf": +inf, for a caller

@@ -48,7 +48,7 @@ T5_VOCAB = 16
 #: are of one scale, where both terms are ~ eps_32^(2/3) = 2.4e-5 relative. The
 #: float64 default eps_64^(1/3) = 6e-6 would leave a noise term of
 #: 2e-7 / 6e-6 = 3e-2. A model whose logits are more curved in theta takes a
-#: smaller step (:attr:`TorchProblem.fd_step`, chosen from a scan of steps
+#: smaller step (``TorchProblem.fd_step``, chosen from a scan of steps
 #: 3e-6 .. 3e-3 against the autodiff Jacobian).
 FD_STEP_FLOAT32_INTERNALS = 5e-3
 
@@ -142,7 +142,7 @@ class TorchProblem:
         return ""
 
     def build(self) -> TorchBatch:
-        """The model and batch (imports torch and the libraries in :attr:`requires`)."""
+        """The model and batch (imports torch and the libraries in ``requires``)."""
         return self.builder()
 
     @property

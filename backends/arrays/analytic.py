@@ -236,7 +236,7 @@ def _toy_provider(
 def least_squares_toy(
     theta: Any, xp: Any, *, dtype: Any = None, device: Any = None
 ) -> tuple[LinearProvider, SquaredError, Any]:
-    r"""The least-squares toy (:ref:`conv-toys`) at ``theta``.
+    r"""The least-squares toy at ``theta`` (:ref:`conv-toys`).
 
     .. math::
         z_n = \theta_0 + \theta_1 x_n, \quad x = (0, 1), \quad y = (0, 0), \quad
@@ -268,7 +268,7 @@ def least_squares_toy(
 def logistic_toy(
     theta: Any, xp: Any, *, dtype: Any = None, device: Any = None
 ) -> tuple[LinearProvider, SigmoidBinaryCrossEntropy, Any]:
-    r"""The logistic toy (:ref:`conv-toys`) at ``theta``.
+    r"""The logistic toy at ``theta`` (:ref:`conv-toys`).
 
     .. math::
         z_n = \theta_0 + \theta_1 x_n, \quad x = (0, 2), \quad y = (1, 0), \quad

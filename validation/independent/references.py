@@ -38,7 +38,7 @@ forward error <= kappa(A) (||dA|| / ||A|| + ||db|| / ||b||). Both sides are
 such solves up to rounding (c n eps, n the largest dimension, c = 8) except
 that ngdref's Woodbury and Gram forms combine g - U c or G^T c, which loses
 up to rho = ||b|| / (lambda_min(A) ||d||) >= 1 more (<= kappa(A)); the inputs
-differ by the rounding of two autodiff routes (:func:`rows_accuracy`); CG
+differ by the rounding of two autodiff routes (``Dense.rows_accuracy``); CG
 adds kappa(A) times its relative residual. Everything is computed from the
 data of the problem; nothing is fitted to a measured difference.
 """

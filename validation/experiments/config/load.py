@@ -15,9 +15,9 @@ as JSON and taken as a plain string when it is not JSON::
 ``optim.KEY`` is shorthand for ``optimizers.<the selected optimizer>.KEY``.
 
 :func:`resolve_config` then fills in what depends on the task ("task" epochs and validation
-frequency from :data:`validation.experiments.data.glue.GLUE_TASKS`, the prompt-tuning init text) and
-checks the values; :func:`train.train` writes the resolved configuration to ``config.json`` in the
-run directory.
+frequency from :data:`validation.experiments.data.glue.GLUE_TASKS`, the prompt-tuning init text)
+and checks the values; :func:`~validation.experiments.train.runner.train` writes the resolved
+configuration to ``config.json`` in the run directory.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class GlueTask:
 
     @property
     def positive_label(self) -> int:
-        """Label index of :attr:`positive_word`."""
+        """Label index of ``positive_word``."""
         return self.label_words.index(self.positive_word)
 
     def format(self, s1: str, s2: str | None = None) -> str:
@@ -223,7 +223,7 @@ class GlueExample:
     text : str
         The model input: the task's template with the sentence(s) filled in.
     label : int
-        Label index into :attr:`GlueTask.label_words`; -1 for GLUE's unlabelled test rows.
+        Label index into ``GlueTask.label_words``; -1 for GLUE's unlabelled test rows.
     label_word : str or None
         ``label_words[label]``; None when unlabelled.
     idx : int

@@ -212,7 +212,7 @@ class BatchScorer:
         EF-type matrix of the rows R g_n, R^2 K_sum, so lambda in the convention of R is
         lambda / R^2 in the sum convention, as for EF, iEF and SF (:ref:`conv-damping-reduction`):
         ``(K_sum + lambda / R^2 I)^-1 g`` (a positive multiple of ``(R^2 K_sum + lambda I)^-1 g``,
-        the same gamma). ``damping`` is multiplied by :attr:`scale` first, for every method.
+        the same gamma). ``damping`` is multiplied by ``scale`` first, for every method.
         """
         damping = damping * self.scale
         if method in KFAC_METHODS:

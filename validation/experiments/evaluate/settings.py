@@ -95,7 +95,7 @@ def resolve_damping(
     """A number for every damped method: one number for all, or a partial dict over defaults.
 
     The authors' protocol passes ONE lambda to every method: a dict with different values is
-    refused there, and its default is :data:`AUTHORS_DAMPING` for all three.
+    refused there, and its default is ``AUTHORS_DAMPING`` for all three.
     """
     defaults = (
         dict.fromkeys(DEFAULT_DAMPING, AUTHORS_DAMPING) if protocol == "authors"
