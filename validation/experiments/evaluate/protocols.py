@@ -1,12 +1,10 @@
 r"""One evaluation batch, scored under the "ngdref" or the authors' protocol.
 
-The protocols are those of the conventions page, :ref:`conv-evaluation`.
-
-Both protocols take the SAME per-sample quantities of M training samples, computed in the sum
-convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale them
-by one reduction factor R, as the mean loss of the paper and the authors' code does:
-rows R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels,
-R times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
+Both protocols (:ref:`conv-evaluation`) take the SAME per-sample quantities of M samples, in the
+sum convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale
+them by one reduction factor R, as the mean loss of the paper and the authors' code does: rows
+R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels, R
+times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
 J_n``. One damping number then damps EF, iEF and SF alike (:ref:`conv-damping-reduction`).
 
 =====================  ==========================================  ==========================
