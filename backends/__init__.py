@@ -3,7 +3,7 @@
 Always available (array-API generic; stdlib and array_api_compat only):
 
 - :class:`FiniteDifferenceProvider`: central differences of any ``fn(params, inputs)``;
-- :class:`LinearProvider` and the toy problems of SPEC section 7, in closed form;
+- :class:`LinearProvider` and the paper's toy problems (:ref:`conv-toys`), in closed form;
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider` and

@@ -9,7 +9,8 @@ in sample space (the paper's lambda I_N) unless ``damping_space="parameter"``
 damps EF, iEF and SF alike, as in the paper (stated once in
 :mod:`ngdref.directions`). Per-sample gradients are a dense (N, P) array or any
 :class:`~ngdref.rows.PerSampleRows`; :class:`~ngdref.linalg.DampedGram` is the
-reusable damped Gram solve. See SPEC §2-4, §9 and the README.
+reusable damped Gram solve. Every convention is stated on the documentation's
+conventions page (:ref:`conventions`).
 """
 
 from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient

@@ -1,10 +1,10 @@
-r"""Every update of SPEC §3 from one provider, loss and batch.
+r"""Every update of the conventions page (:ref:`conv-updates`) from one provider, loss and batch.
 
 :func:`batch_quantities` gathers what the updates consume (per-sample
 gradients G, logit gradients e, s, g) with one vector-Jacobian product;
 :func:`directions` turns them into the updates.
 
-The reduction convention (SPEC §2 and §9), stated once: a reduction factor R
+The reduction convention (:ref:`conv-reduction`), stated once: a reduction factor R
 (sum convention R = 1, mean R = 1/N, or any factor) scales every logit-level
 quantity, e -> R e and H -> R H, hence G -> R G, g -> R g, s -> R^2 s and
 F -> R F. The sampled gradients of SF are gradients of the reduced loss on

@@ -11,7 +11,7 @@ handed to any provider that applies:
   computing the same function (:meth:`Problem.torch_module`): an
   ``nn.Linear``/``nn.Tanh`` stack holding theta in the same layout (routes
   "vmap" and "hooks"), or a module holding theta as one ``nn.Parameter`` and
-  calling :attr:`Problem.model` on torch tensors (route "flat").
+  calling ``Problem.model`` on torch tensors (route "flat").
 
 The reference of every comparison is ``exact`` on NumPy in float64.
 """
@@ -158,14 +158,14 @@ class Problem:
         return ""
 
     def torch_module(self, route: str = "vmap", dtype: str = "float64") -> Any:
-        """A ``torch.nn.Module`` computing :attr:`model` with theta = :attr:`params`.
+        """A ``torch.nn.Module`` computing ``model`` with theta = ``params``.
 
         Parameters
         ----------
         route : {"vmap", "hooks", "flat"}
-            "flat": theta as one ``nn.Parameter`` and :attr:`model` called on
+            "flat": theta as one ``nn.Parameter`` and ``model`` called on
             torch tensors; otherwise the ``nn.Linear``/``nn.Tanh`` stack of
-            :attr:`torch_layers`.
+            ``torch_layers``.
         dtype : str
 
         Returns

@@ -14,9 +14,10 @@ budget on two CPU cores:
    each trained with seed 0; the one with the best validation accuracy among the runs that did
    not diverge is kept (ties: the smaller learning rate). Then seeds 1 and 2 at that value;
    seed 0's grid run is reused.
-3. **Evaluation framework** (SPEC §5, :mod:`validation.experiments.evaluate.framework`) on the
-   checkpoints of the Adam baseline run (selected learning rate, seed 0): the gamma ratios at
-   every ``eval_every``-th epoch checkpoint, and a damping sweep at the first, middle and last.
+3. **Evaluation framework** (:ref:`conv-evaluation`,
+   :mod:`validation.experiments.evaluate.framework`) on the checkpoints of the Adam baseline
+   run (selected learning rate, seed 0): the gamma ratios at every ``eval_every``-th epoch
+   checkpoint, and a damping sweep at the first, middle and last.
 4. **Report.** Figures (:mod:`validation.experiments.figures.plots`) and ``results.md``: final
    training loss and test accuracy (mean +- std over the seeds) per optimiser, the rankings, the
    gamma ratios per checkpoint, the sweep, and a plain statement of which of the paper's claims held

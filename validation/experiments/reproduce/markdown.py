@@ -1,4 +1,7 @@
-"""``results.md`` of the reproduction: the tables of :func:`reproduce.reproduce`'s results."""
+"""``results.md`` of the reproduction: the tables of its results.
+
+The results are those of :func:`~validation.experiments.reproduce.driver.reproduce`.
+"""
 
 from __future__ import annotations
 
@@ -200,7 +203,8 @@ def _md_claims_and_figures(results: Mapping[str, Any]) -> list[str]:
 
 
 def results_markdown(results: Mapping[str, Any], experiment: Experiment) -> str:
-    """``results.md`` from the ``results.json`` content of :func:`reproduce.reproduce`."""
+    """``results.md`` from the ``results.json`` content of
+    :func:`~validation.experiments.reproduce.driver.reproduce`."""
     lines = _md_selection(results, experiment) + _md_summary(results, experiment)
     evaluation = results.get("evaluation")
     if evaluation:
