@@ -57,9 +57,14 @@ def on_host(fn: Callable[..., Any], results: Any, *args: Any) -> Any:
         Eagerly on the device of the first JAX array in ``args``; under tracing wherever the
         traced computation runs.
     """
+    def host(*arrays: Any) -> Any:
+        # pure_callback hands over JAX arrays: ngdref on those would be JAX again (and without
+        # jax_enable_x64 its float64 solves would silently be float32), so NumPy first
+        return _conform(fn(*jax.tree.map(np.asarray, arrays)), results)
+
     if is_traced(args):
-        return jax.pure_callback(lambda *a: _conform(fn(*a), results), results, *args)
-    outputs = _conform(fn(*jax.tree.map(np.asarray, args)), results)
+        return jax.pure_callback(host, results, *args)
+    outputs = host(*args)
     arrays = [leaf for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)]
     device = next(iter(arrays[0].devices())) if arrays else None
     return jax.device_put(outputs, device)

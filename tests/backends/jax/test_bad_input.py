@@ -20,6 +20,10 @@ import numpy as np  # noqa: E402
 import ngdref  # noqa: E402
 from backends.jax import JaxProvider, ef, ief, sf  # noqa: E402
 
+# JAX truncating a float64 request to float32 (ngdref's solves reaching JAX arrays without
+# jax_enable_x64) would be a silent loss of precision: here it is an error
+pytestmark = pytest.mark.filterwarnings("error:Explicitly requested dtype float64")
+
 
 def mlp(params: dict, x: Any) -> Any:
     return jnp.tanh(x @ params["w1"]) @ params["w2"]
