@@ -11,8 +11,8 @@ exact optimisers iEF, EF and SF as optax transformations.
 Importing this package imports jax and optax (``pip install 'ngdref[jax]'``).
 """
 
-from .provider import JaxProvider, require_x64
+from .provider import JaxProvider
 from .steps import sampling_key
 from .transforms import ExactState, ef, ief, sf
 
-__all__ = ["ExactState", "JaxProvider", "ef", "ief", "require_x64", "sampling_key", "sf"]
+__all__ = ["ExactState", "JaxProvider", "ef", "ief", "sampling_key", "sf"]

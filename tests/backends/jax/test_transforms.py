@@ -298,3 +298,34 @@ def test_defaults_are_the_torch_optimisers_defaults(ours: Any, theirs: str) -> N
         if p.default is not inspect.Parameter.empty and name not in ("apply_fn", "loss")
     }
     assert defaults and defaults.items() <= torch_defaults.items()
+
+
+def _gpus() -> list[Any]:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this jax installation
+        return []
+
+
+@pytest.mark.skipif(not _gpus(), reason="no GPU visible to JAX (jax[cuda12] and a device)")
+def test_on_a_gpu_results_stay_there_and_agree_with_the_cpu(x64: None) -> None:
+    from backends.jax import JaxProvider
+
+    c, gpu = case("dense"), _gpus()[0]
+    params, inputs = jax.device_put((c.params, c.inputs), gpu)
+    provider = JaxProvider(c.apply_fn, params, inputs)
+    d = ngdref.directions(provider, c.loss, jax.device_put(c.targets, gpu), damping=DAMPING,
+                          methods=("ief",))["ief"]
+    tx = ief(LR, DAMPING, apply_fn=c.apply_fn, loss=c.loss)
+    step = jax.jit(lambda p, s: tx.update(None, s, p, inputs=inputs, targets=c.targets))
+    updates, _ = step(params, tx.init(params))
+    assert d.devices() == {gpu}
+    assert all(leaf.devices() == {gpu} for leaf in jax.tree.leaves(updates))
+    # against the loop's rows on the CPU: float64 rounding of two routes, amplified by the solve
+    ref = reference("dense")
+    rows, s = ref.per_sample_grads, np.sum(ref.logit_grads**2, axis=1)
+    matrix = rows @ rows.T + DAMPING * np.eye(len(s))
+    bound = gram_rtol(rows, matrix, np.linalg.solve(matrix, s))
+    expected = -LR * ngdref.ief_update(rows, s, damping=DAMPING, dedup_threshold=0.99)
+    assert_close_norm(flat(updates), expected, bound)
+    assert_close_norm(-LR * np.asarray(d), expected, bound)
