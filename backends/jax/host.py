@@ -54,7 +54,7 @@ def on_host(fn: Callable[..., Any], results: Any, *args: Any) -> Any:
     Returns
     -------
     pytree of jax.Array
-        Eagerly on the device of the first JAX array in ``args``; under tracing wherever the
+        Eagerly on the device of the largest JAX array in ``args``; under tracing wherever the
         traced computation runs.
     """
     def host(*arrays: Any) -> Any:
@@ -66,5 +66,6 @@ def on_host(fn: Callable[..., Any], results: Any, *args: Any) -> Any:
         return jax.pure_callback(host, results, *args)
     outputs = host(*args)
     arrays = [leaf for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)]
-    device = next(iter(arrays[0].devices())) if arrays else None
-    return jax.device_put(outputs, device)
+    # the data's device, not that of a step counter created on the default device
+    largest = max(arrays, key=lambda a: a.size, default=None)
+    return jax.device_put(outputs, None if largest is None else next(iter(largest.devices())))
