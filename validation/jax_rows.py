@@ -25,7 +25,9 @@ from __future__ import annotations
 import importlib
 import itertools
 import time
-from functools import cache
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -110,19 +112,36 @@ def _arrays(problem: Problem, dtype: str) -> tuple[Any, Any, Any]:
             jnp.asarray(targets))
 
 
+@dataclass(frozen=True)
+class _ModelFunction:
+    """A ``functools.partial`` model function, equal to another of the same function and
+    keywords: ``jax.jit`` keys its compiled kernels on ``apply_fn``, and :func:`problems` builds
+    new partials at every call, so a second run in one process reuses the first's kernels."""
+
+    func: Callable[..., Any]
+    keywords: tuple[tuple[str, Any], ...]
+
+    def __call__(self, params: Any, inputs: Any) -> Any:
+        return self.func(params, inputs, **dict(self.keywords))
+
+
 def _model_values(problem: Problem, dtype: str) -> dict[str, Any]:
     """The problem's array-API model function, differentiated by JAX."""
     from backends.jax import JaxProvider
 
     params, inputs, targets = _arrays(problem, dtype)
-    provider = JaxProvider(problem.model, params, inputs)
+    model = problem.model
+    if isinstance(model, partial) and not model.args:
+        model = _ModelFunction(model.func, tuple(sorted(model.keywords.items())))
+    provider = JaxProvider(model, params, inputs)
     return jax_quantities(provider, problem.loss, targets, damping=problem.damping,
                           cg_tol=CG_TOLERANCES[("exact", dtype)])
 
 
 @cache
 def _flax_mlp(sizes: tuple[int, ...]) -> Any:
-    """A Flax linen MLP: Dense, tanh, ..., Dense (layer l is ``Dense_l``)."""
+    """``apply_fn(params, x)`` of a Flax linen MLP: Dense, tanh, ..., Dense (layer l is
+    ``Dense_l``); one function per ``sizes``, so that its jitted kernels are reused."""
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -134,7 +153,8 @@ def _flax_mlp(sizes: tuple[int, ...]) -> Any:
                 x = jnp.tanh(x) if i < len(sizes) - 2 else x
             return x
 
-    return MLP()
+    model = MLP()
+    return lambda params, x: model.apply({"params": params}, x)
 
 
 def _flax_tree(theta: np.ndarray, sizes: tuple[int, ...]) -> dict[str, Any]:
@@ -156,12 +176,11 @@ def _flax_values(problem: Problem) -> dict[str, Any]:
     from backends.jax import JaxProvider
 
     sizes = problem.sizes
-    model = _flax_mlp(sizes)
     theta, inputs, targets = _arrays(problem, "float64")
     params = jax.tree.map(jax.numpy.asarray, _flax_tree(np.asarray(theta), sizes))
     # Flax's theta holds mlp_apply's entry order[i] at position i
     order = np.asarray(ravel_pytree(_flax_tree(np.arange(theta.shape[0]), sizes))[0])
-    provider = JaxProvider(lambda p, x: model.apply({"params": p}, x), params, inputs)
+    provider = JaxProvider(_flax_mlp(sizes), params, inputs)
     values = jax_quantities(provider, problem.loss, targets, damping=problem.damping,
                             cg_tol=CG_TOLERANCES[("exact", "float64")])
     for name, value in values.items():
