@@ -49,7 +49,6 @@ Example (a jitted train step)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -78,7 +77,9 @@ class ExactState(NamedTuple):
 
 
 # ---- construction ------------------------------------------------------------------------------
-def _check_common(learning_rate: Any, damping: Any, reduction: Any, loss: Any, apply_fn: Any):
+def _check_common(
+    learning_rate: Any, damping: Any, reduction: Any, loss: Any, apply_fn: Any
+) -> None:
     check_real(learning_rate, "learning_rate")
     check_real(damping, "damping")
     ngdref.reduction_factor(reduction, 1)  # raises on anything but "sum", "mean", R > 0
@@ -120,12 +121,11 @@ def _transformation(spec: StepSpec, apply_fn: kernels.ApplyFn | None) -> Any:
             rows, sq_norms = _given_rows(spec, params, extra_args)
             step = on_host(spec.gram_step, result, state.count, rows, sq_norms)
         else:
-            inputs, targets = _batch(spec, apply_fn, extra_args)
-            model = partial(_Model, apply_fn, params, inputs, targets, dtype)
+            model = _Model(apply_fn, params, *_batch(spec, apply_fn, extra_args), dtype)
             if spec.method == "sf":
-                step = _sf_step(spec, model(), state.count, result)
+                step = _sf_step(spec, model, state.count, result)
             else:
-                rows, sq_norms = model().rows(spec)
+                rows, sq_norms = model.rows(spec)
                 step = on_host(spec.gram_step, result, state.count, rows, sq_norms)
         return unravel(step), ExactState(count=state.count + 1)
 
@@ -185,13 +185,13 @@ class _Model:
     def __init__(
         self, apply_fn: Callable, params: Any, inputs: Any, targets: Any, dtype: np.dtype
     ) -> None:
-        check_inputs(inputs, dtype)
+        n = check_inputs(inputs, dtype)
         self.apply_fn, self.params, self.inputs, self.targets = apply_fn, params, inputs, targets
         z = kernels.batch_logits(apply_fn, params, inputs)
-        if z.ndim not in (2, 3) or z.dtype != dtype:
+        if z.ndim not in (2, 3) or z.shape[0] != n or z.dtype != dtype:
             raise ValueError(
-                f"apply_fn returned {z.dtype} logits of shape {tuple(z.shape)}; expected "
-                f"(N, C) or (N, T, V) in the parameters' dtype {dtype}"
+                f"apply_fn returned {z.dtype} logits of shape {tuple(z.shape)} for {n} samples; "
+                f"expected (N, C) or (N, T, V) in the parameters' dtype {dtype}"
             )
         self.logits = jnp.reshape(z, (z.shape[0], -1))
 

@@ -213,6 +213,10 @@ UPDATE_CASES: dict[str, tuple[Any, dict, type, str]] = {
     "labels out of range": (
         ief(1.0, 1e-3, **MODEL), {"inputs": inputs_of(jnp.float32), "targets": TARGETS + 5},
         ValueError, "targets must be class labels"),
+    "logits without a batch axis": (
+        ief(1.0, 1e-3, apply_fn=lambda p, x: mlp(p, x).sum(axis=0), loss=CE),
+        {"inputs": inputs_of(jnp.float32), "targets": TARGETS}, ValueError,
+        r"logits of shape \(2,\) for 5 samples"),
     "non-finite inputs": (
         ief(1.0, 1e-3, **MODEL), {"inputs": inputs_of(jnp.float32).at[0, 0].set(jnp.nan),
                                   "targets": TARGETS},
