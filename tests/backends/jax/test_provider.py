@@ -29,7 +29,7 @@ from backends.jax import JaxProvider  # noqa: E402
 from tests.array_backends import tolerance  # noqa: E402
 from tests.backends.jax.zoo import CASES, case, loop_reference  # noqa: E402
 from tests.cases import assert_close_norm, np_damped_solve, solve_rtol  # noqa: E402
-from validation.independent import sampled_logit_grads, sf_uniforms  # noqa: E402
+from validation.independent.references import sampled_logit_grads, sf_uniforms  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("x64")
 NAMES = list(CASES)
