@@ -23,7 +23,14 @@ from ngdref.curvature import (
     ief_matrix_logit,
     sf_matrix,
 )
-from ngdref.directions import METHODS, BatchQuantities, batch_quantities, directions, sampled_grads
+from ngdref.directions import (
+    METHODS,
+    BatchQuantities,
+    batch_quantities,
+    directions,
+    sampled_grads,
+    sampling_key,
+)
 from ngdref.kfac import (
     KroneckerFactors,
     kfac_block_matrix,
@@ -116,6 +123,7 @@ __all__ = [
     "projections",
     "reduction_factor",
     "sampled_grads",
+    "sampling_key",
     "sf_matrix",
     "sf_update",
     "sgd_update",

@@ -22,6 +22,7 @@ GN/NGD(lambda) = GN/NGD_sum(lambda / R).
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,14 @@ from ngdref.updates import (
     sgd_update,
 )
 
-__all__ = ["METHODS", "BatchQuantities", "batch_quantities", "directions", "sampled_grads"]
+__all__ = [
+    "METHODS",
+    "BatchQuantities",
+    "batch_quantities",
+    "directions",
+    "sampled_grads",
+    "sampling_key",
+]
 
 METHODS = ("sgd", "ef", "ief", "sf", "gn", "ngd")
 NGD_SOLVERS = ("woodbury", "cg")
@@ -101,6 +109,32 @@ def batch_quantities(
         grad=sgd_update(per_sample),
         factor=factor,
     )
+
+
+def sampling_key(seed: int, step: int) -> int:
+    """The int sampling key of step ``step`` of a run seeded with ``seed``.
+
+    The first 8 bytes, little-endian, of blake2b("seed:step") (digest size 8): every step
+    draws fresh labels, a run is reproducible from its seed, and a resumed run draws the same
+    labels as an uninterrupted one. The torch optimisers and the optax transformations key
+    SF's labels (and K-FAC's sampled labels) with it; see the conventions page,
+    :ref:`conv-sampling-keys`.
+
+    Parameters
+    ----------
+    seed : int
+    step : int >= 0
+
+    Returns
+    -------
+    int
+        In [0, 2**64), a key for :meth:`ngdref.LogitLoss.sample`.
+    """
+    for value, name in ((seed, "seed"), (step, "step")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    digest = hashlib.blake2b(f"{int(seed)}:{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _check_key(key: Any) -> Any:

@@ -116,6 +116,9 @@ class Problem:
     torch_layers : callable (torch params (P,)) -> torch.nn.Module, optional
         A module of ``nn.Linear``/``nn.Tanh`` layers computing ``model`` with
         theta in the same layout (its ``named_parameters()`` concatenated).
+    sizes : tuple of int, optional
+        The layer sizes of an MLP problem (``backends.mlp_apply``), for models of other
+        libraries holding the same weights (:mod:`validation.jax_rows`).
     """
 
     name: str
@@ -128,6 +131,7 @@ class Problem:
     damping: float = 1e-3
     notes: str = field(default="")
     torch_layers: Callable[[Any], Any] | None = None
+    sizes: tuple[int, ...] | None = None
 
     def arrays(self, library: str, dtype: str = "float64") -> tuple[Any, Any, Any]:
         """params, inputs and targets in ``library`` (targets keep an integer dtype)."""
@@ -212,6 +216,7 @@ def _mlp_problem(
         model=partial(mlp_apply, sizes=sizes),
         exact=partial(MLPProvider, sizes=sizes),
         torch_layers=partial(_mlp_module, sizes=sizes),
+        sizes=sizes,
     )
 
 
