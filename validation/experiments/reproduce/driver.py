@@ -68,6 +68,7 @@ from validation.experiments.evaluate.kfac import plot_kfac_ratios
 from validation.experiments.evaluate.settings import METHODS
 from validation.experiments.io import atomic_write_json, atomic_write_text
 from validation.experiments.reproduce.markdown import results_markdown
+from validation.experiments.reproduce.origin import code_origin, machine
 from validation.experiments.reproduce.plan import (
     _BASELINES,
     DIGITS,
@@ -307,6 +308,7 @@ def reproduce(
     """
     started = time.perf_counter()
     _check_ready(workers, threads)
+    code = code_origin()  # before the first task: the commit that computes the numbers
     from validation.experiments.figures.plots import read_json
 
     experiment = DIGITS if experiment is None else experiment
@@ -328,7 +330,7 @@ def reproduce(
     previous = out_dir / "results.json"
     history = read_json(previous, ()).get("wall_history", []) if previous.is_file() else []
     wall = time.perf_counter() - started
-    results.update(wall_seconds=wall, wall_history=[*history, wall])
+    results.update(wall_seconds=wall, wall_history=[*history, wall], code=code, machine=machine())
     _write_results(out_dir, results, experiment)
     log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results
