@@ -369,9 +369,37 @@ def _write_results(out_dir: Path, results: dict[str, Any], experiment: Experimen
 
 
 # ---- command line -------------------------------------------------------------------------------
+def _run_fingerprint(args: Any) -> int:
+    """``--fingerprint [--write]``: check (or write) the reference fingerprint of a setup."""
+    from validation.experiments.reproduce import fingerprint
+
+    started = time.perf_counter()
+    try:
+        if args.write:
+            path = fingerprint.write_fingerprint(args.setup, args.reference)
+            print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+            return 0
+        problems = fingerprint.check_fingerprint(args.setup, args.reference)
+    except ReproduceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        print(f"error: the {args.setup} reference fingerprint does not hold:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in problems), file=sys.stderr)
+        return 1
+    print(f"the {args.setup} reference fingerprint holds "
+          f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def _run_reproduce(args: Any) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.write and not args.fingerprint:
+        print("error: --write: only with --fingerprint", file=sys.stderr)
+        return 2
+    if args.fingerprint:
+        return _run_fingerprint(args)
     if args.setup == "digits-lora":
         from validation.experiments.reproduce.lora_digits import DIGITS_LORA, FULL_LORA, QUICK_LORA
 
@@ -416,5 +444,19 @@ def register_reproduce(subparsers: Any) -> None:
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
         help="tqdm bar over the tasks (auto: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--fingerprint", action="store_true",
+        help="rerun a few-second deterministic slice of the setup and compare it with the "
+        "reference fingerprint (validation/experiments/reference/SETUP/fingerprint.json)",
+    )
+    parser.add_argument(
+        "--write", action="store_true",
+        help="with --fingerprint: write the fingerprint for the reference tables (refused when "
+        "its numbers moved but the tables were not regenerated)",
+    )
+    parser.add_argument(
+        "--reference", help="with --fingerprint: the reference directory (default: the "
+        "committed validation/experiments/reference/SETUP)",
     )
     parser.set_defaults(func=_run_reproduce)
