@@ -17,8 +17,9 @@ from typing import Any
 __all__ = ["code_origin", "machine"]
 
 _ROOT = Path(__file__).resolve().parents[3]
-#: the directories whose uncommitted changes can move a reproduction's numbers
-_CODE = ("ngdref", "backends", "validation")
+#: the directories whose uncommitted changes can move a reproduction's numbers (not the
+#: committed results themselves)
+_CODE = ("ngdref", "backends", "validation", ":(exclude)validation/experiments/reference")
 
 
 def _git(*args: str) -> str | None:
