@@ -230,7 +230,20 @@ def test_write_then_check_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     written = json.loads(path.read_text())
     assert written["values"] == VALUES
     assert written["reference"]["commit"] == "a" * 40
-    assert fingerprint.check_fingerprint("digits", folder) == []
+    assert fingerprint.check_fingerprint("digits", folder).problems == []
+
+
+def test_a_rounding_change_within_the_tolerance_passes_and_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _reference(tmp_path)
+    _compute_returns(monkeypatch, VALUES)
+    fingerprint.write_fingerprint("digits", folder)
+    assert fingerprint.check_fingerprint("digits", folder).note == "2 of 2 values bitwise equal"
+    _compute_returns(monkeypatch, {**VALUES, "train/sf/step1/loss": 2.0 * (1 + 3e-7)})
+    verdict = fingerprint.check_fingerprint("digits", folder)
+    assert verdict.problems == []
+    assert verdict.note == "1 of 2 values bitwise equal, the others within 3e-07 relative"
 
 
 def test_check_names_the_values_that_moved_and_how_to_regenerate(
@@ -240,7 +253,7 @@ def test_check_names_the_values_that_moved_and_how_to_regenerate(
     _compute_returns(monkeypatch, VALUES)
     fingerprint.write_fingerprint("digits", folder)
     _compute_returns(monkeypatch, {**VALUES, "train/sf/step1/loss": 2.1})
-    problems = fingerprint.check_fingerprint("digits", folder)
+    problems = fingerprint.check_fingerprint("digits", folder).problems
     assert any(p.startswith("train/sf/step1/loss: fingerprint 2, now 2.1") for p in problems)
     assert not any(p.startswith("evaluate/") for p in problems)
     assert "CHANGELOG" in problems[-1] and "--fingerprint --write" in problems[-1]
@@ -253,7 +266,7 @@ def test_tables_regenerated_without_their_fingerprint_fail_the_check(
     _compute_returns(monkeypatch, VALUES)
     fingerprint.write_fingerprint("digits", folder)
     _reference(tmp_path, commit="b" * 40)  # the tables regenerated at another commit
-    (problem,) = fingerprint.check_fingerprint("digits", folder)
+    (problem,) = fingerprint.check_fingerprint("digits", folder).problems
     assert "regenerated without their fingerprint" in problem and "b" * 40 in problem
 
 
@@ -281,7 +294,7 @@ def test_write_accepts_moved_numbers_for_regenerated_tables(
     _compute_returns(monkeypatch, moved)
     written = json.loads(fingerprint.write_fingerprint("digits", folder).read_text())
     assert written["values"] == moved and written["reference"]["commit"] == "b" * 40
-    assert fingerprint.check_fingerprint("digits", folder) == []
+    assert fingerprint.check_fingerprint("digits", folder).problems == []
 
 
 def test_a_missing_fingerprint_or_unknown_setup_is_named(tmp_path: Path) -> None:

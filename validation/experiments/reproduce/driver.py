@@ -379,15 +379,15 @@ def _run_fingerprint(args: Any) -> int:
             path = fingerprint.write_fingerprint(args.setup, args.reference)
             print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
             return 0
-        problems = fingerprint.check_fingerprint(args.setup, args.reference)
+        verdict = fingerprint.check_fingerprint(args.setup, args.reference)
     except ReproduceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if problems:
+    if verdict.problems:
         print(f"error: the {args.setup} reference fingerprint does not hold:", file=sys.stderr)
-        print("\n".join(f"  {line}" for line in problems), file=sys.stderr)
+        print("\n".join(f"  {line}" for line in verdict.problems), file=sys.stderr)
         return 1
-    print(f"the {args.setup} reference fingerprint holds "
+    print(f"the {args.setup} reference fingerprint holds: {verdict.note} "
           f"({time.perf_counter() - started:.0f} s)")
     return 0
 
