@@ -9,7 +9,8 @@ in sample space (the paper's lambda I_N) unless ``damping_space="parameter"``
 damps EF, iEF and SF alike, as in the paper (stated once in
 :mod:`ngdref.directions`). Per-sample gradients are a dense (N, P) array or any
 :class:`~ngdref.rows.PerSampleRows`; :class:`~ngdref.linalg.DampedGram` is the
-reusable damped Gram solve. See SPEC §2-4, §9 and the README.
+reusable damped Gram solve. Every convention is stated on the documentation's
+conventions page (:ref:`conventions`).
 """
 
 from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient
@@ -22,7 +23,14 @@ from ngdref.curvature import (
     ief_matrix_logit,
     sf_matrix,
 )
-from ngdref.directions import METHODS, BatchQuantities, batch_quantities, directions, sampled_grads
+from ngdref.directions import (
+    METHODS,
+    BatchQuantities,
+    batch_quantities,
+    directions,
+    sampled_grads,
+    sampling_key,
+)
 from ngdref.kfac import (
     KroneckerFactors,
     kfac_block_matrix,
@@ -43,6 +51,7 @@ from ngdref.losses import (
     SquaredError,
     reduction_factor,
 )
+from ngdref.ngd import gn_update, ngd_update, ngd_update_cg
 from ngdref.provider import JacobianProvider
 from ngdref.quality import (
     QuadraticForm,
@@ -57,11 +66,8 @@ from ngdref.quality import (
 from ngdref.rows import DenseRows, PerSampleRows, as_rows, gram_matrix
 from ngdref.updates import (
     ef_update,
-    gn_update,
     gram_update,
     ief_update,
-    ngd_update,
-    ngd_update_cg,
     sf_update,
     sgd_update,
 )
@@ -117,6 +123,7 @@ __all__ = [
     "projections",
     "reduction_factor",
     "sampled_grads",
+    "sampling_key",
     "sf_matrix",
     "sf_update",
     "sgd_update",

@@ -72,6 +72,16 @@ from ngdref.checks import (
     check_vector,
     namespace,
 )
+from ngdref.kfac_diagonal import (
+    check_factor,
+    dense_factor,
+    diagonal_factor,
+    diagonal_inverse_apply,
+    factor_eigh,
+    from_eigenbasis,
+    mean_eigenvalue,
+    to_eigenbasis,
+)
 from ngdref.linalg import SingularMatrixError
 
 __all__ = [
@@ -103,10 +113,12 @@ class KroneckerFactors:
 
     Attributes
     ----------
-    input_factor : array, shape (d_in, d_in), float64, or None
-        A; None for a block without inputs (a bias treated on its own), i.e. A = [1].
-    grad_factor : array, shape (d_out, d_out), float64
-        B.
+    input_factor : array, shape (d_in, d_in) or (d_in,), float64, or None
+        A, dense or its diagonal (:mod:`ngdref.kfac_diagonal`: a lookup table's
+        diag(counts) / c); None for a block without inputs (a bias treated on its own),
+        i.e. A = [1].
+    grad_factor : array, shape (d_out, d_out) or (d_out,), float64
+        B, dense or its diagonal.
     corrected_eigenvalues : array, shape (d_out, d_in) or (d_out,), float64, or None
         E of the eigenvalue-corrected block (George et al. 2018), set by
         :func:`eigenvalue_correction`; None for the plain Kronecker product.
@@ -275,26 +287,23 @@ def kfac_factors(
 
 
 def _checked_factors(factors: KroneckerFactors) -> tuple[Any, Any, Any]:
-    """Namespace, B and A (A = [[1]] when absent) after the shape and finiteness checks."""
+    """Namespace, B and A (A = [1] when absent) in float64 after the shape and finiteness
+    checks; each dense (d, d) or diagonal (d,) (:mod:`ngdref.kfac_diagonal`)."""
     if not isinstance(factors, KroneckerFactors):
         raise TypeError(f"factors must be KroneckerFactors, got {type(factors).__name__}")
     b, a = factors.grad_factor, factors.input_factor
     xp = namespace(**{"factors.grad_factor": b, "factors.input_factor": a})
     for name, m in (("factors.grad_factor", b), ("factors.input_factor", a)):
-        if m is None:
-            continue
-        check_ndim(m, name, 2, "(d, d)")
-        if m.shape[0] != m.shape[1]:
-            raise ValueError(f"{name} must be square, got shape {tuple(m.shape)}")
-        check_floating(xp, m, name)
-        check_finite(xp, m, name)
+        if m is not None:
+            check_factor(xp, m, name)
     b = xp.astype(b, xp.float64)
-    a = xp.ones((1, 1), dtype=xp.float64) if a is None else xp.astype(a, xp.float64)
+    a = xp.ones((1,), dtype=xp.float64) if a is None else xp.astype(a, xp.float64)
     return xp, b, a
 
 
 def _kron(xp: Any, b: Any, a: Any) -> Any:
     """b (x) a for the row-major vec: entry [i d_a + k, j d_a + l] = b[i, j] a[k, l]."""
+    b, a = dense_factor(xp, b), dense_factor(xp, a)
     (bo, bi), (ao, ai) = b.shape, a.shape
     return xp.reshape(b[:, None, :, None] * a[None, :, None, :], (bo * ao, bi * ai))
 
@@ -303,15 +312,22 @@ def kfac_block_matrix(factors: KroneckerFactors) -> Any:
     r"""The dense block, (d_out d_in, d_out d_in) float64, for row-major vec(W).
 
     B (x) A (entry [i d_in + k, j d_in + l] = B[i, j] A[k, l]), or with corrected
-    eigenvalues (U (x) V) diag(vec E) (U (x) V)^T, B = U diag(beta) U^T, A = V diag(alpha) V^T.
-    The reference for small layers.
+    eigenvalues (U (x) V) diag(vec E) (U (x) V)^T, B = U diag(beta) U^T, A = V diag(alpha) V^T
+    (the identity for a diagonal factor). The reference for small layers.
     """
     xp, b, a = _checked_factors(factors)
     if factors.corrected_eigenvalues is None:
         return _kron(xp, b, a)
-    q = _kron(xp, xp.linalg.eigh(b)[1], xp.linalg.eigh(a)[1])
+    u, v = (_basis(xp, m) for m in (b, a))
+    q = _kron(xp, u, v)
     e = xp.reshape(_checked_eigenvalues(xp, factors), (-1,))
     return xp.matmul(q * e[None, :], xp.matrix_transpose(q))
+
+
+def _basis(xp: Any, factor: Any) -> Any:
+    """The eigenvectors of a factor as a dense (d, d) array."""
+    vectors = factor_eigh(xp, factor)[1]
+    return xp.eye(factor.shape[0], dtype=factor.dtype) if vectors is None else vectors
 
 
 def _checked_eigenvalues(xp: Any, factors: KroneckerFactors) -> Any:
@@ -333,8 +349,8 @@ def eigenvalue_correction(
     r"""The eigenvalue-corrected block (EK-FAC, George et al. 2018; curvlinops' EKFAC).
 
     .. math::
-        E = \sum_n w_n ig(U^	op G_n Vig)^{\odot 2}, \qquad
-        G_n = \sum_t b_{nt}^	op a_{nt} \ 	ext{(the per-sample gradient)}
+        E = \sum_n w_n \big(U^\top G_n V\big)^{\odot 2}, \qquad
+        G_n = \sum_t b_{nt} a_{nt}^\top \ \text{(the per-sample gradient)}
 
     with U, V the eigenvectors of B and A: the block keeps the Kronecker
     eigenbasis and replaces its eigenvalues beta_i alpha_j by E_ij, the exact
@@ -342,8 +358,8 @@ def eigenvalue_correction(
     independent of A's normalisation). The weights and rows are the method's,
     as for :func:`grad_factor`; with 1/s_n this is an eigenvalue-corrected ieKFAC.
     E belongs to the eigenvectors ``eigh`` returns for these factors (recomputed
-    deterministically by :func:`kfac_inverse_apply`); do not average E across
-    different factors.
+    deterministically by :func:`kfac_inverse_apply`; the identity for a diagonal
+    factor); do not average E across different factors.
 
     Parameters
     ----------
@@ -358,7 +374,7 @@ def eigenvalue_correction(
     """
     xp, b_factor, a_factor = _checked_factors(factors)
     _, b = _positions(output_grads, "output_grads")
-    y = xp.matmul(b, xp.linalg.eigh(b_factor)[1])
+    y = _rotated(xp, b, b_factor)
     if factors.input_factor is None:
         rotated = xp.sum(y, axis=1)
     else:
@@ -368,8 +384,7 @@ def eigenvalue_correction(
                 f"layer_inputs has shape {tuple(layer_inputs.shape)}, output_grads "
                 f"{tuple(output_grads.shape)} and the factors {factors.shape}: they disagree"
             )
-        x = xp.matmul(a, xp.linalg.eigh(a_factor)[1])
-        rotated = xp.matmul(xp.matrix_transpose(y), x)
+        rotated = xp.matmul(xp.matrix_transpose(y), _rotated(xp, a, a_factor))
     if weights is not None:
         check_vector(xp, weights, "weights", b.shape[0], "output_grads", weights.dtype)
         rotated = rotated * xp.reshape(
@@ -380,12 +395,17 @@ def eigenvalue_correction(
     )
 
 
+def _rotated(xp: Any, x: Any, factor: Any) -> Any:
+    """x (N, T, d) in the factor's eigenbasis (x V)."""
+    vectors = factor_eigh(xp, factor)[1]
+    return x if vectors is None else xp.matmul(x, vectors)
+
+
 def _pi_shifts(xp: Any, b: Any, a: Any, damping: float, has_input: bool) -> tuple[float, float]:
     """(shift of B, shift of A) of the pi-damped factored inverse."""
     if not has_input:
         return damping, 0.0
-    mean_a = float(xp.sum(xp.linalg.diagonal(a))) / a.shape[0]
-    mean_b = float(xp.sum(xp.linalg.diagonal(b))) / b.shape[0]
+    mean_a, mean_b = mean_eigenvalue(xp, a), mean_eigenvalue(xp, b)
     if mean_a <= 0 or mean_b <= 0:
         return damping, damping  # curvlinops' fallback for a zero factor
     pi = math.sqrt(mean_a / mean_b)
@@ -401,6 +421,9 @@ def kfac_inverse_apply(
     .. math::
         \text{exact:}\ (B \otimes A + \lambda I)^{-1}\,\mathrm{vec}(G), \qquad
         \text{pi:}\ (B + \tfrac{\sqrt\lambda}{\pi} I)^{-1} G (A + \pi\sqrt\lambda I)^{-1}
+
+    Both through the eigendecompositions B = U diag(beta) U^T, A = V diag(alpha) V^T
+    (V = I for a diagonal A, so a lookup table's block costs O(V d^2)).
 
     Parameters
     ----------
@@ -430,8 +453,7 @@ def kfac_inverse_apply(
         raise ValueError(f"grad has shape {tuple(grad.shape)} but factors expect {factors.shape}")
     check_floating(xp, grad, "grad")
     check_finite(xp, grad, "grad")
-    beta, u = xp.linalg.eigh(b)
-    alpha, v = xp.linalg.eigh(a)
+    (beta, u), (alpha, v) = factor_eigh(xp, b), factor_eigh(xp, a)
     if factors.corrected_eigenvalues is not None:
         if damped_inverse != "exact":
             raise ValueError(
@@ -445,8 +467,7 @@ def kfac_inverse_apply(
         denominator = (beta[:, None] + shift_b) * (alpha[None, :] + shift_a)
     _check_nonsingular(xp, denominator, max(b.shape[0], a.shape[0]), damping)
     g = xp.reshape(xp.astype(grad, xp.float64), (b.shape[0], a.shape[0]))
-    rotated = xp.matmul(xp.matrix_transpose(u), xp.matmul(g, v)) / denominator
-    result = xp.matmul(u, xp.matmul(rotated, xp.matrix_transpose(v)))
+    result = from_eigenbasis(xp, to_eigenbasis(xp, g, u, v) / denominator, u, v)
     return xp.astype(xp.reshape(result, grad.shape), grad.dtype)
 
 
@@ -460,37 +481,3 @@ def _check_nonsingular(xp: Any, denominator: Any, size: int, damping: float) -> 
             f"the damped Kronecker block is singular: smallest eigenvalue {smallest:.3g} <= "
             f"{tol:.3g} (damping={damping}); increase damping"
         )
-
-
-def diagonal_factor(per_sample_grads: Any, *, weights: Any = None) -> Any:
-    r"""Fallback diagonal block for parameters outside supported layers, float64 (P,).
-
-    .. math:: D = \sum_n w_n\, g_n \odot g_n
-
-    ``per_sample_grads`` (N, P) holds the rows of the method (sampled-label
-    gradients for "kfac"); ``weights`` (N,) are :func:`kfac_sample_weights`.
-    """
-    xp = namespace(per_sample_grads=per_sample_grads)
-    check_ndim(per_sample_grads, "per_sample_grads", 2, "(N, P)")
-    _, g = _positions(per_sample_grads, "per_sample_grads")
-    g = g[:, 0, :]
-    if weights is not None:
-        check_vector(xp, weights, "weights", g.shape[0], "per_sample_grads", weights.dtype)
-        g = g * xp.sqrt(xp.astype(weights, xp.float64))[:, None]
-    return xp.sum(g * g, axis=0)
-
-
-def diagonal_inverse_apply(diagonal: Any, grad: Any, *, damping: float) -> Any:
-    r"""(diag(D) + lambda I)^-1 g, in the dtype of ``grad`` (P,); singular D + lambda is refused."""
-    damping = check_damping(damping)
-    xp = namespace(diagonal=diagonal, grad=grad)
-    check_ndim(diagonal, "diagonal", 1, "(P,)")
-    check_finite(xp, diagonal, "diagonal")
-    check_vector(xp, grad, "grad", diagonal.shape[0], "diagonal", grad.dtype)
-    denominator = xp.astype(diagonal, xp.float64) + damping
-    tol = 2.0**-52 * (float(xp.max(xp.abs(diagonal))) + damping)
-    if not float(xp.min(denominator)) > tol:
-        raise SingularMatrixError(
-            "the damped diagonal block is singular (a zero entry with damping=0); increase damping"
-        )
-    return xp.astype(xp.astype(grad, xp.float64) / denominator, grad.dtype)

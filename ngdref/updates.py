@@ -1,4 +1,4 @@
-r"""Update directions of SGD, EF, iEF, SF, GN and exact NGD (SPEC §3).
+r"""Update directions of SGD, EF, iEF and SF (:ref:`conv-updates`).
 
 An *update* is a direction d without learning rate or sign: the optimiser
 applies ``theta <- theta - lr * d``. Every function works in the paper's sum
@@ -7,7 +7,7 @@ use a mean-reduced loss, scale the per-sample inputs by the reduction factor
 (:func:`ngdref.batch_quantities` and :func:`ngdref.sampled_grads` do this from
 ``reduction=``, with the convention stated in :mod:`ngdref.directions`).
 
-Two families of damping (SPEC §3):
+Two families of damping (:ref:`conv-updates`):
 
 * Gram / sample space (the paper's Eq. 5 and 8): lambda I_N is added to the
   N x N Gram matrix G G^T. ``damping_space="sample"``.
@@ -18,6 +18,8 @@ Two families of damping (SPEC §3):
 For EF both coincide exactly; for iEF they differ for lambda > 0:
 (F_iEF + lambda I_P)^{-1} g = G^T (G G^T + lambda diag(s))^{-1} s.
 
+Exact NGD and GN (Woodbury over N*C, and conjugate gradient) are :mod:`ngdref.ngd`.
+
 The small systems are formed and solved in float64 (the authors' practice) by
 :class:`ngdref.linalg.DampedGram`, and the final combination ``G^T c`` is done in
 the input dtype. Per-sample gradients may be dense (N, P) arrays or
@@ -27,26 +29,16 @@ diagnostics (:class:`~ngdref.linalg.GramSolve`) with the update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from ngdref.cg import (
-    NotConvergedError,
-    conjugate_gradient,
-    default_cg_tol,
-    not_converged_message,
-)
 from ngdref.checks import (
     check_choice,
     check_damping,
     check_finite,
-    check_floating,
-    check_logit_matrices,
-    check_ndim,
     check_vector,
     namespace,
 )
-from ngdref.curvature import _check_jacobians, _check_num_samples
+from ngdref.curvature import _check_num_samples
 from ngdref.linalg import DAMPING_MODES, DampedGram, GramSolve, SingularMatrixError
 from ngdref.rows import DenseRows, as_rows, ones_like_rows, rows_namespace
 from ngdref.woodbury import damped_inverse_apply, true_rows_inverse_apply
@@ -54,14 +46,11 @@ from ngdref.woodbury import damped_inverse_apply, true_rows_inverse_apply
 __all__ = [
     "check_damping_options",
     "ef_update",
-    "gn_update",
     "gram_solver",
     "gram_update",
     "ief_damping_weights",
     "ief_update",
     "median_damping",
-    "ngd_update",
-    "ngd_update_cg",
     "sf_update",
     "sgd_update",
 ]
@@ -172,7 +161,7 @@ def median_damping(
 
     The authors' SF optimiser reads a negative damping -lambda this way: its scale is the
     median of the diagonal of the true-label rows' Gram matrix, over the rows its duplicate
-    filter keeps (every pair with |cos| > 0.99 drops its smaller-norm row; an all-zero row
+    filter keeps (every pair with ``|cos| > 0.99`` drops its smaller-norm row; an all-zero row
     is kept, its cosines being NaN there). For an even count the median is the lower of the
     two middle values, as ``torch.median`` returns. The rows are in the convention of the
     step (R g_n under a reduction R), so the result damps like an absolute lambda there.
@@ -270,7 +259,7 @@ def ef_update(
     damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
         See :meth:`ngdref.linalg.DampedGram.solve`.
     dedup_threshold : float, optional
-        Drop near-duplicate per-sample gradients (|cos| above it) first.
+        Drop near-duplicate per-sample gradients (``|cos|`` above it) first.
     dedup_rule : {"all_pairs", "greedy"}
     dedup_zero_rows : {"drop", "keep"}
         Whether the filter drops all-zero rows (the authors' code keeps them; with
@@ -421,124 +410,3 @@ def sf_update(
     if num_samples != 1:  # K = 1 (the paper's) would only copy
         update = num_samples * update
     return (update, info) if return_info else update
-
-
-def _factor_rows(xp: Any, jacobians: Any, factors: Any | None) -> Any:
-    """Rows of A with A^T A = sum_n J_n^T Q_n Q_n^T J_n: (Q_n^T J_n) stacked, (N*C, P)."""
-    n, c, p = jacobians.shape
-    if factors is not None:
-        check_logit_matrices(xp, factors, "logit_hessian_sqrt", jacobians)
-        jacobians = xp.matmul(xp.matrix_transpose(factors), jacobians)
-    return xp.reshape(jacobians, (n * c, p))
-
-
-def ngd_update(jacobians: Any, logit_hessian_sqrt: Any, grad: Any, *, damping: float) -> Any:
-    r"""Exact (damped) natural gradient :math:`(F + \lambda I_P)^{-1} g` by Woodbury over N*C.
-
-    .. math::
-        U = [J_n^\top Q_n]_n \in R^{P \times NC}, \quad F = U U^\top, \quad
-        (F + \lambda I)^{-1} g = \frac{1}{\lambda}\left[g - U (U^\top U + \lambda I)^{-1}
-        U^\top g\right]
-
-    When P <= N*C the P x P system is solved directly (then lambda = 0 is
-    allowed if F is invertible, as in the toy problems).
-
-    Parameters
-    ----------
-    jacobians : array, shape (N, C, P)
-    logit_hessian_sqrt : array, shape (N, C, C)
-        Q_n with Q_n Q_n^T = H_n (sum convention).
-    grad : array, shape (P,)
-    damping : float >= 0
-
-    Returns
-    -------
-    array, shape (P,), namespace, device and dtype of ``grad``.
-    """
-    xp = _check_jacobians(jacobians)
-    namespace(jacobians=jacobians, logit_hessian_sqrt=logit_hessian_sqrt, grad=grad)
-    check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
-    damping = check_damping(damping)
-    update, _ = damped_inverse_apply(
-        _factor_rows(xp, jacobians, logit_hessian_sqrt), grad, damping, "jacobians"
-    )
-    return update
-
-
-def gn_update(jacobians: Any, grad: Any, *, damping: float) -> Any:
-    r"""Gauss-Newton without output curvature, :math:`(\sum_n J_n^\top J_n + \lambda I_P)^{-1} g`.
-
-    :func:`ngd_update` with Q_n = I (Eq. 9: gradient descent in logit space).
-
-    Parameters
-    ----------
-    jacobians : array, shape (N, C, P)
-    grad : array, shape (P,)
-    damping : float >= 0
-
-    Returns
-    -------
-    array, shape (P,)
-    """
-    xp = _check_jacobians(jacobians)
-    namespace(jacobians=jacobians, grad=grad)
-    check_vector(xp, grad, "grad", jacobians.shape[2], "jacobians' last axis", jacobians.dtype)
-    damping = check_damping(damping)
-    update, _ = damped_inverse_apply(_factor_rows(xp, jacobians, None), grad, damping, "jacobians")
-    return update
-
-
-def ngd_update_cg(
-    fisher_vp: Callable[[Any], Any],
-    grad: Any,
-    *,
-    damping: float,
-    tol: float | None = None,
-    maxiter: int | None = None,
-    callback: Callable[[Any], None] | None = None,
-    check_convergence: bool = True,
-) -> Any:
-    r"""Matrix-free natural gradient: conjugate gradient on :math:`(F + \lambda I) d = g`.
-
-    Parameters
-    ----------
-    fisher_vp : callable, (P,) -> (P,)
-        v -> F v, e.g. :func:`ngdref.quality.fisher_vp`.
-    grad : array, shape (P,)
-    damping : float >= 0
-        lambda = 0 is allowed: from d_0 = 0, CG stays in the Krylov space of g
-        and converges to the minimum-norm solution when g is in range(F).
-    tol : float, optional
-        Relative residual ||(F + lambda I) d - g|| <= tol ||g||; default
-        :func:`ngdref.cg.default_cg_tol` of ``grad``'s dtype (1e-10 for float64,
-        3.5e-4 for float32).
-    maxiter : int, optional
-        Default 10 * P.
-    callback : callable, optional
-        Called with every iterate d_k; CG's iterates are locally optimal for
-        the quality indicator gamma (App. F.2).
-    check_convergence : bool
-        If True (default), raise :class:`~ngdref.cg.NotConvergedError` when the
-        true residual of the returned d is above 2 tol ||g||; False returns the
-        last iterate (truncated CG).
-
-    Returns
-    -------
-    array, shape (P,), namespace, device and dtype of ``grad``.
-    """
-    xp = namespace(grad=grad)
-    check_ndim(grad, "grad", 1, "(P,)")
-    check_floating(xp, grad, "grad")
-    check_finite(xp, grad, "grad")
-    if tol is None:
-        tol = default_cg_tol(xp, grad.dtype)
-    result = conjugate_gradient(
-        fisher_vp, grad, damping=damping, tol=tol, maxiter=maxiter, callback=callback
-    )
-    if check_convergence and not result.converged:
-        raise NotConvergedError(not_converged_message(result, tol, maxiter, _norm(xp, grad)))
-    return result.x
-
-
-def _norm(xp: Any, v: Any) -> float:
-    return float(xp.sqrt(xp.sum(v * v)))

@@ -7,16 +7,18 @@ forming a P x P matrix::
     top = scipy.sparse.linalg.eigsh(op, k=10, return_eigenvectors=False)
 
 =============  ====================================================  ==========================
-method         product (sum convention, SPEC §2)                      built from
+method         product (sum convention)                               built from
 =============  ====================================================  ==========================
 ``"fisher"``   F v = sum_n J_n^T H_n (J_n v)                          :func:`ngdref.fisher_vp`
 ``"gn"``       G_hat v = sum_n J_n^T (J_n v)                          provider ``jvp``/``vjp_sum``
 ``"ef"``       F_EF v = G^T (G v)                                     rows ``matvec``/``rmatvec``
 ``"ief"``      F_iEF v = G^T diag(s)^{-1} (G v)                       rows ``matvec``/``rmatvec``
 ``"sf"``       F_SF v = (1/K) G_s^T (G_s v), sampled-label rows G_s   rows ``matvec``/``rmatvec``
-K-FAC family   block diagonal: B V A per Kronecker block, D v on the  :mod:`ngdref.kfac` factors
-               diagonal blocks (:func:`kfac_operator`)
+K-FAC family   block diagonal: B V A per Kronecker block, D v on      :mod:`ngdref.kfac` factors
+               the diagonal blocks (:func:`kfac_operator`)
 =============  ====================================================  ==========================
+
+The matrices are those of the conventions page, :ref:`conv-curvature`.
 
 Reduction: :func:`curvature_operator` takes ``reduction`` ("sum" default, "mean" or a
 positive factor R) and builds its inputs as :func:`ngdref.directions` does
@@ -295,15 +297,29 @@ def curvature_operator(
 
 
 def _kron_product(factors: KroneckerFactors) -> Callable[[np.ndarray], np.ndarray]:
-    """W (d_out, d_in) -> the block times vec(W), reshaped: B W A, or the corrected form."""
+    """W (d_out, d_in) -> the block times vec(W), reshaped: B W A, or the corrected form.
+
+    A factor may be a (d,) diagonal (an embedding's input factor): its product is a scaling
+    of W's rows (B) or columns (A), and its eigenbasis the identity, as in
+    :func:`ngdref.kfac_block_matrix`.
+    """
     b = np.asarray(factors.grad_factor, dtype=np.float64)
     a = np.ones((1, 1)) if factors.input_factor is None else np.asarray(
         factors.input_factor, dtype=np.float64
     )
+
+    def left(w: np.ndarray) -> np.ndarray:
+        return b[:, None] * w if b.ndim == 1 else b @ w
+
+    def right(w: np.ndarray) -> np.ndarray:
+        return w * a[None, :] if a.ndim == 1 else w @ a
+
     if factors.corrected_eigenvalues is None:
-        return lambda w: b @ w @ a
-    # the eigenvectors eigh gives for these factors, as ngdref.kfac_block_matrix uses
-    u, v = np.linalg.eigh(b)[1], np.linalg.eigh(a)[1]
+        return lambda w: right(left(w))
+    # the eigenvectors eigh gives for these factors (the identity for a diagonal factor), as
+    # ngdref.kfac_block_matrix uses
+    u = np.eye(b.shape[0]) if b.ndim == 1 else np.linalg.eigh(b)[1]
+    v = np.eye(a.shape[0]) if a.ndim == 1 else np.linalg.eigh(a)[1]
     e = np.asarray(factors.corrected_eigenvalues, dtype=np.float64).reshape(b.shape[0], -1)
     return lambda w: u @ ((u.T @ w @ v) * e) @ v.T
 

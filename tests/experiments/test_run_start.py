@@ -21,9 +21,9 @@ from tests.experiments.cases import fixture_dirs, require_hf_stack, tiny_overrid
 
 torch = require_hf_stack()
 
-from validation.experiments import models  # noqa: E402
 from validation.experiments.__main__ import main  # noqa: E402
 from validation.experiments.config.load import ConfigError, load_config  # noqa: E402
+from validation.experiments.models import builders as models  # noqa: E402
 from validation.experiments.train.runner import read_metrics, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -61,7 +61,7 @@ def test_a_bad_argument_is_one_line_before_anything_exists(
 def test_more_ranks_than_a_batch_holds_is_refused_before_anything_exists(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backends import dist_launch
+    from backends.torch.distributed import launch as dist_launch
 
     monkeypatch.setattr(dist_launch, "world_and_rank", lambda: (2, 0))
     for overrides, named in (

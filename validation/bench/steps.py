@@ -22,8 +22,8 @@ after a warm-up, the median time of
 The optimisers run with lr = 1e-12, so every measured thing sees the same parameters; the
 arithmetic of a step does not depend on lr. The models are in eval mode (dropout off), as the
 paper's steps are. Peak memory of a step is measured three ways: live tensor bytes from
-torch's profiler in this process (:func:`_live_tensor_peak`), and the peak RSS increase in a
-fresh process per cell (:func:`_peak_rss_increase`), with glibc's default allocator settings
+torch's profiler in this process (``_live_tensor_peak``), and the peak RSS increase in a
+fresh process per cell (``_peak_rss_increase``), with glibc's default allocator settings
 and with a fixed mmap threshold; each iEF step's peak over the AdamW step's (whose .grad, m
 and v exist before the measured step, so they are added to its increase). Nothing is
 asserted: these are measurements, and the targets are printed next to them with "met" or

@@ -26,7 +26,7 @@ def mode(progress: bool | None) -> str:
 
 def notice(message: str) -> None:
     """Print ``message`` on stderr now (rank 0 alone under torchrun)."""
-    from backends import dist_launch
+    from backends.torch.distributed import launch as dist_launch
 
     if dist_launch.is_writer():
         print(message, file=sys.stderr, flush=True)

@@ -116,6 +116,17 @@ def _cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(10, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (10,))
 
 
+def _cnn_same() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A string-padded, dilated convolution (K-FAC factors through the layer registry; before
+    it, such a layer only had the diagonal fallback)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 4),
+    ).double()
+    return model, torch.randn(24, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (24,))
+
+
 def _lora() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """peft LoRA (r = 2) on both layers of an MLP; B initialised randomly, not to 0."""
     from peft import LoraConfig, get_peft_model
@@ -131,6 +142,7 @@ KFAC_PROBLEMS = (
     KFACProblem("mlp", _mlp, 1),
     KFACProblem("sequence", _sequence, 4),
     KFACProblem("cnn", _cnn, 9),
+    KFACProblem("cnn-same", _cnn_same, 25),
     KFACProblem("lora", _lora, 1),
 )
 

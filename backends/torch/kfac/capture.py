@@ -1,16 +1,30 @@
-"""The hooked passes behind :func:`backends.torch.kfac.curvature.kfac_curvature`.
+r"""The passes behind :func:`backends.torch.kfac.curvature.kfac_curvature`, on the layer registry.
 
-One forward pass with a forward hook on every supported layer (it keeps the layer's inputs
-as (N, T, d_in) positions and puts a hook on its output tensor that keeps the output
-gradients (N, T, d_out)), then one backward pass per logit-space cotangent: the true-label
-logit gradients e_n and, for KFAC, a sampled label's (or the columns of the logit Hessian's
-square root). Layers whose calls cannot be attributed to samples are reported, not used.
+One forward pass records every call of a module of a registered layer kind
+(:mod:`backends.torch.layers`: the same definition of each layer as the per-sample routes),
+with the batch axis of its first argument taken from the provenance tracker
+(:class:`backends.torch.per_sample.provenance.ProvenanceTracker`: the batch's tensors carry
+their samples on axis 0, the model's parameters and buffers are sample free; a dimension of
+length N is never evidence, so sequence-first (T, N, d) layers are read correctly even when
+T == N). Then one backward pass per logit-space cotangent: the true-label logit gradients
+e_n (which also give the batch gradient) and, for KFAC, a sampled label's (or the columns
+of the logit Hessian's square root). Each pass gives, per trainable parameter, the parts of
+its per-sample gradient in every use (:mod:`backends.torch.layers.parts`).
+
+A parameter is *refused* (its block is then the diagonal of per-sample gradients from
+another route, :func:`per_sample_grads`) when a module owning it has no layer kind or its
+kind refuses it or one of its calls, when no recorded call uses it, or when its recorded
+uses do not add up to the batch gradient autograd gives (a use outside any recorded call,
+e.g. the weight of an embedding reused by ``F.linear``): sum_n g_n of the parts must equal
+the batch gradient to within the rounding of the two sums, 8 eps m ||x||_F ||y||_F per part
+(m terms per entry, :func:`backends.torch.layers.kronecker.batch_gradient`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,130 +32,53 @@ from torch import nn
 
 import ngdref
 
+from ..axes import BATCH_FIRST, BatchAxis
+from ..layers.capture import Call, Recorder
+from ..layers.kronecker import batch_gradient
+from ..layers.parts import Grad
+from ..per_sample.loop import loop_vjp_ranges
+from ..per_sample.provenance import ProvenanceTracker, held_tensors
 from ..provider import TorchProvider
 
-__all__ = ["Passes", "Recorder", "Use", "run_passes"]
+__all__ = ["Passes", "per_sample_grads", "run_passes"]
+
+#: multiple of m eps S allowed between the parts' sum and autograd's batch gradient
+GRADIENT_CHECK = 8.0
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """None if the module's parameters get Kronecker factors, else why not."""
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return None
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
-        if module.groups != 1:
-            return f"nn.Conv2d with groups={module.groups} (only groups=1)"
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            return "nn.Conv2d with string padding or a non-zero padding_mode"
-        return None
-    return f"{type(module).__name__} is not a supported layer (nn.Linear, nn.Conv2d)"
+@dataclass
+class Passes:
+    """What the forward and backward passes of :func:`kfac_curvature` recorded.
 
-
-class Recorder:
-    """Forward and output-gradient hooks on the supported layers (inputs and grads per call)."""
-
-    def __init__(self, modules: dict[str, nn.Module], n: int) -> None:
-        self.modules = modules
-        self.n = n
-        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-        self.grads: dict[str, dict[int, torch.Tensor]] = {name: {} for name in modules}
-        #: layer name -> why its calls cannot be attributed to samples (it falls back)
-        self.failures: dict[str, str] = {}
-
-    def _positions_in(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, nn.Conv2d):
-            patches = nn.functional.unfold(
-                x, module.kernel_size, module.dilation, module.padding, module.stride
-            )
-            return patches.transpose(1, 2)
-        return x.reshape(self.n, -1, x.shape[-1])
-
-    def _positions_out(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, nn.Conv2d):
-            return g.flatten(2).transpose(1, 2)
-        return g.reshape(self.n, -1, g.shape[-1])
-
-    def hook(self, name: str) -> Callable[..., None]:
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0]
-            if x.ndim < 2 or x.shape[0] != self.n:
-                self.failures[name] = (
-                    f"called on an input of shape {tuple(x.shape)}, not a batch of {self.n} "
-                    "samples along its first axis"
-                )
-                return
-            call = len(self.inputs[name])
-            self.inputs[name].append(self._positions_in(module, x.detach()))
-
-            def grad_hook(g: torch.Tensor) -> None:
-                self.grads[name][call] = self._positions_out(module, g.detach())
-
-            output.register_hook(grad_hook)
-
-        return forward_hook
-
-    def layer_inputs(self, name: str) -> torch.Tensor:
-        return torch.cat(self.inputs[name], dim=1)
-
-    def output_grads(self, name: str) -> torch.Tensor:
-        grads = self.grads[name]
-        out = torch.cat([grads[c] for c in range(len(self.inputs[name]))], dim=1)
-        self.grads[name] = {}
-        return out
-
-
-@dataclass(frozen=True)
-class Use:
-    """The modules that call one trainable parameter, and its role there ("weight"/"bias")."""
-
-    role: str
-    modules: tuple[str, ...]
-
-
-def _layers(
-    model: nn.Module,
-) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, Use]]:
-    """The supported modules to hook, the fallback reasons, and the Kronecker parameters.
-
-    Parameters are named as ``named_parameters()`` names them (a tied parameter once, under
-    its first name). A parameter shared by several modules gets one block: it is Kronecker
-    factored when every module using it is a supported layer of one type and uses it in one
-    role (its calls are then concatenated along the positions, as the k calls of one layer
-    are), else it falls back to the diagonal block, which sums every use by construction.
+    Attributes
+    ----------
+    params : dict of str to nn.Parameter
+        The trainable parameters, named (and ordered) as ``named_parameters()`` gives them.
+    users : dict of nn.Parameter to list of Call
+        The recorded calls of each parameter, in the order of its uses.
+    refused : dict of str to str
+        Parameter name -> why its recorded uses do not give its per-sample gradients.
+    grad : torch.Tensor, shape (P,)
+        g = sum_n grad l_n.
+    loss : float
+    logit_grad_sq_norms : torch.Tensor, shape (N,)
+    rows : dict of str to list of torch.Tensor
+        "true" / "sampled" -> the logit-space cotangents (N, C) of those backward passes.
+    uses : dict of str to list of dict
+        "true" / "sampled" -> per backward pass, parameter -> the parts of each use.
+    leaks : list of str
+        Values read into Python from tensors that carry samples (the tracker's leaks).
     """
-    canonical = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    layers: dict[str, nn.Module] = {}
-    reasons: dict[str, str] = {}
-    found: dict[str, list[tuple[str, str, nn.Module]]] = {}
-    for module_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        for pname, p in own:
-            found.setdefault(canonical[id(p)], []).append((module_name, pname, module))
-        if own and _unsupported_reason(module) is None:
-            layers[module_name] = module
-    kronecker: dict[str, Use] = {}
-    for name, uses in found.items():
-        reason = _shared_reason(name, uses)
-        if reason is None:
-            kronecker[name] = Use(uses[0][1], tuple(m for m, _, _ in uses))
-        else:
-            reasons[name] = reason
-    used = {m for use in kronecker.values() for m in use.modules}
-    return {m: mod for m, mod in layers.items() if m in used}, reasons, kronecker
 
-
-def _shared_reason(name: str, uses: list[tuple[str, str, nn.Module]]) -> str | None:
-    """None if every use of parameter ``name`` is a supported layer's weight (or bias) in
-    modules of one type, else why its block is the diagonal fallback."""
-    for module_name, pname, module in uses:
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            return reason if len(uses) == 1 else f"used by {module_name!r}: {reason}"
-        if pname not in ("weight", "bias"):
-            return f"{pname!r} of a supported layer is neither weight nor bias"
-    where = [f"{m!r} ({type(mod).__name__}.{p})" for m, p, mod in uses]
-    if len({p for _, p, _ in uses}) > 1 or len({type(mod) for _, _, mod in uses}) > 1:
-        return f"shared by {', '.join(where)} in different roles or layer types"
-    return None
+    params: dict[str, nn.Parameter]
+    users: dict[nn.Parameter, list[Call]]
+    refused: dict[str, str]
+    grad: torch.Tensor
+    loss: float
+    logit_grad_sq_norms: torch.Tensor
+    rows: dict[str, list[torch.Tensor]]
+    uses: dict[str, list[dict[nn.Parameter, list[Grad]]]] = field(default_factory=dict)
+    leaks: list[str] = field(default_factory=list)
 
 
 def _sampled_cotangents(
@@ -158,79 +95,142 @@ def _sampled_cotangents(
     return [root[:, :, c] for c in range(root.shape[-1])]
 
 
-@dataclass
-class Passes:
-    """What the forward and backward passes of :func:`kfac_curvature` recorded."""
+def _axis_function(tracker: ProvenanceTracker) -> Any:
+    def axis(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> BatchAxis | str:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        state = tracker.axis_of(first)
+        return state if isinstance(state, BatchAxis) else str(getattr(state, "reason", state))
 
-    recorder: Recorder
-    layers: dict[str, nn.Module]
-    reasons: dict[str, str]
-    #: Kronecker-factored parameter name -> its role and the modules that call it
-    kronecker: dict[str, Use]
-    grad: torch.Tensor
-    loss: float
-    logit_grad_sq_norms: torch.Tensor
-    #: "true" / "sampled" -> the logit-space cotangents of those backward passes
-    rows: dict[str, list[torch.Tensor]]
-    #: "true" / "sampled" -> layer name -> output gradients (N, T, d_out), one per pass
-    output_grads: dict[str, dict[str, list[torch.Tensor]]]
+    return axis
+
+
+def _forward(provider: TorchProvider, params: dict[str, nn.Parameter]
+             ) -> tuple[Recorder, torch.Tensor, list[str]]:
+    """The recorded forward pass (eval mode): the recorder, the logits (N, C), the leaks."""
+    model, n = provider.model, provider.num_samples
+    batched = provider.batch(slice(None))
+    tracker = ProvenanceTracker(n, [(t, BATCH_FIRST) for t in batched.values()],
+                                free=held_tensors(model))
+    recorder = Recorder(model, _axis_function(tracker), n, mode="eval")
+    try:
+        with provider.eval_mode(), torch.enable_grad(), recorder.recording(), tracker:
+            z = provider.batch_logits(provider.theta, batched, params)
+        leaks = list(tracker.leaks)
+    finally:
+        tracker.clear()
+    if not z.requires_grad:
+        raise ValueError("no trainable parameter of the model reaches its logits")
+    return recorder, z, leaks
+
+
+def _refusals(model: nn.Module, params: dict[str, nn.Parameter], recorder: Recorder,
+              users: Mapping[nn.Parameter, list[Call]]) -> dict[str, str]:
+    """Parameter name -> why its recorded uses cannot give its per-sample gradients."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((path, module))
+    out = {}
+    for name, p in params.items():
+        mine = owners.get(id(p), [])
+        refused = [(path, recorder.refused[m]) for path, m in mine if m in recorder.refused]
+        if refused:
+            path, reason = refused[0]
+            out[name] = reason if len(mine) == 1 else f"used by {path!r}: {reason}"
+        elif p not in users:
+            out[name] = ("no recorded call of a layer kind uses it (it is used by functional "
+                         "code, or not at all)")
+    return out
+
+
+def _check_sums(params: dict[str, nn.Parameter], uses: Mapping[nn.Parameter, list[Grad]],
+                grads: Mapping[str, torch.Tensor], refused: dict[str, str]) -> None:
+    """Refuse the parameters whose recorded uses do not add up to autograd's gradient."""
+    for name, p in params.items():
+        if name in refused or p not in uses:
+            continue
+        total, scale = batch_gradient(uses[p], tuple(p.shape))
+        eps = torch.finfo(total.dtype).eps
+        error = float(torch.linalg.vector_norm(total - grads[name].reshape(-1).to(total)))
+        bound = GRADIENT_CHECK * eps * scale
+        if not error <= bound:
+            refused[name] = (
+                f"its recorded layer calls do not account for its gradient (||difference|| "
+                f"{error:.3g} > {bound:.3g}): it is used outside them too"
+            )
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.to_dense() if g.is_sparse else g
 
 
 def run_passes(
-    provider: TorchProvider,
-    loss: ngdref.LogitLoss,
-    targets: Any,
-    methods: tuple[str, ...],
-    key: int,
-    kfac_fisher: str,
-    strict: bool,
+    provider: TorchProvider, loss: ngdref.LogitLoss, targets: Any, methods: tuple[str, ...],
+    key: int, kfac_fisher: str,
 ) -> Passes:
-    """One hooked forward, the true-label backward and (for "kfac") the sampled ones."""
-    model = provider.model
-    layers, reasons, kronecker = _layers(model)
-    recorder = Recorder(layers, provider.num_samples)
-    handles = [m.register_forward_hook(recorder.hook(name)) for name, m in layers.items()]
-    try:
-        with provider.eval_mode(), torch.enable_grad():
-            theta = provider.params_vector().requires_grad_(True)
-            z = provider.batch_logits(theta, provider.batch(slice(None)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name in list(layers):
-        reason = recorder.failures.get(name) or (
-            "" if recorder.inputs[name] else "layer not called in the forward"
-        )
-        if not reason:
-            continue
-        del layers[name]
-        for pname, use in list(kronecker.items()):
-            if name in use.modules:  # every use of a shared parameter falls back with it
-                del kronecker[pname]
-                shared = len(use.modules) > 1
-                reasons[pname] = f"used by {name!r}: {reason}" if shared else reason
-    if strict and reasons:
-        raise ValueError(f"model has trainable parameters outside supported layers: {reasons}")
+    """One recorded forward, the true-label backward and (for "kfac") the sampled ones."""
+    params = {n: p for n, p in provider.model.named_parameters() if p.requires_grad}
+    recorder, z, leaks = _forward(provider, params)
+    users = recorder.users()
+    refused = _refusals(provider.model, params, recorder, users)
     logits = z.detach()
     e = loss.grad(logits, targets)
     value = float(torch.sum(loss.value(logits, targets)))
     rows = {"true": [e]}
     if "kfac" in methods:
         rows["sampled"] = _sampled_cotangents(loss, logits, targets, key, kfac_fisher)
-    grad = None
-    output_grads: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for kind, cotangents in rows.items():
-        output_grads[kind] = {n: [] for n in layers}
-        for u in cotangents:
-            (g,) = torch.autograd.grad(z, theta, grad_outputs=u, retain_graph=True)
-            grad = g if grad is None else grad
-            for n in layers:
-                output_grads[kind][n].append(recorder.output_grads(n))
+    uses: dict[str, list[dict[nn.Parameter, list[Grad]]]] = {}
+    passes = [(source, u) for source, us in rows.items() for u in us]
+    grads: dict[str, torch.Tensor] = {}
+    for i, (source, u) in enumerate(passes):
+        wrt = list(params.values()) if i == 0 else []
+        found, g = recorder.backward([z], [u], retain_graph=i < len(passes) - 1, inputs=wrt)
+        uses.setdefault(source, []).append(found)
+        if i == 0:
+            grads = {name: _dense(t) for name, t in zip(params, g, strict=True)}
+    grad = torch.cat([grads[name].reshape(-1) for name in params])
     if not bool(torch.isfinite(grad).all()):
         raise ngdref.NonFiniteError("grad: the batch gradient contains NaN or infinite values")
-    return Passes(
-        recorder, layers, reasons, kronecker, grad, value, torch.sum(e * e, dim=1), rows,
-        output_grads,
-    )
+    _check_sums(params, uses["true"][0], grads, refused)
+    return Passes(params, users, refused, grad, value, torch.sum(e * e, dim=1), rows, uses,
+                  leaks)
 
+
+class _SubBatches:
+    """The provider as the loop route's ``BatchModel``: its batch sliced by rows, its
+    functional call with the given parameters, its eval mode."""
+
+    def __init__(self, provider: TorchProvider) -> None:
+        self.provider = provider
+
+    @property
+    def num_samples(self) -> int:
+        return self.provider.num_samples
+
+    def params_vector(self) -> torch.Tensor:
+        return self.provider.params_vector()
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.provider.unflatten(vector)
+
+    def sub_batch_logits(self, params: Mapping[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        p = self.provider
+        return p.batch_logits(p.theta, p.batch(rows), params)
+
+    def module_mode(self) -> AbstractContextManager[None]:
+        return self.provider.eval_mode()
+
+
+def per_sample_grads(
+    provider: TorchProvider, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
+) -> tuple[list[torch.Tensor], str]:
+    """Per-sample u_n^T J_n restricted to ``ranges`` of theta ((N, size) each), and the route:
+    ``vmap`` over the samples, or, where torch.func cannot run the model (recurrent layers,
+    batch-sized constants, data-dependent shapes), a loop of single-sample passes."""
+    try:
+        return provider.vjp_ranges(cotangents, ranges), "vmap"
+    except Exception as err:  # torch.func's limits: the loop is exact for any model
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if str(err) else \
+            type(err).__name__
+    return loop_vjp_ranges(_SubBatches(provider), cotangents, ranges), f"loop (vmap: {why})"
 

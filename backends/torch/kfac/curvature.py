@@ -1,46 +1,50 @@
-r"""Per-layer Kronecker factors of a torch model for KFAC, eKFAC and ieKFAC (:mod:`ngdref.kfac`).
+r"""Block-diagonal Kronecker factors of a torch model: KFAC, eKFAC, ieKFAC (:mod:`ngdref.kfac`).
 
-:func:`kfac_curvature` runs one forward pass with hooks on every supported layer
-and one backward pass of the true-label logit gradients e_n = dl_n/dz_n (sum
-convention); "kfac" adds one backward pass of sampled-label gradients (or C
-passes of the columns of the logit Hessian's square root, ``kfac_fisher="type-2"``).
-A forward hook keeps each layer's inputs a_n (T, d_in), a hook on its output
-its output gradients b_n (T, d_out); the factors are then
-:func:`ngdref.kfac.input_factor` and :func:`ngdref.kfac.grad_factor` with the
-weights :func:`ngdref.kfac.kfac_sample_weights` (one code path for the three).
+:func:`kfac_curvature` runs one forward pass that records every call of a layer of a
+registered kind (:mod:`backends.torch.layers`, the definition of each layer the per-sample
+routes share; the batch axis of each call by provenance, never by a shape) and one backward
+pass of the true-label logit gradients e_n = dl_n/dz_n (sum convention); "kfac" adds one
+backward pass of sampled-label gradients (or C passes of the columns of the logit Hessian's
+square root, ``kfac_fisher="type-2"``). Per layer call the registry gives its input side a_n
+(T, d_in) and its gradient side b_n (T, d_out); the factors are then
+:func:`ngdref.kfac.input_factor` and :func:`ngdref.kfac.grad_factor` with the weights
+:func:`ngdref.kfac.kfac_sample_weights` (one code path for the three methods).
 
-Supported layers
-    ``nn.Linear`` (any input shape (N, ..., d_in): the middle axes are the
-    positions T; peft LoRA's ``lora_A`` / ``lora_B`` are plain ``nn.Linear``)
-    and ``nn.Conv2d`` with ``groups=1``, zero padding given as numbers (the
-    positions are the output pixels, a_n the unfolded patches, d_in = C_in kh kw,
-    matching ``weight.reshape(C_out, -1)``). A layer called k times in one forward
-    pass concatenates its k calls along T.
+Kronecker blocks
+    ``nn.Linear`` (any leading axes, batch first, sequence first or merged into one axis;
+    peft LoRA's ``lora_A`` / ``lora_B``), ``nn.Conv1d/2d/3d`` (any stride, padding, string
+    padding, padding mode, dilation; one block per group), ``nn.ConvTranspose1d/2d/3d`` (the
+    inputs on the weight's rows, one block per group), ``nn.Embedding`` (A = diag(counts) / c
+    kept as its diagonal, never a V x V matrix; ``convention="expand"`` only) and
+    ``nn.MultiheadAttention``'s projections (one block per q, k, v row block of a packed
+    ``in_proj_weight``, the separate ``q/k/v_proj_weight``, ``out_proj`` as an ``nn.Linear``).
+    A layer called k times concatenates its calls along T.
 Shared (tied) parameters
-    A parameter used by several modules has ONE block, named as ``named_parameters()``
-    names it, in which every use is summed: when all its modules are supported layers
-    of one type using it in one role (two ``nn.Linear`` sharing a weight), their
-    positions are concatenated along T like the calls of one layer; when any use is
-    elsewhere (a T5 output layer tied to its ``nn.Embedding``), the whole parameter
-    takes the diagonal fallback below, whose per-sample gradients sum every use.
-    ``bias="joint"`` refuses a shared weight whose modules do not share one bias.
+    A parameter used by several calls or modules has one set of blocks in which every use is
+    summed: when its uses have one Kronecker layout (two ``nn.Linear`` or two
+    ``nn.Embedding`` sharing a weight) their positions are concatenated along T; otherwise
+    (an embedding tied to an output layer) its block is the diagonal below, which sums every
+    use per sample. ``bias="joint"`` refuses a shared weight whose calls do not share one bias.
 Biases
-    ``bias="separate"`` (default, curvlinops' ``separate_weight_and_bias=True``):
-    a bias has its own block B (no input factor); ``"joint"``: a column of ones
-    is appended to a_n and [W, b] (d_out, d_in + 1) is one block.
-Fallback
-    Trainable parameters outside supported layers (embeddings, layer norms,
-    prompt-tuning tokens, layers of unsupported configuration, never called, or called on
-    inputs without the batch axis first)
-    get a diagonal block D = sum_n w_n g_n^2 from their per-sample gradients g_n
-    (the method's rows and weights; :func:`ngdref.kfac.diagonal_factor`), taken
-    with :meth:`backends.TorchProvider.vjp` (vmap) for all trainable parameters
-    (cost of a per-sample gradient pass). They are listed with the reason in
-    :attr:`KFACCurvature.fallback`; ``strict=True`` refuses them instead.
+    ``bias="separate"`` (default, curvlinops' ``separate_weight_and_bias=True``): a bias has
+    its own block B (no input factor); ``"joint"``: a column of ones is appended to a_n and
+    [W, b] (d_out, d_in + 1) is one block (per group), where W is a linear map of the inputs.
+Diagonal blocks
+    Parameters without a Kronecker form (norm layers, ``nn.EmbeddingBag``, ``bias_k`` /
+    ``bias_v``, uses of different layouts, an embedding under ``convention="reduce"``) get
+    D = sum_n w_n g_n^2 from the registry's parts; parameters outside registered layers (or
+    refused by their kind, called on inputs without a batch axis, or used outside their
+    layers' calls, e.g. by ``F.linear``) get D from per-sample gradients by ``vmap`` (or a
+    loop of single-sample passes where torch.func cannot run the model). Each is listed with
+    its reason in :attr:`KFACCurvature.fallback`; ``strict=True`` refuses them instead.
+Refused by name
+    Modules without per-sample meaning under the eval-mode policy
+    (:func:`backends.torch.per_sample.semantics.refuse_semantics`:
+    ``scale_grad_by_freq``, ``max_norm``, batch norm without running statistics, ...).
 
-Vectors are flat (P,) over the model's trainable parameters in
-``named_parameters()`` order, as :class:`backends.TorchProvider`'s; everything is
-in the paper's sum convention (the curvature approximates sum_n g_n g_n^T).
+Vectors are flat (P,) over the model's trainable parameters in ``named_parameters()``
+order, as :class:`backends.TorchProvider`'s; everything is in the paper's sum convention
+(the curvature approximates sum_n g_n g_n^T).
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ import ngdref
 from ngdref import kfac as K
 from ngdref.checks import check_choice
 
+from ..per_sample.semantics import refuse_semantics
 from ..provider import TorchProvider
-from .capture import Passes, Use, run_passes
+from .blocks import KFACBlock, build_blocks, diagonal_reasons
+from .capture import run_passes
 
 __all__ = [
     "KFACBlock",
@@ -70,36 +76,6 @@ __all__ = [
 
 BIAS_MODES = ("separate", "joint")
 KFAC_FISHERS = ("mc", "type-2")
-
-
-@dataclass(frozen=True)
-class KFACBlock:
-    """One block of the block-diagonal curvature.
-
-    Attributes
-    ----------
-    name : str
-        The module's name, or the parameter's name for a fallback block.
-    index : torch.Tensor (int64)
-        Positions in theta of the block's vector in its row-major layout ``shape``.
-    shape : tuple of int
-        (d_out, d_in) of a weight (d_in + 1 for a joint bias), (d_out,) of a bias,
-        (p,) of a fallback diagonal block.
-    factors : dict of str to ngdref.kfac.KroneckerFactors, or None
-        Per method; None for a fallback block.
-    diagonal : dict of str to torch.Tensor (p,), or None
-        Per method, for a fallback block.
-    input_terms : int
-        The number of terms A averages over (N T under "expand", N under "reduce"), for
-        :func:`merge_curvatures`.
-    """
-
-    name: str
-    index: torch.Tensor
-    shape: tuple[int, ...]
-    factors: dict[str, K.KroneckerFactors] | None = None
-    diagonal: dict[str, torch.Tensor] | None = None
-    input_terms: int = 0
 
 
 @dataclass
@@ -114,7 +90,7 @@ class KFACCurvature:
     loss : float
         sum_n l_n.
     fallback : dict of str to str
-        Trainable parameter name -> why it got the diagonal fallback block.
+        Trainable parameter name -> why its block is diagonal (and by which route).
     num_params : int
     normalisation : {"mean", "sum"}
         Of the input factors A.
@@ -169,112 +145,13 @@ def _method(per_method: Mapping[str, Any] | None, method: str) -> Any:
     return per_method[method]
 
 
-def _check_options(methods: tuple[str, ...], kfac_fisher: str, bias: str) -> None:
+def _check_options(methods: tuple[str, ...], options: Mapping[str, Any]) -> None:
     if not methods or any(m not in K.KFAC_METHODS for m in methods):
         raise ValueError(f"methods must be a non-empty subset of {K.KFAC_METHODS}, got {methods!r}")
-    check_choice(kfac_fisher, "kfac_fisher", KFAC_FISHERS)
-    check_choice(bias, "bias", BIAS_MODES)
-
-
-def _param_index(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameter name -> its positions in theta (shaped like the parameter)."""
-    index, offset = {}, 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            index[name] = torch.arange(offset, offset + p.numel()).reshape(p.shape)
-            offset += p.numel()
-    return index
-
-
-def _method_factors(
-    a: torch.Tensor | None,
-    rows: dict[str, list[torch.Tensor]],
-    weights: dict[str, torch.Tensor | None],
-    options: dict[str, Any],
-) -> dict[str, K.KroneckerFactors]:
-    """Per method: A (shared, None for a bias block), B from its rows, E if asked."""
-    factor_a = None if a is None else K.input_factor(
-        a, convention=options["convention"], normalisation=options["normalisation"]
-    )
-    out = {}
-    for m, bs in rows.items():
-        factor_b = sum(K.grad_factor(b, weights=weights[m], convention=options["convention"])
-                       for b in bs)
-        factors = K.KroneckerFactors(factor_a, factor_b)
-        if options["eigenvalue_correction"]:
-            e = sum(K.eigenvalue_correction(factors, a, b, weights=weights[m]).corrected_eigenvalues
-                    for b in bs)
-            factors = K.KroneckerFactors(factor_a, factor_b, e)
-        out[m] = factors
-    return out
-
-
-def _inputs_of(passes: Passes, use: Use) -> torch.Tensor:
-    """The inputs (N, T, d_in) of every module that calls a parameter, concatenated along T."""
-    return torch.cat([passes.recorder.layer_inputs(m) for m in use.modules], dim=1)
-
-
-def _grads_of(passes: Passes, use: Use, source: str) -> list[torch.Tensor]:
-    """Per backward pass of ``source``, the output gradients (N, T, d_out) of every module
-    that calls a parameter, concatenated along T in the order of :func:`_inputs_of`."""
-    per_module = [passes.output_grads[source][m] for m in use.modules]
-    return [torch.cat(calls, dim=1) for calls in zip(*per_module, strict=True)]
-
-
-def _kronecker_blocks(
-    passes: Passes,
-    index: dict[str, torch.Tensor],
-    source: dict[str, str],
-    weights: dict[str, torch.Tensor | None],
-    options: dict[str, Any],
-) -> list[KFACBlock]:
-    """One block per Kronecker-factored parameter (a joint bias: one with its weight).
-
-    A weight block is named after the first module that calls it, a bias block after the
-    bias parameter, and a parameter shared by several modules sums their uses (their
-    positions are concatenated along T).
-    """
-    joint = _joint_biases(passes.kronecker) if options["bias"] == "joint" else {}
-    blocks = []
-    for pname, use in passes.kronecker.items():
-        if use.role == "bias" and pname in joint.values():
-            continue  # in its weight's block
-        rows = {m: _grads_of(passes, use, source[m]) for m in weights}
-        if use.role == "bias":
-            blocks.append(KFACBlock(
-                pname, index[pname], tuple(index[pname].shape),
-                factors=_method_factors(None, rows, weights, options),
-            ))
-            continue
-        a = _inputs_of(passes, use)
-        w_index = index[pname].reshape(index[pname].shape[0], -1)
-        if pname in joint:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            w_index = torch.cat([w_index, index[joint[pname]][:, None]], dim=1)
-        terms = a.shape[0] * (a.shape[1] if options["convention"] == "expand" else 1)
-        blocks.append(KFACBlock(
-            use.modules[0], w_index.reshape(-1), tuple(w_index.shape),
-            factors=_method_factors(a, rows, weights, options), input_terms=terms,
-        ))
-    return blocks
-
-
-def _joint_biases(kronecker: Mapping[str, Use]) -> dict[str, str]:
-    """Weight name -> the bias that ``bias="joint"`` puts in its block (called by exactly the
-    same modules); a weight whose modules have other biases is refused by name."""
-    biases = {use.modules: name for name, use in kronecker.items() if use.role == "bias"}
-    out = {}
-    for name, use in kronecker.items():
-        if use.role != "weight":
-            continue
-        if use.modules in biases:
-            out[name] = biases[use.modules]
-        elif any(m in b for b in biases for m in use.modules):
-            raise ValueError(
-                f"bias='joint': weight {name!r} is shared by the modules {list(use.modules)}, "
-                "whose biases are not one shared parameter; use bias='separate'"
-            )
-    return out
+    check_choice(options["kfac_fisher"], "kfac_fisher", KFAC_FISHERS)
+    check_choice(options["bias"], "bias", BIAS_MODES)
+    check_choice(options["convention"], "convention", K.CONVENTIONS)
+    check_choice(options["normalisation"], "normalisation", K.NORMALISATIONS)
 
 
 def kfac_curvature(
@@ -293,7 +170,7 @@ def kfac_curvature(
     strict: bool = False,
     eigenvalue_correction: bool = False,
 ) -> KFACCurvature:
-    r"""Kronecker factors of every supported layer for the given K-FAC methods, one batch.
+    r"""The block-diagonal curvature of the given K-FAC methods on one batch (module docs).
 
     Parameters
     ----------
@@ -312,7 +189,7 @@ def kfac_curvature(
         See :mod:`ngdref.kfac`.
     bias : {"separate", "joint"}
     strict : bool
-        Raise ``ValueError`` instead of using the diagonal fallback.
+        Raise ``ValueError`` instead of giving any parameter a diagonal block.
     eigenvalue_correction : bool
         Replace each block's Kronecker eigenvalues by the per-sample gradients' second
         moments in its eigenbasis (:func:`ngdref.kfac.eigenvalue_correction`; curvlinops'
@@ -321,55 +198,33 @@ def kfac_curvature(
     Returns
     -------
     KFACCurvature
+
+    Raises
+    ------
+    backends.torch.per_sample.semantics.PerSampleSemanticsError
+        A module has no per-sample meaning in eval mode (named), before any pass.
+    ValueError
+        Bad options (named); ``strict`` and a diagonal block; ``bias="joint"`` and a shared
+        weight whose calls do not share one bias.
     """
-    _check_options(tuple(methods), kfac_fisher, bias)
+    options = {"convention": convention, "normalisation": normalisation, "bias": bias,
+               "eigenvalue_correction": eigenvalue_correction, "kfac_fisher": kfac_fisher}
+    _check_options(tuple(methods), options)
+    refuse_semantics(model, "eval")
     provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample_method="vmap")
     targets = provider.targets if targets is None else targets
     if targets is None:
         raise ValueError("targets is required (or a 'labels' entry in dict inputs)")
-    passes = run_passes(provider, loss, targets, tuple(methods), key, kfac_fisher, strict)
+    passes = run_passes(provider, loss, targets, tuple(methods), key, kfac_fisher)
+    reasons = diagonal_reasons(passes, convention)
+    if strict and reasons:
+        raise ValueError(f"model has trainable parameters outside supported layers (no "
+                         f"Kronecker factors): {reasons}")
     weights = {m: K.kfac_sample_weights(m, passes.logit_grad_sq_norms) for m in methods}
     source = {m: "sampled" if m == "kfac" else "true" for m in methods}
-    options = {"convention": convention, "normalisation": normalisation, "bias": bias,
-               "eigenvalue_correction": eigenvalue_correction}
-    index = _param_index(model)
-    blocks = _kronecker_blocks(passes, index, source, weights, options)
-    blocks += _fallback_blocks(provider, index, passes.reasons, passes.rows, weights, source)
-    return KFACCurvature(
-        blocks, passes.grad, passes.loss, dict(passes.reasons), provider.num_params,
-        normalisation,
-    )
-
-
-def _fallback_blocks(
-    provider: TorchProvider,
-    index: dict[str, torch.Tensor],
-    reasons: dict[str, str],
-    rows: dict[str, list[torch.Tensor]],
-    weights: dict[str, torch.Tensor | None],
-    source: dict[str, str],
-) -> list[KFACBlock]:
-    """Diagonal blocks D = sum_n w_n g_n^2 of the parameters in ``reasons``."""
-    if not reasons:
-        return []
-    columns = torch.cat([index[name].reshape(-1) for name in reasons])
-    grads = {
-        kind: [provider.vjp(u)[:, columns] for u in cotangents]
-        for kind, cotangents in rows.items()
-    }
-    diagonal = {
-        m: sum(K.diagonal_factor(g, weights=weights[m]) for g in grads[source[m]])
-        for m in weights
-    }
-    blocks, start = [], 0
-    for name in reasons:
-        size = index[name].numel()
-        blocks.append(KFACBlock(
-            name, index[name].reshape(-1), (size,),
-            diagonal={m: d[start:start + size] for m, d in diagonal.items()},
-        ))
-        start += size
-    return blocks
+    blocks, fallback = build_blocks(provider, passes, reasons, weights, source, options)
+    return KFACCurvature(blocks, passes.grad, passes.loss, fallback, provider.num_params,
+                         normalisation)
 
 
 def kfac_directions(

@@ -5,8 +5,11 @@ contract: a forward hook per hookable module (or the kind's decomposed forward i
 the module's own), ``refuse`` / ``refuse_call`` / ``inputs`` at call time, one
 ``torch.autograd.grad`` over every tapped tensor, then ``factors`` per call, gathered per
 parameter (by identity, so tied and shared parameters collect every use). Where the samples
-of each call's first argument lie is the ``axis`` function's to say (in the per-sample
-engine that is the provenance tracker's job; here the caller knows the layout).
+of each call's first argument lie is the ``axis`` function's to say (the provenance
+tracker's job, as in the K-FAC capture; or the caller knows the layout). One exception,
+which the flat indices cannot show: an ``nn.EmbeddingBag`` called on 1-D indices with
+offsets gives its samples over its bags, so the axis function is asked about its output
+(whose axis 0 are the bags) instead.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import torch
 from torch import nn
 
 from ..axes import BatchAxis
+from .embedding_bag import EmbeddingBag
 from .parts import Grad
 from .registry import MODES, Captured, LayerKind, describe, kind_of, unregistered
 
 __all__ = ["Call", "Recorder"]
 
-AxisOf = Callable[[nn.Module, tuple, Mapping[str, Any]], BatchAxis | None]
+#: (module, args, kwargs) -> the batch axis of the call's first argument, or None (or the
+#: reason, a str) when it carries no samples
+AxisOf = Callable[[nn.Module, tuple, Mapping[str, Any]], BatchAxis | str | None]
 
 
 @dataclass
@@ -44,8 +50,9 @@ class Recorder:
     Parameters
     ----------
     model : nn.Module
-    axis : callable (module, args, kwargs) -> BatchAxis or None
-        The batch axis of a call's first argument (None: the call carries no samples).
+    axis : callable (module, args, kwargs) -> BatchAxis, str or None
+        The batch axis of a call's first argument (None, or why as a str: the call
+        carries no samples).
     num_samples : int
     mode : {"eval", "train"}
         The mode the forward pass runs in (for :meth:`LayerKind.refuse`; setting it is
@@ -99,17 +106,25 @@ class Recorder:
             for m in patched:
                 del m.forward
 
-    def _check(self, m: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> BatchAxis | None:
-        axis = self.axis(m, args, kwargs)
-        reason = (f"{describe(m)}: called on an input without the batch axis" if axis is None
-                  else self.kinds[m].refuse_call(m, args, kwargs, axis))
+    def _check(self, m: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+               output: Any = None) -> BatchAxis | None:
+        if output is not None and isinstance(self.kinds[m], EmbeddingBag) and \
+                _first_tensor(args, kwargs).ndim == 1:
+            axis = self.axis(m, (output,), {})
+        else:
+            axis = self.axis(m, args, kwargs)
+        if isinstance(axis, BatchAxis):
+            reason = self.kinds[m].refuse_call(m, args, kwargs, axis)
+        else:
+            why = f" ({axis})" if isinstance(axis, str) else ""
+            reason = f"{describe(m)}: called on an input without the batch axis{why}"
         if reason is not None:
             self.refused[m] = reason
             return None
         return axis
 
     def _hook(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        axis = self._check(m, args, kwargs)
+        axis = self._check(m, args, kwargs, output)
         if axis is not None:
             kind = self.kinds[m]
             captured = kind.inputs(m, args, kwargs, axis, self.num_samples)
@@ -139,20 +154,47 @@ class Recorder:
              retain_graph: bool = False) -> dict[nn.Parameter, list[Grad]]:
         """One backward pass from ``outputs`` with cotangents ``grad_outputs``: per trainable
         parameter of a recorded call, the parts of each of its uses (calls in order)."""
+        return self.backward(outputs, grad_outputs, retain_graph=retain_graph)[0]
+
+    def backward(
+        self, outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor], *,
+        retain_graph: bool = False, inputs: Sequence[torch.Tensor] = (),
+    ) -> tuple[dict[nn.Parameter, list[Grad]], tuple[torch.Tensor, ...]]:
+        """:meth:`uses`, and the gradients of ``inputs`` (zeros where unused) from the same
+        backward pass (e.g. the batch gradient of the parameters)."""
         taps = [(c, name, t) for c in self.calls for name, t in c.taps.items()
                 if t.requires_grad]
+        wrt = [t for _, _, t in taps] + list(inputs)
         found = torch.autograd.grad(
-            list(outputs), [t for _, _, t in taps], list(grad_outputs),
-            retain_graph=retain_graph, allow_unused=True, materialize_grads=True,
-        ) if taps else ()
+            list(outputs), wrt, list(grad_outputs), retain_graph=retain_graph,
+            allow_unused=True, materialize_grads=True,
+        ) if wrt else ()
         grads: dict[int, dict[str, torch.Tensor]] = {id(c): {} for c in self.calls}
-        for (c, name, _), g in zip(taps, found, strict=True):
+        for (c, name, _), g in zip(taps, found, strict=False):
             grads[id(c)][name] = g
         out: dict[nn.Parameter, list[Grad]] = {}
         for c in self.calls:
             g = {name: grads[id(c)].get(name, torch.zeros_like(t)) for name, t in c.taps.items()}
-            own = {a: getattr(c.module, a) for a in c.kind.params(c.module)}
-            wanted = frozenset(a for a, p in own.items() if p.requires_grad)
+            own, wanted = self._own(c)
             for a, parts in c.kind.factors(c.module, c.inputs, g, wanted).items():
                 out.setdefault(own[a], []).append(parts)
+        return out, tuple(found[len(taps):])
+
+    def users(self) -> dict[nn.Parameter, list[Call]]:
+        """Per trainable parameter of a recorded call, its calls in the order of :meth:`uses`."""
+        out: dict[nn.Parameter, list[Call]] = {}
+        for c in self.calls:
+            own, wanted = self._own(c)
+            for a in wanted:
+                out.setdefault(own[a], []).append(c)
         return out
+
+    @staticmethod
+    def _own(c: Call) -> tuple[dict[str, nn.Parameter], frozenset[str]]:
+        own = {a: getattr(c.module, a) for a in c.kind.params(c.module)}
+        return own, frozenset(a for a, p in own.items() if p.requires_grad)
+
+
+def _first_tensor(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The call's first argument (its first keyword argument when called by keywords)."""
+    return args[0] if args else next(iter(kwargs.values()))

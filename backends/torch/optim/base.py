@@ -3,98 +3,43 @@ all trainable parameters from one batch's per-sample rows, in the reduction conv
 process or data parallel, with its diagnostics; and the sample-space (Gram) solve of IEF and EF.
 
 See :mod:`backends.torch.optim.methods` for the methods, the reduction and damping convention and
-the ``per_sample`` routes (:data:`PER_SAMPLE`).
+the ``per_sample`` routes; :mod:`backends.torch.optim.options` for every option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 import ngdref
-from ngdref.checks import check_choice, check_int, check_real
-from ngdref.linalg import DAMPING_MODES, DEDUP_RULES
-from ngdref.updates import DAMPING_SPACES, gram_solver
+from ngdref.updates import gram_solver
 
 from ..distributed.comm import IgnoredShardLoss, communicator
 from ..provider import TorchProvider
 from .common import (
     Batch,
-    StepOptions,
-    _check_seed,
+    _batch_source,
     _check_step_scale,
     _split_batch,
     _SteppedOptimizer,
 )
-
-
-class RowOptions(StepOptions, total=False):
-    """The keyword options of :class:`backends.IEF`, ``EF``, ``SF`` and ``NGD`` beyond
-    :class:`~backends.torch.optim.common.StepOptions`: how the per-sample rows are computed and
-    shared. Documented in :class:`backends.IEF`; their defaults are those of
-    :class:`_LogitLossOptimizer`'s ``__init__``.
-    """
-
-    per_sample: str
-    per_sample_method: str | None
-    chunk_size: int | None
-    distributed: bool | None
-    process_group: Any
-
-
-class GramOptions(RowOptions, total=False):
-    """IEF's and EF's options of the Gram solve (documented in :class:`backends.IEF`;
-    defaults in :class:`_GramOptimizer`'s ``__init__``)."""
-
-    damping_mode: str
-    dedup_threshold: float | None
-    dedup_rule: str
-
+from .options import provider_keywords
 
 Group = Mapping[str, Any]  # the (single) parameter group: the hyperparameters and params
 Update = tuple[torch.Tensor, dict[str, Any]]  # the update (P,) and the method's diagnostics
 
-#: ``per_sample`` -> (TorchProvider's per_sample_method, layer_route)
-PER_SAMPLE = {
-    "auto": ("ghost", "auto"),
-    "ghost": ("ghost", "ghost"),
-    "hooks": ("ghost", "materialise"),
-    "vmap": ("vmap", "auto"),
-}
-
-
-
-# ---- hyperparameter checks (shared by __init__ and load_state_dict) --------------------------
-def _check_dedup(value: Any) -> None:
-    if value is not None:
-        check_real(value, "dedup_threshold", positive=True)
-        if value > 1:
-            raise ValueError(f"dedup_threshold must be None or in (0, 1], got {value}")
-
-
-
-#: hyperparameter -> its check; each optimiser keeps a subset in its (single) parameter group
-_CHECKS: dict[str, Callable[[Any], None]] = {
-    "lr": lambda v: check_real(v, "lr"),
-    "damping": lambda v: check_real(v, "damping"),
-    "reduction": lambda v: ngdref.reduction_factor(v, 1),
-    "damping_mode": lambda v: check_choice(v, "damping_mode", DAMPING_MODES),
-    "damping_space": lambda v: check_choice(v, "damping_space", DAMPING_SPACES),
-    "dedup_threshold": _check_dedup,
-    "dedup_rule": lambda v: check_choice(v, "dedup_rule", DEDUP_RULES),
-    "total_steps": lambda v: check_int(v, "total_steps"),
-    "num_samples": lambda v: check_int(v, "num_samples"),
-    "seed": _check_seed,
-    "cg_tol": lambda v: v is None or check_real(v, "cg_tol", positive=True),
-    "cg_maxiter": lambda v: check_int(v, "cg_maxiter", optional=True),
-}
+#: the options :func:`~backends.torch.optim.options.provider_keywords` turns into provider ones
+_PROVIDER_OPTIONS = (
+    "output_fn", "per_sample", "chunk_size", "mode", "certify", "on_mismatch", "certify_samples",
+)
 
 
 def _check_targets(
@@ -142,7 +87,8 @@ class _Batch:
 class _LogitLossOptimizer(_SteppedOptimizer):
     """Shared machinery: one joint update of all trainable parameters per step.
 
-    Subclasses set :attr:`_hyperparameters` and implement :meth:`_update`.
+    Subclasses spell out their keywords (:class:`~backends.torch.optim.common._SteppedOptimizer`)
+    and implement :meth:`_update`.
     """
 
     #: EF and SF: d = u / ||u|| and lr decaying linearly to 0 over total_steps
@@ -150,59 +96,34 @@ class _LogitLossOptimizer(_SteppedOptimizer):
 
     _keeps_param_names = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: ngdref.LogitLoss,
-        *,
-        per_sample: str = "auto",
-        per_sample_method: str | None = None,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
-        **options: Any,
-    ) -> None:
-        """The defaults of :class:`RowOptions`; ``options``: :class:`StepOptions` and the
-        method's hyperparameters."""
-        super().__init__(model, loss, **options)
+    def __init__(self, model: nn.Module, loss: ngdref.LogitLoss, options: Mapping[str, Any]
+                 ) -> None:
+        """The options of the per-sample rows and their provider, checked (the per-sample
+        route refused now if the installed provider cannot run it)."""
+        super().__init__(model, loss, options)
         self._shard_loss: Any = loss  # this step's: IgnoredShardLoss for an all-ignored shard
-        if per_sample_method is not None:  # the earlier name of per_sample
-            per_sample = per_sample_method
-        check_choice(per_sample, "per_sample", tuple(PER_SAMPLE))
-        method, route = PER_SAMPLE[per_sample]
-        if chunk_size is not None:  # only the vmap route processes the batch in chunks
-            if per_sample in ("ghost", "hooks"):
+        route, alias = options["per_sample"], options["per_sample_method"]
+        if alias is not None:
+            warnings.warn(
+                "per_sample_method is deprecated: pass per_sample (the same routes)",
+                DeprecationWarning, stacklevel=3,
+            )
+            if route not in ("auto", alias):
                 raise ValueError(
-                    f"chunk_size must be None for per_sample={per_sample!r} (one forward and "
-                    "one backward pass over the whole batch); use per_sample='vmap'"
+                    f"per_sample={route!r} and per_sample_method={alias!r} (its deprecated "
+                    "name) disagree: pass per_sample only"
                 )
-            method = "vmap"
-        self.per_sample = per_sample
-        self._provider_options = {
-            "output_fn": self._output_fn,
-            "per_sample_method": method,
-            "layer_route": route,
-            "chunk_size": chunk_size,
-        }
+            route = alias
+        #: the per-sample route (the ``per_sample`` option)
+        self.per_sample: str = route
+        self._provider_options = {name: options[name] for name in _PROVIDER_OPTIONS}
+        self._provider_options["per_sample"] = route
+        provider_keywords(self._provider_options, 0)  # raises on what cannot run
         self._warned: set[str] = set()
         # torch.distributed: the batch is the union of the ranks' shards
         # (backends.torch.distributed.comm)
-        self._comm = communicator(distributed, process_group)
+        self._comm = communicator(options["distributed"], options["process_group"])
         self._names = tuple(self.param_groups[0]["param_names"])
-
-    #: checks of this class that replace :data:`_CHECKS`' of the same name
-    _own_checks: ClassVar[Mapping[str, Callable[[Any], None]]] = {}
-
-    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
-        given = set(group) - {"params", "param_names"}
-        if given != set(self._hyperparameters):
-            raise ValueError(
-                f"{type(self).__name__} takes the hyperparameters {sorted(self._hyperparameters)},"
-                f" got {sorted(given)}"
-            )
-        checks = {**_CHECKS, **self._own_checks}
-        for name in self._hyperparameters:
-            checks[name](group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the update couples all trainable parameters."""
@@ -219,24 +140,30 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         if not self._normalised:
             return group["lr"]
         total = group["total_steps"]
-        if self._step >= total:
+        if self.steps_taken >= total:
             raise ValueError(
                 f"all total_steps={total} steps have been taken; the learning rate has decayed "
                 "to 0 (construct the optimiser with a larger total_steps)"
             )
-        return group["lr"] * ((total - self._step) / total)
+        return group["lr"] * ((total - self.steps_taken) / total)
 
-    def step(self, closure: Callable[[], Batch]) -> float:  # type: ignore[override]
-        r"""Take one step on the batch returned by ``closure()``.
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Batch] | None = None, *, batch: Batch | None = None
+    ) -> float:
+        r"""Take one step on one batch: ``step(batch=...)``, or ``step(closure)``.
 
         .. math:: \theta \leftarrow \theta - \eta_t\, d
 
         Parameters
         ----------
-        closure : callable, () -> batch
-            Returns ``(inputs, targets)`` (inputs as for :class:`backends.TorchProvider`: a
-            tensor, or a mapping of keyword tensors; targets as the loss expects, e.g. (N,)
-            class labels) or a mapping of Hugging Face inputs holding ``"labels"``.
+        closure : callable, () -> batch, optional
+            Takes no argument and returns the batch; it neither computes the loss nor calls
+            ``backward()`` (the optimiser runs its own passes).
+        batch : optional
+            ``(inputs, targets)`` (inputs as for :class:`backends.TorchProvider`: a tensor, or
+            a mapping of keyword tensors; targets as the loss expects, e.g. (N,) class labels)
+            or a mapping of Hugging Face inputs holding ``"labels"``. Exactly one of
+            ``closure`` and ``batch``.
 
         Returns
         -------
@@ -245,6 +172,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
 
         Raises
         ------
+        TypeError
+            Neither or both of ``closure`` and ``batch``; a malformed batch.
         ValueError
             Past ``total_steps`` (EF, SF); non-finite logits, loss, gradients or update.
         ngdref.SingularMatrixError
@@ -252,6 +181,8 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         ngdref.NotConvergedError
             NGD's conjugate gradient reached ``cg_maxiter`` first.
 
+        Notes
+        -----
         The hyperparameters are read from ``param_groups[0]`` (and checked) at every step, so
         they may be changed between steps like any torch optimiser's, e.g. ``lr`` by a
         scheduler or ``reduction`` to 1 / (label tokens of the batch) for Hugging Face's
@@ -263,70 +194,77 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         normalisation; a zero u has no direction and leaves the parameters as they are),
         ``grad_norm_imbalance`` (max_n ||grad l_n|| / min_n ||grad l_n||; +inf when some
         sample's gradient is exactly zero, e.g. every label of it ignored), ``per_sample``
-        (the route) and ``fallbacks`` (parameters whose per-sample gradients came from
-        ``torch.func.vmap``, and why); IEF and EF add ``residual`` (||G u - b|| / mean(b) on
-        the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the damped Gram
-        solve, :class:`ngdref.linalg.GramSolve`), NGD ``cg_iterations``.
+        (the route), ``fallbacks`` (parameters whose per-sample gradients took another
+        route, and why), ``certificate`` (the rows' certificate as a dict of plain values,
+        or None where none ran) and ``routes`` (the route of every parameter, where the
+        provider reports them, else None); IEF and EF add ``residual`` (||G u - b|| /
+        mean(b) on the kept rows), ``kept``, ``solve_residual`` and ``condition`` (of the
+        damped Gram solve, :class:`ngdref.linalg.GramSolve`), NGD ``cg_iterations``.
         """
-        if not callable(closure):
-            raise TypeError(
-                "closure is required: a callable with no arguments returning the batch, "
-                "(inputs, targets) or Hugging Face inputs with 'labels'"
-            )
+        source = _batch_source(closure, batch)
         group = self.param_groups[0]
         self._check_hyperparameters(group)  # a scheduler or the user may have changed them
         lr = self._learning_rate(group)
         comm = self._comm  # distributed: every rank raises if one does (comm.agree)
-        provider, targets = self._open(closure, group)
-        with comm.agree(self._step):
-            batch = self._batch(provider, targets, group)
-        batch = comm.share(batch)  # the global rows, s and loss
-        update, diagnostics = self._update(provider, targets, batch, group)
+        provider, targets = self._open(source, group)
+        with comm.agree(self.steps_taken):
+            quantities = self._batch(provider, targets, group)
+        quantities = comm.share(quantities)  # the global rows, s and loss
+        update, diagnostics = self._update(provider, targets, quantities, group)
         norm = float(torch.linalg.vector_norm(update))
         comm.check_update(norm, lr)
         if not math.isfinite(norm):
             raise ngdref.NonFiniteError(
-                f"update contains NaN or infinite values at step {self._step} (increase damping);"
-                " the parameters were not changed"
+                f"update contains NaN or infinite values at step {self.steps_taken} (increase "
+                "damping); the parameters were not changed"
             )
         # eta_t d = (eta_t / ||u||) u for EF and SF: folded into the write, no P-length u / ||u||
         scale = lr / norm if self._normalised and norm > 0 else lr
-        _check_step_scale(scale, lr, group["params"], self._step)
-        fallbacks = list(getattr(batch.rows, "fallbacks", ()))
-        imbalance = diagnostics.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
-        diagnostics = {
-            "step": self._step,
-            "loss": batch.loss,
-            "lr": lr,
-            "update_norm": norm,
-            "grad_norm_imbalance": (
-                ngdref.grad_norm_imbalance(batch.rows, zero_rows="inf")
-                if imbalance is None else imbalance
-            ),
-            "per_sample": self.per_sample,
-            "fallbacks": fallbacks,
-            **diagnostics,
-            **comm.diagnostics(),
-        }
+        _check_step_scale(scale, lr, group["params"], self.steps_taken)
+        diagnostics = self._diagnostics(quantities, lr, norm, diagnostics)
         with torch.no_grad():
             for param, piece in zip(
                 group["params"], provider.unflatten(update).values(), strict=True
             ):
                 param.add_(piece, alpha=-scale)
         self.diagnostics = diagnostics
-        self._step += 1
-        self._warn(fallbacks)
-        return batch.loss
+        self._joint_state["step"] += 1
+        self._warn(diagnostics["fallbacks"])
+        return quantities.loss
+
+    def _diagnostics(
+        self, batch: _Batch, lr: float, norm: float, method: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The step's diagnostics (:meth:`step`), the method's own ones included."""
+        rows = batch.rows
+        imbalance = method.pop("grad_norm_imbalance", None)  # the Gram methods': their G G^T
+        return {
+            "step": self.steps_taken,
+            "loss": batch.loss,
+            "lr": lr,
+            "update_norm": norm,
+            "grad_norm_imbalance": (
+                ngdref.grad_norm_imbalance(rows, zero_rows="inf")
+                if imbalance is None else imbalance
+            ),
+            "per_sample": self.per_sample,
+            "fallbacks": list(getattr(rows, "fallbacks", ())),
+            "certificate": _plain(getattr(rows, "certificate", None)),
+            "routes": _plain(getattr(rows, "routes", None)),
+            **method,
+            **self._comm.diagnostics(),
+        }
 
     def _open(
-        self, closure: Callable[[], Batch], group: Mapping[str, Any]
+        self, source: Callable[[], Batch], group: Mapping[str, Any]
     ) -> tuple[TorchProvider, torch.Tensor]:
-        """The provider and targets of the closure's batch (every rank agrees, or all raise);
+        """The provider and targets of the step's batch (every rank agrees, or all raise);
         sets this step's loss for the shard."""
         comm = self._comm
-        with comm.agree(self._step):
-            inputs, targets = _split_batch(closure())
-            provider = TorchProvider(self._model, inputs, **self._provider_options)
+        with comm.agree(self.steps_taken):
+            inputs, targets = _split_batch(source())
+            keywords = provider_keywords(self._provider_options, self.steps_taken)
+            provider = TorchProvider(self._model, inputs, **keywords)
             if provider.param_names != self._names:
                 raise ValueError(
                     "model: its trainable parameters changed since the optimiser was "
@@ -362,7 +300,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         loss = factor * float(torch.sum(self._shard_loss.value(logits, targets)))
         if not math.isfinite(loss):
             raise ngdref.NonFiniteError(
-                f"loss is {loss} at step {self._step}; the parameters were not changed"
+                f"loss is {loss} at step {self.steps_taken}; the parameters were not changed"
             )
         e = factor * self._shard_loss.grad(logits, targets)
         rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
@@ -377,34 +315,23 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         """The update (P,) before normalisation, and the method's diagnostics."""
         raise NotImplementedError
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain data for a JSON log: a dataclass (a certificate) as a dict, a mapping
+    as a dict, a tuple as a list; None as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class _GramOptimizer(_LogitLossOptimizer):
     r"""Sample-space (Gram) updates :math:`u = G^\top (G G^\top + \lambda W)^{-1} b`.
 
     Subclasses choose b and W in :meth:`_system`; the solve is :func:`ngdref.gram_update`.
     """
-
-    _hyperparameters = (
-        *_LogitLossOptimizer._hyperparameters,
-        "damping_mode",
-        "dedup_threshold",
-        "dedup_rule",
-    )
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: ngdref.LogitLoss,
-        *,
-        damping_mode: str = "absolute",
-        dedup_threshold: float | None = 0.99,
-        dedup_rule: str = "all_pairs",
-        **options: Any,
-    ) -> None:
-        """The defaults of :class:`GramOptions`."""
-        super().__init__(
-            model, loss, damping_mode=damping_mode, dedup_threshold=dedup_threshold,
-            dedup_rule=dedup_rule, **options,
-        )
 
     def _system(
         self, batch: _Batch, group: Mapping[str, Any]

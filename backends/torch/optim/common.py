@@ -1,61 +1,34 @@
 """What every ``torch.optim.Optimizer`` of :mod:`backends` shares: the paper's optimisers
 (:mod:`backends.torch.optim.methods`) and the K-FAC family (:mod:`backends.torch.optim.kfac`).
 
-One home for the closure's batch ``(inputs, targets)`` or Hugging Face inputs with
-``"labels"`` (:func:`_split_batch`), the checks of the model and the loss, the step counter
-and its checkpoint (``state_dict`` holds torch's optimiser state plus ``"step"``).
+One home for the construction from the explicit keywords of an optimiser's signature (checked
+by :data:`backends.torch.optim.options.OPTIONS`), the batch of a step (``step(batch=...)`` or a
+closure returning it: :func:`_batch_source`, :func:`_split_batch`), the checks of the model and
+the loss, and the step counter in torch's optimiser state.
+
+The state
+---------
+The optimisers take one joint update of all their parameters, so, as ``torch.optim.LBFGS``,
+they keep their state on the first parameter: ``opt.state[p0]["step"]`` is the number of steps
+taken (``state_dict()["state"][0]["step"]``), next to whatever the method keeps (the K-FAC
+family's factors). A ``state_dict`` of the earlier format, with the count as a top-level
+``"step"``, loads as it did.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 import ngdref
 
-if TYPE_CHECKING:
-    from typing import Required
+from .options import OPTIONS, Option, document
 
 Batch = Any  # (inputs, targets), or a mapping of Hugging Face inputs holding "labels"
-
-
-class StepOptions(TypedDict, total=False):
-    """The keyword options every optimiser of :mod:`backends` takes (``**options``).
-
-    Their defaults live in one place, :class:`_SteppedOptimizer`'s ``__init__``.
-
-    Attributes
-    ----------
-    lr : float >= 0, required
-        eta; what it scales is the optimiser's (constant, or the first of a decaying step).
-    damping : float >= 0, required
-        lambda; what it damps is the optimiser's.
-    reduction : {"sum", "mean"} or float
-        R, default "sum" (the paper's L = sum_n l_n); see the optimiser's module docstring.
-    output_fn : callable, optional
-        Model output -> logits, passed to :class:`backends.TorchProvider`.
-    """
-
-    lr: Required[float]
-    damping: Required[float]
-    reduction: str | float
-    output_fn: Callable[[Any], torch.Tensor] | None
-
-
-def _check_seed(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"seed must be an int, got {type(value).__name__}")
-
-
-def _step_key(seed: int, step: int) -> int:
-    """The sampling key of ``step``: the first 8 bytes (little-endian) of blake2b("seed:step")."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _check_step_scale(scale: float, lr: float, params: list[torch.Tensor], step: int) -> None:
@@ -70,30 +43,49 @@ def _check_step_scale(scale: float, lr: float, params: list[torch.Tensor], step:
         )
 
 
+def _batch_source(closure: Any, batch: Any) -> Callable[[], Batch]:
+    """The step's batch as a call: ``batch`` itself, or ``closure`` (exactly one of them)."""
+    if closure is not None and batch is not None:
+        raise TypeError(
+            "step() takes either batch= or a closure returning the batch, not both"
+        )
+    if batch is not None:
+        return lambda: batch
+    if closure is None:
+        raise TypeError(
+            "step() needs the batch: step(batch=(inputs, targets)), or step(closure) with a "
+            "closure of no arguments returning it"
+        )
+    if not callable(closure):
+        raise TypeError(
+            f"closure must be a callable of no arguments returning the batch, got "
+            f"{type(closure).__name__}; pass the batch itself as step(batch=...)"
+        )
+    return closure
+
+
 def _split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
-    """(inputs, targets) from what the closure returned; targets None: the provider's labels."""
+    """(inputs, targets) of the step's batch; targets None: the provider's labels."""
     if isinstance(batch, Mapping):
         if "labels" not in batch:
             raise TypeError(
-                "closure returned a mapping without 'labels': return (inputs, targets), or "
-                "Hugging Face inputs holding their 'labels'"
+                "batch is a mapping without 'labels': step(batch=...) and a closure give "
+                "(inputs, targets), or Hugging Face inputs holding their 'labels'"
             )
         return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
         if not isinstance(targets, torch.Tensor):
             raise TypeError(
-                f"closure returned targets of type {type(targets).__name__}; expected a "
+                f"batch holds targets of type {type(targets).__name__}; expected a "
                 "torch.Tensor as the second entry of (inputs, targets)"
             )
         if isinstance(inputs, Mapping) and "labels" in inputs:
-            raise ValueError(
-                "closure returned both inputs['labels'] and targets: return one of them"
-            )
+            raise ValueError("batch holds both inputs['labels'] and targets: give one of them")
         return inputs, targets
     raise TypeError(
-        "closure must return (inputs, targets) or a mapping of Hugging Face inputs with "
-        f"'labels', got {type(batch).__name__}"
+        "batch (step(batch=...), or what the closure returned) must be (inputs, targets) or a "
+        f"mapping of Hugging Face inputs with 'labels', got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
 
@@ -116,94 +108,130 @@ def _trainable(model: Any, loss: Any) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def _merged_signature(cls: type) -> inspect.Signature:
-    """``cls(model, loss, *, ...)`` with every keyword its ``__init__`` chain takes by name.
-
-    The shared options travel as typed ``**options`` from one ``__init__`` to the next (one
-    home for their defaults); this spells them out for ``help()``, ``inspect.signature`` and
-    editors: the shared ones first (lr, damping, ...), the method's own last.
-    """
-    params: dict[str, inspect.Parameter] = {}
-    for klass in reversed(cls.__mro__[: cls.__mro__.index(_SteppedOptimizer) + 1]):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in list(inspect.signature(init).parameters.values())[1:]:  # without self
-            if p.kind is not inspect.Parameter.VAR_KEYWORD:
-                params[p.name] = p
-    ordered = sorted(params.values(), key=lambda p: p.kind)  # positional before keyword-only
-    return inspect.Signature(ordered)
+def _given(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword options of an explicit ``__init__`` from its ``locals()`` at entry (so that
+    each keyword is written once there, in the signature)."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "model", "loss", "__class__")}
 
 
 class _SteppedOptimizer(torch.optim.Optimizer):
-    """One parameter group of checked hyperparameters and a step counter in the checkpoint.
+    """One parameter group of checked hyperparameters, and the step counter in torch's state.
 
-    Subclasses implement :meth:`_check_hyperparameters` and count ``self._step``.
+    A public subclass spells its keywords out in ``__init__`` and passes them on with
+    ``super().__init__(model, loss, _given(locals()))``; its :attr:`_hyperparameters` (the
+    options :data:`~backends.torch.optim.options.OPTIONS` marks so, in signature order) and
+    its docstring's ``Parameters`` follow from that signature.
     """
 
-    _step: int
-    #: names of the hyperparameters kept in the parameter group (and in the state_dict)
-    _hyperparameters: tuple[str, ...] = ("lr", "damping", "reduction")
+    #: the table the options are checked and documented by
+    _options: ClassVar[Mapping[str, Option]] = OPTIONS
+    #: the options kept in the parameter group (and the state_dict), set per public class
+    _hyperparameters: ClassVar[tuple[str, ...]] = ()
     #: whether the parameter group keeps the parameters' names (and the state_dict with it)
-    _keeps_param_names: bool = False
+    _keeps_param_names: ClassVar[bool] = False
+    #: state entries restored by load_state_dict exactly as saved (torch would cast their
+    #: tensors to the parameters' dtype: the K-FAC factors are float64 in any model)
+    _exact_state: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = _merged_signature(cls)
+        names = list(inspect.signature(cls).parameters)[2:]  # after model, loss
+        # a user's subclass with keywords of its own keeps its parent's hyperparameters
+        if not cls.__name__.startswith("_") and set(names) <= set(cls._options):
+            cls._hyperparameters = tuple(n for n in names if cls._options[n].hyperparameter)
+            document(cls, cls._options)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: ngdref.LogitLoss,
-        *,
-        lr: float,
-        damping: float,
-        reduction: str | float = "sum",
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
-        **hyperparameters: Any,
-    ) -> None:
-        """Check model, loss and the hyperparameters (:class:`StepOptions` and the
-        method's own), then hold them in the single parameter group."""
-        unknown = sorted(set(hyperparameters) - set(self._hyperparameters))
-        if unknown:  # as Python says it of an explicit signature
-            raise TypeError(
-                f"{type(self).__name__}.__init__() got an unexpected keyword argument "
-                f"{unknown[0]!r}"
-            )
+    def __init__(self, model: nn.Module, loss: ngdref.LogitLoss, options: Mapping[str, Any]
+                 ) -> None:
+        """Check model, loss and every option, then hold the hyperparameters in the single
+        parameter group and a step count of 0 in the state."""
         named = _trainable(model, loss)
-        group = {"lr": lr, "damping": damping, **hyperparameters, "reduction": reduction}
+        for name, value in options.items():
+            check = self._options[name].check
+            if check is not None:
+                check(value)
+        group = {name: options[name] for name in self._hyperparameters}
         self._check_hyperparameters(group)
-        self._model, self._loss, self._output_fn = model, loss, output_fn
-        self._step = 0
+        self._model, self._loss = model, loss
+        self._output_fn = options["output_fn"]
         #: diagnostics of the last successful step (empty before the first), see ``step``
         self.diagnostics: dict[str, Any] = {}
         params = named if self._keeps_param_names else [p for _, p in named]
         super().__init__(params, group)
+        self._joint_state["step"] = 0
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
-        """Raise on a hyperparameter of ``group`` out of its range."""
-        raise NotImplementedError
+        """Raise, naming it, on a hyperparameter of ``group`` that is missing, unknown or out of
+        its range (at construction, at every step and on loading a state_dict)."""
+        given = set(group) - {"params", "param_names"}
+        if given != set(self._hyperparameters):
+            raise ValueError(
+                f"{type(self).__name__} takes the hyperparameters {sorted(self._hyperparameters)},"
+                f" got {sorted(given)}"
+            )
+        for name in self._hyperparameters:
+            self._options[name].check(group[name])  # type: ignore[misc]
+
+    @property
+    def _joint_state(self) -> dict[str, Any]:
+        """The optimiser's state, kept on its first parameter (as torch.optim.LBFGS keeps it)."""
+        return self.state[self.param_groups[0]["params"][0]]
 
     @property
     def steps_taken(self) -> int:
-        """The number of successful steps, t of the next step."""
-        return self._step
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimiser state (hyperparameters in ``param_groups``) plus ``"step"``."""
-        return super().state_dict() | {"step": self._step}
+        """The number of successful steps, t of the next step (``state[p0]["step"]``)."""
+        return self._joint_state["step"]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the step counter and hyperparameters (all checked before anything changes)."""
-        step = state_dict.get("step") if isinstance(state_dict, Mapping) else None
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(
-                f"state_dict must come from {type(self).__name__}.state_dict(): "
-                f"its 'step' is {step!r}, expected an int >= 0"
-            )
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != 1:
-            raise ValueError("state_dict must hold exactly one parameter group in 'param_groups'")
+        """Restore the hyperparameters and the state (all checked before anything changes).
+
+        A ``state_dict`` of the earlier format (the step count as a top-level ``"step"``)
+        loads too; the K-FAC family's factors are restored as saved, moved to the parameters'
+        device.
+        """
+        state_dict = _current_format(state_dict, type(self).__name__)
+        groups = state_dict["param_groups"]
         self._check_hyperparameters(groups[0])
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "step"})
-        self._step = step
+        first = state_dict["state"][groups[0]["params"][0]]
+        exact = {k: first[k] for k in self._exact_state if k in first}
+        cast = {k: v for k, v in first.items() if k not in exact}
+        state = {**state_dict["state"], groups[0]["params"][0]: cast}
+        super().load_state_dict({**state_dict, "state": state})
+        device = self.param_groups[0]["params"][0].device
+        self._joint_state.update({k: _to_device(v, device) for k, v in exact.items()})
+
+
+def _current_format(state_dict: Any, owner: str) -> dict[str, Any]:
+    """``state_dict`` with its step count in the first parameter's state (moved there from the
+    top-level ``"step"`` of the earlier format), after checking its layout."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+    if (not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], Mapping)
+            or not groups[0].get("params")):
+        raise ValueError(
+            f"state_dict must come from {owner}.state_dict(): it must hold exactly one "
+            "parameter group in 'param_groups'"
+        )
+    first = groups[0]["params"][0]
+    state = dict(state_dict.get("state") or {})
+    own = dict(state.get(first, {}))
+    if "step" in state_dict and "step" not in own:  # the earlier format
+        own["step"] = state_dict["step"]
+    step = own.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            f"state_dict must come from {owner}.state_dict(): its 'step' (state[{first}]"
+            f"['step']) is {step!r}, expected an int >= 0"
+        )
+    state[first] = own
+    return {k: v for k, v in state_dict.items() if k != "step"} | {"state": state}
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value

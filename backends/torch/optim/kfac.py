@@ -16,8 +16,11 @@ mode during the passes, as the paper's optimisers.
 Factors are recomputed every step by default. ``update_interval=k`` recomputes
 them every k-th step and reuses them in between (the gradient is always the
 current batch's); ``running_average=beta`` in [0, 1) blends each recomputed
-factor into the previous ones, F <- beta F_old + (1 - beta) F_new. The factors
-are not part of :meth:`state_dict`: after loading, the next step recomputes them.
+factor into the previous ones, F <- beta F_old + (1 - beta) F_new. The kept
+factors travel in ``state_dict()`` (``state[0]["curvature"]``, next to the step
+count, as saved: float64 in any model), so a resumed run takes the steps of the
+uninterrupted one, bitwise; a state_dict without them (the earlier format)
+recomputes them at the next step.
 
 Parameters outside supported layers get the diagonal fallback of
 :mod:`backends.torch.kfac.curvature`; their names and the reasons are in
@@ -36,38 +39,26 @@ from torch import nn
 
 import ngdref
 from ngdref import kfac as K
-from ngdref.checks import check_choice, check_int, check_real
 
-from ..kfac.curvature import BIAS_MODES, KFAC_FISHERS, KFACCurvature, kfac_curvature
+from ..kfac.curvature import KFACBlock, KFACCurvature, kfac_curvature
 from ..provider import TorchProvider
 from .common import (
-    _check_seed,
+    Batch,
+    _batch_source,
     _check_step_scale,
+    _given,
     _split_batch,
-    _step_key,
     _SteppedOptimizer,
 )
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
 
 
-def _beta(value: Any) -> None:
-    check_real(value, "running_average")
-    if value >= 1:
-        raise ValueError(f"running_average must be in [0, 1), got {value}")
-
-
-_CHECKS: dict[str, Callable[[Any], None]] = {
-    "lr": lambda v: check_real(v, "lr"),
-    "damping": lambda v: check_real(v, "damping"),
-    "reduction": lambda v: ngdref.reduction_factor(v, 1),
-    "update_interval": lambda v: check_int(v, "update_interval"),
-    "running_average": _beta,
-    "damped_inverse": lambda v: check_choice(v, "damped_inverse", K.DAMPED_INVERSES),
-    "convention": lambda v: check_choice(v, "convention", K.CONVENTIONS),
-    "normalisation": lambda v: check_choice(v, "normalisation", K.NORMALISATIONS),
-    "bias": lambda v: check_choice(v, "bias", BIAS_MODES),
-}
+def _structure(curvature: KFACCurvature) -> list[tuple[Any, ...]]:
+    """What two curvatures must share to be blended: each block's name, shape, positions in
+    theta and form (Kronecker or diagonal)."""
+    return [(b.name, b.shape, b.factors is None, tuple(b.index.tolist()))
+            for b in curvature.blocks]
 
 
 def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature:
@@ -93,39 +84,39 @@ def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature
 class _KFACOptimizer(_SteppedOptimizer):
     """Shared step of the three methods; subclasses set :attr:`method`.
 
-    ``diagnostics`` after a step: step, loss, lr, damping, update_norm, refreshed, fallback.
+    ``diagnostics`` after a step: step, loss, lr, damping, update_norm, refreshed, fallback,
+    average_restarted (the batch gave another block structure, so the running average started
+    again from it).
     """
 
     method = ""
-
-    _hyperparameters = tuple(_CHECKS)
+    _exact_state = ("curvature",)
 
     def __init__(
         self,
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
+        lr: float,
+        damping: float,
         update_interval: int = 1,
         running_average: float = 0.0,
         damped_inverse: str = "exact",
         convention: str = "expand",
         normalisation: str = "mean",
         bias: str = "separate",
+        reduction: str | float = "sum",
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
         strict: bool = False,
-        **options: Any,
     ) -> None:
-        """``options``: :class:`~backends.torch.optim.common.StepOptions` (and KFAC's own)."""
-        super().__init__(
-            model, loss, update_interval=update_interval, running_average=running_average,
-            damped_inverse=damped_inverse, convention=convention, normalisation=normalisation,
-            bias=bias, **options,
-        )
-        self._strict = strict
-        self._curvature: KFACCurvature | None = None
+        self._setup(model, loss, _given(locals()))
 
-    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
-        for name, check in _CHECKS.items():
-            check(group[name])
+    def _setup(self, model: nn.Module, loss: ngdref.LogitLoss, options: dict[str, Any]) -> None:
+        super().__init__(model, loss, options)
+        self._strict = options["strict"]
+        #: the kept curvature (its factors: ``state[p0]["curvature"]``); None before a step
+        self._curvature: KFACCurvature | None = None
+        self._restarted = False  # the last refresh restarted the running average
 
     def _curvature_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -135,15 +126,20 @@ class _KFACOptimizer(_SteppedOptimizer):
         }
 
     def _refresh(self, inputs: Any, targets: Any, group: Mapping[str, Any]) -> KFACCurvature:
-        """This batch's curvature (blended into the previous one), with its gradient."""
+        """This batch's curvature (blended into the kept one), with its gradient."""
         new = kfac_curvature(
             self._model, self._loss, inputs, targets, methods=(self.method,),
             output_fn=self._output_fn, strict=self._strict, **self._curvature_options(group),
         )
         beta = group["running_average"]
+        self._restarted = False
         if self._curvature is not None and beta > 0:
-            new = _blend(self._curvature, new, beta)
-        self._curvature = new
+            # a batch may give another block structure (a data-dependent branch that calls a
+            # layer's weight outside its module takes the diagonal fallback): the average
+            # starts again from this batch rather than blend unrelated factors
+            self._restarted = _structure(self._curvature) != _structure(new)
+            if not self._restarted:
+                new = _blend(self._curvature, new, beta)
         return new
 
     def _stale(self, inputs: Any, targets: Any) -> KFACCurvature:
@@ -156,26 +152,28 @@ class _KFACOptimizer(_SteppedOptimizer):
         assert self._curvature is not None
         return dataclasses.replace(self._curvature, grad=grad, loss=value)
 
-    def step(self, closure: Callable[[], Any]) -> float:  # type: ignore[override]
-        """Take one step on the batch ``closure()`` returns; the loss R sum_n l_n before it.
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Batch] | None = None, *, batch: Batch | None = None
+    ) -> float:
+        """Take one step on one batch, ``step(batch=...)`` or ``step(closure)``; the loss
+        R sum_n l_n before it.
 
-        The batch is ``(inputs, targets)`` or a mapping of Hugging Face inputs with
-        ``"labels"``, as for :class:`backends.IEF`. On any error the parameters and the
-        step counter are unchanged.
+        The batch and the closure are as for :meth:`backends.IEF.step` (exactly one of them).
+        On any error the parameters, the kept factors and the step counter are unchanged.
         """
-        if not callable(closure):
-            raise TypeError("closure is required: a callable returning (inputs, targets)")
+        source = _batch_source(closure, batch)
         group = self.param_groups[0]
         self._check_hyperparameters(group)
-        inputs, targets = _split_batch(closure())
-        refresh = self._curvature is None or self._step % group["update_interval"] == 0
+        inputs, targets = _split_batch(source())
+        step = self.steps_taken
+        refresh = self._curvature is None or step % group["update_interval"] == 0
         curvature = (
             self._refresh(inputs, targets, group) if refresh else self._stale(inputs, targets)
         )
         factor = ngdref.reduction_factor(group["reduction"], _num_samples(inputs))
         loss = factor * curvature.loss
         if not math.isfinite(loss):
-            raise ngdref.NonFiniteError(f"loss is {loss} at step {self._step}; nothing changed")
+            raise ngdref.NonFiniteError(f"loss is {loss} at step {step}; nothing changed")
         update = curvature.inverse_apply(
             self.method, curvature.grad, damping=group["damping"] / factor,
             damped_inverse=group["damped_inverse"],
@@ -183,24 +181,60 @@ class _KFACOptimizer(_SteppedOptimizer):
         norm = float(torch.linalg.vector_norm(update))
         if not math.isfinite(norm):
             raise ngdref.NonFiniteError(
-                f"update contains NaN or infinite values at step {self._step}; nothing changed"
+                f"update contains NaN or infinite values at step {step}; nothing changed"
             )
-        _check_step_scale(group["lr"], group["lr"], group["params"], self._step)
+        _check_step_scale(group["lr"], group["lr"], group["params"], step)
         with torch.no_grad():
             for param, piece in zip(group["params"], _split(update, group["params"]), strict=True):
                 param.add_(piece, alpha=-group["lr"])
         self.diagnostics = {
-            "step": self._step, "loss": loss, "lr": group["lr"], "damping": group["damping"],
+            "step": step, "loss": loss, "lr": group["lr"], "damping": group["damping"],
             "update_norm": norm, "refreshed": refresh, "fallback": dict(curvature.fallback),
+            "average_restarted": refresh and self._restarted,
         }
-        self._step += 1
+        if refresh:
+            self._curvature = curvature
+            self._joint_state["curvature"] = _packed(curvature)
+        self._joint_state["step"] = step + 1
         return loss
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the hyperparameters and the step counter; the next step recomputes factors
-        (they are not part of the state_dict)."""
+        """Restore the hyperparameters, the step count and the kept factors (a state_dict
+        without factors, of the earlier format: the next step recomputes them)."""
         super().load_state_dict(state_dict)
-        self._curvature = None
+        packed = self._joint_state.get("curvature")
+        self._curvature = None if packed is None else _unpacked(packed)
+
+
+def _packed(curvature: KFACCurvature) -> dict[str, Any]:
+    """The kept part of ``curvature`` (its blocks' factors, diagonals and layout, every field
+    of them) as dicts, lists and tensors, which ``torch.load(weights_only=True)`` reads; the
+    batch's gradient and loss are not kept (a step replaces them)."""
+    blocks = []
+    for block in curvature.blocks:
+        fields = _fields(block)
+        fields["shape"] = list(block.shape)
+        if block.factors is not None:
+            fields["factors"] = {m: _fields(f) for m, f in block.factors.items()}
+        blocks.append(fields)
+    rest = {k: v for k, v in _fields(curvature).items() if k not in ("blocks", "grad", "loss")}
+    return {"blocks": blocks, **rest, "fallback": dict(curvature.fallback)}
+
+
+def _unpacked(packed: Mapping[str, Any]) -> KFACCurvature:
+    """The curvature :func:`_packed` kept, without a batch's gradient and loss (empty, NaN)."""
+    blocks = []
+    for fields in packed["blocks"]:
+        factors = fields["factors"]
+        if factors is not None:
+            factors = {m: K.KroneckerFactors(**f) for m, f in factors.items()}
+        blocks.append(KFACBlock(**{**fields, "shape": tuple(fields["shape"]), "factors": factors}))
+    rest = {k: v for k, v in packed.items() if k != "blocks"}
+    return KFACCurvature(blocks, torch.empty(0), math.nan, **rest)
+
+
+def _fields(instance: Any) -> dict[str, Any]:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
 
 
 def _num_samples(inputs: Any) -> int:
@@ -219,59 +253,50 @@ def _split(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tenso
 class EKFAC(_KFACOptimizer):
     """Empirical KFAC: B from the true labels' output gradients (the block-diagonal EF).
 
-    Parameters
-    ----------
-    model : torch.nn.Module
-    loss : ngdref.LogitLoss
-    lr : float >= 0
-    damping : float >= 0
-        lambda, absolute, added to the Kronecker block (``damped_inverse="exact"``) or
-        split by pi between the factors (``"pi"``).
-    update_interval : int >= 1
-    running_average : float in [0, 1)
-    damped_inverse, convention, normalisation
-        See :mod:`ngdref.kfac`.
-    bias : {"separate", "joint"}
-    reduction : "sum", "mean" or float
-    output_fn, strict
-        See :func:`backends.torch.kfac.curvature.kfac_curvature`.
+    lambda is absolute, added to each Kronecker block (``damped_inverse="exact"``) or split by
+    pi between its factors (``"pi"``); the curvature is
+    :func:`backends.torch.kfac.curvature.kfac_curvature`'s.
     """
 
     method = "ekfac"
 
 
 class IEKFAC(_KFACOptimizer):
-    """Improved empirical KFAC (Eq. 43): B = sum_n b_n^T b_n / s_n; parameters as :class:`EKFAC`."""
+    """Improved empirical KFAC (Eq. 43): B = sum_n b_n^T b_n / s_n; lambda as for :class:`EKFAC`.
+    """
 
     method = "iekfac"
 
 
 class KFAC(_KFACOptimizer):
-    """KFAC: B from sampled labels' output gradients; parameters as :class:`EKFAC`, plus
-
-    Parameters
-    ----------
-    kfac_fisher : {"mc", "type-2"}
-        One label drawn per sample (seeded by ``seed`` and the step) or the exact expectation.
-    seed : int
-    """
+    """KFAC: B from the output gradients of sampled labels (or their expectation); lambda as
+    for :class:`EKFAC`."""
 
     method = "kfac"
-    _hyperparameters = (*_KFACOptimizer._hyperparameters, "kfac_fisher", "seed")
 
     def __init__(
-        self, model: nn.Module, loss: ngdref.LogitLoss, *, kfac_fisher: str = "mc",
-        seed: int = 0, **options: Any,
+        self,
+        model: nn.Module,
+        loss: ngdref.LogitLoss,
+        *,
+        lr: float,
+        damping: float,
+        kfac_fisher: str = "mc",
+        seed: int = 0,
+        update_interval: int = 1,
+        running_average: float = 0.0,
+        damped_inverse: str = "exact",
+        convention: str = "expand",
+        normalisation: str = "mean",
+        bias: str = "separate",
+        reduction: str | float = "sum",
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        strict: bool = False,
     ) -> None:
-        super().__init__(model, loss, kfac_fisher=kfac_fisher, seed=seed, **options)
-
-    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
-        super()._check_hyperparameters(group)
-        check_choice(group["kfac_fisher"], "kfac_fisher", KFAC_FISHERS)
-        _check_seed(group["seed"])
+        self._setup(model, loss, _given(locals()))
 
     def _curvature_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return super()._curvature_options(group) | {
             "kfac_fisher": group["kfac_fisher"],
-            "key": _step_key(group["seed"], self._step),
+            "key": ngdref.sampling_key(group["seed"], self.steps_taken),
         }

@@ -20,16 +20,17 @@ class      d                                                               eta_t
 
 with G (N, P) the per-sample gradients, s_n = ||dl_n/dz_n||^2, g = G^T 1, t = 0, 1, ... the step
 index and T = ``total_steps`` (EF and SF decay linearly to 0 and need the normalisation to
-converge at all, as in the authors' code, SPEC §3). No momentum, no weight decay (the paper's
-settings). As in the paper, the model runs in eval mode (dropout off) during the step.
+converge at all, as in the authors' code: see the conventions page, :ref:`conv-normalised-steps`).
+No momentum, no weight decay (the paper's settings). As in the paper, the model runs in eval mode
+(dropout off) during the step (``mode="eval"``, :ref:`conv-eval-mode`).
 
 Reduction and damping convention
 --------------------------------
 ``reduction="sum"`` (default) is the paper's L = sum_n l_n. ``"mean"`` (torch and Hugging Face)
 or a float R builds every quantity from the gradients of the R-scaled loss, as the authors'
-code does (SPEC section 9): G -> R G, s -> R^2 s, g -> R g, SF's sampled rows G_hat -> R G_hat
-(R, not sqrt(R)), F -> R F. So one damping number lambda damps EF, iEF and SF alike, and
-means lambda / R^2 in the sum convention:
+code does (:ref:`conv-damping-reduction`): G -> R G, s -> R^2 s, g -> R g, SF's sampled rows
+G_hat -> R G_hat (R, not sqrt(R)), F -> R F. So one damping number lambda damps EF, iEF and SF
+alike, and means lambda / R^2 in the sum convention:
 
     iEF(lambda) = R iEF_sum(lambda / R^2),  EF(lambda) = EF_sum(lambda / R^2) / R,
     SF(lambda) = SF_sum(lambda / R^2) / R,  SF_sum(mu) = (G_hat^T G_hat + mu I_P)^{-1} g.
@@ -53,10 +54,17 @@ Per-sample gradients
   formed, the update is G^T c from the stored layer quantities;
 * ``"ghost"``: the same with factors for every weight that allows them;
 * ``"hooks"``: the same with materialised per-layer rows everywhere;
-* ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G.
+* ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G;
+* ``"loop"``: single-sample passes, for any model whose samples are independent (it needs a
+  TorchProvider that takes ``per_sample``, the per-sample engine's).
 
 Parameters no hook can account for fall back to ``vmap`` for those parameters alone, listed
-in ``diagnostics["fallbacks"]`` (and warned about once).
+in ``diagnostics["fallbacks"]`` (and warned about once). ``certify``, ``on_mismatch`` and
+``certify_samples`` check the rows against an independent G v
+(:mod:`backends.torch.optim.options` documents every option).
+
+The options are passed to :class:`backends.TorchProvider` by one function,
+:func:`backends.torch.optim.options.provider_keywords`.
 
 Data parallel
 -------------
@@ -71,55 +79,44 @@ Face's token-mean loss for batches with that token count.
 
 Usage
 -----
-The closure takes no argument and returns this step's batch, ``(inputs, targets)`` or, for
-Hugging Face dict inputs, the dict with its ``"labels"``::
+Each step takes this step's batch, ``(inputs, targets)`` or, for Hugging Face dict inputs, the
+dict with its ``"labels"``: given as ``step(batch=...)``, or returned by a closure of no
+arguments, ``step(closure)``::
 
     opt = IEF(model, ngdref.SoftmaxCrossEntropy(), lr=1.0, damping=1e-8)
     for x, y in loader:
-        loss = opt.step(lambda: (x, y))     # the batch loss before the update
+        loss = opt.step(batch=(x, y))       # the batch loss before the update
         print(loss, opt.diagnostics)
 
     opt = EF(peft_t5, ngdref.SequenceSoftmaxCrossEntropy(32128), lr=0.01, damping=1e-7,
              reduction="mean", total_steps=len(loader) * epochs, dedup_threshold=0.99)
     for batch in loader:                    # input_ids, attention_mask, labels (-100 padded)
         opt.step(lambda: batch)
+
+A resumed run (``state_dict`` / ``load_state_dict``, the step count and SF's sampling keys
+included) takes the steps of the uninterrupted one, bitwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 import ngdref
-from ngdref.checks import check_choice
 from ngdref.updates import check_damping_options, ief_damping_weights, median_damping
 
 from ..per_sample.rows import GhostRows, stack_rows
 from ..provider import TorchProvider
-from .base import PER_SAMPLE as PER_SAMPLE  # re-exported: the per_sample routes
-from .base import (
-    GramOptions,
-    Group,
-    RowOptions,
-    Update,
-    _Batch,
-    _GramOptimizer,
-    _LogitLossOptimizer,
-)
-from .common import _split_batch as _split_batch  # re-exported: optim.kfac used it
-from .common import _step_key
+from .base import Group, Update, _Batch, _GramOptimizer, _LogitLossOptimizer
+from .common import _given
+from .options import OPTIONS, SF_DAMPING_MODES, SF_OPTIONS
+from .options import PER_SAMPLE as PER_SAMPLE  # re-exported: the routes the provider runs
 from .sf_rows import PairedRows, cross_gram_is_cheaper
 
-if TYPE_CHECKING:
-    from typing import Unpack
-
 __all__ = ["EF", "IEF", "NGD", "SF", "SF_DAMPING_MODES"]
-
-#: how :class:`SF` reads its damping: "absolute", or "median" (the authors' negative damping)
-SF_DAMPING_MODES = ("absolute", "median")
 
 
 class IEF(_GramOptimizer):
@@ -131,48 +128,8 @@ class IEF(_GramOptimizer):
     with G (N, P) the per-sample gradients and s (N,) the squared norms of the logit-level
     gradients, both in the ``reduction`` convention (R G and R^2 s). With
     ``damping_space="parameter"`` the update is (F_iEF + lambda I_P)^{-1} g
-    = G^T (G G^T + lambda diag(s))^{-1} s instead (:func:`ngdref.ief_update`).
-
-    The options every optimiser here takes (``lr``, ``damping``, ``reduction``,
-    ``output_fn`` and the per-sample ones below) arrive as ``**options``, typed by
-    :class:`backends.torch.optim.base.RowOptions`, with one set of defaults for all four; those of
-    IEF and EF's Gram solve (``damping_mode``, ``dedup_threshold``, ``dedup_rule``) by
-    :class:`backends.torch.optim.base.GramOptions`.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Its parameters with ``requires_grad=True`` are optimised (jointly, one group).
-    loss : ngdref.LogitLoss
-        The per-sample logit-level loss, e.g. ``ngdref.SoftmaxCrossEntropy()`` or
-        ``ngdref.SequenceSoftmaxCrossEntropy(vocab_size)`` for a seq2seq model.
-    lr : float >= 0
-        eta, constant (the paper: 50 or 100 under the mean convention).
-    damping : float >= 0
-        lambda (the paper: 1e-7 or 1e-12 under the mean convention).
-    damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
-        See :meth:`ngdref.linalg.DampedGram.solve`.
-    damping_space : {"sample", "parameter"}
-        "sample" is the paper's lambda I_N.
-    dedup_threshold : float in (0, 1] or None
-        Drop near-duplicate per-sample gradients (|cos| above it) before the solve; 0.99 as
-        in the authors' training code; None keeps all.
-    dedup_rule : {"all_pairs", "greedy"}
-        "all_pairs" (the authors'): every close pair drops its smaller-norm row.
-    reduction : {"sum", "mean"} or float
-        R; see the module docstring for how lr and damping scale with it.
-    per_sample : {"auto", "ghost", "hooks", "vmap"}
-        How the per-sample gradients are obtained (module docstring); all give the same step.
-    per_sample_method : str, optional
-        The earlier name of ``per_sample``.
-    output_fn, chunk_size
-        Passed to :class:`backends.TorchProvider`; ``chunk_size`` selects the vmap route.
-    distributed : bool, optional
-        None (default): when ``torch.distributed`` is initialised, the batch is the union of
-        the ranks' shards and every rank takes the single-process step on it
-        (:mod:`backends.torch.distributed.comm`); False: local steps; True: require it.
-    process_group : torch.distributed.ProcessGroup, optional
-        The ranks that share the batch (default: the whole world).
+    = G^T (G G^T + lambda diag(s))^{-1} s instead (:func:`ngdref.ief_update`). The paper's
+    settings, mean convention: lr 50 or 100, damping 1e-7 or 1e-12.
 
     Attributes
     ----------
@@ -186,12 +143,25 @@ class IEF(_GramOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
+        lr: float,
+        damping: float,
         damping_space: str = "sample",
-        **options: Unpack[GramOptions],
+        damping_mode: str = "absolute",
+        dedup_threshold: float | None = 0.99,
+        dedup_rule: str = "all_pairs",
+        reduction: str | float = "sum",
+        per_sample: str = "auto",
+        chunk_size: int | None = None,
+        mode: str = "eval",
+        certify: str = "first",
+        on_mismatch: str = "raise",
+        certify_samples: int | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        distributed: bool | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        per_sample_method: str | None = None,
     ) -> None:
-        super().__init__(model, loss, damping_space=damping_space, **options)
-
-    _hyperparameters = (*_GramOptimizer._hyperparameters, "damping_space")
+        super().__init__(model, loss, _given(locals()))
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(group)
@@ -212,18 +182,8 @@ class EF(_GramOptimizer):
         \theta \leftarrow \theta - \eta \frac{T - t}{T} \frac{u}{\|u\|}
 
     t = 0, ..., T - 1 the step index and T = ``total_steps``. Sample- and parameter-space
-    damping coincide for EF (push-through identity), so it takes no ``damping_space``.
-
-    Parameters
-    ----------
-    model, loss, damping, damping_mode, dedup_threshold, dedup_rule, reduction,
-    output_fn, per_sample, per_sample_method, chunk_size, distributed, process_group
-        As for :class:`IEF`.
-    lr : float >= 0
-        eta, the step length of the first step (the paper: 0.01 for T5 LoRA, 1 for prompt
-        tuning).
-    total_steps : int >= 1
-        T; a step beyond it raises ``ValueError``.
+    damping coincide for EF (push-through identity), so it takes no ``damping_space``. The
+    paper's lr: 0.01 for T5 LoRA, 1 for prompt tuning.
 
     Attributes
     ----------
@@ -232,7 +192,6 @@ class EF(_GramOptimizer):
         limit, Eq. 6).
     """
 
-    _hyperparameters = (*_GramOptimizer._hyperparameters, "total_steps")
     _normalised = True
 
     def __init__(
@@ -240,10 +199,25 @@ class EF(_GramOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
+        lr: float,
+        damping: float,
         total_steps: int,
-        **options: Unpack[GramOptions],
+        damping_mode: str = "absolute",
+        dedup_threshold: float | None = 0.99,
+        dedup_rule: str = "all_pairs",
+        reduction: str | float = "sum",
+        per_sample: str = "auto",
+        chunk_size: int | None = None,
+        mode: str = "eval",
+        certify: str = "first",
+        on_mismatch: str = "raise",
+        certify_samples: int | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        distributed: bool | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        per_sample_method: str | None = None,
     ) -> None:
-        super().__init__(model, loss, total_steps=total_steps, **options)
+        super().__init__(model, loss, _given(locals()))
 
     def _system(
         self, batch: _Batch, group: Mapping[str, Any]
@@ -261,48 +235,21 @@ class SF(_LogitLossOptimizer):
     F_SF = (1/K) sum_n sum_k grad(-log p_n(yhat_nk)) grad(...)^T with K labels yhat_nk drawn
     per sample from the model's predictive distribution, once per step with
     ``loss.sample(logits, sampling_key(t), num_samples=K, targets=targets)``; their rows
-    (R times the
-    sum-convention rows under a reduction R, so that lambda means what it means for EF and
-    iEF) come from backward passes through the step's one forward pass, then
-    :func:`ngdref.sf_update`. Damping is in parameter space and must be > 0 unless
-    N K >= P. The key of step t, :meth:`sampling_key` ``(t)``, is the first 8 bytes
+    (R times the sum-convention rows under a reduction R, so that lambda means what it means
+    for EF and iEF, :ref:`conv-sf-rows`) come from backward passes through the step's one
+    forward pass, then :func:`ngdref.sf_update`. Damping is in parameter space and must be
+    > 0 unless N K >= P. The key of step t, :meth:`sampling_key` ``(t)``, is the first 8 bytes
     (little-endian) of blake2b("seed:t"), so runs are reproducible, resume exactly from a
     state_dict, and draw fresh labels at every step.
 
-    Parameters
-    ----------
-    model, loss, **options
-        As for :class:`IEF`: ``reduction``, ``output_fn`` and the per-sample options.
-    lr : float >= 0
-        eta, the step length of the first step.
-    damping : float >= 0
-        lambda, in parameter space, read as ``damping_mode`` says.
-    damping_mode : {"absolute", "median"}
-        "absolute" (default): lambda as given. "median": the authors' negative SF damping,
-        lambda times the median squared norm of this step's true-label rows R g_n (the
-        median of the diagonal of their Gram matrix) over the rows their duplicate filter
-        keeps: every pair with |cos| > 0.99 drops its smaller-norm row and all-zero rows
-        stay, the lower middle value for an even count
-        (:func:`ngdref.updates.median_damping`). The damping follows the gradients' scale
-        from step to step; ``diagnostics["damping"]`` is the absolute value used. It costs
-        the true rows' N x N Gram matrix.
-    total_steps : int >= 1
-        T; a step beyond it raises ``ValueError``.
-    num_samples : int >= 1
-        K (the paper: 1).
-    seed : int
+    ``damping_mode="median"`` reads the authors' negative SF damping: lambda times the median
+    squared norm of this step's true-label rows R g_n (the diagonal of their Gram matrix, which
+    it costs) over the rows their duplicate filter keeps (every pair with absolute cosine above
+    0.99 drops its smaller-norm row, all-zero rows stay), the lower middle value for an even
+    count. It follows the gradients' scale from step to step.
     """
 
-    _hyperparameters = (
-        *_LogitLossOptimizer._hyperparameters,
-        "damping_mode",
-        "total_steps",
-        "num_samples",
-        "seed",
-    )
-    _own_checks: ClassVar[Mapping[str, Callable[[Any], None]]] = {
-        "damping_mode": lambda v: check_choice(v, "damping_mode", SF_DAMPING_MODES)
-    }
+    _options = OPTIONS | SF_OPTIONS
     _normalised = True
     _reuses_forward = True
 
@@ -311,16 +258,25 @@ class SF(_LogitLossOptimizer):
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
+        lr: float,
+        damping: float,
         total_steps: int,
         num_samples: int = 1,
         seed: int = 0,
         damping_mode: str = "absolute",
-        **options: Unpack[RowOptions],
+        reduction: str | float = "sum",
+        per_sample: str = "auto",
+        chunk_size: int | None = None,
+        mode: str = "eval",
+        certify: str = "first",
+        on_mismatch: str = "raise",
+        certify_samples: int | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        distributed: bool | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        per_sample_method: str | None = None,
     ) -> None:
-        super().__init__(
-            model, loss, total_steps=total_steps, num_samples=num_samples, seed=seed,
-            damping_mode=damping_mode, **options,
-        )
+        super().__init__(model, loss, _given(locals()))
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """As every optimiser's; a state from before ``damping_mode`` existed is "absolute"."""
@@ -332,7 +288,7 @@ class SF(_LogitLossOptimizer):
 
     def sampling_key(self, step: int) -> int:
         """The integer key (for :meth:`ngdref.LogitLoss.sample`) of the labels drawn at ``step``."""
-        return _step_key(self.param_groups[0]["seed"], step)
+        return ngdref.sampling_key(self.param_groups[0]["seed"], step)
 
     def _update(
         self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group
@@ -341,7 +297,7 @@ class SF(_LogitLossOptimizer):
         # backward passes through that same forward (K of them)
         k = group["num_samples"]
         loss = self._shard_loss
-        key = self._comm.sampling_input(loss, batch.logits, self.sampling_key(self._step), k)
+        key = self._comm.sampling_input(loss, batch.logits, self.sampling_key(self.steps_taken), k)
         drawn = loss.sample(batch.logits, key, num_samples=k, targets=targets)
         rows = [
             provider.per_sample_rows(
@@ -380,35 +336,32 @@ class NGD(_LogitLossOptimizer):
     model's dtype: 1e-10 in float64, sqrt(eps) = 3.5e-4 in float32, below which a float32
     Fisher-vector product cannot take the true residual (:func:`ngdref.cg.default_cg_tol`).
     Forward-mode AD is needed: load Hugging Face models with ``attn_implementation="eager"``.
-
-    Parameters
-    ----------
-    model, loss, **options
-        As for :class:`IEF`: ``reduction``, ``output_fn`` and the per-sample options.
-    lr : float >= 0
-        eta, constant.
-    damping : float >= 0
-        lambda, absolute, in parameter space (0 gives the minimum-norm solution when g is in
-        the range of F).
-    cg_tol : float > 0, optional
-        Relative residual tolerance; None (default): :func:`ngdref.cg.default_cg_tol` of the
-        gradient's dtype (1e-10 for float64, 3.5e-4 for float32).
-    cg_maxiter : int, optional
-        Default 10 P.
+    The damping is absolute, in parameter space (0 gives the minimum-norm solution when g is in
+    the range of F).
     """
-
-    _hyperparameters = (*_LogitLossOptimizer._hyperparameters, "cg_tol", "cg_maxiter")
 
     def __init__(
         self,
         model: nn.Module,
         loss: ngdref.LogitLoss,
         *,
+        lr: float,
+        damping: float,
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
-        **options: Unpack[RowOptions],
+        reduction: str | float = "sum",
+        per_sample: str = "auto",
+        chunk_size: int | None = None,
+        mode: str = "eval",
+        certify: str = "first",
+        on_mismatch: str = "raise",
+        certify_samples: int | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        distributed: bool | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        per_sample_method: str | None = None,
     ) -> None:
-        super().__init__(model, loss, cg_tol=cg_tol, cg_maxiter=cg_maxiter, **options)
+        super().__init__(model, loss, _given(locals()))
 
     def _update(
         self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group

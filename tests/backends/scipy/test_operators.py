@@ -167,7 +167,8 @@ def test_eigsh_matches_dense_eigvalsh(case, method):
 
 
 def test_minres_solves_the_damped_system():
-    """The README's solve: (F_iEF + lambda I) x = g by minres(shift=-lambda), no P x P formed."""
+    """The SciPy guide's solve: (F_iEF + lambda I) x = g by minres(shift=-lambda), no P x P
+    formed."""
     provider, loss, targets = _problem(CASES[1])
     op = curvature_operator("ief", provider, loss, targets)
     q = ngdref.batch_quantities(provider, loss, targets)
@@ -289,17 +290,19 @@ def test_bad_input_names_the_argument(build, error, name):
 
 
 def test_readme_example_runs():
-    """The README's two-line block, on a real provider: eigsh's values and minres' solution."""
+    """The SciPy guide's two-line block (docs/guide/scipy.md), on a real provider: eigsh's
+    values and minres' solution."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = text[text.index("## Spectra and solves with SciPy") :]
+    page = Path(__file__).resolve().parents[3] / "docs" / "guide" / "scipy.md"
+    text = page.read_text()
+    section = text[text.index("## Two lines") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     provider, loss, targets = _problem(CASES[1])
     grad = ngdref.batch_quantities(provider, loss, targets).grad
     env = {"provider": provider, "loss": loss, "targets": targets, "grad": grad}
-    exec(compile(block, "README.md", "exec"), env)
+    exec(compile(block, str(page), "exec"), env)
     m, scale = _dense("ief", provider, loss, targets)
     expected = np.linalg.eigvalsh(m)[-10:]
     assert np.max(np.abs(np.sort(env["top"]) - expected)) <= 2 * _bound(provider, scale)
@@ -313,18 +316,26 @@ def test_readme_example_runs():
 
 @pytest.mark.parametrize("corrected", [False, True], ids=["kron", "eigen-corrected"])
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "iekfac"])
-def test_kfac_curvature_operator_matches_torch_dense(method, corrected):
-    """From backends.torch.kfac.curvature's torch curvature (Kronecker and LayerNorm fallback
-    diagonal blocks)."""
+@pytest.mark.parametrize("model", ["mlp", "embedding"])
+def test_kfac_curvature_operator_matches_torch_dense(method, corrected, model):
+    """From backends.torch.kfac.curvature's torch curvature: Kronecker blocks, LayerNorm's
+    diagonal blocks, and an embedding's Kronecker block whose input factor is a (V,)
+    diagonal (never formed V x V)."""
     torch = pytest.importorskip("torch")
     from backends.scipy.operators import kfac_curvature_operator
     from backends.torch.kfac.curvature import kfac_curvature
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
-                                torch.nn.Linear(5, 3)).double()
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    curvature = kfac_curvature(model, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
+    if model == "mlp":
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
+                                  torch.nn.Linear(5, 3)).double()
+        x = torch.randn(6, 4, dtype=torch.float64)
+    else:  # tokens (N, T) -> embeddings summed over T -> logits
+        net = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Flatten(),
+                                  torch.nn.Linear(12, 3)).double()
+        x = torch.randint(0, 7, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    curvature = kfac_curvature(net, ngdref.SoftmaxCrossEntropy(), x, y, methods=(method,),
                                eigenvalue_correction=corrected)
     dense = curvature.dense(method).numpy()
     op = kfac_curvature_operator(curvature, method)

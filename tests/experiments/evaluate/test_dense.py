@@ -178,7 +178,7 @@ def dense_reference(
     # SF's labels: inverse CDF of Python's Mersenne Twister uniforms for the documented key;
     # the sampled rows are the gradients of R * CE at the drawn labels (R, not sqrt(R))
     drawn = torch.as_tensor(drawn_labels(probs, key))
-    sampled = _single_sample_grads(model, params, x, drawn, r)  # mean-loss rows (SPEC §9)
+    sampled = _single_sample_grads(model, params, x, drawn, r)  # mean-loss rows (SF's sampled rows)
     if protocol == "authors":
         updates, grads = _authors_updates(grads, s, sampled, damping, threshold)
     else:
@@ -275,7 +275,7 @@ def test_sf_duplicate_filter_matches_the_authors_loop(duplicates: str) -> None:
     """``authors_sf_rows`` against the transcription of ``remove_J_C_duplicates``: rows with
     planted near-duplicates (a chain a ~ b ~ c and an exact copy), compared as the set of
     rows kept and their Gram matrix G_hat^T G_hat (order-free), to 1e-12."""
-    from validation.experiments.evaluate.protocols import authors_sf_rows
+    from validation.experiments.evaluate.authors_sf import authors_sf_rows
 
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 9))

@@ -1,11 +1,11 @@
-r"""One evaluation batch, scored under the "ngdref" or the authors' protocol (SPEC §5, §9).
+r"""One evaluation batch, scored under the "ngdref" or the authors' protocol.
 
-Both protocols take the SAME per-sample quantities of M training samples, computed in the sum
-convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale them
-by one reduction factor R, as the mean loss of the paper and the authors' code does:
-rows R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels,
-R times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
-J_n``. One damping number then damps EF, iEF and SF alike (SPEC §9).
+Both protocols (:ref:`conv-evaluation`) take the SAME per-sample quantities of M samples, in the
+sum convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale
+them by one reduction factor R, as the mean loss of the paper and the authors' code does: rows
+R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels, R
+times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
+J_n``. One damping number then damps EF, iEF and SF alike (:ref:`conv-damping-reduction`).
 
 =====================  ==========================================  ==========================
                        ``"ngdref"``                                ``"authors"``
@@ -73,9 +73,9 @@ if TYPE_CHECKING:
     from backends.torch.kfac.curvature import KFACCurvature
     from backends.torch.provider import TorchProvider
     from validation.experiments.train.runner import Batch, Setup
+from validation.experiments.evaluate.authors_sf import AUTHORS_SF_DEDUP_THRESHOLD, authors_sf_rows
 
 __all__ = [
-    "AUTHORS_SF_DEDUP_THRESHOLD",
     "DAMPING_SCALES",
     "IMBALANCE_STATISTICS",
     "PROTOCOLS",
@@ -83,7 +83,6 @@ __all__ = [
     "BatchScorer",
     "EvaluationError",
     "EvaluationProblem",
-    "authors_sf_rows",
     "batch_rows",
     "batch_scorer",
     "evaluation_inputs",
@@ -99,58 +98,8 @@ SF_DUPLICATES = ("drop", "merge")
 #: how a damping value is read: "absolute", or "sampled_max" (relative to the largest squared
 #: norm of SF's kept sampled rows, the authors' evaluator's negative damping)
 DAMPING_SCALES = ("absolute", "sampled_max")
-#: the authors' threshold for SF's sampled rows (``remove_J_C_duplicates(thresh=0.99)``)
-AUTHORS_SF_DEDUP_THRESHOLD = 0.99
-
-
 class EvaluationError(ValueError):
     """Bad input to the evaluation framework; the message names the argument."""
-
-
-def _abs_cosines(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sq = np.clip(np.diag(gram), 0.0, None)
-    norms = np.sqrt(sq)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.abs(gram) / np.outer(norms, norms)
-    return np.nan_to_num(cos, nan=0.0), sq
-
-
-def authors_sf_rows(
-    gram: np.ndarray, threshold: float, duplicates: str
-) -> tuple[np.ndarray, np.ndarray]:
-    r"""SF's sampled rows after the authors' filter: (indices kept, scale of each).
-
-    Rows in decreasing norm; for each row a not marked exactly duplicate, every later row b
-    (not marked) with ``|cos| > threshold`` is removed and its squared norm added to a's
-    accumulator (b is marked when the compared norms are equal). ``"drop"``: scales 1 (the
-    released code, whose accumulator aliases the norms it is compared with); ``"merge"``: a
-    kept row is scaled by sqrt(accumulated / own squared norm), the code's intent.
-    """
-    cos, sq = _abs_cosines(gram)
-    order = np.argsort(-sq, kind="stable")
-    close = np.triu(cos[np.ix_(order, order)] > threshold, k=1)
-    own = sq[order]
-    acc = own.copy()
-    # the released code compares (and adds) the accumulated norms, its intent the own ones
-    compared = acc if duplicates == "drop" else own
-    removed: set[int] = set()
-    exact: set[int] = set()
-    for a in range(order.size):
-        if a in exact:
-            continue
-        for b in np.flatnonzero(close[a]):
-            if b in exact:
-                continue
-            removed.add(int(b))
-            if compared[a] == compared[b]:
-                exact.add(int(b))
-            acc[a] += compared[b]
-    kept = np.array([a for a in range(order.size) if a not in removed], dtype=np.int64)
-    scale = np.ones(kept.size)
-    if duplicates == "merge":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where(own[kept] > 0, np.sqrt(acc[kept] / own[kept]), 1.0)
-    return order[kept], scale
 
 
 @dataclass
@@ -208,9 +157,9 @@ class BatchScorer:
 
         EF and iEF are damped in sample space. The K-FAC family's blocks approximate the
         EF-type matrix of the rows R g_n, R^2 K_sum, so lambda in the convention of R is
-        lambda / R^2 in the sum convention, as for EF, iEF and SF (SPEC §9):
+        lambda / R^2 in the sum convention, as for EF, iEF and SF (:ref:`conv-damping-reduction`):
         ``(K_sum + lambda / R^2 I)^-1 g`` (a positive multiple of ``(R^2 K_sum + lambda I)^-1 g``,
-        the same gamma). ``damping`` is multiplied by :attr:`scale` first, for every method.
+        the same gamma). ``damping`` is multiplied by ``scale`` first, for every method.
         """
         damping = damping * self.scale
         if method in KFAC_METHODS:

@@ -133,7 +133,7 @@ class _Lines:
 @contextlib.contextmanager
 def _file_lock(path: Path, kind: str) -> Iterator[None]:
     """Hold ``path``'s lock on rank 0 (every rank raises if it cannot be taken)."""
-    from backends import dist_launch
+    from backends.torch.distributed import launch as dist_launch
 
     lock, error = None, None
     if dist_launch.is_writer():

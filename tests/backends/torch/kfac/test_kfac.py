@@ -51,7 +51,8 @@ def test_fallback_diagonal_from_single_sample_passes(method: str) -> None:
     model, x, y = _mlp_with_norm()
     curvature = kfac_curvature(model, CE, x, y, methods=(method,))
     assert set(curvature.fallback) == {"1.weight", "1.bias"}
-    assert "LayerNorm is not a supported layer" in curvature.fallback["1.weight"]
+    assert "LayerNorm((5,)" in curvature.fallback["1.weight"]
+    assert "no Kronecker factors" in curvature.fallback["1.weight"]
     norm = model[1]
     expected = torch.zeros(10, dtype=torch.float64)
     for n in range(x.shape[0]):
@@ -66,19 +67,22 @@ def test_fallback_diagonal_from_single_sample_passes(method: str) -> None:
     assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) <= 8 * 6 * EPS
 
 
-def test_unsupported_layers_are_reported_or_refused() -> None:
+def test_unregistered_layers_are_reported_or_refused() -> None:
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, 3)).double()
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.PReLU(), nn.Flatten(),
+                          nn.Linear(2, 3)).double()
     x, y = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 2])
     curvature = kfac_curvature(model, CE, x, y, methods=("ekfac",))
-    assert set(curvature.fallback) == {"0.weight", "0.bias"}
-    assert "groups=2" in curvature.fallback["0.weight"]
+    assert set(curvature.fallback) == {"1.weight"}  # a grouped Conv2d has Kronecker blocks now
+    assert "PReLU: no layer kind is registered" in curvature.fallback["1.weight"]
+    assert [b.name for b in curvature.blocks if b.factors is not None][:2] == [
+        "0[rows 0:1]", "0[rows 1:2]"]
     with pytest.raises(ValueError, match=re.escape("outside supported layers")):
         kfac_curvature(model, CE, x, y, methods=("ekfac",), strict=True)
 
 
 class _FoldedTokens(nn.Module):
-    """A Linear applied to (N T, d): its calls cannot be split into samples by the hooks."""
+    """A Linear applied to (N T, d): the batch merged with the positions (provenance knows)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,13 +92,29 @@ class _FoldedTokens(nn.Module):
         return self.inner(x.reshape(-1, 3)).reshape(x.shape).mean(dim=1)
 
 
+class _LearnedQuery(nn.Module):
+    """A Linear on a sample-free tensor (a learned token), broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.out = nn.Linear(3, 3), nn.Linear(4, 3)
+        self.token = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(x)) * torch.tanh(self.query(self.token))
+
+
 def test_layers_called_without_the_batch_axis_fall_back() -> None:
     torch.manual_seed(7)
     model = _FoldedTokens().double()
     x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    assert kfac_curvature(model, CE, x, y, methods=("ekfac",)).fallback == {}
+    model = _LearnedQuery().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
     curvature = kfac_curvature(model, CE, x, y, methods=("ekfac",))
-    assert set(curvature.fallback) == {"inner.weight", "inner.bias"}
-    assert "not a batch of 4 samples" in curvature.fallback["inner.weight"]
+    assert set(curvature.fallback) == {"query.weight", "query.bias", "token"}
+    assert "without the batch axis (SAMPLE_FREE)" in curvature.fallback["query.weight"]
+    assert "_LearnedQuery: no layer kind is registered" in curvature.fallback["token"]
 
 
 def test_zero_output_gradients_need_damping() -> None:

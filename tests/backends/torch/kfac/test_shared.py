@@ -181,8 +181,8 @@ def _dense_diagonal(
 
 
 FALLBACK_CASES: list[tuple[str, Callable, str, str]] = [
-    ("embeddings", _twin_embedding, "left.weight", "Embedding is not a supported layer"),
-    ("tied_output", _tied_output, "shared.weight", "used by 'shared'"),
+    ("tied_output", _tied_output, "shared.weight",
+     "no Kronecker factors: uses of different layouts (a lookup; outer products)"),
 ]
 
 
@@ -200,6 +200,37 @@ def test_shared_parameter_outside_supported_layers_falls_back_once(
     assert sum(b.diagonal is not None for b in curvature.blocks) == 1
     expected = _dense_diagonal(model, x, y, model.get_parameter(param), method)
     assert _close(block.diagonal[method], expected)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "iekfac"])
+def test_shared_embedding_weight_has_one_kronecker_block(method: str) -> None:
+    """Both lookups' positions in one block: A = diag(counts) / (N T) over both uses, kept as
+    its diagonal; B from every use's output gradients (loop of single-sample passes)."""
+    model, ids, y = _twin_embedding()
+    curvature = kfac_curvature(model, CE, ids, y, methods=(method,))
+    assert curvature.fallback == {}
+    block = curvature.blocks[0]
+    assert (block.name, block.shape) == ("left", (4, 6))
+    counts = torch.bincount(ids.reshape(-1), minlength=6).double() / ids.numel()
+    factors = block.factors[method]
+    assert factors.input_factor.shape == (6,) and _close(factors.input_factor, counts)
+    b_sum = torch.zeros(4, 4, dtype=torch.float64)
+    for n in range(N):
+        outs: list[torch.Tensor] = []
+
+        def keep(_: nn.Module, args: tuple, out: torch.Tensor, outs: list = outs) -> None:
+            out.retain_grad()
+            outs.append(out)
+
+        handles = [m.register_forward_hook(keep) for m in (model.left, model.right)]
+        z = model(ids[n:n + 1])
+        for h in handles:
+            h.remove()
+        e = CE.grad(z.detach(), y[n:n + 1])
+        z.backward(e)
+        b_sum += _weight(method, e) * sum(o.grad[0][None].T @ o.grad[0][None] for o in outs)
+        model.zero_grad()
+    assert _close(factors.grad_factor, b_sum)
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, IEKFAC], ids=lambda c: c.__name__)

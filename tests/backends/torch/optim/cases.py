@@ -169,11 +169,15 @@ def factor(reduction: str) -> float:
 
 
 def assert_refused(problem: Problem, opt: Any, closure: Any, error: type, match: str) -> None:
-    """The step raises and leaves the parameters, the counter and the diagnostics alone."""
+    """The step raises and leaves the parameters, the counter and the diagnostics alone.
+
+    ``closure`` is the step's closure, or a dict of ``step``'s keyword arguments.
+    """
     before = [p.detach().clone() for p in problem.model.parameters()]
     steps, diagnostics = opt.steps_taken, dict(opt.diagnostics)
+    arguments = closure if isinstance(closure, dict) else {"closure": closure}
     with pytest.raises(error, match=match):
-        opt.step(closure)
+        opt.step(**arguments)
     assert all(torch.equal(a, b) for a, b in zip(before, problem.model.parameters(), strict=True))
     assert opt.steps_taken == steps and opt.diagnostics == diagnostics
 

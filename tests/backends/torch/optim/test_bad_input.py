@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
+from backends.torch.optim.kfac import EKFAC  # noqa: E402
 from backends.torch.optim.methods import EF, IEF, NGD, SF  # noqa: E402
 from tests.backends.torch.optim.cases import (  # noqa: E402
     IGNORE,
@@ -46,7 +47,15 @@ CONSTRUCTOR_ERRORS = [
     ),
     (IEF, {"damping_mode": "diagonal"}, ValueError, "damping_mode"),  # the retired name
     (IEF, {"dedup_rule": "pairs"}, ValueError, "dedup_rule"),
-    (IEF, {"per_sample": "loop"}, ValueError, "per_sample"),
+    (IEF, {"per_sample": "loops"}, ValueError, "per_sample"),
+    (IEF, {"per_sample_method": "loops"}, ValueError, "per_sample_method"),
+    (IEF, {"per_sample": "vmap", "per_sample_method": "ghost"}, ValueError, "per_sample"),
+    (IEF, {"certify": "sometimes"}, ValueError, "certify"),
+    (IEF, {"on_mismatch": "ignore"}, ValueError, "on_mismatch"),
+    (IEF, {"mode": "training"}, ValueError, "mode"),
+    (IEF, {"certify_samples": 0}, ValueError, "certify_samples"),
+    (IEF, {"output_fn": "logits"}, TypeError, "output_fn"),
+    (IEF, {"distributed": "yes"}, TypeError, "distributed"),
     (IEF, {"per_sample": "ghost", "chunk_size": 2}, ValueError, "chunk_size"),
     (IEF, {"dedup_threshold": 1.5}, ValueError, "dedup_threshold"),
     (IEF, {"reduction": "avg"}, ValueError, "reduction"),
@@ -98,13 +107,34 @@ def test_step_past_total_steps_is_refused() -> None:
         ("({'input': x, 'labels': y}, y)", ValueError),
     ],
 )
-def test_malformed_closure_is_refused(returned: str, error: type) -> None:
+def test_malformed_batch_is_refused(returned: str, error: type) -> None:
+    """Given as step(batch=...) or returned by the closure, the same refusal naming the batch."""
     problem = mlp_problem()
     x, y = problem.batch
     opt = IEF(problem.model, problem.loss, lr=0.1, damping=1e-3)
     batch = eval(returned, {"x": x, "y": y})
-    assert_refused(problem, opt, lambda: batch, error, "closure")
-    assert_refused(problem, opt, None, TypeError, "closure is required")
+    assert_refused(problem, opt, {"closure": lambda: batch}, error, "batch")
+    assert_refused(problem, opt, {"batch": batch}, error, "batch")
+
+
+@pytest.mark.parametrize("cls", [IEF, EKFAC], ids=["IEF", "EKFAC"])
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({}, "step\\(\\) needs the batch"),
+        ({"closure": "batch", "batch": "batch"}, "not both"),
+        ({"closure": "batch"}, "closure must be a callable.*step\\(batch=...\\)"),
+    ],
+    ids=["neither", "both", "batch-as-closure"],
+)
+def test_step_takes_exactly_one_of_closure_and_batch(cls: type, arguments: dict, match: str
+                                                     ) -> None:
+    problem = mlp_problem()
+    opt = cls(problem.model, problem.loss, lr=0.1, damping=1e-3)
+    given = {k: problem.batch for k in arguments}
+    if "batch" in arguments and "closure" in arguments:
+        given["closure"] = lambda: problem.batch
+    assert_refused(problem, opt, given, TypeError, match)
 
 
 class _Sqrt(nn.Module):
@@ -194,3 +224,26 @@ def test_bad_batches_are_refused_naming_the_argument(case: str, route: str) -> N
     for cls, options in ROUTE_OPTIMISERS.values():
         opt = cls(problem.model, problem.loss, per_sample=route, **options)
         assert_refused(problem, opt, lambda b=batch: b, ValueError, match)
+
+
+def test_a_refused_kfac_step_keeps_its_factors() -> None:
+    """An lr the float32 parameters cannot hold is refused after the factors were recomputed
+    and blended: the kept factors, the count and the next step are those of a run that never
+    tried it."""
+    runs = []
+    for attempt_failing_step in (False, True):
+        problem = mlp_problem()
+        problem.model.float()
+        x, y = problem.batch
+        batch = (x.float(), y)
+        opt = EKFAC(problem.model, problem.loss, lr=0.1, damping=1e-2, running_average=0.5)
+        opt.step(batch=batch)
+        kept = opt.state_dict()["state"][0]["curvature"]
+        if attempt_failing_step:
+            opt.param_groups[0]["lr"] = 1e300
+            assert_refused(problem, opt, {"batch": batch}, ngdref.NonFiniteError, "overflows")
+            assert opt.state_dict()["state"][0]["curvature"] is kept
+            opt.param_groups[0]["lr"] = 0.1
+        opt.step(batch=batch)
+        runs.append([p.detach().clone() for p in problem.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -3,8 +3,9 @@ why today's code fails that run. Each entry marks its test ``xfail(strict=True)`
 turns it into an XPASS failure until the entry is deleted: the table can only shrink.
 
 Routes: "auto", "ghost", "hooks", "vmap", "loop" (:mod:`.test_zoo`), and "-" for the K-FAC
-optimisers, which have none (:mod:`.test_kfac_zoo`). Quantities: gram, gv, gtw (the rows),
-ief, ef, sf (optimiser steps), kfac, ekfac, iekfac.
+family, which has none (:mod:`.test_kfac_zoo`). Quantities: gram, gv, gtw (the rows),
+ief, ef, sf (optimiser steps), kfac, ekfac, iekfac (the K-FAC optimisers' steps; "ekfac" also
+marks the eKFAC curvature's blocks against the per-sample gradients).
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ def _defects() -> dict[tuple[str, str, str], str]:
                   "runs on its running statistics"),
         **_family(train, [(NO_ROUTE, m) for m in KFAC_METHODS],
                   "the K-FAC optimisers have no mode option yet (issue 16.4)"),
-        # "reshape is not implemented for sparse tensors" in the K-FAC capture
-        **_family(("embedding_sparse",), [(NO_ROUTE, m) for m in KFAC_METHODS],
-                  "torch-internal error on Embedding(sparse=True) in the K-FAC capture"),
     }
 
 

@@ -1,5 +1,6 @@
-r"""The K-FAC optimisers (KFAC, EKFAC, IEKFAC) on every zoo case with a layer K-FAC factors
-(Linear, convolutions, embeddings): each step runs or refuses by name.
+r"""The K-FAC family on every zoo case with a layer K-FAC factors (Linear, convolutions,
+embeddings, attention): each optimiser step runs or refuses by name, and the curvature's
+blocks hold every per-sample gradient.
 
 What runs is checked where no Kronecker factor is needed (the factors against dense ones
 are :mod:`tests.backends.torch.kfac.test_kfac`'s job): with a damping lambda far above the
@@ -15,6 +16,16 @@ weights and inputs, sums of a few hundred O(1) terms times ||G||^2-sized gradien
 1 / s_n of IEKFAC included), so the relative error is at most 1e-7 plus the rounding of
 theta (measured: below 1e-12 on every case that runs). A wrong gradient (train-mode
 statistics, a dropped parameter) is far outside it.
+
+The blocks are checked where the step cannot see them: with ``eigenvalue_correction=True``
+every Kronecker block keeps its factors' orthonormal eigenbasis U (x) V and holds
+E = sum_n (U^T G_n V)^2, whose entries sum to sum_n ||G_n||_F^2 whatever the basis; a diagonal
+block's entries sum to the same. So per block, the sum of E (or D) must equal
+sum_n ||g_n||^2 over the block's entries of the reference's per-sample gradients: a wrong
+batch axis, a dropped or double-counted use, a misplaced index or a wrong layer factor
+changes it. Bound: the reference rows are within gamma ||G||_F of the exact ones
+(:func:`.reference.rows_gamma`), so a sum of squares over any entries is within
+(2 gamma + gamma^2) ||G||_F^2, plus the rounding of the rotations (a few P eps ||G||_F^2).
 """
 
 from __future__ import annotations
@@ -26,12 +37,13 @@ import pytest
 import torch
 from torch import nn
 
+from backends.torch.kfac.curvature import kfac_curvature
 from backends.torch.optim.kfac import EKFAC, IEKFAC, KFAC
 
 from .defects import KFAC_METHODS, NO_ROUTE, params
 from .models import CASES
 from .outcomes import MARKS, Outcome, judge_refusal, judge_value, run, theta, trained
-from .reference import EPS, reference
+from .reference import EPS, reference, rows_gamma
 
 pytestmark = MARKS
 
@@ -90,6 +102,37 @@ def test_kfac_step(name: str, route: str, quantity: str) -> None:
         float(np.linalg.norm(theta(model))) + float(np.linalg.norm(g))
     )
     judge_value(f"{quantity} gradient (large damping)", outcome.values[quantity], g, bound)
+
+
+@pytest.mark.parametrize(("name", "route", "quantity"),
+                         params(KFAC_CASES, ("ekfac",), routes=(NO_ROUTE,)))
+def test_kfac_blocks_hold_every_per_sample_gradient(name: str, route: str,
+                                                     quantity: str) -> None:
+    case = CASES[name]
+
+    def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
+        curvature = kfac_curvature(model, case.loss(), inputs, targets, methods=("ekfac",),
+                                   eigenvalue_correction=True)
+        return {b.name: (b.index.numpy(), float((b.diagonal["ekfac"] if b.factors is None else
+                                                 b.factors["ekfac"].corrected_eigenvalues).sum()))
+                for b in curvature.blocks}
+
+    outcome = run(case, action)
+    if outcome.error is not None:
+        judge_refusal(case, outcome)
+        return
+    if case.refuse is not None:
+        pytest.fail(f"silently ran a model without per-sample meaning ({case.refuse})")
+    assert outcome.values is not None and not outcome.changed
+    g = reference(name).grads
+    gamma = rows_gamma(g.shape[1])
+    bound = (2 * gamma + gamma**2 + 16 * g.shape[1] * EPS) * float(np.sum(g * g))
+    covered = np.concatenate([index for index, _ in outcome.values.values()])
+    assert np.array_equal(np.sort(covered), np.arange(g.shape[1])), "blocks must tile theta"
+    for block, (index, total) in outcome.values.items():
+        want = float(np.sum(g[:, index] ** 2))
+        assert abs(total - want) <= bound, (
+            f"block {block}: sum of E {total:.6g}, sum_n ||g_n||^2 {want:.6g} (bound {bound:.2g})")
 
 
 def test_kfac_zoo_is_most_of_the_zoo() -> None:
