@@ -8,20 +8,20 @@ a parameter into one block of :class:`backends.torch.per_sample.rows.GhostRows`;
 :mod:`.kronecker` turns them into K-FAC factors; :class:`Recorder` is a reference engine
 driving the contract.
 
-================================  ==============================  ==========================
-module                            per-sample gradient             kind
-================================  ==============================  ==========================
-``nn.Linear`` (any leading axes)  weight b^T a, bias sum_t b      ``Linear``
-``nn.Conv1d/2d/3d``               per group b^T patches           ``Convolution``
-``nn.ConvTranspose1d/2d/3d``      per group x^T (b patches)       ``TransposedConvolution``
-``nn.Embedding``                  sum_t e_i b^T                   ``Embedding``
-``nn.EmbeddingBag``               sum_p e_i (w_p b_bag)^T; rows   ``EmbeddingBag``
-``nn.LayerNorm``, ``nn.RMSNorm``  rows sum_t b xhat, sum_t b      ``LastAxesNorm``
-``nn.GroupNorm``                  rows per channel                ``GroupNorm``
-``nn.InstanceNorm1d/2d/3d``       rows per channel                ``InstanceNorm``
-``nn.(Sync)BatchNorm*`` (eval)   rows per channel                ``BatchNorm``
-``nn.MultiheadAttention``         q, k, v row blocks (decomposed) ``Attention``
-================================  ==============================  ==========================
+================================  ===============================  =========================
+module                            per-sample gradient              kind
+================================  ===============================  =========================
+``nn.Linear`` (any leading axes)  weight b^T a, bias sum_t b       ``Linear``
+``nn.Conv1d/2d/3d``               per group b^T patches            ``Convolution``
+``nn.ConvTranspose1d/2d/3d``      per group x^T (b patches)        ``TransposedConvolution``
+``nn.Embedding``                  sum_t e_i b^T                    ``Embedding``
+``nn.EmbeddingBag``               sum_p e_i (w_p b_bag)^T; rows    ``EmbeddingBag``
+``nn.LayerNorm``, ``nn.RMSNorm``  rows sum_t b xhat, sum_t b       ``LastAxesNorm``
+``nn.GroupNorm``                  rows per channel                 ``GroupNorm``
+``nn.InstanceNorm1d/2d/3d``       rows per channel                 ``InstanceNorm``
+``nn.(Sync)BatchNorm*`` (eval)    rows per channel                 ``BatchNorm``
+``nn.MultiheadAttention``         q, k, v row blocks (decomposed)  ``Attention``
+================================  ===============================  =========================
 """
 
 from __future__ import annotations

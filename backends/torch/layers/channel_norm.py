@@ -1,7 +1,7 @@
 r"""Per-channel affine norms: ``nn.GroupNorm``, ``nn.InstanceNormNd``, ``nn.BatchNormNd``
 (and ``nn.SyncBatchNorm``, which in eval mode is a batch norm on running statistics).
 
-y = xhat (.) gamma_c + beta_c per channel c of an input (B, C, *spatial), with xhat the
+y = xhat (.) gamma_c + beta_c per channel c of an input ``(B, C, *spatial)``, with xhat the
 normalised input. Exact only where xhat of a sample depends on that sample alone:
 
 ==================  =============================================================  =========

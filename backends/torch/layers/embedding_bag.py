@@ -1,7 +1,7 @@
 r"""``nn.EmbeddingBag``: modes sum, mean (per-position factors) and max (materialised rows).
 
 Bag j reduces the rows of its positions p: sum_p w_p W[i_p] (``mode="sum"``, w_p the
-``per_sample_weights`` or 1) or the mean over its non-padding positions (w_p = 1 / |bag j|);
+``per_sample_weights`` or 1) or the mean over its non-padding positions (w_p = 1 / size of bag j);
 positions at ``padding_idx`` have w_p = 0. So with b_j (d) the output gradient of bag j,
 
 .. math:: \nabla_W l_n = \sum_{p \in \text{bags of } n} e_{i_p}\, (w_p\, b_{j(p)})^\top

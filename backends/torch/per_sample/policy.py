@@ -4,9 +4,8 @@ r"""The certificate's policy over a step: which rows route runs, and when it is 
 under the options below, certifying rows with
 :func:`backends.torch.per_sample.certify.certify_rows`.
 
-Options for ``TorchProvider`` and the optimisers
-------------------------------------------------
--------------------------------------------------
+Options for ``TorchProvider`` and the optimisers:
+
 ``certify="first" | "always" | "never"`` (default ``"first"``)
     ``"first"``: certify the rows of the first step of each model structure and input shapes
     (:func:`structure_key`), recorded in a :class:`Ledger` keyed weakly by the model (the

@@ -113,7 +113,7 @@ class Capture:
         return now == self.versions
 
     def sample_gradient(self, dr: torch.Tensor | None, n: int) -> torch.Tensor:
-        """ds_n (N, *s.shape) from dr (*r.shape) (None: the backward pass missed r)."""
+        """ds_n ``(N, *s.shape)`` from dr ``(*r.shape)`` (None: the backward pass missed r)."""
         s, r = self.s, self.r
         if dr is None:
             return torch.zeros(n, *s.shape, dtype=s.dtype, device=s.device)
