@@ -211,7 +211,7 @@ def kfac_curvature(
                "eigenvalue_correction": eigenvalue_correction, "kfac_fisher": kfac_fisher}
     _check_options(tuple(methods), options)
     refuse_semantics(model, "eval")
-    provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample_method="vmap")
+    provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample="vmap")
     targets = provider.targets if targets is None else targets
     if targets is None:
         raise ValueError("targets is required (or a 'labels' entry in dict inputs)")
