@@ -111,7 +111,7 @@ def step_outcome(name: str, route: str, method: str) -> Outcome:
 
     def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
         opt = cls(model, case.loss(), lr=1.0, damping=_damping(case, method),
-                  per_sample=route, **options)
+                  per_sample=route, mode=case.mode, **options)
         before = theta(model)
         with warnings.catch_warnings():  # the vmap-fallback notice: fallbacks are allowed
             warnings.simplefilter("ignore", UserWarning)
