@@ -6,17 +6,17 @@ e.g. the LoRA or prompt-tuning adapters of a peft model), concatenated in
 ``named_parameters()`` order, each parameter flattened row-major. Frozen
 parameters are constants. ``z_n`` (C,) are the per-sample logits.
 
-=====================  ==================  ==============================================
-method                 shapes              how
-=====================  ==================  ==============================================
-``logits()``           -> (N, C)           one forward pass, computed once
-``jvp(v)``             (P,) -> (N, C)      ``torch.func.jvp`` (forward mode) on the batch
-``per_sample_rows(u)`` (N, C) -> (N, P)    the route ``per_sample`` (below), certified;
-                                           a PerSampleRows, G never formed where factors
-``vjp(u)``             (N, C) -> (N, P)    the same rows as a dense tensor
-``vjp_sum(u)``         (N, C) -> (P,)      one ordinary backward pass (no ``vmap``)
-``jacobian()``         -> (N, C, P)        ``vmap(jacrev)`` over samples
-=====================  ==================  ==============================================
+======================  ==================  ==============================================
+method                  shapes              how
+======================  ==================  ==============================================
+``logits()``            -> (N, C)           one forward pass, computed once
+``jvp(v)``              (P,) -> (N, C)      ``torch.func.jvp`` (forward mode) on the batch
+``per_sample_rows(u)``  (N, C) -> (N, P)    the route ``per_sample`` (below), certified;
+                                            a PerSampleRows, G never formed where factors
+``vjp(u)``              (N, C) -> (N, P)    the same rows as a dense tensor
+``vjp_sum(u)``          (N, C) -> (P,)      one ordinary backward pass (no ``vmap``)
+``jacobian()``          -> (N, C, P)        ``vmap(jacrev)`` over samples
+======================  ==================  ==============================================
 
 Every result is in the paper's **sum** convention: row n of ``vjp(u)`` is
 ``J_n^T u_n`` and nothing is divided by N or by a token count. With

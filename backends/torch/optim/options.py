@@ -265,8 +265,8 @@ OPTIONS: dict[str, Option] = {
     "per_sample": Option(
         _choices(PER_SAMPLE),
         "How the per-sample gradients are computed; every route gives the same step, to "
-        "rounding (the per-sample routes guide). \"loop\" needs a TorchProvider that takes "
-        "``per_sample``.",
+        "rounding (the per-sample routes guide); ``diagnostics[\"routes\"]`` names each "
+        "parameter's route.",
         _choice("per_sample", PER_SAMPLE),
     ),
     "chunk_size": Option(
@@ -278,16 +278,16 @@ OPTIONS: dict[str, Option] = {
     "mode": Option(
         _choices(MODES),
         'The mode of every pass (:ref:`conv-eval-mode`): "eval" (dropout off, batch norm on '
-        "its running statistics) as the paper's authors train; the model's own flags are "
-        "restored after each pass.",
+        "its running statistics) as the paper's authors train, or \"train\"; modules without "
+        "per-sample gradients in that mode are refused by name before the step; the model's "
+        "own flags are restored after each pass.",
         _choice("mode", MODES),
     ),
     "certify": Option(
         _choices(CERTIFY),
         "When the per-sample rows are checked against an independent G v: at the first step "
-        "of each model structure and input shapes, at every step, or never. A TorchProvider "
-        "that does not take ``certify`` certifies nothing (``diagnostics[\"certificate\"]`` "
-        "is None) and refuses the other values.",
+        "of each model structure and input shapes, at every step, or never "
+        "(``diagnostics[\"certificate\"]``: None where none ran).",
         _choice("certify", CERTIFY),
     ),
     "on_mismatch": Option(

@@ -2,9 +2,9 @@ r"""One forward and one backward pass with module hooks -> :class:`.rows.GhostRo
 
 :class:`LayerPass` runs the model once (the provider's mode policy, its functional call at
 theta) under :class:`~.watch.UseWatch`, which records every operation with the batch-axis
-provenance tracker (:mod:`.provenance`), and then one ordinary backward pass per set of
-cotangents (e.g. R dl_n/dz_n, or SF's sampled labels) that reuses that forward. Every module
-that owns a trainable parameter is one of
+provenance tracker (:mod:`~backends.torch.per_sample.provenance`), and then one ordinary
+backward pass per set of cotangents (e.g. R dl_n/dz_n, or SF's sampled labels) that reuses
+that forward. Every module that owns a trainable parameter is one of
 
 =======================================  ==================================================
 module                                   per-sample gradient of its own parameters

@@ -15,13 +15,13 @@ sorts each use of a trainable parameter tensor.
   ``nn.Embedding`` looked up at a constant bucket table) is sample free, whatever its shape.
 * A *broadcast capture*: a sample-free s meeting the batch as
 
-  ======================================  =============================================
-  r = s.expand(...), s.broadcast_to(...),  ds_n = dr_n summed over the copies of s
-  s.repeat(...) with one new axis of       (r is declared per sample to the tracker:
-  length N                                 copy n is sample n's)
-  r = x + s, s + x, x += s                 ds_n = reduce_s(dr restricted to sample n)
-  r = x * s, s * x                         ds_n = reduce_s((dr * x) restricted to sample n)
-  ======================================  =============================================
+  ========================================  ===============================================
+  r = s.expand(...), s.broadcast_to(...),   ds_n = dr_n summed over the copies of s
+  s.repeat(...) with one new axis of        (r is declared per sample to the tracker:
+  length N                                  copy n is sample n's)
+  r = x + s, s + x, x += s                  ds_n = reduce_s(dr restricted to sample n)
+  r = x * s, s * x                          ds_n = reduce_s((dr * x) restricted to sample n)
+  ========================================  ===============================================
 
   with x carrying the samples on a :class:`BatchAxis` of r (any axis, merged or not, by
   provenance) and reduce_s summing over the axes along which s was broadcast. The per-sample
