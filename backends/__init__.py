@@ -3,7 +3,7 @@
 Always available (array-API generic; stdlib and array_api_compat only):
 
 - :class:`FiniteDifferenceProvider`: central differences of any ``fn(params, inputs)``;
-- :class:`LinearProvider` and the toy problems of SPEC section 7, in closed form;
+- :class:`LinearProvider` and the paper's toy problems (:ref:`conv-toys`), in closed form;
 - the tanh MLP (:func:`mlp_init`, :func:`mlp_apply`) and its exact :class:`MLPProvider`.
 
 Imported lazily, on first access, because they need torch: :class:`TorchProvider` and
@@ -11,7 +11,9 @@ Imported lazily, on first access, because they need torch: :class:`TorchProvider
 :class:`GhostRows` (``backends.torch.per_sample.rows``: per-sample gradients as per-layer factors),
 the optimisers :class:`IEF`, :class:`EF`, :class:`SF`, :class:`NGD`
 (``backends.torch.optim.methods``) and :class:`KFAC`, :class:`EKFAC`, :class:`IEKFAC`
-(``backends.torch.optim.kfac``). ``import backends`` never imports torch. The SciPy
+(``backends.torch.optim.kfac``). :class:`JaxProvider` needs jax (``backends.jax``, which also
+holds the optax transformations ``ief``, ``ef``, ``sf``). ``import backends`` never imports
+torch or jax. The SciPy
 ``LinearOperator`` s :func:`curvature_operator`, :func:`kfac_operator`
 (``backends.scipy.operators``) are lazy too.
 """
@@ -50,6 +52,7 @@ _LAZY = {
     "curvature_operator": ".scipy.operators",
     "kfac_operator": ".scipy.operators",
     "kfac_curvature_operator": ".scipy.operators",
+    "JaxProvider": ".jax.provider",
 }
 
 __all__ = [
@@ -68,7 +71,7 @@ __all__ = [
     "mlp_num_params",
 ]
 # The lazy names are left out of __all__ so that ``from backends import *``
-# does not import torch either.
+# does not import torch or jax either.
 
 
 def __getattr__(name: str) -> Any:

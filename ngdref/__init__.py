@@ -9,7 +9,8 @@ in sample space (the paper's lambda I_N) unless ``damping_space="parameter"``
 damps EF, iEF and SF alike, as in the paper (stated once in
 :mod:`ngdref.directions`). Per-sample gradients are a dense (N, P) array or any
 :class:`~ngdref.rows.PerSampleRows`; :class:`~ngdref.linalg.DampedGram` is the
-reusable damped Gram solve. See SPEC §2-4, §9 and the README.
+reusable damped Gram solve. Every convention is stated on the documentation's
+conventions page (:ref:`conventions`).
 """
 
 from ngdref.cg import CGResult, NotConvergedError, conjugate_gradient
@@ -22,7 +23,14 @@ from ngdref.curvature import (
     ief_matrix_logit,
     sf_matrix,
 )
-from ngdref.directions import METHODS, BatchQuantities, batch_quantities, directions, sampled_grads
+from ngdref.directions import (
+    METHODS,
+    BatchQuantities,
+    batch_quantities,
+    directions,
+    sampled_grads,
+    sampling_key,
+)
 from ngdref.kfac import (
     KroneckerFactors,
     kfac_block_matrix,
@@ -115,6 +123,7 @@ __all__ = [
     "projections",
     "reduction_factor",
     "sampled_grads",
+    "sampling_key",
     "sf_matrix",
     "sf_update",
     "sgd_update",

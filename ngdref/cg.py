@@ -1,4 +1,5 @@
-r"""Conjugate gradient for the matrix-free natural gradient (SPEC §3), in any array namespace."""
+r"""Conjugate gradient for the matrix-free natural gradient (:ref:`conv-updates`), in any
+array namespace."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ flag passed where a count is expected is a bug at the call site).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Collection
 from typing import Any
 
@@ -84,7 +85,35 @@ def namespace(**arrays: Any) -> Any:
                 f"{name} is on device {dev} but {first_name} is on device {first_device}: "
                 "move them to one device"
             )
+    _check_float64(xp)
     return xp
+
+
+#: (namespace, its default floating dtype) seen to hold float64; the default dtype is part of
+#: the key because JAX's x64 switch changes both at run time
+_FLOAT64: set[tuple[int, Any]] = set()
+
+
+def _check_float64(xp: Any) -> None:
+    """Refuse a namespace whose float64 silently becomes float32 (JAX without x64).
+
+    The small systems are formed and solved in float64 (the conventions page,
+    :ref:`conv-precision`), and their singularity thresholds assume float64: a namespace
+    that rounds a float64 request to float32 would give float32 solves judged as float64.
+    """
+    key = (id(xp), xp.zeros(1).dtype)
+    if key in _FLOAT64:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns before it truncates
+        held = xp.zeros(1, dtype=xp.float64).dtype == xp.float64
+    if not held:
+        raise TypeError(
+            f"the array namespace {xp.__name__} turns float64 into float32 here, and ngdref "
+            "forms its small systems in float64: for JAX, enable 64-bit types first "
+            "(jax.config.update('jax_enable_x64', True))"
+        )
+    _FLOAT64.add(key)
 
 
 def check_ndim(x: Any, name: str, ndim: int, layout: str) -> None:

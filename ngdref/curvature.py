@@ -1,6 +1,6 @@
 r"""Dense curvature matrices (P x P), for small P: the reference the Gram forms are checked against.
 
-All are sums over the batch (the paper's sum convention, SPEC §2); for a
+All are sums over the batch (the paper's sum convention, :ref:`conv-curvature`); for a
 mean-reduced loss scale the per-sample inputs by the reduction factor first.
 
 =====================  =================================================
@@ -126,7 +126,7 @@ def ief_matrix(per_sample_grads: Any, logit_grad_sq_norms: Any) -> Any:
 
 
 def ief_matrix_logit(jacobians: Any, logit_grads: Any) -> Any:
-    r"""iEF as a GGN with a rank-one logit curvature (SPEC §2).
+    r"""iEF as a GGN with a rank-one logit curvature (:ref:`conv-curvature`).
 
     .. math:: F_{iEF} = \sum_n J_n^\top u_n u_n^\top J_n, \quad u_n = e_n / \|e_n\|
 

@@ -1,10 +1,10 @@
-r"""Every update of SPEC §3 from one provider, loss and batch.
+r"""Every update of the conventions page (:ref:`conv-updates`) from one provider, loss and batch.
 
 :func:`batch_quantities` gathers what the updates consume (per-sample
 gradients G, logit gradients e, s, g) with one vector-Jacobian product;
 :func:`directions` turns them into the updates.
 
-The reduction convention (SPEC §2 and §9), stated once: a reduction factor R
+The reduction convention (:ref:`conv-reduction`), stated once: a reduction factor R
 (sum convention R = 1, mean R = 1/N, or any factor) scales every logit-level
 quantity, e -> R e and H -> R H, hence G -> R G, g -> R g, s -> R^2 s and
 F -> R F. The sampled gradients of SF are gradients of the reduced loss on
@@ -22,6 +22,7 @@ GN/NGD(lambda) = GN/NGD_sum(lambda / R).
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,14 @@ from ngdref.updates import (
     sgd_update,
 )
 
-__all__ = ["METHODS", "BatchQuantities", "batch_quantities", "directions", "sampled_grads"]
+__all__ = [
+    "METHODS",
+    "BatchQuantities",
+    "batch_quantities",
+    "directions",
+    "sampled_grads",
+    "sampling_key",
+]
 
 METHODS = ("sgd", "ef", "ief", "sf", "gn", "ngd")
 NGD_SOLVERS = ("woodbury", "cg")
@@ -101,6 +109,32 @@ def batch_quantities(
         grad=sgd_update(per_sample),
         factor=factor,
     )
+
+
+def sampling_key(seed: int, step: int) -> int:
+    """The int sampling key of step ``step`` of a run seeded with ``seed``.
+
+    The first 8 bytes, little-endian, of blake2b("seed:step") (digest size 8): every step
+    draws fresh labels, a run is reproducible from its seed, and a resumed run draws the same
+    labels as an uninterrupted one. The torch optimisers and the optax transformations key
+    SF's labels (and K-FAC's sampled labels) with it; see the conventions page,
+    :ref:`conv-sampling-keys`.
+
+    Parameters
+    ----------
+    seed : int
+    step : int >= 0
+
+    Returns
+    -------
+    int
+        In [0, 2**64), a key for :meth:`ngdref.LogitLoss.sample`.
+    """
+    for value, name in ((seed, "seed"), (step, "step")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    digest = hashlib.blake2b(f"{int(seed)}:{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _check_key(key: Any) -> Any:

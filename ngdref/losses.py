@@ -176,7 +176,7 @@ class LogitLoss:
 
         Returns
         -------
-        array, shape (K, *targets_shape)
+        array, shape ``(K, *targets_shape)``
             ``result[k]`` is a valid ``targets`` argument for the other methods.
         """
         xp = namespace(logits=logits)

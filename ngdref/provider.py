@@ -14,15 +14,16 @@ method             shapes              formula
 ``jacobian()``     -> (N, C, P)        J_n
 =================  ==================  =======================================
 
-A subclass implements :meth:`logits` (computed once and cached: the defaults
-and ``num_samples`` call it freely), ``num_params`` and at least one of
-:meth:`jacobian`, :meth:`vjp` or :meth:`jvp`; the others have defaults derived
-from what is there. The Gram-form updates only need :meth:`vjp` (an (N, P)
-result), so a provider that implements :meth:`vjp` natively, chunking over
-samples as it sees fit, never materialises the (N, C, P) Jacobian; its
-:meth:`vjp` may even return a :class:`ngdref.rows.PerSampleRows` instead of an
-(N, P) array (then it implements :meth:`jacobian` or :meth:`jvp` itself if the
-Jacobian-based routes are wanted).
+A subclass implements :meth:`~JacobianProvider.logits` (computed once and cached: the
+defaults and ``num_samples`` call it freely), ``num_params`` and at least one of
+:meth:`~JacobianProvider.jacobian`, :meth:`~JacobianProvider.vjp` or
+:meth:`~JacobianProvider.jvp`; the others have defaults derived from what is there. The
+Gram-form updates only need :meth:`~JacobianProvider.vjp` (an (N, P) result), so a
+provider that implements :meth:`~JacobianProvider.vjp` natively, chunking over samples
+as it sees fit, never materialises the (N, C, P) Jacobian; its
+:meth:`~JacobianProvider.vjp` may even return a :class:`ngdref.rows.PerSampleRows`
+instead of an (N, P) array (then it implements :meth:`~JacobianProvider.jacobian` or
+:meth:`~JacobianProvider.jvp` itself if the Jacobian-based routes are wanted).
 
 Arrays come back in the provider's own namespace, dtype and device.
 """

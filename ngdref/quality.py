@@ -1,4 +1,5 @@
-r"""The approximation-quality indicator gamma (Eq. 15) and per-batch diagnostics (SPEC §4).
+r"""The approximation-quality indicator gamma (Eq. 15) and per-batch diagnostics
+(:ref:`conv-gamma`).
 
 .. math:: \gamma(d) = \frac{\sqrt{d^\top F d}}{|d^\top g|}
 
@@ -241,7 +242,7 @@ def grad_norm_imbalance(
     per_sample_grads: Any, *, statistic: str = "max_min", kept: Any = None,
     zero_rows: str = "raise",
 ) -> float:
-    r"""Gradient-norm imbalance of the per-sample gradients (SPEC §4, §9).
+    r"""Gradient-norm imbalance of the per-sample gradients (:ref:`conv-imbalance`).
 
     "max_min": :math:`\max_n \|\nabla l_n\| / \min_n \|\nabla l_n\|` (the paper and the
     authors' evaluation). "tail_10": the mean norm of the largest k over the mean of
@@ -259,7 +260,7 @@ def grad_norm_imbalance(
         which rows without a dense array would otherwise form again).
     statistic : {"max_min", "tail_10"}
     kept : array of bool, shape (N,), optional
-        Only these rows (e.g. :attr:`ngdref.GramSolve.kept` after the duplicate filter).
+        Only these rows (e.g. ``kept`` of :class:`ngdref.GramSolve` after the duplicate filter).
     zero_rows : {"raise", "inf"}
         What an all-zero row in the denominator's tail gives: the ratio is then unbounded.
         "raise" (default): a ``ValueError`` naming the zero rows; "inf": +inf, for a caller

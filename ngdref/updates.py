@@ -1,4 +1,4 @@
-r"""Update directions of SGD, EF, iEF and SF (SPEC §3).
+r"""Update directions of SGD, EF, iEF and SF (:ref:`conv-updates`).
 
 An *update* is a direction d without learning rate or sign: the optimiser
 applies ``theta <- theta - lr * d``. Every function works in the paper's sum
@@ -7,7 +7,7 @@ use a mean-reduced loss, scale the per-sample inputs by the reduction factor
 (:func:`ngdref.batch_quantities` and :func:`ngdref.sampled_grads` do this from
 ``reduction=``, with the convention stated in :mod:`ngdref.directions`).
 
-Two families of damping (SPEC §3):
+Two families of damping (:ref:`conv-updates`):
 
 * Gram / sample space (the paper's Eq. 5 and 8): lambda I_N is added to the
   N x N Gram matrix G G^T. ``damping_space="sample"``.
@@ -161,7 +161,7 @@ def median_damping(
 
     The authors' SF optimiser reads a negative damping -lambda this way: its scale is the
     median of the diagonal of the true-label rows' Gram matrix, over the rows its duplicate
-    filter keeps (every pair with |cos| > 0.99 drops its smaller-norm row; an all-zero row
+    filter keeps (every pair with ``|cos| > 0.99`` drops its smaller-norm row; an all-zero row
     is kept, its cosines being NaN there). For an even count the median is the lower of the
     two middle values, as ``torch.median`` returns. The rows are in the convention of the
     step (R g_n under a reduction R), so the result damps like an absolute lambda there.
@@ -259,7 +259,7 @@ def ef_update(
     damping_mode : {"absolute", "relative", "diagonal_only", "levenberg_marquardt"}
         See :meth:`ngdref.linalg.DampedGram.solve`.
     dedup_threshold : float, optional
-        Drop near-duplicate per-sample gradients (|cos| above it) first.
+        Drop near-duplicate per-sample gradients (``|cos|`` above it) first.
     dedup_rule : {"all_pairs", "greedy"}
     dedup_zero_rows : {"drop", "keep"}
         Whether the filter drops all-zero rows (the authors' code keeps them; with

@@ -1,4 +1,4 @@
-r"""Parameter-space damped inverses through the Woodbury identity (SPEC §3).
+r"""Parameter-space damped inverses through the Woodbury identity (:ref:`conv-updates`).
 
 :math:`(A^\top A + \lambda I_P)^{-1} v` for rows A (M, P) with M << P, computed in the
 M x M space: the shared kernel of :func:`ngdref.sf_update`, :func:`ngdref.gn_update` and

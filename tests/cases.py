@@ -38,7 +38,7 @@ def np_sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def np_logit_grads(kind: str, logits: np.ndarray, targets: np.ndarray, vocab: int = 0):
-    """e_n = dl_n/dz_n (N, C) from the closed forms of SPEC §1."""
+    """e_n = dl_n/dz_n (N, C) from the closed forms (:ref:`conv-notation`)."""
     if kind == "ce":
         return np_softmax(logits) - np.eye(logits.shape[1])[targets]
     if kind == "mse":

@@ -7,6 +7,8 @@ reference updates to SGD:
 - array-API problems (:mod:`validation.cases`): reference ``exact`` on NumPy in
   float64, against the exact and finite-difference providers on every array
   library and torch autograd (``torch-autograd[vmap|hooks|flat]``);
+  beside them the JAX runs of :mod:`validation.jax_rows` (``JaxProvider`` in float64 and
+  float32, and a Flax MLP with the same weights, also against the torch MLP directly);
 - torch-only problems (:mod:`validation.torch_cases`: MLP, CNN, tiny T5 with
   LoRA and with prompt tuning, tiny ViT with LoRA): reference
   ``torch-autograd[vmap]`` in float64, against the hooks route and central
@@ -23,7 +25,7 @@ gradients and GGN products against ngdref's. The full numbers go to a JSON
 report; the exit code is 1 if any run, independent check or oracle is beyond
 its tolerance, and the failures are listed by problem and quantity at the end.
 
-Runs whose array library (torch, CuPy with a GPU, transformers) is missing are
+Runs whose array library (torch, CuPy with a GPU, transformers, jax) is missing are
 reported as skipped; the NumPy core always runs. The oracles are required: a
 missing or broken curvlinops or BackPACK is a failure unless ``--no-oracles``
 is given.
@@ -56,6 +58,7 @@ from validation.crosscheck import (
 )
 from validation.independent.checks import ReferenceRun, independent_checks
 from validation.independent.references import IndependentCheck, Verdict, error_message
+from validation.jax_rows import jax_rows, jax_unavailable
 from validation.oracles.peers import oracle_checks, oracles_skipped
 from validation.oracles.setup import OracleCheck, OracleSetup
 from validation.torch_cases import TorchProblem, torch_problems
@@ -171,7 +174,8 @@ def _run_array_api(problem: Problem, all_runs: list, oracles: bool) -> dict[str,
     ratios = ", ".join(f"{m} {reference['gamma_ratio'][m]:.3g}" for m in RATIOS)
     print(f"  gamma / gamma_SGD of the reference updates: {ratios}", flush=True)
     rows = [crosscheck(problem, run, reference) for run in all_runs if run != REFERENCE]
-    print(_format_table(rows), flush=True)
+    jax = jax_rows(problem, reference)  # JaxProvider runs, reported beside the array libraries
+    print(_format_table(rows + jax), flush=True)
     provider, targets = make_provider(problem, REFERENCE)
     independent = independent_checks(ReferenceRun(
         problem.name, provider, problem.loss, targets, reference, problem.damping,
@@ -189,6 +193,7 @@ def _run_array_api(problem: Problem, all_runs: list, oracles: bool) -> dict[str,
         "damping": problem.damping,
         "reference_gamma_ratio": reference["gamma_ratio"],
         "rows": [_row_dict(r) for r in rows],
+        "jax_rows": [_row_dict(r) for r in jax],
         "independent": [c.as_dict() for c in independent],
         "oracles": [c.as_dict() for c in checks],
     }
@@ -266,7 +271,9 @@ def failed_items(entry: dict[str, Any]) -> list[str]:
     """'problem: section quantity' for every failing run, independent check and oracle."""
     name = entry["problem"]
     items = [f"{name}: reference raised {entry['error']}"] if entry.get("error") else []
-    items += [f"{name}: run {r['run']}" for r in entry["rows"] if not r["ok"]]
+    items += [
+        f"{name}: run {r['run']}" for r in entry["rows"] + entry.get("jax_rows", []) if not r["ok"]
+    ]
     items += [
         f"{name}: independent {c['quantity']}"
         + (f" raised {c['error']}" if c["error"] else
@@ -354,6 +361,8 @@ def _validate(
     missing = sorted({r.library for r in all_runs if unavailable(r.library)})
     for library in missing:
         print(f"  note: {library} runs are skipped ({unavailable(library)})")
+    if jax_unavailable():
+        print(f"  note: jax runs are skipped ({jax_unavailable()})")
     report = []
     total = len(core) + len(extra)
     start = time.perf_counter()

@@ -11,7 +11,7 @@ handed to any provider that applies:
   computing the same function (:meth:`Problem.torch_module`): an
   ``nn.Linear``/``nn.Tanh`` stack holding theta in the same layout (routes
   "vmap" and "hooks"), or a module holding theta as one ``nn.Parameter`` and
-  calling :attr:`Problem.model` on torch tensors (route "flat").
+  calling ``Problem.model`` on torch tensors (route "flat").
 
 The reference of every comparison is ``exact`` on NumPy in float64.
 """
@@ -116,6 +116,9 @@ class Problem:
     torch_layers : callable (torch params (P,)) -> torch.nn.Module, optional
         A module of ``nn.Linear``/``nn.Tanh`` layers computing ``model`` with
         theta in the same layout (its ``named_parameters()`` concatenated).
+    sizes : tuple of int, optional
+        The layer sizes of an MLP problem (``backends.mlp_apply``), for models of other
+        libraries holding the same weights (:mod:`validation.jax_rows`).
     """
 
     name: str
@@ -128,6 +131,7 @@ class Problem:
     damping: float = 1e-3
     notes: str = field(default="")
     torch_layers: Callable[[Any], Any] | None = None
+    sizes: tuple[int, ...] | None = None
 
     def arrays(self, library: str, dtype: str = "float64") -> tuple[Any, Any, Any]:
         """params, inputs and targets in ``library`` (targets keep an integer dtype)."""
@@ -158,14 +162,14 @@ class Problem:
         return ""
 
     def torch_module(self, route: str = "vmap", dtype: str = "float64") -> Any:
-        """A ``torch.nn.Module`` computing :attr:`model` with theta = :attr:`params`.
+        """A ``torch.nn.Module`` computing ``model`` with theta = ``params``.
 
         Parameters
         ----------
         route : {"vmap", "hooks", "flat"}
-            "flat": theta as one ``nn.Parameter`` and :attr:`model` called on
+            "flat": theta as one ``nn.Parameter`` and ``model`` called on
             torch tensors; otherwise the ``nn.Linear``/``nn.Tanh`` stack of
-            :attr:`torch_layers`.
+            ``torch_layers``.
         dtype : str
 
         Returns
@@ -212,6 +216,7 @@ def _mlp_problem(
         model=partial(mlp_apply, sizes=sizes),
         exact=partial(MLPProvider, sizes=sizes),
         torch_layers=partial(_mlp_module, sizes=sizes),
+        sizes=sizes,
     )
 
 

@@ -1,4 +1,7 @@
-"""Cross-backend comparison: every quantity of SPEC §2-4 from every provider and array library.
+"""Cross-backend comparison: every quantity of the paper from every provider and array library.
+
+The quantities are those of the conventions page (:ref:`conv-curvature`, :ref:`conv-updates`,
+:ref:`conv-gamma`).
 
 For each problem, each applicable run (a provider kind on an array library in
 a dtype, or a torch autograd route) computes the Jacobian, the per-sample

@@ -17,12 +17,12 @@ prints, per method, lambda_1, the decay lambda_k / lambda_1, and the overlap
 eigenvalues. ``--out`` defaults to a fresh temporary directory; an existing file is
 never overwritten without ``--force``.
 
-What to expect (SPEC §2): with u_n = e_n / ||e_n||, F_EF = sum_n s_n J_n^T u_n u_n^T J_n
-weights sample n by s_n = ||e_n||^2 and F_iEF = sum_n J_n^T u_n u_n^T J_n by 1, while
-for a confident softmax (1 - p_y = eps) H_n has norm O(eps) = O(sqrt(s_n)). Once most
-samples are fitted (a large gradient-norm imbalance) EF's spectrum shrinks by about the
-typical s_n and is dominated by the few worst-fitted samples; iEF's grows relative to
-F's. The README quotes a run.
+What to expect (the matrices: :ref:`conv-curvature`): with u_n = e_n / ||e_n||, F_EF =
+sum_n s_n J_n^T u_n u_n^T J_n weights sample n by s_n = ||e_n||^2 and F_iEF = sum_n J_n^T
+u_n u_n^T J_n by 1, while for a confident softmax (1 - p_y = eps) H_n has norm O(eps) =
+O(sqrt(s_n)). Once most samples are fitted (a large gradient-norm imbalance) EF's spectrum
+shrinks by about the typical s_n and is dominated by the few worst-fitted samples; iEF's
+grows relative to F's. The SciPy guide page (docs/guide/scipy.md) quotes a run.
 The model is the NumPy MLP (the operators are NumPy's), not the torch MLP of the
 ``mlp`` experiment set-up, whose data split it shares.
 """

@@ -41,14 +41,14 @@ IGNORE_INDEX = -100
 T5_VOCAB = 16
 
 #: Relative central-difference step for models with float32 internals. Their
-#: logits carry float32 rounding noise, delta ~ 2e-7 |z| (a few eps_32), that is
+#: logits carry float32 rounding noise, ``delta ~ 2e-7 |z|`` (a few eps_32), that is
 #: not smooth in theta; a central difference with step h then errs by about
-#: h^2 |z'''| / 6 (truncation) + delta / h (noise), smallest near
-#: h = (3 delta / |z'''|)^(1/3) ~ eps_32^(1/3) = 5e-3 when z and its derivatives
+#: ``h^2 |z'''| / 6`` (truncation) + delta / h (noise), smallest near
+#: ``h = (3 delta / |z'''|)^(1/3)`` ~ eps_32^(1/3) = 5e-3 when z and its derivatives
 #: are of one scale, where both terms are ~ eps_32^(2/3) = 2.4e-5 relative. The
 #: float64 default eps_64^(1/3) = 6e-6 would leave a noise term of
 #: 2e-7 / 6e-6 = 3e-2. A model whose logits are more curved in theta takes a
-#: smaller step (:attr:`TorchProblem.fd_step`, chosen from a scan of steps
+#: smaller step (``TorchProblem.fd_step``, chosen from a scan of steps
 #: 3e-6 .. 3e-3 against the autodiff Jacobian).
 FD_STEP_FLOAT32_INTERNALS = 5e-3
 
@@ -142,7 +142,7 @@ class TorchProblem:
         return ""
 
     def build(self) -> TorchBatch:
-        """The model and batch (imports torch and the libraries in :attr:`requires`)."""
+        """The model and batch (imports torch and the libraries in ``requires``)."""
         return self.builder()
 
     @property

@@ -1,4 +1,5 @@
-r"""Closed-form Jacobian providers: the linear model and the toy problems of SPEC section 7.
+r"""Closed-form Jacobian providers: the linear model and the paper's toy problems
+(App. B; the conventions page, :ref:`conv-toys`).
 
 :class:`LinearProvider` is ``z_n = W x_n (+ b)`` with all four provider
 operations written in closed form. The two toy problems of the paper's App. B
@@ -49,9 +50,9 @@ __all__ = [
 Matrix2 = tuple[tuple[float, float], tuple[float, float]]
 Vector2 = tuple[float, float]
 
-#: inputs x_n of the least-squares toy (SPEC section 7); targets are (0, 0)
+#: inputs x_n of the least-squares toy (:ref:`conv-toys`); targets are (0, 0)
 LEAST_SQUARES_TOY_X = (0.0, 1.0)
-#: inputs x_n of the logistic toy (SPEC section 7); labels are (1, 0)
+#: inputs x_n of the logistic toy (:ref:`conv-toys`); labels are (1, 0)
 LOGISTIC_TOY_X = (0.0, 2.0)
 _LOGISTIC_TOY_LABELS = (1.0, 0.0)
 
@@ -198,7 +199,7 @@ class LinearProvider(JacobianProvider):
         return flat if self.bias is None else xp.concat([flat, xp.sum(cotangents, axis=0)])
 
 
-# ---- the toy problems of SPEC section 7 --------------------------------------------------
+# ---- the toy problems (the conventions page, section The toy problems in closed form) ------------
 
 
 def _theta_pair(theta: Any) -> Vector2:
@@ -235,7 +236,7 @@ def _toy_provider(
 def least_squares_toy(
     theta: Any, xp: Any, *, dtype: Any = None, device: Any = None
 ) -> tuple[LinearProvider, SquaredError, Any]:
-    r"""The least-squares toy of SPEC section 7 at ``theta``.
+    r"""The least-squares toy at ``theta`` (:ref:`conv-toys`).
 
     .. math::
         z_n = \theta_0 + \theta_1 x_n, \quad x = (0, 1), \quad y = (0, 0), \quad
@@ -267,7 +268,7 @@ def least_squares_toy(
 def logistic_toy(
     theta: Any, xp: Any, *, dtype: Any = None, device: Any = None
 ) -> tuple[LinearProvider, SigmoidBinaryCrossEntropy, Any]:
-    r"""The logistic toy of SPEC section 7 at ``theta``.
+    r"""The logistic toy at ``theta`` (:ref:`conv-toys`).
 
     .. math::
         z_n = \theta_0 + \theta_1 x_n, \quad x = (0, 2), \quad y = (1, 0), \quad
@@ -296,7 +297,7 @@ def _matvec2(m: Matrix2, v: Vector2) -> Vector2:
 
 @dataclass(frozen=True)
 class LeastSquaresToyClosedForm:
-    r"""Closed forms of the least-squares toy (SPEC section 7), in the sum convention.
+    r"""Closed forms of the least-squares toy (:ref:`conv-toys`), in the sum convention.
 
     With residuals r_1 = theta_0, r_2 = theta_0 + theta_1 and J_1 = (1, 0),
     J_2 = (1, 1):
@@ -372,7 +373,7 @@ def least_squares_toy_closed_form(theta: Any) -> LeastSquaresToyClosedForm:
 
 @dataclass(frozen=True)
 class LogisticToyClosedForm:
-    r"""Closed forms of the logistic toy (SPEC section 7), in the sum convention.
+    r"""Closed forms of the logistic toy (:ref:`conv-toys`), in the sum convention.
 
     With features phi_1 = (1, 0), phi_2 = (1, 2), z_n = theta^T phi_n,
     p_n = sigmoid(z_n), labels y = (1, 0):

@@ -7,16 +7,18 @@ forming a P x P matrix::
     top = scipy.sparse.linalg.eigsh(op, k=10, return_eigenvectors=False)
 
 =============  ====================================================  ==========================
-method         product (sum convention, SPEC §2)                      built from
+method         product (sum convention)                               built from
 =============  ====================================================  ==========================
 ``"fisher"``   F v = sum_n J_n^T H_n (J_n v)                          :func:`ngdref.fisher_vp`
 ``"gn"``       G_hat v = sum_n J_n^T (J_n v)                          provider ``jvp``/``vjp_sum``
 ``"ef"``       F_EF v = G^T (G v)                                     rows ``matvec``/``rmatvec``
 ``"ief"``      F_iEF v = G^T diag(s)^{-1} (G v)                       rows ``matvec``/``rmatvec``
 ``"sf"``       F_SF v = (1/K) G_s^T (G_s v), sampled-label rows G_s   rows ``matvec``/``rmatvec``
-K-FAC family   block diagonal: B V A per Kronecker block, D v on the  :mod:`ngdref.kfac` factors
-               diagonal blocks (:func:`kfac_operator`)
+K-FAC family   block diagonal: B V A per Kronecker block, D v on      :mod:`ngdref.kfac` factors
+               the diagonal blocks (:func:`kfac_operator`)
 =============  ====================================================  ==========================
+
+The matrices are those of the conventions page, :ref:`conv-curvature`.
 
 Reduction: :func:`curvature_operator` takes ``reduction`` ("sum" default, "mean" or a
 positive factor R) and builds its inputs as :func:`ngdref.directions` does

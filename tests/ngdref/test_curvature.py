@@ -55,7 +55,7 @@ def test_dense_matrices_match_loops_over_outer_products(case, backend):
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_ief_matrix_equals_its_logit_view(case, backend):
-    """SPEC §2: F_iEF = sum_n J_n^T u_n u_n^T J_n with u_n = e_n / ||e_n||."""
+    """:ref:`conv-curvature`: F_iEF = sum_n J_n^T u_n u_n^T J_n with u_n = e_n / ||e_n||."""
     pr = case.build()
     a = pr.on(backend)
     via_logits = backend.to_numpy(ngdref.ief_matrix_logit(a.jacobians, a.logit_grads))

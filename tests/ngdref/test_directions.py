@@ -143,7 +143,8 @@ def _authors(pr, backend, lam: float, r: float) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("case", ONE_PER_KIND, ids=ids(ONE_PER_KIND))
 def test_mean_reduction_one_damping_damps_ef_ief_and_sf_alike(case, backend):
-    """SPEC §9: under a mean (R = 1/N) with one lambda, as the paper and the authors' code,
+    """:ref:`conv-damping-reduction`: under a mean (R = 1/N) with one lambda, as the paper and
+    the authors' code,
 
         iEF(lambda) = R iEF_sum(lambda / R^2),  EF(lambda) = EF_sum(lambda / R^2) / R,
         SF(lambda) = SF_sum(lambda / R^2) / R;  GN, NGD(lambda) = GN, NGD_sum(lambda / R).
@@ -245,10 +246,11 @@ def test_directions_with_uniforms_equal_directions_with_the_key(backend):
 
 
 def test_readme_torch_cg_example_runs_on_a_float32_tiny_mlp():
-    """README's PyTorch example, directions(..., damping=1e-7, ngd_solver="cg"), on a float32
-    model: the default tolerance follows the dtype (sqrt(eps32)), so it returns. Checked against
-    the float64 Fisher of the same weights: the true relative residual is at most 2 tol (CG's
-    stop) plus the float32 Fisher-vector products' rounding, P eps32 ||F|| ||d|| / ||g||."""
+    """The optimisers guide's provider example, directions(..., damping=1e-7, ngd_solver="cg"),
+    on a float32 model: the default tolerance follows the dtype (sqrt(eps32)), so it returns.
+    Checked against the float64 Fisher of the same weights: the true relative residual is at
+    most 2 tol (CG's stop) plus the float32 Fisher-vector products' rounding, P eps32 ||F||
+    ||d|| / ||g||."""
     torch = pytest.importorskip("torch")
     import copy
 

@@ -1,4 +1,5 @@
-"""Logit-level losses: closed forms vs NumPy, finite differences, sampling (SPEC §1, §2)."""
+"""Logit-level losses: closed forms vs NumPy, finite differences, sampling (:ref:`conv-notation`,
+:ref:`conv-sampling-keys`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Property-based versions of the update identities (SPEC §3) over random N, C, P, lambda.
+"""Property-based versions of the update identities over random N, C, P, lambda.
+
+The identities are those of the conventions page, :ref:`conv-updates`.
 
 NumPy backend only: the backend matrix is covered by the parametrised tests.
 Every draw has N < P (G of full row rank); about half also have N*C >= P.

@@ -1,4 +1,5 @@
-"""The quality indicator gamma (Eq. 15), Fisher-vector products, CG and diagnostics (SPEC §4)."""
+"""The quality indicator gamma (Eq. 15), Fisher-vector products, CG and diagnostics
+(:ref:`conv-gamma`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Update directions: Gram / Woodbury forms vs dense P x P solves, and their limits.
 
-SPEC §3 (the two damping spaces and their identities); the closed forms of SPEC §2 and §7
-are in tests/ngdref/test_updates_closed_forms.py.
+:ref:`conv-updates` (the two damping spaces and their identities); the closed forms
+(:ref:`conv-curvature`, :ref:`conv-toys`) are in tests/ngdref/test_updates_closed_forms.py.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def test_ief_update_sample_and_parameter_forms(case, damping, backend):
     cw = np.linalg.solve(weighted_gram, s)
     expected = np.linalg.solve(dense, pr.grad)
     rtol = solve_rtol(dense) + gram_rtol(g_rows, weighted_gram, cw)
-    assert_close_norm(g_rows.T @ cw, expected, rtol)  # SPEC §3's identity, in NumPy
+    assert_close_norm(g_rows.T @ cw, expected, rtol)  # the updates' identity, in NumPy
     assert_close_norm(_check_result(backend, d, pr.p), expected, rtol)
 
 

@@ -1,5 +1,6 @@
 """Update directions in closed form: iEF = GN for scalar outputs and F = GN = iEF for scalar
-least squares (SPEC §2), and the toy problems of SPEC §7 against their exact solutions.
+least squares (:ref:`conv-curvature`), and the toy problems (:ref:`conv-toys`) against their
+exact solutions.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_ief_matrix_is_not_gn_for_vector_least_squares(backend):
     assert np.linalg.norm(ief - gn) > 0.1 * np.linalg.norm(gn)
 
 
-# ---- SPEC §7 toys --------------------------------------------------------------
+# ---- the toys (conventions page, The toy problems in closed form) --------------------------
 TOY_X = np.array([0.0, 1.0])
 
 

@@ -138,7 +138,8 @@ def test_toy_problems_are_checked_against_spec_closed_forms(tmp_path: Path) -> N
 
 
 def test_toy_closed_forms_are_the_spec_numbers() -> None:
-    """SPEC §7 at theta = (1.5, -0.7): NGD = iEF = theta, EF = (2/3, 7/12), G EF = (1, 1)."""
+    """:ref:`conv-toys` at theta = (1.5, -0.7): NGD = iEF = theta, EF = (2/3, 7/12),
+    G EF = (1, 1)."""
     forms = toy_closed_forms("least-squares-toy", (1.5, -0.7))
     np.testing.assert_allclose(forms["fisher"], [[2.0, 1.0], [1.0, 1.0]], rtol=0, atol=1e-15)
     for method in ("ngd", "ief", "gn"):
@@ -197,8 +198,9 @@ def test_sequence_problem_compares_the_per_token_ef(
     ids=lambda loss: type(loss).__name__,
 )
 def test_dense_reference_draws_what_the_documented_sampler_draws(loss: Any) -> None:
-    """Two implementations of SPEC's sampling from the same uniforms (inverse CDF, Bernoulli,
-    Box-Muller) give the same logit gradients: what lets the SF check use its own draws."""
+    """Two implementations of the documented sampling (:ref:`conv-sampling-keys`) from the same
+    uniforms (inverse CDF, Bernoulli, Box-Muller) give the same logit gradients: what lets the SF
+    check use its own draws."""
     rng = np.random.default_rng(3)
     n, c = 7, 6
     z = 2 * rng.standard_normal((n, c))

@@ -255,8 +255,8 @@ def _mlp(
     )
 
 
-#: name -> builder(quick, device, *, full_shapes=False, dtype=torch.float32); the first two
-#: arguments are those of :data:`validation.bench.workloads.BUILDERS`
+#: name -> ``builder(quick, device, *, full_shapes=False, dtype=torch.float32)``; the first two
+#: arguments are those of ``BUILDERS`` of :mod:`validation.bench.workloads`
 PAPER_BUILDERS: dict[str, Callable[..., Workload]] = {
     **{f"{family}_{variant}": partial(_t5, family, variant)
        for family in T5_WIDTHS for variant in ("lora", "prompt", "full")},

@@ -1,6 +1,6 @@
-r"""Metrics of the paper's experiments (SPEC §6 and §8) and T5 label-word predictions.
+r"""Metrics of the paper's experiments (:ref:`experiments-setups`) and T5 label-word predictions.
 
-Predictions are label indices (:attr:`~validation.experiments.data.glue.GlueTask.label_words` order)
+Predictions are label indices (``GlueTask.label_words`` order)
 with -1 for "no label word": T5 predicts over its full vocabulary, and an output that is none of
 the task's label words is wrong. The binary metrics score such a prediction as the class opposite
 to the truth, which is what the released evaluator's confusion counts do: a wrong answer on a
@@ -100,7 +100,7 @@ def f1_score(predictions: Any, labels: Any, *, positive: int = 1) -> float:
         Labels in {0, 1}.
     positive : {0, 1}
         Label index of the positive class; for QQP and MRPC that of "yes", which is 1 in
-        their ["no", "yes"] order (:attr:`GlueTask.positive_label`).
+        their ["no", "yes"] order (``GlueTask.positive_label``).
 
     Returns
     -------
@@ -206,7 +206,7 @@ def predict_label_words(
     logits : torch.Tensor, shape (N, V) or (N, T, V)
     tokenizer : transformers tokenizer
     label_words : sequence of str
-        In label-index order (:attr:`GlueTask.label_words`).
+        In label-index order (``GlueTask.label_words``).
 
     Returns
     -------

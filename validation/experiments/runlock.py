@@ -15,7 +15,7 @@ Released on exit and on a crash
 Stale locks
     A lock file nobody holds is stale by construction: the next writer takes the lock at
     once (it never waits on a dead holder, whatever the recorded pid says), says whose record
-    it found (:attr:`RunLock.stale`), and writes its own. Liveness is the kernel's lock, not
+    it found (``RunLock.stale``), and writes its own. Liveness is the kernel's lock, not
     a pid check, so a pid reused by another process cannot keep a run blocked.
 Files that disappear
     The holder deletes the lock file while still holding it; another writer that opened the

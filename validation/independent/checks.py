@@ -212,7 +212,7 @@ def gamma_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
 
 
 def limit_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
-    r"""G d = 1 (EF) and G d = s (iEF) at lambda = 1e-10 lambda_max(G G^T) (SPEC §3).
+    r"""G d = 1 (EF) and G d = s (iEF) at lambda = 1e-10 lambda_max(G G^T) (:ref:`conv-updates`).
 
     Exactly, G d - b = -lambda (G G^T + lambda I)^-1 b, at most lambda / lambda_min(G G^T)
     relative; the computed coefficients carry kappa N eps relative error, which
@@ -243,7 +243,7 @@ def limit_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
 
 
 def mean_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
-    r"""EF, iEF and SF under ``reduction="mean"`` (R = 1/N) in the brief's convention (SPEC §9).
+    r"""EF, iEF and SF under ``reduction="mean"`` (R = 1/N) (:ref:`conv-damping-reduction`).
 
     Rows R G, s -> R^2 s, g -> R g and SF's sampled rows R Ghat, one lambda for all:
     EF = (R^2 G^T G + lambda I)^-1 R g, iEF = (R^2 G^T G + lambda I)^-1 R^3 G^T s,
@@ -271,12 +271,13 @@ def mean_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
     ]
 
 
-#: SPEC §7: the toy problems' inputs x_n and targets (model z = theta_0 + theta_1 x, C = 1)
+#: the toy problems' inputs x_n and targets (model z = theta_0 + theta_1 x, C = 1;
+#: :ref:`conv-toys`)
 TOYS = {"least-squares-toy": ((0.0, 1.0), (0.0, 0.0)), "logistic-toy": ((0.0, 2.0), (1.0, 0.0))}
 
 
 def toy_closed_forms(name: str, theta: Any) -> dict[str, np.ndarray]:
-    r"""Undamped updates of a toy problem (SPEC §7) in closed form, and its F.
+    r"""Undamped updates of a toy problem (:ref:`conv-toys`) in closed form, and its F.
 
     N = P = 2 with J = [[1, x_1], [1, x_2]] invertible and G = diag(e) J, so
     EF = G^-1 1 = J^-1 (1 / e), iEF = G^-1 s = J^-1 e = GN, NGD = J^-1 (e / h)
@@ -307,7 +308,8 @@ def toy_closed_forms(name: str, theta: Any) -> dict[str, np.ndarray]:
 
 
 def toy_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
-    """ngdref's undamped EF, iEF, GN and NGD on a toy problem against SPEC §7's closed forms.
+    """ngdref's undamped EF, iEF, GN and NGD on a toy problem against its closed forms
+    (:ref:`conv-toys`).
 
     Bound: the closed form is exact to a few eps; ngdref solves a 2 x 2 system
     of condition kappa, so :func:`update_bound` with n = 2.
@@ -318,12 +320,12 @@ def toy_checks(run: ReferenceRun, dense: Dense) -> list[IndependentCheck]:
     rows = dense.per_sample_grads
     matrices = {"ef": rows.T @ rows, "ief": rows.T @ rows, "gn": dense.gauss_newton,
                 "ngd": dense.fisher}
-    checks = [IndependentCheck("fisher (toy)", "sum_n h_n [1, x_n][1, x_n]^T (SPEC §7)",
+    checks = [IndependentCheck("fisher (toy)", "sum_n h_n [1, x_n][1, x_n]^T (App. B)",
                                relative(dense.fisher, closed["fisher"]), 4 * ROUNDING * EPS64)]
     for m in methods:
         solved = damped_solve(matrices[m], matrices[m] @ closed[m], 0.0)
         checks.append(IndependentCheck(
-            f"{m} (toy, lambda = 0)", "closed form J^-1 v (SPEC §7)",
+            f"{m} (toy, lambda = 0)", "closed form J^-1 v (App. B)",
             relative(to_numpy(d[m]), closed[m]), update_bound(solved, 2, ROUNDING * EPS64),
         ))
     return checks

@@ -4,7 +4,8 @@ Nothing here calls :mod:`ngdref.updates`, :mod:`ngdref.ngd`, :mod:`ngdref.linalg
 :mod:`ngdref.directions` or ngdref's loss classes' formulas. From the
 reference provider's dense Jacobian J (N, C, P) and logits z (N, C), the
 logit-level gradient e_n, Hessian H_n and the labels drawn for SF are written
-out again from SPEC §1-2 (:func:`logit_terms`, :func:`sampled_logit_grads`),
+out again from their definitions (:ref:`conv-notation`, :ref:`conv-curvature`;
+:func:`logit_terms`, :func:`sampled_logit_grads`),
 the curvature matrices are formed as P x P matrices and every update is
 solved as (M + lambda I_P) d = b by a Cholesky factorisation
 (``scipy.linalg.cho_factor``) in float64:
@@ -20,16 +21,16 @@ ief                (G^T G + lambda I_P)^-1 G^T s  (= Eq. 8, sample damping)
 ief-param          (G^T diag(s)^-1 G + lambda I_P)^-1 g
 sf                 (Ghat^T Ghat / K + lambda I_P)^-1 g, labels drawn here
 gn, ngd, ngd-cg    (sum_n J_n^T J_n + lambda I)^-1 g, (sum_n J_n^T H_n J_n + lambda I)^-1 g
-gamma_ratio        sqrt(d^T F d) / |d^T g| over that of SGD, dense F
+gamma_ratio        ``sqrt(d^T F d) / |d^T g|`` over that of SGD, dense F
 =================  ==========================================================
 
 and three more families that call ``ngdref.directions`` again on the
 reference provider: the lambda -> 0 limits G d = 1 (EF) and G d = s (iEF)
-(SPEC §3), the mean-reduction convention of the team brief (SPEC §9: rows
+(:ref:`conv-updates`), the mean-reduction convention (:ref:`conv-damping-reduction`: rows
 R G, s -> R^2 s, g -> R g and SF's sampled rows R Ghat with one lambda:
 EF(lambda) = EF_sum(lambda/R^2)/R, iEF(lambda) = R iEF_sum(lambda/R^2),
 SF(lambda) = SF_sum(lambda/R^2)/R), and the closed forms of the toy problems
-(SPEC §7) at lambda = 0.
+(:ref:`conv-toys`) at lambda = 0.
 
 Tolerances (:func:`update_bound`, first-order perturbation theory, norm-wise):
 a backward-stable solve of A d = b with A = M + lambda I_P has relative
@@ -37,7 +38,7 @@ forward error <= kappa(A) (||dA|| / ||A|| + ||db|| / ||b||). Both sides are
 such solves up to rounding (c n eps, n the largest dimension, c = 8) except
 that ngdref's Woodbury and Gram forms combine g - U c or G^T c, which loses
 up to rho = ||b|| / (lambda_min(A) ||d||) >= 1 more (<= kappa(A)); the inputs
-differ by the rounding of two autodiff routes (:func:`rows_accuracy`); CG
+differ by the rounding of two autodiff routes (``Dense.rows_accuracy``); CG
 adds kappa(A) times its relative residual. Everything is computed from the
 data of the problem; nothing is fitted to a measured difference.
 """
@@ -115,7 +116,7 @@ class IndependentCheck(Verdict):
     error: str = ""
 
 
-# ---- the losses, again, in NumPy (SPEC §1) ------------------------------------------------------
+# ---- the losses, again, in NumPy (conventions page, Notation) ------------------------------------
 def _softmax(z: np.ndarray) -> np.ndarray:
     w = np.exp(z - z.max(axis=-1, keepdims=True))
     return w / w.sum(axis=-1, keepdims=True)
@@ -257,7 +258,7 @@ class Dense:
         An entry of J carries FLOAT32_OPS eps_model relative rounding from the
         model's arithmetic, and J_n^T e_n adds C eps_64 (a C-term dot product);
         relative to the result this is multiplied by the cancellation ratio
-        || sum |w_n| |J_n|^T |e_n| || / || sum w_n J_n^T e_n ||.
+        ``|| sum |w_n| |J_n|^T |e_n| || / || sum w_n J_n^T e_n ||``.
         """
         c = self.jacobians.shape[1]
         unit = FLOAT32_OPS * self.eps_model + c * EPS64

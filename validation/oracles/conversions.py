@@ -2,7 +2,7 @@
 
 Every torch loss is built with ``reduction="sum"`` (ngdref's sum convention);
 ``torch.nn.MSELoss`` is ``sum ||z - y||^2``, twice ngdref's ``0.5 ||z - y||^2``,
-which :attr:`TorchLoss.scale` records; a sequence loss's logits (N, T*V) are
+which ``TorchLoss.scale`` records; a sequence loss's logits (N, T*V) are
 viewed as (N, V, T) for ``CrossEntropyLoss(ignore_index=...)``. See the
 docstring of :mod:`validation.oracles.peers`. torch is imported only when a function
 here runs.

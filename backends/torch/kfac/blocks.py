@@ -22,8 +22,9 @@ The diagonal of the parts
     ``convention="reduce"``): D = sum_n w_n g_n^2 from the parts
     (:func:`backends.torch.layers.kronecker.diagonal`).
 The diagonal of per-sample gradients from another route
-    Parameters the passes refused (:mod:`.capture`): D from per-sample gradients by ``vmap``
-    (or, where torch.func cannot run the model, a loop of single-sample passes).
+    Parameters the passes refused (:mod:`backends.torch.kfac.capture`): D from per-sample
+    gradients by ``vmap`` (or, where torch.func cannot run the model, a loop of single-sample
+    passes).
 
 Every diagonal block's parameter and reason is in :attr:`KFACCurvature.fallback`.
 """

@@ -15,8 +15,9 @@ as a (rows, d_v) matrix)
 
 ``nn.Linear``: u = output gradients, v = inputs. A convolution: u = output gradients,
 v = unfolded input patches, one part per group. ``nn.Embedding``: u = the looked-up
-indices, v = output gradients. The routes turn parts into blocks (:mod:`.blocks`): the
-ghost Gram <g_n, g_m> = sum_{t,t'} (u_nt . u_mt')(v_nt . v_mt') or materialised rows.
+indices, v = output gradients. The routes turn parts into blocks
+(:mod:`backends.torch.layers.blocks`): the ghost Gram
+<g_n, g_m> = sum_{t,t'} (u_nt . u_mt')(v_nt . v_mt') or materialised rows.
 
 :class:`Rows`: the per-sample gradients (N, size) already materialised (norm layers'
 scales, where a factor form saves nothing).

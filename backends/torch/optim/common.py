@@ -17,7 +17,6 @@ family's factors). A ``state_dict`` of the earlier format, with the count as a t
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -30,12 +29,6 @@ import ngdref
 from .options import OPTIONS, Option, document
 
 Batch = Any  # (inputs, targets), or a mapping of Hugging Face inputs holding "labels"
-
-
-def _step_key(seed: int, step: int) -> int:
-    """The sampling key of ``step``: the first 8 bytes (little-endian) of blake2b("seed:step")."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _check_step_scale(scale: float, lr: float, params: list[torch.Tensor], step: int) -> None:

@@ -48,11 +48,17 @@ from .common import (
     _check_step_scale,
     _given,
     _split_batch,
-    _step_key,
     _SteppedOptimizer,
 )
 
 __all__ = ["EKFAC", "IEKFAC", "KFAC"]
+
+
+def _structure(curvature: KFACCurvature) -> list[tuple[Any, ...]]:
+    """What two curvatures must share to be blended: each block's name, shape, positions in
+    theta and form (Kronecker or diagonal)."""
+    return [(b.name, b.shape, b.factors is None, tuple(b.index.tolist()))
+            for b in curvature.blocks]
 
 
 def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature:
@@ -78,7 +84,9 @@ def _blend(old: KFACCurvature, new: KFACCurvature, beta: float) -> KFACCurvature
 class _KFACOptimizer(_SteppedOptimizer):
     """Shared step of the three methods; subclasses set :attr:`method`.
 
-    ``diagnostics`` after a step: step, loss, lr, damping, update_norm, refreshed, fallback.
+    ``diagnostics`` after a step: step, loss, lr, damping, update_norm, refreshed, fallback,
+    average_restarted (the batch gave another block structure, so the running average started
+    again from it).
     """
 
     method = ""
@@ -108,6 +116,7 @@ class _KFACOptimizer(_SteppedOptimizer):
         self._strict = options["strict"]
         #: the kept curvature (its factors: ``state[p0]["curvature"]``); None before a step
         self._curvature: KFACCurvature | None = None
+        self._restarted = False  # the last refresh restarted the running average
 
     def _curvature_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -123,8 +132,14 @@ class _KFACOptimizer(_SteppedOptimizer):
             output_fn=self._output_fn, strict=self._strict, **self._curvature_options(group),
         )
         beta = group["running_average"]
+        self._restarted = False
         if self._curvature is not None and beta > 0:
-            new = _blend(self._curvature, new, beta)
+            # a batch may give another block structure (a data-dependent branch that calls a
+            # layer's weight outside its module takes the diagonal fallback): the average
+            # starts again from this batch rather than blend unrelated factors
+            self._restarted = _structure(self._curvature) != _structure(new)
+            if not self._restarted:
+                new = _blend(self._curvature, new, beta)
         return new
 
     def _stale(self, inputs: Any, targets: Any) -> KFACCurvature:
@@ -175,6 +190,7 @@ class _KFACOptimizer(_SteppedOptimizer):
         self.diagnostics = {
             "step": step, "loss": loss, "lr": group["lr"], "damping": group["damping"],
             "update_norm": norm, "refreshed": refresh, "fallback": dict(curvature.fallback),
+            "average_restarted": refresh and self._restarted,
         }
         if refresh:
             self._curvature = curvature
@@ -282,5 +298,5 @@ class KFAC(_KFACOptimizer):
     def _curvature_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return super()._curvature_options(group) | {
             "kfac_fisher": group["kfac_fisher"],
-            "key": _step_key(group["seed"], self.steps_taken),
+            "key": ngdref.sampling_key(group["seed"], self.steps_taken),
         }

@@ -111,7 +111,7 @@ from ngdref.updates import check_damping_options, ief_damping_weights, median_da
 from ..per_sample.rows import GhostRows, stack_rows
 from ..provider import TorchProvider
 from .base import Group, Update, _Batch, _GramOptimizer, _LogitLossOptimizer
-from .common import _given, _step_key
+from .common import _given
 from .options import OPTIONS, SF_DAMPING_MODES, SF_OPTIONS
 from .options import PER_SAMPLE as PER_SAMPLE  # re-exported: the routes the provider runs
 from .sf_rows import PairedRows, cross_gram_is_cheaper
@@ -288,7 +288,7 @@ class SF(_LogitLossOptimizer):
 
     def sampling_key(self, step: int) -> int:
         """The integer key (for :meth:`ngdref.LogitLoss.sample`) of the labels drawn at ``step``."""
-        return _step_key(self.param_groups[0]["seed"], step)
+        return ngdref.sampling_key(self.param_groups[0]["seed"], step)
 
     def _update(
         self, provider: TorchProvider, targets: torch.Tensor, batch: _Batch, group: Group

@@ -1,7 +1,7 @@
-"""LinearProvider, the provider defaults, and the toy problems of SPEC section 7.
+"""LinearProvider, the provider defaults, and the toy problems (:ref:`conv-toys`).
 
 Expected values come from other routes: the Kronecker product built by NumPy,
-dense NumPy contractions of a Jacobian, the numbers printed in SPEC section 7,
+dense NumPy contractions of a Jacobian, the numbers printed on the conventions page,
 and 2 x 2 closed forms derived by hand (``*_toy_closed_form``) against dense
 linear algebra on the providers' Jacobians and the losses' derivatives.
 """
@@ -245,7 +245,7 @@ THETAS = [(1.5, -0.7), (0.3, 2.0), (-1.0, 0.4), (2.0, -5.0)]
 
 
 def test_least_squares_toy_spec_numbers(backend: Backend) -> None:
-    """SPEC section 7 at theta = (1.5, -0.7), from the provider and the loss."""
+    """:ref:`conv-toys` at theta = (1.5, -0.7), from the provider and the loss."""
     provider, loss, targets = least_squares_toy((1.5, -0.7), backend.xp)
     dense = _dense_quantities(provider, loss, targets, backend)
     tol = tolerance()
@@ -256,7 +256,7 @@ def test_least_squares_toy_spec_numbers(backend: Backend) -> None:
     np.testing.assert_allclose(dense["ief_matrix"], dense["fisher"], **tol)
     np.testing.assert_allclose(dense["ngd"], [1.5, -0.7], **tol)
     np.testing.assert_allclose(dense["ief"], [1.5, -0.7], **tol)
-    # SPEC prints the EF direction to 4 decimals
+    # the conventions page prints the EF direction to 4 decimals
     np.testing.assert_allclose(dense["ef"], [0.6667, 0.5833], atol=5e-5, rtol=0)
     np.testing.assert_allclose(dense["per_sample_grads"] @ dense["ef"], [1.0, 1.0], **tol)
 
@@ -312,7 +312,8 @@ def test_logistic_toy_ief_is_gauss_newton_not_ngd(
     np.testing.assert_allclose(
         np.linalg.solve(dense["gauss_newton"], dense["grad"]), closed.ief, **tol
     )
-    # SPEC section 7: unlike least squares, iEF and NGD differ here
+    # the conventions page, The toy problems in closed form: unlike least squares, iEF and NGD
+    # differ here
     assert np.linalg.norm(np.subtract(closed.ngd, closed.ief)) > 1e-2 * np.linalg.norm(closed.ngd)
 
 

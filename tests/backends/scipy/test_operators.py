@@ -167,7 +167,8 @@ def test_eigsh_matches_dense_eigvalsh(case, method):
 
 
 def test_minres_solves_the_damped_system():
-    """The README's solve: (F_iEF + lambda I) x = g by minres(shift=-lambda), no P x P formed."""
+    """The SciPy guide's solve: (F_iEF + lambda I) x = g by minres(shift=-lambda), no P x P
+    formed."""
     provider, loss, targets = _problem(CASES[1])
     op = curvature_operator("ief", provider, loss, targets)
     q = ngdref.batch_quantities(provider, loss, targets)
@@ -289,17 +290,19 @@ def test_bad_input_names_the_argument(build, error, name):
 
 
 def test_readme_example_runs():
-    """The README's two-line block, on a real provider: eigsh's values and minres' solution."""
+    """The SciPy guide's two-line block (docs/guide/scipy.md), on a real provider: eigsh's
+    values and minres' solution."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = text[text.index("## Spectra and solves with SciPy") :]
+    page = Path(__file__).resolve().parents[3] / "docs" / "guide" / "scipy.md"
+    text = page.read_text()
+    section = text[text.index("## Two lines") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     provider, loss, targets = _problem(CASES[1])
     grad = ngdref.batch_quantities(provider, loss, targets).grad
     env = {"provider": provider, "loss": loss, "targets": targets, "grad": grad}
-    exec(compile(block, "README.md", "exec"), env)
+    exec(compile(block, str(page), "exec"), env)
     m, scale = _dense("ief", provider, loss, targets)
     expected = np.linalg.eigvalsh(m)[-10:]
     assert np.max(np.abs(np.sort(env["top"]) - expected)) <= 2 * _bound(provider, scale)

@@ -116,8 +116,8 @@ def test_the_override_example_of_messages_and_help_is_a_key_of_every_setup(setup
 
 
 def test_mlp_config_is_the_readme_digits_setup() -> None:
-    """README's digits set-up is the reproduction's plan: MLP 64-128-128-10 on digits, batch 64,
-    20 epochs, x0.1 step after a quarter of them (the plan sets its own dtype)."""
+    """The reproductions guide's digits set-up is the reproduction's plan: MLP 64-128-128-10 on
+    digits, batch 64, 20 epochs, x0.1 step after a quarter of them (the plan sets its own dtype)."""
     from validation.experiments.reproduce.driver import FULL
 
     config = load_config("mlp")

@@ -28,7 +28,8 @@ from validation.experiments.data.glue import (
 # GLUE registry
 # ------------------------------------------------------------------------------------------
 
-# (label words in index order, epochs, eval_every), from SPEC §6 / §8, typed out again.
+# (label words in index order, epochs, eval_every), from the paper's App. H and the released code
+# (the experiments guide, The paper's set-ups), typed out again.
 REGISTRY = {
     "cola": (("unacceptable", "acceptable"), 20, 100),
     "sst2": (("negative", "positive"), 20, 1000),

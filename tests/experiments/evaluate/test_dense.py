@@ -178,7 +178,7 @@ def dense_reference(
     # SF's labels: inverse CDF of Python's Mersenne Twister uniforms for the documented key;
     # the sampled rows are the gradients of R * CE at the drawn labels (R, not sqrt(R))
     drawn = torch.as_tensor(drawn_labels(probs, key))
-    sampled = _single_sample_grads(model, params, x, drawn, r)  # mean-loss rows (SPEC §9)
+    sampled = _single_sample_grads(model, params, x, drawn, r)  # mean-loss rows (SF's sampled rows)
     if protocol == "authors":
         updates, grads = _authors_updates(grads, s, sampled, damping, threshold)
     else:

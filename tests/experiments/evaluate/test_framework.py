@@ -297,9 +297,11 @@ def test_command_line(mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_readme_evaluate_examples_point_at_runs_it_creates() -> None:
-    """Every ``evaluate`` / ``sweep`` run directory in README's experiment commands is the
-    ``--out`` of a ``train`` line before it (a newcomer can run the block top to bottom)."""
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    """Every ``evaluate`` / ``sweep`` run directory in the experiments guide's commands
+    (docs/guide/experiments.md) is the ``--out`` of a ``train`` line before it (a newcomer can
+    run the blocks top to bottom)."""
+    guide = Path(__file__).resolve().parents[3] / "docs" / "guide" / "experiments.md"
+    readme = guide.read_text(encoding="utf-8")
     commands = [
         line.split("#")[0].split()
         for line in readme.splitlines()
@@ -312,7 +314,7 @@ def test_readme_evaluate_examples_point_at_runs_it_creates() -> None:
         if command == "train" and "--out" in words:
             created.add(words[words.index("--out") + 1])
         elif command in ("evaluate", "sweep"):
-            assert words[4] in created, f"README: {' '.join(words)} uses a run never created"
+            assert words[4] in created, f"guide: {' '.join(words)} uses a run never created"
             checked += 1
     assert checked >= 2
 

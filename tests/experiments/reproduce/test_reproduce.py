@@ -1,7 +1,7 @@
 """Figures and the CPU reproduction (validation/experiments/figures/, reproduce/).
 
 Expected values come from other routes: the toy fields are checked against the closed forms of
-backends.arrays.analytic (derived by hand, SPEC §7), not against ngdref.updates; the claim
+backends.arrays.analytic (derived by hand, :ref:`conv-toys`), not against ngdref.updates; the claim
 statements against synthetic evaluation / sweep / summary data whose answer is known by
 construction; the figure functions against small synthetic files in the runner's and the
 evaluator's formats.
@@ -130,7 +130,7 @@ def test_toy_figures(tmp_path: Path) -> None:
         _assert_figures(plot(prefix, num_steps=20), prefix)
 
 
-# ---- the toy fields against SPEC §7's closed forms ---------------------------------------------
+# ---- the toy fields against their closed forms (conventions page, The toy problems in closed form)
 THETA0 = [-1.3, 0.4, 1.5]
 THETA1 = [-0.7, 0.9]
 
@@ -157,7 +157,7 @@ def test_toy_field_matches_closed_form(updates: Any, closed_form: Any) -> None:
 
 
 def test_least_squares_spec_point() -> None:
-    """SPEC §7 at theta = (1.5, -0.7): NGD = iEF = theta, EF = (0.6667, 0.5833)."""
+    """:ref:`conv-toys` at theta = (1.5, -0.7): NGD = iEF = theta, EF = (0.6667, 0.5833)."""
     d = figures.least_squares_toy_updates((1.5, -0.7))
     np.testing.assert_allclose(d["ngd"], [1.5, -0.7], rtol=1e-12)
     np.testing.assert_allclose(d["ief"], [1.5, -0.7], rtol=1e-12)

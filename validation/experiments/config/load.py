@@ -15,9 +15,9 @@ as JSON and taken as a plain string when it is not JSON::
 ``optim.KEY`` is shorthand for ``optimizers.<the selected optimizer>.KEY``.
 
 :func:`resolve_config` then fills in what depends on the task ("task" epochs and validation
-frequency from :data:`validation.experiments.data.glue.GLUE_TASKS`, the prompt-tuning init text) and
-checks the values; :func:`train.train` writes the resolved configuration to ``config.json`` in the
-run directory.
+frequency from :data:`validation.experiments.data.glue.GLUE_TASKS`, the prompt-tuning init text)
+and checks the values; :func:`~validation.experiments.train.runner.train` writes the resolved
+configuration to ``config.json`` in the run directory.
 """
 
 from __future__ import annotations
@@ -318,7 +318,8 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
 
     - ``train.epochs == "task"`` and ``train.eval_every == "task"``: the GLUE task's values
       (App. H, Table 3; CIFAR-100: 5 epochs, every 1000 steps).
-    - ``peft.init_text == "task"``: the task's prompt-tuning initialisation (SPEC §8).
+    - ``peft.init_text == "task"``: the task's prompt-tuning initialisation
+      (:ref:`experiments-setups`).
 
     Returns
     -------

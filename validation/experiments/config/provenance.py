@@ -76,7 +76,7 @@ _T5: list[tuple[str, str, str]] = [
     ("peft.bias", "released", "peft's LoraConfig default"),
     ("peft.task_type", "released", "PromptTuningConfig(task_type=CAUSAL_LM) on the T5 model"),
     ("peft.init", "released", "PromptTuningInit.TEXT"),
-    ("peft.init_text", "released", "the released task strings (SPEC section 8)"),
+    ("peft.init_text", "released", "the released task strings"),
     ("optimizers.sf.sample_positions", "released", "fisher_sampling draws labels[:, 0] only"),
 ]
 _VIT: list[tuple[str, str, str]] = [
@@ -88,8 +88,8 @@ _VIT: list[tuple[str, str, str]] = [
 ]
 _MLP: list[tuple[str, str, str]] = [
     ("train.batch_size", "paper", "64 (App. H)"),
-    ("train.epochs", "ngdref", "digits: README's CPU set-up (the paper: 60 on CIFAR-10)"),
-    ("model.hidden_sizes", "ngdref", "digits: README's CPU set-up (the paper: 2048, 2048)"),
+    ("train.epochs", "ngdref", "digits: the CPU reproduction (the paper: 60 on CIFAR-10)"),
+    ("model.hidden_sizes", "ngdref", "digits: the CPU reproduction (the paper: 2048, 2048)"),
     ("model.activation", "ngdref", "not stated in the paper"),
     ("model.dtype", "ngdref", "float64 for a CPU reference run; the paper does not say and the "
      "released code has no MLP (its T5 and ViT runs are float32)"),

@@ -1,4 +1,5 @@
-r"""Data of the paper's experiments (Wu et al. 2024, App. H; SPEC §6 and §8).
+r"""Data of the paper's experiments (Wu et al. 2024, App. H;
+:ref:`experiments-setups`).
 
 Three families, each with a loader that returns host data and a documented split:
 
@@ -60,10 +61,10 @@ tabs with no quoting (sentences contain quote characters), rows end in ``\n``:
   test.tsv: ``index  sentence1  sentence2``.
 
 Columns are found by header name, so extra columns and their order do not matter. Label strings map
-to the label-index order of the released code (SPEC §8), which is also the hub's label ids: 0/1 ->
-(unacceptable, acceptable), (negative, positive), (no, yes); entailment -> yes, neutral -> maybe,
-contradiction / not_entailment -> no. MNLI rows whose gold_label is "-" (no annotator majority;
-GLUE's copy has none) are skipped.
+to the label-index order of the released code (:ref:`experiments-setups`), which is also the hub's
+label ids: 0/1 -> (unacceptable, acceptable), (negative, positive), (no, yes); entailment -> yes,
+neutral -> maybe, contradiction / not_entailment -> no. MNLI rows whose gold_label is "-" (no
+annotator majority; GLUE's copy has none) are skipped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Images of the paper's experiments: CIFAR-100 for ViT (App. H; SPEC §8) and scikit-learn's
+"""Images of the paper's experiments: CIFAR-100 for ViT (App. H;
+:ref:`experiments-setups`) and scikit-learn's
 digits for CPU reproductions.
 
 :func:`load_cifar100` reads the python pickle distribution (``cifar-100-python``) or the hub

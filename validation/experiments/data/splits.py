@@ -93,11 +93,13 @@ class Split:
 
 
 class GlueSplit(Split):
-    """GLUE examples, tokenised per batch by :func:`data.encode_glue` (label word + EOS).
+    """GLUE examples, tokenised per batch (label word + EOS).
+
+    Tokenised by :func:`~validation.experiments.data.glue.encode_glue`.
 
     ``padding_side`` ("left", the released code's, or "right") is where input padding goes.
     ``decoder_prefix`` > 0 (prompt tuning with peft's CAUSAL_LM) adds ``decoder_input_ids`` for
-    labels prefixed with that many -100 (:func:`_prefixed_decoder_inputs`), what peft feeds the
+    labels prefixed with that many -100 (``_prefixed_decoder_inputs``), what peft feeds the
     decoder; explicit, so that per-sample gradients (which take the labels out) see them too.
     """
 

@@ -28,7 +28,7 @@ class GlueTask:
     template : str
         The input format of App. H, Table 2, with ``{S1}`` and (pair tasks) ``{S2}``.
     label_words : tuple of str
-        The words T5 predicts, in label-index order (SPEC §8).
+        The words T5 predicts, in label-index order (:ref:`experiments-setups`).
     epochs : int
         Training epochs (App. H, Table 3).
     eval_every : int
@@ -41,7 +41,7 @@ class GlueTask:
         The label word counted as the positive class by F1 and MCC (the released evaluator's
         choice: "acceptable" for CoLA, "yes" for QQP and MRPC; unused elsewhere).
     prompt_init : str
-        Text initialisation of the 20 prompt-tuning tokens (SPEC §8).
+        Text initialisation of the 20 prompt-tuning tokens (:ref:`experiments-setups`).
     hub_columns : tuple of str
         Text columns of the hub copy, in the order S1, S2.
     """
@@ -70,7 +70,7 @@ class GlueTask:
 
     @property
     def positive_label(self) -> int:
-        """Label index of :attr:`positive_word`."""
+        """Label index of ``positive_word``."""
         return self.label_words.index(self.positive_word)
 
     def format(self, s1: str, s2: str | None = None) -> str:
@@ -223,7 +223,7 @@ class GlueExample:
     text : str
         The model input: the task's template with the sentence(s) filled in.
     label : int
-        Label index into :attr:`GlueTask.label_words`; -1 for GLUE's unlabelled test rows.
+        Label index into ``GlueTask.label_words``; -1 for GLUE's unlabelled test rows.
     label_word : str or None
         ``label_words[label]``; None when unlabelled.
     idx : int

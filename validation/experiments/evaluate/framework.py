@@ -1,4 +1,5 @@
-r"""The paper's evaluation framework (Wu et al. 2024, Sec. 6 and App. F; SPEC §5).
+r"""The paper's evaluation framework (Wu et al. 2024, Sec. 6 and App. F;
+:ref:`conv-evaluation`).
 
 For every epoch checkpoint of a baseline run (``epoch-0`` = the initial model, then each epoch
 end), B random batches of M training samples (no augmentation; the same rows for every
@@ -12,7 +13,7 @@ per-sample gradients, and each is scored with the approximation-quality indicato
 where F and g come from the SAME batch (F by the matrix-free
 :func:`ngdref.fisher_quadratic_form`, no matrix is formed). Reported per checkpoint: the mean
 and std over the B batches of gamma_EF/gamma_SGD, gamma_iEF/gamma_SGD, gamma_SF/gamma_iEF and
-gamma_SF/gamma_EF (SPEC §5 reports both of the last two), of the gradient-norm imbalance under
+gamma_SF/gamma_EF (both, as the paper's caption is ambiguous), of the gradient-norm imbalance under
 two statistics (``max_min``: max_n ||grad l_n|| / min_n ||grad l_n||, printed by the authors'
 evaluator; ``tail_10``: mean of the largest tenth over the mean of the smallest tenth, logged
 by their optimiser) and of the rows kept by the duplicate filter. Ratios below 1 mean "better
@@ -23,13 +24,13 @@ Two protocols (:mod:`validation.experiments.evaluate.protocols` has the table): 
 (their evaluator: micro-batch means of 40 concatenated unscaled, R = 1/40; one lambda for all
 methods; g and the imbalance from the rows kept by their all-pairs filter at 0.95; SF's
 near-duplicate sampled rows removed). Under both, SF's sampled rows are R times the
-sum-convention rows, so one lambda damps EF, iEF and SF alike (SPEC §9).
+sum-convention rows, so one lambda damps EF, iEF and SF alike (:ref:`conv-sf-rows`).
 
 Precision: the model is cast to float64 for the evaluation (``dtype``), whatever the run
 trained in. gamma is a measurement; float32 per-sample gradients of a well-fitted model
 underflow, which made the max/min imbalance of the float32 digits run read 4.7e15.
 
-The updates (SPEC §3; Gram forms, damping in sample space for EF and iEF)::
+The updates (:ref:`conv-updates`; Gram forms, damping in sample space for EF and iEF)::
 
     SGD  g = G^T 1
     EF   G^T (G G^T + lambda_EF I)^{-1} 1                       (Eq. 5)
@@ -46,13 +47,13 @@ The K-FAC family (App. D.2.2; ``methods`` "kfac", "ekfac", "iekfac", scored by d
                           factored in the sum convention, built per micro-batch and merged
 
 with the same g and F; their ratios are gamma_m / gamma_iEF ("kfac/ief", "ekfac/ief",
-"iekfac/ief"). Damping convention: the blocks approximate the EF-type matrix of the rows
-R g_n, i.e. R^2 K_sum, so lambda (the convention of R) is lambda / R^2 in the sum convention,
-as for EF, iEF and SF (SPEC §9). (The training optimisers :mod:`backends.torch.optim.kfac` damp
-R K_sum instead, lambda / R; a mean-loss optimiser's lambda is not the evaluation's.)
-They cost one forward and two backward passes per micro-batch (true and sampled labels; a
-per-sample gradient pass for parameters outside supported layers): 1.2x the exact methods'
-time on a digits MLP checkpoint.
+"iekfac/ief"). Damping convention: the blocks approximate the EF-type matrix of the rows R g_n,
+i.e. R^2 K_sum, so lambda (the convention of R) is lambda / R^2 in the sum convention, as for
+EF, iEF and SF (:ref:`conv-damping-reduction`). (The training optimisers
+:mod:`backends.torch.optim.kfac` damp R K_sum instead, lambda / R; a mean-loss optimiser's
+lambda is not the evaluation's.) They cost one forward and two backward passes per micro-batch
+(true and sampled labels; a per-sample gradient pass for parameters outside supported layers):
+1.2x the exact methods' time on a digits MLP checkpoint.
 
 Conventions
 -----------
@@ -62,7 +63,8 @@ Reduction
     for T5 the token mean over the first label tokens, 1/M; ``reduction="sum"`` or a float
     select another, and micro-batching is a memory bound only. "authors": R = 1/micro_batch.
     gamma ratios and the imbalance do not depend on R; the damping values do: lambda in the
-    convention R is lambda / R^2 in the sum convention for EF, iEF and SF alike (SPEC §9).
+    convention R is lambda / R^2 in the sum convention for EF, iEF and SF alike
+    (:ref:`conv-damping-reduction`).
     The raw gamma values scale as R^{-1/2}.
 T5: only the first label token
     As the authors' evaluator, the T5 logits are those of the first label position only

@@ -12,7 +12,8 @@ merged. The update of method m is
 
 with the batch's g (the same g as SGD, EF, iEF and SF: R times the sum of all rows, or of the
 kept rows under the authors' protocol) and lambda in the convention of R, converted as for EF,
-iEF and SF (SPEC §9: the blocks approximate the EF-type matrix of the rows R g_n, R^2 K_sum).
+iEF and SF (:ref:`conv-damping-reduction`: the blocks approximate the EF-type matrix of the
+rows R g_n, R^2 K_sum).
 gamma uses the same Fisher quadratic form as the other methods
 (:meth:`validation.experiments.evaluate.protocols.BatchScorer.update`).
 

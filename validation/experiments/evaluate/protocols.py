@@ -1,11 +1,11 @@
-r"""One evaluation batch, scored under the "ngdref" or the authors' protocol (SPEC §5, §9).
+r"""One evaluation batch, scored under the "ngdref" or the authors' protocol.
 
-Both protocols take the SAME per-sample quantities of M training samples, computed in the sum
-convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale them
-by one reduction factor R, as the mean loss of the paper and the authors' code does:
-rows R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels,
-R times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
-J_n``. One damping number then damps EF, iEF and SF alike (SPEC §9).
+Both protocols (:ref:`conv-evaluation`) take the SAME per-sample quantities of M samples, in the
+sum convention (``G`` (M, P), ``s`` (M,), SF's sampled gradients ``G_hat`` (K M, P)) and scale
+them by one reduction factor R, as the mean loss of the paper and the authors' code does: rows
+R G, ``R^2 s``, sampled rows ``R G_hat`` (the gradient of the mean loss on sampled labels, R
+times the sum-convention row, NOT sqrt(R)), ``g = R sum_n g_n`` and ``F = R sum_n J_n^T H_n
+J_n``. One damping number then damps EF, iEF and SF alike (:ref:`conv-damping-reduction`).
 
 =====================  ==========================================  ==========================
                        ``"ngdref"``                                ``"authors"``
@@ -157,9 +157,9 @@ class BatchScorer:
 
         EF and iEF are damped in sample space. The K-FAC family's blocks approximate the
         EF-type matrix of the rows R g_n, R^2 K_sum, so lambda in the convention of R is
-        lambda / R^2 in the sum convention, as for EF, iEF and SF (SPEC §9):
+        lambda / R^2 in the sum convention, as for EF, iEF and SF (:ref:`conv-damping-reduction`):
         ``(K_sum + lambda / R^2 I)^-1 g`` (a positive multiple of ``(R^2 K_sum + lambda I)^-1 g``,
-        the same gamma). ``damping`` is multiplied by :attr:`scale` first, for every method.
+        the same gamma). ``damping`` is multiplied by ``scale`` first, for every method.
         """
         damping = damping * self.scale
         if method in KFAC_METHODS:

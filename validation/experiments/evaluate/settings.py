@@ -49,10 +49,10 @@ RATIOS: dict[str, tuple[str, str]] = {
 }
 #: lambda per method in the mean convention (R = 1/M). iEF: near-undamped, as the authors'
 #: evaluator; EF and SF: the paper's damping of its T5-LoRA / ViT EF and SF runs (App. H). EF
-#: and SF need a task-specific value (SPEC §5): check it with :func:`sweep_run`. The K-FAC
-#: family (no value in the paper; an ngdref choice): KFAC and eKFAC as SF and EF, ieKFAC as
-#: iEF; the inputs of a layer often span a subspace only, so the damping is what inverts A
-#: there, but g has no component in that null space (g = sum b a^T).
+#: and SF need a task-specific value (:ref:`conv-evaluation`): check it with :func:`sweep_run`.
+#: The K-FAC family (no value in the paper; an ngdref choice): KFAC and eKFAC as SF and EF,
+#: ieKFAC as iEF; the inputs of a layer often span a subspace only, so the damping is what
+#: inverts A there, but g has no component in that null space (g = sum b a^T).
 DEFAULT_DAMPING: dict[str, float] = {
     "ef": 1e-7, "ief": 1e-12, "sf": 1e-7, "kfac": 1e-7, "ekfac": 1e-7, "iekfac": 1e-12,
 }
@@ -95,7 +95,7 @@ def resolve_damping(
     """A number for every damped method: one number for all, or a partial dict over defaults.
 
     The authors' protocol passes ONE lambda to every method: a dict with different values is
-    refused there, and its default is :data:`AUTHORS_DAMPING` for all three.
+    refused there, and its default is ``AUTHORS_DAMPING`` for all three.
     """
     defaults = (
         dict.fromkeys(DEFAULT_DAMPING, AUTHORS_DAMPING) if protocol == "authors"

@@ -7,9 +7,9 @@ canvas, no pyplot state, no display needed); it returns the written paths.
 ================================  ============================================================
 function                          what it shows
 ================================  ============================================================
-:func:`plot_least_squares_toy`    SPEC §7 least squares: SGD, NGD (= iEF) and EF direction
+:func:`plot_least_squares_toy`    least-squares toy: SGD, NGD (= iEF) and EF direction
                                   fields over a theta grid with trajectories from one start
-:func:`plot_logistic_toy`         SPEC §7 logistic toy: SGD, NGD, iEF (= GN) and EF
+:func:`plot_logistic_toy`         logistic toy: SGD, NGD, iEF (= GN) and EF
 :func:`plot_training_curves`      training loss (and validation accuracy) per optimiser from
                                   runs' ``metrics.jsonl``: mean over seeds, band = min..max
 :func:`plot_gamma_ratios`         gamma ratios over the checkpoints of ``evaluation.json``,
@@ -385,7 +385,7 @@ def register_figures(subparsers: Any) -> None:
         "figures", help="plot toy problems, training curves, gamma ratios, damping sweeps"
     )
     parser.add_argument("--out", default="figures", help="output directory (default figures)")
-    parser.add_argument("--toy", action="store_true", help="the two toy problems of SPEC §7")
+    parser.add_argument("--toy", action="store_true", help="the paper's two toy problems (App. B)")
     parser.add_argument(
         "--runs", nargs="+", metavar="RUN_DIR",
         help="run directories; grouped by optimiser, mean over seeds",

@@ -1,4 +1,6 @@
-"""The toy problems' figures (SPEC §7): direction fields and trajectories of SGD, NGD, iEF, EF.
+"""The toy problems' figures: direction fields and trajectories of SGD, NGD, iEF, EF.
+
+The toy problems and their closed forms are on the conventions page, :ref:`conv-toys`.
 
 Re-exported by :mod:`validation.experiments.figures.plots`, whose docstring lists the figures.
 """
@@ -15,7 +17,7 @@ import numpy as np
 from validation.experiments.figures.style import OPTIMIZER_COLORS, PathLike, _figure, _save
 
 
-# ---- the toy problems (SPEC §7) -----------------------------------------------------------------
+# ---- the toy problems (conventions page, The toy problems in closed form) ------------------------
 def least_squares_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
     r"""SGD, NGD, iEF and EF updates of the least-squares toy at ``theta`` (undamped, sum).
 
@@ -24,7 +26,7 @@ def least_squares_toy_updates(theta: Sequence[float]) -> dict[str, np.ndarray]:
         \quad d_{EF} = G^\top (G G^\top)^{-1} 1
 
     computed with :mod:`ngdref` on :func:`backends.arrays.analytic.least_squares_toy`. The closed
-    forms (SPEC §7) are NGD = iEF = theta and EF = (1/r_1, 1/r_2 - 1/r_1).
+    forms (:ref:`conv-toys`) are NGD = iEF = theta and EF = (1/r_1, 1/r_2 - 1/r_1).
 
     Parameters
     ----------
@@ -242,7 +244,7 @@ def plot_least_squares_toy(
     step_length: float = 0.05,
     num_steps: int = 400,
 ) -> list[Path]:
-    """The least-squares toy (SPEC §7): SGD, NGD (= iEF) and EF direction fields.
+    """The least-squares toy (:ref:`conv-toys`): SGD, NGD (= iEF) and EF direction fields.
 
     Arrows are the unit step directions -d/||d|| over a 15 x 15 grid on the loss contours;
     the black line follows each field from ``start`` (:func:`toy_trajectory`) to the optimum
@@ -253,7 +255,7 @@ def plot_least_squares_toy(
     out : path
         Output prefix: writes ``out.png`` and ``out.pdf``.
     start : (2,)
-        Start of the trajectories (default the SPEC's check point (1.5, -0.7)).
+        Start of the trajectories (default (1.5, -0.7), the point the closed forms are checked at).
     limits : (theta0_min, theta0_max, theta1_min, theta1_max)
     step_length, num_steps
         See :func:`toy_trajectory`.
@@ -294,7 +296,7 @@ def plot_logistic_toy(
     step_length: float = 0.1,
     num_steps: int = 60,
 ) -> list[Path]:
-    """The logistic toy (SPEC §7): SGD, NGD, iEF (= Gauss-Newton, Eq. 18) and EF.
+    """The logistic toy (:ref:`conv-toys`): SGD, NGD, iEF (= Gauss-Newton, Eq. 18) and EF.
 
     The data are separable (the loss decreases towards theta_0 -> +inf, theta_0 + 2 theta_1
     -> -inf), so the paths run for ``num_steps`` steps. Here iEF and NGD differ.

@@ -4,21 +4,21 @@ Each builder takes the ``model`` and ``peft`` sections of a run configuration
 (:mod:`validation.experiments.config.load`) and returns a ``torch.nn.Module`` whose trainable
 parameters (``requires_grad=True``) are exactly the adapters the paper trains:
 
-================  =========================================================  ==================
-setup             model                                                      trainable (paper)
-================  =========================================================  ==================
-``t5-lora``       ``T5ForConditionalGeneration`` "t5-base" + LoRA r=8,          884,736
-                  alpha=8, dropout 0.1 on ``q`` and ``v`` of every attention
-                  block (encoder self, decoder self and cross attention)
-``t5-prompt``     "t5-base" + 20 prompt-tuning virtual tokens on the encoder,   15,360
+================  =============================================================  ==================
+setup             model                                                          trainable (paper)
+================  =============================================================  ==================
+``t5-lora``       ``T5ForConditionalGeneration`` "t5-base" + LoRA r=8, alpha=8,  884,736
+                  dropout 0.1 on ``q`` and ``v`` of every attention block
+                  (encoder self, decoder self and cross attention)
+``t5-prompt``     "t5-base" + 20 prompt-tuning virtual tokens on the encoder,    15,360
                   text-initialised; peft task type CAUSAL_LM as the authors
                   (``peft.task_type``), or SEQ_2_SEQ_LM
-``vit-lora``      ``ViTForImageClassification`` "google/vit-base-patch16-224"   313,344
+``vit-lora``      ``ViTForImageClassification`` "google/vit-base-patch16-224"    313,344
                   + LoRA r=8, alpha=8, dropout 0.1 on ``q_proj`` / ``v_proj``
-                  (``query`` / ``value`` before transformers 5) and their biases;
-                  the 1000-way ImageNet head frozen
-``mlp``           ``Linear``-activation stack, trained from scratch             all
-================  =========================================================  ==================
+                  (``query`` / ``value`` before transformers 5) and their
+                  biases; the 1000-way ImageNet head frozen
+``mlp``           ``Linear``-activation stack, trained from scratch              all
+================  =============================================================  ==================
 
 ``model.name`` is a hub name, a local directory written by ``save_pretrained`` (both through
 ``from_pretrained``) or ``"tiny"``: a small random model built from the ``model.tiny`` section,
@@ -29,7 +29,7 @@ framework's Fisher-vector products) does not support PyTorch's fused attention, 
 it falls back to a per-sample loop.
 
 The LoRA dropout is configured as the paper's 0.1 but never active: every training step and
-evaluation runs in eval mode (SPEC §3).
+evaluation runs in eval mode (:ref:`conv-eval-mode`).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class Setup:
     config : dict
         The resolved configuration.
     model : torch.nn.Module
-        On :attr:`device`, in eval mode, trainable parameters = the adapters (or all, MLP).
+        On ``device``, in eval mode, trainable parameters = the adapters (or all, MLP).
     loss : ngdref.LogitLoss
         The per-sample loss of the training targets: ``SequenceSoftmaxCrossEntropy(V)`` (T5,
         V = ``model.config.vocab_size``, label word + EOS positions) or
@@ -112,7 +112,7 @@ class Setup:
     output_fn : callable or None
         The :class:`backends.TorchProvider` ``output_fn`` of the training loss (None: the
         model output's ``.logits`` or the output itself; T5's (N, T, V) logits are flattened
-        to (N, T * V), the layout of :attr:`loss`). The evaluation framework's first-label-token
+        to (N, T * V), the layout of ``loss``). The evaluation framework's first-label-token
         variant is ``lambda out: out.logits[:, 0]`` with targets ``batch.targets[:, 0]``.
 
     Examples
@@ -462,7 +462,8 @@ def build_setup(config: Mapping[str, Any], device: str | torch.device | None = N
     Parameters
     ----------
     config : mapping
-        From :func:`config.load_config` (or a run's ``config.json``, :func:`load_run_config`).
+        From :func:`~validation.experiments.config.load.load_config` (or a run's
+        ``config.json``, :func:`load_run_config`).
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
 

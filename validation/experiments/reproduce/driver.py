@@ -14,9 +14,10 @@ budget on two CPU cores:
    each trained with seed 0; the one with the best validation accuracy among the runs that did
    not diverge is kept (ties: the smaller learning rate). Then seeds 1 and 2 at that value;
    seed 0's grid run is reused.
-3. **Evaluation framework** (SPEC §5, :mod:`validation.experiments.evaluate.framework`) on the
-   checkpoints of the Adam baseline run (selected learning rate, seed 0): the gamma ratios at
-   every ``eval_every``-th epoch checkpoint, and a damping sweep at the first, middle and last.
+3. **Evaluation framework** (:ref:`conv-evaluation`,
+   :mod:`validation.experiments.evaluate.framework`) on the checkpoints of the Adam baseline
+   run (selected learning rate, seed 0): the gamma ratios at every ``eval_every``-th epoch
+   checkpoint, and a damping sweep at the first, middle and last.
 4. **Report.** Figures (:mod:`validation.experiments.figures.plots`) and ``results.md``: final
    training loss and test accuracy (mean +- std over the seeds) per optimiser, the rankings, the
    gamma ratios per checkpoint, the sweep, and a plain statement of which of the paper's claims held
@@ -68,6 +69,7 @@ from validation.experiments.evaluate.kfac import plot_kfac_ratios
 from validation.experiments.evaluate.settings import METHODS
 from validation.experiments.io import atomic_write_json, atomic_write_text
 from validation.experiments.reproduce.markdown import results_markdown
+from validation.experiments.reproduce.origin import code_origin, machine
 from validation.experiments.reproduce.plan import (
     _BASELINES,
     DIGITS,
@@ -307,6 +309,7 @@ def reproduce(
     """
     started = time.perf_counter()
     _check_ready(workers, threads)
+    code = code_origin()  # before the first task: the commit that computes the numbers
     from validation.experiments.figures.plots import read_json
 
     experiment = DIGITS if experiment is None else experiment
@@ -328,7 +331,7 @@ def reproduce(
     previous = out_dir / "results.json"
     history = read_json(previous, ()).get("wall_history", []) if previous.is_file() else []
     wall = time.perf_counter() - started
-    results.update(wall_seconds=wall, wall_history=[*history, wall])
+    results.update(wall_seconds=wall, wall_history=[*history, wall], code=code, machine=machine())
     _write_results(out_dir, results, experiment)
     log(f"wrote {out_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results
@@ -367,9 +370,37 @@ def _write_results(out_dir: Path, results: dict[str, Any], experiment: Experimen
 
 
 # ---- command line -------------------------------------------------------------------------------
+def _run_fingerprint(args: Any) -> int:
+    """``--fingerprint [--write]``: check (or write) the reference fingerprint of a setup."""
+    from validation.experiments.reproduce import fingerprint
+
+    started = time.perf_counter()
+    try:
+        if args.write:
+            path = fingerprint.write_fingerprint(args.setup, args.reference)
+            print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+            return 0
+        verdict = fingerprint.check_fingerprint(args.setup, args.reference)
+    except ReproduceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if verdict.problems:
+        print(f"error: the {args.setup} reference fingerprint does not hold:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in verdict.problems), file=sys.stderr)
+        return 1
+    print(f"the {args.setup} reference fingerprint holds: {verdict.note} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def _run_reproduce(args: Any) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.write and not args.fingerprint:
+        print("error: --write: only with --fingerprint", file=sys.stderr)
+        return 2
+    if args.fingerprint:
+        return _run_fingerprint(args)
     if args.setup == "digits-lora":
         from validation.experiments.reproduce.lora_digits import DIGITS_LORA, FULL_LORA, QUICK_LORA
 
@@ -414,5 +445,19 @@ def register_reproduce(subparsers: Any) -> None:
     parser.add_argument(
         "--progress", choices=("auto", "on", "off"), default="auto",
         help="tqdm bar over the tasks (auto: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--fingerprint", action="store_true",
+        help="rerun a few-second deterministic slice of the setup and compare it with the "
+        "reference fingerprint (validation/experiments/reference/SETUP/fingerprint.json)",
+    )
+    parser.add_argument(
+        "--write", action="store_true",
+        help="with --fingerprint: write the fingerprint for the reference tables (refused when "
+        "its numbers moved but the tables were not regenerated)",
+    )
+    parser.add_argument(
+        "--reference", help="with --fingerprint: the reference directory (default: the "
+        "committed validation/experiments/reference/SETUP)",
     )
     parser.set_defaults(func=_run_reproduce)

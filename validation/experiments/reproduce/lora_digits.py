@@ -286,9 +286,9 @@ def _prepare(out: Path, plan: Plan) -> None:
     pretrain(out, plan)
 
 
-#: the measured plan (README): five learning rates per optimiser (a decade below the paper's
-#: to three above; a first run with one decade above chose that top edge for AdamW, EF and
-#: SF), 3 seeds
+#: the measured plan (the reproductions guide): five learning rates per optimiser (a decade
+#: below the paper's to three above; a first run with one decade above chose that top edge for
+#: AdamW, EF and SF), 3 seeds
 FULL_LORA = Plan(
     name="digits-lora",
     epochs=10,

@@ -1,4 +1,7 @@
-"""``results.md`` of the reproduction: the tables of :func:`reproduce.reproduce`'s results."""
+"""``results.md`` of the reproduction: the tables of its results.
+
+The results are those of :func:`~validation.experiments.reproduce.driver.reproduce`.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +48,21 @@ def _gamma_cell(c: Mapping[str, Any], name: str) -> str:
     return f"{r['mean']:.3f} ± {r['std']:.3f}"
 
 
+def _md_origin(results: Mapping[str, Any]) -> list[str]:
+    """The code's commit and the machine (absent from results written before they were kept)."""
+    code, host = results.get("code"), results.get("machine")
+    if not code or not host:
+        return []
+    commit = code["commit"] or "unknown"
+    dirty = " with uncommitted changes" if code["dirty"] else ""
+    return [
+        f"Code: commit `{commit}`{dirty}, run {code['date']}. Machine: {host['cpu']} "
+        f"({host['cores']} logical cores), {host['platform']}, Python {host['python']}, torch "
+        f"{host['torch']}, NumPy {host['numpy']}.",
+        "",
+    ]
+
+
 def _md_selection(results: Mapping[str, Any], experiment: Experiment) -> list[str]:
     """The title, the description, the wall time and the learning-rate selection table."""
     lines = [
@@ -57,6 +75,7 @@ def _md_selection(results: Mapping[str, Any], experiment: Experiment) -> list[st
         "reused from an earlier invocation are not re-timed; all invocations into this "
         f"directory: {', '.join(f'{w:.0f}' for w in results.get('wall_history', []))} s).",
         "",
+        *_md_origin(results),
         "## Learning-rate selection (seed 0, best validation accuracy)",
         "",
         "| optimiser | paper lr | grid: validation accuracy (diverged = d) | chosen |",
@@ -200,7 +219,8 @@ def _md_claims_and_figures(results: Mapping[str, Any]) -> list[str]:
 
 
 def results_markdown(results: Mapping[str, Any], experiment: Experiment) -> str:
-    """``results.md`` from the ``results.json`` content of :func:`reproduce.reproduce`."""
+    """``results.md`` from the ``results.json`` content of
+    :func:`~validation.experiments.reproduce.driver.reproduce`."""
     lines = _md_selection(results, experiment) + _md_summary(results, experiment)
     evaluation = results.get("evaluation")
     if evaluation:

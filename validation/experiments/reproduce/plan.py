@@ -124,7 +124,7 @@ class Experiment:
     prepare : callable or None
         ``(out, plan) -> None``, run once before the training tasks (e.g. pretraining).
     toy_figures : bool
-        Also draw SPEC §7's toy problems (the same for every experiment).
+        Also draw the paper's toy problems (:ref:`conv-toys`; the same for every experiment).
     """
 
     name: str

@@ -15,7 +15,7 @@ Optimisers
 ``adam``, ``adamw``, ``sgd`` (torch) and ``adafactor`` (transformers) minimise the Hugging Face
 mean loss (T5: the token mean of the cross-entropy over label word + EOS; classifiers: the batch
 mean) by ordinary backpropagation. ``ief``, ``ef``, ``sf`` and ``ngd`` are the
-:mod:`backends.torch.optim.methods` optimisers on the per-sample loss of :attr:`Setup.loss`
+:mod:`backends.torch.optim.methods` optimisers on the per-sample loss of ``Setup.loss``
 (:class:`ngdref.SequenceSoftmaxCrossEntropy` over the T5 vocabulary,
 :class:`ngdref.SoftmaxCrossEntropy` otherwise) with ``reduction="hf"``: R = 1 / (label tokens
 of the batch) for T5 and 1/N for the classifiers, so that their loss and gradient, and hence
@@ -218,16 +218,16 @@ def train(
     """Train, validate, checkpoint and test one configuration.
 
     Everything that can be checked is checked before anything is written: the configuration
-    (:func:`config.load_config`), the device, the batch size against the torchrun ranks, the
-    model and data (:func:`build_setup`, which refuses e.g. a tokenizer larger than the
-    model's vocabulary), and whether ``run_dir`` may be started or resumed. The run then
-    holds ``run_dir``'s lock (:mod:`validation.experiments.runlock`) until it returns or
-    raises: a second writer is refused with the holder named.
+    (:func:`~validation.experiments.config.load.load_config`), the device, the batch size
+    against the torchrun ranks, the model and data (:func:`build_setup`, which refuses e.g. a
+    tokenizer larger than the model's vocabulary), and whether ``run_dir`` may be started or
+    resumed. The run then holds ``run_dir``'s lock (:mod:`validation.experiments.runlock`) until
+    it returns or raises: a second writer is refused with the holder named.
 
     Parameters
     ----------
     config : mapping
-        A resolved configuration (:func:`config.load_config`).
+        A resolved configuration (:func:`~validation.experiments.config.load.load_config`).
     run_dir : path
         Where the run's files go (module docstring). Without ``resume`` it must not hold a run
         already; a directory left by a start that never wrote its first checkpoint (a

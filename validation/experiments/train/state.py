@@ -54,7 +54,7 @@ from validation.experiments.train.optimizers import (
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns.
+    """What :func:`~validation.experiments.train.runner.train` returns.
 
     Attributes
     ----------
@@ -108,7 +108,8 @@ def _shard(batch: Batch) -> Batch:
 
 
 class _Run:
-    """The mutable state of one training run (see :func:`train`)."""
+    """The mutable state of one training run (see
+    :func:`~validation.experiments.train.runner.train`)."""
 
     def __init__(self, setup: Setup, run_dir: Path, mode: str) -> None:
         self.setup = setup

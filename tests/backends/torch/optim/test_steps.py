@@ -118,7 +118,8 @@ def test_sf_steps_use_labels_redrawn_with_the_key(
         )
         keys.append(documented_key(7, t))
         draws.append(drawn)
-        # sampled rows of the reduced loss: R times the sum-convention rows (conv-sf-rows)
+        # sampled rows of the reduced loss: R times the sum-convention rows (conventions page,
+        # SF's sampled rows)
         rows = torch.cat([r * loop_grads(problem, drawn[k]) for k in range(num_samples)])
         grad = r * loop_grads(problem, problem.targets).sum(0)
         u = ngdref.sf_update(rows, grad, damping=1e-2, num_samples=num_samples)
