@@ -129,7 +129,7 @@ FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def run_child(arguments: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """``python -m validation.bench.steps ARGUMENTS`` in a fresh interpreter: its last line as
-    JSON (the child prints :func:`_peak_rss_increase`'s result), or ``{"error": why}``."""
+    JSON (the child prints ``_peak_rss_increase``'s result), or ``{"error": why}``."""
     done = subprocess.run(
         [sys.executable, "-m", "validation.bench.steps", *arguments], capture_output=True,
         text=True, check=False, env={**os.environ, **(env or {})},
