@@ -195,7 +195,7 @@ class Problem:
         _, inputs, targets = self.arrays("torch", dtype)
         method = "hooks" if route == "hooks" else "vmap"
         model = self.torch_module(route, dtype)
-        return TorchProvider(model, inputs, per_sample_method=method), targets
+        return TorchProvider(model, inputs, per_sample=method), targets
 
 
 def _mlp_problem(

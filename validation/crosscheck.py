@@ -352,14 +352,14 @@ def torch_crosscheck(problem: Any) -> TorchRuns:
             cg_tol=cg_tol, large_output=large,
         )
 
-    ref_provider = TorchProvider(batch.model, batch.inputs, per_sample_method="vmap")
+    ref_provider = TorchProvider(batch.model, batch.inputs, per_sample="vmap")
     reference, seconds = _timed(lambda: run(ref_provider))
     rows: list[Row] = []
     hooks_tol = TORCH_TOLERANCES[("hooks", f32)]
     if problem.hooks:
         rows.append(_checked_row(
             problem.name, "torch-autograd[hooks]", hooks_tol,
-            lambda: run(TorchProvider(batch.model, batch.inputs, per_sample_method="hooks")),
+            lambda: run(TorchProvider(batch.model, batch.inputs, per_sample="hooks")),
             reference,
         ))
     else:

@@ -7,7 +7,7 @@ imported) until :meth:`TorchProblem.build` is called, so listing the cases
 costs nothing and works without torch.
 
 The reference of every comparison is :class:`backends.TorchProvider` with
-``per_sample_method="vmap"`` in float64; it is cross-checked against the
+``per_sample="vmap"`` in float64; it is cross-checked against the
 hooks route, central differences through :func:`flat_logits_function` (a
 flat-parameter wrapper of the model's ordinary forward by
 ``torch.func.functional_call``, independent of the provider's own

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,9 @@ from ngdref.checks import EMPTY_BATCH
 POSITIONAL = "<input>"
 
 
-def hf_models(model: nn.Module) -> list[nn.Module]:
-    """The Hugging Face ``PreTrainedModel`` submodules, outermost first ([] without HF).
+def hf_models(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[nn.Module]:
+    """The Hugging Face ``PreTrainedModel`` submodules, outermost first ([] without HF);
+    ``modules``: ``model.modules()`` if the caller has them already.
 
     A model built from transformers has imported it already; importing it here for a plain
     torch model would cost seconds, so an unimported transformers means no HF submodule.
@@ -45,7 +46,8 @@ def hf_models(model: nn.Module) -> list[nn.Module]:
         return []
     from transformers import PreTrainedModel
 
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return [m for m in (model.modules() if modules is None else modules)
+            if isinstance(m, PreTrainedModel)]
 
 
 @dataclass(frozen=True)
@@ -180,3 +182,34 @@ def vmap_masks(hf: list[nn.Module]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def default_output_fn(output: Any) -> torch.Tensor:
+    """The model output if it is a tensor, else its ``.logits`` (Hugging Face outputs)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"output_fn: the model returned {type(output).__name__}, which is neither a tensor "
+        "nor has a .logits tensor; pass output_fn=... mapping it to logits of shape (N, ...)"
+    )
+
+
+def check_forward_ad(hf: list[nn.Module]) -> None:
+    """Refuse forward-mode AD for Hugging Face models whose attention has no forward rule.
+
+    Raises
+    ------
+    ValueError
+        An ``attn_implementation`` other than "eager" (e.g. "sdpa"), named.
+    """
+    for model in hf:
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            raise ValueError(
+                f"jvp uses forward-mode AD, which attn_implementation={impl!r} of "
+                f"{type(model).__name__} does not support; load the model with "
+                "attn_implementation='eager'"
+            )

@@ -7,11 +7,26 @@ row-major and concatenated; they must share one device and one dtype, float32 or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def _named_parameters(model: nn.Module, modules: Sequence[tuple[str, nn.Module]] | None
+                      ) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` (each parameter once, at its first name), from the
+    ``named_modules()`` list ``modules`` when the caller has it."""
+    if modules is None:
+        yield from model.named_parameters()
+        return
+    seen: set[int] = set()
+    for prefix, module in modules:
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{prefix}.{attr}" if prefix else attr), p
 
 
 class ParamLayout:
@@ -31,8 +46,9 @@ class ParamLayout:
         P.
     """
 
-    def __init__(self, model: nn.Module, params: torch.Tensor | None) -> None:
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, model: nn.Module, params: torch.Tensor | None, *,
+                 modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
+        named = [(name, p) for name, p in _named_parameters(model, modules) if p.requires_grad]
         if not named:
             raise ValueError(
                 "model has no trainable parameters (none with requires_grad=True): "

@@ -151,6 +151,17 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir, "train")
 
 
+#: what a resumed run may log differently from a whole one: the wall clock, and the rows'
+#: certificate (the default ``certify="first"`` certifies the first step of each process, so a
+#: resumed run certifies its first resumed step again; its wall time differs anyway)
+UNREPEATABLE = ("time", "certificate")
+
+
 def without_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records without their wall-clock field (equal for a resumed and a whole run)."""
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+    """The records without :data:`UNREPEATABLE` fields (equal for a resumed and a whole run)."""
+    return [{k: v for k, v in r.items() if k not in UNREPEATABLE} for r in records]
+
+
+def certified_steps(records: list[dict[str, Any]]) -> list[int]:
+    """The steps of the train records that carry a certificate."""
+    return [r["step"] for r in records if r["kind"] == "train" and r.get("certificate")]

@@ -32,7 +32,8 @@ from backends.torch.optim.methods import IEF
 from backends.torch.provider import TorchProvider
 from ngdref import kfac as K
 from validation.bench.report import _machine
-from validation.bench.steps import LR, _median_times, _ngd_step, _plain_step
+from validation.bench.steps import LR, MIN_TIME, _ngd_step, _plain_step
+from validation.bench.timing import median_times
 from validation.bench.workloads import BUILDERS, WORKLOADS, Workload
 
 KFAC_DAMPING = 1e-3  # absolute, sum convention
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workload or WORKLOADS:
         w = BUILDERS[name](args.quick, torch.device("cpu"))
         print(f"\n## {name}: {w.description}, P = {w.num_params}")
-        wall, _ = _median_times(step_functions(w), repeats, 1)
+        wall, _ = median_times(step_functions(w), repeats, 1, min_time=MIN_TIME)
         for thing, seconds in wall.items():
             print(f"  {thing:<18} {1e3 * seconds:10.2f} ms")
         kfac = wall["IEKFAC step"]

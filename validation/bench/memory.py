@@ -1,6 +1,7 @@
 """Peak-memory probes of ``python -m validation.bench.steps``: live tensors, RSS, CUDA.
 
-Run in a child process per measured step (see ``steps._measure_memory``).
+The RSS probe runs in a fresh child process per measured step (:func:`run_child`), so that
+nothing another step left behind counts.
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import resource
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -115,3 +119,22 @@ def _cuda_peak(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated() - before)
+
+
+#: glibc's fixed mmap threshold: every block above 128 KiB is its own mapping, returned to the
+#: OS when freed (the default threshold grows with freed blocks up to 32 MiB, after which such
+#: blocks come from the heap, whose holes RSS keeps)
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_child(arguments: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``python -m validation.bench.steps ARGUMENTS`` in a fresh interpreter: its last line as
+    JSON (the child prints ``_peak_rss_increase``'s result), or ``{"error": why}``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "validation.bench.steps", *arguments], capture_output=True,
+        text=True, check=False, env={**os.environ, **(env or {})},
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])

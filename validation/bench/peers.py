@@ -29,35 +29,23 @@ without Opacus' hooks. Building a peer runs its step once (its warm-up); a peer 
 there, or whose per-sample gradients (or norms) do not have one row per sample, is reported
 with why instead of a time.
 
-Usage: ``python -m validation.bench.peers [--quick] [--full-shapes] [--device cpu|cuda]
-[--workloads t5_small_lora,...] [--repeats 5] [--threads 2]``: on every workload of
-:mod:`validation.bench.paper_workloads`, alternating within each repeat after a warm-up, the
-median time of a plain forward + backward, an AdamW step (twice: the second instance shows
-the run's noise), ngdref's iEF step (``per_sample="auto"``) and the two Opacus steps, printed
-as ratios to the AdamW step. Nothing is asserted: these are measurements.
+The step bench (``python -m validation.bench.steps``) times both beside AdamW and ngdref's
+steps, in the same alternated loop; nothing is asserted.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import torch
 from torch import nn
 
 from backends import default_output_fn
-from validation.bench.paper_workloads import PAPER_WORKLOADS, build
-from validation.bench.report import _device, _load, _machine
-from validation.bench.steps import LR, _median_times, steps
 from validation.bench.workloads import Workload
 
 __all__ = ["MAX_GRAD_NORM", "PEERS", "Peer", "opacus_peers", "per_sample_losses"]
@@ -228,7 +216,7 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {message}" + (f" ({why})" if why else "")
 
 
-def opacus_peers(w: Workload, *, lr: float = LR) -> dict[str, Peer]:
+def opacus_peers(w: Workload, *, lr: float) -> dict[str, Peer]:
     """The Opacus steps on ``w``, each run once; those that cannot do the work carry why.
 
     A peer cannot run where Opacus raises (its error) or where its per-sample gradients
@@ -265,117 +253,3 @@ def opacus_peers(w: Workload, *, lr: float = LR) -> dict[str, Peer]:
         out[name] = peer
         gc.collect()
     return out
-
-
-# ---- the preview: python -m validation.bench.peers -------------------------------------------
-#: the columns of the table, in order: (label, timed thing); ratios are to "AdamW step"
-COLUMNS = (
-    ("fwd+bwd", "forward+backward"),
-    ("AdamW again", "AdamW step (again)"),
-    ("iEF (auto)", "iEF step (auto)"),
-    ("Opacus per-sample", PER_SAMPLE_STEP),
-    ("Opacus ghost", GHOST_STEP),
-)
-
-
-def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    if device.type != "cuda":
-        return fn
-
-    def run() -> object:
-        out = fn()
-        torch.cuda.synchronize()  # a CUDA step is timed when its kernels have finished
-        return out
-
-    return run
-
-
-def compare(
-    w: Workload, repeats: int, warmup: int
-) -> tuple[dict[str, float], dict[str, float], list[str]]:
-    """Medians of the steps of :data:`COLUMNS` and "AdamW step" on ``w``, in seconds.
-
-    Returns the wall-clock medians, the process-CPU-time medians (all threads) and the
-    notes: the peers that cannot run, with why.
-    """
-    ours = steps(w, ("auto",))
-    fns = {name: ours[name] for name in ("forward+backward", "AdamW step", "iEF step (auto)")}
-    fns["AdamW step (again)"] = steps(w, ())["AdamW step"]  # a second, independent AdamW
-    notes = []
-    for name, peer in opacus_peers(w).items():
-        if peer.run is None:
-            notes.append(f"{name}: - ({peer.reason})")
-        else:
-            fns[name] = peer.run
-    device = w.trainable[0].device
-    fns = {name: _synchronised(fn, device) for name, fn in fns.items()}
-    wall, cpu = _median_times(fns, repeats, warmup)
-    return wall, cpu, notes
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny widths, 1 repeat")
-    parser.add_argument("--full-shapes", action="store_true",
-                        help="the checkpoints' own depths and 224 x 224 images (for a GPU)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="default 5 (quick: 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="default 1")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workloads", default=",".join(PAPER_WORKLOADS),
-                        help=f"comma-separated subset of {','.join(PAPER_WORKLOADS)}")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.workloads.split(",")) - set(PAPER_WORKLOADS))
-    if unknown:
-        parser.error(f"--workloads: unknown {unknown}; choose from {list(PAPER_WORKLOADS)}")
-    return args
-
-
-def _row(w: Workload, wall: dict[str, float]) -> str:
-    adamw = wall["AdamW step"]
-    cells = [f"{wall[thing] / adamw:.2f}" if thing in wall else "-" for _, thing in COLUMNS]
-    return (f"| {w.name} | {_count(w.num_params)} | {1e3 * adamw:.1f} | "
-            + " | ".join(cells) + " |")
-
-
-def _count(p: int) -> str:
-    """5942794 -> "5.94M", 98304 -> "98.3k", 275 -> "275"."""
-    for scale, suffix in ((1e6, "M"), (1e3, "k")):
-        if p >= scale:
-            return f"{p / scale:.3g}{suffix}"
-    return str(p)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    repeats = args.repeats or (1 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else 1
-    print(_machine(args.threads))
-    print(f"# load average at start {_load()}")
-    print(f"# float32, lr={LR}, {device}; per-call medians of {repeats} alternating repeats "
-          f"after {warmup} warm-up round(s); ratios to the AdamW step of the same run")
-    tables: dict[str, list[str]] = {"wall clock": [], "process CPU time": []}
-    notes: list[str] = []
-    for name in args.workloads.split(","):
-        w = build(name, quick=args.quick, full_shapes=args.full_shapes, device=device)
-        wall, cpu, why = compare(w, repeats, warmup)
-        tables["wall clock"].append(_row(w, wall))
-        tables["process CPU time"].append(_row(w, cpu))
-        notes += [f"- {name}: {w.description}"] + [f"  - {n}" for n in why]
-        print(tables["wall clock"][-1], flush=True)
-        del w
-        gc.collect()
-    header = ("| workload | P | AdamW [ms] | " + " | ".join(label for label, _ in COLUMNS)
-              + " |")
-    for kind, rows in tables.items():
-        print(f"\n{kind}: step / AdamW step\n\n{header}\n|" + "---|" * (header.count("|") - 1))
-        print("\n".join(rows))
-    print("\n" + "\n".join(notes))
-    print(f"\n# load average at the end {_load()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

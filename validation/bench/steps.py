@@ -1,44 +1,44 @@
-"""Benchmark: the torch optimisers and Fisher products against plain training steps and curvlinops.
+"""Benchmark: an exact iEF step against AdamW and Opacus, at the paper's shapes, on one command.
 
-Six workloads, float32, one batch each (:mod:`validation.bench.workloads`): a small T5
-with LoRA on q and v (per-sequence loss over label word + EOS), a small ViT with LoRA on q_proj
-and v_proj, and, with ALL parameters trainable, a small MLP, an MLP of 3.2 million parameters,
-the same T5 and the same ViT. On each, in this one process, alternating within every repeat
-after a warm-up, the median time of
+``python -m validation.bench.steps`` prints, per workload, the cost of ngdref's training steps
+against an AdamW step and against the per-sample engine DP-SGD users run, Opacus, and last the
+table of the performance targets that the benchmarks page shows. Nothing is asserted: these
+are measurements, and the targets are printed beside them with "met" or "missed".
 
-* a plain forward + backward (the model's own mean loss), an AdamW step and an SGD step
-  (forward + backward + ``optimizer.step()``);
-* one step of :class:`backends.torch.optim.methods.IEF`, ``EF`` and ``SF`` on every ``per_sample``
-  route ("auto": ghost or materialised per layer by the cost model, "ghost", "hooks": materialised
-  per layer, "vmap": dense G);
-* on the LoRA workloads and the small MLP, the parts of an iEF step: building the
-  :class:`backends.TorchProvider`, G by hooks and by vmap, and the Gram solve;
-* one Fisher-vector product (:func:`ngdref.fisher_vp`: jvp + vjp_sum) and one
-  :func:`ngdref.gamma` (with :func:`ngdref.fisher_quadratic_form`, one jvp, and through
-  ``fisher_vp``), against curvlinops' ``GGNLinearOperator`` and ``EFLinearOperator``
-  matvecs on the same model, batch and vector (the printed relative gaps show that they compute
-  the same products).
+Workloads (float32, eval mode, one batch each, random weights): by default the paper-shape
+ones a 2-core CPU affords (:data:`DEFAULT_WORKLOADS`, from
+:mod:`validation.bench.paper_workloads`: t5-small's widths and vocabulary with LoRA, prompt
+tuning and all parameters, ViT-S/16's widths with LoRA and all parameters, the paper's MLP
+784-1536x3-10); ``--workloads`` picks others (t5-base and ViT-B/16 widths, and the small
+models of :mod:`validation.bench.workloads`), ``--full-shapes`` gives the paper workloads
+their checkpoints' own depths (for a GPU), ``--quick`` every workload at tiny widths (a smoke
+run). On each, in one process, alternating within every repeat after a warm-up, the median
+time of
+
+* a plain forward + backward (the model's own mean loss), an AdamW step, **a second AdamW
+  step** (another instance: its ratio to the first is the run's noise floor) and an SGD step;
+* one step of each of ``--methods`` (default :class:`backends.torch.optim.methods.IEF` and
+  ``SF``, the two with targets; ``--quick``: ``EF`` too) on each ``per_sample`` route of
+  ``--routes`` (default "auto"; ``--quick``: every installed route);
+  a route that holds every per-sample gradient ("hooks", "vmap", "loop") is skipped, with a
+  note, where G would exceed ``--max-g-gb``;
+* the iEF step (auto) with ``certify="never"`` and with ``certify="always"`` (the
+  certificate's cost; a row the installed TorchProvider cannot run is a note with why);
+* Opacus' per-sample step and its ghost-clipping step (:mod:`validation.bench.peers`), or why
+  Opacus cannot do that work on the workload;
+* on :data:`PRODUCT_WORKLOADS`, the parts of an iEF step and the Fisher products against
+  curvlinops (:mod:`validation.bench.products`).
 
 The optimisers run with lr = 1e-12, so every measured thing sees the same parameters; the
-arithmetic of a step does not depend on lr. The models are in eval mode (dropout off), as the
-paper's steps are. Peak memory of a step is measured three ways: live tensor bytes from
-torch's profiler in this process (``_live_tensor_peak``), and the peak RSS increase in a
-fresh process per cell (``_peak_rss_increase``), with glibc's default allocator settings
-and with a fixed mmap threshold; each iEF step's peak over the AdamW step's (whose .grad, m
-and v exist before the measured step, so they are added to its increase). Nothing is
-asserted: these are measurements, and the targets are printed next to them with "met" or
-"missed":
+arithmetic of a step does not depend on lr. Peak memory of AdamW's and each iEF route's step is
+measured as live tensor bytes in this process and as the peak RSS increase in a fresh process
+per cell (:mod:`validation.bench.memory`); AdamW's ``.grad``, m and v are added to its peak.
+``--device cuda`` runs everything on the GPU (CUDA's allocator gives the peaks; every timed
+call is synchronised); without CUDA it says so and runs on the CPU.
 
-* an iEF step <= 1.2 x an AdamW step (time), on every workload and route "auto";
-* peak memory of an iEF step <= 1.0 x an AdamW step's (its .grad, m and v included), on the
-  full-parameter workloads;
-* an SF step <= 1.5 x an iEF step (time).
-
-``--device cuda`` runs the timings on the GPU (peak memory from ``torch.cuda``'s allocator);
-without CUDA it says so and runs on the CPU.
-
-Usage: ``python -m validation.bench.steps [--quick] [--repeats 7] [--threads 2] [--no-memory]
-[--device cpu|cuda] [--workloads t5,mlp_big,...]``
+Usage: ``python -m validation.bench.steps [--quick] [--full-shapes] [--device cpu|cuda]
+[--workloads default|all|NAME,...] [--routes auto|all|ROUTE,...] [--methods iEF,SF|all]
+[--threads 2] [--repeats 5] [--warmup 1] [--no-memory] [--max-g-gb 1]``
 """
 
 from __future__ import annotations
@@ -46,15 +46,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import statistics
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,27 +57,63 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-import ngdref
 from backends.torch.optim.methods import EF, IEF, PER_SAMPLE, SF
-from backends.torch.provider import TorchProvider
 from validation.bench.memory import (
+    FIXED_MMAP,
     _cuda_peak,
     _live_tensor_peak,
     _peak_rss_increase,
+    run_child,
 )
-from validation.bench.report import _device, _load, _machine, _ms, _ratio, _table, _verdict
+from validation.bench.paper_workloads import (
+    PAPER_BUILDERS,
+    PAPER_FULL_PARAMETER,
+    PAPER_WORKLOADS,
+)
+from validation.bench.peers import opacus_peers
+from validation.bench.products import products
+from validation.bench.report import (
+    ADAMW,
+    ADAMW_AGAIN,
+    PLAIN,
+    SGD,
+    Measured,
+    _device,
+    _load,
+    _machine,
+    print_checks_and_notes,
+    print_medians,
+    print_memory,
+    print_ratios,
+    print_summary,
+    step_name,
+)
+from validation.bench.timing import median_times
 from validation.bench.workloads import BUILDERS, FULL_PARAMETER, WORKLOADS, Workload
 
 LR = 1e-12  # see the module docstring: steps cost the same, parameters stay put
 DAMPING = 1e-6  # relative (x max_n ||grad l_n||^2) for the Gram methods
 SF_DAMPING = 1e-3  # absolute, parameter space
 TOTAL_STEPS = 10**9  # EF and SF decay lr over total_steps; never reached here
-IEF_TARGET = 1.2  # iEF step / AdamW step (time)
-MEMORY_TARGET = 1.0  # peak of an iEF step / peak of an AdamW step, full-parameter workloads
-SF_TARGET = 1.5  # SF step / iEF step (time)
-FVP_TARGET = 1.0  # ngdref FVP / curvlinops GGN matvec
-ROUTES = tuple(PER_SAMPLE)  # auto, ghost, hooks, vmap
-PRODUCT_WORKLOADS = ("t5", "vit", "mlp")  # the parts of a step and the curvlinops checks
+MIN_TIME = 0.02  # things faster than this are called repeatedly per measurement
+METHODS = {"iEF": IEF, "EF": EF, "SF": SF}
+ROUTES = tuple(PER_SAMPLE)  # the installed routes: auto, ghost, hooks, vmap (and loop)
+DENSE_ROUTES = ("hooks", "vmap", "loop")  # they hold all N x P per-sample gradients
+ALL_WORKLOADS = WORKLOADS + PAPER_WORKLOADS
+ALL_FULL_PARAMETER = FULL_PARAMETER + PAPER_FULL_PARAMETER
+#: the paper-shape workloads the 2-core CPU run affords, one per target kind and model family
+DEFAULT_WORKLOADS = ("mlp_paper", "t5_small_lora", "t5_small_prompt", "t5_small_full",
+                     "vit_s16_lora", "vit_s16_full")
+#: the workloads whose products and iEF parts are timed (dense G stays small on them)
+PRODUCT_WORKLOADS = ("t5", "vit", "mlp", "t5_small_lora", "vit_s16_lora")
+
+
+def build(name: str, *, quick: bool, device: torch.device, full_shapes: bool = False
+          ) -> Workload:
+    """The workload ``name`` of :data:`ALL_WORKLOADS` (``full_shapes``: paper workloads only)."""
+    if name in PAPER_BUILDERS:
+        return PAPER_BUILDERS[name](quick, device, full_shapes=full_shapes)
+    return BUILDERS[name](quick, device)
 
 
 # ---- the measured things ----------------------------------------------------------------------
@@ -98,8 +129,8 @@ def _plain_step(w: Workload, optimizer: torch.optim.Optimizer | None) -> Callabl
     return run
 
 
-def _ngd_step(w: Workload, cls: type, route: str) -> Callable[[], object]:
-    options: dict[str, Any] = {"lr": LR, "per_sample": route}
+def _ngd_step(w: Workload, cls: type, route: str, **extra: Any) -> Callable[[], object]:
+    options: dict[str, Any] = {"lr": LR, "per_sample": route, **extra}
     if cls is SF:
         options.update(damping=SF_DAMPING, total_steps=TOTAL_STEPS)
     else:
@@ -117,130 +148,135 @@ def _ngd_step(w: Workload, cls: type, route: str) -> Callable[[], object]:
     return run
 
 
-def steps(w: Workload, routes: tuple[str, ...] = ROUTES) -> dict[str, Callable[[], object]]:
-    """The training steps (the things whose peak memory can also be measured)."""
+def steps(w: Workload, routes: tuple[str, ...] = ROUTES,
+          methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, Callable[[], object]]:
+    """The training steps (the things whose peak memory can also be measured), in order."""
     out: dict[str, Callable[[], object]] = {
-        "forward+backward": _plain_step(w, None),
-        "AdamW step": _plain_step(w, torch.optim.AdamW(w.trainable, lr=LR)),
-        "SGD step": _plain_step(w, torch.optim.SGD(w.trainable, lr=LR)),
+        PLAIN: _plain_step(w, None),
+        ADAMW: _plain_step(w, torch.optim.AdamW(w.trainable, lr=LR)),
+        ADAMW_AGAIN: _plain_step(w, torch.optim.AdamW(w.trainable, lr=LR)),
+        SGD: _plain_step(w, torch.optim.SGD(w.trainable, lr=LR)),
     }
     for route in routes:
-        for label, cls in (("iEF", IEF), ("EF", EF), ("SF", SF)):
-            out[f"{label} step ({route})"] = _ngd_step(w, cls, route)
+        for label in methods:
+            out[step_name(label, route)] = _ngd_step(w, METHODS[label], route)
     return out
 
 
-def fallbacks(w: Workload) -> list[str]:
-    """The parameters whose per-sample gradients the "auto" route takes by vmap."""
+def certify_steps(w: Workload) -> dict[str, Callable[[], object]]:
+    """The iEF step (auto) with ``certify="never"`` and ``"always"``: the certificate's cost."""
+    return {step_name("iEF", "auto", certify): _ngd_step(w, IEF, "auto", certify=certify)
+            for certify in ("never", "always")}
+
+
+def route_notes(w: Workload) -> list[str]:
+    """What one default iEF step reports: the parameters "auto" gives another route, and the
+    certificate of the first step (``certify="first"``)."""
     optimizer = IEF(w.model, w.loss, lr=LR, damping=DAMPING, damping_mode="relative")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         optimizer.step(lambda: w.batch)
-    return list(optimizer.diagnostics["fallbacks"])
+    diagnostics = optimizer.diagnostics
+    notes = [f"fallback: {f}" for f in diagnostics["fallbacks"]]
+    certificate = diagnostics["certificate"]
+    if certificate is not None:
+        notes.append(f"first step certified ({certificate['route']}): error "
+                     f"{certificate['error']:.1e} <= bound {certificate['bound']:.1e}")
+    return notes
 
 
-@dataclass
-class Products:
-    """The matvecs and the iEF parts, built once, with their cross-checks."""
-
-    things: dict[str, Callable[[], object]]
-    gaps: dict[str, float | None]
-    notes: list[str]
-
-
-def products(w: Workload) -> Products:
-    provider = TorchProvider(w.model, w.provider_inputs, per_sample_method="hooks")
-    vmap_provider = TorchProvider(w.model, w.provider_inputs, per_sample_method="vmap")
-    q = ngdref.batch_quantities(provider, w.loss, w.targets)
-    e = q.logit_grads
-    fvp = ngdref.fisher_vp(provider, w.loss, w.targets)
-    form = ngdref.fisher_quadratic_form(provider, w.loss, w.targets)
-    update, _ = ngdref.gram_update(
-        q.per_sample_grads, q.logit_grad_sq_norms, damping=DAMPING, damping_mode="relative"
-    )
-    vector = torch.randn(w.num_params, generator=torch.Generator().manual_seed(6)).to(
-        w.trainable[0].device
-    )
-    things: dict[str, Callable[[], object]] = {
-        "  TorchProvider() (logits fwd)": lambda: TorchProvider(
-            w.model, w.provider_inputs, per_sample_method="hooks"
-        ),
-        "  G by hooks (provider.vjp)": lambda: provider.vjp(e),
-        "  G by vmap (provider.vjp)": lambda: vmap_provider.vjp(e),
-        "  Gram solve (gram_update)": lambda: ngdref.gram_update(
-            q.per_sample_grads, q.logit_grad_sq_norms, damping=DAMPING, damping_mode="relative"
-        ),
-        "FVP (fisher_vp: jvp+vjp_sum)": lambda: fvp(vector),
-        "gamma (fisher_quadratic_form)": lambda: ngdref.gamma(update, q.grad, quadratic_form=form),
-        "gamma (through fisher_vp)": lambda: ngdref.gamma(update, q.grad, fisher_vp=fvp),
-    }
-    gaps: dict[str, float | None] = {}
-    notes: list[str] = []
-    if w.curvlinops_args is None:
-        notes.append("curvlinops: not available for this model")
-        return Products(things, gaps, notes)
-    try:
-        from curvlinops import EFLinearOperator, GGNLinearOperator
-    except ImportError as err:  # pragma: no cover - curvlinops is an optional oracle
-        notes.append(f"curvlinops: skipped, cannot import it ({err})")
-        return Products(things, gaps, notes)
-    model_func, loss_func, x, y, batch_size_fn = w.curvlinops_args
-    options = {"check_deterministic": False, "batch_size_fn": batch_size_fn}
-    reference = {
-        "GGN": fvp(vector),
-        "EF": q.per_sample_grads.T @ (q.per_sample_grads @ vector),
-    }
-    for label, cls in (("GGN", GGNLinearOperator), ("EF", EFLinearOperator)):
-        name = f"curvlinops {label} matvec"
-        try:
-            operator = cls(model_func, loss_func, w.trainable, [(x, y)], **options)
-            result = operator @ vector
-        except Exception as err:  # a cell curvlinops cannot handle is reported, not fatal
-            notes.append(f"{name}: skipped, {type(err).__name__}: {err}")
-            continue
-        things[name] = lambda operator=operator: operator @ vector
-        gap = float((result - reference[label]).norm() / reference[label].norm())
-        gaps[label] = gap
-    if w.curvlinops_note:
-        notes.append(w.curvlinops_note)
-    return Products(things, gaps, notes)
+def affordable(w: Workload, routes: tuple[str, ...], max_g_gb: float
+               ) -> tuple[tuple[str, ...], list[str]]:
+    """The routes of ``routes`` to run on ``w``: those holding G (N x P x 4 bytes) only where
+    it fits ``max_g_gb``; a note for each skipped one."""
+    g_bytes = 4 * w.num_samples * w.num_params
+    if g_bytes <= max_g_gb * 2**30:
+        return routes, []
+    skipped = tuple(r for r in routes if r in DENSE_ROUTES)
+    notes = [f"per_sample={r!r}: skipped, it holds G, {g_bytes / 2**30:.1f} GiB here "
+             f"(> --max-g-gb {max_g_gb:g})" for r in skipped]
+    return tuple(r for r in routes if r not in skipped), notes
 
 
-def _median_times(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, min_time: float = 0.02
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-call medians of wall-clock and of process CPU time (all threads), in seconds.
-
-    A thing faster than ``min_time`` is called several times in a row per measurement (as
-    ``timeit`` does), so that millisecond cells are not timer and scheduler noise.
-    """
-    calls = dict.fromkeys(fns, 1)
-    for round_ in range(max(warmup, 1)):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ == max(warmup, 1) - 1:
-                calls[name] = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-6)))
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # alternate so drift hits all alike
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(calls[name]):
-                fn()
-            wall[name].append((time.perf_counter() - start) / calls[name])
-            cpu[name].append((time.process_time() - start_cpu) / calls[name])
-        gc.collect()
-    return (
-        {name: statistics.median(ts) for name, ts in wall.items()},
-        {name: statistics.median(ts) for name, ts in cpu.items()},
-    )
+def _timed_things(w: Workload, routes: tuple[str, ...], methods: tuple[str, ...]
+                  ) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """Everything timed on ``w``, in the order printed, and the notes on what is missing."""
+    fns = {**steps(w, routes, methods), **certify_steps(w)}
+    notes = []
+    for peer in opacus_peers(w, lr=LR).values():
+        if peer.run is None:
+            notes.append(f"{peer.name}: - ({peer.reason})")
+        else:
+            fns[peer.name] = peer.run
+    return fns, notes
 
 
-def _memory_child(workload: str, thing: str, quick: bool, threads: int) -> int:
-    torch.set_num_threads(threads)
-    w = BUILDERS[workload](quick, torch.device("cpu"))
-    fn = steps(w, (_route_of(thing),))[thing]
+# ---- one workload -----------------------------------------------------------------------------
+def _memory(w: Workload, args: argparse.Namespace, device: torch.device,
+            routes: tuple[str, ...]) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+    """Peaks of AdamW's and each iEF route's step: live tensors here and RSS in a fresh process
+    per step (CPU), or CUDA's allocator; and the notes on failed measurements."""
+    things = (ADAMW, *(step_name("iEF", r) for r in _memory_routes(args, routes)))
+    fns = steps(w, routes, ("iEF",))
+    if device.type == "cuda":
+        return {"CUDA tensors": {t: _cuda_peak(fns[t]) for t in things}}, []
+    tensors: dict[str, float | None] = {}
+    for thing in things:
+        fns[thing]()  # warm-up (AdamW allocates its state in its first step)
+        tensors[thing] = _live_tensor_peak(fns[thing])
+    del fns
+    gc.collect()
+    rss: dict[str, float | None] = {}
+    notes = []
+    for thing in things:
+        got = run_child(["--memory-child", w.name, thing, "--threads", str(args.threads),
+                         *(["--quick"] if args.quick else []),
+                         *(["--full-shapes"] if args.full_shapes else [])], FIXED_MMAP)
+        rss[thing] = got.get("increase")
+        if "error" in got:
+            notes.append(f"{thing}: RSS measurement failed: {got['error']}")
+    return {"tensors": tensors, "RSS": rss}, notes
+
+
+def _memory_routes(args: argparse.Namespace, routes: tuple[str, ...]) -> tuple[str, ...]:
+    """The iEF routes whose peaks are measured: "auto" alone in a quick run (a fresh process
+    per cell costs seconds of imports), else every timed one."""
+    return tuple(r for r in routes if r == "auto" or not args.quick)
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device,
+            routes: tuple[str, ...]) -> Measured:
+    """Build the workload ``name``, time everything on it, measure its peaks; then free it."""
+    repeats = args.repeats or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    w = build(name, quick=args.quick, device=device, full_shapes=args.full_shapes)
+    r = Measured(name, w.description, w.num_params, sum(p.numel() for p in w.model.parameters()),
+                 w.num_samples, sum(p.numel() * p.element_size() for p in w.trainable),
+                 w.param_bytes, name in ALL_FULL_PARAMETER)
+    routes, r.notes = affordable(w, routes, args.max_g_gb)
+    r.notes += route_notes(w)
+    fns, notes = _timed_things(w, routes, args.methods)
+    r.notes += notes
+    if name in PRODUCT_WORKLOADS:
+        parts = products(w, DAMPING)
+        fns.update(parts.things)
+        r.gaps, r.notes = parts.gaps, r.notes + parts.notes
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    r.wall, r.cpu = median_times(fns, repeats, warmup, min_time=MIN_TIME, sync=sync)
+    del fns
+    gc.collect()
+    if not args.no_memory:
+        r.peaks, notes = _memory(w, args, device, routes)
+        r.notes += notes
+    return r
+
+
+def _memory_child(args: argparse.Namespace) -> int:
+    workload, thing = args.memory_child
+    torch.set_num_threads(args.threads)
+    w = build(workload, quick=args.quick, device=torch.device("cpu"),
+              full_shapes=args.full_shapes)
+    fn = steps(w, (_route_of(thing),), ("iEF",))[thing]
     increase, before, method = _peak_rss_increase(fn)
     print(json.dumps({"increase": increase, "before": before, "method": method}))
     return 0
@@ -251,207 +287,88 @@ def _route_of(thing: str) -> str:
     return thing.rsplit("(", 1)[1].rstrip(")") if "(" in thing else "auto"
 
 
-def _state_bytes(w: Workload, thing: str) -> int:
-    """What an AdamW step holds across steps, so not in its increase: .grad, m and v.
-
-    Its ``zero_grad(set_to_none=True)`` frees the previous gradients before the backward pass
-    allocates new ones, so the gradients, like m and v, are live at its peak but not above
-    its start. An exact step keeps nothing between steps (it sets no ``.grad``).
-    """
-    if thing != "AdamW step":
-        return 0
-    return 3 * sum(p.numel() * p.element_size() for p in w.trainable)
-
-
-#: glibc's fixed mmap threshold: every block above 128 KiB is its own mapping, returned to the
-#: OS when freed (the default threshold grows with freed blocks up to 32 MiB, after which such
-#: blocks come from the heap, whose holes RSS keeps)
-FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def _measure_memory(
-    workload: str, thing: str, quick: bool, threads: int, env: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Run :func:`_memory_child` in a fresh interpreter (its own RSS, nothing left over)."""
-    command = [
-        sys.executable, "-m", "validation.bench.steps", "--memory-child", workload, thing,
-        "--threads", str(threads), *(["--quick"] if quick else []),
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
-    )
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _ratio_rows(
-    columns: dict[str, dict[str, float]], names: list[str], routes: tuple[str, ...]
-) -> list[tuple[str, list[str], str]]:
-    def row(label: str, top: str, bottom: str, target: float | None) -> tuple:
-        values = [_ratio(columns[k].get(top), columns[k].get(bottom)) for k in names]
-        cells = ["-" if v is None else f"{v:.2f}" for v in values]
-        tail = ""
-        if target is not None:
-            tail = f"  <= {target:g}: " + ", ".join(_verdict(v, target) for v in values)
-        return (label, cells, tail)
-
-    out = []
-    for route in routes:
-        out.append(row(f"iEF step ({route}) / AdamW step", f"iEF step ({route})", "AdamW step",
-                       IEF_TARGET))
-    for route in routes:
-        out.append(row(f"EF step ({route}) / AdamW step", f"EF step ({route})", "AdamW step",
-                       None))
-    for route in routes:
-        out.append(row(f"SF step ({route}) / iEF step ({route})", f"SF step ({route})",
-                       f"iEF step ({route})", SF_TARGET))
-    out += [
-        row("iEF step (auto) / fwd+bwd", "iEF step (auto)", "forward+backward", None),
-        row("FVP / curvlinops GGN matvec", "FVP (fisher_vp: jvp+vjp_sum)",
-            "curvlinops GGN matvec", FVP_TARGET),
-        row("G by vmap / by hooks", "  G by vmap (provider.vjp)", "  G by hooks (provider.vjp)",
-            None),
-        row("gamma (quadratic form) / FVP", "gamma (fisher_quadratic_form)",
-            "FVP (fisher_vp: jvp+vjp_sum)", None),
-        row("curvlinops EF / GGN matvec", "curvlinops EF matvec", "curvlinops GGN matvec", None),
-    ]
-    return out
+# ---- the command ------------------------------------------------------------------------------
+def _choose(value: str | None, default: tuple[str, ...], every: tuple[str, ...], what: str,
+            parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """A comma-separated subset of ``every`` ("all": every one; None: ``default``)."""
+    if value is None:
+        return default
+    chosen = every if value == "all" else tuple(value.split(","))
+    unknown = sorted(set(chosen) - set(every))
+    if unknown:
+        parser.error(f"--{what}: unknown {unknown}; choose from {list(every)} or 'all'")
+    return chosen
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small models, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="default 7 (quick: 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    parser.add_argument("--memory-child", nargs=2, metavar=("WORKLOAD", "THING"),
-                        help=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="every workload at tiny widths, every route")
+    add("--full-shapes", action="store_true",
+        help="the paper workloads at their checkpoints' depths, 224 x 224 images (a GPU)")
+    add("--device", choices=("cpu", "cuda"), default="cpu")
+    add("--workloads", default=None,
+        help=f"'default' ({','.join(DEFAULT_WORKLOADS)}), 'all', or a comma-separated "
+             f"subset of {','.join(ALL_WORKLOADS)}")
+    add("--routes", default=None,
+        help=f"'all' or a comma-separated subset of {','.join(ROUTES)} (default auto; "
+             "--quick: all)")
+    add("--methods", default=None,
+        help="'all' or a comma-separated subset of iEF,EF,SF (default iEF,SF; --quick: all)")
+    add("--threads", type=int, default=2)
+    add("--repeats", type=int, default=None, help="default 5 (quick: 2)")
+    add("--warmup", type=int, default=None, help="default 1")
+    add("--no-memory", action="store_true", help="skip the memory measurements")
+    add("--max-g-gb", type=float, default=1.0,
+        help="skip the routes holding G (N x P floats) where it exceeds this many GiB")
+    add("--memory-child", nargs=2, metavar=("WORKLOAD", "THING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
-    if unknown:
-        parser.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    if args.workloads == "default":
+        args.workloads = None
+    args.names = _choose(args.workloads, ALL_WORKLOADS if args.quick else DEFAULT_WORKLOADS,
+                         ALL_WORKLOADS, "workloads", parser)
+    args.methods = _choose(args.methods, tuple(METHODS) if args.quick else ("iEF", "SF"),
+                           tuple(METHODS), "methods", parser)
+    args.routes = _choose(args.routes, ROUTES if args.quick else ("auto",), ROUTES, "routes",
+                          parser)
     return args
-
-
-def _timings(
-    args: argparse.Namespace, names: list[str], device: torch.device
-) -> tuple[dict[str, Workload], dict[str, Any], dict[str, list[str]]]:
-    repeats = args.repeats or (2 if args.quick else 7)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    print(f"# float32, eval mode, lr={LR}, {device}; per-call medians of {repeats} alternating "
-          f"repeats after {warmup} warm-up round(s), things under 20 ms called repeatedly")
-    workloads: dict[str, Workload] = {}
-    results: dict[str, Any] = {"wall": {}, "cpu": {}, "gaps": {}}
-    notes: dict[str, list[str]] = {}
-    for name in names:
-        w = BUILDERS[name](args.quick, device)
-        workloads[name] = w
-        fns = steps(w)
-        notes[name] = [f"vmap fallback: {f}" for f in fallbacks(w)]
-        if name in PRODUCT_WORKLOADS:
-            prod = products(w)
-            fns.update(prod.things)
-            notes[name] += prod.notes
-            results["gaps"][name] = prod.gaps
-        results["wall"][name], results["cpu"][name] = _median_times(fns, repeats, warmup)
-    return workloads, results, notes
-
-
-def _memory(
-    args: argparse.Namespace, workloads: dict[str, Workload], device: torch.device, width: int
-) -> None:
-    names = list(workloads)
-    things = ("AdamW step", *(f"iEF step ({r})" for r in (("auto",) if args.quick else ROUTES)))
-    peaks: dict[str, dict[str, float | None]] = {k: {} for k in names}
-    for k, w in workloads.items():
-        fns = steps(w)
-        for thing in things:
-            if device.type == "cuda":
-                peaks[k][thing] = _cuda_peak(fns[thing])
-            else:
-                fns[thing]()  # warm-up (AdamW allocates its state in its first step)
-                peaks[k][thing] = _live_tensor_peak(fns[thing])
-    kinds: dict[str, dict[str, dict[str, float | None]]] = {
-        "tensors" if device.type == "cpu" else "CUDA tensors": peaks
-    }
-    if device.type == "cpu":
-        rss = {k: {t: _measure_memory(k, t, args.quick, args.threads, FIXED_MMAP)
-                   for t in things} for k in names}
-        kinds["RSS"] = {k: {t: rss[k][t].get("increase") for t in things} for k in names}
-        for k in names:
-            for t in things:
-                if "error" in rss[k][t]:
-                    print(f"  ({k}) {t}: RSS measurement failed: {rss[k][t]['error']}")
-
-    def mb(x: float | None) -> str:
-        return "-" if x is None else f"{x / 2**20:.2f}"
-
-    rows = []
-    for kind, table in kinds.items():
-        for t in things:
-            state = {k: _state_bytes(workloads[k], t) for k in names}
-            cells = [mb(None if table[k][t] is None else table[k][t] + state[k]) for k in names]
-            rows.append((f"  {kind}: {t}" + (" + grad, m, v" if t == "AdamW step" else ""),
-                         cells, ""))
-        for t in things[1:]:
-            values = []
-            for k in names:
-                top, bottom = table[k][t], table[k]["AdamW step"]
-                adam = None if bottom is None else bottom + _state_bytes(workloads[k], "AdamW step")
-                values.append(_ratio(top, adam) if k in FULL_PARAMETER else None)
-            cells = ["-" if v is None else f"{v:.2f}" for v in values]
-            verdicts = ", ".join(_verdict(v, MEMORY_TARGET) for v in values if v is not None)
-            rows.append((f"  {kind}: {t} / AdamW", cells, f"  <= 1 (full-parameter): {verdicts}"))
-    rows.append(("  model parameters (all)", [mb(workloads[k].param_bytes) for k in names], ""))
-    rows.append(("  G = N*P*4 bytes",
-                 [mb(4 * workloads[k].num_samples * workloads[k].num_params) for k in names], ""))
-    _table("peak memory of one step above its start [MB]", rows, names, width)
-    print("  AdamW's .grad, m and v (3 x trainable bytes) live across steps: added to its peak.\n"
-          "  tensors: torch.profiler(profile_memory=True) in this process, after a warm-up\n"
-          "  step. RSS: a fresh process per cell, MALLOC_MMAP_THRESHOLD_=131072 (RSS follows\n"
-          "  the live memory); VmHWM above VmRSS just before the step, after a warm-up step.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.memory_child:
-        return _memory_child(*args.memory_child, args.quick, args.threads)
+        return _memory_child(args)
     torch.set_num_threads(args.threads)
     device = _device(args.device)
-    names = args.workloads.split(",")
+    started = time.perf_counter()
     print(_machine(args.threads))
     print(f"# load average at start {_load()}")
-    workloads, results, notes = _timings(args, names, device)
-    print()
-    for key, w in workloads.items():
-        print(f"# ({key}) {w.description}; P = {w.num_params} trainable of "
-              f"{sum(p.numel() for p in w.model.parameters())}")
-    wall, cpu = results["wall"], results["cpu"]
-    rows = list(dict.fromkeys(row for col in wall.values() for row in col))
-    width = 46  # the longest label of the tables below
-    print(f"\n{'median [ms]: wall, process CPU':<{width}}"
-          + "".join(f"{k + ' wall':>14}{'cpu':>8}" for k in names))
-    for row in rows:
-        print(f"{row:<{width}}" + "".join(
-            f"{_ms(wall[k].get(row)):>14}{_ms(cpu[k].get(row))[2:]:>8}" for k in names))
-    _table("ratio (wall)", _ratio_rows(wall, names, ROUTES), names, width)
-    print(f"\n{'check: |ngdref - curvlinops| / |curvlinops|':<{width}}")
-    for label, what in (("GGN", "FVP vs GGN matvec"), ("EF", "G^T G v vs EF matvec")):
-        values = [results["gaps"].get(k, {}).get(label) for k in names]
-        cells = "".join(f"{'-':>10}" if v is None else f"{v:10.1e}" for v in values)
-        print(f"{'  ' + what:<{width}}{cells}")
-    for key in names:
-        for note in notes[key]:
-            print(f"  ({key}) {note}")
-    print(f"\n# load average after the timings {_load()}")
+    print(f"# float32, eval mode, lr={LR}, {device}; per-call medians of "
+          f"{args.repeats or (2 if args.quick else 5)} alternating repeats after "
+          f"{1 if args.warmup is None else args.warmup} warm-up round(s), things under "
+          f"{1e3 * MIN_TIME:g} ms called repeatedly; {','.join(args.methods)} on the "
+          f"routes {','.join(args.routes)}"
+          + ("; --full-shapes" if args.full_shapes else "") + ("; --quick" if args.quick else ""))
+    records = []
+    for name in args.names:
+        records.append(measure(name, args, device, args.routes))
+        r = records[-1]
+        print(f"# ({name}) {r.description}; P = {r.num_params} trainable of "
+              f"{r.total_params}; done at {time.perf_counter() - started:.0f} s", flush=True)
+        gc.collect()
+    print_medians(records, cpu_time=device.type == "cpu")
+    print_ratios(records, args.routes)
+    print_checks_and_notes(records)
+    memory_kind = None
     if not args.no_memory:
-        _memory(args, workloads, device, width)
+        things = (ADAMW, *(step_name("iEF", r) for r in _memory_routes(args, args.routes)))
+        print_memory(records, things)
+        memory_kind = "RSS" if device.type == "cpu" else "CUDA tensors"
+    print(f"\n# load average at the end {_load()}; "
+          f"{(time.perf_counter() - started) / 60:.1f} minutes in all")
+    print_summary(records, "wall", memory_kind)
+    if device.type == "cpu":
+        print_summary(records, "cpu", memory_kind)
     return 0
 
 

@@ -12,6 +12,8 @@ Usage: ``python -m validation.bench.timing [--max-p 1000000] [--dense-max-p 4096
 from __future__ import annotations
 
 import argparse
+import gc
+import math
 import os
 import platform
 import statistics
@@ -23,16 +25,46 @@ import numpy as np
 import ngdref
 
 
-def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # alternate so drift hits both alike
+def median_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, *, min_time: float = 0.0,
+    sync: Callable[[], object] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-call medians of wall-clock and of process CPU time (all threads), in seconds.
+
+    After ``warmup`` rounds (at least one), ``repeats`` rounds call every thing in turn, so
+    that the machine's drift hits all alike. A thing faster than ``min_time`` (measured in the
+    last warm-up round) is called several times in a row per measurement, as ``timeit`` does,
+    so that millisecond cells are not timer and scheduler noise. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before the clock starts and before it stops, so
+    that an asynchronous device's work is timed when it has finished.
+    """
+    wait = sync or (lambda: None)
+    calls = dict.fromkeys(fns, 1)
+    rounds = max(warmup, 1)
+    for round_ in range(rounds):
+        for name, fn in fns.items():
+            wait()
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            wait()
+            if round_ == rounds - 1:
+                calls[name] = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-6)))
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wait()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(calls[name]):
+                fn()
+            wait()
+            wall[name].append((time.perf_counter() - start) / calls[name])
+            cpu[name].append((time.process_time() - start_cpu) / calls[name])
+        gc.collect()
+    return (
+        {name: statistics.median(ts) for name, ts in wall.items()},
+        {name: statistics.median(ts) for name, ts in cpu.items()},
+    )
 
 
 def gram_vs_dense(n: int, sizes: list[int], dense_max_p: int, repeats: int) -> list[dict]:
@@ -59,7 +91,7 @@ def gram_vs_dense(n: int, sizes: list[int], dense_max_p: int, repeats: int) -> l
             gap = np.linalg.norm(fns["gram"]() - dense()) / np.linalg.norm(dense())
         else:
             gap = float("nan")
-        t = _median_times(fns, repeats)
+        t, _ = median_times(fns, repeats, 1)
         rows.append({"P": p, "gram_s": t["gram"], "dense_s": t.get("dense"), "rel_gap": gap})
     return rows
 

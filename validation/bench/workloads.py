@@ -1,8 +1,11 @@
-"""The models and batches of ``python -m validation.bench.steps`` (float32, eval mode).
+"""The small models and batches of ``python -m validation.bench.steps`` (float32, eval mode).
 
 LoRA workloads (a small T5 with LoRA on q and v, a small ViT with LoRA on q_proj and v_proj)
 and full-parameter ones (a small MLP, an MLP of a few million parameters, and the same T5 and
-ViT with ALL parameters trainable). ``quick`` shrinks every model for CI-scale runs.
+ViT with ALL parameters trainable). ``quick`` shrinks every model for CI-scale runs. Dropout
+is 0 (ViT's and LoRA's default; set for T5), so the train mode that Opacus' hooks need
+computes the same function as the eval mode of the other steps. The paper-shape workloads
+are in :mod:`validation.bench.paper_workloads`.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _t5(quick: bool, full: bool, device: torch.device) -> Workload:
     torch.manual_seed(0)
     config = tiny_t5_config(
         vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, num_layers=2, num_heads=heads,
-        d_kv=d_model // heads,
+        d_kv=d_model // heads, dropout_rate=0.0,  # train mode (the peers') = eval mode
     )
     base = transformers.T5ForConditionalGeneration(config)
     model = _trainable(base, full, T5_LORA_TARGETS, device)

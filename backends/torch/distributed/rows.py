@@ -87,7 +87,7 @@ def _canonical(blocks: list[Any], layouts: list[list[tuple]]) -> list[Any]:
 
 
 def pad(tensor: torch.Tensor, width: Sequence[int], rows: int | None = None) -> torch.Tensor:
-    """``tensor`` zero-padded to (rows, *width) (rows: its own by default), contiguous."""
+    """``tensor`` zero-padded to ``(rows, *width)`` (rows: its own by default), contiguous."""
     shape = (tensor.shape[0] if rows is None else rows, *width)
     if tuple(tensor.shape) == shape:
         return tensor.contiguous()

@@ -106,12 +106,13 @@ def _axis_function(tracker: ProvenanceTracker) -> Any:
 
 def _forward(provider: TorchProvider, params: dict[str, nn.Parameter]
              ) -> tuple[Recorder, torch.Tensor, list[str]]:
-    """The recorded forward pass (eval mode): the recorder, the logits (N, C), the leaks."""
+    """The recorded forward pass (in the provider's mode): the recorder, the logits (N, C),
+    the leaks."""
     model, n = provider.model, provider.num_samples
     batched = provider.batch(slice(None))
     tracker = ProvenanceTracker(n, [(t, BATCH_FIRST) for t in batched.values()],
                                 free=held_tensors(model))
-    recorder = Recorder(model, _axis_function(tracker), n, mode="eval")
+    recorder = Recorder(model, _axis_function(tracker), n, mode=provider.mode)
     try:
         with provider.eval_mode(), torch.enable_grad(), recorder.recording(), tracker:
             z = provider.batch_logits(provider.theta, batched, params)

@@ -61,7 +61,7 @@ import ngdref
 from ngdref import kfac as K
 from ngdref.checks import check_choice
 
-from ..per_sample.semantics import refuse_semantics
+from ..per_sample.semantics import MODES, refuse_semantics
 from ..provider import TorchProvider
 from .blocks import KFACBlock, build_blocks, diagonal_reasons
 from .capture import run_passes
@@ -169,13 +169,15 @@ def kfac_curvature(
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     strict: bool = False,
     eigenvalue_correction: bool = False,
+    mode: str = "eval",
 ) -> KFACCurvature:
     r"""The block-diagonal curvature of the given K-FAC methods on one batch (module docs).
 
     Parameters
     ----------
-    model, inputs, output_fn
-        As for :class:`backends.TorchProvider` (eval mode during the passes).
+    model, inputs, output_fn, mode
+        As for :class:`backends.TorchProvider` (``mode="eval"`` during the passes by default;
+        ``"train"`` refuses modules without per-sample meaning in train mode, by name).
     loss : ngdref.LogitLoss
     targets : optional
         Default: the ``"labels"`` of dict inputs.
@@ -202,7 +204,7 @@ def kfac_curvature(
     Raises
     ------
     backends.torch.per_sample.semantics.PerSampleSemanticsError
-        A module has no per-sample meaning in eval mode (named), before any pass.
+        A module has no per-sample meaning under ``mode`` (named), before any pass.
     ValueError
         Bad options (named); ``strict`` and a diagonal block; ``bias="joint"`` and a shared
         weight whose calls do not share one bias.
@@ -210,8 +212,8 @@ def kfac_curvature(
     options = {"convention": convention, "normalisation": normalisation, "bias": bias,
                "eigenvalue_correction": eigenvalue_correction, "kfac_fisher": kfac_fisher}
     _check_options(tuple(methods), options)
-    refuse_semantics(model, "eval")
-    provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample_method="vmap")
+    refuse_semantics(model, check_choice(mode, "mode", MODES))
+    provider = TorchProvider(model, inputs, output_fn=output_fn, per_sample="vmap", mode=mode)
     targets = provider.targets if targets is None else targets
     if targets is None:
         raise ValueError("targets is required (or a 'labels' entry in dict inputs)")

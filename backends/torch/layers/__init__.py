@@ -4,29 +4,30 @@ Each kind (one module per kind below) holds what the per-sample routes and K-FAC
 its layer: refusals (``refuse``, ``refuse_call``), per-sample input features (``inputs``),
 per-sample gradient parts (``factors``: :class:`Outer` factors or materialised
 :class:`Rows`), and a cost entry (``cost``). :func:`assemble` turns the parts of every use of
-a parameter into one block of :class:`backends.ghost.GhostRows`; :mod:`.kronecker` turns
-them into K-FAC factors; :class:`Recorder` is a reference engine driving the contract.
+a parameter into one block of :class:`backends.torch.per_sample.rows.GhostRows`;
+:mod:`.kronecker` turns them into K-FAC factors; :class:`Recorder` is a reference engine
+driving the contract.
 
-================================  ==============================  ==========================
-module                            per-sample gradient             kind
-================================  ==============================  ==========================
-``nn.Linear`` (any leading axes)  weight b^T a, bias sum_t b      ``Linear``
-``nn.Conv1d/2d/3d``               per group b^T patches           ``Convolution``
-``nn.ConvTranspose1d/2d/3d``      per group x^T (b patches)       ``TransposedConvolution``
-``nn.Embedding``                  sum_t e_i b^T                   ``Embedding``
-``nn.EmbeddingBag``               sum_p e_i (w_p b_bag)^T; rows   ``EmbeddingBag``
-``nn.LayerNorm``, ``nn.RMSNorm``  rows sum_t b xhat, sum_t b      ``LastAxesNorm``
-``nn.GroupNorm``                  rows per channel                ``GroupNorm``
-``nn.InstanceNorm1d/2d/3d``       rows per channel                ``InstanceNorm``
-``nn.BatchNorm1d/2d/3d`` (eval)   rows per channel                ``BatchNorm``
-``nn.MultiheadAttention``         q, k, v row blocks (decomposed) ``Attention``
-================================  ==============================  ==========================
+================================  ===============================  =========================
+module                            per-sample gradient              kind
+================================  ===============================  =========================
+``nn.Linear`` (any leading axes)  weight b^T a, bias sum_t b       ``Linear``
+``nn.Conv1d/2d/3d``               per group b^T patches            ``Convolution``
+``nn.ConvTranspose1d/2d/3d``      per group x^T (b patches)        ``TransposedConvolution``
+``nn.Embedding``                  sum_t e_i b^T                    ``Embedding``
+``nn.EmbeddingBag``               sum_p e_i (w_p b_bag)^T; rows    ``EmbeddingBag``
+``nn.LayerNorm``, ``nn.RMSNorm``  rows sum_t b xhat, sum_t b       ``LastAxesNorm``
+``nn.GroupNorm``                  rows per channel                 ``GroupNorm``
+``nn.InstanceNorm1d/2d/3d``       rows per channel                 ``InstanceNorm``
+``nn.(Sync)BatchNorm*`` (eval)    rows per channel                 ``BatchNorm``
+``nn.MultiheadAttention``         q, k, v row blocks (decomposed)  ``Attention``
+================================  ===============================  =========================
 """
 
 from __future__ import annotations
 
 from .attention import Attention
-from .blocks import ROUTES, SplitBlock, assemble, shapes_of
+from .blocks import ROUTES, DenseBlock, FactorBlock, SplitBlock, assemble, shapes_of
 from .capture import Call, Recorder
 from .channel_norm import BatchNorm, GroupNorm, InstanceNorm
 from .conv_transpose import TransposedConvolution
@@ -68,8 +69,10 @@ __all__ = [
     "Captured",
     "Convolution",
     "Cost",
+    "DenseBlock",
     "Embedding",
     "EmbeddingBag",
+    "FactorBlock",
     "Grad",
     "GroupNorm",
     "InstanceNorm",

@@ -179,6 +179,17 @@ class Attention(LayerKind):
                     f"{module.batch_first}): the others are attended over or contracted")
         return None
 
+    def first_input(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                    output: Any = None) -> torch.Tensor | None:
+        """The query (positional or keyword)."""
+        query = _arguments(module, args, kwargs)["query"]
+        return query if isinstance(query, torch.Tensor) else None
+
+    def tap_axis(self, module: nn.Module, name: str, axis: BatchAxis) -> BatchAxis:
+        """``bias_k``/``bias_v`` are repeated over the batch on axis 1 (after the layout's
+        transpose), the projections keep the query's axis."""
+        return BatchAxis(1, axis.outer, axis.inner) if name.startswith("bias_") else axis
+
     def forward(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                 tap: Tap) -> Any:
         """The module's (output, weights), from tapped projections and ``module.out_proj``."""
@@ -214,6 +225,6 @@ class Attention(LayerKind):
             elif a in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 out[a] = (Outer(b[a[0]], inputs.x[a[0]]),)
             else:  # bias_k, bias_v: (1, B, E) copies, the batch on axis 1 as the query's
-                inner = BatchAxis(1, axis.outer, axis.inner)
-                out[a] = (Rows(batch_first(grads[a], inner, n).reshape(n, -1, e).sum(dim=1)),)
+                where = self.tap_axis(module, a, axis)
+                out[a] = (Rows(batch_first(grads[a], where, n).reshape(n, -1, e).sum(dim=1)),)
         return out

@@ -1,7 +1,7 @@
 r"""One block per parameter from the parts of all its uses: ghost factors or materialised rows.
 
 :func:`assemble` is the one place where parts (:mod:`.parts`) become the blocks of
-:class:`backends.ghost.GhostRows`:
+:class:`backends.torch.per_sample.rows.GhostRows`:
 
 * every use of the parameter has the same layout of :class:`~.parts.Outer` parts (same
   starts and widths; a weight used k times, tied weights): the uses are concatenated
@@ -10,12 +10,12 @@ r"""One block per parameter from the parts of all its uses: ghost factors or mat
   .. math:: g_n = \sum_{k} \operatorname{vec}(U_{nk}^\top V_{nk})
       = \operatorname{vec}\big([U_{n1}; \dots; U_{nK}]^\top [V_{n1}; \dots; V_{nK}]\big),
 
-  giving a :class:`~backends.ghost.FactorBlock` (one part) or a :class:`SplitBlock`
+  giving a :class:`FactorBlock` (one part) or a :class:`SplitBlock`
   (contiguous row blocks: a grouped convolution's groups, attention's q, k, v rows), kept
   as factors when the route or the cost model (:mod:`.cost`) says so;
 * otherwise (a bias, :class:`~.parts.Rows`, uses of different forms such as an embedding
   tied to an output layer) each use is materialised and the uses are summed into one
-  :class:`~backends.ghost.DenseBlock`.
+  :class:`DenseBlock`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,124 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..per_sample.rows import DenseBlock, FactorBlock
 from .cost import BALANCE, PartShape, factor_cost
 from .parts import Grad, Outer, Rows, along_positions, materialise, part_size
 
-__all__ = ["ROUTES", "SplitBlock", "assemble", "shapes_of"]
+__all__ = ["ROUTES", "DenseBlock", "FactorBlock", "SplitBlock", "assemble", "shapes_of"]
+
+#: entries of one (rows x columns) chunk of the ghost kernels (32 MiB in float64)
+_CHUNK = 2**22
 
 #: per-parameter choice: the cost model, factors wherever possible, materialised everywhere
 ROUTES = ("auto", "ghost", "materialise")
+
+
+@dataclass
+class FactorBlock:
+    """One weight, held as factors: g_n = vec(b_n^T a_n) at ``offset`` in theta.
+
+    Attributes
+    ----------
+    offset : int
+    shape : tuple of int
+        The parameter's shape; its row-major flattening is (d_out, d_in) (a conv weight
+        (C_out, C_in, kh, kw) flattens to (C_out, C_in kh kw), the unfold order).
+    x : torch.Tensor
+        (N, T, d_in) inputs a_n, or (N, T) integer indices for an embedding (V, d_out).
+    b : torch.Tensor, (N, T, d_out)
+        Output gradients (zero at an embedding's ``padding_idx`` positions).
+    """
+
+    offset: int
+    shape: tuple[int, ...]
+    x: torch.Tensor
+    b: torch.Tensor
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = int(torch.Size(self.shape).numel())
+
+    @property
+    def embedding(self) -> bool:
+        return not torch.is_floating_point(self.x)
+
+    def _matrix(self, vector: torch.Tensor) -> torch.Tensor:
+        """The slice of a (P,) vector for this weight, as (d_out, d_in) or (V, d)."""
+        piece = vector[self.offset:self.offset + self.size]
+        return piece.view(self.shape[0], -1) if not self.embedding else piece.view(self.shape)
+
+    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample gradients of this weight, (N, size), written into ``out`` (N, size)
+        when given (a weight's bmm straight into it, e.g. its columns of a whole G)."""
+        n, _, d = self.b.shape
+        if not self.embedding:
+            if out is None:
+                return torch.bmm(self.b.transpose(1, 2), self.x).reshape(n, -1)
+            torch.bmm(self.b.transpose(1, 2), self.x, out=out.view(n, self.shape[0], -1))
+            return out
+        vocab = self.shape[0]
+        rows = (self.x + vocab * torch.arange(n, device=self.x.device)[:, None]).reshape(-1)
+        grads = torch.zeros(n * vocab, d, dtype=self.b.dtype, device=self.b.device)
+        grads = grads.index_add_(0, rows, self.b.reshape(-1, d)).view(n, -1)
+        return grads if out is None else out.copy_(grads)
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """(G v)_n over this weight's slice, (N,)."""
+        w = self._matrix(vector)
+        image = w[self.x] if self.embedding else torch.matmul(self.x, w.T)
+        return (image * self.b).sum(dim=(1, 2))
+
+    def rmatvec(
+        self, weights: torch.Tensor | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sum_n w_n g_n flattened, (size,), written into ``out`` (size,) when given;
+        ``weights=None``: w_n = 1 (the sum of the rows, with no product by ones)."""
+        b = self.b if weights is None else weights[:, None, None] * self.b
+        wb = b.reshape(-1, self.b.shape[-1])
+        if out is None:
+            out = torch.empty(self.size, dtype=self.b.dtype, device=self.b.device)
+        if self.embedding:
+            out.zero_().view(self.shape).index_add_(0, self.x.reshape(-1), wb)
+            return out
+        torch.mm(wb.T, self.x.reshape(-1, self.x.shape[-1]), out=out.view(self.shape[0], -1))
+        return out
+
+    def cross(self, other: FactorBlock) -> torch.Tensor:
+        r"""<g_n, h_m> = <A_n A'_m^T, B_n B'_m^T>_F in float64, (N, M), in row chunks."""
+        n, t = self.b.shape[:2]
+        m, t2 = other.b.shape[:2]
+        step = max(1, _CHUNK // max(1, t * m * t2))
+        b2 = other.b.reshape(m * t2, -1)
+        x2 = other.x.reshape(m * t2, -1) if not other.embedding else other.x.reshape(-1)
+        out = []
+        for start in range(0, n, step):
+            x1, b1 = self.x[start:start + step], self.b[start:start + step]
+            k = b1.shape[0]
+            if self.embedding:
+                kx = (x1.reshape(-1, 1) == x2[None, :]).to(torch.float64)
+            else:
+                kx = torch.matmul(x1.reshape(k * t, -1), x2.T).to(torch.float64)
+            kb = torch.matmul(b1.reshape(k * t, -1), b2.T).to(torch.float64)
+            out.append((kx * kb).view(k, t, m, t2).sum(dim=(1, 3)))
+        return torch.cat(out)
+
+
+@dataclass
+class DenseBlock:
+    """Materialised per-sample gradients of one parameter: ``rows`` (N, size) at ``offset``."""
+
+    offset: int
+    rows: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[1])
+
+    def rmatvec(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_n w_n (row n), (size,), written into ``out`` (size,) when given."""
+        if out is None:
+            return torch.mv(self.rows.T, weights)
+        return torch.mv(self.rows.T, weights, out=out)
 
 
 @dataclass
@@ -109,6 +219,10 @@ def shapes_of(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, 
         t = sum(max((p.positions for p in use if isinstance(p, Outer)), default=1)
                 for use in uses)
         return (PartShape(t, total, 0),)
+    return _outer_shapes(uses, shape)
+
+
+def _outer_shapes(uses: Sequence[Grad], shape: tuple[int, ...]) -> tuple[PartShape, ...]:
     out = []
     for parts in zip(*uses, strict=True):
         t = sum(p.positions for p in parts)
@@ -149,21 +263,21 @@ def assemble(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not uses:
         raise ValueError("assemble needs at least one use of the parameter")
-    if _factorable(uses):
-        groups = list(zip(*uses, strict=True))
-        blocks = [_factor_block(offset, shape, parts) for parts in groups]
-        block = blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape), tuple(blocks))
-        n = int(uses[0][0].u.shape[0])
-        itemsize = uses[0][0].v.element_size()
-        if route == "ghost" or (route == "auto" and factor_cost(
-                n, shapes_of(uses, shape), itemsize).ghost_cheaper(balance)):
-            return block
-        return DenseBlock(offset, block.materialise())
+    if route != "materialise" and _factorable(uses):
+        first = uses[0][0]
+        if route == "ghost" or factor_cost(int(first.u.shape[0]), _outer_shapes(uses, shape),
+                                           first.v.element_size()).ghost_cheaper(balance):
+            blocks = [_factor_block(offset, shape, parts) for parts in zip(*uses, strict=True)]
+            return blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape),
+                                                                tuple(blocks))
     return DenseBlock(offset, _dense(uses, shape))
 
 
 def _dense(uses: Sequence[Grad], shape: tuple[int, ...]) -> torch.Tensor:
     """The uses materialised and summed, (N, prod(shape)); each part at its own rows."""
+    if len(uses) == 1 and len(uses[0]) == 1 and part_size(uses[0][0], shape) == math.prod(
+            shape) and (isinstance(uses[0][0], Rows) or uses[0][0].start == 0):
+        return materialise(uses[0][0], shape)  # one part, the whole parameter: as it is
     total = None
     for use in uses:
         for p in use:

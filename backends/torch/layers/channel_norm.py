@@ -1,6 +1,7 @@
-r"""Per-channel affine norms: ``nn.GroupNorm``, ``nn.InstanceNormNd``, ``nn.BatchNormNd``.
+r"""Per-channel affine norms: ``nn.GroupNorm``, ``nn.InstanceNormNd``, ``nn.BatchNormNd``
+(and ``nn.SyncBatchNorm``, which in eval mode is a batch norm on running statistics).
 
-y = xhat (.) gamma_c + beta_c per channel c of an input (B, C, *spatial), with xhat the
+y = xhat (.) gamma_c + beta_c per channel c of an input ``(B, C, *spatial)``, with xhat the
 normalised input. Exact only where xhat of a sample depends on that sample alone:
 
 ==================  =============================================================  =========
@@ -102,7 +103,7 @@ class InstanceNorm(_ChannelNorm):
         return _running(module, x)
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class BatchNorm(_ChannelNorm):
     """Per-sample rows of BatchNorm's scale and shift, in eval mode on running statistics."""
 

@@ -41,7 +41,7 @@ def unfold(x: torch.Tensor, kernel: Sequence[int], dilation: Sequence[int],
            mode: str = "zeros") -> torch.Tensor:
     """Patches of an N-d convolution, (B, T, C prod(kernel)), columns in (C, k_1, ...) order.
 
-    ``x`` (B, C, *spatial); ``pads`` (front, back) per spatial axis, negative crops (zeros
+    ``x`` ``(B, C, *spatial)``; ``pads`` (front, back) per spatial axis, negative crops (zeros
     mode only); T = the product of the output sizes, row-major.
     """
     d = len(kernel)
@@ -57,7 +57,7 @@ def unfold(x: torch.Tensor, kernel: Sequence[int], dilation: Sequence[int],
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, *spatial) -> (B, T, C), T the spatial positions row-major (T = 1 for (B, C))."""
+    """``(B, C, *spatial)`` -> (B, T, C), T the spatial positions row-major (T = 1 for (B, C))."""
     return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
 

@@ -13,7 +13,7 @@ materialised          N T d_u d_v + N^2 d_u d_v            s N T (d_u + d_v) + N
                       + N d_u d_v
 ghost, lookup (V, d)  N^2 T^2 (d + 1) + N T d              2 s N T d + (N T)^2 (s + 32) + s V d
 materialised, lookup  N T d + N^2 V d + N V d              2 s N T d + N V d (3 s + 8)
-bias (v = 1), rows    materialised only: N T d_u + N^2 d_u + N d_u; bytes as materialised
+bias (v = 1), rows    N T d_u + N^2 d_u + N d_u            as materialised (no ghost form)
 ====================  ===================================  ========================================
 
 The ghost kernels are (N T) x (N T) matrices made in the rows' dtype, converted to float64

@@ -1,7 +1,7 @@
 r"""``nn.EmbeddingBag``: modes sum, mean (per-position factors) and max (materialised rows).
 
 Bag j reduces the rows of its positions p: sum_p w_p W[i_p] (``mode="sum"``, w_p the
-``per_sample_weights`` or 1) or the mean over its non-padding positions (w_p = 1 / |bag j|);
+``per_sample_weights`` or 1) or the mean over its non-padding positions (w_p = 1 / size of bag j);
 positions at ``padding_idx`` have w_p = 0. So with b_j (d) the output gradient of bag j,
 
 .. math:: \nabla_W l_n = \sum_{p \in \text{bags of } n} e_{i_p}\, (w_p\, b_{j(p)})^\top
@@ -92,6 +92,14 @@ class EmbeddingBag(LayerKind):
 
     def refuse(self, module: nn.Module, mode: str) -> str | None:
         return refuse_lookup(module)
+
+    def first_input(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                    output: Any = None) -> torch.Tensor | None:
+        """The indices of a 2-D call; the output (its bags) of a 1-D call with offsets."""
+        index = _SIGNATURE.bind(module, *args, **kwargs).arguments["input"]
+        if index.ndim == 2:
+            return index
+        return output if isinstance(output, torch.Tensor) else None
 
     def refuse_call(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                     axis: BatchAxis) -> str | None:

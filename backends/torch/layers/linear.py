@@ -28,6 +28,8 @@ __all__ = ["Linear", "positions"]
 
 def positions(t: torch.Tensor, axis: BatchAxis, n: int) -> torch.Tensor:
     """(N, T, d): the last axis kept, every other axis but the samples' merged into T."""
+    if axis.axis == 0 and axis.plain and t.shape[0] == n:  # batch first: a view, no move
+        return t.reshape(n, -1, t.shape[-1])
     s = batch_first(t, axis, n)
     return s.reshape(n, -1, s.shape[-1])
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,16 +62,15 @@ class Outer:
     grad: str = "u"
     kronecker: bool = True
 
+    #: whether u holds indices (one-hot rows of a table) rather than vectors
+    lookup: bool = field(init=False)
+
     def __post_init__(self) -> None:
         if self.grad not in ("u", "v") or (self.grad == "v" and self.v is None):
             raise ValueError(f"Outer.grad must name a present factor, got {self.grad!r}")
+        object.__setattr__(self, "lookup", not torch.is_floating_point(self.u))
         if self.lookup and (self.v is None or self.start != 0):
             raise ValueError("an Outer part with indices covers a whole table (v given, start 0)")
-
-    @property
-    def lookup(self) -> bool:
-        """Whether u holds indices (one-hot rows of a table) rather than vectors."""
-        return not torch.is_floating_point(self.u)
 
     @property
     def positions(self) -> int:

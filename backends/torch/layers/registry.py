@@ -99,6 +99,17 @@ class LayerKind:
         """Why this call, with its samples along ``axis`` of ``args[0]``, cannot be exact."""
         return None
 
+    def first_input(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                    output: Any = None) -> torch.Tensor | None:
+        """The tensor whose batch axis is the call's ``axis``: its first positional argument
+        (None if there is none; ``output``: the call's output, None before the call)."""
+        return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    def tap_axis(self, module: nn.Module, name: str, axis: BatchAxis) -> BatchAxis:
+        """Where the samples lie in the tapped tensor ``name`` of a call with batch axis
+        ``axis`` (as :meth:`factors` splits its gradient): ``axis`` unless a kind says."""
+        return axis
+
     def forward(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                 tap: Tap) -> Any:
         """The module's output, with every tensor whose gradient :meth:`factors` reads

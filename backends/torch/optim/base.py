@@ -77,6 +77,8 @@ class _Batch:
     logit_grad_sq_norms: torch.Tensor
     rows: Any  # ngdref.PerSampleRows
     loss: float
+    #: how the rows were made: the provider's fallbacks, certificate and routes, plain data
+    report: dict[str, Any]
 
     @functools.cached_property
     def grad(self) -> torch.Tensor:
@@ -248,9 +250,7 @@ class _LogitLossOptimizer(_SteppedOptimizer):
                 if imbalance is None else imbalance
             ),
             "per_sample": self.per_sample,
-            "fallbacks": list(getattr(rows, "fallbacks", ())),
-            "certificate": _plain(getattr(rows, "certificate", None)),
-            "routes": _plain(getattr(rows, "routes", None)),
+            **batch.report,
             **method,
             **self._comm.diagnostics(),
         }
@@ -281,13 +281,13 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         return provider, targets
 
     def _warn(self, fallbacks: list[str]) -> None:
-        """Say once per optimiser which parameters took a vmap fallback."""
+        """Say once per optimiser which parameters (or rows) took a fallback route, and why."""
         new = [f for f in fallbacks if f not in self._warned]
         if new:
             self._warned.update(new)
             warnings.warn(
-                f"{type(self).__name__}(per_sample={self.per_sample!r}): per-sample gradients "
-                "by torch.func.vmap for: " + "; ".join(new),
+                f"{type(self).__name__}(per_sample={self.per_sample!r}): fallback routes: "
+                + "; ".join(new),
                 stacklevel=3,
             )
 
@@ -304,7 +304,10 @@ class _LogitLossOptimizer(_SteppedOptimizer):
             )
         e = factor * self._shard_loss.grad(logits, targets)
         rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
-        return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, loss)
+        report = {"fallbacks": list(provider.fallbacks),
+                  "certificate": _plain(provider.certificate),
+                  "routes": _plain(provider.routes) or None}
+        return _Batch(logits, factor, e, torch.sum(e * e, dim=1), rows, loss, report)
 
     #: SF: the sampled labels' backward pass reuses the forward of the true labels
     _reuses_forward = False

@@ -10,8 +10,8 @@ the method (:func:`backends.torch.kfac.curvature.kfac_curvature`, sum convention
 reduction factor (1 for ``reduction="sum"``, 1/N for ``"mean"``): a
 mean-convention run with (lr', lambda') = (lr, R lambda) takes the steps of
 a sum-convention run with (lr, lambda), since (R K + R lambda I)^-1 R g is the
-same vector. Constant learning rate, no momentum, no weight decay, model in eval
-mode during the passes, as the paper's optimisers.
+same vector. Constant learning rate, no momentum, no weight decay, the model in eval mode
+during the passes (``mode``, as for the other optimisers), as the paper's optimisers.
 
 Factors are recomputed every step by default. ``update_interval=k`` recomputes
 them every k-th step and reuses them in between (the gradient is always the
@@ -107,6 +107,7 @@ class _KFACOptimizer(_SteppedOptimizer):
         bias: str = "separate",
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        mode: str = "eval",
         strict: bool = False,
     ) -> None:
         self._setup(model, loss, _given(locals()))
@@ -114,6 +115,7 @@ class _KFACOptimizer(_SteppedOptimizer):
     def _setup(self, model: nn.Module, loss: ngdref.LogitLoss, options: dict[str, Any]) -> None:
         super().__init__(model, loss, options)
         self._strict = options["strict"]
+        self._mode = options["mode"]  # the mode policy of every pass (construction option)
         #: the kept curvature (its factors: ``state[p0]["curvature"]``); None before a step
         self._curvature: KFACCurvature | None = None
         self._restarted = False  # the last refresh restarted the running average
@@ -123,6 +125,7 @@ class _KFACOptimizer(_SteppedOptimizer):
             "convention": group["convention"],
             "normalisation": group["normalisation"],
             "bias": group["bias"],
+            "mode": self._mode,
         }
 
     def _refresh(self, inputs: Any, targets: Any, group: Mapping[str, Any]) -> KFACCurvature:
@@ -144,7 +147,8 @@ class _KFACOptimizer(_SteppedOptimizer):
 
     def _stale(self, inputs: Any, targets: Any) -> KFACCurvature:
         """The kept factors with this batch's gradient and loss (one forward, one backward)."""
-        provider = TorchProvider(self._model, inputs, output_fn=self._output_fn)
+        provider = TorchProvider(self._model, inputs, output_fn=self._output_fn,
+                                 mode=self._mode, certify="never")
         targets = provider.targets if targets is None else targets
         logits = provider.logits()
         grad = provider.vjp_sum(self._loss.grad(logits, targets))
@@ -291,6 +295,7 @@ class KFAC(_KFACOptimizer):
         bias: str = "separate",
         reduction: str | float = "sum",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        mode: str = "eval",
         strict: bool = False,
     ) -> None:
         self._setup(model, loss, _given(locals()))

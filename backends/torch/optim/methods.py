@@ -49,19 +49,22 @@ Per-sample gradients
 ``per_sample`` chooses how G (N, P) is obtained; every choice gives the same step (to rounding):
 
 * ``"auto"`` (default): one forward and one backward pass with module hooks; per weight the
-  ghost factors or the materialised per-layer rows, whichever :func:`backends.torch.per_sample.rows.
-  ghost_is_cheaper` says costs less (:mod:`backends.torch.per_sample.layer_pass`); G is never
-  formed, the update is G^T c from the stored layer quantities;
+  ghost factors or the materialised per-layer rows, whichever the layer registry's cost model
+  (:func:`backends.torch.layers.cost.factor_cost`) says costs less
+  (:mod:`backends.torch.per_sample.layer_pass`); G is never formed, the update is G^T c from
+  the stored layer quantities;
 * ``"ghost"``: the same with factors for every weight that allows them;
 * ``"hooks"``: the same with materialised per-layer rows everywhere;
-* ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G;
-* ``"loop"``: single-sample passes, for any model whose samples are independent (it needs a
-  TorchProvider that takes ``per_sample``, the per-sample engine's).
+* ``"vmap"``: ``torch.func.vmap`` over samples, a dense (N, P) G (the loop where torch cannot
+  run it);
+* ``"loop"``: single-sample passes, for any model whose samples are independent.
 
-Parameters no hook can account for fall back to ``vmap`` for those parameters alone, listed
-in ``diagnostics["fallbacks"]`` (and warned about once). ``certify``, ``on_mismatch`` and
-``certify_samples`` check the rows against an independent G v
-(:mod:`backends.torch.optim.options` documents every option).
+A parameter the hooked pass cannot split falls through, by itself, to the per-module vmap,
+the whole-model vmap and the loop; each fallback is listed in ``diagnostics["fallbacks"]``
+(and warned about once), each parameter's route in ``diagnostics["routes"]``. ``certify``,
+``on_mismatch`` and ``certify_samples`` check the rows against an independent G v
+(``diagnostics["certificate"]``; :mod:`backends.torch.optim.options` documents every
+option).
 
 The options are passed to :class:`backends.TorchProvider` by one function,
 :func:`backends.torch.optim.options.provider_keywords`.

@@ -19,7 +19,6 @@ their keywords out in explicit ``__init__`` signatures with their defaults, as
 
 from __future__ import annotations
 
-import functools
 import inspect
 import textwrap
 from collections.abc import Callable, Mapping
@@ -34,13 +33,12 @@ from ngdref.updates import DAMPING_SPACES
 
 from ..kfac.curvature import BIAS_MODES, KFAC_FISHERS
 from ..per_sample.policy import CERTIFY, ON_MISMATCH
+from ..per_sample.routes import PER_SAMPLE
 from ..per_sample.semantics import MODES
-from ..provider import TorchProvider
 
 __all__ = [
     "OPTIONS",
     "PER_SAMPLE",
-    "PER_SAMPLE_ROUTES",
     "SF_DAMPING_MODES",
     "SF_OPTIONS",
     "Option",
@@ -48,8 +46,6 @@ __all__ = [
     "provider_keywords",
 ]
 
-#: the ``per_sample`` routes of the optimisers (and of the per-sample engine's TorchProvider)
-PER_SAMPLE_ROUTES = ("auto", "ghost", "hooks", "vmap", "loop")
 #: how :class:`backends.SF` reads its damping: "absolute", or "median" (the authors' negative one)
 SF_DAMPING_MODES = ("absolute", "median")
 
@@ -267,11 +263,11 @@ OPTIONS: dict[str, Option] = {
         _callable,
     ),
     "per_sample": Option(
-        _choices(PER_SAMPLE_ROUTES),
+        _choices(PER_SAMPLE),
         "How the per-sample gradients are computed; every route gives the same step, to "
-        "rounding (the per-sample routes guide). \"loop\" needs a TorchProvider that takes "
-        "``per_sample``.",
-        _choice("per_sample", PER_SAMPLE_ROUTES),
+        "rounding (the per-sample routes guide); ``diagnostics[\"routes\"]`` names each "
+        "parameter's route.",
+        _choice("per_sample", PER_SAMPLE),
     ),
     "chunk_size": Option(
         "int >= 1 or None",
@@ -282,16 +278,16 @@ OPTIONS: dict[str, Option] = {
     "mode": Option(
         _choices(MODES),
         'The mode of every pass (:ref:`conv-eval-mode`): "eval" (dropout off, batch norm on '
-        "its running statistics) as the paper's authors train; the model's own flags are "
-        "restored after each pass.",
+        "its running statistics) as the paper's authors train, or \"train\"; modules without "
+        "per-sample gradients in that mode are refused by name before the step; the model's "
+        "own flags are restored after each pass.",
         _choice("mode", MODES),
     ),
     "certify": Option(
         _choices(CERTIFY),
         "When the per-sample rows are checked against an independent G v: at the first step "
-        "of each model structure and input shapes, at every step, or never. A TorchProvider "
-        "that does not take ``certify`` certifies nothing (``diagnostics[\"certificate\"]`` "
-        "is None) and refuses the other values.",
+        "of each model structure and input shapes, at every step, or never "
+        "(``diagnostics[\"certificate\"]``: None where none ran).",
         _choice("certify", CERTIFY),
     ),
     "on_mismatch": Option(
@@ -319,7 +315,7 @@ OPTIONS: dict[str, Option] = {
     "per_sample_method": Option(
         "str or None",
         "Deprecated (a ``DeprecationWarning``): the earlier name of ``per_sample``.",
-        lambda value: value is None or check_choice(value, "per_sample_method", PER_SAMPLE_ROUTES),
+        lambda value: value is None or check_choice(value, "per_sample_method", PER_SAMPLE),
     ),
     "strict": Option(
         "bool",
@@ -390,33 +386,11 @@ def _literal(value: Any) -> str:
 
 
 # ---- the provider ---------------------------------------------------------------------------
-#: ``per_sample`` -> (``per_sample_method``, ``layer_route``) of a TorchProvider that does not
-#: take ``per_sample``
-_PROVIDER_ROUTES = {
-    "auto": ("ghost", "auto"),
-    "ghost": ("ghost", "ghost"),
-    "hooks": ("ghost", "materialise"),
-    "vmap": ("vmap", "auto"),
-}
-#: option -> the values a TorchProvider without that keyword already behaves as (it runs every
-#: pass in eval mode and certifies nothing: "first" is its documented default, see the
-#: ``certify`` option); ``certify_seed`` only seeds a certificate
-_WITHOUT_KEYWORD: dict[str, tuple[Any, ...]] = {
-    "mode": ("eval",),
-    "certify": ("first", "never"),
-    "on_mismatch": ("raise",),
-    "certify_samples": (None,),
-}
+#: the provider keywords the optimisers' options give, by the same names
+_PROVIDER_OPTIONS = ("output_fn", "mode", "certify", "on_mismatch", "certify_samples")
 
 
-@functools.cache
-def _accepted(provider: type) -> frozenset[str]:
-    return frozenset(inspect.signature(provider).parameters)
-
-
-def provider_keywords(
-    options: Mapping[str, Any], step: int, accepted: frozenset[str] | None = None
-) -> dict[str, Any]:
+def provider_keywords(options: Mapping[str, Any], step: int) -> dict[str, Any]:
     """The :class:`backends.TorchProvider` keywords of an optimiser's options at ``step``.
 
     Parameters
@@ -426,24 +400,19 @@ def provider_keywords(
         and ``certify_samples`` (checked).
     step : int
         The step counter, passed as ``certify_seed`` (a fresh v every step, reproducibly).
-    accepted : frozenset of str, optional
-        The keywords the provider takes; default those of the installed TorchProvider's
-        signature.
 
     Returns
     -------
     dict
-        Every option the provider takes, by its name. To a provider without ``per_sample``,
-        the route as its ``per_sample_method`` and ``layer_route``; an option it does not take
-        is left out only where the provider already behaves as its value says.
+        The provider's keywords: the options by their names, ``per_sample`` the route (with
+        ``chunk_size`` under "auto": "vmap", the first route that processes the batch in
+        chunks) and ``certify_seed`` the step.
 
     Raises
     ------
     ValueError
-        ``chunk_size`` with the ghost or hooks route; an option the provider cannot honour,
-        naming it (never silently dropped).
+        ``chunk_size`` with the ghost or hooks route (one pass over the whole batch).
     """
-    accepted = _accepted(TorchProvider) if accepted is None else accepted
     route, chunk_size = options["per_sample"], options["chunk_size"]
     if chunk_size is not None:  # only vmap (and loop) process the batch in chunks
         if route in ("ghost", "hooks"):
@@ -452,34 +421,7 @@ def provider_keywords(
                 "backward pass over the whole batch); use per_sample='vmap'"
             )
         route = "vmap" if route == "auto" else route
-    wanted = {
-        "output_fn": options["output_fn"], "chunk_size": chunk_size, "per_sample": route,
-        **{name: options[name] for name in _WITHOUT_KEYWORD}, "certify_seed": step,
+    return {
+        **{name: options[name] for name in _PROVIDER_OPTIONS},
+        "per_sample": route, "chunk_size": chunk_size, "certify_seed": step,
     }
-    keywords = {name: value for name, value in wanted.items() if name in accepted}
-    if "per_sample" not in accepted:
-        if route not in _PROVIDER_ROUTES:
-            raise ValueError(_cannot("per_sample", route))
-        keywords["per_sample_method"], keywords["layer_route"] = _PROVIDER_ROUTES[route]
-    for name, honoured in _WITHOUT_KEYWORD.items():
-        if name not in accepted and wanted[name] not in honoured:
-            raise ValueError(_cannot(name, wanted[name]))
-    return keywords
-
-
-def _cannot(name: str, value: Any) -> str:
-    return (
-        f"{name}={value!r} needs a TorchProvider that takes {name!r} (the per-sample engine's); "
-        "the installed backends.TorchProvider does not yet"
-    )
-
-
-def _installed_routes() -> tuple[str, ...]:
-    if "per_sample" in _accepted(TorchProvider):
-        return PER_SAMPLE_ROUTES
-    return tuple(_PROVIDER_ROUTES)
-
-
-#: the ``per_sample`` routes the installed TorchProvider runs (``validation.bench.steps`` times
-#: each of them)
-PER_SAMPLE = _installed_routes()

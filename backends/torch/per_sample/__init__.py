@@ -1,8 +1,12 @@
-"""Per-sample gradients of a torch model from one forward and one backward pass with hooks.
+"""Per-sample gradients of a torch model: exact, or refused by name.
 
-``layer_pass``: the hooked pass (:class:`~backends.torch.per_sample.layer_pass.LayerPass`);
-``watch``: what the hooks cannot see (parameters broadcast over the batch, tied weights);
-``rows``: the result, per-layer factors or rows
-(:class:`~backends.torch.per_sample.rows.GhostRows`); ``linear_hooks``: the provider's
-``nn.Linear`` route to a dense G.
+``routes``: the ``per_sample`` routes by name; ``layer_pass`` (with ``layer_rows``): one
+hooked forward and one backward pass on the layer registry
+(:class:`~backends.torch.per_sample.layer_pass.LayerPass`); ``watch``: what the layer kinds
+cannot see (parameters broadcast over the batch, uses outside their module), driving
+``provenance`` (the batch axis of every tensor of the pass, by how it was computed);
+``rows``: the result, per-parameter factors or rows
+(:class:`~backends.torch.per_sample.rows.GhostRows`); ``vmap`` and ``loop``: the whole-model
+routes; ``certify`` and ``policy``: the certificate of a step's rows and when it runs;
+``semantics``: the modules without per-sample gradients, and the mode policy.
 """

@@ -62,10 +62,17 @@ from ngdref.checks import NonFiniteError, check_choice, check_int
 from ngdref.rows import as_rows, sq_row_norms
 
 from .loop import BatchModel
+from .vmap import error_line
 
-__all__ = ["REFERENCES", "certify_rows", "gaussian_vector", "reference_tangents"]
+__all__ = ["REFERENCES", "CertificateUnavailableError", "certify_rows", "gaussian_vector",
+           "reference_tangents"]
 
 REFERENCES = ("auto", "forward", "double-backward")
+
+
+class CertificateUnavailableError(RuntimeError):
+    """Neither reference route can run on the model (no forward-mode rule and no double
+    backward for one of its operations): its rows cannot be certified."""
 
 
 #: torch functions whose float32 kernels may round to TF32 / bfloat16 (backend flags)
@@ -217,7 +224,9 @@ def reference_tangents(
                 tangents = _double_backward(logits, theta, vector)
             except (NotImplementedError, RuntimeError) as err:
                 if route == "auto":
-                    raise err from forward_error
+                    raise CertificateUnavailableError(
+                        f"forward mode: {error_line(forward_error)}; double backward: "
+                        f"{error_line(err)}") from err
                 raise
             route = "double-backward"
     return tangents.detach().reshape(tangents.shape[0], -1), route, watch
@@ -302,6 +311,8 @@ def certify_rows(
     ngdref.certificate.RowsCertificateError
         The rows are wrong beyond rounding (the exception carries error, bound, sample and
         route).
+    CertificateUnavailableError
+        ``route="auto"`` and neither reference route runs on the model.
     ValueError, TypeError
         Bad rows, cotangents, seed, route, row_sq_norms or samples (named), before any pass.
     """

@@ -1,81 +1,90 @@
 r"""One forward and one backward pass with module hooks -> :class:`.rows.GhostRows`.
 
-:class:`LayerPass` runs the model once (eval mode, through the provider's functional call at
-theta) with a forward hook on every module that holds a trainable parameter of its own, and
-then one ordinary backward pass per set of cotangents (e.g. R dl_n/dz_n, or SF's sampled
-labels) that reuses that forward. The hooks keep each call's input and, through a hook on its
-output, the per-sample output gradient. Per parameter:
+:class:`LayerPass` runs the model once (the provider's mode policy, its functional call at
+theta) under :class:`~.watch.UseWatch`, which records every operation with the batch-axis
+provenance tracker (:mod:`~backends.torch.per_sample.provenance`), and then one ordinary
+backward pass per set of cotangents (e.g. R dl_n/dz_n, or SF's sampled labels) that reuses
+that forward. Every module that owns a trainable parameter is one of
 
-=====================================  ===================================================
-module (exact type, not subclasses)    per-sample gradient
-=====================================  ===================================================
-``nn.Linear`` (peft LoRA's A and B)    weight: factors (ghost) or b^T a (materialised), by
-``nn.Conv2d`` (groups=1, via unfold)   :func:`.rows.ghost_is_cheaper`; bias:
-                                       sum_t b_nt (materialised)
-``nn.Embedding`` (prompt tuning too)   weight: factors (indices, b) or scattered rows
-``nn.LayerNorm``, ``nn.RMSNorm``       sum_t b_nt * xhat_nt, sum_t b_nt (materialised)
-parameters broadcast over the batch    captured by :mod:`backends.torch.per_sample.watch` (x + s,
-(ViT's class and position embeddings,  x * s, s expanded or repeated over N): ds_n from
-T5's relative position bias and        dr_n, then one backward pass from s batched over n
-T5LayerNorm's ``weight * hidden``)     (materialised)
-any other module                       ``torch.func.vmap`` of that module alone on its
-                                       captured inputs, for the parameters the watch saw
-                                       used otherwise (materialised, reported)
-=====================================  ===================================================
+=======================================  ==================================================
+module                                   per-sample gradient of its own parameters
+=======================================  ==================================================
+a registered layer kind                  the kind's parts (:mod:`backends.torch.layers`:
+(:func:`backends.torch.layers.kind_of`)  factors or rows), from its inputs and the
+                                         gradients of its tapped outputs; each call's batch
+                                         axis by provenance (any axis, merged or not:
+                                         sequence-first layouts get factors too)
+anything else (a generic module)         ``torch.func.vmap`` of that module alone over its
+                                         call's arguments, along their batch axes (by
+                                         provenance), for the parameters the watch saw used
+                                         inside it (reported)
+=======================================  ==================================================
 
-A weight used several times (tied) concatenates its uses along t (mixed kinds are
-materialised and summed). The backward pass asks autograd only for the hooked modules'
-output gradients b (``torch.autograd.grad`` with those outputs as inputs), so no weight
-gradient is ever formed: the weight-gradient work of an ordinary backward pass is replaced by
-the Gram matrix and by G^T c. A parameter that neither a hook nor a capture can account for
-falls back to ``vmap`` over the whole model for that parameter only: one used outside its own
-module's forward in another way than a broadcast (the ``TorchFunctionMode`` of
-:mod:`backends.torch.per_sample.watch` sees every torch operation of the forward pass), one whose
-module's output or broadcast sum is changed in place afterwards, or one of a call without the batch
-axis whose output is not sample free. The watch also marks the tensors the forward pass
-computes from no input and no parameter (``torch.arange`` and what follows from it) and
-those computed from parameters and such constants only: a call on them is not per sample
-even when their leading axis happens to have length N (T5's relative position bias on a
-(6, 6) table for a batch of 6). Every fallback is listed in :attr:`GhostRows.fallbacks`.
-Hooks that a user registered stay in place; ours run first (so they see the module's own
-output) and are removed after the forward pass, also on error.
+plus the watch's broadcast captures (parameters broadcast over the batch: ViT's class and
+position embeddings, T5's relative position bias, T5LayerNorm's ``weight * hidden``). Per
+parameter, the parts of all its uses (tied and shared parameters: every call, every capture)
+become one block (:func:`backends.torch.layers.assemble`): factors where the route or the
+registry's cost model says so, else materialised rows. The backward pass asks autograd only
+for the tapped tensors' gradients, so no weight gradient is ever formed.
+
+A parameter none of these can account for takes the whole-model routes (the provider's
+``dense_ranges``: ``torch.func.vmap`` over the samples, else a loop of single-sample passes),
+with the reason in :attr:`GhostRows.fallbacks`: a call whose input or output has no batch
+axis by provenance (or not the layer's), a call its kind refuses, a use outside its module
+that no capture splits, an output changed in place afterwards, a per-module vmap that torch
+cannot run. If the logits themselves are not per sample by provenance (an operation the
+tracker's rules do not know, a capture's copies mixed), no per-sample claim of the pass is
+trusted and every parameter takes the whole-model routes. Hooks that a user registered stay
+in place; ours run first (so they see the module's own output) and are removed after the
+forward pass, also on error.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
-from torch.func import vjp as func_vjp
 
 from ngdref.checks import check_choice
 
-from .rows import DenseBlock, FactorBlock, GhostRows, ghost_is_cheaper
+from ..axes import BATCH_FIRST, BatchAxis
+from ..layers import ROUTES, LayerKind, Rows, assemble, describe, kind_of
+from .layer_rows import (
+    Slot,
+    Use,
+    in_dim,
+    module_vmap,
+    route_of,
+    split_blocks,
+    tensor_outputs,
+    why_not,
+    zero_block,
+)
+from .provenance import SAMPLE_FREE, NotPerSample, ProvenanceTracker, held_tensors
+from .rows import DenseBlock, GhostRows
+from .vmap import error_line, is_ours
 from .watch import Frame, UseWatch, capture_rows
 
 __all__ = ["ROUTES", "LayerPass", "ModelBatch"]
 
-#: per-layer choice: cost model, ghost wherever possible, materialised everywhere
-ROUTES = ("auto", "ghost", "materialise")
-
 
 class ModelBatch(Protocol):
     """What :class:`LayerPass` needs of a provider (e.g. :class:`backends.TorchProvider`): a
-    model on one batch of N samples at theta (P,), the trainable parameters' layout, and the
-    provider's own forward call, so that the hooks see exactly the provider's forward.
+    model on one batch of N samples at theta (P,), the trainable parameters' layout, the
+    provider's own forward call (so that the hooks see exactly the provider's forward) and
+    mode policy, and its whole-model routes for the parameters the pass cannot split.
     """
 
     model: nn.Module
     dtype: torch.dtype
     device: torch.device
     num_params: int
+    #: the mode policy of every pass, "eval" or "train"
+    mode: str
     #: the trainable parameters: names, shapes and the tensors themselves, in theta's order
     param_names: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
@@ -92,15 +101,23 @@ class ModelBatch(Protocol):
         ...
 
     def batch(self, rows: slice) -> dict[str, torch.Tensor]:
-        """The per-sample model inputs of the samples ``rows``."""
+        """The per-sample model inputs of the samples ``rows`` (samples first)."""
         ...
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """(P,) -> {parameter name: view of the parameter's shape}, differentiable."""
         ...
 
+    def module_mode(self) -> AbstractContextManager[Any]:
+        """The mode policy applied to every submodule inside, each one's flag restored."""
+        ...
+
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        """``model.named_modules()`` (the provider may walk the model once per step)."""
+        ...
+
     def eval_mode(self) -> AbstractContextManager[Any]:
-        """Every submodule in eval mode inside, each one's own flag restored after."""
+        """The same context under its earlier name (the K-FAC capture uses it)."""
         ...
 
     def batch_logits(
@@ -109,40 +126,12 @@ class ModelBatch(Protocol):
         """Logits (n, C) of ``batched`` at ``theta`` (``params``: ``unflatten(theta)``)."""
         ...
 
-    def vjp_ranges(
+    def dense_ranges(
         self, cotangents: torch.Tensor, ranges: list[tuple[int, int]]
-    ) -> list[torch.Tensor]:
-        """Per-sample J_n^T u_n restricted to the (offset, size) slices of theta, by vmap."""
+    ) -> tuple[list[torch.Tensor], str, str | None]:
+        """Per-sample J_n^T u_n restricted to the (offset, size) slices of theta by the
+        whole-model routes: (rows per range, "vmap" or "loop", why vmap could not, or None)."""
         ...
-
-
-def _kind(module: nn.Module) -> str:
-    """The hook kind of a module holding trainable parameters ("generic": module vmap)."""
-    kind = type(module)
-    if kind is nn.Linear:
-        return "linear"
-    if kind is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and (
-        not isinstance(module.padding, str) or module.padding == "valid"
-    ):
-        return "conv2d"
-    if kind is nn.Embedding and module.max_norm is None and not module.sparse:
-        return "embedding"
-    if kind in (nn.LayerNorm, nn.RMSNorm):
-        return "norm"
-    return "generic"
-
-
-@dataclass
-class _Use:
-    """One forward call of a hooked module: its input features x and its output."""
-
-    module: nn.Module
-    kind: str
-    x: Any = None  # (N, T, d_in) features, (N, T) indices, or (args, kwargs) for "generic"
-    output: Any = None
-    version: int = 0  # of the output when the module returned it (in-place changes after)
-    failure: str | None = None
-    free: bool = False  # a sample-free call (its output is watched, not hooked)
 
 
 class LayerPass:
@@ -151,11 +140,12 @@ class LayerPass:
     Parameters
     ----------
     provider : ModelBatch
-        Supplies the model, the batch, theta (P,), eval mode and the forward call (e.g.
-        :class:`backends.TorchProvider`).
+        Supplies the model, the batch, theta (P,), the mode policy, the forward call and the
+        whole-model routes (e.g. :class:`backends.TorchProvider`).
     route : {"auto", "ghost", "materialise"}
-        Per weight: the cheaper by :func:`backends.torch.per_sample.rows.ghost_is_cheaper`, factors
-        wherever the layer kind allows, or materialised per-layer rows everywhere.
+        Per parameter: factors or materialised rows by the registry's cost model
+        (:mod:`backends.torch.layers.cost`), factors wherever the layer kind allows, or
+        materialised per-layer rows everywhere.
 
     Attributes
     ----------
@@ -168,21 +158,15 @@ class LayerPass:
         self.provider = provider
         self.route = route
         self._n = provider.num_samples
-        sizes = [int(math.prod(s)) for s in provider.param_shapes]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self._slots = list(
-            zip(provider.param_names, offsets, sizes, provider.param_shapes, strict=True)
-        )
-        by_id = {id(p): i for i, p in enumerate(provider.param_tensors)}
-        #: module -> {attr: slot index} for its own trainable parameters (tied ones included)
-        self._owned: dict[nn.Module, dict[str, int]] = {}
-        for module in provider.model.modules():
-            own = {a: by_id[id(p)] for a, p in module._parameters.items()
-                   if p is not None and id(p) in by_id}
-            if own:
-                self._owned[module] = own
-        self._uses: list[_Use] = []
-        self._grads: dict[int, torch.Tensor] = {}
+        names, shapes = provider.param_names, provider.param_shapes
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        offsets = [0, *itertools.accumulate(sizes)][:-1]
+        self._slots = [Slot(*f) for f in zip(names, offsets, sizes, map(tuple, shapes),
+                                             strict=True)]
+        self._owned, self._kinds, self._held = self._walk(provider)
+        self._uses: list[Use] = []
+        self._calls = itertools.count()
+        self._global: str | None = None  # why no per-sample claim of the pass holds
         self._z, self._theta = self._forward()
         self.logits = self._z.detach()
 
@@ -191,102 +175,201 @@ class LayerPass:
         """Whether a backward pass without ``keep_graph`` released the forward graph."""
         return self._z is None
 
+    def decisions(self) -> list[tuple[str, str, Any]]:
+        """Per recorded call, in order: (module path, decision, axis / in_dims / reason)
+        (:meth:`.layer_rows.Use.decision`): the pass's routing as data."""
+        path = {m: name for name, m in self.provider.named_modules()}
+        return [(path.get(u.module, "?"), *u.decision()) for u in self._uses]
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _walk(self, provider: ModelBatch) -> tuple[dict, dict, list]:
+        """Modules owning trainable parameters (attr -> slot), the kind of every module that
+        gets hooks or a decomposed forward (None: generic), and the model's own tensors."""
+        by_id = {id(p): i for i, p in enumerate(provider.param_tensors)}
+        owned: dict[nn.Module, dict[str, int]] = {}
+        kinds: dict[nn.Module, LayerKind | None] = {}
+        held: list[torch.Tensor] = []
+        for _, module in provider.named_modules():
+            own = {}
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    held.append(p)
+                    if id(p) in by_id:
+                        own[attr] = by_id[id(p)]
+            held += [b for b in module._buffers.values() if b is not None]
+            kind = kind_of(module)
+            if kind is not None and (kind.refuse(module, provider.mode) is not None or (
+                    not kind.hookable and "forward" in vars(module))):
+                kind = None  # a generic module (its forward cannot be replaced)
+            if own:
+                owned[module] = own
+                kinds[module] = kind
+            elif kind is not None and not kind.hookable and any(
+                    id(p) in by_id for p in module.parameters()):
+                kinds[module] = kind  # its children's parameters need its decomposed forward
+        return owned, kinds, held
+
     # ---- forward -------------------------------------------------------------------------
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.provider
         theta = p.theta.detach().requires_grad_(True)
         params = p.unflatten(theta)
-        index = {name: i for i, (name, *_) in enumerate(self._slots)}
-        self._watch = UseWatch({id(t): index[name] for name, t in params.items()}, self._n)
-        self._views = [params[name] for name, *_ in self._slots]
-        self._calls = 0
-        handles = []
+        batch = p.batch(slice(None))
+        tracker = ProvenanceTracker(
+            self._n, [(t, BATCH_FIRST) for t in batch.values()],
+            free=[*params.values(), *self._held], held=lambda: held_tensors(p.model))
+        index = {s.name: i for i, s in enumerate(self._slots)}
+        self._watch = UseWatch({id(t): index[name] for name, t in params.items()}, tracker,
+                               self._n)
+        self._views = [params[s.name] for s in self._slots]
+        handles, patched = [], []
         try:
-            for m in self._owned:
-                handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
-                handles.append(
-                    m.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
-                )
-            with p.eval_mode(), torch.enable_grad(), self._watch:
-                z = p.batch_logits(theta, p.batch(slice(None)), params)
+            for m, kind in self._kinds.items():
+                if kind is None or kind.hookable:
+                    handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
+                    handles.append(
+                        m.register_forward_hook(self._hook, with_kwargs=True, prepend=True))
+                else:
+                    m.forward = self._decomposed(m, kind)
+                    patched.append(m)
+            with p.module_mode(), torch.enable_grad(), self._watch:
+                z = p.batch_logits(theta, batch, params)
+            final = tracker.state(z)
         finally:
             for h in handles:
                 h.remove()
-        if id(z) in self._watch.free:  # logits computed from no input: nothing is per sample
-            self._watch.outside |= self._watch.free[id(z)][1]
-        self._watch.constant.clear()  # only the forward pass's hooks needed them
-        self._watch.free.clear()
-        for use, args, out in self._watch.repeated:  # one-sample calls repeated over the batch
-            if use.failure.endswith("without the batch axis"):  # and not used otherwise
-                expanded = args[0].detach().expand(self._n, *args[0].shape[1:])
-                use.x = self._features(use.module, use.kind, (expanded,), {})
-                use.output, use.version, use.failure = out, out._version, None
-        self._watch.single.clear()
+            for m in patched:
+                del m.forward
+        if final != BATCH_FIRST:
+            self._global = why_not(final, "the logits")
+        self._watch.clear()
         return z, theta
 
+    def _frame(self, module: nn.Module, generic: bool) -> Frame:
+        own = self._owned.get(module, {})
+        return Frame(frozenset(id(module._parameters[a]) for a in own),
+                     frozenset(own.values()), generic, next(self._calls))
+
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        own = frozenset(id(module._parameters[a]) for a in self._owned[module])
-        self._calls += 1
-        self._watch.stack.append(Frame(own, frozenset(self._owned[module].values()),
-                                       _kind(module) == "generic", self._calls))
+        self._watch.stack.append(self._frame(module, self._kinds[module] is None))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        # the hook's own reads and copies are no use of the model's tensors: the watch (a
-        # torch function mode) would only pay for dispatching them
+        # the hook's own reads and copies are no use of the model's tensors
         with torch._C.DisableTorchFunction():
-            self._record(module, args, kwargs, output)
+            frame = self._watch.stack.pop()
+            kind = self._kinds[module]
+            use = Use(module, kind, frame.call)
+            self._uses.append(use)
+            if kind is None:
+                self._generic(use, args, kwargs, output)
+                return
+            first = kind.first_input(module, args, kwargs, output)
+            if not isinstance(output, torch.Tensor):
+                use.failure = f"{describe(module)} returned no tensor"
+                return
+            self._layer(use, self._axis(first), {"output": output}, args, kwargs)
 
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """A hooked call's input features and output (or why it cannot be hooked)."""
-        if self._watch.stack:
-            self._watch.stack.pop()
-        use = _Use(module, _kind(module))
-        self._uses.append(use)
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            use.failure = f"{type(module).__name__} returned no differentiable tensor"
-            return
-        first = args[0] if args else None
-        if use.kind != "generic" and not self._watch.per_sample(first):
-            use.failure = f"{type(module).__name__} got an input without the batch axis"
-            if use.kind in ("linear", "embedding") and first is not None and first.ndim >= 1 \
-                    and first.shape[0] == 1 and output.ndim and output.shape[0] == 1:
-                self._watch.single[id(output)] = (use, args, output)  # repeated later?
-                self._watch.free.pop(id(output), None)
-            elif id(output) in self._watch.free:  # its uses are the watch's to split
-                use.failure, use.free = None, True
-            return
-        if not self._watch.per_sample(output):  # sample free, or N by coincidence
-            use.failure = f"{type(module).__name__} returned no batch axis"
-            return
-        use.x = self._features(module, use.kind, args, kwargs)
-        use.output, use.version = output, output._version
+    def _axis(self, first: torch.Tensor | None) -> Any:
+        if first is None:
+            return NotPerSample("the call has no tensor input")
+        return self._watch.tracker.state(first)
 
-    def _features(self, module: Any, kind: str, args: tuple, kwargs: dict) -> Any:
-        a = args[0].detach() if kind != "generic" else None
-        n = self._n
-        if kind == "linear":
-            return a.reshape(n, -1, a.shape[-1])
-        if kind == "conv2d":
-            patches = F.unfold(a, module.kernel_size, module.dilation,
-                               0 if module.padding == "valid" else module.padding, module.stride)
-            return patches.transpose(1, 2)
-        if kind == "embedding":
-            return a.reshape(n, -1)
-        if kind == "norm":
-            shape = module.normalized_shape
-            with torch.no_grad():
-                if isinstance(module, nn.LayerNorm):
-                    xhat = F.layer_norm(a, shape, None, None, module.eps)
+    def _layer(self, use: Use, axis: Any, taps: dict[str, torch.Tensor], args: tuple,
+               kwargs: Mapping[str, Any]) -> None:
+        """A call of a registered kind: its batch axis checked, its inputs captured."""
+        m, kind, tracker = use.module, use.kind, self._watch.tracker
+        if type(axis) is not BatchAxis:
+            if axis is SAMPLE_FREE and all(id(t) in self._watch.free for t in taps.values()):
+                use.free = True  # its output's uses are the watch's to split
+            else:
+                use.failure = f"{describe(m)}: {why_not(axis, 'its input')}"
+            return
+        for name, t in taps.items():
+            want = kind.tap_axis(m, name, axis)
+            state = tracker.state(t)
+            if state is SAMPLE_FREE:  # copies over the batch: copy n is sample n's
+                tracker.mark(t, want)
+            elif state != want:
+                use.failure = (f"{describe(m)}: its {name} carries its samples as {state}, "
+                               f"not as {want} like its input")
+                return
+            if not t.requires_grad:
+                use.failure = f"{describe(m)} returned no differentiable tensor"
+                return
+        use.failure = kind.refuse_call(m, args, kwargs, axis)
+        if use.failure is None:
+            use.axis = axis
+            use.captured = kind.inputs(m, args, kwargs, axis, self._n)
+            use.keep(args, kwargs)
+            for name, t in taps.items():
+                use.tap(name, t)
+
+    def _decomposed(self, m: nn.Module, kind: LayerKind) -> Callable[..., Any]:
+        """``m.forward`` during the pass: the kind's decomposed forward with tapped tensors."""
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            frame = self._frame(m, False)
+            use = Use(m, kind, frame.call)
+            with torch._C.DisableTorchFunction():
+                axis = self._axis(kind.first_input(m, args, kwargs))
+                reason = kind.refuse_call(m, args, kwargs, axis) if type(
+                    axis) is BatchAxis else None
+            taps: dict[str, torch.Tensor] = {}
+
+            def tap(name: str, t: torch.Tensor) -> torch.Tensor:
+                taps[name] = t
+                if self._watch.tracker.state(t) is SAMPLE_FREE:
+                    self._watch.tracker.mark(t, kind.tap_axis(m, name, axis))
+                return t
+
+            self._watch.stack.append(frame)
+            try:
+                if type(axis) is BatchAxis and reason is None:
+                    out = kind.forward(m, args, kwargs, tap)
                 else:
-                    xhat = F.rms_norm(a, shape, None, module.eps)
-            return xhat.reshape(n, -1, math.prod(shape))
-        def dim(v: Any) -> int | None:  # vmapped over: tensors with the samples first
-            return 0 if self._watch.per_sample(v) else None
+                    out = type(m).forward(m, *args, **kwargs)
+            finally:
+                self._watch.stack.pop()
+            if m in self._owned:
+                self._uses.append(use)
+                with torch._C.DisableTorchFunction():
+                    outs = taps or dict(zip(["output"], tensor_outputs(out)[:1], strict=False))
+                    self._layer(use, axis, outs, args, kwargs)
+            return out
 
-        def keep(v: Any) -> tuple[Any, int | None]:
-            return (v.detach(), dim(v)) if isinstance(v, torch.Tensor) else (v, None)
+        return forward
 
-        return tuple(keep(v) for v in args), {k: keep(v) for k, v in kwargs.items()}
+    def _generic(self, use: Use, args: tuple, kwargs: dict, output: Any) -> None:
+        """A call of a module without a layer kind: its arguments' and outputs' batch axes
+        (for its per-module vmap), or why it cannot be split."""
+        state = self._watch.tracker.state
+        name = describe(use.module)
+        every = tensor_outputs(output)
+        positions = [j for j, o in enumerate(every) if o.requires_grad]
+        outs = [every[j] for j in positions]
+        if outs and all(id(o) in self._watch.free for o in outs):
+            use.free = True
+            return
+        if not outs:
+            use.failure = f"{name} returned no differentiable tensor"
+            return
+        out_dims = [in_dim(state(o)) for o in outs]
+        arg_dims = tuple(in_dim(state(v)) if isinstance(v, torch.Tensor) else None
+                         for v in args)
+        kw_dims = {k: in_dim(state(v)) if isinstance(v, torch.Tensor) else None
+                   for k, v in kwargs.items()}
+        bad = [d.replace("an argument", "its output", 1) for d in out_dims if isinstance(d, str)]
+        bad += ["an output of it is sample free" for d in out_dims if d is None]
+        bad += [d for d in (*arg_dims, *kw_dims.values()) if isinstance(d, str)]
+        if bad:
+            use.failure = f"{name}: {bad[0]}"
+            return
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        use.captured = (tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()},
+                        (arg_dims, kw_dims), tuple(positions))
+        use.out_dims = tuple(out_dims)
+        use.keep(args, kwargs)
+        for i, o in enumerate(outs):
+            use.tap(str(i), o)
 
     # ---- backward ------------------------------------------------------------------------
     def rows(self, cotangents: torch.Tensor, *, keep_graph: bool = False) -> GhostRows:
@@ -298,198 +381,117 @@ class LayerPass:
             raise RuntimeError("LayerPass.rows: the forward graph was released by an earlier call")
         watch = self._watch
         for u in self._uses:
-            if u.failure is None and not u.free and u.output._version != u.version:
-                u.failure = f"{type(u.module).__name__}'s output was changed in place"
-        live = [(i, u) for i, u in enumerate(self._uses) if u.failure is None and not u.free]
+            if u.failure is None and not u.free:
+                u.failure = u.changed()
+        live = [u for u in self._uses if u.failure is None and not u.free]
         captures = [c for c in watch.captures if c.intact()]
         for c in watch.captures:
             if not c.intact():
                 watch.outside |= c.slots
         derived = any(id(c.s) not in watch.watched for c in captures)
-        # only the hooked outputs' gradients: autograd forms no weight gradient at all
-        outputs = [u.output for _, u in live] + [c.r for c in captures]
+        taps = [(u, name, t) for u in live for name, t in u.taps.items()]
+        outputs = [t for *_, t in taps] + [c.r for c in captures]
         found = torch.autograd.grad(
             self._z, outputs, grad_outputs=cotangents, retain_graph=keep_graph or derived,
             allow_unused=True,
-        ) if outputs else []
-        self._grads = {i: g for (i, _), g in zip(live, found[:len(live)], strict=True)
-                       if g is not None}
-        captured = capture_rows(captures, list(found[len(live):]), self._views, watch.watched,
-                                keep_graph=keep_graph)
+        ) if outputs else ()
+        grads: dict[int, dict[str, torch.Tensor]] = {id(u): {} for u in live}
+        for (u, name, t), g in zip(taps, found, strict=False):
+            grads[id(u)][name] = torch.zeros_like(t) if g is None else g
+        captured = capture_rows(captures, list(found[len(taps):]), self._views, watch.watched,
+                                self._n, keep_graph=keep_graph)
         if not keep_graph:
             self._z = None
             watch.captures = []
-        factors, dense, failed, notes = self._blocks(captured)
-        failed |= watch.outside | (watch.module_vmap & captured.keys())
-        for i in sorted(failed):
-            notes.append(f"{self._slots[i][0]}: whole-model vmap ({self._why(i)})")
-        blocks = [DenseBlock(self._slots[i][1], r) for i, r in dense.items() if i not in failed]
-        factors = [f for f in factors if self._slot_at(f.offset) not in failed]
+        return self._assemble(cotangents, grads, captured)
+
+    def _assemble(self, cotangents: torch.Tensor, grads: dict[int, dict[str, torch.Tensor]],
+                  captured: dict[int, torch.Tensor]) -> GhostRows:
+        parts: dict[int, list] = {slot: [(Rows(r),)] for slot, r in captured.items()}
+        failed, vmapped, notes = self._parts(grads, captured, parts)
+        p, n = self.provider, self._n
+        factors, dense, routes = [], [], {}
+        for i, slot in enumerate(self._slots):
+            if i in failed:
+                continue
+            if i not in parts:
+                dense.append(zero_block(slot, n, p.dtype, p.device))
+                routes[slot.name] = "unused"
+                continue
+            block = assemble(slot.offset, slot.shape, parts[i], route=self.route)
+            routes[slot.name] = route_of(block, i in vmapped and i not in captured)
+            for b in split_blocks(block):
+                (dense if isinstance(b, DenseBlock) else factors).append(b)
         if failed:
-            pieces = self.provider.vjp_ranges(
-                cotangents, [(self._slots[i][1], self._slots[i][2]) for i in sorted(failed)]
-            )
-            blocks += [DenseBlock(self._slots[i][1], piece)
-                       for i, piece in zip(sorted(failed), pieces, strict=True)]
-        return GhostRows(
-            self._n, self.provider.num_params, factors=factors, dense=blocks,
-            dtype=self.provider.dtype, device=self.provider.device, fallbacks=notes,
-        )
+            order = sorted(failed)
+            pieces, route, why = p.dense_ranges(
+                cotangents, [(self._slots[i].offset, self._slots[i].size) for i in order])
+            for i, piece in zip(order, pieces, strict=True):
+                dense.append(DenseBlock(self._slots[i].offset, piece))
+                routes[self._slots[i].name] = route
+                extra = "" if why is None else f"; torch.func.vmap could not run it: {why}"
+                notes.append(f"{self._slots[i].name}: whole-model {route} ({failed[i]}{extra})")
+        return GhostRows(n, p.num_params, factors=factors, dense=dense, dtype=p.dtype,
+                         device=p.device, fallbacks=list(dict.fromkeys(notes)), routes=routes)
 
-    def _slot_at(self, offset: int) -> int:
-        return next(i for i, (_, o, _, _) in enumerate(self._slots) if o == offset)
-
-    def _why(self, slot: int) -> str:
-        if slot in self._watch.outside:
-            return "used where neither its module's hook nor a broadcast capture splits it"
-        if slot in self._watch.module_vmap:
-            return "used both in a broadcast over the batch and otherwise"
-        reasons = {u.failure for u in self._uses_of(slot) if u.failure}
-        return "; ".join(sorted(reasons)) or "no hooked module used it"
-
-    def _uses_of(self, slot: int) -> list[_Use]:
-        return [u for u in self._uses if slot in self._owned[u.module].values()]
-
-    def _output_grad(self, index: int, use: _Use) -> torch.Tensor:
-        """b of one use, (N, T, d_out), zero where the backward pass did not reach it."""
-        g = self._grads.get(index)
-        n = self._n
-        if use.kind == "conv2d":
-            shape = (n, use.module.out_channels, use.x.shape[1])
-            if g is None:
-                return torch.zeros(shape, dtype=self.provider.dtype,
-                                   device=self.provider.device).transpose(1, 2)
-            return g.reshape(shape).transpose(1, 2)
-        width = {"linear": lambda m: m.out_features, "embedding": lambda m: m.embedding_dim,
-                 "norm": lambda m: math.prod(m.normalized_shape)}[use.kind](use.module)
-        if g is None:
-            return torch.zeros(n, use.x.shape[1], width, dtype=self.provider.dtype,
-                               device=self.provider.device)
-        b = g.reshape(n, -1, width)
-        padding = getattr(use.module, "padding_idx", None)
-        if use.kind == "embedding" and padding is not None:
-            b = b * (use.x != padding)[..., None]
-        return b
-
-    def _blocks(
-        self, captured: dict[int, torch.Tensor],
-    ) -> tuple[list[FactorBlock], dict[int, torch.Tensor], set[int], list[str]]:
-        """Factor blocks, materialised rows per slot, failed slots, fallback notes.
-
-        ``captured``: the per-sample gradients (N, size) the watch's broadcast captures give.
-        """
-        parts: dict[int, list[tuple[str, _Use | None, Any]]] = {
-            slot: [("rows", None, rows)] for slot, rows in captured.items()}
-        failed: set[int] = set()
+    def _parts(self, grads: dict[int, dict[str, torch.Tensor]],
+               captured: dict[int, torch.Tensor], parts: dict[int, list]
+               ) -> tuple[dict[int, str], set[int], list[str]]:
+        """The parts of every live call, by slot; the failed slots (why), the slots that took
+        a per-module vmap and its notes."""
+        watch = self._watch
+        failed: dict[int, str] = {}
+        if self._global is not None:
+            failed = dict.fromkeys(range(len(self._slots)), self._global)
+        for i in watch.outside:
+            failed.setdefault(i, "used where neither its layer kind nor a broadcast capture "
+                                 "splits it")
+        for i in watch.module_vmap & captured.keys():
+            failed.setdefault(i, "used both in a broadcast over the batch and otherwise")
+        vmapped: set[int] = set()
         notes: list[str] = []
-        for index, use in enumerate(self._uses):
-            slots = self._owned[use.module]
+        for use in self._uses:
+            own = self._owned.get(use.module, {})
             if use.free:
                 continue
-            if use.kind == "generic":
-                notes += self._generic_parts(index, use, captured, parts, failed)
-            elif use.failure is not None:
-                failed.update(slots.values())
+            if use.failure is not None:
+                for i in own.values():
+                    if use.kind is not None or i in watch.module_vmap:
+                        failed.setdefault(i, use.failure)
+            elif use.kind is not None:
+                wanted = frozenset(a for a, i in own.items() if i not in failed)
+                for attr, grad in use.kind.factors(use.module, use.captured, grads[id(use)],
+                                                   wanted).items():
+                    parts.setdefault(own[attr], []).append(grad)
             else:
-                b = self._output_grad(index, use)
-                for attr, slot in slots.items():
-                    parts.setdefault(slot, []).append((attr, use, b))
-        factors: list[FactorBlock] = []
-        dense: dict[int, torch.Tensor] = {}
-        for slot in range(len(self._slots)):
-            if slot in failed:
-                continue
-            if slot not in parts:  # used by no hooked call: only the vmap fallback can tell
-                failed.add(slot)
-                continue
-            block = self._slot_block(slot, parts[slot])
-            if isinstance(block, FactorBlock):
-                factors.append(block)
-            else:
-                dense[slot] = block
-        return factors, dense, failed, list(dict.fromkeys(notes))
+                notes += self._module_parts(use, grads[id(use)], failed, parts, vmapped)
+        for i in range(len(self._slots)):
+            if i not in parts and i in watch.touched:
+                failed.setdefault(i, "no call of its module used it per sample")
+        return failed, vmapped, notes
 
-    def _generic_parts(
-        self, index: int, use: _Use, captured: dict[int, torch.Tensor],
-        parts: dict[int, list[tuple[str, _Use | None, Any]]], failed: set[int],
-    ) -> list[str]:
-        """A generic module's own parameters: captured, unread (zero), or its vmap."""
-        watch, slots = self._watch, self._owned[use.module]
-        if use.failure is not None:  # its vmap cannot run: only captures can stand
-            failed.update(i for i in slots.values() if i in watch.module_vmap or i not in captured)
+    def _module_parts(self, use: Use, grads: dict[str, torch.Tensor], failed: dict[int, str],
+                      parts: dict[int, list], vmapped: set[int]) -> list[str]:
+        """A generic module's own parameters used inside it: its per-module vmap."""
+        own, watch = self._owned[use.module], self._watch
+        wanted = {a: i for a, i in own.items() if i in watch.module_vmap and i not in failed}
+        if not wanted:
             return []
-        for i in slots.values():
-            if i not in watch.touched:  # no operation read it: its gradient is zero
-                parts.setdefault(i, []).append(("rows", use, torch.zeros(
-                    self._n, self._slots[i][2], dtype=self.provider.dtype,
-                    device=self.provider.device)))
-        # a parameter also captured takes the whole-model vmap (the module's would count the
-        # captured uses inside it twice)
-        vmapped = {a: i for a, i in slots.items() if i in watch.module_vmap and i not in captured}
-        if not vmapped:
-            return []
-        grads = self._module_vmap(index, use, vmapped)
-        for attr, slot in vmapped.items():
-            parts.setdefault(slot, []).append(("rows", use, grads[attr]))
-        names = ", ".join(self._slots[i][0] for i in vmapped.values())
-        return [f"{type(use.module).__name__} ({names}): per-module vmap"]
-
-    def _slot_block(self, slot: int, parts: list[tuple[str, _Use | None, Any]]) -> Any:
-        _, offset, _, shape = self._slots[slot]
-        factorable = all(a == "weight" and u.kind in ("linear", "conv2d", "embedding")
-                         for a, u, _ in parts)
-        if factorable and len({u.kind == "embedding" for _, u, _ in parts}) == 1:
-            block = FactorBlock(offset, tuple(shape), torch.cat([u.x for _, u, _ in parts], 1),
-                                torch.cat([b for _, _, b in parts], 1))
-            n, t, d_out = block.b.shape
-            vocab = shape[0] if block.embedding else None
-            d_in = 1 if block.embedding else block.x.shape[2]
-            if self.route == "ghost" or (
-                self.route == "auto" and ghost_is_cheaper(n, t, d_in, d_out, vocab)
-            ):
-                return block
-        total = None
-        for attr, use, b in parts:
-            piece = self._materialise(attr, use, b, offset, tuple(shape))
-            total = piece if total is None else total + piece
-        return total
-
-    def _materialise(self, attr: str, use: _Use | None, b: Any, offset: int, shape: tuple) -> Any:
-        if attr == "rows":
-            return b
-        if attr == "bias":
-            return b.sum(dim=1)
-        if use.kind == "norm":
-            return (b * use.x).sum(dim=1)
-        return FactorBlock(offset, shape, use.x, b).materialise()
-
-    def _module_vmap(
-        self, index: int, use: _Use, wanted: dict[str, int],
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample gradients of some of a module's own parameters (``wanted``: attr -> slot).
-
-        vmap over the call's captured inputs; its other parameters enter as constants.
-        """
-        g = self._grads.get(index)
-        arg_pairs, kw_pairs = use.x
-        args, arg_dims = tuple(v for v, _ in arg_pairs), tuple(d for _, d in arg_pairs)
-        kwargs, kw_dims = {k: v for k, (v, _) in kw_pairs.items()}, {
-            k: d for k, (_, d) in kw_pairs.items()}
-        own = self._owned[use.module]
         values = self.provider.unflatten(self._theta.detach())
-        params = {attr: values[self._slots[slot][0]] for attr, slot in wanted.items()}
-        fixed = {attr: values[self._slots[slot][0]] for attr, slot in own.items()
-                 if attr not in wanted}
-        if g is None:
-            return {a: torch.zeros(self._n, p.numel(), dtype=p.dtype, device=p.device)
-                    for a, p in params.items()}
-
-        def one(p: dict, a: tuple, kw: dict, b: torch.Tensor) -> dict:
-            a = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, arg_dims, strict=True))
-            kw = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kw.items()}
-            _, pull = func_vjp(lambda q: functional_call(use.module, {**fixed, **q}, a, kw), p)
-            return pull(b.unsqueeze(0))[0]
-
-        with self.provider.eval_mode():
-            out = vmap(one, in_dims=(None, arg_dims, kw_dims, 0))(params, args, kwargs, g)
-        return {a: t.reshape(self._n, -1).detach() for a, t in out.items()}
+        try:
+            found = module_vmap(
+                use, {a: values[self._slots[i].name] for a, i in wanted.items()},
+                {a: values[self._slots[i].name] for a, i in own.items() if a not in wanted},
+                grads, self._n, self.provider.module_mode)
+        except Exception as err:  # torch cannot vmap it: those parameters take the next route
+            if is_ours(err):
+                raise
+            for i in wanted.values():
+                failed.setdefault(i, f"per-module vmap of {type(use.module).__name__} failed: "
+                                     f"{error_line(err)}")
+            return []
+        for attr, i in wanted.items():
+            parts.setdefault(i, []).append((Rows(found[attr]),))
+            vmapped.add(i)
+        names = ", ".join(self._slots[i].name for i in wanted.values())
+        return [f"{type(use.module).__name__} ({names}): per-module vmap"]

@@ -4,9 +4,8 @@ r"""The certificate's policy over a step: which rows route runs, and when it is 
 under the options below, certifying rows with
 :func:`backends.torch.per_sample.certify.certify_rows`.
 
-Options for ``TorchProvider`` and the optimisers
-------------------------------------------------
--------------------------------------------------
+Options for ``TorchProvider`` and the optimisers:
+
 ``certify="first" | "always" | "never"`` (default ``"first"``)
     ``"first"``: certify the rows of the first step of each model structure and input shapes
     (:func:`structure_key`), recorded in a :class:`Ledger` keyed weakly by the model (the
@@ -39,7 +38,7 @@ from torch import nn
 from ngdref.certificate import Certificate, RowsCertificateError
 from ngdref.checks import check_choice, check_int
 
-from .certify import REFERENCES, certify_rows
+from .certify import REFERENCES, CertificateUnavailableError, certify_rows
 from .loop import BatchModel
 
 __all__ = [
@@ -64,17 +63,24 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        self._routes: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, str]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._routes: weakref.WeakKeyDictionary[
+            nn.Module, dict[Hashable, tuple[str, str | None]]] = weakref.WeakKeyDictionary()
 
     def route(self, model: nn.Module, key: Hashable) -> str | None:
         """The route certified for ``key`` on ``model``, or None."""
-        return self._routes.get(model, {}).get(key)
+        entry = self._routes.get(model, {}).get(key)
+        return None if entry is None else entry[0]
 
-    def record(self, model: nn.Module, key: Hashable, route: str) -> None:
-        """Remember that ``route`` passed for ``key`` on ``model``."""
-        self._routes.setdefault(model, {})[key] = route
+    def note(self, model: nn.Module, key: Hashable) -> str | None:
+        """Why the entry of ``key`` is not the first route asked for (None: it is, or none)."""
+        entry = self._routes.get(model, {}).get(key)
+        return None if entry is None else entry[1]
+
+    def record(self, model: nn.Module, key: Hashable, route: str, note: str | None = None
+               ) -> None:
+        """Remember that ``route`` passed for ``key`` on ``model`` (``note``: why an earlier
+        route was passed over)."""
+        self._routes.setdefault(model, {})[key] = (route, note)
 
     def forget(self, model: nn.Module) -> None:
         """Drop every entry of ``model`` (its next step is certified again)."""
@@ -166,6 +172,7 @@ def certified_rows(
     seed: int = 0,
     reference: str = "auto",
     samples: int | None = None,
+    exact: str | None = "loop",
 ) -> CertifiedRows:
     """The rows of a step under the ``certify`` / ``on_mismatch`` policy (module docstring).
 
@@ -192,11 +199,17 @@ def certified_rows(
         Route of the reference G v.
     samples : int >= 1, optional
         Certify a seeded window of this many samples (:func:`certify_rows`); default all N.
+    exact : str or None
+        The route exact by construction (the loop of single-sample passes: it computes what
+        the rows are defined as), taken, uncertified and reported, where the certificate
+        cannot run at all (no forward-mode rule and no double backward); None: raise.
 
     Raises
     ------
     ngdref.certificate.RowsCertificateError
         On a mismatch with ``on_mismatch="raise"``, or when every route failed.
+    CertificateUnavailableError
+        The certificate cannot run and ``exact`` is not one of ``routes``.
     """
     check_choice(certify, "certify", CERTIFY)
     check_choice(on_mismatch, "on_mismatch", ON_MISMATCH)
@@ -208,8 +221,8 @@ def certified_rows(
         raise ValueError("routes must hold at least one route")
     known = ledger.route(owner, key)
     start = names.index(known) if known in names else 0
-    skipped = tuple(f"per_sample={name!r}: its rows failed their certificate on an earlier "
-                    "step of this model structure" for name in names[:start])
+    skipped = tuple(f"per_sample={name!r}: not taken since an earlier step of this model "
+                    f"structure ({ledger.note(owner, key)})" for name in names[:start])
     if certify == "never" or (certify == "first" and known is not None):
         name = names[start] if certify == "first" else names[0]
         return CertifiedRows(routes[name](), name, None, skipped if certify == "first" else ())
@@ -225,7 +238,15 @@ def certified_rows(
             fallbacks.append(_failed(name, err))
             last = err
             continue
-        ledger.record(owner, key, name)
+        except CertificateUnavailableError as err:
+            if exact not in routes:
+                raise
+            note = (f"the certificate cannot run on this model ({err}): rows by "
+                    f"per_sample={exact!r}, exact by construction")
+            ledger.record(owner, key, exact, note)
+            rows = rows if name == exact else routes[exact]()
+            return CertifiedRows(rows, exact, None, (*fallbacks, note))
+        ledger.record(owner, key, name, "; ".join(fallbacks) or None)
         return CertifiedRows(rows, name, result, tuple(fallbacks))
     raise RowsCertificateError(
         f"the rows of every route {names[start:]} failed their certificate: "

@@ -32,7 +32,8 @@ another mode's ``__torch_function__`` after running each operation there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from .provenance_rules import (
     Provenance,
     Rule,
     SampleFree,
+    broadcast,
     tensors,
 )
 from .provenance_views import VIEW_RULES
@@ -55,6 +57,7 @@ from .provenance_views import VIEW_RULES
 __all__ = [
     "INPLACE",
     "METADATA",
+    "NAMES",
     "RULES",
     "SAMPLE_FREE",
     "NotPerSample",
@@ -98,20 +101,21 @@ RESHAPING_INPLACE = frozenset({
     "resize_as_", "as_strided_", "set_",
 })
 
-#: func -> operation_name(func), filled as the forward passes meet torch functions
-_NAMES: dict[Any, str] = {}
+#: func -> operation_name(func), filled as the forward passes meet torch functions (a mode
+#: in the hot path may read it directly before calling operation_name)
+NAMES: dict[Any, str] = {}
 
 
 def operation_name(func: Any) -> str:
     """The name a ``TorchFunctionMode`` sees: ``func.__name__``, or the property's name for a
     getter (``Tensor.T.__get__`` -> ``"T"``). Cached per torch function."""
     try:
-        return _NAMES[func]
+        return NAMES[func]
     except KeyError:
         pass
     except TypeError:  # unhashable: named anew
         return _name_of(func)
-    name = _NAMES[func] = _name_of(func)
+    name = NAMES[func] = _name_of(func)
     return name
 
 
@@ -144,17 +148,45 @@ def held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def _all_free(values: Iterable[Any], states: dict[int, tuple[torch.Tensor, Provenance]]) -> bool:
+#: name -> (the operation whose rule applies, None for an in-place reshaping; whether the
+#: operation writes its first argument in place; whether its rule is the elementwise one),
+#: filled as the passes meet operations
+_KINDS: dict[str, tuple[str | None, bool, bool]] = {}
+
+
+def _kind_of(name: str) -> tuple[str | None, bool, bool]:
+    base = INPLACE.get(name)
+    if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
+        kind = (None if name in RESHAPING_INPLACE else (base or name[:-1]), True, False)
+    else:
+        kind = (name, False, RULES.get(name) is broadcast)
+    _KINDS[name] = kind
+    return kind
+
+
+#: id(tensor) -> (a weak reference to it, its state): the tracker keeps no tensor alive, so
+#: a forward pass frees its intermediates as it would unwatched; an entry whose reference
+#: no longer gives the same tensor (it died and its id was reused) is no entry
+States = dict[int, tuple[weakref.ref, Provenance]]
+
+
+def _freeness(values: Iterable[Any], states: States) -> bool | None:
+    """True: every tensor among ``values`` (and in their lists, tuples and slices) is sample
+    free; False: one is known not to be; None: some have no state yet, the others are free."""
+    unseen = False
     for v in values:
         if isinstance(v, torch.Tensor):
             entry = states.get(id(v))
-            if entry is None or entry[1] is not SAMPLE_FREE:
+            if entry is None or entry[0]() is not v:
+                unseen = True
+            elif entry[1] is not SAMPLE_FREE:
                 return False
-        elif isinstance(v, (list, tuple)) and not _all_free(v, states):
-            return False
-        elif isinstance(v, slice) and not _all_free((v.start, v.stop, v.step), states):
-            return False
-    return True
+        elif isinstance(v, (list, tuple, slice)):
+            inner = _freeness((v.start, v.stop, v.step) if isinstance(v, slice) else v, states)
+            if inner is False:
+                return False
+            unseen = unseen or inner is None
+    return None if unseen else True
 
 
 class ProvenanceTracker(TorchFunctionMode):
@@ -171,6 +203,10 @@ class ProvenanceTracker(TorchFunctionMode):
         Tensors computed without the batch: the parameters and buffers as the forward pass
         reads them, e.g. :func:`held_tensors` of the model. Any other tensor the tracker did
         not see computed is not per sample.
+    held : callable () -> iterable of torch.Tensor, optional
+        More sample-free tensors, asked for once, the first time a tensor the tracker has not
+        seen is classified (e.g. ``lambda: held_tensors(model)``, a walk over every module's
+        attributes that a forward pass reading only declared tensors never pays for).
 
     Attributes
     ----------
@@ -185,13 +221,15 @@ class ProvenanceTracker(TorchFunctionMode):
 
     Notes
     -----
-    The tracker holds a reference to every tensor it classified (so that ``id`` stays unique)
-    until :meth:`clear`.
+    The tracker keeps weak references only: an intermediate the forward pass drops is freed
+    as without the tracker (holding them would keep every activation of the pass alive), and
+    a tensor whose id once belonged to a dead one is not taken for it.
     """
 
     def __init__(
         self, num_samples: int, inputs: Iterable[tuple[torch.Tensor, BatchAxis]], *,
         free: Iterable[torch.Tensor] = (),
+        held: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -199,7 +237,8 @@ class ProvenanceTracker(TorchFunctionMode):
         self.num_samples = num_samples
         self.name = ""  # the operation whose rule runs (the rules' Context)
         self.leaks: list[str] = []
-        self._states: dict[int, tuple[torch.Tensor, Provenance]] = {}
+        self._states: States = {}
+        self._held = held
         self._unseen = NotPerSample("computed where the tracker did not see it: neither an "
                                     "input, nor declared sample free, nor computed in the pass")
         inputs = list(inputs)
@@ -208,7 +247,7 @@ class ProvenanceTracker(TorchFunctionMode):
         for t in free:
             self.mark_free(t)
         for t, where in inputs:
-            self._states[id(t)] = (t, where)
+            self._states[id(t)] = (weakref.ref(t), where)
 
     def _check_input(self, j: int, pair: Any) -> None:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
@@ -225,23 +264,46 @@ class ProvenanceTracker(TorchFunctionMode):
 
     def mark_free(self, t: torch.Tensor) -> None:
         """Declares ``t`` computed without the batch (a parameter, a buffer)."""
-        self._states[id(t)] = (t, SAMPLE_FREE)
+        self._states[id(t)] = (weakref.ref(t), SAMPLE_FREE)
 
     def axis_of(self, t: torch.Tensor) -> Provenance:
         """The state of ``t``: its BatchAxis, SAMPLE_FREE, or NotPerSample with the reason."""
         return self.state(t)
+
+    def mark(self, t: torch.Tensor, where: BatchAxis) -> None:
+        """Declares that ``t`` carries the samples along ``where`` from now on: a tensor the
+        caller treats as per sample by its own rule (copy n of a sample-free tensor repeated
+        over the batch taken to be sample n's). Every later result follows from it, so a use
+        that contradicts the claim (a sum over those copies) comes out not per sample."""
+        self._states[id(t)] = (weakref.ref(t), self._fit(where, t))
 
     def state(self, t: Any) -> Provenance:
         """:meth:`axis_of` for a tensor; SAMPLE_FREE for any other value (the rules' Context)."""
         if not isinstance(t, torch.Tensor):
             return SAMPLE_FREE
         entry = self._states.get(id(t))
-        return self._unseen if entry is None else entry[1]
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if self._load_held():
+            return self.state(t)
+        return self._unseen
+
+    def _load_held(self) -> bool:
+        """Declares the ``held`` tensors sample free (once); whether there were any to load."""
+        if self._held is None:
+            return False
+        held, self._held = self._held, None
+        for t in held():
+            entry = self._states.get(id(t))
+            if entry is None or entry[0]() is not t:
+                self._states[id(t)] = (weakref.ref(t), SAMPLE_FREE)
+        return True
 
     def clear(self) -> None:
-        """Forgets every tensor (and releases the references that kept their ids unique)."""
+        """Forgets every tensor."""
         self._states.clear()
         self.leaks.clear()
+        self._held = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -268,19 +330,29 @@ class ProvenanceTracker(TorchFunctionMode):
         """
         if name in METADATA:
             return
+        kind = _KINDS.get(name) or _kind_of(name)
+        if kind[2] and not kwargs and type(result) is torch.Tensor:
+            state = self._elementwise(args, result)
+            if state is not None:  # the common case, without the general path's calls
+                entry = self._states.get(id(result))
+                if entry is None or entry[0]() is not result or entry[1] is state:
+                    self._states[id(result)] = (weakref.ref(result), state)
+                    return
+                self._assign(result, state)  # an operand returned as the result, changed
+                return
         if kwargs is None:
             kwargs = {}
+        base = kind[0]
         written: Any = None
-        base = INPLACE.get(name)
-        if base is not None or (name[-1:] == "_" and name[-2:] != "__"):
-            # the written tensor, or the list a _foreach_ operation writes
+        if kind[1]:  # the written tensor, or the list a _foreach_ operation writes
             written = args[0] if args and isinstance(args[0], (torch.Tensor, list, tuple)) else None
-            base = None if name in RESHAPING_INPLACE else (base or name[:-1])
-        else:
-            base = name
         if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
             written = kwargs["out"]
-        if _all_free((*args, *kwargs.values()) if kwargs else args, self._states):
+        values = (*args, *kwargs.values()) if kwargs else args
+        free = _freeness(values, self._states)
+        if free is None and self._load_held():
+            free = _freeness(values, self._states)
+        if free:
             state: Any = SAMPLE_FREE
         elif written is None and not isinstance(result, torch.Tensor) and not any(
                 True for _ in tensors([result])):
@@ -298,6 +370,34 @@ class ProvenanceTracker(TorchFunctionMode):
                 self._write(t, state if not isinstance(state, tuple) else state[0])
             return
         self._assign(result, state)
+
+    def _elementwise(self, args: tuple, result: torch.Tensor) -> Provenance | None:
+        """:func:`~.provenance_rules.broadcast`'s state for plain tensor arguments whose states
+        are known, checked against the result's shape; None: take the general path."""
+        found, nd = None, result.ndim
+        for v in args:
+            if isinstance(v, torch.Tensor):
+                entry = self._states.get(id(v))
+                if entry is None or entry[0]() is not v:
+                    return None
+                s = entry[1]
+                if s is SAMPLE_FREE:
+                    continue
+                if type(s) is not BatchAxis:
+                    return s
+                if v.ndim != nd:
+                    s = BatchAxis(s.axis + nd - v.ndim, s.outer, s.inner)
+                if found is None:
+                    found = s
+                elif s != found:
+                    return None
+            elif isinstance(v, (list, tuple)):
+                return None
+        if found is None:
+            return SAMPLE_FREE
+        fits = found.axis < nd and result.shape[found.axis] == (
+            found.outer * self.num_samples * found.inner)
+        return found if fits else None
 
     def _rule(self, name: str, base: str | None, args: tuple, kwargs: dict, result: Any) -> Any:
         """The state(s) the rule of ``base`` gives, or why there is none."""
@@ -332,12 +432,13 @@ class ProvenanceTracker(TorchFunctionMode):
     def _assign(self, result: Any, state: Any) -> None:
         if isinstance(result, torch.Tensor):
             entry = self._states.get(id(result))
-            new = self._fit(state, result)
-            if entry is not None and entry[1] is not new and entry[1] != new:
+            new = self._fit(state, result) if type(state) is BatchAxis else state
+            if entry is not None and entry[0]() is result and entry[1] is not new and (
+                    entry[1] != new):
                 # an operand returned as the result (in place, or a no-op view), now changed
                 self._write(result, new)
             else:
-                self._states[id(result)] = (result, new)
+                self._states[id(result)] = (weakref.ref(result), new)
         elif isinstance(result, (list, tuple)):
             each = state if isinstance(state, tuple) else [state] * len(result)
             for r, s in zip(result, each, strict=True):
@@ -351,15 +452,16 @@ class ProvenanceTracker(TorchFunctionMode):
         """t's values were written in place; a changed state reaches every alias of t."""
         entry = self._states.get(id(t))
         new = self._fit(state, t)
-        self._states[id(t)] = (t, new)
-        if entry is None or entry[1] is new or entry[1] == new:
+        self._states[id(t)] = (weakref.ref(t), new)
+        if entry is None or entry[0]() is not t or entry[1] is new or entry[1] == new:
             return
         why = NotPerSample(f"{self.name}: shares memory with a tensor written in place")
         key = _storage(t)
-        for k, (u, s) in list(self._states.items()):
-            if u is not t and type(s) is not NotPerSample and u.numel() and (
+        for k, (ref, s) in list(self._states.items()):
+            u = ref()
+            if u is not None and u is not t and type(s) is not NotPerSample and u.numel() and (
                     key is None or _storage(u) in (key, None)):
-                self._states[k] = (u, why)
+                self._states[k] = (ref, why)
 
 
 def _storage(t: torch.Tensor) -> int | None:

@@ -29,6 +29,7 @@ from .provenance_rules import (
     first_keeps,
     join,
     moved,
+    out_ndim,
     shifted,
     tensors,
 )
@@ -139,6 +140,17 @@ def linear(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
     """``F.linear(input, weight, bias)``: input (..., in) -> (..., out)."""
     s = first_keeps(ctx, args, kwargs, result)
     return along(ctx, args[0], [-1], "contracts") if type(s) is BatchAxis else s
+
+
+def bilinear(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenance:
+    """``F.bilinear(input1 (..., in1), input2 (..., in2), weight, bias)`` -> (..., out): both
+    inputs' last axes contracted with the weight, their leading axes side by side."""
+    x1, x2 = arg(args, kwargs, 0, "input1"), arg(args, kwargs, 1, "input2")
+    weights = [v for v in tensors((*args[2:], *kwargs.values())) if v is not x1 and v is not x2]
+    if any(ctx.state(w) is not SAMPLE_FREE for w in weights):
+        return coupled(ctx, "a weight carries samples")
+    nd = out_ndim(result)
+    return join(ctx, [shifted(along(ctx, x, [-1], "contracts"), nd - x.ndim) for x in (x1, x2)])
 
 
 def spatial(dims: int | None, *, channels_mixed: bool = False) -> Rule:
@@ -354,6 +366,7 @@ LAYER_RULES: dict[str, Rule] = {
     **dict.fromkeys(("inner", "dot", "vdot"), inner),
     "einsum": einsum,
     "linear": linear,
+    "bilinear": bilinear,
     **{f"conv{d}d": spatial(d, channels_mixed=True) for d in (1, 2, 3)},
     **{f"conv_transpose{d}d": spatial(d, channels_mixed=True) for d in (1, 2, 3)},
     **{f"{kind}{d}d{tail}": spatial(d) for d in (1, 2, 3) for tail in ("", "_with_indices")

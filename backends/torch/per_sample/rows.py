@@ -1,8 +1,8 @@
-r"""Per-sample gradients G (N, P) kept as per-layer factors: Gram matrices without G.
+r"""Per-sample gradients G (N, P) kept per parameter as factors or rows: Gram matrices without G.
 
 For a linear map with per-sample inputs a_n (T, d_in) and output gradients b_n (T, d_out)
-(T positions; T = 1 for an MLP), the per-sample weight gradient is g_n = b_n^T a_n, so
-(SPEC section 9, sum convention)
+(T positions; T = 1 for an MLP), the per-sample weight gradient is g_n = b_n^T a_n, so (sum
+convention; see the conventions page, :ref:`conv-per-layer`)
 
 .. math::
     \langle g_n, g_m \rangle = \sum_{t, t'} (a_{nt} \cdot a_{mt'})(b_{nt} \cdot b_{mt'})
@@ -10,165 +10,34 @@ For a linear map with per-sample inputs a_n (T, d_in) and output gradients b_n (
     \sum_n w_n g_n = \Big(\sum_n w_n b_n^\top a_n\Big)
 
 An embedding (V, d) looked up at indices i_n (T,) is the same with a_nt = onehot(i_nt):
-a_nt . a_mt' = [i_nt == i_mt']. A ``nn.Conv2d`` is a linear map of its unfolded input
-patches (T = output pixels). A weight used k times in one forward pass concatenates its k
-uses along t. :class:`GhostRows` holds, per trainable parameter, either these factors (the
-"ghost" route) or the materialised per-sample gradients of that parameter alone (N, size),
-and implements the ``PerSampleRows`` contract of :mod:`ngdref` (``gram``, ``cross_gram``,
-``matvec``, ``rmatvec``) from them. P vectors are flattened over the model's trainable
-parameters in ``named_parameters()`` order.
-
-Cost model (multiply-adds of the Gram matrix of one layer, Bu et al.'s "mixed ghost norm"):
-
-===============  =================================  =====================================
-layer            ghost                              materialised
-===============  =================================  =====================================
-linear / conv    N^2 T^2 (d_in + d_out)             N T d_in d_out + N^2 d_in d_out
-embedding        N^2 T^2 (d + 1)                    N T d + N^2 V d
-===============  =================================  =====================================
-
-:func:`ghost_is_cheaper` chooses per layer. The ghost route also never holds the N x size
-block (memory N T (d_in + d_out), activations the backward pass keeps anyway).
+a_nt . a_mt' = [i_nt == i_mt']; a convolution is a linear map of its unfolded input patches.
+:class:`GhostRows` holds, per trainable parameter, either such factors
+(:class:`~backends.torch.layers.blocks.FactorBlock`, one per row block of a parameter) or the
+materialised per-sample gradients of that parameter alone
+(:class:`~backends.torch.layers.blocks.DenseBlock`, (N, size)), and implements the
+``PerSampleRows`` contract of :mod:`ngdref` (``gram``, ``cross_gram``, ``matvec``,
+``rmatvec``) from them. P vectors are flattened over the model's trainable parameters in
+``named_parameters()`` order. Which form a parameter takes is the layer registry's cost model's
+choice (:mod:`backends.torch.layers.cost`); the blocks themselves are
+:mod:`backends.torch.layers.blocks`'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import array_api_compat
 import torch
 
-__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "ghost_is_cheaper", "stack_rows"]
+from ngdref.rows import DenseRows, as_rows
 
-#: entries of one (rows x columns) chunk of the ghost kernels (32 MiB in float64)
-_CHUNK = 2**22
+from ..layers.blocks import DenseBlock, FactorBlock
+
+__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "RoutedRows", "stack_rows"]
+
 #: float64 entries of one column chunk of a materialised block's Gram (2 MiB)
 _GRAM_CHUNK = 2**18
-
-
-def ghost_is_cheaper(n: int, t: int, d_in: int, d_out: int, vocab: int | None = None) -> bool:
-    """Whether the ghost Gram of a layer costs fewer multiply-adds than materialising it.
-
-    ``vocab`` None: a linear map (d_out, d_in) used at T positions; else an embedding
-    (vocab, d_out) looked up T times (d_in is ignored).
-    """
-    if vocab is None:
-        ghost = n * n * t * t * (d_in + d_out)
-        materialised = n * t * d_in * d_out + n * n * d_in * d_out
-    else:
-        ghost = n * n * t * t * (d_out + 1)
-        materialised = n * t * d_out + n * n * vocab * d_out
-    return ghost < materialised
-
-
-@dataclass
-class FactorBlock:
-    """One weight, held as factors: g_n = vec(b_n^T a_n) at ``offset`` in theta.
-
-    Attributes
-    ----------
-    offset : int
-    shape : tuple of int
-        The parameter's shape; its row-major flattening is (d_out, d_in) (a conv weight
-        (C_out, C_in, kh, kw) flattens to (C_out, C_in kh kw), the unfold order).
-    x : torch.Tensor
-        (N, T, d_in) inputs a_n, or (N, T) integer indices for an embedding (V, d_out).
-    b : torch.Tensor, (N, T, d_out)
-        Output gradients (zero at an embedding's ``padding_idx`` positions).
-    """
-
-    offset: int
-    shape: tuple[int, ...]
-    x: torch.Tensor
-    b: torch.Tensor
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = int(torch.Size(self.shape).numel())
-
-    @property
-    def embedding(self) -> bool:
-        return not torch.is_floating_point(self.x)
-
-    def _matrix(self, vector: torch.Tensor) -> torch.Tensor:
-        """The slice of a (P,) vector for this weight, as (d_out, d_in) or (V, d)."""
-        piece = vector[self.offset:self.offset + self.size]
-        return piece.view(self.shape[0], -1) if not self.embedding else piece.view(self.shape)
-
-    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample gradients of this weight, (N, size), written into ``out`` (N, size)
-        when given (a weight's bmm straight into it, e.g. its columns of a whole G)."""
-        n, _, d = self.b.shape
-        if not self.embedding:
-            if out is None:
-                return torch.bmm(self.b.transpose(1, 2), self.x).reshape(n, -1)
-            torch.bmm(self.b.transpose(1, 2), self.x, out=out.view(n, self.shape[0], -1))
-            return out
-        vocab = self.shape[0]
-        rows = (self.x + vocab * torch.arange(n, device=self.x.device)[:, None]).reshape(-1)
-        grads = torch.zeros(n * vocab, d, dtype=self.b.dtype, device=self.b.device)
-        grads = grads.index_add_(0, rows, self.b.reshape(-1, d)).view(n, -1)
-        return grads if out is None else out.copy_(grads)
-
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """(G v)_n over this weight's slice, (N,)."""
-        w = self._matrix(vector)
-        image = w[self.x] if self.embedding else torch.matmul(self.x, w.T)
-        return (image * self.b).sum(dim=(1, 2))
-
-    def rmatvec(
-        self, weights: torch.Tensor | None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """sum_n w_n g_n flattened, (size,), written into ``out`` (size,) when given;
-        ``weights=None``: w_n = 1 (the sum of the rows, with no product by ones)."""
-        b = self.b if weights is None else weights[:, None, None] * self.b
-        wb = b.reshape(-1, self.b.shape[-1])
-        if out is None:
-            out = torch.empty(self.size, dtype=self.b.dtype, device=self.b.device)
-        if self.embedding:
-            out.zero_().view(self.shape).index_add_(0, self.x.reshape(-1), wb)
-            return out
-        torch.mm(wb.T, self.x.reshape(-1, self.x.shape[-1]), out=out.view(self.shape[0], -1))
-        return out
-
-    def cross(self, other: FactorBlock) -> torch.Tensor:
-        r"""<g_n, h_m> = <A_n A'_m^T, B_n B'_m^T>_F in float64, (N, M), in row chunks."""
-        n, t = self.b.shape[:2]
-        m, t2 = other.b.shape[:2]
-        step = max(1, _CHUNK // max(1, t * m * t2))
-        b2 = other.b.reshape(m * t2, -1)
-        x2 = other.x.reshape(m * t2, -1) if not other.embedding else other.x.reshape(-1)
-        out = []
-        for start in range(0, n, step):
-            x1, b1 = self.x[start:start + step], self.b[start:start + step]
-            k = b1.shape[0]
-            if self.embedding:
-                kx = (x1.reshape(-1, 1) == x2[None, :]).to(torch.float64)
-            else:
-                kx = torch.matmul(x1.reshape(k * t, -1), x2.T).to(torch.float64)
-            kb = torch.matmul(b1.reshape(k * t, -1), b2.T).to(torch.float64)
-            out.append((kx * kb).view(k, t, m, t2).sum(dim=(1, 3)))
-        return torch.cat(out)
-
-
-@dataclass
-class DenseBlock:
-    """Materialised per-sample gradients of one parameter: ``rows`` (N, size) at ``offset``."""
-
-    offset: int
-    rows: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.rows.shape[1])
-
-    def rmatvec(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_n w_n (row n), (size,), written into ``out`` (size,) when given."""
-        if out is None:
-            return torch.mv(self.rows.T, weights)
-        return torch.mv(self.rows.T, weights, out=out)
 
 
 def _add_gram64(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -213,7 +82,11 @@ class GhostRows:
     grad : torch.Tensor (P,)
         G^T 1, computed from the factors on first access.
     fallbacks : tuple of str
-        Parameters whose per-sample gradients came from a ``torch.func`` fallback, and why.
+        Parameters whose per-sample gradients came from a fallback route, and why.
+    routes : dict of str to str
+        The route of every trainable parameter, by name: "ghost" (factors), "materialised"
+        (per-layer rows), "module vmap", "vmap", "loop" or "unused" (zero rows: the forward
+        pass never read it); empty when the caller did not say.
     """
 
     def __init__(
@@ -227,6 +100,7 @@ class GhostRows:
         device: torch.device,
         grad: torch.Tensor | None = None,
         fallbacks: Sequence[str] = (),
+        routes: Mapping[str, str] | None = None,
     ) -> None:
         covered = sum(f.size for f in factors) + sum(d.size for d in dense)
         if covered != num_params:
@@ -238,6 +112,7 @@ class GhostRows:
         self.dense = tuple(dense)
         self._grad = grad
         self.fallbacks = tuple(fallbacks)
+        self.routes = dict(routes or {})
         self._gram: torch.Tensor | None = None
 
     @property
@@ -334,18 +209,36 @@ class GhostRows:
             raise TypeError(f"{name} is on {array.device}, the rows on {self.device}")
 
 
+class RoutedRows(DenseRows):
+    """Dense per-sample rows (N, P) (``ngdref.rows.DenseRows``) with the route of every
+    parameter and the fallback notes (the "vmap" and "loop" routes' rows; see
+    :attr:`GhostRows.routes`)."""
+
+    def __init__(self, array: torch.Tensor, *, routes: Mapping[str, str] | None = None,
+                 fallbacks: Sequence[str] = ()) -> None:
+        super().__init__(array)
+        self.routes = dict(routes or {})
+        self.fallbacks = tuple(fallbacks)
+
+
 def stack_rows(parts: Sequence[Any]) -> Any:
     """The rows of several ``PerSampleRows`` of one model stacked: (sum of N_i, P).
 
-    GhostRows of one layout stack block by block; anything else is materialised row-wise
-    through ``as_rows`` (dense arrays stay dense).
+    GhostRows of one layout stack block by block; anything else (dense arrays, or GhostRows
+    whose parameters took different forms, e.g. a fallback in one chunk only) is materialised
+    row-wise through ``as_rows``. Fallback notes and routes are merged (a parameter that took
+    different routes in different parts is reported with each, joined by "+").
     """
-    from ngdref.rows import DenseRows, as_rows
-
     parts = [as_rows(p) for p in parts]
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
+    notes = list(dict.fromkeys(f for p in parts for f in getattr(p, "fallbacks", ())))
+    routes: dict[str, str] = {}
+    for p in parts:
+        for name, route in getattr(p, "routes", {}).items():
+            known = routes.get(name, route).split("+")
+            routes[name] = "+".join(known if route in known else [*known, route])
     if all(isinstance(p, GhostRows) and first._same_layout(p) for p in parts):
         factors = [
             FactorBlock(fs[0].offset, fs[0].shape, torch.cat([f.x for f in fs]),
@@ -356,11 +249,18 @@ def stack_rows(parts: Sequence[Any]) -> Any:
             DenseBlock(ds[0].offset, torch.cat([d.rows for d in ds]))
             for ds in zip(*(p.dense for p in parts), strict=True)
         ]
-        notes = dict.fromkeys(f for p in parts for f in p.fallbacks)
         return GhostRows(
             sum(p.shape[0] for p in parts), first.shape[1], factors=factors, dense=dense,
-            dtype=first.dtype, device=first.device, fallbacks=list(notes),
+            dtype=first.dtype, device=first.device, fallbacks=notes, routes=routes,
         )
     if all(isinstance(p, DenseRows) for p in parts):
-        return DenseRows(torch.cat([p.array for p in parts]))
-    raise TypeError("stack_rows: the parts must all be GhostRows of one layout or all dense")
+        whole = torch.cat([p.array for p in parts])
+        return RoutedRows(whole, routes=routes, fallbacks=notes) if notes or routes else (
+            DenseRows(whole))
+    arrays = [p.materialise() if isinstance(p, GhostRows) else p.array for p in parts
+              if isinstance(p, (GhostRows, DenseRows))]
+    if len(arrays) != len(parts):
+        raise TypeError("stack_rows: the parts must be GhostRows or dense rows")
+    whole = torch.cat(arrays)
+    return GhostRows(whole.shape[0], whole.shape[1], factors=[], dense=[DenseBlock(0, whole)],
+                     dtype=whole.dtype, device=whole.device, fallbacks=notes, routes=routes)

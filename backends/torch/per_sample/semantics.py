@@ -160,16 +160,16 @@ def semantic_refusal(module: nn.Module, mode: str, *, random_masks: bool = False
 
 def refusals(
     model: nn.Module, mode: str = "eval", *, random_masks: bool = False,
-    rules: Sequence[Rule] = (),
+    rules: Sequence[Rule] = (), modules: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> list[Refusal]:
     """Every module of ``model`` refused by :func:`semantic_refusal` or by one of ``rules``
     (e.g. the layer registry's ``refuse``), in ``named_modules()`` order; the first reason of
-    each module."""
+    each module. ``modules``: ``model.named_modules()`` if the caller has them already."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice(mode, "mode", MODES)
     found = []
-    for path, module in model.named_modules():
+    for path, module in model.named_modules() if modules is None else modules:
         reason = semantic_refusal(module, mode, random_masks=random_masks)
         for rule in rules:
             if reason is not None:
@@ -182,7 +182,7 @@ def refusals(
 
 def refuse_semantics(
     model: nn.Module, mode: str = "eval", *, random_masks: bool = False,
-    rules: Sequence[Rule] = (),
+    rules: Sequence[Rule] = (), modules: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> None:
     """Raise :class:`PerSampleSemanticsError` naming every refused module (:func:`refusals`).
 
@@ -195,18 +195,20 @@ def refuse_semantics(
     ValueError, TypeError
         ``mode`` not in :data:`MODES`; ``model`` not a module.
     """
-    found = refusals(model, mode, random_masks=random_masks, rules=rules)
+    found = refusals(model, mode, random_masks=random_masks, rules=rules, modules=modules)
     if found:
         raise PerSampleSemanticsError(found, mode)
 
 
 @contextlib.contextmanager
-def applied_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
+def applied_mode(model: nn.Module, mode: str = "eval", *,
+                 modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Every submodule's ``training`` flag set by the policy (``"eval"``: False, ``"train"``:
-    True) inside the block, and each module's own flag restored after (also on error)."""
+    True) inside the block, and each module's own flag restored after (also on error).
+    ``modules``: ``model.modules()`` if the caller has them already."""
     check_choice(mode, "mode", MODES)
     training = mode == "train"
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     for m, flag in flags:
         if flag != training:  # Module.__setattr__ costs per module: only where it differs
             m.training = training

@@ -26,13 +26,13 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
+from backends.torch.per_sample.routes import PER_SAMPLE  # noqa: E402
 from backends.torch.provider import TorchProvider  # noqa: E402
 from tests.backends.torch.provider_cases import (  # noqa: E402
     CASES,
     EXACT_FORWARD_MODE,
     F32,
     F64,
-    HOOKABLE,
     VOCAB,
     Case,
     assert_close,
@@ -43,6 +43,11 @@ from tests.backends.torch.provider_cases import (  # noqa: E402
     reference_jacobian,
     vit_case,
 )
+
+
+def dense(grads: Any) -> Any:
+    """G as a tensor: ``vjp`` gives per_sample="ghost"'s rows as GhostRows (G not formed)."""
+    return grads.materialise() if hasattr(grads, "materialise") else grads
 
 
 # ---- the identities ---------------------------------------------------------------------------
@@ -57,14 +62,12 @@ def test_logits_match_ordinary_forward(name: str) -> None:
     assert provider.num_params == sum(p.numel() for _, p in c.trainable)
 
 
-@pytest.mark.parametrize(
-    ("name", "method"),
-    [(n, "vmap") for n in CASES] + [(n, "hooks") for n in HOOKABLE],
-)
+@pytest.mark.parametrize("method", PER_SAMPLE)
+@pytest.mark.parametrize("name", CASES)
 def test_per_sample_grads_match_single_sample_backward_loop(name: str, method: str) -> None:
     c = case(name)
-    provider = TorchProvider(c.model, c.inputs, per_sample_method=method)
-    grads = provider.vjp(logit_grads(c, provider))
+    provider = TorchProvider(c.model, c.inputs, per_sample=method)
+    grads = dense(provider.vjp(logit_grads(c, provider)))
     assert grads.shape == (c.num_samples, provider.num_params)
     assert grads.dtype == torch.float64
     expected = loop_per_sample_grads(c)
@@ -72,11 +75,11 @@ def test_per_sample_grads_match_single_sample_backward_loop(name: str, method: s
     assert_close(grads, expected)
 
 
-@pytest.mark.parametrize("name", HOOKABLE)
+@pytest.mark.parametrize("name", CASES)
 def test_hooks_equal_vmap(name: str) -> None:
     c = case(name)
-    hooks = TorchProvider(c.model, c.inputs, per_sample_method="hooks")
-    vmapped = TorchProvider(c.model, c.inputs, per_sample_method="vmap")
+    hooks = TorchProvider(c.model, c.inputs, per_sample="hooks")
+    vmapped = TorchProvider(c.model, c.inputs, per_sample="vmap")
     u = torch.randn_like(hooks.logits())
     assert_close(hooks.vjp(u), vmapped.vjp(u))
 
@@ -151,12 +154,12 @@ def test_jvp_exact_for_t5_with_float64_layer_norm(monkeypatch: pytest.MonkeyPatc
 def test_chunking_changes_nothing() -> None:
     c = case("t5_lora")
     whole = TorchProvider(c.model, c.inputs)
-    for method in ("vmap", "hooks"):
-        chunked = TorchProvider(c.model, c.inputs, chunk_size=3, per_sample_method=method)
+    for method in PER_SAMPLE:
+        chunked = TorchProvider(c.model, c.inputs, chunk_size=3, per_sample=method)
         u = torch.randn_like(whole.logits())
         v = torch.randn(whole.num_params, dtype=torch.float64)
         assert_close(chunked.logits(), whole.logits())
-        assert_close(chunked.vjp(u), whole.vjp(u))
+        assert_close(dense(chunked.vjp(u)), dense(whole.vjp(u)))
         assert_close(chunked.vjp_sum(u), whole.vjp_sum(u))
         assert_close(chunked.jvp(v), whole.jvp(v))
         assert_close(chunked.jacobian(), whole.jacobian())
@@ -165,7 +168,7 @@ def test_chunking_changes_nothing() -> None:
 def test_padding_mask_is_honoured_under_vmap() -> None:
     """Sample 0 is padded to 3 tokens: its gradient equals the unpadded 3-token one."""
     c = case("t5_lora")
-    provider = TorchProvider(c.model, c.inputs, per_sample_method="vmap")
+    provider = TorchProvider(c.model, c.inputs, per_sample="vmap")
     grads = provider.vjp(logit_grads(c, provider))
     ids, labels = c.inputs["input_ids"][:1, :3], c.inputs["labels"][:1]
     params = [p for _, p in c.trainable]
@@ -173,7 +176,7 @@ def test_padding_mask_is_honoured_under_vmap() -> None:
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     assert_close(grads[0], expected)
     unmasked = {k: v for k, v in c.inputs.items() if k != "attention_mask"}
-    other = TorchProvider(c.model, unmasked, per_sample_method="vmap")
+    other = TorchProvider(c.model, unmasked, per_sample="vmap")
     assert not torch.allclose(other.vjp(logit_grads(c, other))[0], grads[0])
 
 
@@ -200,18 +203,20 @@ def test_labels_become_targets_and_decoder_inputs() -> None:
     assert provider.num_outputs == c.targets.shape[1] * VOCAB
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [("mlp_ce", "hooks"), ("cnn", "vmap"), ("t5_lora", "hooks"), ("t5_prompt", "vmap"),
-     ("vit_lora", "hooks")],
-)
-def test_auto_picks_hooks_only_for_linear_parameters(name: str, expected: str) -> None:
+@pytest.mark.parametrize("name", CASES)
+def test_auto_splits_every_parameter_by_its_layer(name: str) -> None:
+    """"auto" gives every trainable parameter a layer route (factors or per-layer rows, the
+    broadcast captures of T5 prompt tuning too) and falls back nowhere on these models."""
     c = case(name)
-    assert TorchProvider(c.model, c.inputs).per_sample_method == expected
+    provider = TorchProvider(c.model, c.inputs)
+    provider.per_sample_rows(logit_grads(c, provider))
+    assert set(provider.routes) == set(provider.param_names)
+    assert set(provider.routes.values()) <= {"ghost", "materialised"}, provider.routes
+    assert provider.fallbacks == ()
 
 
 class _SharedWeight(nn.Module):
-    """A Linear weight also used outside the layer's forward: hooks miss that term."""
+    """A Linear weight also used outside the layer's forward: no layer kind sees that term."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,21 +226,22 @@ class _SharedWeight(nn.Module):
         return self.lin(x) + torch.tanh(x @ self.lin.weight)
 
 
-def test_auto_falls_back_to_vmap_when_hooks_miss_a_use() -> None:
+@pytest.mark.parametrize("method", ["auto", "ghost", "hooks"])
+def test_a_weight_used_outside_its_layer_falls_through_to_vmap(method: str) -> None:
     torch.manual_seed(6)
     model = _SharedWeight()
     x = torch.randn(4, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (4,))
-    provider = TorchProvider(model, x)
-    assert provider.per_sample_method == "hooks"
+    provider = TorchProvider(model, x, per_sample=method)
     grads = provider.vjp(ngdref.SoftmaxCrossEntropy().grad(provider.logits(), y))
-    assert provider.per_sample_method == "vmap"
+    grads = dense(grads)
+    assert provider.routes["lin.weight"] == "vmap"
+    assert provider.routes["lin.bias"] == "materialised"
+    assert provider.fallbacks == ("lin.weight: whole-model vmap (used where neither its layer "
+                                  "kind nor a broadcast capture splits it)",)
     c = Case("shared", model, x, y, ngdref.SoftmaxCrossEntropy(),
              lambda n: ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=False)
     assert_close(grads, loop_per_sample_grads(c))
-    forced = TorchProvider(model, x, per_sample_method="hooks")
-    with pytest.raises(RuntimeError, match="per_sample_method"):
-        forced.vjp(torch.ones_like(forced.logits()))
 
 
 def test_flatten_unflatten_and_params_vector() -> None:
@@ -272,8 +278,8 @@ def test_eval_mode_used_and_model_mode_restored() -> None:
     model.train()
     model[3].eval()  # a mixed mode must come back as it was
     x = torch.randn(6, 4, dtype=torch.float64)
-    for method in ("vmap", "hooks"):
-        provider = TorchProvider(model, x, per_sample_method=method)
+    for method in PER_SAMPLE:
+        provider = TorchProvider(model, x, per_sample=method)
         u = torch.randn_like(provider.logits())
         provider.vjp(u)
         provider.vjp_sum(u)
@@ -295,8 +301,8 @@ def test_float32_model() -> None:
     c = Case("mlp32", model, x, y, ngdref.SoftmaxCrossEntropy(),
              lambda n: ce_sum(model(x[n:n + 1]), y[n:n + 1]), lambda p: None, hookable=True)
     expected = loop_per_sample_grads(c)
-    for method in ("vmap", "hooks"):
-        provider = TorchProvider(model, x, per_sample_method=method)
+    for method in ("vmap", "hooks", "loop"):
+        provider = TorchProvider(model, x, per_sample=method)
         grads = provider.vjp(logit_grads(c, provider))
         assert grads.dtype == torch.float32
         assert_close(grads, expected, F32)
@@ -304,6 +310,6 @@ def test_float32_model() -> None:
 
 def test_sdpa_attention_works_for_reverse_mode() -> None:
     c = vit_case("sdpa")
-    provider = TorchProvider(c.model, c.inputs, per_sample_method="vmap")
+    provider = TorchProvider(c.model, c.inputs, per_sample="vmap")
     assert_close(provider.vjp(logit_grads(c, provider)), loop_per_sample_grads(c))
 

@@ -82,7 +82,14 @@ def test_bad_cotangents(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"per_sample_method": "loop"}, ValueError, "per_sample_method must be one of"),
+        ({"per_sample_method": "loops"}, ValueError, "per_sample_method must be one of"),
+        ({"per_sample": "loops"}, ValueError, "per_sample must be one of"),
+        ({"per_sample": "vmap", "per_sample_method": "vmap"}, ValueError, "give per_sample alone"),
+        ({"mode": "inference"}, ValueError, "mode must be one of"),
+        ({"certify": "sometimes"}, ValueError, "certify must be one of"),
+        ({"on_mismatch": "ignore"}, ValueError, "on_mismatch must be one of"),
+        ({"certify_samples": 0}, ValueError, "certify_samples"),
+        ({"certify_seed": -1}, ValueError, "certify_seed"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"params": torch.zeros(3, dtype=torch.float64)}, ValueError, r"params must have shape"),
         ({"params": torch.zeros(45, dtype=torch.float32)}, TypeError, "params has dtype"),
@@ -94,12 +101,6 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     assert sum(p.numel() for _, p in c.trainable) == 45
     with pytest.raises(error, match=match):
         TorchProvider(c.model, c.inputs, **kwargs)
-
-
-def test_hooks_refused_for_non_linear_parameters() -> None:
-    c = case("cnn")
-    with pytest.raises(ValueError, match="per_sample_method='hooks'"):
-        TorchProvider(c.model, c.inputs, per_sample_method="hooks")
 
 
 def test_bad_inputs() -> None:

@@ -1,12 +1,13 @@
-"""TorchProvider's "hooks" route on the models it must not get wrong, in float64.
+"""TorchProvider's layer routes ("auto", "hooks") on the models they must not get wrong, in
+float64.
 
-The hooks route reads a trainable ``nn.Linear``'s input and output gradient per call and
-takes their leading axis as the samples. A call on a tensor computed from constants whose
-leading axis happens to have length N (a (T, d) table with T == N) is not per sample: its
-per-sample rows still sum to the batch gradient, so only a per-sample reference can catch
-them. Expected values are independent of the provider: row n is ``torch.autograd.grad`` of
-``u_n . z_n`` through the model's ordinary forward on the whole batch (the definition of
-``J_n^T u_n``), and the vmap route agrees with it.
+The layer routes read a layer's input and output gradient per call; where its samples lie is
+found by provenance. A call on a tensor computed from constants whose leading axis happens to
+have length N (a (T, d) table with T == N) is not per sample: its per-sample rows still sum to
+the batch gradient, so only a per-sample reference can catch them. Expected values are
+independent of the provider: row n is ``torch.autograd.grad`` of ``u_n . z_n`` through the
+model's ordinary forward on the whole batch (the definition of ``J_n^T u_n``), and the vmap
+route agrees with it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _batch_autograd_rows(model: nn.Module, x: Any, u: Any) -> Any:
 
 def test_reference_agrees_with_vmap() -> None:
     model, x, u, expected = _problem()
-    assert_close(TorchProvider(model, x, per_sample_method="vmap").vjp(u), expected)
+    assert_close(TorchProvider(model, x, per_sample="vmap").vjp(u), expected)
 
 
 # N == T, and chunks of T samples (each chunk's pass sees a batch of T), and chunks of 2 != T
@@ -73,8 +74,9 @@ def test_auto_gives_exact_rows_for_a_linear_on_a_constant_table(
 ) -> None:
     model, x, u, expected = _problem(num_samples)
     provider = TorchProvider(model, x, chunk_size=chunk_size)
-    assert provider.per_sample_method == "hooks"
     assert_close(provider.vjp(u), expected)
+    # the table's call is sample free; its output's mean is added to every sample (a capture)
+    assert provider.fallbacks == () and provider.routes["lin.weight"] == "materialised"
     assert_close(provider.vjp(u), expected)  # a second call: a new forward pass
     assert_close(provider.per_sample_rows(u).gram(), expected @ expected.T)
 
@@ -90,20 +92,21 @@ class _ConstantGram(_ConstantTable):
         return self.head(torch.tanh(self.lin(x) + x @ (h.T @ h) / T))
 
 
-# explicit "hooks" gives exact rows where the hooks can split the table's term (a sum), and
-# refuses where they cannot (a matmul) instead of taking table row n as sample n's
+# "hooks" gives exact rows where the watch can split the table's term (a sum), and where it
+# cannot (a matmul) the Linear's parameters fall through to vmap, reported, instead of taking
+# table row n as sample n's
 @pytest.mark.parametrize(("num_samples", "chunk_size"), [(T, None), (2 * T, T)])
 def test_explicit_hooks_on_a_constant_table(num_samples: int, chunk_size: Any) -> None:
     model, x, u, expected = _problem(num_samples)
-    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
+    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample="hooks")
     assert_close(provider.vjp(u), expected)
     torch.manual_seed(11)
     model = _ConstantGram()
-    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
-    with pytest.raises(RuntimeError, match="per_sample_method='hooks'"):
-        provider.vjp(u)
-    auto = TorchProvider(model, x, chunk_size=chunk_size)
-    assert_close(auto.vjp(u), _batch_autograd_rows(model, x, u))
+    for route in ("hooks", "auto"):
+        provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample=route)
+        assert_close(provider.vjp(u), _batch_autograd_rows(model, x, u))
+        assert provider.routes["lin.weight"] == provider.routes["lin.bias"] == "vmap"
+        assert any(f.startswith("lin.weight: whole-model vmap") for f in provider.fallbacks)
 
 
 class _TiedEmbedding(nn.Module):
@@ -125,9 +128,8 @@ def test_auto_on_a_linear_weight_that_only_an_embedding_uses() -> None:
     tokens = torch.randint(0, 5, (T, 3))
     u = torch.randn(T, D, dtype=torch.float64)
     provider = TorchProvider(model, tokens)
-    assert provider.per_sample_method == "hooks"
     assert_close(provider.vjp(u), _batch_autograd_rows(model, tokens, u))
-    assert provider.per_sample_method == "hooks"  # no fallback was needed
+    assert provider.fallbacks == ()  # the embedding's factors carry the shared weight
 
 
 class _TwiceCalled(nn.Module):
@@ -147,5 +149,5 @@ def test_hooks_sum_the_calls_of_a_linear_called_twice(chunk_size: Any) -> None:
     model = _TwiceCalled()
     x = torch.randn(2 * T, D, dtype=torch.float64)
     u = torch.randn(2 * T, D, dtype=torch.float64)
-    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample_method="hooks")
+    provider = TorchProvider(model, x, chunk_size=chunk_size, per_sample="hooks")
     assert_close(provider.vjp(u), _batch_autograd_rows(model, x, u))

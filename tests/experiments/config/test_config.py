@@ -21,9 +21,11 @@ from validation.experiments.__main__ import main  # noqa: E402
 from validation.experiments.config.load import (  # noqa: E402
     ConfigError,
     apply_overrides,
+    config_diff,
     default_config,
     load_config,
     parse_override,
+    with_new_defaults,
 )
 
 
@@ -89,6 +91,25 @@ def test_config_file_is_checked_against_its_setup(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="setup must be one of"):
         default_config("resnet")
     assert apply_overrides(default_config("mlp"), [])["optimizer"] == "adam"
+
+
+def test_a_renamed_key_is_read_under_its_new_name_and_both_names_are_refused(
+    tmp_path: Path,
+) -> None:
+    """train.per_sample_method (stored runs and files written before the rename) is read as
+    train.per_sample; a stored config with it compares equal to today's; both at once: refused."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"setup": "mlp", "train": {"per_sample_method": "vmap"}}))
+    loaded = load_config(path)
+    assert loaded["train"]["per_sample"] == "vmap" and "per_sample_method" not in loaded["train"]
+    stored = json.loads(json.dumps(load_config("mlp")))
+    stored["train"]["per_sample_method"] = stored["train"].pop("per_sample")
+    assert config_diff(with_new_defaults(stored), load_config("mlp")) == []
+    assert "per_sample_method" in stored["train"]  # the caller's dict is left as it was
+    path.write_text(json.dumps(
+        {"setup": "mlp", "train": {"per_sample_method": "vmap", "per_sample": "auto"}}))
+    with pytest.raises(ConfigError, match=r"train\.per_sample_method is the old name"):
+        load_config(path)
 
 
 def test_cli_config_command_and_errors(capsys: pytest.CaptureFixture[str]) -> None:

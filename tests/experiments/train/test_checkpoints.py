@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.experiments.cases import (
+    certified_steps,
     fixture_dirs,  # noqa: F401  (a fixture: pytest finds it here)
     require_hf_stack,
     tiny_overrides,
@@ -82,6 +83,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     assert without_time(read_metrics(tmp_path / "resumed")) == without_time(
         read_metrics(tmp_path / "whole")
     )
+    # certify="first": the first step of each process (the resumed one restarts at step 5)
+    if extra[0] in ("optimizer=sf", "optimizer=ief"):
+        assert certified_steps(read_metrics(tmp_path / "whole")) == [1]
+        assert certified_steps(read_metrics(tmp_path / "resumed")) == [1, 5]
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert a == b

@@ -46,7 +46,8 @@ EVALUATION = {
 #: float64 throughout; the two runs differ in the order of sums only (test_data_parallel)
 RTOL = 1e-10
 #: keys only a distributed step reports, and the solve's own rounding (~1e-16, not comparable)
-DISTRIBUTED_KEYS = {"time", "world_size", "num_samples", "bytes_sent", "solve_residual"}
+DISTRIBUTED_KEYS = {"time", "world_size", "num_samples", "bytes_sent", "solve_residual",
+                    "certificate"}
 
 
 def config(optimizer: str) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .renamed import renamed
+
 __all__ = [
     "BASELINE_OPTIMIZERS",
     "CONFIG_DIR",
@@ -279,7 +281,7 @@ def load_config(
     if text.endswith(".json") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {text!r} does not exist")
-        given = _read_json(path)
+        given = renamed(_read_json(path), ConfigError)
         if "setup" not in given:
             raise ConfigError(f"config file {text!r} has no 'setup' key")
         base = default_config(str(given["setup"]))
@@ -475,9 +477,10 @@ def with_new_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A stored (resolved) configuration with every key its setup's schema gained since it was
     written at the schema's default (a run started before ``train.divergence_factor`` existed
     compares equal to the same run now); the stored values are kept as they are."""
+    stored = renamed(stored, ConfigError)
     setup = stored.get("setup")
     if not isinstance(setup, str) or not (CONFIG_DIR / f"{setup}.json").is_file():
-        return dict(stored)
+        return stored
     return _merge(default_config(setup), stored)
 
 

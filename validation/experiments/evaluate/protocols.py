@@ -390,7 +390,7 @@ def evaluation_problem(
         inputs,
         output_fn=output_fn,
         chunk_size=micro_batch,
-        per_sample_method=setup.config["train"]["per_sample_method"],
+        per_sample=setup.config["train"]["per_sample"],
     )
     factor = ngdref.reduction_factor(reduction, batch.size)
     return EvaluationProblem(provider, loss, targets, factor)

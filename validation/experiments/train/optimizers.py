@@ -100,7 +100,7 @@ def build_optimizer(setup: Setup, total_steps: int) -> torch.optim.Optimizer:
             "mean" if o["reduction"] == "hf" else o["reduction"]
         ),
         "output_fn": setup.output_fn,
-        "per_sample_method": cfg["train"]["per_sample_method"],
+        "per_sample": cfg["train"]["per_sample"],
         "chunk_size": cfg["train"]["chunk_size"],
     }
     if name == "ief":

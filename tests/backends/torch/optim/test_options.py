@@ -38,7 +38,7 @@ GRAM = [("damping_mode", "absolute"), ("dedup_threshold", 0.99), ("dedup_rule", 
 KFAC_OWN = [
     ("update_interval", 1), ("running_average", 0.0), ("damped_inverse", "exact"),
     ("convention", "expand"), ("normalisation", "mean"), ("bias", "separate"),
-    ("reduction", "sum"), ("output_fn", None), ("strict", False),
+    ("reduction", "sum"), ("output_fn", None), ("mode", "eval"), ("strict", False),
 ]
 STEP = [("lr", REQUIRED), ("damping", REQUIRED)]
 
@@ -54,7 +54,7 @@ SIGNATURES: dict[type, list[tuple[str, Any]]] = {
     KFAC: [*STEP, ("kfac_fisher", "mc"), ("seed", 0), *KFAC_OWN],
 }
 #: the construction options (held by the optimiser); every other keyword is a hyperparameter
-CONSTRUCTION = {name for name, _ in ROWS if name != "reduction"} | {"output_fn", "strict"}
+CONSTRUCTION = {name for name, _ in ROWS if name != "reduction"} | {"output_fn", "mode", "strict"}
 #: what the required keywords get in these tests
 GIVEN = {"lr": 0.1, "damping": 1e-3, "total_steps": 3}
 IDS = [cls.__name__ for cls in SIGNATURES]

@@ -91,7 +91,7 @@ def test_a_fallback_is_reported_in_the_diagnostics_and_warned_once() -> None:
         warnings.simplefilter("always")
         for _ in range(2):
             opt.step(lambda: problem.batch)
-    said = [w for w in caught if "torch.func.vmap" in str(w.message)]
+    said = [w for w in caught if "fallback routes" in str(w.message)]
     assert len(said) == 1 and "_Gain (1.gain)" in str(said[0].message)
     assert opt.diagnostics["fallbacks"] == ["_Gain (1.gain): per-module vmap"]
 
@@ -100,11 +100,15 @@ def test_a_fallback_is_reported_in_the_diagnostics_and_warned_once() -> None:
     ("cls", "options"), list(ROUTE_OPTIMISERS.values()), ids=list(ROUTE_OPTIMISERS)
 )
 def test_a_ghost_step_runs_the_model_forward_once(cls: type, options: dict) -> None:
-    """iEF, EF and SF (K = 2 sampled labels) all backpropagate through one forward pass."""
+    """iEF, EF and SF (K = 2 sampled labels) all backpropagate through one forward pass; the
+    default certificate ("first") adds one forward-mode pass to the first step only."""
     problem = mlp_problem()
     calls = []
     handle = problem.model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    opt = cls(problem.model, problem.loss, per_sample="auto", **options)
-    opt.step(lambda: problem.batch)
+    for certify, forwards in (("never", [1, 1]), ("first", [2, 1])):
+        opt = cls(problem.model, problem.loss, per_sample="auto", certify=certify, **options)
+        for expected in forwards:
+            calls.clear()
+            opt.step(lambda: problem.batch)
+            assert len(calls) == expected, certify
     handle.remove()
-    assert len(calls) == 1

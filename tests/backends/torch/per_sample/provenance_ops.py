@@ -170,6 +170,12 @@ OPS = [
     # layers
     Op("linear_sequence_first", (S,), lambda x: F.linear(x, const(5, 4), const(5)), B1),
     Op("linear_over_samples", (((4, N), B1),), lambda x: F.linear(x, const(5, N)), "contracts"),
+    Op("bilinear_sequence_first", (S, ((2, N, 3), B1)),
+       lambda x, y: F.bilinear(x, y, const(5, 4, 3), const(5)), B1),
+    Op("bilinear_one_free_input", (S,), lambda x: F.bilinear(x, const(2, N, 3), const(5, 4, 3)),
+       B1),
+    Op("bilinear_over_samples", (((4, N), B1), ((4, N), B1)),
+       lambda x, y: F.bilinear(x, y, const(5, N, N)), "contracts"),
     Op("conv2d", (IMAGE,), lambda x: F.conv2d(x, const(2, N, 3, 3), padding=1), B0),
     Op("conv2d_samples_on_channels", (((2, N, 4, 4), B1),),
        lambda x: F.conv2d(x, const(2, N, 3, 3)), "mixes"),

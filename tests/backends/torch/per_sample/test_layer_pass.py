@@ -28,12 +28,14 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ngdref  # noqa: E402
+from backends.torch.layers import PartShape, factor_cost  # noqa: E402
 from backends.torch.per_sample.layer_pass import ROUTES  # noqa: E402
-from backends.torch.per_sample.rows import ghost_is_cheaper  # noqa: E402
 from backends.torch.provider import TorchProvider  # noqa: E402
 
 BOUND = 1e-12
 IGNORE = -100
+#: the layer pass's per-parameter choice -> the provider's per_sample route that makes it
+PER_SAMPLE = {"auto": "auto", "ghost": "ghost", "materialise": "hooks"}
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -114,6 +116,32 @@ class InPlace(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class Gate(nn.Module):
+    """A module kind the hooks do not know (per-module vmap), gated by a second argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, h: Any, level: Any) -> Any:
+        return torch.where(level > 0, h @ torch.diag(self.gain), h)
+
+
+class ArgumentChanged(nn.Module):
+    """The gate's level (per sample, not saved by autograd) changed in place after the call:
+    the per-module vmap would read the new values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.head = Gate(), nn.Linear(4, 3)
+
+    def forward(self, x: Any) -> Any:
+        level = x.detach().clone()
+        h = self.gate(x, level)
+        level.neg_()
+        return self.head(torch.tanh(h) + level)
+
+
 class Prompted(nn.Module):
     """Virtual tokens embedded for one sample and repeated over the batch (peft's way)."""
 
@@ -121,7 +149,8 @@ class Prompted(nn.Module):
         super().__init__()
         self.prompt = nn.Embedding(5, 4)
         self.head = nn.Linear(4, 3)
-        self.also_used = also_used  # the one-sample output also used directly: no split
+        # the one-sample output also added to every sample (a broadcast capture of its mean)
+        self.also_used = also_used
 
     def forward(self, x: Any) -> Any:
         p = self.prompt(torch.arange(3)[None, :])  # (1, 3, 4)
@@ -217,11 +246,15 @@ CASES = [
     Case("tied_embedding_head", _tagger(True), ("Mix (mix.gain): per-module vmap",)),
     Case("weight_used_outside_its_layer", _outside, ("a.weight: whole-model vmap",)),
     Case("output_changed_in_place", _in_place, ("changed in place",)),
+    Case("argument_changed_in_place", lambda: (
+        ArgumentChanged().double(), torch.randn(4, 4, dtype=torch.float64),
+        torch.randint(0, 3, (4,)), ngdref.SoftmaxCrossEntropy()),
+        ("gate.gain: whole-model vmap (Gate's input was changed in place",)),
     Case("one_sample_call_repeated", _prompted(False)),
     Case("tensor_created_then_filled_from_the_batch", lambda: (
         Filled().double(), torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)),
         ngdref.SoftmaxCrossEntropy())),
-    Case("one_sample_output_used_twice", _prompted(True), ("one repeat over the batch",)),
+    Case("one_sample_output_used_twice", _prompted(True)),
 ]
 
 
@@ -325,7 +358,7 @@ def check_against_the_loop(case: Case, route: str) -> None:
     """Gram, cross Gram, G^T w, G v, the gradient and the fallback notes of one case."""
     model, inputs, targets, loss = case.build()
     model.eval()
-    provider = TorchProvider(model, inputs, per_sample_method="ghost", layer_route=route)
+    provider = TorchProvider(model, inputs, per_sample=PER_SAMPLE[route], certify="never")
     logits = provider.logits()
     u = loss.grad(logits, targets)  # zero at ignored positions
     u2 = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(9))
@@ -357,7 +390,7 @@ def test_routes_hold_weights_as_factors_or_rows_as_chosen(name: str) -> None:
     model, inputs, _, _ = ALL_CASES[name].build()
     held = {}
     for route in ROUTES:
-        provider = TorchProvider(model, inputs, per_sample_method="ghost", layer_route=route)
+        provider = TorchProvider(model, inputs, per_sample=PER_SAMPLE[route])
         u = torch.ones_like(provider.logits())
         rows = provider.per_sample_rows(u)
         held[route] = sum(f.size for f in rows.factors)
@@ -366,19 +399,20 @@ def test_routes_hold_weights_as_factors_or_rows_as_chosen(name: str) -> None:
 
 
 def test_cost_model_prefers_ghost_for_short_sequences_and_rows_for_long_ones() -> None:
+    # PartShape(T, d_u, d_v): u the output gradients (d_out), v the inputs (d_in)
     # an MLP layer (T = 1): the ghost Gram is always cheaper
-    assert ghost_is_cheaper(64, 1, 1024, 1024)
+    assert factor_cost(64, [PartShape(1, 1024, 1024)]).ghost_cheaper()
     # a LoRA A matrix (d_out = r = 8) at T = 512 positions: materialising is cheaper
-    assert not ghost_is_cheaper(8, 512, 768, 8)
+    assert not factor_cost(8, [PartShape(512, 8, 768)]).ghost_cheaper()
     # a vocabulary embedding looked up 100 times: ghost (the rows would be N V d)
-    assert ghost_is_cheaper(16, 100, 512, 512, vocab=32128)
+    assert factor_cost(16, [PartShape(100, 32128, 512, lookup=True)]).ghost_cheaper()
 
 
 def test_float32_rows_agree_with_float64_to_float32_rounding() -> None:
     """float32 ghost Gram vs the float64 loop: relative error <= 1e-5 (eps32 * depth * T)."""
     model, x, y, loss = _mlp(6)
     model32 = model.float().eval()
-    provider = TorchProvider(model32, x.float(), per_sample_method="ghost", layer_route="ghost")
+    provider = TorchProvider(model32, x.float(), per_sample="ghost")
     u = loss.grad(provider.logits(), y)
     rows = provider.per_sample_rows(u)
     ref = loop_rows(model32.double(), x, u.double())
@@ -398,7 +432,7 @@ def test_user_hooks_are_respected_and_ours_removed() -> None:
     # a user's hook that changes the output of a trainable layer: the rows must include it
     handle = model[2].register_forward_hook(lambda m, a, out: 2.0 * out)
     before = _hook_counts(model)
-    provider = TorchProvider(model, x, per_sample_method="ghost", layer_route="ghost")
+    provider = TorchProvider(model, x, per_sample="ghost")
     u = loss.grad(provider.logits(), y)
     rows = provider.per_sample_rows(u)
     assert _hook_counts(model) == before
@@ -416,14 +450,28 @@ def test_our_hooks_are_removed_after_an_exception() -> None:
     handle = model[6].register_forward_hook(fail)
     before = _hook_counts(model)
     with pytest.raises(RuntimeError, match="user hook failed"):
-        TorchProvider(model, x, per_sample_method="ghost")
+        TorchProvider(model, x, per_sample="ghost")
     assert _hook_counts(model) == before
     handle.remove()
 
 
-def test_ghost_refuses_chunking_and_unknown_routes() -> None:
+@pytest.mark.parametrize("route", ROUTES)
+def test_chunks_take_a_pass_each_and_stack_their_rows(route: str) -> None:
+    """chunk_size: one hooked forward and backward pass per chunk (5 samples in chunks of
+    2), the chunks' rows stacked, equal to the loop's."""
+    model, x, y, loss = _mlp(5)
+    model.eval()
+    provider = TorchProvider(model, x, per_sample=PER_SAMPLE[route], chunk_size=2)
+    u = loss.grad(provider.logits(), y)
+    rows = provider.per_sample_rows(u)
+    g = loop_rows(model, x, u)
+    assert rows.shape == tuple(g.shape)
+    assert float(torch.linalg.norm(rows.gram() - g @ g.T)) <= BOUND * _scale(g) ** 2
+
+
+def test_unknown_routes_are_refused_by_name() -> None:
     model, x, _, _ = _mlp(2)
-    with pytest.raises(ValueError, match="chunk_size"):
-        TorchProvider(model, x, per_sample_method="ghost", chunk_size=1)
-    with pytest.raises(ValueError, match="layer_route"):
+    with pytest.raises(ValueError, match="per_sample must be one of"):
+        TorchProvider(model, x, per_sample="fast")
+    with pytest.raises(ValueError, match="layer_route must be one of"):
         TorchProvider(model, x, per_sample_method="ghost", layer_route="fast")

@@ -135,10 +135,10 @@ def test_float32_all_parameters_agree_with_vmap_and_fall_back_nowhere(name: str)
     model, inputs, targets, loss = ALL_CASES[name].build()
     model = model.float().eval()
     inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-    ghost = TorchProvider(model, inputs, per_sample_method="ghost")
+    ghost = TorchProvider(model, inputs, per_sample="ghost")
     u = loss.grad(ghost.logits(), targets)
     rows = ghost.per_sample_rows(u)
-    ref = TorchProvider(model, inputs, per_sample_method="vmap").vjp(u)
+    ref = TorchProvider(model, inputs, per_sample="vmap").vjp(u)
     k = ref.double() @ ref.double().T
     assert rows.fallbacks == ()
     assert float(torch.linalg.norm(rows.gram() - k)) <= 1e-5 * float(torch.linalg.norm(k))

@@ -55,6 +55,9 @@ class Case:
         What torch.func cannot do on the model (:data:`NO_VMAP`, :data:`NO_FORWARD_AD`).
     prepare : callable (nn.Module) -> None, optional
         Changes after the float64 conversion (running statistics, large embedding rows).
+    mode : {"eval", "train"}
+        The mode policy a route is asked to run the case under ("train": the user asks for
+        the train-mode semantics, e.g. batch statistics, which must be refused by name).
     """
 
     name: str
@@ -67,6 +70,7 @@ class Case:
     refuse: str | None = None
     limits: frozenset[str] = frozenset()
     prepare: Callable[[nn.Module], None] | None = None
+    mode: str = "eval"
 
     @property
     def seed(self) -> int:

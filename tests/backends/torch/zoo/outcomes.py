@@ -150,13 +150,13 @@ def trained(case: Case) -> frozenset[str]:
 
 @functools.cache
 def route_exists(kind: str, route: str) -> bool:
-    """Whether ``TorchProvider(per_sample_method=route)`` (kind "rows") or the optimisers'
+    """Whether ``TorchProvider(per_sample=route)`` (kind "rows") or the optimisers'
     ``per_sample=route`` (kind "steps") is accepted at all, tried on a plain nn.Linear."""
     model = nn.Linear(2, 2).double()
     x = torch.zeros(3, 2, dtype=torch.float64)
     try:
         if kind == "rows":
-            TorchProvider(model, x, per_sample_method=route)
+            TorchProvider(model, x, per_sample=route)
         else:
             IEF(model, ngdref.SoftmaxCrossEntropy(), lr=1.0, damping=1.0, per_sample=route)
     except ValueError as err:

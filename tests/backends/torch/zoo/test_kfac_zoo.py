@@ -76,7 +76,7 @@ def kfac_outcome(name: str, method: str) -> Outcome:
     damping = _damping(name)
 
     def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
-        opt = OPTIMISERS[method](model, case.loss(), lr=damping, damping=damping)
+        opt = OPTIMISERS[method](model, case.loss(), lr=damping, damping=damping, mode=case.mode)
         before = theta(model)
         opt.step(lambda: (inputs, targets))
         return {method: before - theta(model)}
@@ -112,7 +112,7 @@ def test_kfac_blocks_hold_every_per_sample_gradient(name: str, route: str,
 
     def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
         curvature = kfac_curvature(model, case.loss(), inputs, targets, methods=("ekfac",),
-                                   eigenvalue_correction=True)
+                                   eigenvalue_correction=True, mode=case.mode)
         return {b.name: (b.index.numpy(), float((b.diagonal["ekfac"] if b.factors is None else
                                                  b.factors["ekfac"].corrected_eigenvalues).sum()))
                 for b in curvature.blocks}

@@ -3,8 +3,9 @@ r"""Every zoo case x every per-sample route x every quantity: exact, or refused 
 Quantities and the API they go through, in float64:
 
 - ``gram``, ``gv``, ``gtw``: G G^T, G v, G^T w of
-  ``TorchProvider(model, inputs, per_sample_method=route).per_sample_rows(e)``, with e the
-  reference's logit gradients (so the rows' only error is the route's);
+  ``TorchProvider(model, inputs, per_sample=route, mode=case.mode).per_sample_rows(e)``
+  (certified, ``certify="first"``), with e the reference's logit gradients (so the rows' only
+  error is the route's);
 - ``ief``, ``ef``, ``sf``: one step of ``backends.optim.IEF`` / ``EF`` / ``SF`` with
   ``per_sample=route``, lr = 1, no deduplication, damping from
   :func:`.reference.gram_damping` / :func:`.reference.sf_damping` (condition numbers at most
@@ -12,9 +13,9 @@ Quantities and the API they go through, in float64:
   first step of total_steps = 2 has eta_0 = lr); SF's K = 2 labels per sample are drawn by
   the reference from the optimiser's documented key (:func:`.reference.sampled_labels`).
 
-Routes: "auto", "ghost", "hooks", "vmap" as each API names them (the provider's "hooks" is
-its nn.Linear hooks, the optimisers' is the layer pass with materialised rows), and "loop",
-skipped while neither API accepts it. Expected values and bounds: :mod:`.reference`.
+Routes: "auto", "ghost", "hooks", "vmap" and "loop" as both APIs name them ("hooks": the
+layer pass with materialised rows); a step route the optimisers do not accept yet is skipped.
+Expected values and bounds: :mod:`.reference`.
 
 A route passes when its value is within the bound, or when it raises an error of ngdref's
 own (not from inside torch) whose message names a trainable parameter or the layer, with
@@ -78,7 +79,7 @@ def rows_outcome(name: str, route: str) -> Outcome:
     case = CASES[name]
 
     def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
-        provider = TorchProvider(model, inputs, per_sample_method=route)
+        provider = TorchProvider(model, inputs, per_sample=route, mode=case.mode)
         logits = provider.logits().numpy()
         e = logit_grads(case, logits, targets.numpy())
         if case.refuse is None:
@@ -110,7 +111,7 @@ def step_outcome(name: str, route: str, method: str) -> Outcome:
 
     def action(model: nn.Module, inputs: Any, targets: torch.Tensor) -> dict[str, Any]:
         opt = cls(model, case.loss(), lr=1.0, damping=_damping(case, method),
-                  per_sample=route, **options)
+                  per_sample=route, mode=case.mode, **options)
         before = theta(model)
         with warnings.catch_warnings():  # the vmap-fallback notice: fallbacks are allowed
             warnings.simplefilter("ignore", UserWarning)
@@ -138,7 +139,7 @@ def judge(case: Case, quantity: str, outcome: Outcome) -> None:
 @pytest.mark.parametrize(("name", "route", "quantity"), params(CASES, ROW_QUANTITIES))
 def test_rows(name: str, route: str, quantity: str) -> None:
     if not route_exists("rows", route):
-        pytest.skip(f"TorchProvider has no per_sample_method={route!r} yet (issue 16)")
+        pytest.skip(f"TorchProvider has no per_sample={route!r} yet (issue 16)")
     judge(CASES[name], quantity, rows_outcome(name, route))
 
 
