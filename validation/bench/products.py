@@ -26,7 +26,7 @@ from validation.bench.workloads import Workload
 class Products:
     """The matvecs and the iEF parts, built once, with their cross-checks.
 
-    ``gaps[label]`` is |ngdref - curvlinops| / |curvlinops| for "GGN" (the FVP) and "EF"
+    ``gaps[label]`` is ``|ngdref - curvlinops| / |curvlinops|`` for "GGN" (the FVP) and "EF"
     (G^T G v); ``notes`` say what could not be compared, and why.
     """
 

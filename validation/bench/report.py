@@ -318,7 +318,7 @@ def print_summary(records: list[Measured], clock: str, memory_kind: str | None) 
     the noise floor), then every target with its verdict: iEF (auto) / AdamW, iEF / each
     Opacus step, SF / iEF, the peak memory of an iEF step over AdamW's (``memory_kind``'s
     measurement; the target on all-parameter models), and the certificate's cost: the
-    default ``certify="first"`` over ``"never"`` (within the noise floor 1 + |again - 1|)
+    default ``certify="first"`` over ``"never"`` (within the noise floor ``1 + |again - 1|``)
     and ``"always"`` over ``"never"``.
     """
     what = {"wall": "wall clock", "cpu": "process CPU time (all threads)"}[clock]
