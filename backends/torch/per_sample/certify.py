@@ -10,7 +10,9 @@ where :math:`J v` (N, C) comes from the batched forward pass and nothing per sam
 
 ``"forward"``
     one forward-mode pass (``torch.autograd.forward_ad``, no graph) of the batch's logits at
-    theta along v: about 3 forward passes of cost on CPU (every matmul carries its tangent);
+    theta along v: about 2 forward passes of cost (every matmul carries its tangent;
+    ``F.linear`` and ``F.layer_norm`` by formulas of this module, :data:`_RULES`, several
+    times cheaper than torch's own rules on the CPU);
 ``"double-backward"``
     where forward mode is unsupported: with a dummy W (N, C) requiring grad,
     :math:`t(W) = \nabla_\theta \sum_{n} W_n \cdot z_n = J^\top W` (a backward pass that
@@ -91,6 +93,9 @@ class _Watch(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
+        #: whether the pass runs in forward mode (dual tensors): ``F.linear`` and
+        #: ``F.layer_norm`` then take :data:`_RULES`
+        self.forward = False
         self.depth = 0
         self.dtypes: set[torch.dtype] = set()
         self.float32_ops: set[tuple[str, str]] = set()  # (device type, "conv" | "matmul")
@@ -99,7 +104,11 @@ class _Watch(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.embedding:
             args, kwargs = _untrained_padding_row(tuple(args), dict(kwargs))
-        out = func(*args, **kwargs)
+        try:
+            rule = _RULES.get(func) if self.forward else None
+        except TypeError:  # an unhashable callable (the watch of the forward pass sees some)
+            rule = None
+        out = func(*args, **kwargs) if rule is None else rule(*args, **kwargs)
         floating = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
                     if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if floating:
@@ -126,6 +135,78 @@ class _Watch(TorchFunctionMode):
             if kind == "matmul":
                 u = max(u, lowered)
         return u
+
+
+def _linear_jvp(input: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    r"""``F.linear`` on dual tensors by the product rule, each term only where its tangent is:
+
+    .. math:: \dot y = \dot x W^\top + x \dot W^\top + \dot b.
+
+    Torch's own forward-mode rule for ``linear`` costs about 3.8 plain calls (measured for a
+    frozen (32128, 512) weight on a (16, 48, 512) input, CPU float32); this one costs one
+    plain call per tangent present, so a frozen layer's tangent costs one matmul. The primal
+    is the plain call.
+    The arguments keep ``F.linear``'s names: a model may pass them as keywords.
+    """
+    x, x_dot = forward_ad.unpack_dual(input)
+    w, w_dot = forward_ad.unpack_dual(weight)
+    b, b_dot = (None, None) if bias is None else forward_ad.unpack_dual(bias)
+    primal = F.linear(x, w, b)
+    terms = [F.linear(x_dot, w)] if x_dot is not None else []
+    if w_dot is not None:
+        terms.append(F.linear(x, w_dot))
+    if b_dot is not None:
+        terms.append(b_dot.expand(primal.shape))
+    if not terms:
+        return primal
+    tangent = terms[0]
+    for term in terms[1:]:
+        tangent = tangent + term
+    return forward_ad.make_dual(primal, tangent)
+
+
+def _layer_norm_jvp(input: torch.Tensor, normalized_shape: Any,
+                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    eps: float = 1e-5) -> torch.Tensor:
+    r"""``F.layer_norm`` on dual tensors: with :math:`\hat x = (x - \mu) r`, mean and
+    :math:`r = (\sigma^2 + \epsilon)^{-1/2}` over the normalised axes (``native_layer_norm``
+    returns both with the primal),
+
+    .. math:: \dot y = w \odot r\,(\dot x - \overline{\dot x}
+              - \hat x\,\overline{\hat x \odot \dot x}) + \hat x \odot \dot w + \dot b,
+
+    each term only where its tangent is (the bars: means over the normalised axes). Torch's
+    own forward-mode rule costs about 17 plain calls (measured on a (32, 197, 384) input,
+    CPU float32); this one about 6. Like torch's rule it counts as one function of the pass.
+    """
+    x, x_dot = forward_ad.unpack_dual(input)
+    w, w_dot = (None, None) if weight is None else forward_ad.unpack_dual(weight)
+    b, b_dot = (None, None) if bias is None else forward_ad.unpack_dual(bias)
+    if x_dot is None and w_dot is None and b_dot is None:
+        return F.layer_norm(x, normalized_shape, w, b, eps)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    primal, mean, rstd = torch.native_layer_norm(x, list(shape), w, b, eps)
+    axes = tuple(range(-len(shape), 0))
+    x_hat = (x - mean) * rstd
+    terms = []
+    if x_dot is not None:
+        centred = x_dot - x_dot.mean(axes, keepdim=True)
+        d = rstd * (centred - x_hat * (x_hat * x_dot).mean(axes, keepdim=True))
+        terms.append(d if w is None else d * w)
+    if w_dot is not None:
+        terms.append(x_hat * w_dot)
+    if b_dot is not None:
+        terms.append(b_dot.expand(primal.shape))
+    tangent = terms[0]
+    for term in terms[1:]:
+        tangent = tangent + term
+    return forward_ad.make_dual(primal, tangent.to(primal.dtype))
+
+
+#: forward-mode rules of the reference pass cheaper than torch's (same J v up to rounding)
+_RULES: dict[Any, Callable[..., torch.Tensor]] = {F.linear: _linear_jvp,
+                                                  F.layer_norm: _layer_norm_jvp}
 
 
 def _untrained_padding_row(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -210,6 +291,7 @@ def reference_tangents(
     with model.module_mode(), sdpa_kernel(SDPBackend.MATH), watch:
         if route != "double-backward":
             try:
+                watch.forward = True
                 tangents = _forward(logits, theta, vector)
                 route = "forward"
             except (NotImplementedError, RuntimeError) as err:
@@ -219,6 +301,8 @@ def reference_tangents(
                     raise
                 forward_error = err
                 watch.depth = 0  # the depth of the pass that completes
+            finally:
+                watch.forward = False
         if route != "forward":
             try:
                 tangents = _double_backward(logits, theta, vector)
