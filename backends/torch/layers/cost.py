@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BALANCE", "Cost", "PartShape", "Work", "factor_cost"]
+__all__ = ["BALANCE", "Cost", "PartShape", "Work", "factor_cost", "tied_cost"]
 
 #: multiply-adds per byte moved at which compute and memory traffic take equal time
 #: (about 50 GFLOP/s over 6 GB/s per CPU core; GPUs are near 10-20 too)
@@ -103,3 +103,25 @@ def factor_cost(n: int, shapes: Sequence[PartShape], itemsize: int = 4) -> Cost:
         ghost = None if g is None or ghost is None else ghost + g
         dense = dense + d
     return Cost(ghost, dense)
+
+
+def tied_cost(n: int, shapes: Sequence[PartShape], itemsize: int = 4) -> Cost:
+    r"""The :class:`Cost` of one (V, d) matrix read in several forms (a lookup table tied to
+    an output layer), ``shapes`` one per form, each covering the whole matrix.
+
+    The ghost work is that of each form alone (:func:`factor_cost`) plus, per ordered pair
+    of forms k != l, the cross kernels: N^2 T_k T_l (d + V) multiply-adds where neither is
+    a lookup (d + 1 otherwise: the table side is a gather) and (N T_k)(N T_l)(2 s + 24)
+    bytes. Materialised: every form's rows, as :func:`factor_cost` counts them.
+    """
+    alone = factor_cost(n, shapes, itemsize)
+    if alone.ghost is None:
+        return alone
+    ghost = alone.ghost
+    for k, a in enumerate(shapes):
+        for b in shapes[k + 1:]:
+            width = a.d_v + (1 if a.lookup or b.lookup else a.d_u)
+            pair = Work(n * n * a.positions * b.positions * width,
+                        (n * a.positions) * (n * b.positions) * (2 * itemsize + 24))
+            ghost = ghost + pair + pair
+    return Cost(ghost, alone.materialised)

@@ -32,9 +32,9 @@ import torch
 
 from ngdref.rows import DenseRows, as_rows
 
-from ..layers.blocks import DenseBlock, FactorBlock
+from ..layers.blocks import DenseBlock, FactorBlock, TiedBlock
 
-__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "RoutedRows", "stack_rows"]
+__all__ = ["DenseBlock", "FactorBlock", "GhostRows", "RoutedRows", "TiedBlock", "stack_rows"]
 
 #: float64 entries of one column chunk of a materialised block's Gram (2 MiB)
 _GRAM_CHUNK = 2**18
@@ -164,9 +164,7 @@ class GhostRows:
         return torch.stack(columns, dim=1)
 
     def _same_layout(self, other: GhostRows) -> bool:
-        mine = [(f.offset, f.embedding) for f in self.factors] + [d.offset for d in self.dense]
-        theirs = [(f.offset, f.embedding) for f in other.factors] + [d.offset for d in other.dense]
-        return mine == theirs
+        return _layout(self) == _layout(other)
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """G v, (P,) -> (N,) in ``dtype``."""
@@ -209,6 +207,22 @@ class GhostRows:
             raise TypeError(f"{name} is on {array.device}, the rows on {self.device}")
 
 
+def _layout(rows: GhostRows) -> list[tuple]:
+    """Per block its offset and form (a lookup, a factor pair or several tied forms)."""
+    return [(f.offset, type(f).__name__, f.embedding if isinstance(f, FactorBlock) else tuple(
+        u.embedding for u in f.uses)) for f in rows.factors] + [d.offset for d in rows.dense]
+
+
+def _stack_factors(blocks: Sequence[Any]) -> Any:
+    """Factor blocks of one parameter from several batches, one block of all their rows."""
+    first = blocks[0]
+    if isinstance(first, TiedBlock):
+        return TiedBlock(first.offset, first.shape, tuple(
+            _stack_factors(forms) for forms in zip(*(b.uses for b in blocks), strict=True)))
+    return FactorBlock(first.offset, first.shape, torch.cat([f.x for f in blocks]),
+                       torch.cat([f.b for f in blocks]))
+
+
 class RoutedRows(DenseRows):
     """Dense per-sample rows (N, P) (``ngdref.rows.DenseRows``) with the route of every
     parameter and the fallback notes (the "vmap" and "loop" routes' rows; see
@@ -240,11 +254,7 @@ def stack_rows(parts: Sequence[Any]) -> Any:
             known = routes.get(name, route).split("+")
             routes[name] = "+".join(known if route in known else [*known, route])
     if all(isinstance(p, GhostRows) and first._same_layout(p) for p in parts):
-        factors = [
-            FactorBlock(fs[0].offset, fs[0].shape, torch.cat([f.x for f in fs]),
-                        torch.cat([f.b for f in fs]))
-            for fs in zip(*(p.factors for p in parts), strict=True)
-        ]
+        factors = [_stack_factors(fs) for fs in zip(*(p.factors for p in parts), strict=True)]
         dense = [
             DenseBlock(ds[0].offset, torch.cat([d.rows for d in ds]))
             for ds in zip(*(p.dense for p in parts), strict=True)
