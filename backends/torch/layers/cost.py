@@ -14,6 +14,9 @@ materialised          N T d_u d_v + N^2 d_u d_v            s N T (d_u + d_v) + N
 ghost, lookup (V, d)  N^2 T^2 (d + 1) + N T d              2 s N T d + (N T)^2 (s + 32) + s V d
 materialised, lookup  N T d + N^2 V d + N V d              2 s N T d + N V d (3 s + 8)
 bias (v = 1), rows    N T d_u + N^2 d_u + N d_u            as materialised (no ghost form)
+tied forms k, l       each form's, plus per ordered pair     (N T_k)(N T_l)(2 s + 24) per pair
+                      N^2 T_k T_l (d + V, or d + 1 with a
+                      lookup): :func:`tied_cost`
 ====================  ===================================  ========================================
 
 The ghost kernels are (N T) x (N T) matrices made in the rows' dtype, converted to float64

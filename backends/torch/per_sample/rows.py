@@ -12,7 +12,9 @@ convention; see the conventions page, :ref:`conv-per-layer`)
 An embedding (V, d) looked up at indices i_n (T,) is the same with a_nt = onehot(i_nt):
 a_nt . a_mt' = [i_nt == i_mt']; a convolution is a linear map of its unfolded input patches.
 :class:`GhostRows` holds, per trainable parameter, either such factors
-(:class:`~backends.torch.layers.blocks.FactorBlock`, one per row block of a parameter) or the
+(:class:`~backends.torch.layers.blocks.FactorBlock`, one per row block of a parameter; a
+:class:`~backends.torch.layers.blocks.TiedBlock` of one per form for a table both looked up
+and used as an output layer) or the
 materialised per-sample gradients of that parameter alone
 (:class:`~backends.torch.layers.blocks.DenseBlock`, (N, size)), and implements the
 ``PerSampleRows`` contract of :mod:`ngdref` (``gram``, ``cross_gram``, ``matvec``,
