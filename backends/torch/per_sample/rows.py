@@ -26,7 +26,7 @@ choice (:mod:`backends.torch.layers.cost`); the blocks themselves are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import array_api_compat
@@ -42,23 +42,45 @@ __all__ = ["DenseBlock", "FactorBlock", "GhostRows", "RoutedRows", "TiedBlock", 
 _GRAM_CHUNK = 2**18
 
 
-def _add_gram64(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a b^T in float64; float32 columns are converted a chunk at a time.
+def _chunks64(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The tensors' columns in float64, a chunk at a time (float64 tensors whole).
 
     A fresh float64 copy of a large (N, size) block costs more (page faults, cache misses)
-    than its product; the chunks reuse two small buffers (the sums are regrouped by chunk:
-    float64 rounding, the conversion is exact).
+    than its product; the chunks reuse one small buffer per tensor (products summed chunk
+    by chunk are regrouped sums: float64 rounding; the conversion is exact).
     """
-    if a.dtype == torch.float64 and b.dtype == torch.float64:
-        total.addmm_(a, b.T)
+    if all(t.dtype == torch.float64 for t in tensors):
+        yield tensors
         return
-    step = max(1, _GRAM_CHUNK // max(a.shape[0], b.shape[0]))
-    bufs = [torch.empty(t.shape[0], min(step, t.shape[1]), dtype=torch.float64,
-                        device=t.device) for t in ((a,) if b is a else (a, b))]
-    for start in range(0, a.shape[1], step):
-        pieces = [buf[:, :min(step, a.shape[1] - start)].copy_(t[:, start:start + step])
-                  for buf, t in zip(bufs, (a, b), strict=False)]
-        total.addmm_(pieces[0], pieces[-1].T)
+    width = tensors[0].shape[1]
+    step = max(1, _GRAM_CHUNK // max(t.shape[0] for t in tensors))
+    bufs = [torch.empty(t.shape[0], min(step, width), dtype=torch.float64, device=t.device)
+            for t in tensors]
+    for start in range(0, width, step):
+        yield tuple(buf[:, :min(step, width - start)].copy_(t[:, start:start + step])
+                    for buf, t in zip(bufs, tensors, strict=True))
+
+
+def _add_gram64(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a b^T in float64 (float32 columns converted a chunk at a time)."""
+    for x, y in _chunks64(a, b):
+        total.addmm_(x, y.T)
+
+
+def _add_self_gram64(total: torch.Tensor, a: torch.Tensor) -> None:
+    """total += a a^T in float64, with 3/4 of the multiply-adds of a general product.
+
+    With a = [a_1; a_2] (rows split in half) only a_1 a_1^T and a_2 a^T are formed; the
+    upper right block a_1 a_2^T is the transpose of the lower left one (torch has no
+    symmetric rank-k product), so the result is exactly symmetric.
+    """
+    h = a.shape[0] // 2
+    gram = torch.zeros_like(total)
+    for (x,) in _chunks64(a):
+        gram[:h, :h].addmm_(x[:h], x[:h].T)
+        gram[h:].addmm_(x[h:], x.T)
+    gram[:h, h:] = gram[h:, :h].T
+    total += gram
 
 
 class GhostRows:
@@ -137,7 +159,7 @@ class GhostRows:
             for f in self.factors:
                 total += f.cross(f)
             for d in self.dense:
-                _add_gram64(total, d.rows, d.rows)
+                _add_self_gram64(total, d.rows)
             self._gram = total
         return self._gram
 
