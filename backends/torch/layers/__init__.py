@@ -27,12 +27,12 @@ module                            per-sample gradient              kind
 from __future__ import annotations
 
 from .attention import Attention
-from .blocks import ROUTES, DenseBlock, FactorBlock, SplitBlock, assemble, shapes_of
+from .blocks import ROUTES, DenseBlock, FactorBlock, SplitBlock, TiedBlock, assemble, shapes_of
 from .capture import Call, Recorder
 from .channel_norm import BatchNorm, GroupNorm, InstanceNorm
 from .conv_transpose import TransposedConvolution
 from .convolution import Convolution
-from .cost import BALANCE, Cost, PartShape, Work, factor_cost
+from .cost import BALANCE, Cost, PartShape, Work, factor_cost, tied_cost
 from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
 from .kronecker import (
@@ -87,6 +87,7 @@ __all__ = [
     "Rows",
     "SplitBlock",
     "Tap",
+    "TiedBlock",
     "TransposedConvolution",
     "Work",
     "assemble",
@@ -103,5 +104,6 @@ __all__ = [
     "register",
     "shapes_of",
     "table",
+    "tied_cost",
     "unregistered",
 ]

@@ -13,9 +13,11 @@ r"""One block per parameter from the parts of all its uses: ghost factors or mat
   giving a :class:`FactorBlock` (one part) or a :class:`SplitBlock`
   (contiguous row blocks: a grouped convolution's groups, attention's q, k, v rows), kept
   as factors when the route or the cost model (:mod:`.cost`) says so;
-* otherwise (a bias, :class:`~.parts.Rows`, uses of different forms such as an embedding
-  tied to an output layer) each use is materialised and the uses are summed into one
-  :class:`DenseBlock`.
+* every use is one part over the whole matrix but the forms differ (an embedding tied to
+  an output layer): a :class:`TiedBlock` of one :class:`FactorBlock` per form, when the
+  route or the cost model (:func:`.cost.tied_cost`) says so;
+* otherwise (a bias, :class:`~.parts.Rows`) each use is materialised and the uses are
+  summed into one :class:`DenseBlock`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cost import BALANCE, PartShape, factor_cost
+from .cost import BALANCE, PartShape, factor_cost, tied_cost
 from .parts import Grad, Outer, Rows, along_positions, materialise, part_size
 
-__all__ = ["ROUTES", "DenseBlock", "FactorBlock", "SplitBlock", "assemble", "shapes_of"]
+__all__ = ["ROUTES", "DenseBlock", "FactorBlock", "SplitBlock", "TiedBlock", "assemble",
+           "shapes_of"]
 
 #: entries of one (rows x columns) chunk of the ghost kernels (32 MiB in float64)
 _CHUNK = 2**22
@@ -109,23 +112,51 @@ class FactorBlock:
         return out
 
     def cross(self, other: FactorBlock) -> torch.Tensor:
-        r"""<g_n, h_m> = <A_n A'_m^T, B_n B'_m^T>_F in float64, (N, M), in row chunks."""
-        n, t = self.b.shape[:2]
-        m, t2 = other.b.shape[:2]
-        step = max(1, _CHUNK // max(1, t * m * t2))
-        b2 = other.b.reshape(m * t2, -1)
-        x2 = other.x.reshape(m * t2, -1) if not other.embedding else other.x.reshape(-1)
-        out = []
-        for start in range(0, n, step):
-            x1, b1 = self.x[start:start + step], self.b[start:start + step]
-            k = b1.shape[0]
-            if self.embedding:
-                kx = (x1.reshape(-1, 1) == x2[None, :]).to(torch.float64)
-            else:
-                kx = torch.matmul(x1.reshape(k * t, -1), x2.T).to(torch.float64)
-            kb = torch.matmul(b1.reshape(k * t, -1), b2.T).to(torch.float64)
-            out.append((kx * kb).view(k, t, m, t2).sum(dim=(1, 3)))
-        return torch.cat(out)
+        r"""<g_n, h_m> = <A_n A'_m^T, B_n B'_m^T>_F in float64, (N, M), in row chunks
+        (``other`` may be of the other form, a lookup against an output layer of one table)."""
+        return _cross(self, other)
+
+    def at(self, offset: int) -> FactorBlock:
+        """The same factors as the block of a parameter at ``offset``."""
+        return FactorBlock(offset, self.shape, self.x, self.b)
+
+
+def _sides(f: FactorBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of the (rows, columns) matrix: rows side (indices (N, T) or (N, T, rows)),
+    columns side (N, T, columns)."""
+    return (f.x, f.b) if f.embedding else (f.b, f.x)
+
+
+def _row_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a_i . b_j) (K, M) float64 for rows-side factors, each (K,) / (M,) indices (one-hot
+    rows) or (K, V) / (M, V) vectors: an equality, a gather (one term: exact) or a product."""
+    if a.dim() == 1 and b.dim() == 1:
+        return (a[:, None] == b[None, :]).to(torch.float64)
+    if a.dim() == 1:
+        return torch.index_select(b, 1, a).T.to(torch.float64)
+    if b.dim() == 1:
+        return torch.index_select(a, 1, b).to(torch.float64)
+    return torch.matmul(a, b.T).to(torch.float64)
+
+
+def _cross(f: FactorBlock, g: FactorBlock) -> torch.Tensor:
+    r"""<g_n, h_m> = sum_{t,t'} (l_nt . l'_mt')(r_nt . r'_mt') in float64, (N, M), for two
+    blocks of one (rows, columns) matrix (l, r: :func:`_sides`), in chunks of rows."""
+    l1, r1 = _sides(f)
+    l2, r2 = _sides(g)
+    n, t = r1.shape[:2]
+    m, t2 = r2.shape[:2]
+    step = max(1, _CHUNK // max(1, t * m * t2))
+    l2 = l2.reshape(m * t2, *l2.shape[2:])
+    r2 = r2.reshape(m * t2, -1)
+    out = []
+    for start in range(0, n, step):
+        a, c = l1[start:start + step], r1[start:start + step]
+        k = c.shape[0]
+        kl = _row_kernel(a.reshape(k * t, *a.shape[2:]), l2)
+        kr = torch.matmul(c.reshape(k * t, -1), r2.T).to(torch.float64)
+        out.append((kl * kr).view(k, t, m, t2).sum(dim=(1, 3)))
+    return torch.cat(out)
 
 
 @dataclass
@@ -196,6 +227,61 @@ class SplitBlock:
         if [(p.offset, p.size) for p in self.parts] != [(q.offset, q.size) for q in other.parts]:
             raise ValueError("SplitBlock.cross needs the other block's parts at the same rows")
         return sum(p.cross(q) for p, q in zip(self.parts, other.parts, strict=True))
+
+
+@dataclass
+class TiedBlock:
+    r"""One (rows, columns) matrix read in several forms, each a :class:`FactorBlock` of the
+    whole matrix at ``offset`` (a lookup table tied to an output layer, T5's shared
+    vocabulary embedding): g_n = sum_k g_n^{(k)}, and the Gram's cross terms between forms
+    are kernels too (a lookup against an output layer's gradients is a gather), so the
+    N x rows x columns rows are never made. Offers what GhostRows asks of a factor block."""
+
+    offset: int
+    shape: tuple[int, ...]
+    uses: tuple[FactorBlock, ...]
+    size: int = field(init=False)
+    embedding = False
+
+    def __post_init__(self) -> None:
+        self.size = math.prod(self.shape)
+        if any((u.offset, u.size) != (self.offset, self.size) for u in self.uses):
+            raise ValueError(f"TiedBlock uses must each cover the whole parameter of shape "
+                             f"{self.shape} at offset {self.offset}")
+
+    def materialise(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample gradients (N, size), the forms summed, into ``out`` when given."""
+        out = self.uses[0].materialise(out)
+        for u in self.uses[1:]:
+            out += u.materialise()
+        return out
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """:meth:`materialise` d, for code that knows only factor and dense blocks."""
+        return self.materialise()
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """(G v)_n over this parameter's slice of the (P,) ``vector``, (N,)."""
+        return sum(u.matvec(vector) for u in self.uses)
+
+    def rmatvec(self, weights: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_n w_n g_n, (size,), into ``out`` when given (``weights=None``: w_n = 1)."""
+        out = self.uses[0].rmatvec(weights, out)
+        for u in self.uses[1:]:
+            out += u.rmatvec(weights)
+        return out
+
+    def cross(self, other: TiedBlock) -> torch.Tensor:
+        """<g_n, h_m> (N, M) float64: every pair of forms' cross kernels, summed."""
+        if [u.embedding for u in self.uses] != [u.embedding for u in other.uses]:
+            raise ValueError("TiedBlock.cross needs the other block's forms in the same order")
+        return sum(_cross(f, g) for f in self.uses for g in other.uses)
+
+    def at(self, offset: int) -> TiedBlock:
+        """The same factors as the block of a parameter at ``offset``."""
+        return TiedBlock(offset, self.shape, tuple(u.at(offset) for u in self.uses))
 
 
 def _layout(use: Grad) -> tuple:
@@ -270,7 +356,36 @@ def assemble(
             blocks = [_factor_block(offset, shape, parts) for parts in zip(*uses, strict=True)]
             return blocks[0] if len(blocks) == 1 else SplitBlock(offset, tuple(shape),
                                                                 tuple(blocks))
+    if route != "materialise" and _tieable(uses, shape):
+        block = _tied(offset, shape, uses, route, balance)
+        if block is not None:
+            return block
     return DenseBlock(offset, _dense(uses, shape))
+
+
+def _tieable(uses: Sequence[Grad], shape: tuple[int, ...]) -> bool:
+    """Whether every use is one :class:`~.parts.Outer` part over the whole matrix (a table
+    lookup or an output layer of it), in more than one form."""
+    whole = [len(u) == 1 and isinstance(u[0], Outer) and u[0].v is not None
+             and u[0].start == 0 and part_size(u[0], shape) == math.prod(shape) for u in uses]
+    return len(shape) == 2 and all(whole) and len({_layout(u) for u in uses}) > 1
+
+
+def _tied(offset: int, shape: tuple[int, ...], uses: Sequence[Grad], route: str,
+          balance: float) -> TiedBlock | None:
+    """The uses grouped by form (each group concatenated along positions) as a
+    :class:`TiedBlock`, where the route or :func:`.cost.tied_cost` says so."""
+    groups: dict[tuple, list[Outer]] = {}
+    for use in uses:
+        groups.setdefault(_layout(use), []).append(use[0])
+    first = uses[0][0]
+    shapes = tuple(PartShape(sum(p.positions for p in g), shape[0], shape[1], g[0].lookup)
+                   for g in groups.values())
+    if route != "ghost" and not tied_cost(int(first.u.shape[0]), shapes,
+                                          first.v.element_size()).ghost_cheaper(balance):
+        return None
+    return TiedBlock(offset, tuple(shape),
+                     tuple(_factor_block(offset, shape, g) for g in groups.values()))
 
 
 def _dense(uses: Sequence[Grad], shape: tuple[int, ...]) -> torch.Tensor:

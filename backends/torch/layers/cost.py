@@ -14,6 +14,9 @@ materialised          N T d_u d_v + N^2 d_u d_v            s N T (d_u + d_v) + N
 ghost, lookup (V, d)  N^2 T^2 (d + 1) + N T d              2 s N T d + (N T)^2 (s + 32) + s V d
 materialised, lookup  N T d + N^2 V d + N V d              2 s N T d + N V d (3 s + 8)
 bias (v = 1), rows    N T d_u + N^2 d_u + N d_u            as materialised (no ghost form)
+tied forms k, l       each form's, plus per ordered pair     (N T_k)(N T_l)(2 s + 24) per pair
+                      N^2 T_k T_l (d + V, or d + 1 with a
+                      lookup): :func:`tied_cost`
 ====================  ===================================  ========================================
 
 The ghost kernels are (N T) x (N T) matrices made in the rows' dtype, converted to float64
@@ -30,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BALANCE", "Cost", "PartShape", "Work", "factor_cost"]
+__all__ = ["BALANCE", "Cost", "PartShape", "Work", "factor_cost", "tied_cost"]
 
 #: multiply-adds per byte moved at which compute and memory traffic take equal time
 #: (about 50 GFLOP/s over 6 GB/s per CPU core; GPUs are near 10-20 too)
@@ -103,3 +106,25 @@ def factor_cost(n: int, shapes: Sequence[PartShape], itemsize: int = 4) -> Cost:
         ghost = None if g is None or ghost is None else ghost + g
         dense = dense + d
     return Cost(ghost, dense)
+
+
+def tied_cost(n: int, shapes: Sequence[PartShape], itemsize: int = 4) -> Cost:
+    r"""The :class:`Cost` of one (V, d) matrix read in several forms (a lookup table tied to
+    an output layer), ``shapes`` one per form, each covering the whole matrix.
+
+    The ghost work is that of each form alone (:func:`factor_cost`) plus, per ordered pair
+    of forms k != l, the cross kernels: N^2 T_k T_l (d + V) multiply-adds where neither is
+    a lookup (d + 1 otherwise: the table side is a gather) and (N T_k)(N T_l)(2 s + 24)
+    bytes. Materialised: every form's rows, as :func:`factor_cost` counts them.
+    """
+    alone = factor_cost(n, shapes, itemsize)
+    if alone.ghost is None:
+        return alone
+    ghost = alone.ghost
+    for k, a in enumerate(shapes):
+        for b in shapes[k + 1:]:
+            width = a.d_v + (1 if a.lookup or b.lookup else a.d_u)
+            pair = Work(n * n * a.positions * b.positions * width,
+                        (n * a.positions) * (n * b.positions) * (2 * itemsize + 24))
+            ghost = ghost + pair + pair
+    return Cost(ghost, alone.materialised)

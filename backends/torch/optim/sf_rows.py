@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from ..per_sample.rows import DenseBlock, FactorBlock, GhostRows
+from ..per_sample.rows import DenseBlock, FactorBlock, GhostRows, TiedBlock
 
 __all__ = ["PairedRows", "block_costs", "cross_gram_is_cheaper"]
 
 
-def block_costs(block: FactorBlock | DenseBlock, n: int, m: int) -> tuple[int, int]:
+def block_costs(block: FactorBlock | TiedBlock | DenseBlock, n: int, m: int) -> tuple[int, int]:
     r"""Multiply-adds of A_b G_b^T 1 by the block's (M, N) cross-Gram, and of A_b (G_b^T 1).
 
     ================  ===========================  ==========================
@@ -34,10 +34,18 @@ def block_costs(block: FactorBlock | DenseBlock, n: int, m: int) -> tuple[int, i
     ================  ===========================  ==========================
 
     (an embedding's d_in counts as 1: its products are gathers; "+ size" is the P-length
-    work g_b - A_b^T c that the cross-Gram route folds into u's product).
+    work g_b - A_b^T c that the cross-Gram route folds into u's product; a tied block
+    counts every pair of its forms).
     """
     if isinstance(block, DenseBlock):
         return n * m * block.size, (m + 1) * block.size
+    if isinstance(block, TiedBlock):  # every pair of forms: (rows . rows')(cols . cols')
+        pairs = [(f.b.shape[1], g.b.shape[1], 1 if f.embedding or g.embedding
+                  else block.shape[0]) for f in block.uses for g in block.uses]
+        direct = sum(m * f.b.shape[1] * (block.shape[1] if f.embedding else block.size)
+                     for f in block.uses)
+        return (sum(n * m * t * t2 * (block.shape[1] + d) for t, t2, d in pairs),
+                direct + block.size)
     t, d_out = block.b.shape[1], block.b.shape[-1]
     d_in = 1 if block.embedding else block.size // d_out
     return n * m * t * t * (d_in + d_out), m * t * d_in * d_out + block.size
@@ -78,12 +86,12 @@ class PairedRows(GhostRows):
         for mine, theirs in zip((*self.factors, *self.dense), (*other.factors, *other.dense),
                                 strict=True):
             cross, direct = block_costs(mine, n, m)
-            if isinstance(mine, FactorBlock) and cross < direct:
+            if not isinstance(mine, DenseBlock) and cross < direct:
                 out += theirs.cross(mine).sum(dim=1)
                 continue
-            if isinstance(mine, FactorBlock):
+            if not isinstance(mine, DenseBlock):
                 g = mine.rmatvec(None)
-                image = FactorBlock(0, theirs.shape, theirs.x, theirs.b).matvec(g)
+                image = theirs.at(0).matvec(g)
             else:
                 g = mine.rows.sum(dim=0)
                 image = torch.matmul(theirs.rows, g)
@@ -113,12 +121,24 @@ class PairedRows(GhostRows):
             kept = self._sums.get(mine.offset)
             if kept is not None and constant is not None:
                 torch.add(theirs.rmatvec(v), kept, alpha=constant, out=piece)
-            elif isinstance(mine, FactorBlock) and (
-                mine.x is theirs.x or torch.equal(mine.x, theirs.x)  # 1/d_out of the product
-            ):
-                b = w[:, None, None] * mine.b + v[:, None, None] * theirs.b
-                FactorBlock(mine.offset, mine.shape, mine.x, b).rmatvec(None, piece)
             else:
-                torch.add(mine.rmatvec(w), theirs.rmatvec(v), out=piece)
+                _pair_rmatvec(mine, theirs, w, v, piece)
         return out
+
+
+def _pair_rmatvec(mine: Any, theirs: Any, w: torch.Tensor, v: torch.Tensor,
+                  piece: torch.Tensor) -> torch.Tensor:
+    """G_b^T w + A_b^T v into ``piece``: one product per factor pair whose inputs A shares
+    (a tied block form by form), else the two products summed."""
+    if isinstance(mine, TiedBlock):
+        _pair_rmatvec(mine.uses[0], theirs.uses[0], w, v, piece)
+        for f, g in zip(mine.uses[1:], theirs.uses[1:], strict=True):
+            piece += _pair_rmatvec(f, g, w, v, torch.empty_like(piece))
+        return piece
+    if isinstance(mine, FactorBlock) and (
+        mine.x is theirs.x or torch.equal(mine.x, theirs.x)  # 1/d_out of the product
+    ):
+        b = w[:, None, None] * mine.b + v[:, None, None] * theirs.b
+        return FactorBlock(mine.offset, mine.shape, mine.x, b).rmatvec(None, piece)
+    return torch.add(mine.rmatvec(w), theirs.rmatvec(v), out=piece)
 

@@ -29,7 +29,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten
 
 from ..axes import BatchAxis
-from ..layers import DenseBlock, FactorBlock, LayerKind, SplitBlock
+from ..layers import DenseBlock, FactorBlock, LayerKind, SplitBlock, TiedBlock
 from .provenance import SAMPLE_FREE, NotPerSample, Provenance
 
 __all__ = ["Slot", "Use", "in_dim", "module_vmap", "route_of", "split_blocks", "tensor_outputs",
@@ -187,7 +187,7 @@ def zero_block(slot: Slot, n: int, dtype: torch.dtype, device: torch.device) -> 
 
 def route_of(block: Any, vmapped: bool) -> str:
     """The route name a parameter's block reports."""
-    if isinstance(block, (FactorBlock, SplitBlock)):
+    if isinstance(block, (FactorBlock, SplitBlock, TiedBlock)):
         return "ghost"
     return "module vmap" if vmapped else "materialised"
 

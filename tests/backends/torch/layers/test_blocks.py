@@ -19,6 +19,7 @@ from backends.torch.layers import (  # noqa: E402
     PartShape,
     Rows,
     SplitBlock,
+    TiedBlock,
     assemble,
     diagonal,
     factor_cost,
@@ -26,6 +27,7 @@ from backends.torch.layers import (  # noqa: E402
     joint,
     kind_of,
     register,
+    tied_cost,
 )
 from backends.torch.per_sample.rows import DenseBlock, FactorBlock  # noqa: E402
 
@@ -76,19 +78,63 @@ def test_split_block_products_match_loop_rows() -> None:
     assert_close(dense.rows, expected, torch.float64, "materialised rows")
 
 
-def test_mixed_uses_are_materialised_and_summed() -> None:
-    """A lookup use and a linear use of one (4, 3) table: rows summed, one dense block."""
-    index = torch.tensor([[0, 2], [3, 3], [1, 0]])
-    b = torch.randn(N, 2, 3, dtype=torch.float64)
-    u, x = torch.randn(N, 1, 4, dtype=torch.float64), torch.randn(N, 1, 3, dtype=torch.float64)
-    lookup = torch.zeros(N, 4, 3, dtype=torch.float64)
-    for n in range(N):
-        for t in range(2):
-            lookup[n, index[n, t]] += b[n, t]
-    block = assemble(0, (4, 3), [(Outer(index, b, 0, "v"),), (Outer(u, x),)], route="ghost")
-    assert isinstance(block, DenseBlock)
-    assert_close(block.rows, lookup.reshape(N, -1) + _loop_rows([Outer(u, x)], (4, 3)),
-                 torch.float64, "rows")
+def _tied_uses(n: int, seed: int) -> tuple[list, torch.Tensor]:
+    """Two lookups (T = 2, 3) and two output-layer uses (T = 1, 2) of one (4, 3) table, and
+    their per-sample gradients (n, 12) summed sample by sample and position by position."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    expected = torch.zeros(n, 4, 3, dtype=torch.float64)
+    uses = []
+    for t in (2, 3):
+        index, b = torch.randint(0, 4, (n, t), generator=gen), r(n, t, 3)
+        uses.append((Outer(index, b, 0, "v"),))
+        for i in range(n):
+            for s in range(t):
+                expected[i, index[i, s]] += b[i, s]
+    for t in (1, 2):
+        u, x = r(n, t, 4), r(n, t, 3)
+        uses.append((Outer(u, x),))
+        for i in range(n):
+            for s in range(t):
+                expected[i] += torch.outer(u[i, s], x[i, s])
+    return uses, expected.reshape(n, -1)
+
+
+def test_tied_uses_keep_factors_and_match_loop_rows() -> None:
+    """A table read as a lookup and as an output layer: every product of the TiedBlock
+    (its cross kernels between forms are gathers) against rows summed in a loop."""
+    uses, expected = _tied_uses(N, 0)
+    block = assemble(5, (4, 3), uses, route="ghost")
+    assert isinstance(block, TiedBlock) and len(block.uses) == 2
+    other_uses, other = _tied_uses(N + 2, 1)
+    others = assemble(5, (4, 3), other_uses, route="ghost")
+    assert_close(block.materialise(), expected, torch.float64, "rows")
+    assert_close(block.cross(block), expected @ expected.T, torch.float64, "Gram")
+    assert_close(block.cross(others), expected @ other.T, torch.float64, "cross-Gram")
+    v = torch.randn(5 + 12, dtype=torch.float64)
+    w = torch.randn(N, dtype=torch.float64)
+    assert_close(block.matvec(v), expected @ v[5:], torch.float64, "G v")
+    assert_close(block.at(0).matvec(v[5:]), expected @ v[5:], torch.float64, "G v at 0")
+    assert_close(block.rmatvec(w), expected.T @ w, torch.float64, "G^T w")
+    assert_close(block.rmatvec(None), expected.sum(0), torch.float64, "G^T 1")
+    dense = assemble(5, (4, 3), uses, route="materialise")
+    assert isinstance(dense, DenseBlock)
+    assert_close(dense.rows, expected, torch.float64, "materialised rows")
+
+
+def test_tied_cost_counts_the_cross_kernels() -> None:
+    """T5-small's shared table (32128 x 512; N = 16, 50 lookups, 2 output positions):
+    factors, though a flop count of the forms alone would miss the cross terms."""
+    shapes = (PartShape(50, 32128, 512, lookup=True), PartShape(2, 32128, 512))
+    alone, tied = factor_cost(16, shapes), tied_cost(16, shapes)
+    pair = 16 * 16 * 50 * 2 * (512 + 1)
+    assert tied.ghost.flops == alone.ghost.flops + 2 * pair
+    assert tied.ghost_cheaper()
+    assert not tied_cost(64, (PartShape(512, 8, 8, lookup=True), PartShape(512, 8, 8))
+                         ).ghost_cheaper()
 
 
 def test_bias_and_rows_parts_are_dense() -> None:

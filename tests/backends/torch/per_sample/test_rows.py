@@ -59,3 +59,20 @@ def test_dense_gram_in_column_chunks_equals_the_float64_product(
     scale = float(g64.abs().max() * max(g64.abs().max(), h64.abs().max())) * 23
     assert float((rows(g).gram() - g64 @ g64.T).abs().max()) <= 1e-12 * scale
     assert float((rows(g).cross_gram(rows(h)) - g64 @ h64.T).abs().max()) <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_dense_gram_from_half_the_products_is_symmetric_and_the_float64_product(
+    dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gram() forms a_1 a_1^T and a_2 a^T of the rows split in half (N = 1: no top half;
+    odd N: unequal halves) and mirrors the rest: exactly symmetric, and within float64
+    rounding (23 terms: 23 eps |g|_max^2, bounded by 1e-12 of it) of G G^T formed whole."""
+    monkeypatch.setattr(ghost, "_GRAM_CHUNK", 7 * n)  # 7 columns per chunk, a ragged last
+    g = torch.randn(n, 23, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    gram = GhostRows(n, 23, factors=[], dense=[DenseBlock(0, g)], dtype=dtype,
+                     device=g.device).gram()
+    g64 = g.to(torch.float64)
+    assert torch.equal(gram, gram.T)
+    assert float((gram - g64 @ g64.T).abs().max()) <= 1e-12 * float(g64.abs().max()) ** 2 * 23
