@@ -12,7 +12,8 @@ where :math:`J v` (N, C) comes from the batched forward pass and nothing per sam
     one forward-mode pass (``torch.autograd.forward_ad``, no graph) of the batch's logits at
     theta along v: about 2 forward passes of cost (every matmul carries its tangent;
     ``F.linear`` and ``F.layer_norm`` by formulas of this module, :data:`_RULES`, several
-    times cheaper than torch's own rules on the CPU);
+    times cheaper than torch's own rules on the CPU; ``F.embedding_bag``, which has no
+    forward-mode rule nor double backward in torch, by its own formula there too);
 ``"double-backward"``
     where forward mode is unsupported: with a dummy W (N, C) requiring grad,
     :math:`t(W) = \nabla_\theta \sum_{n} W_n \cdot z_n = J^\top W` (a backward pass that
