@@ -12,7 +12,8 @@ where :math:`J v` (N, C) comes from the batched forward pass and nothing per sam
     one forward-mode pass (``torch.autograd.forward_ad``, no graph) of the batch's logits at
     theta along v: about 2 forward passes of cost (every matmul carries its tangent;
     ``F.linear`` and ``F.layer_norm`` by formulas of this module, :data:`_RULES`, several
-    times cheaper than torch's own rules on the CPU);
+    times cheaper than torch's own rules on the CPU; ``F.embedding_bag``, which has no
+    forward-mode rule nor double backward in torch, by its own formula there too);
 ``"double-backward"``
     where forward mode is unsupported: with a dummy W (N, C) requiring grad,
     :math:`t(W) = \nabla_\theta \sum_{n} W_n \cdot z_n = J^\top W` (a backward pass that
@@ -204,9 +205,51 @@ def _layer_norm_jvp(input: torch.Tensor, normalized_shape: Any,
     return forward_ad.make_dual(primal, tangent.to(primal.dtype))
 
 
-#: forward-mode rules of the reference pass cheaper than torch's (same J v up to rounding)
+def _embedding_bag_jvp(input: torch.Tensor, weight: torch.Tensor, offsets: Any = None,
+                       max_norm: Any = None, norm_type: float = 2.0,
+                       scale_grad_by_freq: bool = False, mode: str = "mean",
+                       sparse: bool = False, per_sample_weights: Any = None,
+                       include_last_offset: bool = False, padding_idx: Any = None
+                       ) -> torch.Tensor:
+    r"""``F.embedding_bag`` on dual tensors (torch has no forward-mode rule for it). Modes sum
+    and mean are linear in the table and (sum) in the weights w_p of the positions:
+
+    .. math:: \dot y = \mathrm{bag}(\dot W; w) + \mathrm{bag}(W; \dot w);
+
+    mode max passes on the tangent of the row that won each (bag, dimension), the
+    ``max_indices`` of torch's backward (nothing for an empty bag). Positions at
+    ``padding_idx`` are left out of every bag, so that row's tangent never enters. The
+    arguments keep ``F.embedding_bag``'s names."""
+    w, w_dot = forward_ad.unpack_dual(weight)
+    p, p_dot = (None, None) if per_sample_weights is None else forward_ad.unpack_dual(
+        per_sample_weights)
+
+    def bag(table: torch.Tensor, weights: Any) -> torch.Tensor:
+        return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
+                               mode, sparse, weights, include_last_offset, padding_idx)
+
+    primal = bag(w, p)
+    terms = [bag(w_dot, p)] if w_dot is not None and mode != "max" else []
+    if w_dot is not None and mode == "max":
+        flat = input.reshape(-1)
+        starts = offsets if input.ndim == 1 else torch.arange(
+            0, flat.numel(), input.shape[-1], device=flat.device)
+        found = torch.embedding_bag(w, flat, starts, False, 2, False, None,
+                                    include_last_offset, padding_idx)
+        column = torch.arange(w.shape[1], device=w.device).expand_as(found[3])
+        terms.append(w_dot[found[3], column] * (found[2] > 0)[:, None])
+    if p_dot is not None:
+        terms.append(bag(w, p_dot))
+    if not terms:
+        return primal
+    return forward_ad.make_dual(primal, sum(terms[1:], terms[0]))
+
+
+#: forward-mode rules of the reference pass cheaper than torch's (same J v up to rounding),
+#: or where torch has none (``F.embedding_bag``)
 _RULES: dict[Any, Callable[..., torch.Tensor]] = {F.linear: _linear_jvp,
-                                                  F.layer_norm: _layer_norm_jvp}
+                                                  F.layer_norm: _layer_norm_jvp,
+                                                  F.embedding_bag: _embedding_bag_jvp}
 
 
 def _untrained_padding_row(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -246,6 +246,58 @@ def embedding(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Provenanc
     return ctx.state(index)
 
 
+def embedding_bag(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Any:
+    """``F.embedding_bag(input, weight, offsets, ...)`` or ``torch.embedding_bag(weight, input,
+    offsets, ...)`` (a 4-tuple): bags of rows of a sample-free table, output (B, d).
+
+    A 2-D input (B, L) holds one bag per row: its axis 0 (with ``per_sample_weights`` (B, L)
+    on the same layout or sample free) is the output's; samples along the positions L would
+    meet in a bag. A 1-D input with ``offsets``: the bags own the samples only where every
+    bag's positions belong to one sample, in a layout :func:`_bag_owners` proves from the
+    offsets' values, which must then be sample free."""
+    a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    native = a.is_floating_point()
+    index, table = (b, a) if native else (a, b)
+    offsets = arg(args, kwargs, 2, "offsets")
+    weights = arg(args, kwargs, 6 if native else 8, "per_sample_weights")
+    last = bool(arg(args, kwargs, 7 if native else 9, "include_last_offset", False))
+    if ctx.state(table) is not SAMPLE_FREE:
+        s = join(ctx, [ctx.state(table), coupled(ctx, "a table that carries samples")])
+    else:
+        if not native and arg(args, kwargs, 3, "max_norm") is not None:
+            ctx.written(table, coupled(ctx, "rows renormalised in place at the batch's indices"))
+        s = join(ctx, [ctx.state(index), ctx.state(weights)])
+        if type(s) is BatchAxis and index.ndim == 2:
+            s = s if s.axis == 0 else coupled(ctx, f"a bag reduces the batch axis {s.axis}")
+        elif type(s) is BatchAxis or ctx.state(offsets) is not SAMPLE_FREE:
+            s = _bag_owners(ctx, s, offsets, last, index.numel())
+    return (s, s, s, s) if native else s
+
+
+def _bag_owners(ctx: Context, s: Provenance, offsets: Any, last: bool, positions: int
+                ) -> Provenance:
+    """The bags' layout BatchAxis(0, outer, inner') of flat indices laid out as ``s``: every
+    non-empty bag's positions belong to one sample, bag j's being (j // inner') mod N."""
+    if not isinstance(offsets, torch.Tensor) or ctx.state(offsets) is not SAMPLE_FREE:
+        return coupled(ctx, "offsets that carry samples: which bags belong to which sample "
+                            "cannot be proven from them")
+    if type(s) is not BatchAxis:
+        return s
+    n = ctx.num_samples
+    bounds = offsets.tolist() + ([] if last else [positions])
+    bags = len(bounds) - 1
+    inner = bags // (s.outer * n) if bags % (s.outer * n) == 0 else 0
+    for j in range(bags if inner else 0):
+        owners = {(i // s.inner) % n for i in range(bounds[j], bounds[j + 1])}
+        if owners - {(j // inner) % n}:
+            inner = 0
+            break
+    if not inner:
+        return coupled(ctx, "the offsets do not split the flat indices into bags of one sample "
+                            "each in a layout of the batch axis")
+    return BatchAxis(0, s.outer, inner)
+
+
 def multi_head_attention(ctx: Context, args: tuple, kwargs: dict, result: Any) -> Any:
     """``F.multi_head_attention_forward``: query, key, value (L, B, E), each of the B columns
     attended on its own; masks (B, S) and (B H, L, S), static keys (B H, S, d); the
@@ -383,6 +435,7 @@ LAYER_RULES: dict[str, Rule] = {
     "group_norm": group_norm,
     **dict.fromkeys(("batch_norm", "instance_norm"), running_norm),
     "embedding": embedding,
+    "embedding_bag": embedding_bag,
     "scaled_dot_product_attention": attention,
     "multi_head_attention_forward": multi_head_attention,
     **dict.fromkeys(("gru", "lstm", "rnn_tanh", "rnn_relu"), recurrent),

@@ -105,9 +105,13 @@ def vectors(case: Case, num_params: int) -> tuple[np.ndarray, np.ndarray]:
 @functools.cache
 def reference(name: str) -> Reference:
     """The loop reference of case ``name`` (cached: the cases are seeded, the model fresh)."""
-    case = CASES[name]
+    return loop_reference(CASES[name])
+
+
+def loop_reference(case: Case) -> Reference:
+    """The loop reference of any case (also one outside :data:`.models.CASES`)."""
     if case.refuse is not None:
-        raise ValueError(f"{name} has no per-sample reference: {case.refuse}")
+        raise ValueError(f"{case.name} has no per-sample reference: {case.refuse}")
     model, inputs, targets = case.build()
     model.eval()  # the documented policy: dropout off, running statistics
     named = trainable(model)
