@@ -284,13 +284,26 @@ def _forward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor
 
 
 def _double_backward(logits: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
-                     vector: torch.Tensor) -> torch.Tensor:
+                     vector: torch.Tensor, watch: _Watch) -> torch.Tensor:
+    """J v = grad_w <J^T w, v>, with w a fixed Gaussian. A first backward that is not itself
+    differentiable (a custom ``autograd.Function`` marked ``once_differentiable``) silently
+    drops its paths from J v, so the pass must satisfy <J v, w> = <v, J^T w> (both in float64,
+    within sqrt(u) of their scale: rounding is far smaller, a dropped path far larger)."""
     with torch.enable_grad():
         leaf = theta.detach().requires_grad_(True)
         z = logits(leaf)
-        dummy = torch.zeros_like(z, requires_grad=True)
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        w = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device)
+        dummy = w.clone().requires_grad_(True)
         (t,) = torch.autograd.grad(z, leaf, grad_outputs=dummy, create_graph=True)
         (tangents,) = torch.autograd.grad(t, dummy, grad_outputs=vector)
+    a, b, t, v = (x.detach().double().reshape(-1) for x in (tangents, w, t, vector))
+    gap = float(torch.dot(a, b) - torch.dot(v, t))
+    scale = float(a.norm() * b.norm() + v.norm() * t.norm())
+    u = watch.unit_roundoff()
+    if not abs(gap) <= max(u**0.5, 1e3 * u) * scale:
+        raise RuntimeError(f"the backward pass is not differentiable along every path "
+                           f"(<J v, w> - <v, J^T w> = {gap:.3e} of {scale:.3e})")
     return tangents
 
 
@@ -348,7 +361,7 @@ def reference_tangents(
                 watch.forward = False
         if route != "forward":
             try:
-                tangents = _double_backward(logits, theta, vector)
+                tangents = _double_backward(logits, theta, vector, watch)
             except (NotImplementedError, RuntimeError) as err:
                 if route == "auto":
                     raise CertificateUnavailableError(

@@ -158,23 +158,39 @@ def test_certify_first_certifies_once_per_structure() -> None:
     assert never.certificate is None
 
 
-class _Bags(nn.Module):
-    """An EmbeddingBag (forward mode and double backward unsupported by torch) and a head."""
+class _Cube(torch.autograd.Function):
+    """x^3 with a first-order backward only: no forward-mode rule, no double backward (a
+    user's custom kernel), so the certificate has no reference pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _Custom(nn.Module):
+    """A Linear, the custom function, and a head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bag, self.head = nn.EmbeddingBag(6, 3, mode="sum"), nn.Linear(3, 3)
+        self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 3)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.bag(tokens)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_Cube.apply(self.inner(x)))
 
 
 def test_rows_that_cannot_be_certified_come_from_the_loop() -> None:
     torch.manual_seed(5)
-    model = _Bags().double()
-    tokens = torch.randint(0, 6, (N, 3))
-    provider = TorchProvider(model, tokens, certify="always")
-    close(provider.per_sample_rows(_u()), reference_rows(model, (tokens,), (0,), _u()))
+    model = _Custom().double()
+    x = torch.randn(N, 3, dtype=torch.float64)
+    provider = TorchProvider(model, x, certify="always")
+    close(provider.per_sample_rows(_u()), reference_rows(model, (x,), (0,), _u()))
     assert provider.certificate is None and provider.certified.route == "loop"
     assert set(provider.routes.values()) == {"loop"}
     assert any("the certificate cannot run" in f for f in provider.fallbacks)
