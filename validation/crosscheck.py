@@ -131,6 +131,18 @@ def runs() -> list[Run]:
     return out
 
 
+def variant_updates(provider: Any, loss: Any, targets: Any, damping: float,
+                    cg_tol: float) -> dict[str, Any]:
+    """The compared updates beyond :func:`ngdref.directions`' defaults: iEF with parameter-space
+    damping (``"ief-param"``) and NGD by conjugate gradients (``"ngd-cg"``)."""
+    return {
+        "ief-param": ngdref.directions(provider, loss, targets, damping=damping,
+                                       methods=("ief",), damping_space="parameter")["ief"],
+        "ngd-cg": ngdref.directions(provider, loss, targets, damping=damping, methods=("ngd",),
+                                    ngd_solver="cg", cg_tol=cg_tol)["ngd"],
+    }
+
+
 def quantities(
     provider: ngdref.JacobianProvider,
     loss: ngdref.LogitLoss,
@@ -166,13 +178,7 @@ def quantities(
     updates = ngdref.directions(
         provider, loss, targets, damping=damping, key=sf_key(provider, loss), methods=methods
     )
-    updates["ief-param"] = ngdref.directions(
-        provider, loss, targets, damping=damping, methods=("ief",), damping_space="parameter"
-    )["ief"]
-    updates["ngd-cg"] = ngdref.directions(
-        provider, loss, targets, damping=damping, methods=("ngd",), ngd_solver="cg",
-        cg_tol=cg_tol,
-    )["ngd"]
+    updates.update(variant_updates(provider, loss, targets, damping, cg_tol))
     fvp = ngdref.fisher_vp(provider, loss, targets)
     if large_output:
 

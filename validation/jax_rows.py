@@ -43,6 +43,7 @@ from validation.crosscheck import (
     compare,
     compute,
     runs,
+    variant_updates,
 )
 from validation.independent.references import sf_uniforms
 
@@ -82,13 +83,7 @@ def jax_quantities(
     key = jnp.asarray(sf_uniforms(loss, z.shape[0], z.shape[1]), dtype=z.dtype)
     q = ngdref.batch_quantities(provider, loss, targets)
     updates = ngdref.directions(provider, loss, targets, damping=damping, key=key)
-    updates["ief-param"] = ngdref.directions(
-        provider, loss, targets, damping=damping, methods=("ief",), damping_space="parameter"
-    )["ief"]
-    updates["ngd-cg"] = ngdref.directions(
-        provider, loss, targets, damping=damping, methods=("ngd",), ngd_solver="cg",
-        cg_tol=cg_tol,
-    )["ngd"]
+    updates.update(variant_updates(provider, loss, targets, damping, cg_tol))
     fvp = ngdref.fisher_vp(provider, loss, targets)
     arrays = {
         "jacobian": provider.jacobian(),
