@@ -24,6 +24,7 @@ from typing import Any
 
 import array_api_compat
 
+from ngdref._softmax import categorical, cross_entropy, diag_embed, eye_like, softmax
 from ngdref.checks import (
     check_finite,
     check_floating,
@@ -41,39 +42,6 @@ __all__ = [
     "SquaredError",
     "reduction_factor",
 ]
-
-
-def _eye_like(xp: Any, z: Any) -> Any:
-    return xp.eye(z.shape[-1], dtype=z.dtype, device=array_api_compat.device(z))
-
-
-def _diag_embed(xp: Any, d: Any) -> Any:
-    """(N, C) -> (N, C, C) with ``d`` on the diagonals."""
-    return d[:, :, None] * _eye_like(xp, d)
-
-
-def _softmax(xp: Any, z: Any) -> Any:
-    shifted = z - xp.max(z, axis=-1, keepdims=True)
-    e = xp.exp(shifted)
-    return e / xp.sum(e, axis=-1, keepdims=True)
-
-
-def _log_softmax(xp: Any, z: Any) -> Any:
-    shifted = z - xp.max(z, axis=-1, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
-
-
-def _one_hot(xp: Any, labels: Any, num_classes: int, dtype: Any) -> Any:
-    classes = xp.arange(num_classes, device=array_api_compat.device(labels))
-    return xp.astype(labels[..., None] == classes, dtype)
-
-
-def _categorical(xp: Any, probs: Any, uniforms: Any) -> Any:
-    """Inverse-CDF draw: one label per uniform. probs (..., C), uniforms (K, ...)."""
-    cdf = xp.cumulative_sum(probs, axis=-1)
-    below = xp.astype(cdf[None, ...] <= uniforms[..., None], xp.int64)
-    # Rounding can leave cdf[-1] slightly below 1: clip to the last class.
-    return xp.clip(xp.sum(below, axis=-1), max=probs.shape[-1] - 1)
 
 
 class LogitLoss:
@@ -137,6 +105,15 @@ class LogitLoss:
     def grad(self, logits: Any, targets: Any) -> Any:
         """Logit-level gradient e_n = dl_n/dz_n, shape (N, C)."""
         raise NotImplementedError
+
+    def value_and_grad(self, logits: Any, targets: Any) -> tuple[Any, Any]:
+        """``(value(logits, targets), grad(logits, targets))``: l_n (N,) and e_n (N, C).
+
+        The same numbers as the two calls; the softmax losses share their passes over the
+        logits (one check, one softmax), which a subclass that defines only :meth:`value`
+        and :meth:`grad` need not do.
+        """
+        return self.value(logits, targets), self.grad(logits, targets)
 
     def hessian(self, logits: Any, targets: Any) -> Any:
         """Logit-level Hessian H_n, shape (N, C, C)."""
@@ -238,35 +215,35 @@ class SoftmaxCrossEntropy(LogitLoss):
             raise ValueError(f"targets must be class labels in [0, {c}), got values outside")
 
     def value(self, logits: Any, targets: Any) -> Any:
-        xp = self.check(logits, targets)
-        onehot = _one_hot(xp, targets, logits.shape[1], logits.dtype)
-        return -xp.sum(onehot * _log_softmax(xp, logits), axis=1)
+        return cross_entropy(self.check(logits, targets), logits, targets, grad=False)[0]
 
     def grad(self, logits: Any, targets: Any) -> Any:
-        xp = self.check(logits, targets)
-        return _softmax(xp, logits) - _one_hot(xp, targets, logits.shape[1], logits.dtype)
+        return self.value_and_grad(logits, targets)[1]
+
+    def value_and_grad(self, logits: Any, targets: Any) -> tuple[Any, Any]:
+        return cross_entropy(self.check(logits, targets), logits, targets, grad=True)
 
     def hessian(self, logits: Any, targets: Any) -> Any:
         xp = self.check(logits, targets)
-        p = _softmax(xp, logits)
-        return _diag_embed(xp, p) - p[:, :, None] * p[:, None, :]
+        p = softmax(xp, logits)
+        return diag_embed(xp, p) - p[:, :, None] * p[:, None, :]
 
     def hessian_sqrt(self, logits: Any, targets: Any) -> Any:
         xp = self.check(logits, targets)
-        p = _softmax(xp, logits)
+        p = softmax(xp, logits)
         r = xp.sqrt(p)
-        return _diag_embed(xp, r) - p[:, :, None] * r[:, None, :]
+        return diag_embed(xp, r) - p[:, :, None] * r[:, None, :]
 
     def hessian_vp(self, logits: Any, targets: Any, vectors: Any) -> Any:
         xp = self.check_vectors(logits, targets, vectors)
-        p = _softmax(xp, logits)
+        p = softmax(xp, logits)
         return p * vectors - p * xp.sum(p * vectors, axis=1, keepdims=True)
 
     def uniforms_shape(self, logits: Any, num_samples: int) -> tuple[int, ...]:
         return (num_samples, logits.shape[0])
 
     def _sample(self, xp: Any, logits: Any, uniforms: Any) -> Any:
-        return _categorical(xp, _softmax(xp, logits), uniforms)
+        return categorical(xp, softmax(xp, logits), uniforms)
 
 
 class SquaredError(LogitLoss):
@@ -288,7 +265,7 @@ class SquaredError(LogitLoss):
     def hessian(self, logits: Any, targets: Any) -> Any:
         xp = self.check(logits, targets)
         return xp.broadcast_to(
-            _eye_like(xp, logits), (logits.shape[0], logits.shape[1], logits.shape[1])
+            eye_like(xp, logits), (logits.shape[0], logits.shape[1], logits.shape[1])
         )
 
     hessian_sqrt = hessian
@@ -341,11 +318,11 @@ class SigmoidBinaryCrossEntropy(LogitLoss):
 
     def hessian(self, logits: Any, targets: Any) -> Any:
         xp, h = self._curvature(logits, targets)
-        return _diag_embed(xp, h)
+        return diag_embed(xp, h)
 
     def hessian_sqrt(self, logits: Any, targets: Any) -> Any:
         xp, h = self._curvature(logits, targets)
-        return _diag_embed(xp, xp.sqrt(h))
+        return diag_embed(xp, xp.sqrt(h))
 
     def hessian_vp(self, logits: Any, targets: Any, vectors: Any) -> Any:
         self.check_vectors(logits, targets, vectors)
@@ -418,14 +395,19 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
         return xp, z, xp.astype(mask, logits.dtype)[:, :, None], labels
 
     def value(self, logits: Any, targets: Any) -> Any:
-        xp, z, mask, labels = self._parts(logits, targets)
-        onehot = _one_hot(xp, labels, self.vocab_size, logits.dtype)
-        return -xp.sum(mask * onehot * _log_softmax(xp, z), axis=(1, 2))
+        return self._cross_entropy(logits, targets, grad=False)[0]
 
     def grad(self, logits: Any, targets: Any) -> Any:
+        return self._cross_entropy(logits, targets, grad=True)[1]
+
+    def value_and_grad(self, logits: Any, targets: Any) -> tuple[Any, Any]:
+        return self._cross_entropy(logits, targets, grad=True)
+
+    def _cross_entropy(self, logits: Any, targets: Any, *, grad: bool) -> tuple[Any, Any]:
         xp, z, mask, labels = self._parts(logits, targets)
-        e = mask * (_softmax(xp, z) - _one_hot(xp, labels, self.vocab_size, logits.dtype))
-        return xp.reshape(e, logits.shape)
+        value, e = cross_entropy(xp, z, labels, grad=grad)
+        value = xp.sum(mask[..., 0] * value, axis=1)
+        return value, (xp.reshape(mask * e, logits.shape) if grad else None)
 
     def _block_diag(self, xp: Any, blocks: Any) -> Any:
         """(N, T, V, V) -> (N, T*V, T*V) block-diagonal."""
@@ -436,14 +418,14 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
 
     def hessian(self, logits: Any, targets: Any) -> Any:
         xp, z, mask, _ = self._parts(logits, targets)
-        p = _softmax(xp, z)
+        p = softmax(xp, z)
         eye_v = xp.eye(self.vocab_size, dtype=logits.dtype, device=array_api_compat.device(logits))
         blocks = mask[..., None] * (p[..., None] * eye_v - p[..., :, None] * p[..., None, :])
         return self._block_diag(xp, blocks)
 
     def hessian_sqrt(self, logits: Any, targets: Any) -> Any:
         xp, z, mask, _ = self._parts(logits, targets)
-        p = _softmax(xp, z)
+        p = softmax(xp, z)
         r = xp.sqrt(p)
         eye_v = xp.eye(self.vocab_size, dtype=logits.dtype, device=array_api_compat.device(logits))
         blocks = mask[..., None] * (r[..., None] * eye_v - p[..., :, None] * r[..., None, :])
@@ -452,7 +434,7 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
     def hessian_vp(self, logits: Any, targets: Any, vectors: Any) -> Any:
         self.check_vectors(logits, targets, vectors)
         xp, z, mask, _ = self._parts(logits, targets)
-        p = _softmax(xp, z)
+        p = softmax(xp, z)
         v = xp.reshape(vectors, z.shape)
         hv = mask * (p * v - p * xp.sum(p * v, axis=-1, keepdims=True))
         return xp.reshape(hv, logits.shape)
@@ -467,7 +449,7 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
     def _sample(self, xp: Any, logits: Any, uniforms: Any) -> Any:
         n, t = self.targets_shape(logits)
         z = xp.reshape(logits, (n, t, self.vocab_size))
-        return _categorical(xp, _softmax(xp, z), uniforms)
+        return categorical(xp, softmax(xp, z), uniforms)
 
 
 def reduction_factor(reduction: str | float, num_samples: int) -> float:

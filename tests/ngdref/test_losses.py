@@ -72,6 +72,32 @@ def test_grad_and_hessian_match_closed_forms(case, backend):
     )
 
 
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_value_and_grad_match_closed_forms(case, backend):
+    # the softmax losses compute both from one softmax: each against NumPy's closed form
+    pr = case.build()
+    a = pr.on(backend)
+    value, grad = pr.loss.value_and_grad(a.logits, a.targets)
+    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
+    np.testing.assert_allclose(backend.to_numpy(value), expected, **tolerance())
+    np.testing.assert_allclose(backend.to_numpy(grad), pr.logit_grads, **tolerance())
+
+
+SOFTMAX_CASES = [c for c in CASES if c.kind in ("ce", "seq")]
+
+
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=ids(SOFTMAX_CASES))
+def test_softmax_losses_take_32_bit_labels(case, backend):
+    # the label gather needs 64-bit indices on torch: int32 targets are converted, not refused
+    pr = case.build()
+    a = pr.on(backend)
+    labels = backend.xp.astype(a.targets, backend.xp.int32)
+    value, grad = pr.loss.value_and_grad(a.logits, labels)
+    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
+    np.testing.assert_allclose(backend.to_numpy(value), expected, **tolerance())
+    np.testing.assert_allclose(backend.to_numpy(grad), pr.logit_grads, **tolerance())
+
+
 #: (derivative, the function it differentiates); fd's columns hold d f / d z_nj, so a
 #: Hessian (N, C_i, C_j) = d e_ni / d z_nj is fd (N, C_j, C_i) with its last two axes swapped
 DERIVATIVES = [("grad", "value"), ("hessian", "grad")]

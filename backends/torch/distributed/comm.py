@@ -149,6 +149,10 @@ class IgnoredShardLoss:
     def grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(logits)
 
+    def value_and_grad(self, logits: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.value(logits, targets), self.grad(logits, targets)
+
     def hessian_vp(self, logits: torch.Tensor, targets: torch.Tensor,
                    vectors: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(vectors)

@@ -175,8 +175,8 @@ def run_passes(
     users = recorder.users()
     refused = _refusals(provider.model, params, recorder, users)
     logits = z.detach()
-    e = loss.grad(logits, targets)
-    value = float(torch.sum(loss.value(logits, targets)))
+    values, e = loss.value_and_grad(logits, targets)
+    value = float(torch.sum(values))
     rows = {"true": [e]}
     if "kfac" in methods:
         rows["sampled"] = _sampled_cotangents(loss, logits, targets, key, kfac_fisher)

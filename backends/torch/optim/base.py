@@ -297,12 +297,13 @@ class _LogitLossOptimizer(_SteppedOptimizer):
         """Logits, R e_n, s, the per-sample rows, g and the loss of one batch (checked)."""
         logits = provider.logits()
         factor = ngdref.reduction_factor(group["reduction"], self._comm.num_samples)
-        loss = factor * float(torch.sum(self._shard_loss.value(logits, targets)))
+        values, e = self._shard_loss.value_and_grad(logits, targets)
+        loss = factor * float(torch.sum(values))
         if not math.isfinite(loss):
             raise ngdref.NonFiniteError(
                 f"loss is {loss} at step {self.steps_taken}; the parameters were not changed"
             )
-        e = factor * self._shard_loss.grad(logits, targets)
+        e = factor * e
         rows = provider.per_sample_rows(e, keep_graph=self._reuses_forward)
         report = {"fallbacks": list(provider.fallbacks),
                   "certificate": _plain(provider.certificate),

@@ -151,8 +151,8 @@ class _KFACOptimizer(_SteppedOptimizer):
                                  mode=self._mode, certify="never")
         targets = provider.targets if targets is None else targets
         logits = provider.logits()
-        grad = provider.vjp_sum(self._loss.grad(logits, targets))
-        value = float(torch.sum(self._loss.value(logits, targets)))
+        values, e = self._loss.value_and_grad(logits, targets)
+        grad, value = provider.vjp_sum(e), float(torch.sum(values))
         assert self._curvature is not None
         return dataclasses.replace(self._curvature, grad=grad, loss=value)
 
