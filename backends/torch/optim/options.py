@@ -271,8 +271,9 @@ OPTIONS: dict[str, Option] = {
     ),
     "chunk_size": Option(
         "int >= 1 or None",
-        'Samples per pass of the "vmap" route (None: the whole batch); with '
-        '``per_sample="auto"`` it selects "vmap".',
+        "Samples per pass, to bound the passes' memory (None: the whole batch): one hooked "
+        'forward and backward pass per chunk for "auto", "ghost" and "hooks", the vmap '
+        "batches, and the plain forward passes, as :class:`backends.TorchProvider` takes it.",
         _int("chunk_size", optional=True),
     ),
     "mode": Option(
@@ -387,7 +388,8 @@ def _literal(value: Any) -> str:
 
 # ---- the provider ---------------------------------------------------------------------------
 #: the provider keywords the optimisers' options give, by the same names
-_PROVIDER_OPTIONS = ("output_fn", "mode", "certify", "on_mismatch", "certify_samples")
+_PROVIDER_OPTIONS = ("output_fn", "per_sample", "chunk_size", "mode", "certify", "on_mismatch",
+                     "certify_samples")
 
 
 def provider_keywords(options: Mapping[str, Any], step: int) -> dict[str, Any]:
@@ -404,24 +406,6 @@ def provider_keywords(options: Mapping[str, Any], step: int) -> dict[str, Any]:
     Returns
     -------
     dict
-        The provider's keywords: the options by their names, ``per_sample`` the route (with
-        ``chunk_size`` under "auto": "vmap", the first route that processes the batch in
-        chunks) and ``certify_seed`` the step.
-
-    Raises
-    ------
-    ValueError
-        ``chunk_size`` with the ghost or hooks route (one pass over the whole batch).
+        The provider's keywords: the options by their names and ``certify_seed`` the step.
     """
-    route, chunk_size = options["per_sample"], options["chunk_size"]
-    if chunk_size is not None:  # only vmap (and loop) process the batch in chunks
-        if route in ("ghost", "hooks"):
-            raise ValueError(
-                f"chunk_size must be None for per_sample={route!r} (one forward and one "
-                "backward pass over the whole batch); use per_sample='vmap'"
-            )
-        route = "vmap" if route == "auto" else route
-    return {
-        **{name: options[name] for name in _PROVIDER_OPTIONS},
-        "per_sample": route, "chunk_size": chunk_size, "certify_seed": step,
-    }
+    return {**{name: options[name] for name in _PROVIDER_OPTIONS}, "certify_seed": step}

@@ -55,6 +55,17 @@ def test_steps_equal_across_per_sample_routes(name: str, reduction: str, method:
         assert error <= ROUTE_TOL[torch.float64] * float(torch.linalg.vector_norm(reference)), route
 
 
+@pytest.mark.parametrize("method", list(ROUTE_OPTIMISERS))
+def test_chunked_steps_equal_the_unchunked_step(method: str) -> None:
+    # chunk_size=3 on N=4 samples: chunks of 3 and 1, each its own hooked (or vmap) pass;
+    # the rows are stacked, so the step is the whole batch's, within the routes' tolerance
+    cls, options = ROUTE_OPTIMISERS[method]
+    reference = _route_steps(mlp_problem, cls, options)["vmap"]
+    for route, step in _route_steps(mlp_problem, cls, options, chunk_size=3).items():
+        error = float(torch.linalg.vector_norm(step - reference))
+        assert error <= ROUTE_TOL[torch.float64] * float(torch.linalg.vector_norm(reference)), route
+
+
 def test_float32_steps_equal_across_per_sample_routes() -> None:
     def problem32() -> Problem:
         problem = mlp_problem()
