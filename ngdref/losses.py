@@ -44,6 +44,14 @@ __all__ = [
 ]
 
 
+def _shares_passes(loss: LogitLoss, cls: type) -> bool:
+    """Whether ``loss`` takes its value and grad from ``cls``'s formulas, so that ``cls``'s
+    shared passes give both: a subclass that overrides either one gets the two calls (its own
+    formula, never the base class's fused one)."""
+    kind = type(loss)
+    return kind.value is cls.value and kind.grad is cls.grad  # type: ignore[attr-defined]
+
+
 class LogitLoss:
     """Base class: a per-sample loss ``l_n = loss(z_n, y_n)`` of logits z (N, C).
 
@@ -218,9 +226,11 @@ class SoftmaxCrossEntropy(LogitLoss):
         return cross_entropy(self.check(logits, targets), logits, targets, grad=False)[0]
 
     def grad(self, logits: Any, targets: Any) -> Any:
-        return self.value_and_grad(logits, targets)[1]
+        return cross_entropy(self.check(logits, targets), logits, targets, grad=True)[1]
 
     def value_and_grad(self, logits: Any, targets: Any) -> tuple[Any, Any]:
+        if not _shares_passes(self, SoftmaxCrossEntropy):
+            return super().value_and_grad(logits, targets)
         return cross_entropy(self.check(logits, targets), logits, targets, grad=True)
 
     def hessian(self, logits: Any, targets: Any) -> Any:
@@ -401,6 +411,8 @@ class SequenceSoftmaxCrossEntropy(LogitLoss):
         return self._cross_entropy(logits, targets, grad=True)[1]
 
     def value_and_grad(self, logits: Any, targets: Any) -> tuple[Any, Any]:
+        if not _shares_passes(self, SequenceSoftmaxCrossEntropy):
+            return super().value_and_grad(logits, targets)
         return self._cross_entropy(logits, targets, grad=True)
 
     def _cross_entropy(self, logits: Any, targets: Any, *, grad: bool) -> tuple[Any, Any]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,25 @@ def test_value_and_grad_match_closed_forms(case, backend):
 
 
 SOFTMAX_CASES = [c for c in CASES if c.kind in ("ce", "seq")]
+
+
+@pytest.mark.parametrize("overridden", ["value", "grad"])
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=ids(SOFTMAX_CASES))
+def test_value_and_grad_takes_a_subclass_override(case, overridden, backend):
+    # a user's subclass that changes one formula (here: doubles it) must get its own formula
+    # from value_and_grad, which the optimisers call, not the base class's shared passes
+    pr = case.build()
+    a = pr.on(backend)
+    base = type(pr.loss)
+    doubled = type("Doubled", (base,), {
+        overridden: lambda self, z, y: 2 * getattr(base, overridden)(self, z, y)})
+    loss = copy.copy(pr.loss)  # the case's loss with its settings (vocab_size, ...)
+    loss.__class__ = doubled
+    value, grad = loss.value_and_grad(a.logits, a.targets)
+    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
+    factor = {"value": (2, 1), "grad": (1, 2)}[overridden]
+    np.testing.assert_allclose(backend.to_numpy(value), factor[0] * expected, **tolerance())
+    np.testing.assert_allclose(backend.to_numpy(grad), factor[1] * pr.logit_grads, **tolerance())
 
 
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=ids(SOFTMAX_CASES))

@@ -166,15 +166,24 @@ def test_unit_roundoff_noise_in_the_logit_gradients_stays_within_the_tolerance(
 ) -> None:
     """Every per-sample logit gradient e_n gets relative noise of u (2^-24 in float32), seeded:
     a rounding-sized change at the start of every per-sample quantity of every step."""
-    original = ngdref.SoftmaxCrossEntropy.grad
+    loss = ngdref.SoftmaxCrossEntropy
+    original_grad, original_both = loss.grad, loss.value_and_grad
     generator = torch.Generator().manual_seed(0)
 
-    def noisy(self: Any, logits: Any, targets: Any) -> Any:
-        e = original(self, logits, targets)
+    def noise(e: Any) -> Any:
         noise = torch.rand(e.shape, generator=generator, dtype=e.dtype) * 2 - 1
         return e * (1 + torch.finfo(e.dtype).eps / 2 * noise)
 
-    monkeypatch.setattr(ngdref.SoftmaxCrossEntropy, "grad", noisy)
+    def noisy_grad(self: Any, logits: Any, targets: Any) -> Any:
+        return noise(original_grad(self, logits, targets))
+
+    def noisy_both(self: Any, logits: Any, targets: Any) -> Any:
+        value, e = original_both(self, logits, targets)
+        return value, noise(e)
+
+    # both ways in: the optimisers take e_n with the loss (value_and_grad), others by grad
+    monkeypatch.setattr(loss, "grad", noisy_grad)
+    monkeypatch.setattr(loss, "value_and_grad", noisy_both)
     values = fingerprint.compute("digits", _lrs("digits"), optimizers=("ief",), evaluation=False)
     assert _against_committed("digits", values) == []
     # and the noise did reach the numbers (else this test shows nothing)
