@@ -51,9 +51,16 @@ def cross_entropy(xp: Any, z: Any, labels: Any, *, grad: bool) -> tuple[Any, Any
     shifted = z - xp.max(z, axis=-1, keepdims=True)
     exp = xp.exp(shifted)
     total = xp.sum(exp, axis=-1, keepdims=True)
-    picked = xp.take_along_axis(shifted, xp.astype(labels, xp.int64)[..., None], axis=-1)
+    picked = xp.take_along_axis(shifted, _indices(xp, labels)[..., None], axis=-1)
     value = (xp.log(total) - picked)[..., 0]
     return value, (minus_one_hot(xp, exp / total, labels) if grad else None)
+
+
+def _indices(xp: Any, labels: Any) -> Any:
+    """``labels`` in the namespace's index dtype: torch's gather takes int64 only, and JAX
+    without 64-bit types has no int64 (asking for it warns)."""
+    dtype = xp.__array_namespace_info__().default_dtypes()["indexing"]
+    return labels if labels.dtype == dtype else xp.astype(labels, dtype)
 
 
 def categorical(xp: Any, probs: Any, uniforms: Any) -> Any:
