@@ -74,15 +74,19 @@ def test_grad_and_hessian_match_closed_forms(case, backend):
     )
 
 
+def _assert_value_and_grad(pr, backend, loss, targets, factors=(1, 1)):
+    """loss.value_and_grad against NumPy's closed forms of the case, times ``factors``."""
+    value, grad = loss.value_and_grad(pr.on(backend).logits, targets)
+    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
+    np.testing.assert_allclose(backend.to_numpy(value), factors[0] * expected, **tolerance())
+    np.testing.assert_allclose(backend.to_numpy(grad), factors[1] * pr.logit_grads, **tolerance())
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_value_and_grad_match_closed_forms(case, backend):
     # the softmax losses compute both from one softmax: each against NumPy's closed form
     pr = case.build()
-    a = pr.on(backend)
-    value, grad = pr.loss.value_and_grad(a.logits, a.targets)
-    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
-    np.testing.assert_allclose(backend.to_numpy(value), expected, **tolerance())
-    np.testing.assert_allclose(backend.to_numpy(grad), pr.logit_grads, **tolerance())
+    _assert_value_and_grad(pr, backend, pr.loss, pr.on(backend).targets)
 
 
 SOFTMAX_CASES = [c for c in CASES if c.kind in ("ce", "seq")]
@@ -94,29 +98,21 @@ def test_value_and_grad_takes_a_subclass_override(case, overridden, backend):
     # a user's subclass that changes one formula (here: doubles it) must get its own formula
     # from value_and_grad, which the optimisers call, not the base class's shared passes
     pr = case.build()
-    a = pr.on(backend)
     base = type(pr.loss)
     doubled = type("Doubled", (base,), {
         overridden: lambda self, z, y: 2 * getattr(base, overridden)(self, z, y)})
     loss = copy.copy(pr.loss)  # the case's loss with its settings (vocab_size, ...)
     loss.__class__ = doubled
-    value, grad = loss.value_and_grad(a.logits, a.targets)
-    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
-    factor = {"value": (2, 1), "grad": (1, 2)}[overridden]
-    np.testing.assert_allclose(backend.to_numpy(value), factor[0] * expected, **tolerance())
-    np.testing.assert_allclose(backend.to_numpy(grad), factor[1] * pr.logit_grads, **tolerance())
+    factors = {"value": (2, 1), "grad": (1, 2)}[overridden]
+    _assert_value_and_grad(pr, backend, loss, pr.on(backend).targets, factors)
 
 
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=ids(SOFTMAX_CASES))
 def test_softmax_losses_take_32_bit_labels(case, backend):
-    # the label gather needs 64-bit indices on torch: int32 targets are converted, not refused
+    # the label gather needs the index dtype (int64 on torch): int32 targets are converted
     pr = case.build()
-    a = pr.on(backend)
-    labels = backend.xp.astype(a.targets, backend.xp.int32)
-    value, grad = pr.loss.value_and_grad(a.logits, labels)
-    expected = np_value(pr.kind, pr.logits, pr.targets, pr.vocab)
-    np.testing.assert_allclose(backend.to_numpy(value), expected, **tolerance())
-    np.testing.assert_allclose(backend.to_numpy(grad), pr.logit_grads, **tolerance())
+    labels = backend.xp.astype(pr.on(backend).targets, backend.xp.int32)
+    _assert_value_and_grad(pr, backend, pr.loss, labels)
 
 
 #: (derivative, the function it differentiates); fd's columns hold d f / d z_nj, so a
