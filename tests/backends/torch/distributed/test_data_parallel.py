@@ -55,6 +55,10 @@ CASES: dict[str, tuple[type, dict[str, Any], str]] = {
            "float64"),
     "sf_float32": (SF, {"lr": 0.1, "damping": 1e-2, "total_steps": 5, "seed": 3}, "float32"),
     "ngd": (NGD, {"lr": 0.5, "damping": 1e-2}, "float64"),
+    # each rank's shard in hooked passes of 2 samples (its rows stacked, then shared)
+    "ief_chunked": (IEF, {"lr": 0.5, "damping": 1e-3, "chunk_size": 2}, "float64"),
+    "sf_chunked": (SF, {"lr": 0.1, "damping": 1e-2, "total_steps": 5, "seed": 3,
+                        "num_samples": 2, "per_sample": "ghost", "chunk_size": 2}, "float64"),
 }
 #: "ief_mixed_routes": each rank its own per-sample route (layouts merged by the rows)
 ROUTES = ("auto", "hooks", "vmap")
