@@ -161,10 +161,7 @@ def _linear_jvp(input: torch.Tensor, weight: torch.Tensor,
         terms.append(b_dot.expand(primal.shape))
     if not terms:
         return primal
-    tangent = terms[0]
-    for term in terms[1:]:
-        tangent = tangent + term
-    return forward_ad.make_dual(primal, tangent)
+    return forward_ad.make_dual(primal, sum(terms[1:], terms[0]))
 
 
 def _layer_norm_jvp(input: torch.Tensor, normalized_shape: Any,
@@ -199,10 +196,7 @@ def _layer_norm_jvp(input: torch.Tensor, normalized_shape: Any,
         terms.append(x_hat * w_dot)
     if b_dot is not None:
         terms.append(b_dot.expand(primal.shape))
-    tangent = terms[0]
-    for term in terms[1:]:
-        tangent = tangent + term
-    return forward_ad.make_dual(primal, tangent.to(primal.dtype))
+    return forward_ad.make_dual(primal, sum(terms[1:], terms[0]).to(primal.dtype))
 
 
 def _embedding_bag_jvp(input: torch.Tensor, weight: torch.Tensor, offsets: Any = None,
